@@ -1,0 +1,131 @@
+"""SparseGPT (Frantar & Alistarh, 2023): one-shot pruning with optimal-brain-surgeon weight updates.
+
+For a layer ``y = W x`` and calibration inputs ``X``, the layer-wise loss ``||WX − ŴX||²`` has Hessian
+``H = 2 X Xᵀ``. Columns are processed left to right; when column ``j`` is pruned (or quantized) its error
+``e = (w_j − q_j) / [H⁻¹]_jj`` is spread onto the not-yet-processed columns through row ``j`` of the
+upper Cholesky factor of ``H⁻¹``. The mask is chosen adaptively per block of ``blocksize`` columns by
+the OBS saliency ``w² / [H⁻¹]_jj²``; for N:M it is chosen per group of M columns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lmcompress.algorithms.masks import Pattern, check_nm_shape
+
+log = logging.getLogger(__name__)
+
+# quantize(column, column_index, current_weight) -> quantized column; used by the joint prune+quantize mode.
+ColumnQuantizer = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SparseGPTResult:
+    weight: torch.Tensor  # the updated weight, float32, pruned entries exactly zero
+    mask: torch.Tensor  # True where pruned
+    damping: float  # fraction of the mean Hessian diagonal that was finally added
+    loss: float  # Σ of the OBS error estimates, ½ Σ e²/[H⁻¹]_jj, over all columns
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, layer: str = "") -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = percdamp · mean(diag H)``.
+
+    If the factorization fails (H numerically indefinite) the dampening is multiplied by 10 until it
+    succeeds, and a warning says so. Returns the factor and the dampening fraction used.
+    """
+    n = hessian.shape[0]
+    mean_diag = torch.mean(torch.diag(hessian)).item()
+    eye = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
+    damp = percdamp
+    for _ in range(8):
+        try:
+            chol = torch.linalg.cholesky(hessian + damp * mean_diag * eye)
+            hinv = torch.cholesky_inverse(chol)
+            return torch.linalg.cholesky(hinv, upper=True), damp
+        except torch.linalg.LinAlgError:
+            new_damp = damp * 10 if damp > 0 else 1e-4
+            log.warning(
+                "Cholesky failed for %s with dampening %.2g; retrying with %.2g",
+                layer or "a layer",
+                damp,
+                new_damp,
+            )
+            damp = new_damp
+    raise RuntimeError(f"Hessian of {layer or 'layer'} is not positive definite even with dampening {damp}")
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    pattern: Pattern = Pattern(),
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    quantizer: ColumnQuantizer | None = None,
+    layer: str = "",
+) -> SparseGPTResult:
+    """Prune ``weight`` ([out, in]) to ``sparsity`` (or to ``pattern``) using Hessian ``hessian`` ([in, in]).
+
+    Unstructured sparsity is exact per block of ``blocksize`` columns: ``round(sparsity · rows · width)``
+    weights are removed in each block. With ``quantizer``, the kept weights are quantized in the same
+    pass (SparseGPT's joint mode) and the quantization error is compensated as well.
+    """
+    check_nm_shape(weight, pattern)
+    if pattern.is_nm and blocksize % pattern.m != 0:
+        raise ValueError(f"blocksize {blocksize} must be a multiple of M={pattern.m}")
+    W = weight.detach().clone().float()
+    H = hessian.detach().clone().float()
+    _rows, cols = W.shape
+
+    dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter, so drop them
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    Hinv, damp = inverse_hessian_cholesky(H, percdamp, layer)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    total_loss = 0.0
+
+    for b0 in range(0, cols, blocksize):
+        b1 = min(b0 + blocksize, cols)
+        Wb = W[:, b0:b1]  # a view: updates inside the block land in W directly
+        Hb = Hinv[b0:b1, b0:b1]
+        d = torch.diag(Hb)
+        err = torch.zeros_like(Wb)
+        if not pattern.is_nm:
+            saliency = Wb**2 / d.unsqueeze(0) ** 2
+            k = round(saliency.numel() * sparsity)
+            block_mask = torch.zeros(saliency.numel(), dtype=torch.bool, device=W.device)
+            if k > 0:
+                block_mask[torch.topk(saliency.flatten(), k, largest=False).indices] = True
+            block_mask = block_mask.reshape(saliency.shape)
+        else:
+            block_mask = torch.zeros_like(Wb, dtype=torch.bool)
+
+        for j in range(b1 - b0):
+            if pattern.is_nm and j % pattern.m == 0:
+                group = Wb[:, j : j + pattern.m] ** 2 / d[j : j + pattern.m].unsqueeze(0) ** 2
+                drop = torch.topk(group, pattern.m - pattern.n, dim=1, largest=False).indices
+                block_mask[:, j : j + pattern.m].scatter_(1, drop, True)
+            w = Wb[:, j]
+            q = w.clone()
+            q[block_mask[:, j]] = 0.0
+            if quantizer is not None:
+                q = quantizer(q, b0 + j, W)
+                q[block_mask[:, j]] = 0.0
+            e = (w - q) / d[j]
+            total_loss += (0.5 * (w - q) ** 2 / d[j] ** 2).sum().item()
+            # OBS update of the remaining columns of the block; column j itself becomes q.
+            Wb[:, j:] -= e.unsqueeze(1) @ Hb[j, j:].unsqueeze(0)
+            Wb[:, j] = q
+            err[:, j] = e
+        # Lazy batch update: everything right of the block receives the block's errors at once.
+        W[:, b1:] -= err @ Hinv[b0:b1, b1:]
+        mask[:, b0:b1] = block_mask
+
+    W[mask] = 0.0
+    return SparseGPTResult(weight=W, mask=mask, damping=damp, loss=total_loss)

@@ -1,0 +1,37 @@
+"""The ``lmcompress`` command line: a thin layer over ``lmcompress.api``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from lmcompress.errors import UserError
+
+app = typer.Typer(
+    name="lmcompress",
+    help="Compress Hugging Face language models one-shot (pruning, N:M sparsity, OWL) and measure the cost.\n\n"
+    "Start with `lmcompress demo`: it builds a tiny model, prunes it and prints what that did.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more detail.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+from lmcompress.cli import demo, evaluate, prune  # noqa: E402,F401  (registers the commands)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(2)

@@ -1,0 +1,10 @@
+"""Options shared by several commands."""
+
+import typer
+
+DEVICE = typer.Option("cpu", "--device", help="Where to compute: cpu, cuda or cuda:N.")
+DTYPE = typer.Option("float32", "--dtype", help="Dtype to load and compute in: float32, bfloat16 or float16.")
+SEQLEN = typer.Option(None, "--seqlen", help="Tokens per window [default: min(2048, model context)].")
+TRUST = typer.Option(False, "--trust-remote-code", help="Allow running code from the model's repository.")
+PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints you trust.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")

@@ -1,0 +1,124 @@
+"""Text for calibration and evaluation: local files or Hugging Face datasets, cut into token windows."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from lmcompress.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Shortcut name → (dataset path, config, field, {role: split}). Loaded through `datasets` (needs a network
+# the first time, then the HF cache).
+HF_SHORTCUTS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", {"calib": "train", "eval": "test"}),
+    "c4": ("allenai/c4", None, "text", {"calib": "train", "eval": "validation"}),
+    "ptb": ("ptb_text_only", "penn_treebank", "sentence", {"calib": "train", "eval": "test"}),
+}
+_C4_FILES = {
+    "train": "en/c4-train.00000-of-01024.json.gz",
+    "validation": "en/c4-validation.00000-of-00008.json.gz",
+}
+BUNDLED = {
+    "bundled:wikitext2-valid": "wikitext2_valid_sample.txt",
+    "bundled:wikitext2-test": "wikitext2_test_sample.txt",
+}
+
+
+@dataclass
+class TextSource:
+    text: str
+    description: str  # what was loaded, for the recipe
+
+
+def load_text(source: str, role: str = "eval") -> TextSource:
+    """Load raw text from a file, a bundled sample, a shortcut (``wikitext2``, ``c4``, ``ptb``) or ``hf:NAME``.
+
+    ``hf:PATH[:CONFIG][@SPLIT]`` loads any dataset with a ``text`` column. Documents are joined with blank
+    lines, as in the SparseGPT/Wanda evaluation protocol.
+    """
+    if source in BUNDLED:
+        text = resources.files("lmcompress.assets").joinpath(BUNDLED[source]).read_text(encoding="utf-8")
+        return TextSource(text, source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text; give a plain text file") from None
+        if not text.strip():
+            raise UserError(f"text file {path} is empty; give a file with text in it")
+        return TextSource(text, f"file:{path.resolve()}")
+    if path.exists():
+        raise UserError(f"{path} is not a file; give a text file or a dataset name")
+    if source in HF_SHORTCUTS or source.startswith("hf:"):
+        return _load_hf(source, role)
+    raise UserError(
+        f"data source {source!r} is neither an existing file nor a known dataset; give a text file path, "
+        f"one of {', '.join(HF_SHORTCUTS)}, or hf:DATASET[:CONFIG][@SPLIT]"
+    )
+
+
+def _load_hf(source: str, role: str) -> TextSource:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"loading {source!r} needs the `datasets` package: pip install 'lmcompress[hf]'") from None
+    if source in HF_SHORTCUTS:
+        path, name, column, splits = HF_SHORTCUTS[source]
+        split = splits[role]
+    else:
+        spec = source[3:]
+        spec, _, split = spec.partition("@")
+        path, _, name = spec.partition(":")
+        name, column, split = name or None, "text", split or ("train" if role == "calib" else "test")
+    kwargs = {"data_files": {split: _C4_FILES[split]}} if path == "allenai/c4" else {}
+    try:
+        ds = datasets.load_dataset(path, name, split=split, **kwargs)
+    except Exception as exc:  # network, missing dataset, bad split: all reported the same way
+        raise UserError(f"could not load dataset {source!r} ({path}, split {split}): {exc}") from None
+    if column not in ds.column_names:
+        raise UserError(f"dataset {source!r} has no {column!r} column (columns: {ds.column_names})")
+    rows = ds[column]
+    if path == "allenai/c4":  # a few thousand documents are plenty and keep tokenization quick
+        rows = rows[:3000] if role == "calib" else rows[:1100]
+    return TextSource("\n\n".join(rows), f"hf:{path}:{name or ''}@{split}")
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+
+
+def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at random positions of the tokenized text (seeded)."""
+    if nsamples <= 0 or seqlen <= 0:
+        raise UserError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
+    ids = _tokenize(tokenizer, text)
+    if ids.numel() < seqlen + 1:
+        raise UserError(
+            f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
+            "give more text or a smaller --seqlen"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def eval_windows(tokenizer, text: str, seqlen: int) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens over the whole tokenized text (the tail is dropped)."""
+    ids = _tokenize(tokenizer, text)
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise UserError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+def windows_hash(windows: torch.Tensor) -> str:
+    """SHA-256 of the token windows: identifies the exact calibration set in the recipe."""
+    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()

@@ -1,0 +1,178 @@
+"""The block-by-block walker: feed calibration windows through a model one transformer block at a time.
+
+Only the block being worked on sits on the compute device, and only one block's worth of activations
+(``nsamples × seqlen × hidden``) is alive at a time. The rest of the model stays where it was loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmcompress.families import find_prunable, get_blocks, weight_matrix
+from lmcompress.stats import InputStats
+
+# Keyword arguments a block gets that carry a KV cache; they are dropped so that blocks run stateless.
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
+
+
+class _Captured(Exception):
+    """Raised from inside block 0 once its inputs are recorded, to stop the forward there."""
+
+
+@dataclass
+class BlockInputs:
+    hidden: torch.Tensor  # [nsamples, seqlen, hidden] inputs of the current block
+    args: tuple = ()  # other positional arguments of the block call (sample 0's)
+    kwargs: dict = field(default_factory=dict)  # keyword arguments (masks, positions, rotary tables)
+
+
+def _non_block_tensors(model: nn.Module, blocks: nn.ModuleList) -> list[torch.Tensor]:
+    inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
+    out = [p for p in model.parameters() if id(p) not in inside]
+    out += [b for b in model.buffers() if id(b) not in inside]
+    return out
+
+
+@contextmanager
+def _outside_blocks_on(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> Iterator[None]:
+    """Temporarily move embeddings, rotary tables, norms and head (everything but the blocks) to device."""
+    tensors = _non_block_tensors(model, blocks)
+    homes = [t.data.device for t in tensors]
+    for t in tensors:
+        t.data = t.data.to(device)
+    try:
+        yield
+    finally:
+        for t, home in zip(tensors, homes, strict=True):
+            t.data = t.data.to(home)
+
+
+def _to(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device: torch.device) -> BlockInputs:
+    """Run the model's own embedding code on each window and record what block 0 receives."""
+    blocks = get_blocks(model)
+    hidden: list[torch.Tensor] = []
+    extra: dict = {}
+
+    def hook(_module, args, kwargs):
+        hidden.append(args[0].detach())
+        if not extra:
+            extra["args"] = tuple(None if type(a).__name__.endswith("Cache") else a for a in args[1:])
+            extra["kwargs"] = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
+            if "use_cache" in extra["kwargs"]:
+                extra["kwargs"]["use_cache"] = False
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with _outside_blocks_on(model, blocks, device):
+            for row in input_ids:
+                with suppress(_Captured):
+                    model(row.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        handle.remove()
+    if not hidden:
+        raise RuntimeError("block 0 was never called: is this a decoder model of a supported family?")
+    return BlockInputs(torch.cat(hidden), extra["args"], extra["kwargs"])
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
+    """The block's outputs for every calibration window (one window per call)."""
+    outs = torch.empty_like(inputs.hidden)
+    for i in range(inputs.hidden.shape[0]):
+        out = block(inputs.hidden[i : i + 1], *inputs.args, **inputs.kwargs)
+        outs[i] = out[0] if isinstance(out, tuple | list) else out
+    return outs
+
+
+@torch.no_grad()
+def collect_input_stats(
+    block: nn.Module, inputs: BlockInputs, names: list[str], hessian: bool
+) -> dict[str, InputStats]:
+    """Input statistics of the named linear layers of ``block``, over all calibration windows.
+
+    Layers that read the same tensor (q/k/v, gate/up) share one ``InputStats``: computed once, stored once.
+    """
+    modules = {n: m for n, m in find_prunable(block).items() if n in names}
+    device = inputs.hidden.device
+    keys: dict[str, tuple] = {}
+
+    def probe(name):
+        def fn(_m, inp, _out):
+            keys[name] = (inp[0].data_ptr(), tuple(inp[0].shape))
+
+        return fn
+
+    handles = [m.register_forward_hook(probe(n)) for n, m in modules.items()]
+    try:
+        block(inputs.hidden[:1], *inputs.args, **inputs.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    owner_of_key: dict[tuple, str] = {}
+    stats: dict[str, InputStats] = {}
+    for name in names:
+        owner = owner_of_key.setdefault(keys.get(name, (name,)), name)
+        if owner == name:
+            stats[name] = InputStats(weight_matrix(modules[name]).shape[1], device, hessian)
+        else:
+            stats[name] = stats[owner]
+
+    def accumulate(name):
+        def fn(_m, inp, _out):
+            stats[name].add(inp[0].detach())
+
+        return fn
+
+    owners = sorted(set(owner_of_key.values()))
+    handles = [modules[n].register_forward_hook(accumulate(n)) for n in owners]
+    try:
+        run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def walk_blocks(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    device: torch.device,
+    visit: Callable[[int, nn.Module, BlockInputs], None],
+    *,
+    desc: str = "blocks",
+    progress: bool = True,
+) -> BlockInputs:
+    """Call ``visit(i, block, inputs)`` for each block in order, then pass its (possibly changed) outputs on.
+
+    ``visit`` may modify the block (prune it); the next block then sees the modified block's outputs,
+    as in the sequential procedure of SparseGPT and Wanda. Returns the last block's outputs.
+    """
+    blocks = get_blocks(model)
+    inputs = capture_block_inputs(model, input_ids, device)
+    inputs.args, inputs.kwargs = _to(inputs.args, device), _to(inputs.kwargs, device)
+    for i in tqdm(range(len(blocks)), desc=desc, disable=not progress, unit="block"):
+        block = blocks[i]
+        home = next(block.parameters()).device
+        block.to(device)
+        visit(i, block, inputs)
+        inputs.hidden = run_block(block, inputs)
+        block.to(home)
+    return inputs

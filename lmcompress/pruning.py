@@ -1,0 +1,201 @@
+"""One-shot pruning of a whole model: the algorithms of ``lmcompress.algorithms`` driven block by block."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmcompress.algorithms import (
+    magnitude_mask,
+    outlier_ratio,
+    owl_layer_sparsities,
+    sparsegpt_prune,
+    wanda_mask,
+    wanda_scores,
+)
+from lmcompress.config import PruneConfig
+from lmcompress.engine import BlockInputs, collect_input_stats, walk_blocks
+from lmcompress.errors import UserError
+from lmcompress.families import (
+    family_of,
+    find_prunable,
+    get_blocks,
+    get_final_norm,
+    set_weight_matrix,
+    weight_matrix,
+)
+from lmcompress.stats import InputStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneReport:
+    """What a pruning run did: the targets it set and the sparsity it measured afterwards."""
+
+    config: dict
+    block_targets: list[float]  # target sparsity of each block (all equal unless OWL)
+    layer_sparsity: dict[str, float]  # measured fraction of zeros of each pruned layer
+    sparsity: float  # measured fraction of zeros over all pruned layers
+    outlier_ratios: list[float] | None = None  # OWL: each block's outlier ratio
+    damping: dict[str, float] = field(default_factory=dict)  # SparseGPT layers that needed extra dampening
+    wall_time_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _prune_layer(
+    config: PruneConfig, weight: torch.Tensor, stats: InputStats | None, sparsity: float, name: str
+) -> tuple[torch.Tensor, float | None]:
+    """New weight for one layer (float32) and, for SparseGPT, the dampening it needed."""
+    pattern = config.parsed_pattern
+    w = weight.float()
+    if config.method == "magnitude":
+        mask = magnitude_mask(w, sparsity, pattern)
+    elif config.method == "wanda":
+        mask = wanda_mask(w, stats.sq_sum, sparsity, pattern)
+    else:
+        res = sparsegpt_prune(
+            w,
+            stats.hessian,
+            sparsity,
+            pattern,
+            blocksize=config.blocksize,
+            percdamp=config.percdamp,
+            layer=name,
+        )
+        return res.weight, res.damping
+    return w.masked_fill(mask, 0.0), None
+
+
+def _measure(modules: dict[str, nn.Module]) -> dict[str, float]:
+    return {n: (weight_matrix(m) == 0).float().mean().item() for n, m in modules.items()}
+
+
+def _owl_ratios(model: nn.Module, config: PruneConfig, calib: torch.Tensor, device, progress: bool) -> list[float]:
+    """First, dense pass: each block's share of outlier Wanda scores."""
+    ratios: list[float] = []
+
+    def visit(_i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        layers = find_prunable(block)
+        stats = collect_input_stats(block, inputs, list(layers), hessian=False)
+        scores = [wanda_scores(weight_matrix(m), stats[n].sq_sum) for n, m in layers.items()]
+        ratios.append(outlier_ratio(scores, config.owl_m))
+
+    walk_blocks(model, calib, device, visit, desc="OWL outlier ratios", progress=progress)
+    return ratios
+
+
+def prune(
+    model: nn.Module,
+    config: PruneConfig,
+    calib: torch.Tensor | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> PruneReport:
+    """Prune ``model`` in place.
+
+    ``calib`` holds calibration token windows ``[nsamples, seqlen]`` (needed by Wanda, SparseGPT and OWL).
+    Blocks are pruned in order, each seeing the outputs of the already-pruned blocks before it.
+    """
+    start = time.perf_counter()
+    config.validate()
+    family_of(model.config)
+    device = torch.device(device)
+    if config.needs_calibration and (calib is None or calib.numel() == 0):
+        raise UserError(f"{config.method} with {config.allocation} allocation needs calibration data")
+    blocks = get_blocks(model)
+    prefix = family_of(model.config).blocks
+    model.eval()
+
+    ratios = None
+    targets = [config.target] * len(blocks)
+    if config.allocation == "owl":
+        ratios = _owl_ratios(model, config, calib, device, progress)
+        targets = owl_layer_sparsities(ratios, config.target, config.owl_lambda)
+        log.info("OWL block sparsities: %s", ", ".join(f"{s:.3f}" for s in targets))
+
+    layer_sparsity: dict[str, float] = {}
+    damping: dict[str, float] = {}
+
+    def prune_block(i: int, block: nn.Module, stats: dict[str, InputStats] | None) -> None:
+        layers = find_prunable(block)
+        for name, module in layers.items():
+            full = f"{prefix}.{i}.{name}"
+            new, damp = _prune_layer(config, weight_matrix(module), stats and stats[name], targets[i], full)
+            set_weight_matrix(module, new)
+            if damp is not None and damp > config.percdamp:
+                damping[full] = damp
+        layer_sparsity.update({f"{prefix}.{i}.{n}": s for n, s in _measure(layers).items()})
+
+    if config.method == "magnitude":
+        for i in tqdm(range(len(blocks)), desc="magnitude", disable=not progress, unit="block"):
+            prune_block(i, blocks[i], None)
+        last = None
+    else:
+
+        def visit(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+            stats = collect_input_stats(block, inputs, list(find_prunable(block)), config.method == "sparsegpt")
+            prune_block(i, block, stats)
+
+        last = walk_blocks(model, calib, device, visit, desc=config.method, progress=progress)
+
+    if config.include_head:
+        layer_sparsity.update(_prune_head(model, config, last, device))
+
+    total = sum(weight_matrix(m).numel() for m in _pruned_modules(model, config).values())
+    zeros = sum((weight_matrix(m) == 0).sum().item() for m in _pruned_modules(model, config).values())
+    return PruneReport(
+        config=config.to_dict(),
+        block_targets=targets,
+        layer_sparsity=layer_sparsity,
+        sparsity=zeros / max(total, 1),
+        outlier_ratios=ratios,
+        damping=damping,
+        wall_time_s=time.perf_counter() - start,
+    )
+
+
+def _pruned_modules(model: nn.Module, config: PruneConfig) -> dict[str, nn.Module]:
+    prefix = family_of(model.config).blocks
+    out = {f"{prefix}.{i}.{n}": m for i, block in enumerate(get_blocks(model)) for n, m in find_prunable(block).items()}
+    if config.include_head:
+        out["lm_head"] = model.get_output_embeddings()
+    return out
+
+
+@torch.no_grad()
+def _prune_head(model: nn.Module, config: PruneConfig, last: BlockInputs | None, device) -> dict[str, float]:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise UserError("--include-head: this model has no output head")
+    if head.weight is model.get_input_embeddings().weight:
+        log.warning("lm_head is tied to the input embeddings: pruning it prunes the embeddings too")
+    stats = None
+    if config.method != "magnitude":
+        norm = get_final_norm(model)
+        home = head.weight.device
+        norm.to(device), head.to(device)
+        stats = InputStats(head.weight.shape[1], device, config.method == "sparsegpt")
+        for i in range(last.hidden.shape[0]):
+            stats.add(norm(last.hidden[i : i + 1]))
+        norm.to(home), head.to(home)
+    new, _ = _prune_layer(config, head.weight.data, stats, config.target, "lm_head")
+    head.weight.data.copy_(new.to(head.weight.dtype))
+    return {"lm_head": (head.weight == 0).float().mean().item()}
+
+
+def measure_sparsity(model: nn.Module) -> tuple[float, dict[str, float]]:
+    """Fraction of zeros over the prunable layers of the blocks, overall and per layer."""
+    modules = _pruned_modules(model, PruneConfig())
+    per_layer = _measure(modules)
+    total = sum(weight_matrix(m).numel() for m in modules.values())
+    zeros = sum(per_layer[n] * weight_matrix(m).numel() for n, m in modules.items())
+    return zeros / max(total, 1), per_layer

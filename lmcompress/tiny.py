@@ -1,0 +1,130 @@
+"""Tiny models built from configs (random or briefly trained) and a small tokenizer, all offline.
+
+Used by ``lmcompress demo``, the test suite and the benchmarks: nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# Small configs for every supported family; vocab_size and max positions are filled in by build_tiny_model.
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "mistral": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "qwen2": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "qwen3": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
+    "phi": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    "phi3": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    ),
+    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+}
+_POSITIONS_KEY = {"gpt2": "n_positions"}
+
+
+def build_tokenizer(text: str, vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on ``text`` (a second or two), wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(text.splitlines(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+
+
+def build_tiny_model(
+    family: str, vocab_size: int = 512, *, max_positions: int = 512, seed: int = 0, **overrides
+) -> nn.Module:
+    """A randomly initialized causal LM of ``family`` with the tiny config above (plus ``overrides``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(TINY_CONFIGS[family])
+    kwargs[_POSITIONS_KEY.get(family, "max_position_embeddings")] = max_positions
+    kwargs.update(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, **overrides)
+    config = AutoConfig.for_model(family, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def train_tiny(
+    model: nn.Module,
+    ids: torch.Tensor,
+    *,
+    steps: int,
+    seqlen: int = 128,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Train ``model`` on random windows of the token stream ``ids`` (AdamW, cosine decay). Returns losses."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc="training", disable=not progress)
+    for _ in bar:
+        starts = torch.randint(0, ids.numel() - seqlen - 1, (batch_size,), generator=gen)
+        batch = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+        loss = model(batch, labels=batch, use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
