@@ -1,0 +1,97 @@
+"""Uniform integer quantization of weight matrices: scales, zero points and round-to-nearest (RTN).
+
+A weight row is split into groups of ``group_size`` consecutive inputs (``-1``: the whole row, i.e. one
+scale per output channel). Each group gets a scale ``s`` and an integer zero point ``z``; a weight ``w`` is
+stored as the code ``q = clamp(round(w / s) + z, 0, 2^bits − 1)`` and read back as ``(q − z) · s``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 128  # inputs per scale; -1 = one scale per output row
+    sym: bool = True  # symmetric grid around zero (zero point fixed at the middle code)
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be between 2 and 8, got {self.bits}")
+        if self.group_size == 0 or self.group_size < -1:
+            raise ValueError(f"group_size must be positive or -1 (per channel), got {self.group_size}")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else -(-in_features // self.group_size)
+
+    def width(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+
+def grid_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for each row of ``w`` (a group of columns), shapes ``[rows]``.
+
+    The grid always contains 0 (the range is widened to include it) so that pruned weights stay exact.
+    """
+    w = w.float()
+    lo = torch.clamp(w.min(dim=1).values, max=0.0)
+    hi = torch.clamp(w.max(dim=1).values, min=0.0)
+    if spec.sym:
+        hi = torch.maximum(lo.abs(), hi)
+        lo = -hi
+    flat = (lo == 0) & (hi == 0)  # an all-zero row: any positive scale reproduces it exactly
+    lo[flat], hi[flat] = -1.0, 1.0
+    scale = (hi - lo) / spec.maxq
+    if spec.sym:
+        zero = torch.full_like(scale, (spec.maxq + 1) // 2)
+    else:
+        zero = torch.round(-lo / scale)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes of ``w`` ([rows, k]) on the grid given per row by ``scale`` and ``zero`` ([rows])."""
+    return torch.clamp(torch.round(w.float() / scale.unsqueeze(1)) + zero.unsqueeze(1), 0, maxq)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q.float() - zero.unsqueeze(1)) * scale.unsqueeze(1)
+
+
+@dataclass
+class QuantizedTensor:
+    """An ``[out, in]`` weight as integer codes plus per-(row, group) scales and zero points."""
+
+    codes: torch.Tensor  # uint8 [out, in], values in [0, 2^bits − 1]
+    scale: torch.Tensor  # float32 [out, groups]
+    zero: torch.Tensor  # float32 [out, groups], integer-valued
+    spec: QuantSpec
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight the codes stand for."""
+        width = self.spec.width(self.codes.shape[1])
+        scale = self.scale.repeat_interleave(width, dim=1)[:, : self.codes.shape[1]]
+        zero = self.zero.repeat_interleave(width, dim=1)[:, : self.codes.shape[1]]
+        return (self.codes.float() - zero) * scale
+
+
+def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    """Round-to-nearest quantization of ``weight`` ([out, in]) with per-group grids."""
+    rows, cols = weight.shape
+    width = spec.width(cols)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)
+    scales, zeros = [], []
+    for g0 in range(0, cols, width):
+        block = weight[:, g0 : g0 + width]
+        scale, zero = grid_params(block, spec)
+        codes[:, g0 : g0 + width] = quantize_codes(block, scale, zero, spec.maxq).to(torch.uint8)
+        scales.append(scale)
+        zeros.append(zero)
+    return QuantizedTensor(codes, torch.stack(scales, 1), torch.stack(zeros, 1), spec)
