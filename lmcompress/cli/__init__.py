@@ -29,9 +29,10 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more 
 from lmcompress.cli import demo, evaluate, prune  # noqa: E402,F401  (registers the commands)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``lmcompress`` command; ``argv`` defaults to the process arguments."""
     try:
-        app()
+        app(args=argv, prog_name="lmcompress")
     except UserError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         sys.exit(2)

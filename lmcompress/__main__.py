@@ -1,0 +1,3 @@
+from lmcompress.cli import main
+
+main()

@@ -1,0 +1,52 @@
+"""Shared fixtures: a small tokenizer, tiny models of every family, calibration windows. All offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.utils import logging as hf_logging
+
+from lmcompress.data import calibration_windows, load_text
+from lmcompress.io import save_model
+from lmcompress.tiny import TINY_CONFIGS, build_tiny_model, build_tokenizer
+
+FAMILIES = sorted(TINY_CONFIGS)
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def calib_text() -> str:
+    return load_text("bundled:wikitext2-valid").text
+
+
+@pytest.fixture(scope="session")
+def eval_text() -> str:
+    return load_text("bundled:wikitext2-test").text
+
+
+@pytest.fixture(scope="session")
+def tokenizer(calib_text):
+    return build_tokenizer(calib_text, vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def calib(tokenizer, calib_text) -> torch.Tensor:
+    return calibration_windows(tokenizer, calib_text, nsamples=8, seqlen=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tokenizer):
+    """Factory: a saved tiny model folder of a family (built once per family per session)."""
+    cache: dict[str, object] = {}
+
+    def make(family: str = "llama"):
+        if family not in cache:
+            model = build_tiny_model(family, tokenizer.vocab_size, max_positions=256)
+            folder = tmp_path_factory.mktemp(f"tiny-{family}") / "model"
+            save_model(model, tokenizer, folder, {"kind": "test-model"})
+            cache[family] = folder
+        return cache[family]
+
+    return make

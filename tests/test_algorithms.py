@@ -1,0 +1,183 @@
+"""The pruning algorithms as pure tensor functions, checked against direct computations."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lmcompress.algorithms import (
+    Pattern,
+    magnitude_mask,
+    mask_from_scores,
+    outlier_ratio,
+    owl_layer_sparsities,
+    sparsegpt_prune,
+    wanda_mask,
+)
+from lmcompress.algorithms.sparsegpt import inverse_hessian_cholesky
+
+
+def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Calibration inputs with correlated features and a few large-magnitude (outlier) channels."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5
+    x = torch.randn(n, d, generator=g) @ (torch.eye(d) + mix)
+    x[:, : max(1, d // 16)] *= 8.0
+    return x
+
+
+def test_pattern_parse():
+    assert Pattern.parse("2:4") == Pattern(2, 4)
+    assert Pattern.parse("unstructured") == Pattern()
+    assert Pattern.parse("4:8").sparsity == 0.5
+    assert Pattern.parse("1:4").sparsity == 0.75
+    for bad in ("2-4", "4:2", "0:4", "4:4", "a:b", "2:4:8"):
+        with pytest.raises(ValueError, match=r"N:M|pattern"):
+            Pattern.parse(bad)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.7, 0.9])
+def test_unstructured_masks_are_exact(sparsity):
+    w = torch.randn(48, 96)
+    per_row = mask_from_scores(w.abs(), sparsity, per_row=True)
+    assert (per_row.sum(1) == round(96 * sparsity)).all()
+    layer = magnitude_mask(w, sparsity)
+    assert layer.sum().item() == round(w.numel() * sparsity)
+
+
+def test_magnitude_mask_is_a_layer_threshold():
+    w = torch.randn(32, 64)
+    mask = magnitude_mask(w, 0.6)
+    assert w[mask].abs().max() <= w[~mask].abs().min()
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4", "3:8"])
+def test_nm_masks_hold_the_pattern(pattern):
+    p = Pattern.parse(pattern)
+    w = torch.randn(16, 64)
+    for mask in (magnitude_mask(w, 0.0, p), wanda_mask(w, torch.rand(64), 0.0, p)):
+        assert (mask.reshape(16, -1, p.m).sum(-1) == p.m - p.n).all()
+    # magnitude N:M: in every group each kept |w| is at least every dropped |w|
+    mask = magnitude_mask(w, 0.0, p).reshape(16, -1, p.m)
+    a = w.abs().reshape(16, -1, p.m)
+    kept_min = a.masked_fill(mask, float("inf")).min(-1).values
+    dropped_max = a.masked_fill(~mask, -1.0).max(-1).values
+    assert (kept_min >= dropped_max).all()
+
+
+def test_nm_rejects_indivisible_width():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        magnitude_mask(torch.randn(4, 10), 0.5, Pattern(2, 4))
+
+
+def test_wanda_mask_matches_its_formula():
+    torch.manual_seed(0)
+    w = torch.randn(6, 12)
+    x = correlated_inputs(50, 12)
+    norms = (x**2).sum(0)
+    mask = wanda_mask(w, norms, 0.5)
+    for i in range(6):  # direct computation: per row, drop the 6 smallest |W_ij| * ||X_j||_2
+        score = [abs(w[i, j].item()) * sum(x[t, j].item() ** 2 for t in range(50)) ** 0.5 for j in range(12)]
+        drop = sorted(range(12), key=lambda j: score[j])[:6]
+        assert sorted(torch.nonzero(mask[i]).flatten().tolist()) == sorted(drop)
+    # N:M: within each group of 4, the 2 lowest scores are dropped
+    mask = wanda_mask(w, norms, 0.5, Pattern(2, 4))
+    score = w.abs() * norms.sqrt()
+    for i in range(6):
+        for g in range(3):
+            group = score[i, 4 * g : 4 * g + 4]
+            assert set(torch.nonzero(mask[i, 4 * g : 4 * g + 4]).flatten().tolist()) == set(
+                torch.argsort(group)[:2].tolist()
+            )
+
+
+def reconstruction_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float:
+    return torch.linalg.norm(x @ w.t() - x @ w_hat.t()).item()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_sparsegpt_beats_magnitude_and_wanda_on_reconstruction(pattern):
+    torch.manual_seed(0)
+    p = Pattern.parse(pattern)
+    w = torch.randn(64, 256)
+    x = correlated_inputs(2048, 256)
+    h = 2 * x.t() @ x / x.shape[0]
+    res = sparsegpt_prune(w, h, 0.5, p, blocksize=64)
+    mag = w.masked_fill(magnitude_mask(w, 0.5, p), 0)
+    wan = w.masked_fill(wanda_mask(w, (x**2).sum(0), 0.5, p), 0)
+    err_sgpt = reconstruction_error(w, res.weight, x)
+    assert err_sgpt < reconstruction_error(w, mag, x)
+    assert err_sgpt < reconstruction_error(w, wan, x)
+    assert torch.equal(res.weight == 0, res.mask)
+
+
+def test_sparsegpt_sparsity_is_exact_per_block():
+    torch.manual_seed(1)
+    w = torch.randn(32, 200)  # last block narrower than the others
+    x = correlated_inputs(500, 200)
+    res = sparsegpt_prune(w, 2 * x.t() @ x / 500, 0.6, blocksize=64)
+    for b0 in range(0, 200, 64):
+        block = res.mask[:, b0 : b0 + 64]
+        assert block.sum().item() == round(block.numel() * 0.6)
+    assert (res.weight[res.mask] == 0).all()
+
+
+def test_sparsegpt_nm_pattern_exact():
+    torch.manual_seed(2)
+    w = torch.randn(16, 128)
+    x = correlated_inputs(400, 128)
+    res = sparsegpt_prune(w, 2 * x.t() @ x / 400, 0.5, Pattern(2, 4))
+    assert ((res.weight.reshape(16, -1, 4) != 0).sum(-1) <= 2).all()
+    assert (res.mask.reshape(16, -1, 4).sum(-1) == 2).all()
+
+
+def test_sparsegpt_at_zero_sparsity_keeps_weights():
+    w = torch.randn(8, 32)
+    x = correlated_inputs(100, 32)
+    res = sparsegpt_prune(w, 2 * x.t() @ x / 100, 0.0)
+    assert torch.allclose(res.weight, w, atol=1e-5)
+
+
+def test_sparsegpt_dead_inputs_are_pruned_first():
+    w = torch.randn(8, 32)
+    x = correlated_inputs(100, 32)
+    x[:, 5] = 0.0  # an input that never fires
+    res = sparsegpt_prune(w, 2 * x.t() @ x / 100, 0.25)
+    assert (res.weight[:, 5] == 0).all()
+
+
+def test_failed_cholesky_raises_dampening_and_says_so(caplog):
+    h = torch.diag(torch.tensor([1.0, 1.0, -1.5, 1.0]))  # indefinite: plain 1% dampening is not enough
+    with caplog.at_level(logging.WARNING):
+        _, damp = inverse_hessian_cholesky(h, 0.01, "layer.x")
+    assert damp > 0.01
+    assert "Cholesky failed for layer.x" in caplog.text
+
+
+def test_owl_mean_equals_target_and_order_follows_outliers():
+    ratios = [0.01, 0.05, 0.02, 0.08, 0.03]
+    s = owl_layer_sparsities(ratios, 0.7, 0.08)
+    assert sum(s) / len(s) == pytest.approx(0.7, abs=1e-12)
+    assert max(s) - min(s) == pytest.approx(0.16)
+    order = sorted(range(5), key=lambda i: ratios[i])
+    assert [s[i] for i in order] == sorted(s, reverse=True)  # more outliers → less pruning
+
+
+def test_owl_shrinks_instead_of_clipping():
+    s = owl_layer_sparsities([0.0, 1.0, 1.0, 1.0], 0.9, 0.4)
+    assert all(0.0 <= v < 1.0 for v in s)
+    assert sum(s) / 4 == pytest.approx(0.9)
+
+
+def test_owl_equal_ratios_give_uniform():
+    assert owl_layer_sparsities([0.1, 0.1, 0.1], 0.5, 0.08) == [0.5, 0.5, 0.5]
+
+
+def test_outlier_ratio_counts_large_scores():
+    scores = [torch.ones(10, 10), torch.ones(10)]
+    scores[0][0, :5] = 100.0
+    mean = (105 * 1 + 500) / 110
+    assert outlier_ratio(scores, 5.0) == pytest.approx(5 / 110)
+    assert 5 * mean < 100
