@@ -67,39 +67,48 @@ def _to(obj, device: torch.device):
 def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device: torch.device) -> BlockInputs:
     """Run the model's own embedding code on each window and record what block 0 receives."""
     blocks = get_blocks(model)
-    hidden: list[torch.Tensor] = []
     extra: dict = {}
+    store: list[torch.Tensor] = []  # one preallocated [nsamples, seqlen, hidden] tensor, filled row by row
+    row_index = 0
 
     def hook(_module, args, kwargs):
-        hidden.append(args[0].detach())
-        if not extra:
+        if not store:
+            store.append(args[0].new_empty((input_ids.shape[0], *args[0].shape[1:])))
             extra["args"] = tuple(None if type(a).__name__.endswith("Cache") else a for a in args[1:])
             extra["kwargs"] = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
             if "use_cache" in extra["kwargs"]:
                 extra["kwargs"]["use_cache"] = False
+        store[0][row_index] = args[0][0].detach()
         raise _Captured
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with _outside_blocks_on(model, blocks, device):
-            for row in input_ids:
+            for row_index, row in enumerate(input_ids):  # noqa: B007  (read by the hook)
                 with suppress(_Captured):
                     model(row.unsqueeze(0).to(device), use_cache=False)
     finally:
         handle.remove()
-    if not hidden:
+    if not store:
         raise RuntimeError("block 0 was never called: is this a decoder model of a supported family?")
-    return BlockInputs(torch.cat(hidden), extra["args"], extra["kwargs"])
+    return BlockInputs(store[0], extra["args"], extra["kwargs"])
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
-    """The block's outputs for every calibration window (one window per call)."""
-    outs = torch.empty_like(inputs.hidden)
-    for i in range(inputs.hidden.shape[0]):
-        out = block(inputs.hidden[i : i + 1], *inputs.args, **inputs.kwargs)
-        outs[i] = out[0] if isinstance(out, tuple | list) else out
-    return outs
+def run_block(block: nn.Module, inputs: BlockInputs, *, keep: str = "new") -> torch.Tensor | None:
+    """Run the block on every calibration window, one window per call.
+
+    ``keep="new"`` returns a new tensor of outputs; ``"inplace"`` writes each window's output over its input
+    (each window is independent, so only one copy of the activations is ever alive); ``"none"`` discards
+    the outputs (a pass for the hooks only).
+    """
+    hidden = inputs.hidden
+    outs = torch.empty_like(hidden) if keep == "new" else hidden
+    for i in range(hidden.shape[0]):
+        out = block(hidden[i : i + 1], *inputs.args, **inputs.kwargs)
+        if keep != "none":
+            outs[i] = out[0] if isinstance(out, tuple | list) else out
+    return None if keep == "none" else outs
 
 
 @torch.no_grad()
@@ -144,7 +153,7 @@ def collect_input_stats(
     owners = sorted(set(owner_of_key.values()))
     handles = [modules[n].register_forward_hook(accumulate(n)) for n in owners]
     try:
-        run_block(block, inputs)
+        run_block(block, inputs, keep="none")
     finally:
         for h in handles:
             h.remove()
@@ -173,6 +182,6 @@ def walk_blocks(
         home = next(block.parameters()).device
         block.to(device)
         visit(i, block, inputs)
-        inputs.hidden = run_block(block, inputs)
+        run_block(block, inputs, keep="inplace")
         block.to(home)
     return inputs
