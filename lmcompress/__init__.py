@@ -8,6 +8,7 @@ from lmcompress.config import PruneConfig
 from lmcompress.errors import UserError
 from lmcompress.evaluate import perplexity
 from lmcompress.io import load_model, save_model
+from lmcompress.loader import load
 from lmcompress.pruning import PruneReport, measure_sparsity
 from lmcompress.pruning import prune as _prune_in_place
 
@@ -25,6 +26,7 @@ __all__ = [
     "UserError",
     "calibration",
     "evaluate_pretrained",
+    "load",
     "load_model",
     "measure_sparsity",
     "perplexity",

@@ -71,6 +71,33 @@ def load_config(source: str, trust_remote_code: bool = False):
         raise UserError(f"could not load the config of {source!r}: {exc}") from None
 
 
+# Encoders: the Auto class that keeps the head named by the config's ``architectures`` (suffix → class name).
+# A bare encoder (``BertModel``, sentence-embedding models) and unknown heads load with ``AutoModel``.
+ENCODER_AUTO_CLASSES = {
+    "ForMaskedLM": "AutoModelForMaskedLM",
+    "ForPreTraining": "AutoModelForPreTraining",
+    "ForSequenceClassification": "AutoModelForSequenceClassification",
+    "ForTokenClassification": "AutoModelForTokenClassification",
+    "ForQuestionAnswering": "AutoModelForQuestionAnswering",
+    "ForMultipleChoice": "AutoModelForMultipleChoice",
+}
+
+
+def auto_model_class(config):
+    """The ``transformers`` Auto class that builds models of ``config``'s kind."""
+    import transformers
+
+    if family_of(config).kind == "decoder":
+        return transformers.AutoModelForCausalLM
+    for arch in getattr(config, "architectures", None) or []:
+        for suffix, name in ENCODER_AUTO_CLASSES.items():
+            if arch.endswith(suffix):
+                return getattr(transformers, name)
+        if not arch.endswith("Model"):
+            log.warning("no Auto class known for the %s head: loading the bare encoder without it", arch)
+    return transformers.AutoModel
+
+
 def load_model(
     source: str | Path,
     *,
@@ -82,13 +109,18 @@ def load_model(
 
     Folders written by lmcompress with packed weights are loaded through their own recipe.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     resolved = resolve_source(source, allow_pickle)
     config = load_config(resolved, trust_remote_code)
     family_of(config)
+    recipe = read_recipe(resolved) if Path(resolved).is_dir() else None
+    if recipe and (recipe.get("storage") == "packed" or recipe.get("surgery")):
+        from lmcompress.loader import load
+
+        return load(resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_model_class(config).from_pretrained(
             resolved,
             dtype=parse_dtype(dtype),
             use_safetensors=None if allow_pickle else True,

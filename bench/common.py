@@ -1,0 +1,91 @@
+"""Helpers shared by the benchmarks: where the data is, what machine ran them, peak memory, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / "cache"
+RESULTS = ROOT / "results"
+WIKITEXT_DIR = Path(os.environ.get("LMCOMPRESS_WIKITEXT", ROOT.parent.parent / "shared" / "data" / "wikitext-2"))
+
+
+def wikitext(split: str) -> Path:
+    """Path of WikiText-2 ``valid`` or ``test`` raw text; a clear message if it is not there."""
+    path = WIKITEXT_DIR / f"{split}.txt"
+    if not path.is_file():
+        sys.exit(f"benchmark data {path} not found; set LMCOMPRESS_WIKITEXT to a folder with valid.txt and test.txt")
+    return path
+
+
+def machine_info() -> dict:
+    """CPU model, cores, memory, torch threads and versions: printed next to every measured number."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        mem_gib = round(pages * size / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def print_table(rows: list[dict], title: str = "") -> None:
+    """A Markdown table of ``rows`` (columns from the first row); floats with 3-4 significant digits."""
+    if not rows:
+        print(f"{title}: no rows")
+        return
+    cols = list(rows[0])
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return "-" if v is None else str(v)
+
+    if title:
+        print(f"\n### {title}\n")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("---" for _ in cols) + "|")
+    for r in rows:
+        print("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    print()
+
+
+def save_results(name: str, payload: dict) -> Path:
+    """Write ``bench/results/<name>.json`` with the machine description; returns the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2, default=str) + "\n")
+    return path
