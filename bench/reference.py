@@ -27,7 +27,7 @@ REFERENCE = dict(
     num_attention_heads=8,
     num_key_value_heads=4,
     max_positions=512,
-    train_steps=800,
+    train_steps=600,
     train_seqlen=128,
     batch_size=16,
     lr=3e-3,
@@ -70,6 +70,8 @@ def _build(folder: Path, progress: bool) -> None:
     from lmcompress.tiny import build_tiny_model, build_tokenizer, train_tiny
 
     cfg = REFERENCE
+    # One thread: on a shared 2-core machine two OpenMP threads wait on each other at every barrier.
+    torch.set_num_threads(int(os.environ.get("LMCOMPRESS_BENCH_TRAIN_THREADS", "1")))
     start = time.perf_counter()
     text = wikitext("valid").read_text(encoding="utf-8")
     tokenizer = build_tokenizer(text, vocab_size=cfg["vocab_size"])

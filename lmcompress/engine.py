@@ -122,10 +122,12 @@ def collect_input_stats(
     modules = {n: m for n, m in find_prunable(block).items() if n in names}
     device = inputs.hidden.device
     keys: dict[str, tuple] = {}
+    alive: list[torch.Tensor] = []  # held so that a freed input's address cannot be reused by another input
 
     def probe(name):
         def fn(_m, inp, _out):
             keys[name] = (inp[0].data_ptr(), tuple(inp[0].shape))
+            alive.append(inp[0])
 
         return fn
 

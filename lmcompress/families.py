@@ -1,7 +1,11 @@
-"""Model-family adapters: one small table saying where each architecture keeps its decoder blocks.
+"""Model-family adapters: one small table saying where each architecture keeps its transformer blocks.
 
 Everything else is found generically: the prunable layers are the ``nn.Linear`` / GPT-2 ``Conv1D``
 modules inside a block, and the inputs of block 0 are captured by running the model's own forward.
+
+Decoder paths are relative to the causal LM. Encoder paths (``kind="encoder"``) are relative to the bare
+encoder (``model.base_model``), so the same entry serves ``BertModel`` (``encoder.layer``) and
+``BertForMaskedLM`` (``bert.encoder.layer``); use :func:`blocks_path` for the full dotted path.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from lmcompress.errors import UserError
 @dataclass(frozen=True)
 class Family:
     blocks: str  # dotted path of the ModuleList of transformer blocks
-    final_norm: str  # dotted path of the norm applied before the output head (used with --include-head)
+    final_norm: str | None  # dotted path of the norm before the output head (--include-head); None: unsupported
+    kind: str = "decoder"  # "decoder" (causal LM) or "encoder" (BERT-style; paths relative to model.base_model)
+    positions_after_pad: bool = False  # position ids start after pad_token_id (RoBERTa): context is shorter
 
 
 FAMILIES: dict[str, Family] = {
@@ -32,6 +38,17 @@ FAMILIES: dict[str, Family] = {
     "opt": Family("model.decoder.layers", "model.decoder.final_layer_norm"),
     "gpt2": Family("transformer.h", "transformer.ln_f"),
     "gpt_neox": Family("gpt_neox.layers", "gpt_neox.final_layer_norm"),
+    # Mixture-of-experts decoders: attention (and Qwen2-MoE's shared expert) are nn.Linear and prunable; the
+    # routed experts are fused 3-D parameters, not pruned by the unstructured methods (lmcompress.experts drops them)
+    "mixtral": Family("model.layers", "model.norm"),
+    "qwen2_moe": Family("model.layers", "model.norm"),
+    "qwen3_moe": Family("model.layers", "model.norm"),
+    "olmoe": Family("model.layers", "model.norm"),
+    # BERT-style encoders: post-LN, so no final norm; embeddings, pooler and MLM head stay outside the blocks.
+    "bert": Family("encoder.layer", None, kind="encoder"),
+    "roberta": Family("encoder.layer", None, kind="encoder", positions_after_pad=True),
+    "xlm-roberta": Family("encoder.layer", None, kind="encoder", positions_after_pad=True),
+    "distilbert": Family("transformer.layer", None, kind="encoder"),
 }
 
 
@@ -47,12 +64,30 @@ def family_of(config) -> Family:
     return FAMILIES[model_type]
 
 
+def is_encoder(config) -> bool:
+    """True for BERT-style encoders (bidirectional, evaluated by MLM perplexity and embedding similarity)."""
+    return family_of(config).kind == "encoder"
+
+
+def blocks_path(model: nn.Module) -> str:
+    """Full dotted path of the block list in ``model`` (e.g. ``model.layers``, ``bert.encoder.layer``)."""
+    family = family_of(model.config)
+    if family.kind == "decoder":
+        return family.blocks
+    base = getattr(model, "base_model", model)
+    prefix = "" if base is model else next(n for n, m in model.named_modules() if m is base)
+    return f"{prefix}.{family.blocks}" if prefix else family.blocks
+
+
 def get_blocks(model: nn.Module) -> nn.ModuleList:
-    return operator.attrgetter(family_of(model.config).blocks)(model)
+    return operator.attrgetter(blocks_path(model))(model)
 
 
 def get_final_norm(model: nn.Module) -> nn.Module:
-    return operator.attrgetter(family_of(model.config).final_norm)(model)
+    family = family_of(model.config)
+    if family.final_norm is None:
+        raise UserError(f"--include-head is not supported for {model.config.model_type} models; prune the blocks only")
+    return operator.attrgetter(family.final_norm)(model)
 
 
 def context_length(config) -> int | None:
@@ -60,6 +95,9 @@ def context_length(config) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
+            family = FAMILIES.get(getattr(config, "model_type", None))
+            if family is not None and family.positions_after_pad:  # RoBERTa: positions pad_id+1 .. max-1
+                value -= (getattr(config, "pad_token_id", None) or 0) + 1
             return value
     return None
 

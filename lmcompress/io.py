@@ -75,6 +75,7 @@ def load_config(source: str, trust_remote_code: bool = False):
 # A bare encoder (``BertModel``, sentence-embedding models) and unknown heads load with ``AutoModel``.
 ENCODER_AUTO_CLASSES = {
     "ForMaskedLM": "AutoModelForMaskedLM",
+    "LMHeadModel": "AutoModelForCausalLM",  # BertLMHeadModel (is_decoder=True): keep its head
     "ForPreTraining": "AutoModelForPreTraining",
     "ForSequenceClassification": "AutoModelForSequenceClassification",
     "ForTokenClassification": "AutoModelForTokenClassification",
@@ -207,4 +208,9 @@ def save_model(
 
 def read_recipe(folder: str | Path) -> dict | None:
     path = Path(folder) / RECIPE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); the folder is damaged") from None

@@ -86,6 +86,10 @@ def load(
 
     recipe = json.loads((path / RECIPE_FILE).read_text())
     config = load_config(str(path), trust_remote_code)
+    if recipe.get("storage") == "packed":
+        from lmcompress.storage import strip_marker
+
+        strip_marker(config)  # the marker that stops plain from_pretrained on packed folders
     model = build_skeleton(config, parse_dtype(dtype), recipe.get("surgery"))
     if recipe.get("storage") == "packed":
         from lmcompress.storage import load_packed_state  # packed layouts (bitmask, N:M, int-packed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -18,10 +18,13 @@ from lmcompress.algorithms import (
     wanda_mask,
     wanda_scores,
 )
+from lmcompress.algorithms.gptq import ColumnQuantizer
+from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.config import PruneConfig
 from lmcompress.engine import BlockInputs, collect_input_stats, walk_blocks
 from lmcompress.errors import UserError
 from lmcompress.families import (
+    blocks_path,
     family_of,
     find_prunable,
     get_blocks,
@@ -29,6 +32,7 @@ from lmcompress.families import (
     set_weight_matrix,
     weight_matrix,
 )
+from lmcompress.quantization import check_group_size
 from lmcompress.stats import InputStats
 
 log = logging.getLogger(__name__)
@@ -45,15 +49,28 @@ class PruneReport:
     outlier_ratios: list[float] | None = None  # OWL: each block's outlier ratio
     damping: dict[str, float] = field(default_factory=dict)  # SparseGPT layers that needed extra dampening
     wall_time_s: float = 0.0
+    # Joint mode (--bits): each layer's codes + grids by parameter name, and the fraction of weights the
+    # pruning masks removed (exactly the target; `sparsity` also counts kept weights that rounded to 0).
+    quantized: dict[str, QuantizedTensor] | None = None
+    mask_sparsity: float | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Everything but the tensors, JSON-ready."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "quantized"}
+
+
+@dataclass
+class _LayerResult:
+    weight: torch.Tensor  # new weight, float32 [out, in]
+    damping: float | None = None  # SparseGPT: dampening it needed
+    quantized: QuantizedTensor | None = None  # joint mode: codes + grids
+    pruned: int = 0  # joint mode: weights removed by the mask
 
 
 def _prune_layer(
     config: PruneConfig, weight: torch.Tensor, stats: InputStats | None, sparsity: float, name: str
-) -> tuple[torch.Tensor, float | None]:
-    """New weight for one layer (float32) and, for SparseGPT, the dampening it needed."""
+) -> _LayerResult:
+    """New weight for one layer; with ``config.bits``, SparseGPT quantizes the kept weights in the same pass."""
     pattern = config.parsed_pattern
     w = weight.float()
     if config.method == "magnitude":
@@ -61,6 +78,8 @@ def _prune_layer(
     elif config.method == "wanda":
         mask = wanda_mask(w, stats.sq_sum, sparsity, pattern)
     else:
+        spec = config.quant_spec
+        quantizer = None if spec is None else ColumnQuantizer(spec, tuple(w.shape), w.device)
         res = sparsegpt_prune(
             w,
             stats.hessian,
@@ -68,10 +87,13 @@ def _prune_layer(
             pattern,
             blocksize=config.blocksize,
             percdamp=config.percdamp,
+            quantizer=quantizer,
             layer=name,
         )
-        return res.weight, res.damping
-    return w.masked_fill(mask, 0.0), None
+        if quantizer is None:
+            return _LayerResult(res.weight, res.damping)
+        return _LayerResult(res.weight, res.damping, quantizer.result().to("cpu"), int(res.mask.sum()))
+    return _LayerResult(w.masked_fill(mask, 0.0))
 
 
 def _measure(modules: dict[str, nn.Module]) -> dict[str, float]:
@@ -107,12 +129,15 @@ def prune(
     """
     start = time.perf_counter()
     config.validate()
-    family_of(model.config)
+    if config.include_head and family_of(model.config).final_norm is None:
+        raise UserError(f"--include-head is not supported for {model.config.model_type} models; prune the blocks only")
     device = torch.device(device)
     if config.needs_calibration and (calib is None or calib.numel() == 0):
         raise UserError(f"{config.method} with {config.allocation} allocation needs calibration data")
     blocks = get_blocks(model)
-    prefix = family_of(model.config).blocks
+    prefix = blocks_path(model)
+    if config.bits is not None:
+        check_group_size(model, config.group_size)
     model.eval()
 
     ratios = None
@@ -124,15 +149,21 @@ def prune(
 
     layer_sparsity: dict[str, float] = {}
     damping: dict[str, float] = {}
+    quantized: dict[str, QuantizedTensor] | None = None if config.bits is None else {}
+    pruned = 0
 
     def prune_block(i: int, block: nn.Module, stats: dict[str, InputStats] | None) -> None:
         layers = find_prunable(block)
+        nonlocal pruned
         for name, module in layers.items():
             full = f"{prefix}.{i}.{name}"
-            new, damp = _prune_layer(config, weight_matrix(module), stats and stats[name], targets[i], full)
-            set_weight_matrix(module, new)
-            if damp is not None and damp > config.percdamp:
-                damping[full] = damp
+            res = _prune_layer(config, weight_matrix(module), stats and stats[name], targets[i], full)
+            set_weight_matrix(module, res.weight)
+            if res.damping is not None and res.damping > config.percdamp:
+                damping[full] = res.damping
+            if res.quantized is not None:
+                quantized[f"{full}.weight"] = res.quantized
+                pruned += res.pruned
         layer_sparsity.update({f"{prefix}.{i}.{n}": s for n, s in _measure(layers).items()})
 
     if config.method == "magnitude":
@@ -160,11 +191,13 @@ def prune(
         outlier_ratios=ratios,
         damping=damping,
         wall_time_s=time.perf_counter() - start,
+        quantized=quantized,
+        mask_sparsity=None if quantized is None else pruned / max(total, 1),
     )
 
 
 def _pruned_modules(model: nn.Module, config: PruneConfig) -> dict[str, nn.Module]:
-    prefix = family_of(model.config).blocks
+    prefix = blocks_path(model)
     out = {f"{prefix}.{i}.{n}": m for i, block in enumerate(get_blocks(model)) for n, m in find_prunable(block).items()}
     if config.include_head:
         out["lm_head"] = model.get_output_embeddings()
@@ -187,7 +220,7 @@ def _prune_head(model: nn.Module, config: PruneConfig, last: BlockInputs | None,
         for i in range(last.hidden.shape[0]):
             stats.add(norm(last.hidden[i : i + 1]))
         norm.to(home), head.to(home)
-    new, _ = _prune_layer(config, head.weight.data, stats, config.target, "lm_head")
+    new = _prune_layer(config, head.weight.data, stats, config.target, "lm_head").weight
     head.weight.data.copy_(new.to(head.weight.dtype))
     return {"lm_head": (head.weight == 0).float().mean().item()}
 

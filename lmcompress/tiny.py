@@ -53,8 +53,58 @@ TINY_CONFIGS: dict[str, dict] = {
     "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4),
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    # Mixture-of-experts: 8 routed experts, top-2 (Qwen2-MoE adds a shared expert)
+    "mixtral": dict(
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "qwen2_moe": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "qwen3_moe": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "olmoe": dict(
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
 }
 _POSITIONS_KEY = {"gpt2": "n_positions"}
+
+# BERT-style encoders, kept apart so that tests parametrized over TINY_CONFIGS (causal LMs) do not pick them up.
+TINY_ENCODER_CONFIGS: dict[str, dict] = {
+    "bert": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    "roberta": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    "xlm-roberta": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    "distilbert": dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4),
+}
+ENCODER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 in build_encoder_tokenizer
 
 
 def build_tokenizer(text: str, vocab_size: int = 512):
@@ -75,6 +125,59 @@ def build_tokenizer(text: str, vocab_size: int = 512):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
     )
+
+
+def build_encoder_tokenizer(text: str, vocab_size: int = 512):
+    """A byte-level BPE tokenizer for encoders: ``[CLS] text [SEP]`` framing, ``[PAD]``/``[MASK]`` specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=ENCODER_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(text.splitlines(), trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def build_tiny_encoder(
+    family: str, vocab_size: int = 512, *, mlm_head: bool = True, max_positions: int = 512, seed: int = 0, **overrides
+) -> nn.Module:
+    """A randomly initialized encoder of ``family`` (``TINY_ENCODER_CONFIGS``), with an MLM head or bare.
+
+    Special token ids follow :func:`build_encoder_tokenizer` (``[PAD]`` = 0). ``max_positions`` is the
+    longest input; RoBERTa-style models get the two extra position slots they need.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    from lmcompress.families import FAMILIES
+
+    kwargs = dict(TINY_ENCODER_CONFIGS[family])
+    extra = 1 if FAMILIES[family].positions_after_pad else 0  # positions start at pad_token_id + 1
+    kwargs.update(max_position_embeddings=max_positions + extra, vocab_size=vocab_size, pad_token_id=0)
+    if family != "distilbert":
+        kwargs.update(bos_token_id=2, eos_token_id=3)
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(family, **kwargs)
+    torch.manual_seed(seed)
+    model = (AutoModelForMaskedLM if mlm_head else AutoModel).from_config(config)
+    return model.eval()
 
 
 def build_tiny_model(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no busy-waiting threads when processes share the cores
+
 import pytest
 import torch
 from transformers.utils import logging as hf_logging
@@ -13,7 +17,7 @@ from lmcompress.tiny import TINY_CONFIGS, build_tiny_model, build_tokenizer
 FAMILIES = sorted(TINY_CONFIGS)
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("LMCOMPRESS_TEST_THREADS", "1")))  # TEMP 1 while helpers share cores
 
 
 @pytest.fixture(scope="session")

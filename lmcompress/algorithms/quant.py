@@ -67,19 +67,35 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
 
 @dataclass
 class QuantizedTensor:
-    """An ``[out, in]`` weight as integer codes plus per-(row, group) scales and zero points."""
+    """An ``[out, in]`` weight as integer codes plus per-(row, group) scales and zero points.
+
+    Column ``c`` uses group ``c // group_size`` unless ``g_idx`` is given: GPTQ with act-order and groups
+    forms its groups in activation order, so a group's columns are scattered and ``g_idx[c]`` names the
+    group of column ``c``. Always in the ``[out, in]`` layout of ``families.weight_matrix`` (a GPT-2
+    ``Conv1D`` parameter is the transpose).
+    """
 
     codes: torch.Tensor  # uint8 [out, in], values in [0, 2^bits − 1]
     scale: torch.Tensor  # float32 [out, groups]
     zero: torch.Tensor  # float32 [out, groups], integer-valued
     spec: QuantSpec
+    g_idx: torch.Tensor | None = None  # int32 [in]: group of each input column; None = c // group_size
+
+    def group_index(self) -> torch.Tensor:
+        """The group of every input column, ``[in]`` (int64)."""
+        cols = self.codes.shape[1]
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(cols, device=self.codes.device) // self.spec.width(cols)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight the codes stand for."""
-        width = self.spec.width(self.codes.shape[1])
-        scale = self.scale.repeat_interleave(width, dim=1)[:, : self.codes.shape[1]]
-        zero = self.zero.repeat_interleave(width, dim=1)[:, : self.codes.shape[1]]
-        return (self.codes.float() - zero) * scale
+        g = self.group_index()
+        return (self.codes.float() - self.zero[:, g]) * self.scale[:, g]
+
+    def to(self, device: str | torch.device) -> QuantizedTensor:
+        g_idx = None if self.g_idx is None else self.g_idx.to(device)
+        return QuantizedTensor(self.codes.to(device), self.scale.to(device), self.zero.to(device), self.spec, g_idx)
 
 
 def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:

@@ -8,16 +8,48 @@ import typer
 
 from lmcompress.api import evaluate_pretrained
 from lmcompress.cli import app, options
+from lmcompress.encoder_eval import format_encoder_result
+from lmcompress.errors import UserError
+
+
+def parse_lengths(text: str | None) -> list[int] | None:
+    """``"256,512"`` → ``[256, 512]`` (retrieval context lengths in tokens)."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(
+            f"--retrieval-lengths takes comma-separated token counts such as 256,512; got {text!r}"
+        ) from None
 
 
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="Model folder (dense or written by lmcompress) or hub id."),
     ppl_data: str = typer.Option(
-        "wikitext2",
+        None,
         "--ppl-data",
-        help="Text file, wikitext2, c4, ptb, hf:NAME[...] or bundled:wikitext2-test.",
+        help="Text file, wikitext2, c4, ptb, hf:NAME[...] or bundled:wikitext2-test [default: wikitext2 "
+        "when no --tasks].",
     ),
+    tasks: str = typer.Option(
+        None,
+        "--tasks",
+        help="Comma-separated: ppl:TEXT, mc:TASK, qa:TASK, retrieval[:kv|:passage]. TASK is a JSONL file, "
+        "bundled:mc-demo / bundled:qa-demo, or arc_easy, arc_challenge, hellaswag, piqa, boolq, openbookqa, "
+        "triviaqa, nq_open, web_questions.",
+    ),
+    limit: int = typer.Option(None, "--limit", help="At most N examples per task (N windows for ppl)."),
+    shots: int = typer.Option(0, "--shots", help="Solved examples in the prompt of qa tasks (and --harness)."),
+    harness: str = typer.Option(
+        None, "--harness", help="lm-evaluation-harness task names to run on the model (needs pip install lm-eval)."
+    ),
+    retrieval_lengths: str = typer.Option(
+        None, "--retrieval-lengths", help="Retrieval prompt lengths in tokens, e.g. 256,512 [default: 128..context]."
+    ),
+    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per forward pass when scoring choices."),
+    seed: int = typer.Option(0, "--seed", help="Seed for retrieval prompts and few-shot draws."),
     seqlen: int = options.SEQLEN,
     device: str = options.DEVICE,
     dtype: str = options.DTYPE,
@@ -25,25 +57,65 @@ def evaluate(
     allow_pickle: bool = options.PICKLE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     quiet: bool = options.QUIET,
+    reference: str = typer.Option(
+        None, "--reference", help="Encoders: dense model to compare sentence embeddings with [default: recipe source]."
+    ),
+    pooling: str = typer.Option(None, "--pooling", help="Encoders: sentence embedding pooling, mean | cls | pooler."),
+    profile: bool = typer.Option(
+        False, "--profile", help="Also report params, FLOPs/token and measured latency/token (and the dense source's)."
+    ),
 ) -> None:
-    """Perplexity (non-overlapping windows, mean token NLL) and measured sparsity of a model.
+    """Perplexity and measured sparsity of a model; with --tasks also multiple choice, factoid QA and retrieval.
 
-    Example: lmcompress eval opt-sgpt50 --ppl-data wikitext2 --json
+    Examples:
+
+      lmcompress eval opt-sgpt50 --ppl-data wikitext2 --json
+
+      lmcompress eval opt-sgpt50 --tasks ppl:test.txt,mc:arc_easy,qa:triviaqa,retrieval --limit 200 --shots 5
     """
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
     result = evaluate_pretrained(
         model,
-        ppl_data,
+        ppl_data or (None if (tasks or harness) else "wikitext2"),
+        tasks=tasks,
+        harness=harness,
+        limit=limit,
+        shots=shots,
+        seed=seed,
+        batch_size=batch_size,
+        retrieval_lengths=parse_lengths(retrieval_lengths),
         seqlen=seqlen,
         device=device,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
         progress=not quiet,
+        reference=reference,
+        pooling=pooling,
     )
+    if profile:
+        from lmcompress.profile import profile_pretrained
+
+        result["profile"] = profile_pretrained(
+            model, seqlen=seqlen or 256, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
+    elif result.get("model_kind") == "encoder":
+        typer.echo(format_encoder_result(result))
+    elif "metrics" in result:
+        typer.echo(f"{model}: sparsity {result['sparsity']:.2%}")
+        for key, value in result["metrics"].items():
+            better = "higher" if result["higher_is_better"][key] else "lower"
+            typer.echo(f"  {key:40s} {value:10.4f}  ({better} is better)")
     else:
         typer.echo(
             f"{model}: perplexity {result['perplexity']:.3f} on {result['tokens']} tokens "
             f"({result['windows']} windows of {result['seqlen']}), sparsity {result['sparsity']:.2%}"
         )
+    if profile and not as_json:
+        from lmcompress.profile import format_profile
+
+        typer.echo(format_profile(result["profile"]))

@@ -9,6 +9,7 @@ import typer
 from lmcompress.api import prune_pretrained
 from lmcompress.cli import app, options
 from lmcompress.config import PruneConfig
+from lmcompress.errors import UserError
 
 
 @app.command()
@@ -32,9 +33,30 @@ def prune(
     percdamp: float = typer.Option(0.01, "--percdamp", help="SparseGPT dampening (fraction of mean diag H)."),
     blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT column block size."),
     include_head: bool = typer.Option(False, "--include-head", help="Also prune the output head (lm_head)."),
+    bits: int = typer.Option(None, "--bits", help="SparseGPT only: also quantize the kept weights (joint mode)."),
+    group_size: int = typer.Option(128, "--group-size", help="With --bits: inputs per grid; -1: per channel."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="With --bits: symmetric or asymmetric grid."),
+    structure: str = typer.Option(None, "--structure", help="Structured removal: ffn, heads, ffn,heads or experts."),
+    ratio: float = typer.Option(0.3, "--ratio", help="--structure ffn/heads: fraction of channels/KV groups, (0,1)."),
+    criterion: str = typer.Option(
+        None,
+        "--criterion",
+        help="--structure ffn/heads: wanda | magnitude | fluctuation; experts: frequency | router-weight | "
+        "reconstruction.",
+    ),
+    correction: str = typer.Option("none", "--correction", help="--structure ffn/heads: none | bias | lstsq."),
+    keep: int = typer.Option(None, "--keep", help="--structure experts: experts to keep in every MoE layer."),
+    iterative: bool = typer.Option(False, "--iterative", help="--structure experts: drop one at a time, re-score."),
     device: str = options.DEVICE,
     dtype: str = options.DTYPE,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+    save_format: str = typer.Option(
+        "dense",
+        "--save-format",
+        help="dense: loads with plain from_pretrained, same size as the original. packed (recommended): zeros "
+        "stored as a bitmask or N:M layout, ~0.56× the size at 50% sparsity; load with lmcompress.load or "
+        "`lmcompress eval`, or convert with `lmcompress unpack`.",
+    ),
     trust_remote_code: bool = options.TRUST,
     allow_pickle: bool = options.PICKLE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -49,7 +71,49 @@ def prune(
       lmcompress prune ./llama --method wanda --pattern 2:4 --calib-data c4 -o llama-24
 
       lmcompress prune ./llama --method wanda --sparsity 0.7 --allocation owl -o llama-owl70
+
+      lmcompress prune ./llama --method sparsegpt --pattern 2:4 --bits 4 -o llama-24-w4   (joint, packed)
     """
+    if structure is not None and structure.strip().lower() == "experts":
+        from lmcompress.experts import ExpertConfig, drop_experts_pretrained
+
+        if keep is None:
+            raise UserError("--structure experts needs --keep N (experts to keep in every MoE layer)")
+        econfig = ExpertConfig(keep=keep, criterion=criterion or "reconstruction", iterative=iterative)
+        ereport = drop_experts_pretrained(
+            model, econfig, output, calib_data=calib_data, nsamples=nsamples, seqlen=seqlen, seed=seed,
+            device=device, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle, progress=not quiet,
+        )  # fmt: skip
+        if as_json:
+            typer.echo(json.dumps(ereport.to_dict(), indent=2))
+        else:
+            typer.echo(
+                f"kept {ereport.experts_after} of {ereport.experts_before} experts per layer of {model} "
+                f"({econfig.criterion}{', iterative' if iterative else ''}): {ereport.params_before:,} → "
+                f"{ereport.params_after:,} parameters in {ereport.wall_time_s:.1f}s → {output}"
+            )
+        return
+    if structure is not None and structure.strip().lower() != "experts":
+        from lmcompress.structured import StructureConfig, structured_prune_pretrained
+
+        if sparsity is not None or pattern.strip().lower() not in ("", "unstructured", "none"):
+            raise UserError("--sparsity / --pattern are for weight pruning; with --structure give --ratio")
+        sconfig = StructureConfig(structure, ratio, criterion or "wanda", correction, allocation, owl_m, owl_lambda)
+        sreport = structured_prune_pretrained(
+            model, sconfig, output, calib_data=calib_data, nsamples=nsamples, seqlen=seqlen, seed=seed,
+            device=device, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle, progress=not quiet,
+        )  # fmt: skip
+        if as_json:
+            typer.echo(json.dumps(sreport.to_dict(), indent=2))
+        else:
+            typer.echo(
+                f"removed {sconfig.structure} of {model} ({sconfig.criterion}, correction {sconfig.correction}): "
+                f"{sreport.params_before:,} → {sreport.params_after:,} parameters "
+                f"in {sreport.wall_time_s:.1f}s → {output}"
+            )
+        return
     if sparsity is None and pattern.strip().lower() in ("", "unstructured", "none"):
         sparsity = 0.5
     config = PruneConfig(
@@ -62,6 +126,9 @@ def prune(
         percdamp=percdamp,
         blocksize=blocksize,
         include_head=include_head,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
     )
     report = prune_pretrained(
         model,
@@ -77,6 +144,7 @@ def prune(
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
         progress=not quiet,
+        save_format=save_format,
     )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

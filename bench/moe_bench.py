@@ -1,0 +1,165 @@
+"""Expert dropping on a tiny Mixtral-config model: test perplexity vs experts kept, for each criterion.
+
+The model (8 experts, top-2, ~3 M parameters) is trained briefly on WikiText-2 ``valid.txt`` with the
+load-balancing loss so that routing is learned, not random; it is cached in ``bench/cache/moe``.
+Experts are then dropped with each criterion (calibration: windows of ``valid.txt``) and perplexity is
+measured on ``test.txt`` (seqlen 256).
+
+    python -m bench.moe_bench [--keep 6 4 3 2] [--max-eval-windows N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import CACHE, machine_info, print_table, save_results, wikitext
+
+MOE = dict(
+    family="mixtral",
+    vocab_size=2048,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    router_aux_loss_coef=0.02,
+    max_positions=512,
+    train_steps=250,
+    train_seqlen=128,
+    batch_size=16,
+    lr=3e-3,
+    seed=0,
+)
+
+
+def ensure_moe_model(progress: bool = True) -> Path:
+    """The trained tiny Mixtral folder (trains and caches it on first use)."""
+    folder = CACHE / "moe"
+    if (folder / "DONE").exists():
+        return folder
+    from lmcompress.io import save_model
+    from lmcompress.tiny import build_tiny_model, build_tokenizer, train_tiny
+
+    cfg = MOE
+    torch.set_num_threads(int(os.environ.get("LMCOMPRESS_BENCH_TRAIN_THREADS", "1")))
+    start = time.perf_counter()
+    text = wikitext("valid").read_text(encoding="utf-8")
+    tokenizer = build_tokenizer(text, vocab_size=cfg["vocab_size"])
+    model = build_tiny_model(
+        "mixtral",
+        tokenizer.vocab_size,
+        max_positions=cfg["max_positions"],
+        seed=cfg["seed"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg["num_key_value_heads"],
+        num_local_experts=cfg["num_local_experts"],
+        num_experts_per_tok=cfg["num_experts_per_tok"],
+        router_aux_loss_coef=cfg["router_aux_loss_coef"],
+        output_router_logits=True,  # adds the load-balancing loss to the training loss
+    )
+    ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"])
+    losses = train_tiny(
+        model,
+        ids,
+        steps=cfg["train_steps"],
+        seqlen=cfg["train_seqlen"],
+        batch_size=cfg["batch_size"],
+        lr=cfg["lr"],
+        seed=cfg["seed"],
+        progress=progress,
+    )
+    model.config.output_router_logits = False
+    recipe = {
+        "kind": "bench-moe-model",
+        "trained_on": "wikitext-2 valid.txt",
+        "train_tokens": int(ids.numel()),
+        "final_loss_with_aux": sum(losses[-20:]) / 20,
+        "train_time_s": time.perf_counter() - start,
+        **cfg,
+    }
+    tmp = folder.parent / "moe.building"
+    save_model(model, tokenizer, tmp, recipe, overwrite=True)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    (folder / "DONE").write_text(json.dumps(recipe, indent=2) + "\n")
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--keep", type=int, nargs="+", default=[6, 4, 3, 2])
+    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (seqlen 256) from valid.txt")
+    parser.add_argument("--max-eval-windows", type=int, default=None, help="evaluate on the first N test windows")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from lmcompress.api import calibration
+    from lmcompress.data import eval_windows
+    from lmcompress.evaluate import perplexity
+    from lmcompress.experts import ExpertConfig, drop_experts
+    from lmcompress.io import load_model
+
+    folder = ensure_moe_model()
+    _, tokenizer = load_model(folder)
+    test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), 256)
+    if args.max_eval_windows:
+        test = test[: args.max_eval_windows]
+    calib, _ = calibration(tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=256, seed=0)
+
+    def ppl(model) -> float:
+        return perplexity(model, test, progress=False).perplexity
+
+    dense, _ = load_model(folder)
+    n_params = sum(p.numel() for p in dense.parameters())
+    rows = [dict(criterion="dense", mode="-", keep=8, params=n_params, ppl=ppl(dense), calib_rel_err=0.0, time_s=0.0)]
+    print_table(rows, "dense")
+    runs = [(c, False) for c in ("frequency", "router-weight", "reconstruction")] + [
+        ("frequency", True),
+        ("reconstruction", True),
+    ]
+    for keep in args.keep:
+        for criterion, iterative in runs:
+            model, _ = load_model(folder)
+            report = drop_experts(model, ExpertConfig(keep=keep, criterion=criterion, iterative=iterative), calib)
+            err = sum(report.relative_error.values()) / len(report.relative_error)
+            rows.append(
+                dict(
+                    criterion=criterion,
+                    mode="iterative" if iterative else "one-shot",
+                    keep=keep,
+                    params=report.params_after,
+                    ppl=ppl(model),
+                    calib_rel_err=err,
+                    time_s=report.wall_time_s,
+                )
+            )
+            print_table(rows[-1:], f"keep {keep}: {criterion}")
+    print_table(
+        rows,
+        f"tiny Mixtral ({MOE['num_local_experts']} experts, top-{MOE['num_experts_per_tok']}): "
+        f"WikiText-2 test perplexity (seqlen 256, {test.shape[0]} windows) vs experts kept",
+    )
+    info = machine_info()
+    print(info)
+    recipe = json.loads((folder / "DONE").read_text())
+    path = save_results("moe_bench", {"model": recipe, "eval_windows": int(test.shape[0]), "rows": rows})
+    print(f"results → {path}")
+
+
+if __name__ == "__main__":
+    main()

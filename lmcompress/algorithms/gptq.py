@@ -1,0 +1,184 @@
+"""GPTQ (Frantar et al., 2023): one-shot weight quantization with second-order error compensation.
+
+For a layer ``y = W x`` with calibration inputs ``X``, GPTQ minimizes ``||WX − ŴX||²`` (Hessian
+``H = 2 X Xᵀ``) row-wise, quantizing one input column at a time. After column ``j`` is rounded to ``q``,
+its error ``e = (w_j − q) / [H⁻¹]_jj`` is spread onto the columns not yet quantized through row ``j``
+of the upper Cholesky factor of ``H⁻¹`` (the OBS update with the inverse Hessian of the remaining columns
+already folded in). Updates inside a block of ``blocksize`` columns are applied immediately; the rest of
+the matrix receives a block's errors at once (lazy batch updates).
+
+Options: act-order processes columns by decreasing ``diag H`` (the inputs with the most energy first);
+grouped grids are chosen when their group starts, on the already-updated weights. With act-order the
+groups are formed in processing order (so ``QuantizedTensor.g_idx`` records each column's group), or,
+with ``static_groups``, fixed up front on the original weights in natural column order.
+
+:class:`ColumnQuantizer` is shared with SparseGPT's joint prune + quantize mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, grid_params
+from lmcompress.algorithms.sparsegpt import inverse_hessian_cholesky
+
+
+class ColumnQuantizer:
+    """Quantizes the columns of an ``[rows, cols]`` weight one at a time, in a processing order.
+
+    Position ``p`` of the processing order is original column ``perm[p]`` (identity without ``perm``).
+    Dynamic groups are ``width`` consecutive positions whose grid is set by :meth:`set_group` when the
+    group starts; static groups (``static_from``) are original-order groups whose grids are computed at
+    once from ``static_from``. Codes are recorded as columns are quantized; :meth:`result` returns them
+    in the original column order. Calling the object is the ``quantizer(column, idx, W)`` hook of
+    ``sparsegpt_prune`` (positions = columns there; the group grid is taken from ``W`` when it starts).
+    """
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        shape: tuple[int, int],
+        device: torch.device | str = "cpu",
+        *,
+        perm: torch.Tensor | None = None,
+        static_from: torch.Tensor | None = None,
+    ) -> None:
+        rows, cols = shape
+        self.spec = spec
+        self.width = spec.width(cols)
+        self.perm = perm
+        groups = spec.groups(cols)
+        self.codes = torch.zeros(rows, cols, dtype=torch.float32, device=device)  # integer-valued; uint8 at the end
+        self.scale = torch.zeros(rows, groups, dtype=torch.float32, device=device)
+        self.zero = torch.zeros(rows, groups, dtype=torch.float32, device=device)
+        self.static = static_from is not None
+        positions = torch.arange(cols, device=device)
+        if self.static:
+            for g, c0 in enumerate(range(0, cols, self.width)):
+                self.scale[:, g], self.zero[:, g] = grid_params(static_from[:, c0 : c0 + self.width], spec)
+            original = positions if perm is None else perm.to(device)
+            self.group_of = original // self.width  # position -> group of its original column
+        else:
+            self.group_of = positions // self.width  # position -> group, contiguous in processing order
+        self._group_list = self.group_of.tolist()  # the same, as Python ints for the per-column hot path
+
+    def starts_group(self, pos: int) -> bool:
+        """True where a dynamic group begins: its grid must be set before quantizing this position."""
+        return not self.static and pos % self.width == 0
+
+    def set_group(self, pos: int, weights: torch.Tensor) -> None:
+        """Set the grid of the dynamic group starting at ``pos`` from its current ``weights`` ([rows, k])."""
+        g = self._group_list[pos]
+        self.scale[:, g], self.zero[:, g] = grid_params(weights, self.spec)
+
+    def quantize(self, column: torch.Tensor, pos: int) -> torch.Tensor:
+        """Round ``column`` (position ``pos``) onto its group's grid; returns the dequantized column."""
+        g = self._group_list[pos]
+        scale, zero = self.scale[:, g], self.zero[:, g]
+        q = torch.clamp(torch.round(column / scale) + zero, 0, self.spec.maxq)  # as quantize_codes, one column
+        self.codes[:, pos] = q
+        return (q - zero) * scale  # the same arithmetic as QuantizedTensor.dequantize, so bit-identical
+
+    def __call__(self, column: torch.Tensor, pos: int, W: torch.Tensor) -> torch.Tensor:
+        if self.starts_group(pos):
+            self.set_group(pos, W[:, pos : pos + self.width])
+        return self.quantize(column, pos)
+
+    def result(self) -> QuantizedTensor:
+        """The recorded codes and grids as a :class:`QuantizedTensor` in the original column order."""
+        codes, group_of = self.codes, self.group_of
+        if self.perm is not None:
+            inverse = torch.argsort(self.perm.to(codes.device))
+            codes, group_of = codes[:, inverse], group_of[inverse]
+        natural = torch.arange(codes.shape[1], device=codes.device) // self.width
+        g_idx = None if torch.equal(group_of, natural) else group_of.to(torch.int32)
+        return QuantizedTensor(codes.to(torch.uint8), self.scale, self.zero, self.spec, g_idx)
+
+
+@dataclass
+class GPTQResult:
+    weight: torch.Tensor  # the dequantized weight, float32, [out, in]; equals quantized.dequantize() exactly
+    quantized: QuantizedTensor  # codes, scales, zero points (and g_idx) in the original column order
+    loss: float  # Σ over columns of the OBS error estimate ½ Σ (w − q)² / [H⁻¹]_jj²
+    damping: float  # fraction of the mean Hessian diagonal that was finally added
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    mask: torch.Tensor | None = None,
+    layer: str = "",
+) -> GPTQResult:
+    """Quantize ``weight`` ([out, in]) to ``spec`` with GPTQ using Hessian ``hessian`` ([in, in]).
+
+    ``mask`` (bool, [out, in], True = pruned) holds weights at exactly zero while the others absorb their
+    error, as for a model pruned before it is quantized. Inputs that never fire (``diag H == 0``) have
+    their weights set to zero.
+    """
+    if blocksize <= 0:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    W = weight.detach().clone().float()
+    H = hessian.detach().clone().float().to(W.device)
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not fit a weight with {cols} inputs")
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    if mask is not None:
+        mask = mask.to(W.device)
+        W[mask] = 0.0
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        static_from = W.clone() if static_groups else None
+        W, H = W[:, perm], H[perm][:, perm]
+        mask = None if mask is None else mask[:, perm]
+    else:
+        static_from = W.clone() if static_groups else None
+    quantizer = ColumnQuantizer(spec, (rows, cols), W.device, perm=perm, static_from=static_from)
+
+    Hinv, damp = inverse_hessian_cholesky(H, percdamp, layer)
+    total_loss = torch.zeros((), device=W.device)
+    for b0 in range(0, cols, blocksize):
+        b1 = min(b0 + blocksize, cols)
+        Wb = W[:, b0:b1]  # a view: updates inside the block land in W directly
+        Hb = Hinv[b0:b1, b0:b1]
+        err = torch.zeros_like(Wb)
+        flushed = 0  # errors of columns b0 .. b0+flushed-1 already applied right of the block
+        for j in range(b1 - b0):
+            pos = b0 + j
+            if quantizer.starts_group(pos):
+                end = min(pos + quantizer.width, cols)
+                if end > b1 and j > flushed:  # the group reaches past the block: bring those columns up to date
+                    W[:, b1:] -= err[:, flushed:j] @ Hinv[b0 + flushed : pos, b1:]
+                    flushed = j
+                group = W[:, pos:end]
+                if mask is not None:
+                    group = group.masked_fill(mask[:, pos:end], 0.0)
+                quantizer.set_group(pos, group)
+            w = Wb[:, j]
+            column = w if mask is None else w.masked_fill(mask[:, pos], 0.0)
+            q = quantizer.quantize(column, pos)
+            d = Hb[j, j]
+            e = (w - q) / d
+            total_loss += 0.5 * ((w - q) ** 2).sum() / d**2
+            Wb[:, j:] -= e.unsqueeze(1) @ Hb[j, j:].unsqueeze(0)
+            Wb[:, j] = q
+            err[:, j] = e
+        # Lazy batch update: everything right of the block receives the block's (remaining) errors at once.
+        W[:, b1:] -= err[:, flushed:] @ Hinv[b0 + flushed : b1, b1:]
+
+    if perm is not None:
+        W = W[:, torch.argsort(perm)]
+    return GPTQResult(weight=W, quantized=quantizer.result(), loss=total_loss.item(), damping=damp)

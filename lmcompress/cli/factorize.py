@@ -1,0 +1,82 @@
+"""``lmcompress factorize``."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from lmcompress.cli import app, options
+from lmcompress.factorize import FactorizeConfig, factorize_pretrained
+
+
+@app.command()
+def factorize(
+    model: str = typer.Argument(..., help="Model folder or hub id (e.g. facebook/opt-125m)."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder to write the factorized model to (must not exist)."),
+    rank_policy: str = typer.Option(
+        "energy:0.9",
+        "--rank-policy",
+        help="energy:F (keep fraction F of Σσ² per layer), auto[:P] (one threshold on σ/σ₁ for all layers, "
+        "saving a fraction P of the block linear parameters; default 0.3), or rank:N.",
+    ),
+    activation_aware: bool = typer.Option(
+        False, "--activation-aware", help="Whiten each layer by its calibration inputs before the SVD."
+    ),
+    whitening: str = typer.Option(
+        "cholesky", "--whitening", help="With --activation-aware: cholesky (full XᵀX) or diag (per-input RMS)."
+    ),
+    damp: float = typer.Option(0.01, "--damp", help="Cholesky dampening (fraction of the mean diagonal of XᵀX)."),
+    calib_data: str = typer.Option(
+        "c4",
+        "--calib-data",
+        help="With --activation-aware: text file, wikitext2, c4, ptb, hf:NAME[:CONFIG][@SPLIT], bundled:NAME.",
+    ),
+    nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
+    seqlen: int = options.SEQLEN,
+    seed: int = typer.Option(0, "--seed", help="Seed for drawing calibration windows."),
+    device: str = options.DEVICE,
+    dtype: str = options.DTYPE,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+    trust_remote_code: bool = options.TRUST,
+    allow_pickle: bool = options.PICKLE,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    quiet: bool = options.QUIET,
+) -> None:
+    """Replace block linear layers by low-rank factors where that saves parameters (SVD, rank from the spectrum).
+
+    The output loads with `lmcompress.load` (and `lmcompress eval`), not plain `from_pretrained`.
+
+    Examples:
+
+      lmcompress factorize ./llama --rank-policy energy:0.9 -o llama-lr90
+
+      lmcompress factorize ./llama --rank-policy auto:0.3 --activation-aware --calib-data wikitext2 -o llama-lr-auto
+    """
+    config = FactorizeConfig(rank_policy=rank_policy, activation_aware=activation_aware, whitening=whitening, damp=damp)
+    report = factorize_pretrained(
+        model,
+        config,
+        output,
+        calib_data=calib_data,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        progress=not quiet,
+    )
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        done = sum(r.factorized for r in report.layers.values())
+        typer.echo(
+            f"factorized {done} of {len(report.layers)} block linear layers of {model} ({config.rank_policy}"
+            f"{', activation-aware' if activation_aware else ''}): {report.params_before:,} → "
+            f"{report.params_after:,} parameters in {report.wall_time_s:.1f}s → {output}"
+        )
+        for note in report.notes:
+            typer.echo(f"note: {note}")

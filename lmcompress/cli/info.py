@@ -1,0 +1,49 @@
+"""``lmcompress info``."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from lmcompress.cli import app
+from lmcompress.storage import KINDS, folder_info
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.3f} MiB"
+
+
+@app.command()
+def info(
+    folder: str = typer.Argument(..., help="Model folder (packed by lmcompress, or any safetensors HF folder)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Size on disk by tensor kind, bits per weight, measured sparsity and the recipe of a model folder.
+
+    Example: lmcompress info llama-24-int4 --json
+    """
+    result = folder_info(folder)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    lin = result["linear"]
+    typer.echo(f"{result['folder']} ({result['storage']} storage)")
+    typer.echo(f"  weight files {_mib(result['weights_bytes'])}, folder {_mib(result['total_bytes'])}")
+    for kind in KINDS:
+        if result["by_kind"][kind]:
+            typer.echo(f"    {kind:<11} {_mib(result['by_kind'][kind]):>14}")
+    ratio = result["ratio_to_dense"]
+    typer.echo(
+        f"  {result['params']:,} parameters, {result['bits_per_param']:.3f} bits each "
+        f"({ratio:.3f}× the same tensors stored dense)"
+    )
+    if lin["params"]:
+        sparsity = "not measured" if lin["sparsity"] is None else f"{lin['sparsity']:.2%}"
+        typer.echo(
+            f"  linear layers: {lin['params']:,} weights, {lin['bits_per_weight']:.3f} bits per weight "
+            f"(scales, masks and indices included), sparsity {sparsity}"
+        )
+        typer.echo("  layouts: " + ", ".join(f"{k} ×{v}" for k, v in sorted(lin["layouts"].items())))
+    if result["recipe"]:
+        typer.echo("  recipe: " + json.dumps(result["recipe"], default=str))

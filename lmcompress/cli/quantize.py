@@ -1,0 +1,91 @@
+"""``lmcompress quantize``."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from lmcompress.api import quantize_pretrained
+from lmcompress.cli import app, options
+from lmcompress.config import QuantConfig
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="Model folder or hub id (e.g. facebook/opt-125m), dense or pruned."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder to write the quantized model to (must not exist)."),
+    method: str = typer.Option("gptq", "--method", help="rtn (round to nearest, no data) | gptq (calibrated)."),
+    bits: int = typer.Option(4, "--bits", help="Bits per weight: 2, 3, 4 or 8 (any of 2..8 works)."),
+    group_size: int = typer.Option(128, "--group-size", help="Inputs sharing one scale/zero point; -1: per channel."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid (zero point in the middle) or asymmetric."),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize inputs by decreasing Hessian diagonal."),
+    static_groups: bool = typer.Option(
+        False, "--static-groups", help="GPTQ: fix group grids up front (with --act-order: no column→group index)."
+    ),
+    keep_zeros: bool = typer.Option(
+        True, "--keep-zeros/--no-keep-zeros", help="Weights that are exactly 0 (a pruned model) stay exactly 0."
+    ),
+    calib_data: str = typer.Option(
+        "c4",
+        "--calib-data",
+        help="GPTQ calibration text: file, wikitext2, c4, ptb, hf:NAME[:CONFIG][@SPLIT] or bundled:wikitext2-valid.",
+    ),
+    nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
+    seqlen: int = options.SEQLEN,
+    seed: int = typer.Option(0, "--seed", help="Seed for drawing calibration windows."),
+    percdamp: float = typer.Option(0.01, "--percdamp", help="GPTQ dampening (fraction of mean diag H)."),
+    blocksize: int = typer.Option(128, "--blocksize", help="GPTQ column block size (lazy updates)."),
+    device: str = options.DEVICE,
+    dtype: str = options.DTYPE,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+    trust_remote_code: bool = options.TRUST,
+    allow_pickle: bool = options.PICKLE,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    quiet: bool = options.QUIET,
+) -> None:
+    """Quantize the linear layers of a model's blocks (RTN or GPTQ) and save them packed.
+
+    Examples:
+
+      lmcompress quantize facebook/opt-125m --method gptq --bits 4 --group-size 128 -o opt-gptq4
+
+      lmcompress quantize ./llama --method rtn --bits 8 --group-size -1 -o llama-rtn8
+
+      lmcompress quantize ./llama-sgpt50 --method gptq --bits 4 --act-order --calib-data c4 -o llama-sgpt50-w4
+    """
+    config = QuantConfig(
+        method=method,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        act_order=act_order,
+        static_groups=static_groups,
+        percdamp=percdamp,
+        blocksize=blocksize,
+        keep_zeros=keep_zeros,
+    )
+    report = quantize_pretrained(
+        model,
+        config,
+        output,
+        calib_data=calib_data,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        progress=not quiet,
+    )
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        grid = "per channel" if config.group_size == -1 else f"group {config.group_size}"
+        typer.echo(
+            f"quantized {model} with {config.method} to {config.bits} bits ({grid}, "
+            f"{'sym' if config.sym else 'asym'}), {len(report.quantized)} layers, "
+            f"~{report.nominal_bits_per_weight:.2f} bits/weight with grids, in {report.wall_time_s:.1f}s → {output}"
+        )

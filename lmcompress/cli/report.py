@@ -1,0 +1,28 @@
+"""``lmcompress report``."""
+
+from __future__ import annotations
+
+import typer
+
+from lmcompress.cli import app
+from lmcompress.report import write_report
+
+
+@app.command()
+def report(
+    results: str = typer.Argument(..., help="Results folder written by `lmcompress sweep`."),
+    tolerance: float = typer.Option(
+        0.01, "--tolerance", help="Degradation still counted as safe, relative to dense (0.01 = 1%)."
+    ),
+) -> None:
+    """Write RESULTS/report.md, a self-contained RESULTS/report.html and PNG plots from a sweep.
+
+    Per method and metric: the essential sparsity (largest sparsity within --tolerance of dense) and the
+    knee (where the curve bends down fastest), said in words.
+
+    Example: lmcompress report results/llama --tolerance 0.02
+    """
+    out = write_report(results, tolerance=tolerance)
+    for sentence in out["sentences"]:
+        typer.echo(sentence)
+    typer.echo(f"wrote {out['markdown']}, {out['html']} and {len(out['plots'])} plots")

@@ -1,0 +1,24 @@
+"""``lmcompress unpack``."""
+
+from __future__ import annotations
+
+import typer
+
+from lmcompress.cli import app
+from lmcompress.storage import unpack_folder
+
+
+@app.command()
+def unpack(
+    folder: str = typer.Argument(..., help="A packed folder written by lmcompress."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder for the plain (dense) copy; must not exist."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+) -> None:
+    """Write a packed model out as a plain folder that `AutoModelForCausalLM.from_pretrained` loads.
+
+    The copy is as large as the uncompressed model (quantized weights are stored dequantized).
+
+    Example: lmcompress unpack llama-sgpt50-packed -o llama-sgpt50-dense
+    """
+    out = unpack_folder(folder, output, overwrite=overwrite)
+    typer.echo(f"unpacked {folder} → {out}")

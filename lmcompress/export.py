@@ -1,0 +1,154 @@
+"""Export to the ``compressed-tensors`` format (what vLLM and transformers load), through that library.
+
+Quantized layers become ``pack-quantized`` (int codes packed in int32, per-group or per-channel scales, zero
+points when asymmetric): lmcompress's grids are attached with the library's ``apply_quantization_config`` and
+compressed by its ``ModelCompressor``, so the layout is the library's own, not a copy.
+
+What the installed library (0.20) cannot express is refused with a clear error: sparse-only models (its
+``sparse-bitmask`` / ``sparse-24`` compressors were removed; the sparsity config is always empty), act-order
+group indices, groups that do not divide the layer width, GPT-2 ``Conv1D`` layers, resized layers (surgery),
+and asymmetric grids (the library writes packed zero points that transformers then fails to load: checked
+with compressed-tensors 0.20.0 and transformers 5.23).
+A sparse + quantized model exports its codes; the zeros are kept as codes but not exploited by the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from lmcompress.errors import UserError
+from lmcompress.io import RECIPE_FILE, check_output, read_recipe, save_atomic, source_dtype
+
+log = logging.getLogger(__name__)
+FORMATS = ("compressed-tensors",)
+
+
+def _library():
+    try:
+        import compressed_tensors
+    except ImportError:
+        raise UserError(
+            "export --format compressed-tensors needs the compressed-tensors library: "
+            "pip install 'lmcompress[export]' (or pip install compressed-tensors)"
+        ) from None
+    return compressed_tensors
+
+
+def _check(name: str, q, module) -> None:
+    if type(module) is not torch.nn.Linear:
+        raise UserError(
+            f"{name} is a {type(module).__name__}; compressed-tensors packs nn.Linear layers only "
+            "(GPT-2 Conv1D and resized layers cannot be exported)"
+        )
+    cols = q.codes.shape[1]
+    if q.g_idx is not None and not torch.equal(q.g_idx.long().cpu(), torch.arange(cols) // q.spec.width(cols)):
+        raise UserError(f"{name} uses act-order groups (g_idx); export them with --static-groups or without act-order")
+    if not q.spec.sym:
+        raise UserError(
+            f"{name} is quantized asymmetrically: compressed-tensors 0.20 packs asymmetric zero points in a shape "
+            "that transformers cannot load back (weight_zero_point size mismatch), so the export would not load; "
+            "quantize with --sym to export"
+        )
+    if q.spec.group_size != -1 and cols % q.spec.group_size:
+        raise UserError(f"{name}: group size {q.spec.group_size} does not divide its {cols} inputs")
+
+
+def export_compressed_tensors(folder: str | Path, output: str | Path, *, overwrite: bool = False) -> dict:
+    """Write ``folder`` (a quantized lmcompress folder) as a compressed-tensors ``pack-quantized`` folder."""
+    ct = _library()
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+
+    from lmcompress.loader import load
+    from lmcompress.pruning import measure_sparsity
+    from lmcompress.storage import read_packed
+
+    folder = Path(folder)
+    out = check_output(output, overwrite, source=folder)
+    recipe = read_recipe(folder) or {}
+    if recipe.get("surgery"):
+        raise UserError(f"{folder} has resized or factorized layers (surgery): compressed-tensors cannot describe them")
+    quantized = read_packed(folder, recipe)[1] if recipe.get("storage") == "packed" else {}
+    model, tokenizer = load(folder, dtype="float32")
+    dtype = source_dtype(model.config) or torch.float32
+    sparsity, _ = measure_sparsity(model)
+    if not quantized:
+        if sparsity > 0.01:
+            raise UserError(
+                f"{folder} is sparse ({sparsity:.0%}) but not quantized: compressed-tensors {ct.__version__} has no "
+                "sparse formats (its sparse-bitmask and 2:4 compressors were removed), so the export would be as "
+                "large as the dense model. Keep the lmcompress packed folder, or `lmcompress unpack` it for a "
+                "plain folder vLLM loads"
+            )
+        raise UserError(f"{folder} has no quantized layers: nothing for compressed-tensors to compress")
+    modules = {}
+    for param, q in quantized.items():
+        name = param.removesuffix(".weight")
+        module = model.get_submodule(name)
+        _check(name, q, module)
+        modules[name] = (module, q)
+    model = model.to(dtype)
+    groups: dict[tuple, list[str]] = {}
+    for name, (_, q) in modules.items():
+        groups.setdefault((q.spec.bits, q.spec.group_size, q.spec.sym), []).append(name)
+    config_groups = {}
+    for i, ((bits, group_size, sym), names) in enumerate(sorted(groups.items())):
+        grid = {"strategy": "channel"} if group_size == -1 else {"strategy": "group", "group_size": group_size}
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, **grid)
+        config_groups[f"group_{i}"] = QuantizationScheme(targets=sorted(names), weights=args)
+    config = QuantizationConfig(config_groups=config_groups, quantization_status="frozen")
+    apply_quantization_config(model, config, show_progress=False)
+    for module, q in modules.values():
+        module.weight_scale.data.copy_(q.scale.to(module.weight_scale.dtype))
+    compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
+    compressor.compress_model(model)
+    mismatched = _count_code_mismatches(modules)
+    if mismatched:
+        log.warning("%d codes changed when compressed-tensors re-quantized with %s scales", mismatched, dtype)
+    if sparsity > 0.01:
+        log.warning(
+            "%s is %.0f%% sparse: compressed-tensors %s stores its zeros as codes (no sparse layout)",
+            folder,
+            100 * sparsity,
+            ct.__version__,
+        )
+    summary = {
+        "format": "compressed-tensors",
+        "compressed_tensors_version": ct.__version__,
+        "quantization_format": "pack-quantized",
+        "quantized_layers": len(modules),
+        "sparsity_not_stored": sparsity if sparsity > 0.01 else 0.0,
+        "codes_changed": mismatched,
+        "exported_from": str(folder),
+    }
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        compressor.update_config(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        plain = {k: v for k, v in recipe.items() if k not in ("storage", "packed")}
+        (tmp / RECIPE_FILE).write_text(json.dumps({**plain, "export": summary}, indent=2, default=str) + "\n")
+
+    save_atomic(out, write, overwrite=overwrite)
+    return {**summary, "output": str(out)}
+
+
+def _count_code_mismatches(modules: dict) -> int:
+    """How many packed codes differ from lmcompress's (the library re-quantizes the weight with its scale)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    bad = 0
+    for module, q in modules.values():
+        codes = unpack_from_int32(module.weight_packed.data, q.spec.bits, torch.Size(q.codes.shape))
+        bad += int((codes.to(torch.int32) + 2 ** (q.spec.bits - 1) != q.codes.to(torch.int32)).sum())
+    return bad

@@ -1,0 +1,214 @@
+"""What a model costs to run: parameters, matmul FLOPs per token, and measured latency per token.
+
+FLOPs count the multiply-adds of every linear layer (``2 · in · out`` per token, the output head included)
+plus the attention score and value products (``2 · 2 · heads · head_dim · context`` per token per layer,
+with the mean causal context ``(seqlen + 1) / 2``). Norms, activations, softmax and embeddings lookups are
+left out: they are small next to the matmuls and do not change when channels or heads are removed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lmcompress.families import FAMILIES, get_blocks
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters, shared (tied) tensors counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a matmul layer: nn.Linear, GPT-2 Conv1D, or anything with a dense ``weight`` in [out, in]."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+def _attention_width(model: nn.Module) -> list[int]:
+    """``heads × head_dim`` of each block's attention (what the score/value products scale with)."""
+    from lmcompress.structured import LAYOUTS  # the per-family layer roles
+
+    layout = LAYOUTS.get(getattr(model.config, "model_type", None))
+    try:
+        blocks = get_blocks(model)
+    except Exception:
+        blocks = None
+    if layout is not None and blocks is not None:
+        widths = []
+        for block in blocks:
+            o = block.get_submodule(layout.o)
+            widths.append(_linear_shape(o)[0])
+        return widths
+    cfg = model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0) or 0
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0) or 0
+    return [hidden] * layers
+
+
+def flops_breakdown(model: nn.Module, seqlen: int) -> dict[str, float]:
+    """Matmul FLOPs per token of the linear layers and of attention, for a causal forward of ``seqlen`` tokens."""
+    if seqlen <= 0:
+        raise ValueError("seqlen must be positive")
+    linear = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        shape = _linear_shape(module)
+        if shape is None or id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))
+        linear += 2 * shape[0] * shape[1]
+    family = FAMILIES.get(getattr(model.config, "model_type", None))
+    context = (seqlen + 1) / 2 if family is None or family.kind == "decoder" else seqlen
+    attention = sum(4 * width * context for width in _attention_width(model))
+    return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
+
+
+def flops_per_token(model: nn.Module, seqlen: int) -> float:
+    """Matmul FLOPs per token (linear layers + attention products); see :func:`flops_breakdown`."""
+    return flops_breakdown(model, seqlen)["total"]
+
+
+@torch.inference_mode()
+def latency_per_token(
+    model: nn.Module,
+    seqlen: int = 256,
+    device: str | torch.device = "cpu",
+    repeats: int = 5,
+    *,
+    warmup: int = 2,
+    reduce: str = "median",
+    clock: str = "wall",
+) -> float:
+    """Measured forward time per token in milliseconds: one window of ``seqlen`` random tokens, batch 1.
+
+    ``warmup`` untimed forwards first, then ``repeats`` timed ones; ``reduce`` is ``"median"`` or ``"min"``.
+    ``clock="cpu"`` measures the CPU time this process spent instead of wall time: on a machine shared with
+    other work it is far less noisy (with one torch thread it equals the compute time); CPU device only.
+    """
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    if repeats < 1 or seqlen < 1:
+        raise ValueError("repeats and seqlen must be positive")
+    device = torch.device(device)
+    model.eval()
+    home = next(model.parameters()).device
+    model.to(device)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
+
+    family = FAMILIES.get(getattr(model.config, "model_type", None))
+    kwargs = {"use_cache": False} if family is None or family.kind == "decoder" else {}
+
+    def forward() -> None:
+        model(ids, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    try:
+        for _ in range(warmup):
+            forward()
+        times = []
+        for _ in range(repeats):
+            t0 = timer()
+            forward()
+            times.append(timer() - t0)
+    finally:
+        model.to(home)
+    value = min(times) if reduce == "min" else statistics.median(times)
+    return value / seqlen * 1000.0
+
+
+def profile_model(
+    model: nn.Module, seqlen: int = 256, device: str | torch.device = "cpu", repeats: int = 5
+) -> dict[str, float]:
+    """``params``, ``flops_per_token``, ``latency_ms_per_token`` (wall) and, on CPU, ``cpu_ms_per_token``.
+
+    The CPU time of the process is reported next to the wall time because on a busy machine it is far steadier.
+    """
+    on_cpu = torch.device(device).type == "cpu"
+    return {
+        "params": count_params(model),
+        "flops_per_token": flops_per_token(model, seqlen),
+        "latency_ms_per_token": latency_per_token(model, seqlen, device, repeats),
+        "cpu_ms_per_token": latency_per_token(model, seqlen, device, repeats, clock="cpu") if on_cpu else None,
+        "torch_threads": torch.get_num_threads(),
+        "profile_seqlen": seqlen,
+    }
+
+
+def profile_with_source(
+    model: nn.Module,
+    recipe: dict | None,
+    seqlen: int = 256,
+    device: str | torch.device = "cpu",
+    repeats: int = 5,
+    *,
+    dtype: str = "float32",
+) -> dict:
+    """Profile ``model`` and, if its recipe names a dense source that exists locally, the source too.
+
+    Adds ``speedup`` (source latency / model latency) and ``params_ratio`` when the source was profiled.
+    """
+    out: dict = {"model": profile_model(model, seqlen, device, repeats), "source": None}
+    source = (recipe or {}).get("source_model")
+    if source and Path(str(source)).is_dir():
+        from lmcompress.loader import load
+
+        dense, _ = load(source, dtype=dtype)
+        out["source"] = {"path": str(source), **profile_model(dense, seqlen, device, repeats)}
+        del dense
+        out["speedup"] = out["source"]["latency_ms_per_token"] / out["model"]["latency_ms_per_token"]
+        if out["model"]["cpu_ms_per_token"]:
+            out["cpu_speedup"] = out["source"]["cpu_ms_per_token"] / out["model"]["cpu_ms_per_token"]
+        out["params_ratio"] = out["model"]["params"] / out["source"]["params"]
+        out["flops_ratio"] = out["model"]["flops_per_token"] / out["source"]["flops_per_token"]
+    return out
+
+
+def profile_pretrained(
+    model: str | Path,
+    *,
+    seqlen: int = 256,
+    device: str = "cpu",
+    dtype: str = "float32",
+    repeats: int = 5,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> dict:
+    """Load a model folder (anything ``lmcompress.load`` reads) and profile it and its recipe's dense source."""
+    from lmcompress.io import load_model, read_recipe
+
+    net, _ = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    recipe = read_recipe(model) if Path(str(model)).is_dir() else None
+    return profile_with_source(net, recipe, seqlen, device, repeats, dtype=dtype)
+
+
+def format_profile(profile: dict) -> str:
+    """Human-readable lines for ``lmcompress eval --profile``."""
+
+    def line(name: str, p: dict) -> str:
+        cpu = f", CPU time {p['cpu_ms_per_token']:.4f}" if p.get("cpu_ms_per_token") is not None else ""
+        return (
+            f"  {name:7s} params {p['params']:,}  FLOPs/token {p['flops_per_token']:.4g}  "
+            f"latency {p['latency_ms_per_token']:.4f}{cpu} ms/token (seqlen {p['profile_seqlen']})"
+        )
+
+    lines = [line("model", profile["model"])]
+    if profile.get("source"):
+        lines.append(line("source", profile["source"]))
+        lines.append(
+            f"  wall speed-up ×{profile['speedup']:.2f}, params ×{profile['params_ratio']:.3f}, "
+            f"FLOPs ×{profile['flops_ratio']:.3f} vs the dense source"
+            + (f"; CPU-time speed-up ×{profile['cpu_speedup']:.2f}" if "cpu_speedup" in profile else "")
+        )
+    return "\n".join(lines)
