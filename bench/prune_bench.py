@@ -33,7 +33,7 @@ GRID = [
 ]
 
 
-def _setup(model_dir: str, nsamples: int, seqlen: int, threads: int):
+def _setup(model_dir: str, nsamples: int, seqlen: int, threads: int, max_windows: int | None = None):
     from transformers.utils import logging as hf_logging
 
     from lmcompress.api import calibration
@@ -44,7 +44,7 @@ def _setup(model_dir: str, nsamples: int, seqlen: int, threads: int):
     hf_logging.set_verbosity_error()
     model, tokenizer = load_model(model_dir)
     calib, _ = calibration(tokenizer, str(wikitext("valid")), nsamples=nsamples, seqlen=seqlen, seed=0)
-    test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), seqlen)
+    test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), seqlen)[:max_windows]
     return model, calib, test
 
 
@@ -54,7 +54,8 @@ def run_one(args) -> dict:
     from lmcompress.evaluate import perplexity
     from lmcompress.pruning import prune
 
-    model, calib, test = _setup(args.model, args.nsamples, args.seqlen, args.threads)
+    model, calib, test = _setup(args.model, args.nsamples, args.seqlen, args.threads, args.eval_windows)
+    row_tokens = int(test.numel())
     baseline_rss = peak_rss_mb()
     row: dict = {"method": args.method, "pattern": args.pattern, "allocation": args.allocation}
     if args.method == "dense":
@@ -71,6 +72,7 @@ def run_one(args) -> dict:
     row["peak_rss_mb"] = peak_rss_mb()
     row["rss_before_prune_mb"] = baseline_rss
     row["ppl"] = perplexity(model, test, progress=False).perplexity
+    row["eval_tokens"] = row_tokens
     return row
 
 
@@ -101,7 +103,11 @@ def forward_cost(args) -> dict:
 def _child(args, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "bench.prune_bench", "--model", args.model, "--nsamples", str(args.nsamples)]
     cmd += ["--seqlen", str(args.seqlen), "--threads", str(args.threads), *extra]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    if args.eval_windows:
+        cmd += ["--eval-windows", str(args.eval_windows)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"benchmark run failed: {' '.join(cmd)}\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -111,6 +117,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-windows", type=int, default=None, help="evaluate on the first N test windows only")
     parser.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
     # internal: one grid point
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -158,7 +165,8 @@ def main() -> None:
         }
         for r in rows
     ]
-    print_table(table, f"Pruning {Path(args.model).name}: perplexity on WikiText-2 test (seqlen {args.seqlen})")
+    title = f"Pruning {Path(args.model).name}: perplexity on WikiText-2 test ({rows[0]['eval_tokens']} tokens"
+    print_table(table, f"{title}, seqlen {args.seqlen})")
     print(
         f"one calibration forward pass ({args.nsamples}×{args.seqlen} tokens): {cost['forward_s']:.2f}s; "
         f"block walk with all Hessians: {cost['walk_with_hessians_s']:.2f}s; params {cost['params'] / 1e6:.2f}M; "

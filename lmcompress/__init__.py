@@ -4,13 +4,16 @@ __version__ = "0.1.0"
 
 from lmcompress.algorithms.masks import Pattern
 from lmcompress.api import calibration, evaluate_pretrained, prune_pretrained
-from lmcompress.config import PruneConfig
+from lmcompress.config import PruneConfig, QuantConfig
 from lmcompress.errors import UserError
 from lmcompress.evaluate import perplexity
+from lmcompress.experts import ExpertConfig, drop_experts
 from lmcompress.io import load_model, save_model
 from lmcompress.loader import load
 from lmcompress.pruning import PruneReport, measure_sparsity
 from lmcompress.pruning import prune as _prune_in_place
+from lmcompress.quantization import quantize
+from lmcompress.structured import StructureConfig, structured_prune
 
 
 def prune(model, config: PruneConfig, calib_data=None, *, device="cpu", progress=True):
@@ -20,11 +23,15 @@ def prune(model, config: PruneConfig, calib_data=None, *, device="cpu", progress
 
 
 __all__ = [
+    "ExpertConfig",
     "Pattern",
     "PruneConfig",
     "PruneReport",
+    "QuantConfig",
+    "StructureConfig",
     "UserError",
     "calibration",
+    "drop_experts",
     "evaluate_pretrained",
     "load",
     "load_model",
@@ -32,5 +39,7 @@ __all__ = [
     "perplexity",
     "prune",
     "prune_pretrained",
+    "quantize",
     "save_model",
+    "structured_prune",
 ]

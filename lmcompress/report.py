@@ -169,7 +169,8 @@ def _pct(x: float) -> str:
 
 
 def summarize(series_curves: list[Curve], tolerance: float) -> str:
-    """One sentence for one series: what perplexity calls safe and where the other metrics already fail."""
+    """One sentence for one series: what perplexity calls safe and where the other metrics already fail; then
+    where each judged metric has its knee (when it has one)."""
     name = series_curves[0].series
     parts = []
     ppl = [c for c in series_curves if not c.higher_is_better]
@@ -195,7 +196,12 @@ def summarize(series_curves: list[Curve], tolerance: float) -> str:
         else:
             where = f"up to {_pct(safe)}" if safe is not None else "at no tested sparsity"
             parts.append(f"{c.label} stays within {tol} {where} and drops {_pct(fail[1])} at {_pct(fail[0])}")
-    return f"{name}: " + "; ".join(parts) + "."
+    sentence = f"{name}: " + "; ".join(parts) + "."
+    knees = [(c.label, knee(c.xs, c.ys, c.dense, c.higher_is_better, tolerance)) for c in [*ppl, *others]]
+    knees = [(label, k) for label, k in knees if k is not None]
+    if knees:
+        sentence += " Knee (steepest fall): " + ", ".join(f"{label} at {_pct(k)}" for label, k in knees) + "."
+    return sentence
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -229,7 +235,11 @@ def plot_metric(key: str, label: str, cs: list[Curve], tolerance: float) -> byte
         else:
             ax.plot(xs, ys, marker="o", label=c.series)
     if not higher:
-        ax.set_yscale("log")
+        from matplotlib.ticker import FuncFormatter, LogFormatter
+
+        ax.set_yscale("log")  # plain numbers (60, 100, 1000), not 6×10^1; minor ticks labelled on short ranges
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     ax.set_xlabel("sparsity (target fraction of weights removed)")
     ax.set_ylabel(label + (" (lower is better)" if not higher else " (higher is better)"))
     ax.set_title(f"{label} vs sparsity")
@@ -350,12 +360,16 @@ def write_report(folder: str | Path, *, tolerance: float = 0.01) -> dict:
         es = essential_sparsity(c.xs, c.ys, c.dense, c.higher_is_better, tolerance)
         kn = knee(c.xs, c.ys, c.dense, c.higher_is_better, tolerance)
         at_knee = c.ys[c.xs.index(kn)] if kn is not None else None
+        if c.higher_is_better and c.dense == 0:  # nothing to lose: "safe everywhere" would be a false claim
+            es_text = "n/a (0 for dense)"
+        else:
+            es_text = _pct(es) if es is not None else "none"
         rows.append(
             [
                 c.series,
                 c.label,
                 _fmt(c.dense),
-                _pct(es) if es is not None else "none",
+                es_text,
                 _pct(kn) if kn is not None else "–",
                 _fmt(at_knee),
             ]
@@ -371,9 +385,9 @@ def write_report(folder: str | Path, *, tolerance: float = 0.01) -> dict:
         for p in pts:
             cells = []
             for k in cols:
-                v = p["metrics"].get(k)
-                d = degradation(v, dense["metrics"][k], dense["higher_is_better"][k]) if v is not None else None
-                cells.append(_fmt(v) + (f" ({-d:+.1%})" if d is not None and math.isfinite(d) else ""))
+                v, base = p["metrics"].get(k), dense["metrics"][k]
+                d = degradation(v, base, dense["higher_is_better"][k]) if v is not None and base != 0 else None
+                cells.append(_fmt(v) + (f" ({-round(d, 3) + 0.0:+.1%})" if d is not None and math.isfinite(d) else ""))
             achieved = p.get("prune", {}).get("achieved_sparsity")
             table.append([_pct(p["sparsity"]), _fmt(achieved), *cells])
         blocks.append(("h3", s))

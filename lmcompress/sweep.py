@@ -189,21 +189,24 @@ def _prepare_folder(out: Path, settings: dict, grid: list[Point], overwrite: boo
         raise UserError(f"--output {out} is a non-empty folder that holds no sweep; choose a new or empty folder")
     if not out.parent.exists():
         raise UserError(f"the parent folder of --output ({out.parent}) does not exist")
+    known: list[dict] = []  # the grid of earlier runs with the same settings
     if sweep_file.is_file():
         old = json.loads(sweep_file.read_text())
-        if old.get("settings") != settings:
-            if not overwrite:
-                diff = sorted(
-                    k for k in set(settings) | set(old.get("settings", {})) if old["settings"].get(k) != settings.get(k)
-                )
-                details = "; ".join(f"{k}: {old['settings'].get(k)!r} → {settings.get(k)!r}" for k in diff)
-                raise UserError(
-                    f"{out} holds a sweep made with other settings ({details}). Its points cannot be mixed with "
-                    "these: use a new --output, or pass --overwrite to discard the old points"
-                )
+        finished = [f for f in (out / POINTS).glob("*.json") if not f.name.startswith(".")]
+        if old.get("settings") == settings:
+            known = old.get("grid", [])
+        elif finished and not overwrite:
+            diff = sorted(
+                k for k in set(settings) | set(old.get("settings", {})) if old["settings"].get(k) != settings.get(k)
+            )
+            details = "; ".join(f"{k}: {old['settings'].get(k)!r} → {settings.get(k)!r}" for k in diff)
+            raise UserError(
+                f"{out} holds a sweep made with other settings ({details}). Its points cannot be mixed with "
+                "these: use a new --output, or pass --overwrite to discard the old points"
+            )
+        else:  # --overwrite, or a run that stopped before its first point (bad task file, missing lm-eval...)
             shutil.rmtree(out / POINTS, ignore_errors=True)
     (out / POINTS).mkdir(parents=True, exist_ok=True)
-    known = json.loads(sweep_file.read_text()).get("grid", []) if sweep_file.is_file() else []
     ids = [p.id for p in grid]
     merged = known + [asdict(p) for p in grid if p.id not in {Point(**k).id for k in known}]
     record = {"settings": settings, "settings_hash": settings_hash(settings), "grid": merged, "last_grid": ids}
@@ -259,6 +262,10 @@ def run_sweep(
     if not specs and not config.harness:
         raise UserError("a sweep needs something to measure: give --tasks (e.g. ppl:wikitext2) or --harness")
     _check_device(device)
+    if config.harness:
+        from lmcompress.tasks.harness import _import_lm_eval
+
+        _import_lm_eval()  # fail before any work when lm-eval is missing
     resolved = resolve_source(model, allow_pickle)
     out = Path(output).expanduser()
     settings = config.settings(resolved)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,10 +133,27 @@ def test_changed_settings_are_refused_and_a_bigger_grid_reuses_points(tmp_path, 
     )
     assert sorted(redone["ran"]) == ["dense", "magnitude-uniform-unstructured-0.500"]
     assert sorted(points_of(out)) == ["dense", "magnitude-uniform-unstructured-0.500"]
+    assert [g["sparsity"] for g in json.loads((out / "sweep.json").read_text())["grid"]] == [0.5], "stale grid kept"
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("not a sweep")
     with pytest.raises(UserError, match="holds no sweep"):
         run_sweep(src, small_config(calib_file), tmp_path / "other", progress=False)
+
+
+def test_a_run_that_failed_before_its_first_point_does_not_block_the_corrected_rerun(
+    tmp_path, tiny_folder, calib_file, monkeypatch
+):
+    src, out = tiny_folder("llama"), tmp_path / "res"
+    typo = small_config(calib_file, methods=["magnitude"], sparsities=[0.5], tasks=f"ppl:{tmp_path / 'nope.txt'}")
+    with pytest.raises(UserError, match=r"nope\.txt"):
+        run_sweep(src, typo, out, progress=False)
+    fixed = run_sweep(src, small_config(calib_file, methods=["magnitude"], sparsities=[0.5]), out, progress=False)
+    assert sorted(fixed["ran"]) == ["dense", "magnitude-uniform-unstructured-0.500"]
+    # without lm-eval, --harness stops before anything is loaded or written
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(UserError, match="pip install lm-eval"):
+        run_sweep(src, small_config(calib_file, harness="arc_easy"), tmp_path / "h", progress=False)
+    assert not (tmp_path / "h").exists()
 
 
 def test_sweep_and_report_cli(tmp_path, tiny_folder, calib_file, capsys):
@@ -230,10 +248,14 @@ def test_report_files_plots_and_sentences(tmp_path):
     synthetic_results(tmp_path)
     out = write_report(tmp_path)
     uniform = next(s for s in out["sentences"] if s.startswith("wanda (uniform)"))
-    assert uniform == "wanda (uniform): perplexity says 60% is safe; factoid QA (trivia) F1 drops 20% already at 30%."
+    assert uniform == (
+        "wanda (uniform): perplexity says 60% is safe; factoid QA (trivia) F1 drops 20% already at 30%. "
+        "Knee (steepest fall): perplexity at 70%, factoid QA (trivia) F1 at 20%."
+    )
     md = (tmp_path / "report.md").read_text()
     page = (tmp_path / "report.html").read_text()
     assert uniform in md and "| wanda (uniform) | perplexity | 10 | 60% | 70% |" in md
+    assert "| 10% | – | 10 (+0.0%) | 0.5 (+0.0%) |" in md and "-0.0%" not in md  # no negative zero
     assert "![perplexity vs sparsity](plots/ppl-test-perplexity.png)" in md
     assert page.count('src="data:image/png;base64,') == len(out["plots"]) == 3  # ppl, f1, OWL bars
     assert 'src="plots/' not in page and "<script" not in page  # one self-contained file
@@ -252,6 +274,19 @@ def test_report_files_plots_and_sentences(tmp_path):
     )
     with pytest.raises(UserError, match="tolerance"):
         write_report(tmp_path, tolerance=1.5)
+
+
+def test_a_metric_that_is_zero_for_dense_gets_no_essential_sparsity_or_relative_change(tmp_path):
+    synthetic_results(tmp_path)
+    for path in (tmp_path / "points").glob("*.json"):  # the QA F1 of every point (and of dense) is 0
+        rec = json.loads(path.read_text())
+        rec["metrics"]["qa:trivia/f1"] = 0.0
+        write_json_atomic(path, rec)
+    out = write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| wanda (uniform) | factoid QA (trivia) F1 | 0 | n/a (0 for dense) | – | – |" in md
+    assert "| 30% | – | 10.05 (-0.5%) | 0 |" in md  # no "(+0.0%)" against a dense value of 0
+    assert all("F1 is 0 for the dense model, so it cannot show damage" in s for s in out["sentences"])
 
 
 def test_a_headline_that_is_zero_for_dense_brings_its_siblings_into_the_summary():

@@ -68,6 +68,29 @@ def test_acc_and_acc_norm_follow_the_scores(lm):
     assert result["chance"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2 + 1 / 2) / 4)
 
 
+def test_acc_norm_divides_by_the_characters_of_the_choice_without_the_delimiter():
+    """lm-evaluation-harness's acc_norm: log-likelihood / len(choice) in characters, the leading space not counted.
+
+    "ab": -2.0 / 2 = -1.0 and "abcd": -3.5 / 4 = -0.875 → acc_norm picks "abcd" (acc picks "ab"); counting the
+    space (-2/3 vs -3.5/5) or tokens (1 each) would pick "ab". "éé": -2.1 / 2 = -1.05 and "xyz": -3.0 / 3 = -1.0 →
+    "xyz"; counting UTF-8 bytes ("é" is 2: -2.1 / 4) would pick "éé".
+    """
+
+    class Fixed:
+        def __init__(self, table):
+            self.table, self.pairs = table, []
+
+        def loglikelihood(self, pairs, desc=""):
+            self.pairs += pairs
+            return [(self.table[cont], False, 1) for _, cont in pairs]
+
+    stub = Fixed({" ab": -2.0, " abcd": -3.5, " éé": -2.1, " xyz": -3.0})
+    examples = [MCExample("Q:", ["ab", "abcd"], 1), MCExample("Q:", ["éé", "xyz"], 1)]
+    result = evaluate_mc(stub, examples)
+    assert result["acc"] == 0.0 and result["acc_norm"] == 1.0
+    assert stub.pairs == [("Q:", " ab"), ("Q:", " abcd"), ("Q:", " éé"), ("Q:", " xyz")]
+
+
 def test_batch_size_does_not_change_scores(lm, tokenizer):
     pairs = [(ex.context, " " + c) for ex in MC for c in ex.choices]
     one = LM(lm.model, tokenizer, batch_size=1, progress=False).loglikelihood(pairs)
@@ -380,6 +403,12 @@ def run(argv: list[str]) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+def test_a_typo_in_tasks_is_reported_before_the_model_is_loaded(tmp_path, capsys):
+    assert run(["eval", str(tmp_path / "no-model-here"), "--tasks", "ppl:a.txt,mmlu:x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'mmlu:x'" in err and "no-model-here" not in err
 
 
 def test_eval_tasks_cli_end_to_end(tiny_folder, capsys):

@@ -75,6 +75,10 @@ def evaluate(
     """
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if tasks:
+        from lmcompress.tasks import parse_tasks
+
+        parse_tasks(tasks)  # a typo in --tasks is reported before the model is loaded
     result = evaluate_pretrained(
         model,
         ppl_data or (None if (tasks or harness) else "wikitext2"),
