@@ -23,6 +23,7 @@ from lmcompress.config import QuantConfig
 from lmcompress.engine import BlockInputs, collect_input_stats, walk_blocks
 from lmcompress.errors import UserError
 from lmcompress.families import blocks_path, find_prunable, get_blocks, set_weight_matrix, weight_matrix
+from lmcompress.packing import scale_storage_dtype
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,15 @@ class QuantReport:
 
 
 def nominal_bits_per_weight(quantized: dict[str, QuantizedTensor]) -> float:
-    """Code bits plus each group's fp16 scale (and zero point when asymmetric) and any act-order group index.
+    """Code bits plus each group's scale (in the dtype packed storage keeps it in: fp16 when that is exact, else
+    fp32), its zero point when asymmetric, and any act-order group index, as :func:`pack_quantized` stores them.
 
-    An estimate over the quantized weights; ``lmcompress info`` reports what the saved files really take.
+    An estimate over the quantized weights stored densely (a sparse layout can take less); ``lmcompress info``
+    reports what the saved files really take.
     """
     bits = weights = 0
     for q in quantized.values():
-        per_group = 16 + (0 if q.spec.sym else q.spec.bits)
+        per_group = 8 * scale_storage_dtype(q.scale).itemsize + (0 if q.spec.sym else q.spec.bits)
         g_idx = 0 if q.g_idx is None else q.g_idx.numel() * max(1, math.ceil(math.log2(q.scale.shape[1])))
         bits += q.codes.numel() * q.spec.bits + q.scale.numel() * per_group + g_idx
         weights += q.codes.numel()

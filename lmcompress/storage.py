@@ -290,23 +290,38 @@ def load_packed(folder: str | Path, **kwargs):
 
 
 def packed_file_layout(path: str | Path) -> tuple[int, dict[str, int]]:
-    """``(header_bytes, {key: data_bytes})`` of a safetensors file, read from its header only."""
+    """``(header_bytes, {key: data_bytes})`` of a safetensors file, read from its header only.
+
+    Raises :class:`UserError` when the header is unreadable or the file is not exactly as long as the header
+    says (truncated, or bytes appended): sizes are then never reported for a damaged file.
+    """
     path = Path(path)
+    file_size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise UserError(f"{path} is not a safetensors file (too short)")
+            raise UserError(f"{path} is not a safetensors file (too short); the file is truncated or corrupted")
         n = int.from_bytes(head, "little")
+        if 8 + n > file_size:
+            raise UserError(f"{path} has a corrupted safetensors header; the file is truncated or corrupted")
         try:
             header = json.loads(f.read(n))
+            sizes, data_end = {}, 0
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                start, end = (int(x) for x in info["data_offsets"])
+                if not 0 <= start <= end:
+                    raise ValueError(key)
+                sizes[key] = end - start
+                data_end = max(data_end, end)
         except Exception:
-            raise UserError(f"{path} has a corrupted safetensors header") from None
-    sizes = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        sizes[key] = end - start
+            raise UserError(f"{path} has a corrupted safetensors header; the file is truncated or corrupted") from None
+    if 8 + n + data_end != file_size:
+        raise UserError(
+            f"{path} is {file_size} bytes but its header describes {8 + n + data_end}; "
+            "the file is truncated or corrupted"
+        )
     return 8 + n, sizes
 
 

@@ -163,6 +163,22 @@ def test_truncated_file_is_detected(packed_folder):
         load(packed_folder)
 
 
+@pytest.mark.parametrize("change", ["truncate", "append"])
+def test_info_refuses_a_weights_file_of_the_wrong_length(packed_folder, tiny_folder, tmp_path, change):
+    """`info` reads only headers, but never reports sizes of a file that is shorter or longer than they say."""
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_folder("llama"), plain)
+    for path in (packed_folder / PACKED_FILE, plain / "model.safetensors"):
+        data = path.read_bytes()
+        path.write_bytes(data[:-100] if change == "truncate" else data + bytes(16))
+    for folder in (packed_folder, plain):
+        with pytest.raises(UserError, match="truncated or corrupted"):
+            folder_info(folder)
+        assert _cli(["info", str(folder)]) == 2
+    with pytest.raises(UserError, match="truncated or corrupted"):
+        load(packed_folder)
+
+
 def test_corrupted_header_is_detected(packed_folder):
     path = packed_folder / PACKED_FILE
     data = bytearray(path.read_bytes())
@@ -248,6 +264,30 @@ def test_cli_prune_packed_info_unpack_eval(tiny_folder, tmp_path, capsys):
         _cli(["eval", str(dense), "--ppl-data", "bundled:wikitext2-test", "--seqlen", "64", "--json", "--quiet"]) == 0
     )
     assert packed_ppl == pytest.approx(json.loads(capsys.readouterr().out)["perplexity"], rel=1e-6)
+
+
+def test_cli_quantize_act_order_unpack_from_pretrained(tiny_folder, tmp_path, capsys):
+    """The documented path from a packed quantized folder to plain transformers: `lmcompress unpack`."""
+    from transformers import AutoModelForCausalLM
+
+    src, packed, unpacked = tiny_folder("llama"), tmp_path / "q", tmp_path / "plain"
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    argv = ["quantize", str(src), "--method", "gptq", "--bits", "3", "--group-size", "32", "--act-order"]
+    argv += ["--calib-data", str(calib), "--nsamples", "4", "--seqlen", "32", "-o", str(packed), "--quiet"]
+    assert _cli(argv) == 0
+    printed = capsys.readouterr().out
+    index = json.loads((packed / "lmcompress.json").read_text())["packed"]["tensors"]
+    assert any("g_idx" in e.get("parts", {}) for e in index.values())  # act-order group indices are stored
+    info = folder_info(packed)
+    # the bits per weight the CLI announces are what the (dense-layout) files really take
+    assert info["linear"]["layouts"] == {"dense int3 g32": 14}
+    assert f"~{info['linear']['bits_per_weight']:.2f} bits/weight" in printed
+    assert _cli(["unpack", str(packed), "-o", str(unpacked)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(unpacked)
+    ids = _ids(plain.config.vocab_size)
+    assert torch.equal(_logits(plain, ids), _logits(load(packed)[0], ids))
+    assert (unpacked / "model.safetensors").stat().st_size > 2 * (packed / PACKED_FILE).stat().st_size  # dense again
 
 
 def test_bad_save_format_and_unpack_of_a_plain_folder(tiny_folder, tmp_path):
