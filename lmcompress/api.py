@@ -17,6 +17,7 @@ from lmcompress.errors import UserError
 from lmcompress.evaluate import perplexity
 from lmcompress.families import context_length, is_encoder
 from lmcompress.io import check_output, load_model, read_recipe, resolve_source, save_model, source_dtype
+from lmcompress.loader import source_surgery
 from lmcompress.pruning import PruneReport, measure_sparsity
 from lmcompress.pruning import prune as prune_model
 from lmcompress.quantization import QuantReport, check_group_size, save_quantized
@@ -115,6 +116,8 @@ def prune_pretrained(
         "prune_time_s": report.wall_time_s,
         "versions": versions(),
     }
+    if surgery := source_surgery(resolved):  # a resized / factorized source: its shapes stay as they were
+        recipe["surgery"] = surgery
     if report.quantized is not None:  # joint prune + quantize (--bits): store the codes packed
         recipe["mask_sparsity"] = report.mask_sparsity
         recipe["wall_time_s"] = time.perf_counter() - start
@@ -181,6 +184,8 @@ def quantize_pretrained(
         "quantize_time_s": report.wall_time_s,
         "versions": versions(),
     }
+    if surgery := source_surgery(resolved):
+        recipe["surgery"] = surgery
     recipe["wall_time_s"] = time.perf_counter() - start
     save_quantized(
         net, tokenizer, output, recipe, report.quantized, overwrite=overwrite, dtype=source_dtype(net.config)

@@ -208,7 +208,8 @@ def slice_experts(moe: nn.Module, layout: MoeLayout, keep_idx: torch.Tensor) -> 
             module.num_experts = int(keep_idx.numel())
 
 
-def _moe_modules(block: nn.Module, layout: MoeLayout) -> nn.Module | None:
+def moe_module(block: nn.Module, layout: MoeLayout) -> nn.Module | None:
+    """The sparse-MoE module of ``block``, or None for a dense-MLP block."""
     try:
         moe = block.get_submodule(layout.moe)
     except AttributeError:
@@ -251,7 +252,7 @@ def drop_experts(
     rel_err: dict[str, float] = {}
 
     def visit(i: int, block: nn.Module, inputs: BlockInputs) -> None:
-        moe = _moe_modules(block, layout)
+        moe = moe_module(block, layout)
         if moe is None:
             return
         name = f"{prefix}.{i}.{layout.moe}"

@@ -303,6 +303,7 @@ def factorize_pretrained(
     """Load ``model``, factorize it as ``config`` says, and save it (loads with ``lmcompress.load``)."""
     from lmcompress.api import _check_device, calibration, resolve_seqlen, versions
     from lmcompress.io import check_output, load_config, load_model, resolve_source, save_model, source_dtype
+    from lmcompress.loader import source_surgery
 
     start = time.perf_counter()
     config.validate()
@@ -310,6 +311,7 @@ def factorize_pretrained(
     resolved = resolve_source(model, allow_pickle)
     _check_device(device)
     _refuse_moe(load_config(resolved, trust_remote_code))
+    kept_surgery = source_surgery(resolved)  # e.g. the per-layer widths of an OWL-pruned source
     net, tokenizer = load_model(resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     calib, calib_info = None, None
     if config.needs_calibration:
@@ -330,7 +332,8 @@ def factorize_pretrained(
         "linear_params_before": report.linear_params_before,
         "linear_params_after": report.linear_params_after,
         "versions": versions(),
-        "surgery": report.surgery,
+        # the source's records first: they rebuild the layers the low-rank records then replace
+        "surgery": kept_surgery + report.surgery,
     }
     recipe["wall_time_s"] = time.perf_counter() - start
     save_model(net, tokenizer, output, recipe, overwrite=overwrite, dtype=source_dtype(net.config))

@@ -21,6 +21,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 RECIPE_FILE = "lmcompress.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# config.json marker of folders that only lmcompress.load reads: plain transformers warns with this text
+RESIZED_MARKER = "lmcompress-resized (load with lmcompress.load)"
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -195,15 +197,30 @@ def save_model(
         if dtype is not None:  # store in the checkpoint's own dtype without touching the in-memory model
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
         model.save_pretrained(tmp, state_dict=state)
+        config = json.loads((tmp / "config.json").read_text())
         if dtype is not None:
-            config = json.loads((tmp / "config.json").read_text())
             config["dtype"] = str(dtype).removeprefix("torch.")
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if recipe.get("surgery"):
+            _guard_from_plain_loading(tmp, config)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
 
     return save_atomic(out_dir, write, overwrite=overwrite)
+
+
+def _guard_from_plain_loading(folder: Path, config: dict) -> None:
+    """Make plain ``from_pretrained`` fail loudly on a folder whose layers its config cannot describe.
+
+    Without this it may load such a folder *wrongly*: a bias that the config has no flag for is dropped with
+    a mere warning. The weight files keep their content (``lmcompress.load`` reads every ``*.safetensors``)
+    but lose the names transformers looks for, and the config names the way to load them.
+    """
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        if (folder / name).exists():
+            (folder / name).rename(folder / name.replace("model.safetensors", "model.resized.safetensors"))
+    config["quantization_config"] = {"quant_method": RESIZED_MARKER}
 
 
 def read_recipe(folder: str | Path) -> dict | None:

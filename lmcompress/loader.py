@@ -86,10 +86,9 @@ def load(
 
     recipe = json.loads((path / RECIPE_FILE).read_text())
     config = load_config(str(path), trust_remote_code)
-    if recipe.get("storage") == "packed":
-        from lmcompress.storage import strip_marker
+    from lmcompress.storage import strip_marker
 
-        strip_marker(config)  # the marker that stops plain from_pretrained on packed folders
+    strip_marker(config)  # the marker that stops plain from_pretrained on packed and resized folders
     model = build_skeleton(config, parse_dtype(dtype), recipe.get("surgery"))
     if recipe.get("storage") == "packed":
         from lmcompress.storage import load_packed_state  # packed layouts (bitmask, N:M, int-packed)
@@ -104,3 +103,9 @@ def load(
     except Exception as exc:
         raise UserError(f"could not load the tokenizer of {path}: {exc}") from None
     return model.to(device), tokenizer
+
+
+def source_surgery(folder: str | Path) -> list[dict]:
+    """The surgery records of a source folder (empty for plain models): a new output built from it needs them too."""
+    recipe = read_recipe(folder) if Path(str(folder)).is_dir() else None
+    return list((recipe or {}).get("surgery") or [])

@@ -1,9 +1,12 @@
 """What a model costs to run: parameters, matmul FLOPs per token, and measured latency per token.
 
-FLOPs count the multiply-adds of every linear layer (``2 · in · out`` per token, the output head included)
-plus the attention score and value products (``2 · 2 · heads · head_dim · context`` per token per layer,
-with the mean causal context ``(seqlen + 1) / 2``). Norms, activations, softmax and embeddings lookups are
-left out: they are small next to the matmuls and do not change when channels or heads are removed.
+FLOPs count the multiply-adds of every linear layer (``2 · in · out`` per token, the output head included;
+a low-rank layer as its two factors) plus the attention score and value products
+(``2 · 2 · heads · head_dim · context`` per token per layer, with the mean causal context ``(seqlen + 1) / 2``).
+Mixture-of-experts layers count what one token really runs: the router (``2 · hidden · experts``) and its
+top-k experts (``2 · top_k ·`` one expert's weights), so dropping experts changes the router's share only.
+Norms, activations, softmax and embeddings lookups are left out: they are small next to the matmuls and do not
+change when channels or heads are removed.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ def _attention_width(model: nn.Module) -> list[int]:
         widths = []
         for block in blocks:
             o = block.get_submodule(layout.o)
-            widths.append(_linear_shape(o)[0])
+            shape = _linear_shape(o)
+            widths.append(shape[0] if shape else int(o.in_features))  # LowRankLinear has no single matrix
         return widths
     cfg = model.config
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0) or 0
@@ -54,8 +58,29 @@ def _attention_width(model: nn.Module) -> list[int]:
     return [hidden] * layers
 
 
+def _expert_flops(model: nn.Module) -> int:
+    """Per-token matmul FLOPs of the mixture-of-experts layers: router plus the ``top_k`` experts a token runs."""
+    from lmcompress.experts import MOE_LAYOUTS, moe_module
+
+    layout = MOE_LAYOUTS.get(getattr(model.config, "model_type", None))
+    if layout is None:
+        return 0
+    top_k = int(getattr(model.config, layout.topk_key))
+    total = 0
+    for block in get_blocks(model):
+        moe = moe_module(block, layout)
+        if moe is None:
+            continue
+        experts, router = moe.get_submodule(layout.experts), moe.get_submodule(layout.router)
+        per_expert = sum(p[0].numel() for p in experts.parameters(recurse=False) if p.dim() == 3)
+        total += 2 * top_k * per_expert
+        if _linear_shape(router) is None:  # an nn.Linear router is already counted with the linear layers
+            total += 2 * router.weight.numel()
+    return total
+
+
 def flops_breakdown(model: nn.Module, seqlen: int) -> dict[str, float]:
-    """Matmul FLOPs per token of the linear layers and of attention, for a causal forward of ``seqlen`` tokens."""
+    """Matmul FLOPs per token of the linear layers, MoE experts and attention, for a forward of ``seqlen`` tokens."""
     if seqlen <= 0:
         raise ValueError("seqlen must be positive")
     linear = 0
@@ -69,7 +94,13 @@ def flops_breakdown(model: nn.Module, seqlen: int) -> dict[str, float]:
     family = FAMILIES.get(getattr(model.config, "model_type", None))
     context = (seqlen + 1) / 2 if family is None or family.kind == "decoder" else seqlen
     attention = sum(4 * width * context for width in _attention_width(model))
-    return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
+    experts = _expert_flops(model)
+    return {
+        "linear": float(linear),
+        "experts": float(experts),
+        "attention": float(attention),
+        "total": float(linear + experts + attention),
+    }
 
 
 def flops_per_token(model: nn.Module, seqlen: int) -> float:

@@ -28,7 +28,7 @@ from torch import nn
 
 from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.errors import UserError
-from lmcompress.io import RECIPE_FILE, read_recipe, save_atomic
+from lmcompress.io import RECIPE_FILE, RESIZED_MARKER, read_recipe, save_atomic
 from lmcompress.packing import Packed, pack_quantized, pack_tensor, unpack_quantized, unpack_tensor
 
 PACKED_FILE = "model.packed.safetensors"
@@ -173,9 +173,9 @@ def save_packed(
 
 
 def strip_marker(config) -> None:
-    """Remove the ``quantization_config`` that keeps plain transformers away from a packed folder."""
+    """Remove the ``quantization_config`` that keeps plain transformers away from a packed or resized folder."""
     qc = getattr(config, "quantization_config", None)
-    if isinstance(qc, dict) and qc.get("quant_method") == MARKER:
+    if isinstance(qc, dict) and qc.get("quant_method") in (MARKER, RESIZED_MARKER):
         del config.quantization_config
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +61,12 @@ class Layout:
     qkv: str | None = None  # one fused projection, rows stacked [q; k; v]
     ffn_halves: int = 1  # 2 when gate and up are one stacked layer [gate; up]
     heads: str = "per-layer"  # "per-layer", "uniform" (forward reads head counts from the config) or "none"
+    # config flags that give a group of layers a bias: structure → (config key, the layers it governs). With
+    # them a bias correction on bias-less layers stays loadable by plain from_pretrained (the others get zeros).
+    bias_flags: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+    def bias_flag(self, structure: str) -> tuple[str, tuple[str, ...]] | None:
+        return next(((key, paths) for s, key, paths in self.bias_flags if s == structure), None)
 
 
 _LLAMA = Layout(
@@ -73,14 +79,19 @@ _LLAMA = Layout(
     v="self_attn.v_proj",
     o="self_attn.o_proj",
 )
+_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_LLAMA_BIASES = (
+    ("ffn", "mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+    ("heads", "attention_bias", _ATTENTION),
+)
 
 # Head removal needs a forward that derives head counts from the weights (reshape with -1) and a config that
 # can keep head_dim when num_attention_heads changes; OPT, GPT-2 and GPT-NeoX compute head_dim = hidden/heads.
 LAYOUTS: dict[str, Layout] = {
-    "llama": _LLAMA,
+    "llama": replace(_LLAMA, bias_flags=_LLAMA_BIASES),
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
+    "qwen3": replace(_LLAMA, bias_flags=(("heads", "attention_bias", _ATTENTION),)),
     "phi3": Layout(
         ffn_in=("mlp.gate_up_proj",),
         ffn_out="mlp.down_proj",
@@ -216,6 +227,7 @@ class StructureReport:
     params_after: int = 0
     outlier_ratios: list[float] | None = None
     wall_time_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -399,6 +411,31 @@ def _owl_block_ratios(
     return ratios
 
 
+def _set_bias_flag(
+    model: nn.Module, blocks, prefix: str, flag: tuple[str, tuple[str, ...]] | None, bias_added: list[str]
+) -> list[str]:
+    """Describe biases that a correction added to bias-less layers with a config flag, where the family has one.
+
+    The flag (LLaMA's ``mlp_bias`` / ``attention_bias``) gives every layer it governs a bias, so the layers that
+    got none from the correction get zeros; plain ``from_pretrained`` then builds the same model. Returns the
+    added biases the config still cannot describe (they stay surgery records).
+    """
+    if flag is None:
+        return bias_added
+    key, paths = flag
+    governed = {f"{prefix}.{i}.{p}" for i in range(len(blocks)) for p in paths}
+    if not governed & set(bias_added):
+        return bias_added
+    setattr(model.config, key, True)
+    for block in blocks:
+        for path in paths:
+            module = block.get_submodule(path)
+            if module.bias is None:
+                w = weight_matrix(module)
+                _replace(block, path, _new_layer(module, w, torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)))
+    return [name for name in bias_added if name not in governed]
+
+
 def structured_prune(
     model: nn.Module,
     config: StructureConfig,
@@ -439,10 +476,15 @@ def structured_prune(
         s: [_n_remove(r, units[s], s, f" in block {i}") for i, r in enumerate(block_ratios[s])]
         for s in config.structures
     }
+    notes: list[str] = []
     for s, counts in n_remove.items():
         if not any(counts):
-            what = "FFN channels" if s == "ffn" else "attention heads"
-            log.warning("--ratio %g removes no %s: %d units per block", config.ratio, what, units[s])
+            what = "FFN channels" if s == "ffn" else "KV groups of attention heads"
+            notes.append(
+                f"--ratio {config.ratio:g} removes no {what}: {units[s]} per block, so it rounds to 0; "
+                f"a ratio above {0.5 / units[s]:.3g} removes at least one"
+            )
+            log.warning(notes[-1])
     uniform = all(len(set(c)) == 1 for c in n_remove.values())
 
     # Forward code that reads head counts from the config (phi3's fused qkv) must see the counts of the block
@@ -498,6 +540,8 @@ def structured_prune(
             if hasattr(model.config, "num_key_value_heads"):
                 model.config.num_key_value_heads = kv_heads[0]
             model.config.head_dim = shape.head_dim
+        for s in config.structures:
+            bias_added = _set_bias_flag(model, blocks, prefix, layouts[s].bias_flag(s), bias_added)
         changed = sorted(set(bias_added))
     else:
         changed = sorted(set(resized))
@@ -517,6 +561,7 @@ def structured_prune(
         params_after=count_params(model),
         outlier_ratios=outliers,
         wall_time_s=time.perf_counter() - start,
+        notes=notes,
     )
 
 

@@ -235,3 +235,27 @@ def test_cli_prune_structure_experts(tmp_path, tiny_folder, calib_text, capsys):
     assert run([*args[:5], "1", *args[6:-1], str(tmp_path / "bad")]) == 2
     assert "top-k" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("family", sorted(MOE_LAYOUTS))
+def test_flops_count_the_top_k_experts_a_token_runs(family, tokenizer, calib):
+    from lmcompress.profile import flops_breakdown
+
+    model = build_tiny_model(family, tokenizer.vocab_size)
+    layout = MOE_LAYOUTS[family]
+    top_k, n = getattr(model.config, layout.topk_key), getattr(model.config, layout.count_key)
+    moe = _moe(model)
+    per_expert = moe.experts.gate_up_proj[0].numel() + moe.experts.down_proj[0].numel()
+    before = flops_breakdown(model, 16)["experts"]
+    assert before == model.config.num_hidden_layers * (2 * top_k * per_expert + 2 * n * model.config.hidden_size)
+    drop_experts(model, ExpertConfig(keep=4, criterion="frequency"), calib[:2], progress=False)
+    # the experts a token runs are as many as before; only the router got smaller
+    assert flops_breakdown(model, 16)["experts"] == before - model.config.num_hidden_layers * 2 * 4 * 64
+
+
+def test_cli_refuses_options_of_other_structures(tmp_path, tiny_folder, capsys):
+    src = str(tiny_folder("mixtral"))
+    for extra in (["--ratio", "0.5"], ["--correction", "bias"], ["--sparsity", "0.5"]):
+        assert run(["prune", src, "--structure", "experts", "--keep", "4", *extra, "-o", str(tmp_path / "x")]) == 2
+        assert "not used by --structure experts" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -23,7 +23,7 @@ from lmcompress.algorithms.lowrank import (
 )
 from lmcompress.cli import main
 from lmcompress.errors import UserError
-from lmcompress.factorize import FactorizeConfig, _replace, factorize, factorize_linear
+from lmcompress.factorize import FactorizeConfig, _replace, factorize, factorize_linear, factorize_pretrained
 from lmcompress.families import find_prunable, get_blocks, weight_matrix
 from lmcompress.surgery import LowRankLinear
 from lmcompress.tiny import build_tiny_model
@@ -224,3 +224,41 @@ def test_moe_models_are_refused_before_writing(tmp_path, tiny_folder, capsys):
     assert run(["factorize", str(tiny_folder("qwen2_moe")), "--rank-policy", "rank:8", "-q", "-o", str(out)]) == 2
     assert "mixture-of-experts" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_compressing_a_resized_source_keeps_its_surgery(tmp_path, tiny_folder):
+    """Factorizing, pruning or quantizing an OWL-resized folder carries its records: the output still loads."""
+    from lmcompress.api import prune_pretrained, quantize_pretrained
+    from lmcompress.config import PruneConfig, QuantConfig
+    from lmcompress.structured import StructureConfig, structured_prune_pretrained
+
+    owl = tmp_path / "owl"
+    calib = dict(calib_data="bundled:wikitext2-valid", nsamples=4, seqlen=32, progress=False)
+    structured_prune_pretrained(tiny_folder("llama"), StructureConfig("ffn", 0.3, allocation="owl"), owl, **calib)
+    widths = {r["module"]: r["in_features"] for r in json.loads((owl / "lmcompress.json").read_text())["surgery"]}
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    outputs = {
+        "lr": lambda o: factorize_pretrained(owl, FactorizeConfig("rank:4"), o, progress=False),
+        "mag": lambda o: prune_pretrained(owl, PruneConfig(method="magnitude", sparsity=0.5), o, progress=False),
+        "rtn": lambda o: quantize_pretrained(owl, QuantConfig(method="rtn", bits=4, group_size=-1), o, progress=False),
+    }
+    for name, make in outputs.items():
+        make(tmp_path / name)
+        model, _ = lmcompress.load(tmp_path / name)
+        for module, width in widths.items():
+            if module.endswith("down_proj"):
+                assert model.get_submodule(module).in_features == width, (name, module)
+        assert torch.isfinite(model(ids).logits).all()
+    assert isinstance(lmcompress.load(tmp_path / "lr")[0].model.layers[0].mlp.down_proj, LowRankLinear)
+
+
+def test_profile_of_a_factorized_model_counts_the_factors(tokenizer):
+    from lmcompress.profile import count_params, flops_breakdown
+
+    model = build_tiny_model("llama", tokenizer.vocab_size)
+    dense = flops_breakdown(model, 32)
+    report = factorize(model, FactorizeConfig("rank:8"), progress=False)
+    after = flops_breakdown(model, 32)
+    saved = sum(r.in_features * r.out_features - 8 * (r.in_features + r.out_features) for r in report.layers.values())
+    assert after["linear"] == dense["linear"] - 2 * saved
+    assert after["attention"] == dense["attention"] and count_params(model) == report.params_after

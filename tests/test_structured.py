@@ -235,12 +235,33 @@ def test_api_owl_per_layer_loads_with_lmcompress_load(tiny_folder, tmp_path, tok
     torch.testing.assert_close(logits(loaded), logits(net), atol=0, rtol=0)
 
 
-def test_uniform_bias_on_biasless_layer_is_recorded(tiny_folder, tmp_path):
-    """LLaMA's down_proj has no bias: the bias correction's new bias is a surgery record, not lost."""
+@pytest.mark.parametrize("structure", ["ffn", "heads", "ffn,heads"])
+def test_uniform_bias_on_llama_sets_the_config_flag_and_loads_plainly(structure, tiny_folder, tmp_path):
+    """LLaMA's config can give its MLP / attention layers biases: the correction's bias loads with plain HF."""
+    out = tmp_path / "b"
+    config = StructureConfig(structure, 0.5, "wanda", "bias")
+    report = structured_prune_pretrained(
+        tiny_folder("llama"), config, out, calib_data="bundled:wikitext2-valid", nsamples=4, seqlen=32, progress=False
+    )
+    assert report.uniform and report.surgery == []
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["mlp_bias"] is ("ffn" in structure) and saved["attention_bias"] is ("heads" in structure)
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    loaded, _ = lmcompress.load(out)
+    layer = plain.model.layers[0]
+    if "ffn" in structure:
+        assert layer.mlp.down_proj.bias.abs().sum() > 0 and layer.mlp.up_proj.bias.abs().sum() == 0
+    if "heads" in structure:
+        assert layer.self_attn.o_proj.bias.abs().sum() > 0 and layer.self_attn.q_proj.bias.abs().sum() == 0
+    torch.testing.assert_close(logits(plain), logits(loaded), atol=0, rtol=0)
+
+
+def test_uniform_bias_the_config_cannot_describe_is_recorded(tiny_folder, tmp_path):
+    """Mistral's down_proj has no bias and no config flag for one: the new bias is a surgery record, not lost."""
     out = tmp_path / "b"
     config = StructureConfig("ffn", 0.25, "wanda", "bias")
     report = structured_prune_pretrained(
-        tiny_folder("llama"), config, out, calib_data="bundled:wikitext2-valid", nsamples=4, seqlen=32, progress=False
+        tiny_folder("mistral"), config, out, calib_data="bundled:wikitext2-valid", nsamples=4, seqlen=32, progress=False
     )
     assert report.uniform and {r["module"] for r in report.surgery} == {
         "model.layers.0.mlp.down_proj",
@@ -248,6 +269,18 @@ def test_uniform_bias_on_biasless_layer_is_recorded(tiny_folder, tmp_path):
     }
     loaded, _ = lmcompress.load(out)
     assert loaded.config.intermediate_size == 96 and loaded.model.layers[0].mlp.down_proj.bias is not None
+    # plain transformers would drop that bias with a mere warning: it must refuse the folder instead
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(out)
+    again, _ = lmcompress.load(out)  # and lmcompress still reads it, identically
+    ids = torch.arange(12).unsqueeze(0)
+    torch.testing.assert_close(again(ids).logits, loaded(ids).logits, atol=0, rtol=0)
+
+
+def test_ratio_that_rounds_to_zero_is_reported(calib):
+    model = build_tiny_model("llama", 320)
+    report = structured_prune(model, StructureConfig("heads", 0.25, "wanda"), calib, progress=False)
+    assert report.heads == [4, 4] and "removes no KV groups" in report.notes[0] and "above 0.25" in report.notes[0]
 
 
 # -------------------------------------------------------------------------------------------------- bad input
@@ -304,6 +337,9 @@ def test_cli_structured(tiny_folder, tmp_path):
     mixed = CliRunner().invoke(app, [*args[:3], str(tmp_path / "y"), "--structure", "ffn", "--sparsity", "0.5"])
     assert isinstance(mixed.exception, UserError) and "--ratio" in str(mixed.exception)
     assert not (tmp_path / "y").exists()
+    keep = CliRunner().invoke(app, [*args[:3], str(tmp_path / "z"), "--structure", "heads", "--keep", "2"])
+    assert isinstance(keep.exception, UserError) and "--keep" in str(keep.exception)
+    assert not (tmp_path / "z").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- profile
@@ -338,6 +374,13 @@ def test_eval_profile_reports_model_and_source(tiny_folder, tmp_path):
     assert prof["source"]["path"] == str(tiny_folder("llama"))
     assert prof["model"]["params"] == prof["source"]["params"] - 2 * 3 * 64 * 64
     assert prof["flops_ratio"] < 1 and prof["model"]["latency_ms_per_token"] > 0
+    info = CliRunner().invoke(app, ["info", str(out), "--profile", "--seqlen", "16", "--json"])
+    assert info.exit_code == 0, info.output
+    prof = json.loads(info.output)["profile"]
+    assert prof["model"]["params"] == prof["source"]["params"] - 2 * 3 * 64 * 64
+    assert prof["model"]["cpu_ms_per_token"] > 0 and prof["flops_ratio"] < 1
+    text = CliRunner().invoke(app, ["info", str(out), "--profile", "--seqlen", "16"])
+    assert text.exit_code == 0 and "FLOPs/token" in text.output and "vs the dense source" in text.output
 
 
 @pytest.mark.parametrize(

@@ -18,12 +18,23 @@ def _mib(n: int) -> str:
 def info(
     folder: str = typer.Argument(..., help="Model folder (packed by lmcompress, or any safetensors HF folder)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    profile: bool = typer.Option(
+        False,
+        "--profile",
+        help="Also load the model and report params, FLOPs/token and measured CPU latency/token, next to the "
+        "recipe's dense source when that is a local folder.",
+    ),
+    seqlen: int = typer.Option(256, "--seqlen", help="With --profile: tokens in the timed forward window."),
 ) -> None:
     """Size on disk by tensor kind, bits per weight, measured sparsity and the recipe of a model folder.
 
-    Example: lmcompress info llama-24-int4 --json
+    Examples: lmcompress info llama-24-int4 --json; lmcompress info llama-ffn30 --profile
     """
     result = folder_info(folder)
+    if profile:
+        from lmcompress.profile import profile_pretrained
+
+        result["profile"] = profile_pretrained(folder, seqlen=seqlen)
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -47,3 +58,7 @@ def info(
         typer.echo("  layouts: " + ", ".join(f"{k} ×{v}" for k, v in sorted(lin["layouts"].items())))
     if result["recipe"]:
         typer.echo("  recipe: " + json.dumps(result["recipe"], default=str))
+    if profile:
+        from lmcompress.profile import format_profile
+
+        typer.echo(format_profile(result["profile"]))

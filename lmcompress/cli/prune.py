@@ -37,7 +37,9 @@ def prune(
     group_size: int = typer.Option(128, "--group-size", help="With --bits: inputs per grid; -1: per channel."),
     sym: bool = typer.Option(True, "--sym/--asym", help="With --bits: symmetric or asymmetric grid."),
     structure: str = typer.Option(None, "--structure", help="Structured removal: ffn, heads, ffn,heads or experts."),
-    ratio: float = typer.Option(0.3, "--ratio", help="--structure ffn/heads: fraction of channels/KV groups, (0,1)."),
+    ratio: float = typer.Option(
+        None, "--ratio", help="--structure ffn/heads: fraction of channels/KV groups, (0,1) [default: 0.3]."
+    ),
     criterion: str = typer.Option(
         None,
         "--criterion",
@@ -79,6 +81,20 @@ def prune(
 
         if keep is None:
             raise UserError("--structure experts needs --keep N (experts to keep in every MoE layer)")
+        ignored = [
+            name
+            for name, given in (
+                ("--ratio", ratio is not None),
+                ("--sparsity", sparsity is not None),
+                ("--correction", correction != "none"),
+                ("--allocation", allocation != "uniform"),
+            )
+            if given
+        ]
+        if ignored:
+            raise UserError(
+                f"not used by --structure experts: {', '.join(ignored)} (it takes --keep, --criterion, --iterative)"
+            )
         econfig = ExpertConfig(keep=keep, criterion=criterion or "reconstruction", iterative=iterative)
         ereport = drop_experts_pretrained(
             model, econfig, output, calib_data=calib_data, nsamples=nsamples, seqlen=seqlen, seed=seed,
@@ -99,6 +115,9 @@ def prune(
 
         if sparsity is not None or pattern.strip().lower() not in ("", "unstructured", "none"):
             raise UserError("--sparsity / --pattern are for weight pruning; with --structure give --ratio")
+        if keep is not None or iterative:
+            raise UserError("--keep / --iterative are for --structure experts; with --structure ffn/heads give --ratio")
+        ratio = 0.3 if ratio is None else ratio
         sconfig = StructureConfig(structure, ratio, criterion or "wanda", correction, allocation, owl_m, owl_lambda)
         sreport = structured_prune_pretrained(
             model, sconfig, output, calib_data=calib_data, nsamples=nsamples, seqlen=seqlen, seed=seed,
