@@ -3,12 +3,13 @@
 __version__ = "0.1.0"
 
 from lmcompress.algorithms.masks import Pattern
-from lmcompress.api import calibration, evaluate_pretrained, prune_pretrained
+from lmcompress.api import evaluate_pretrained, prune_pretrained
 from lmcompress.config import PruneConfig, QuantConfig
 from lmcompress.errors import UserError
 from lmcompress.evaluate import perplexity
 from lmcompress.experts import ExpertConfig, drop_experts
 from lmcompress.io import load_model, save_model
+from lmcompress.jobs import calibration
 from lmcompress.loader import load
 from lmcompress.pruning import PruneReport, measure_sparsity
 from lmcompress.pruning import prune as _prune_in_place

@@ -305,42 +305,22 @@ def drop_experts(
 
 
 def drop_experts_pretrained(
-    model: str | Path,
-    config: ExpertConfig,
-    output: str | Path,
-    *,
-    calib_data: str = "c4",
-    nsamples: int = 128,
-    seqlen: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    dtype: str = "float32",
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-    progress: bool = True,
+    model: str | Path, config: ExpertConfig, output: str | Path, *, progress: bool = True, **options
 ) -> ExpertReport:
-    """Load ``model``, drop experts as ``config`` says, save to ``output`` (loads with plain ``from_pretrained``)."""
-    from lmcompress.api import _check_device, calibration, resolve_seqlen, versions
-    from lmcompress.io import check_output, load_config, load_model, resolve_source, save_model, source_dtype
+    """Load ``model``, drop experts as ``config`` says, save to ``output`` (loads with plain ``from_pretrained``).
 
-    start = time.perf_counter()
+    ``options`` are those of :func:`lmcompress.jobs.open_job`; a bad ``--keep`` fails before weights are loaded.
+    """
+    from lmcompress.io import save_model, source_dtype
+    from lmcompress.jobs import open_job
+
     config.validate()
-    check_output(output, overwrite, source=model)
-    resolved = resolve_source(model, allow_pickle)
-    config.check_model(load_config(resolved, trust_remote_code))  # bad --keep fails before loading weights
-    _check_device(device)
-    net, tokenizer = load_model(resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    seqlen = resolve_seqlen(net, seqlen)
-    calib, calib_info = calibration(tokenizer, calib_data, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    report = drop_experts(net, config, calib, device=device, progress=progress)
-    recipe = {
-        "kind": "experts",
-        "source_model": str(resolved),
+    job = open_job(
+        model, output, needs_calibration=True, check_source=lambda cfg, _recipe: config.check_model(cfg), **options
+    )
+    report = drop_experts(job.model, config, job.calib, device=job.device, progress=progress)
+    fields = {
         **config.to_dict(),
-        "calibration": calib_info,
-        "compute_dtype": dtype,
-        "device": device,
         "experts_before": report.experts_before,
         "experts_after": report.experts_after,
         "kept_experts": report.kept,
@@ -348,9 +328,15 @@ def drop_experts_pretrained(
         "relative_error": report.relative_error,
         "params_before": report.params_before,
         "params_after": report.params_after,
-        "versions": versions(),
     }
-    recipe["wall_time_s"] = time.perf_counter() - start
-    save_model(net, tokenizer, output, recipe, overwrite=overwrite, dtype=source_dtype(net.config))
+    recipe = job.recipe("experts", fields)
+    save_model(
+        job.model,
+        job.tokenizer,
+        output,
+        recipe,
+        overwrite=options.get("overwrite", False),
+        dtype=source_dtype(job.model.config),
+    )
     report.wall_time_s = recipe["wall_time_s"]
     return report

@@ -285,57 +285,43 @@ def _refuse_moe(config) -> None:
 
 
 def factorize_pretrained(
-    model: str | Path,
-    config: FactorizeConfig,
-    output: str | Path,
-    *,
-    calib_data: str = "c4",
-    nsamples: int = 128,
-    seqlen: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    dtype: str = "float32",
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-    progress: bool = True,
+    model: str | Path, config: FactorizeConfig, output: str | Path, *, progress: bool = True, **options
 ) -> FactorizeReport:
-    """Load ``model``, factorize it as ``config`` says, and save it (loads with ``lmcompress.load``)."""
-    from lmcompress.api import _check_device, calibration, resolve_seqlen, versions
-    from lmcompress.io import check_output, load_config, load_model, resolve_source, save_model, source_dtype
-    from lmcompress.loader import source_surgery
+    """Load ``model``, factorize it as ``config`` says, and save it (loads with ``lmcompress.load``).
 
-    start = time.perf_counter()
+    ``options`` are those of :func:`lmcompress.jobs.open_job`. A resized source keeps its surgery records (they
+    rebuild the layers that the low-rank records then replace).
+    """
+    from lmcompress.io import save_model, source_dtype
+    from lmcompress.jobs import open_job
+
     config.validate()
-    check_output(output, overwrite, source=model)
-    resolved = resolve_source(model, allow_pickle)
-    _check_device(device)
-    _refuse_moe(load_config(resolved, trust_remote_code))
-    kept_surgery = source_surgery(resolved)  # e.g. the per-layer widths of an OWL-pruned source
-    net, tokenizer = load_model(resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    calib, calib_info = None, None
-    if config.needs_calibration:
-        seqlen = resolve_seqlen(net, seqlen)
-        calib, calib_info = calibration(tokenizer, calib_data, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    report = factorize(net, config, calib, device=device, progress=progress)
-    recipe = {
-        "kind": "factorize",
-        "source_model": str(resolved),
+    job = open_job(
+        model,
+        output,
+        needs_calibration=config.needs_calibration,
+        check_source=lambda cfg, _recipe: _refuse_moe(cfg),
+        **options,
+    )
+    report = factorize(job.model, config, job.calib, device=job.device, progress=progress)
+    fields = {
         **config.to_dict(),
-        "calibration": calib_info,
-        "compute_dtype": dtype,
-        "device": device,
         "threshold": report.threshold,
         "layers": {k: asdict(v) for k, v in report.layers.items()},
         "params_before": report.params_before,
         "params_after": report.params_after,
         "linear_params_before": report.linear_params_before,
         "linear_params_after": report.linear_params_after,
-        "versions": versions(),
-        # the source's records first: they rebuild the layers the low-rank records then replace
-        "surgery": kept_surgery + report.surgery,
+        "surgery": report.surgery,
     }
-    recipe["wall_time_s"] = time.perf_counter() - start
-    save_model(net, tokenizer, output, recipe, overwrite=overwrite, dtype=source_dtype(net.config))
+    recipe = job.recipe("factorize", fields)
+    save_model(
+        job.model,
+        job.tokenizer,
+        output,
+        recipe,
+        overwrite=options.get("overwrite", False),
+        dtype=source_dtype(job.model.config),
+    )
     report.wall_time_s = recipe["wall_time_s"]
     return report

@@ -566,75 +566,42 @@ def structured_prune(
 
 
 def structured_prune_pretrained(
-    model: str | Path,
-    config: StructureConfig,
-    output: str | Path,
-    *,
-    calib_data: str = "c4",
-    nsamples: int = 128,
-    seqlen: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    dtype: str = "float32",
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-    progress: bool = True,
+    model: str | Path, config: StructureConfig, output: str | Path, *, progress: bool = True, **options
 ) -> StructureReport:
     """Load ``model``, remove FFN channels / heads as ``config`` says, and save it with its recipe to ``output``.
 
-    Everything that can be checked is checked before the model is loaded; the result is written to a
-    temporary folder and renamed into place, and the source is never written to.
+    ``options`` are those of :func:`lmcompress.jobs.open_job`. Everything that can be checked is checked before
+    the model is loaded; the result is written to a temporary folder and renamed into place, and the source is
+    never written to.
     """
-    from lmcompress import api
-    from lmcompress.io import (
-        check_output,
-        load_config,
-        load_model,
-        read_recipe,
-        resolve_source,
-        save_model,
-        source_dtype,
-    )
+    from lmcompress.io import save_model, source_dtype
+    from lmcompress.jobs import open_job
 
-    start = time.perf_counter()
     config.validate()
-    check_output(output, overwrite, source=model)
-    resolved = resolve_source(model, allow_pickle)
-    api._check_device(device)
-    source_recipe = read_recipe(resolved) if Path(resolved).is_dir() else None
-    if source_recipe and (source_recipe.get("surgery") or source_recipe.get("storage")):
-        raise UserError(
-            f"{resolved} was written by lmcompress with per-layer shapes or packed storage; structured pruning "
-            "needs a model that plain from_pretrained loads (a dense model, or one pruned with one ratio)"
-        )
-    cfg = load_config(resolved, trust_remote_code)
-    for s in config.structures:
-        layout = layout_of(cfg, s)
-        if s == "heads":
-            if layout.heads == "uniform" and config.allocation != "uniform":
-                raise UserError(
-                    f"{cfg.model_type} models read their head count from the config in forward: "
-                    "use --allocation uniform"
-                )
-            units = head_shape(cfg).kv_heads
-        else:
-            units = getattr(cfg, layout.ffn_width, None) or 4 * cfg.hidden_size
-        _n_remove(config.ratio, units, s)
-    net, tokenizer = load_model(resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    seqlen = api.resolve_seqlen(net, seqlen)
-    calib, calib_info = None, None
-    if config.needs_calibration:
-        calib, calib_info = api.calibration(tokenizer, calib_data, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    report = structured_prune(net, config, calib, device=device, progress=progress)
-    recipe = {
-        "lmcompress_version": api.lmcompress.__version__,
-        "kind": "structured",
-        "source_model": str(resolved),
+
+    def check_source(cfg, recipe: dict | None) -> None:
+        if recipe and (recipe.get("surgery") or recipe.get("storage")):
+            raise UserError(
+                f"{model} was written by lmcompress with per-layer shapes or packed storage; structured pruning "
+                "needs a model that plain from_pretrained loads (a dense model, or one pruned with one ratio)"
+            )
+        for s in config.structures:
+            layout = layout_of(cfg, s)
+            if s == "heads":
+                if layout.heads == "uniform" and config.allocation != "uniform":
+                    raise UserError(
+                        f"{cfg.model_type} models read their head count from the config in forward: "
+                        "use --allocation uniform"
+                    )
+                units = head_shape(cfg).kv_heads
+            else:
+                units = getattr(cfg, layout.ffn_width, None) or 4 * cfg.hidden_size
+            _n_remove(config.ratio, units, s)
+
+    job = open_job(model, output, needs_calibration=config.needs_calibration, check_source=check_source, **options)
+    report = structured_prune(job.model, config, job.calib, device=job.device, progress=progress)
+    fields = {
         **config.to_dict(),
-        "calibration": calib_info,
-        "compute_dtype": dtype,
-        "device": device,
         "uniform": report.uniform,
         "ffn_widths": report.ffn_widths,
         "heads": report.heads,
@@ -645,10 +612,15 @@ def structured_prune_pretrained(
         "params_before": report.params_before,
         "params_after": report.params_after,
         "prune_time_s": report.wall_time_s,
-        "versions": api.versions(),
+        "surgery": report.surgery,
     }
-    if report.surgery:
-        recipe["surgery"] = report.surgery
-    recipe["wall_time_s"] = time.perf_counter() - start
-    save_model(net, tokenizer, output, recipe, overwrite=overwrite, dtype=source_dtype(net.config))
+    recipe = job.recipe("structured", fields)
+    save_model(
+        job.model,
+        job.tokenizer,
+        output,
+        recipe,
+        overwrite=options.get("overwrite", False),
+        dtype=source_dtype(job.model.config),
+    )
     return report

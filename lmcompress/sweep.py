@@ -253,15 +253,15 @@ def run_sweep(
 
     The dense model is loaded once and never modified: each point prunes a deep copy of it.
     """
-    from lmcompress.api import _check_device, calibration, resolve_seqlen, versions
     from lmcompress.io import load_model, resolve_source
+    from lmcompress.jobs import calibration, check_device, resolve_seqlen, versions
     from lmcompress.tasks import LM, parse_tasks, prepare_tasks
 
     config.validate()
     specs = parse_tasks(config.tasks) if config.tasks else []
     if not specs and not config.harness:
         raise UserError("a sweep needs something to measure: give --tasks (e.g. ppl:wikitext2) or --harness")
-    _check_device(device)
+    check_device(device)
     if config.harness:
         from lmcompress.tasks.harness import _import_lm_eval
 
