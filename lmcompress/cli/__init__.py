@@ -11,7 +11,8 @@ from lmcompress.errors import UserError
 
 app = typer.Typer(
     name="lmcompress",
-    help="Compress Hugging Face language models one-shot (pruning, N:M sparsity, OWL) and measure the cost.\n\n"
+    help="Compress Hugging Face language models one-shot (pruning, N:M and OWL sparsity, RTN/GPTQ quantization, "
+    "structured and low-rank removal), store them packed, and measure what that cost.\n\n"
     "Start with `lmcompress demo`: it builds a tiny model, prunes it and prints what that did.",
     no_args_is_help=True,
     add_completion=False,

@@ -19,6 +19,6 @@ def demo(
     """
     from lmcompress.demo import format_table, run_demo
 
-    rows = run_demo(steps=steps, keep=keep, progress=not quiet)
+    rows = run_demo(steps=steps, keep=keep, progress=options.show_progress(quiet))
     typer.echo("\nTiny LLaMA-style model (4 blocks, d=128), perplexity on a WikiText-2 test slice:\n")
     typer.echo(format_table(rows))

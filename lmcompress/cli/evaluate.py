@@ -94,7 +94,7 @@ def evaluate(
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
-        progress=not quiet,
+        progress=options.show_progress(quiet),
         reference=reference,
         pooling=pooling,
     )

@@ -8,3 +8,15 @@ SEQLEN = typer.Option(None, "--seqlen", help="Tokens per window [default: min(20
 TRUST = typer.Option(False, "--trust-remote-code", help="Allow running code from the model's repository.")
 PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints you trust.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+def show_progress(quiet: bool) -> bool:
+    """Whether to draw progress bars; ``--quiet`` also silences transformers' own bars and INFO logs."""
+    if quiet:
+        import logging
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        logging.getLogger().setLevel(logging.WARNING)
+    return not quiet

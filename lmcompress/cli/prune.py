@@ -99,7 +99,7 @@ def prune(
         ereport = drop_experts_pretrained(
             model, econfig, output, calib_data=calib_data, nsamples=nsamples, seqlen=seqlen, seed=seed,
             device=device, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, progress=not quiet,
+            allow_pickle=allow_pickle, progress=options.show_progress(quiet),
         )  # fmt: skip
         if as_json:
             typer.echo(json.dumps(ereport.to_dict(), indent=2))
@@ -122,7 +122,7 @@ def prune(
         sreport = structured_prune_pretrained(
             model, sconfig, output, calib_data=calib_data, nsamples=nsamples, seqlen=seqlen, seed=seed,
             device=device, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, progress=not quiet,
+            allow_pickle=allow_pickle, progress=options.show_progress(quiet),
         )  # fmt: skip
         if as_json:
             typer.echo(json.dumps(sreport.to_dict(), indent=2))
@@ -162,7 +162,7 @@ def prune(
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
-        progress=not quiet,
+        progress=options.show_progress(quiet),
         save_format=save_format,
     )
     if as_json:

@@ -78,7 +78,7 @@ def quantize(
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
-        progress=not quiet,
+        progress=options.show_progress(quiet),
     )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

@@ -80,7 +80,7 @@ def sweep(
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
-        progress=not quiet,
+        progress=options.show_progress(quiet),
     )
     if as_json:
         typer.echo(json.dumps(result, indent=2))
