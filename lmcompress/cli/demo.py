@@ -15,7 +15,7 @@ def demo(
 ) -> None:
     """Train a tiny model on bundled WikiText-2 text, prune it with every method, print a table.
 
-    Needs no network and no arguments; takes about a minute on a laptop CPU.
+    Needs no network and no arguments; takes a few minutes on a laptop CPU.
     """
     from lmcompress.demo import format_table, run_demo
 
