@@ -75,7 +75,23 @@ def prune(
       lmcompress prune ./llama --method wanda --sparsity 0.7 --allocation owl -o llama-owl70
 
       lmcompress prune ./llama --method sparsegpt --pattern 2:4 --bits 4 -o llama-24-w4   (joint, packed)
+
+      lmcompress prune ./llama --structure ffn --ratio 0.3 --correction lstsq -o llama-ffn30   (smaller matrices)
+
+      lmcompress prune ./mixtral --structure experts --keep 6 -o mixtral-6x
     """
+    job = dict(
+        calib_data=calib_data,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        progress=options.show_progress(quiet),
+    )
     if structure is not None and structure.strip().lower() == "experts":
         from lmcompress.experts import ExpertConfig, drop_experts_pretrained
 
@@ -96,11 +112,7 @@ def prune(
                 f"not used by --structure experts: {', '.join(ignored)} (it takes --keep, --criterion, --iterative)"
             )
         econfig = ExpertConfig(keep=keep, criterion=criterion or "reconstruction", iterative=iterative)
-        ereport = drop_experts_pretrained(
-            model, econfig, output, calib_data=calib_data, nsamples=nsamples, seqlen=seqlen, seed=seed,
-            device=device, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, progress=options.show_progress(quiet),
-        )  # fmt: skip
+        ereport = drop_experts_pretrained(model, econfig, output, **job)
         if as_json:
             typer.echo(json.dumps(ereport.to_dict(), indent=2))
         else:
@@ -119,11 +131,7 @@ def prune(
             raise UserError("--keep / --iterative are for --structure experts; with --structure ffn/heads give --ratio")
         ratio = 0.3 if ratio is None else ratio
         sconfig = StructureConfig(structure, ratio, criterion or "wanda", correction, allocation, owl_m, owl_lambda)
-        sreport = structured_prune_pretrained(
-            model, sconfig, output, calib_data=calib_data, nsamples=nsamples, seqlen=seqlen, seed=seed,
-            device=device, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, progress=options.show_progress(quiet),
-        )  # fmt: skip
+        sreport = structured_prune_pretrained(model, sconfig, output, **job)
         if as_json:
             typer.echo(json.dumps(sreport.to_dict(), indent=2))
         else:
@@ -149,22 +157,7 @@ def prune(
         group_size=group_size,
         sym=sym,
     )
-    report = prune_pretrained(
-        model,
-        config,
-        output,
-        calib_data=calib_data,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-        progress=options.show_progress(quiet),
-        save_format=save_format,
-    )
+    report = prune_pretrained(model, config, output, save_format=save_format, **job)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
