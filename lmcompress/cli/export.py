@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from lmcompress.cli import app
+from lmcompress.cli import app, options
 from lmcompress.errors import UserError
 
 
@@ -15,7 +15,7 @@ def export(
     folder: str = typer.Argument(..., help="A quantized folder written by lmcompress."),
     fmt: str = typer.Option("compressed-tensors", "--format", help="Export format: compressed-tensors."),
     output: str = typer.Option(..., "--output", "-o", help="Folder to write (must not exist)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+    overwrite: bool = options.OVERWRITE,
     as_json: bool = typer.Option(False, "--json", help="Print the export summary as JSON."),
 ) -> None:
     """Export a quantized model in the compressed-tensors format that vLLM and transformers load.

@@ -8,6 +8,10 @@ SEQLEN = typer.Option(None, "--seqlen", help="Tokens per window [default: min(20
 TRUST = typer.Option(False, "--trust-remote-code", help="Allow running code from the model's repository.")
 PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints you trust.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+NSAMPLES = typer.Option(128, "--nsamples", help="Number of calibration windows.")
+CALIB_SEED = typer.Option(0, "--seed", help="Seed for drawing calibration windows.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace --output if it exists.")
+JSON = typer.Option(False, "--json", help="Print the report as JSON.")
 
 
 def show_progress(quiet: bool) -> bool:

@@ -27,9 +27,9 @@ def prune(
         "--calib-data",
         help="Text file, wikitext2, c4, ptb, hf:NAME[:CONFIG][@SPLIT] or bundled:wikitext2-valid.",
     ),
-    nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
+    nsamples: int = options.NSAMPLES,
     seqlen: int = options.SEQLEN,
-    seed: int = typer.Option(0, "--seed", help="Seed for drawing calibration windows."),
+    seed: int = options.CALIB_SEED,
     percdamp: float = typer.Option(0.01, "--percdamp", help="SparseGPT dampening (fraction of mean diag H)."),
     blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT column block size."),
     include_head: bool = typer.Option(False, "--include-head", help="Also prune the output head (lm_head)."),
@@ -51,7 +51,7 @@ def prune(
     iterative: bool = typer.Option(False, "--iterative", help="--structure experts: drop one at a time, re-score."),
     device: str = options.DEVICE,
     dtype: str = options.DTYPE,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+    overwrite: bool = options.OVERWRITE,
     save_format: str = typer.Option(
         "dense",
         "--save-format",
@@ -61,7 +61,7 @@ def prune(
     ),
     trust_remote_code: bool = options.TRUST,
     allow_pickle: bool = options.PICKLE,
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    as_json: bool = options.JSON,
     quiet: bool = options.QUIET,
 ) -> None:
     """Prune a model one-shot and save it so that `from_pretrained` loads it.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lmcompress.cli import app
+from lmcompress.cli import app, options
 from lmcompress.storage import unpack_folder
 
 
@@ -12,7 +12,7 @@ from lmcompress.storage import unpack_folder
 def unpack(
     folder: str = typer.Argument(..., help="A packed folder written by lmcompress."),
     output: str = typer.Option(..., "--output", "-o", help="Folder for the plain (dense) copy; must not exist."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+    overwrite: bool = options.OVERWRITE,
 ) -> None:
     """Write a packed model out as a plain folder that `AutoModelForCausalLM.from_pretrained` loads.
 
