@@ -22,9 +22,10 @@ import torch
 import lmcompress
 from bench.common import CACHE, machine_info, print_table, save_results, wikitext
 from lmcompress import PruneConfig
-from lmcompress.config import QuantConfig
-from lmcompress.data import calibration_windows
-from lmcompress.encoder_eval import (
+from lmcompress.calibration.data import calibration_windows
+from lmcompress.checkpoint.load import load_model
+from lmcompress.checkpoint.save import save_model
+from lmcompress.measure.encoder import (
     cosine_similarity,
     mask_tokens,
     mlm_perplexity,
@@ -32,9 +33,8 @@ from lmcompress.encoder_eval import (
     sentence_embeddings,
     sentences,
 )
-from lmcompress.io import load_model, save_model
-from lmcompress.quantization import quantize
-from lmcompress.tiny import build_encoder_tokenizer, build_tiny_encoder
+from lmcompress.models.tiny import build_encoder_tokenizer, build_tiny_encoder
+from lmcompress.transforms.quantize import QuantConfig, quantize
 
 FOLDER = CACHE / "encoder"
 MODEL = dict(

@@ -29,11 +29,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from lmcompress.api import calibration
-    from lmcompress.data import eval_windows
-    from lmcompress.evaluate import perplexity
-    from lmcompress.factorize import FactorizeConfig, factorize
-    from lmcompress.io import load_model
+    from lmcompress.calibration.data import eval_windows
+    from lmcompress.checkpoint.load import load_model
+    from lmcompress.measure.evaluate import calibration
+    from lmcompress.measure.perplexity import perplexity
+    from lmcompress.transforms.factorize import FactorizeConfig, factorize
 
     folder = ensure_reference_model()
     dense, tokenizer = load_model(folder)

@@ -45,8 +45,8 @@ def ensure_moe_model(progress: bool = True) -> Path:
     folder = CACHE / "moe"
     if (folder / "DONE").exists():
         return folder
-    from lmcompress.io import save_model
-    from lmcompress.tiny import build_tiny_model, build_tokenizer, train_tiny
+    from lmcompress.checkpoint.save import save_model
+    from lmcompress.models.tiny import build_tiny_model, build_tokenizer, train_tiny
 
     cfg = MOE
     torch.set_num_threads(int(os.environ.get("LMCOMPRESS_BENCH_TRAIN_THREADS", "1")))
@@ -108,11 +108,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from lmcompress.api import calibration
-    from lmcompress.data import eval_windows
-    from lmcompress.evaluate import perplexity
-    from lmcompress.experts import ExpertConfig, drop_experts
-    from lmcompress.io import load_model
+    from lmcompress.calibration.data import eval_windows
+    from lmcompress.checkpoint.load import load_model
+    from lmcompress.measure.evaluate import calibration
+    from lmcompress.measure.perplexity import perplexity
+    from lmcompress.transforms.experts import ExpertConfig, drop_experts
 
     folder = ensure_moe_model()
     _, tokenizer = load_model(folder)

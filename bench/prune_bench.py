@@ -36,9 +36,9 @@ GRID = [
 def _setup(model_dir: str, nsamples: int, seqlen: int, threads: int, max_windows: int | None = None):
     from transformers.utils import logging as hf_logging
 
-    from lmcompress.api import calibration
-    from lmcompress.data import eval_windows
-    from lmcompress.io import load_model
+    from lmcompress.calibration.data import eval_windows
+    from lmcompress.checkpoint.load import load_model
+    from lmcompress.measure.evaluate import calibration
 
     torch.set_num_threads(threads)
     hf_logging.set_verbosity_error()
@@ -50,9 +50,8 @@ def _setup(model_dir: str, nsamples: int, seqlen: int, threads: int, max_windows
 
 def run_one(args) -> dict:
     """One grid point in this process: prune, time it, evaluate; prints one JSON line."""
-    from lmcompress.config import PruneConfig
-    from lmcompress.evaluate import perplexity
-    from lmcompress.pruning import prune
+    from lmcompress.measure.perplexity import perplexity
+    from lmcompress.transforms.prune import PruneConfig, prune
 
     model, calib, test = _setup(args.model, args.nsamples, args.seqlen, args.threads, args.eval_windows)
     row_tokens = int(test.numel())
@@ -78,8 +77,8 @@ def run_one(args) -> dict:
 
 def forward_cost(args) -> dict:
     """Time of one calibration forward pass and of the SparseGPT Hessian accumulation (the speed target)."""
-    from lmcompress.engine import collect_input_stats, walk_blocks
-    from lmcompress.families import find_prunable
+    from lmcompress.calibration.engine import collect_input_stats, walk_blocks
+    from lmcompress.models.families import find_prunable
 
     model, calib, _ = _setup(args.model, args.nsamples, args.seqlen, args.threads)
     times = []

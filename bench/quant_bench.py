@@ -58,9 +58,8 @@ def label(row: dict) -> str:
 
 def run_row(row: dict, base, calib: torch.Tensor):
     """Apply one configuration to a fresh copy of ``base``: (model, job seconds, nominal bits/weight)."""
-    from lmcompress.config import PruneConfig, QuantConfig
-    from lmcompress.pruning import prune
-    from lmcompress.quantization import nominal_bits_per_weight, quantize
+    from lmcompress.transforms.prune import PruneConfig, prune
+    from lmcompress.transforms.quantize import QuantConfig, nominal_bits_per_weight, quantize
 
     model = copy.deepcopy(base)
     bits = None
@@ -102,11 +101,11 @@ def main() -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from lmcompress.api import calibration
-    from lmcompress.data import eval_windows
-    from lmcompress.evaluate import perplexity
-    from lmcompress.families import find_prunable, get_blocks, weight_matrix
-    from lmcompress.io import load_model
+    from lmcompress.calibration.data import eval_windows
+    from lmcompress.checkpoint.load import load_model
+    from lmcompress.measure.evaluate import calibration
+    from lmcompress.measure.perplexity import perplexity
+    from lmcompress.models.families import find_prunable, get_blocks, weight_matrix
 
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()

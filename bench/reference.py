@@ -66,8 +66,8 @@ def ensure_reference_model(name: str = "reference", *, progress: bool = True) ->
 
 
 def _build(folder: Path, progress: bool) -> None:
-    from lmcompress.io import save_model
-    from lmcompress.tiny import build_tiny_model, build_tokenizer, train_tiny
+    from lmcompress.checkpoint.save import save_model
+    from lmcompress.models.tiny import build_tiny_model, build_tokenizer, train_tiny
 
     cfg = REFERENCE
     # One thread: on a shared 2-core machine two OpenMP threads wait on each other at every barrier.
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--name", default="reference")
     args = parser.parse_args()
     from bench.common import machine_info
-    from lmcompress.api import evaluate_pretrained
+    from lmcompress.measure.evaluate import evaluate_pretrained
 
     folder = ensure_reference_model(args.name)
     print(json.loads((folder / "DONE").read_text()))

@@ -27,12 +27,13 @@ import torch
 from bench.common import CACHE, machine_info, print_table, save_results, wikitext
 from bench.reference import ensure_reference_model
 from lmcompress.algorithms.quant import QuantSpec, rtn_quantize
-from lmcompress.api import calibration, evaluate_pretrained
-from lmcompress.config import PruneConfig, QuantConfig
-from lmcompress.io import load_model, save_model
-from lmcompress.pruning import prune
-from lmcompress.quantization import quantize
-from lmcompress.storage import folder_info, save_packed
+from lmcompress.checkpoint.inspect import folder_info
+from lmcompress.checkpoint.load import load_model
+from lmcompress.checkpoint.packed import save_packed
+from lmcompress.checkpoint.save import save_model
+from lmcompress.measure.evaluate import calibration, evaluate_pretrained
+from lmcompress.transforms.prune import PruneConfig, prune
+from lmcompress.transforms.quantize import QuantConfig, quantize
 
 TARGETS = {"50% unstructured fp16": 0.60, "2:4 + int4 g128 (joint)": 0.20, "int4 g128 (RTN)": 0.30}
 

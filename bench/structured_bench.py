@@ -17,12 +17,12 @@ import torch
 
 from bench.common import machine_info, print_table, save_results, wikitext
 from bench.reference import ensure_reference_model
-from lmcompress.api import calibration
-from lmcompress.data import eval_windows
-from lmcompress.evaluate import perplexity
-from lmcompress.loader import load
-from lmcompress.profile import count_params, flops_per_token, latency_per_token
-from lmcompress.structured import StructureConfig, structured_prune
+from lmcompress.calibration.data import eval_windows
+from lmcompress.checkpoint.load import load
+from lmcompress.measure.evaluate import calibration
+from lmcompress.measure.perplexity import perplexity
+from lmcompress.measure.profile import count_params, flops_per_token, latency_per_token
+from lmcompress.transforms.shrink import StructureConfig, structured_prune
 
 SEQLEN = 256
 

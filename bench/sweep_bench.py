@@ -14,8 +14,8 @@ import torch
 
 from bench.common import RESULTS, machine_info, peak_rss_mb, print_table, save_results, wikitext
 from bench.reference import ensure_reference_model
-from lmcompress.report import write_report
-from lmcompress.sweep import SweepConfig, load_points, parse_sparsities, run_sweep
+from lmcompress.measure.report import write_report
+from lmcompress.measure.sweep import SweepConfig, load_points, parse_sparsities, run_sweep
 
 
 def main() -> None:

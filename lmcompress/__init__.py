@@ -3,22 +3,21 @@
 __version__ = "0.1.0"
 
 from lmcompress.algorithms.masks import Pattern
-from lmcompress.api import evaluate_pretrained, prune_pretrained
-from lmcompress.config import PruneConfig, QuantConfig
+from lmcompress.checkpoint.load import load, load_model
+from lmcompress.checkpoint.save import save_model
 from lmcompress.errors import UserError
-from lmcompress.evaluate import perplexity
-from lmcompress.experts import ExpertConfig, drop_experts
-from lmcompress.io import load_model, save_model
-from lmcompress.jobs import calibration
-from lmcompress.loader import load
-from lmcompress.pruning import PruneReport, measure_sparsity
-from lmcompress.pruning import prune as _prune_in_place
-from lmcompress.quantization import quantize
-from lmcompress.structured import StructureConfig, structured_prune
+from lmcompress.jobs import calibration, prune_pretrained
+from lmcompress.measure.evaluate import evaluate_pretrained
+from lmcompress.measure.perplexity import perplexity
+from lmcompress.transforms.experts import ExpertConfig, drop_experts
+from lmcompress.transforms.prune import PruneConfig, PruneReport, measure_sparsity
+from lmcompress.transforms.prune import prune as _prune_in_place
+from lmcompress.transforms.quantize import QuantConfig, quantize
+from lmcompress.transforms.shrink import StructureConfig, structured_prune
 
 
 def prune(model, config: PruneConfig, calib_data=None, *, device="cpu", progress=True):
-    """Prune an in-memory model in place; returns ``(model, report)``. See ``lmcompress.pruning.prune``."""
+    """Prune an in-memory model in place; returns ``(model, report)``. See ``lmcompress.transforms.prune.prune``."""
     report = _prune_in_place(model, config, calib_data, device=device, progress=progress)
     return model, report
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-from lmcompress.api import evaluate_pretrained, prune_pretrained
-from lmcompress.config import PruneConfig
-from lmcompress.data import load_text
-from lmcompress.io import save_model
-from lmcompress.tiny import build_tiny_model, build_tokenizer, train_tiny
+from lmcompress.calibration.data import load_text
+from lmcompress.checkpoint.save import save_model
+from lmcompress.jobs import prune_pretrained
+from lmcompress.measure.evaluate import evaluate_pretrained
+from lmcompress.models.tiny import build_tiny_model, build_tokenizer, train_tiny
+from lmcompress.transforms.prune import PruneConfig
 
 DEMO_RUNS = [
     ("magnitude", 0.5, "unstructured", "uniform"),

@@ -9,16 +9,30 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lmcompress.data import calibration_windows, load_text, windows_hash
+from lmcompress.calibration.data import calibration_windows, load_text, windows_hash
+from lmcompress.checkpoint.folder import check_output, read_recipe
+from lmcompress.checkpoint.load import load_config, load_model, resolve_source, source_dtype
+from lmcompress.checkpoint.save import save_model, save_quantized
 from lmcompress.errors import UserError
-from lmcompress.families import context_length
-from lmcompress.io import check_output, load_config, load_model, read_recipe, resolve_source
+from lmcompress.models.families import context_length
+from lmcompress.transforms.experts import ExpertConfig, ExpertReport, drop_experts
+from lmcompress.transforms.factorize import FactorizeConfig, FactorizeReport, factorize
+from lmcompress.transforms.prune import PruneConfig, PruneReport, prune
+from lmcompress.transforms.quantize import QuantConfig, QuantReport, check_group_size, quantize
+from lmcompress.transforms.shrink import (
+    StructureConfig,
+    StructureReport,
+    _n_remove,
+    head_shape,
+    layout_of,
+    structured_prune,
+)
 
 
 def resolve_seqlen(model: nn.Module, seqlen: int | None) -> int:
@@ -147,3 +161,243 @@ def open_job(
         calib, calib_info = calibration(tokenizer, calib_data, nsamples=nsamples, seqlen=length, seed=seed)
     surgery = list((recipe_of_source or {}).get("surgery") or [])
     return Job(str(resolved), net, tokenizer, calib, calib_info, device, dtype, surgery, start)
+
+
+def prune_pretrained(
+    model: str | Path,
+    config: PruneConfig,
+    output: str | Path,
+    *,
+    progress: bool = True,
+    save_format: str = "dense",
+    **options,
+) -> PruneReport:
+    """Load ``model``, prune it as ``config`` says, and save it with its recipe to ``output``.
+
+    ``options`` are those of :func:`lmcompress.jobs.open_job` (``calib_data``, ``nsamples``, ``seqlen``, ``seed``,
+    ``device``, ``dtype``, ``overwrite``, ``trust_remote_code``, ``allow_pickle``). Every input is checked before
+    any work; the result is written to a temporary folder and renamed into place at the end, and the source
+    model is never written to. ``save_format``: ``dense`` (loads with plain ``from_pretrained``) or ``packed``
+    (zeros stored as a bitmask / N:M layout: a smaller file that loads with ``lmcompress.load``; see
+    docs/storage.md). Joint quantization (``config.bits``) always saves packed.
+    """
+    if save_format not in ("dense", "packed"):
+        raise UserError(f"unknown --save-format {save_format!r}: choose dense or packed")
+    config.validate()
+    job = open_job(model, output, needs_calibration=config.needs_calibration, **options)
+    report = prune(job.model, config, job.calib, device=job.device, progress=progress)
+    fields = {
+        **config.to_dict(),
+        "achieved_sparsity": report.sparsity,
+        "block_targets": report.block_targets,
+        "layer_sparsity": report.layer_sparsity,
+        "outlier_ratios": report.outlier_ratios,
+        "damping_raised": report.damping,
+        "prune_time_s": report.wall_time_s,
+    }
+    save = {"overwrite": options.get("overwrite", False), "dtype": source_dtype(job.model.config)}
+    if report.quantized is not None:  # joint prune + quantize (--bits): store the codes packed
+        recipe = job.recipe("prune", {**fields, "mask_sparsity": report.mask_sparsity})
+        save_quantized(job.model, job.tokenizer, output, recipe, report.quantized, **save)
+    elif save_format == "packed":
+        from lmcompress.checkpoint.packed import save_packed
+
+        save_packed(job.model, job.tokenizer, output, job.recipe("prune", fields), **save)
+    else:
+        save_model(job.model, job.tokenizer, output, job.recipe("prune", fields), **save)
+    return report
+
+
+def quantize_pretrained(
+    model: str | Path, config: QuantConfig, output: str | Path, *, progress: bool = True, **options
+) -> QuantReport:
+    """Load ``model``, quantize its block linear layers as ``config`` says, and save it packed to ``output``.
+
+    ``options`` as for :func:`prune_pretrained`. Inputs are checked before any work (the group size against the
+    layer widths right after loading); nothing is written unless the whole job succeeds, and the source model
+    is never written to.
+    """
+    config.validate()
+    job = open_job(
+        model,
+        output,
+        needs_calibration=config.needs_calibration,
+        check_model=lambda net: check_group_size(net, config.group_size),
+        **options,
+    )
+    report = quantize(job.model, config, job.calib, device=job.device, progress=progress)
+    fields = {
+        "quantization": config.to_dict(),
+        "quantized_layers": len(report.quantized),
+        "quantized_weights": report.weights,
+        "nominal_bits_per_weight": report.nominal_bits_per_weight,
+        "layer_loss": report.layer_loss,
+        "damping_raised": report.damping,
+        "quantize_time_s": report.wall_time_s,
+    }
+    save_quantized(
+        job.model,
+        job.tokenizer,
+        output,
+        job.recipe("quantize", fields),
+        report.quantized,
+        overwrite=options.get("overwrite", False),
+        dtype=source_dtype(job.model.config),
+    )
+    return report
+
+
+def structured_prune_pretrained(
+    model: str | Path, config: StructureConfig, output: str | Path, *, progress: bool = True, **options
+) -> StructureReport:
+    """Load ``model``, remove FFN channels / heads as ``config`` says, and save it with its recipe to ``output``.
+
+    ``options`` are those of :func:`lmcompress.jobs.open_job`. Everything that can be checked is checked before
+    the model is loaded; the result is written to a temporary folder and renamed into place, and the source is
+    never written to.
+    """
+    from lmcompress.checkpoint.load import source_dtype
+    from lmcompress.checkpoint.save import save_model
+    from lmcompress.jobs import open_job
+
+    config.validate()
+
+    def check_source(cfg, recipe: dict | None) -> None:
+        if recipe and (recipe.get("surgery") or recipe.get("storage")):
+            raise UserError(
+                f"{model} was written by lmcompress with per-layer shapes or packed storage; structured pruning "
+                "needs a model that plain from_pretrained loads (a dense model, or one pruned with one ratio)"
+            )
+        for s in config.structures:
+            layout = layout_of(cfg, s)
+            if s == "heads":
+                if layout.heads == "uniform" and config.allocation != "uniform":
+                    raise UserError(
+                        f"{cfg.model_type} models read their head count from the config in forward: "
+                        "use --allocation uniform"
+                    )
+                units = head_shape(cfg).kv_heads
+            else:
+                units = getattr(cfg, layout.ffn_width, None) or 4 * cfg.hidden_size
+            _n_remove(config.ratio, units, s)
+
+    job = open_job(model, output, needs_calibration=config.needs_calibration, check_source=check_source, **options)
+    report = structured_prune(job.model, config, job.calib, device=job.device, progress=progress)
+    fields = {
+        **config.to_dict(),
+        "uniform": report.uniform,
+        "ffn_widths": report.ffn_widths,
+        "heads": report.heads,
+        "kv_heads": report.kv_heads,
+        "block_ratios": report.block_ratios,
+        "removed_units": report.removed,
+        "outlier_ratios": report.outlier_ratios,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "prune_time_s": report.wall_time_s,
+        "surgery": report.surgery,
+    }
+    recipe = job.recipe("structured", fields)
+    save_model(
+        job.model,
+        job.tokenizer,
+        output,
+        recipe,
+        overwrite=options.get("overwrite", False),
+        dtype=source_dtype(job.model.config),
+    )
+    return report
+
+
+def drop_experts_pretrained(
+    model: str | Path, config: ExpertConfig, output: str | Path, *, progress: bool = True, **options
+) -> ExpertReport:
+    """Load ``model``, drop experts as ``config`` says, save to ``output`` (loads with plain ``from_pretrained``).
+
+    ``options`` are those of :func:`lmcompress.jobs.open_job`; a bad ``--keep`` fails before weights are loaded.
+    """
+    from lmcompress.checkpoint.load import source_dtype
+    from lmcompress.checkpoint.save import save_model
+    from lmcompress.jobs import open_job
+
+    config.validate()
+    job = open_job(
+        model, output, needs_calibration=True, check_source=lambda cfg, _recipe: config.check_model(cfg), **options
+    )
+    report = drop_experts(job.model, config, job.calib, device=job.device, progress=progress)
+    fields = {
+        **config.to_dict(),
+        "experts_before": report.experts_before,
+        "experts_after": report.experts_after,
+        "kept_experts": report.kept,
+        "expert_scores": report.scores,
+        "relative_error": report.relative_error,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+    }
+    recipe = job.recipe("experts", fields)
+    save_model(
+        job.model,
+        job.tokenizer,
+        output,
+        recipe,
+        overwrite=options.get("overwrite", False),
+        dtype=source_dtype(job.model.config),
+    )
+    report.wall_time_s = recipe["wall_time_s"]
+    return report
+
+
+def _refuse_moe(config) -> None:
+    from lmcompress.transforms.experts import MOE_LAYOUTS
+
+    if getattr(config, "model_type", None) in MOE_LAYOUTS:
+        raise UserError(
+            f"factorizing {config.model_type} (mixture-of-experts) models is not supported yet: transformers saves "
+            "their fused experts per expert, which lmcompress.load cannot yet read back next to surgery records; "
+            "use `lmcompress prune --structure experts` to shrink MoE models"
+        )
+
+
+def factorize_pretrained(
+    model: str | Path, config: FactorizeConfig, output: str | Path, *, progress: bool = True, **options
+) -> FactorizeReport:
+    """Load ``model``, factorize it as ``config`` says, and save it (loads with ``lmcompress.load``).
+
+    ``options`` are those of :func:`lmcompress.jobs.open_job`. A resized source keeps its surgery records (they
+    rebuild the layers that the low-rank records then replace).
+    """
+    from lmcompress.checkpoint.load import source_dtype
+    from lmcompress.checkpoint.save import save_model
+    from lmcompress.jobs import open_job
+
+    config.validate()
+    job = open_job(
+        model,
+        output,
+        needs_calibration=config.needs_calibration,
+        check_source=lambda cfg, _recipe: _refuse_moe(cfg),
+        **options,
+    )
+    report = factorize(job.model, config, job.calib, device=job.device, progress=progress)
+    fields = {
+        **config.to_dict(),
+        "threshold": report.threshold,
+        "layers": {k: asdict(v) for k, v in report.layers.items()},
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "linear_params_before": report.linear_params_before,
+        "linear_params_after": report.linear_params_after,
+        "surgery": report.surgery,
+    }
+    recipe = job.recipe("factorize", fields)
+    save_model(
+        job.model,
+        job.tokenizer,
+        output,
+        recipe,
+        overwrite=options.get("overwrite", False),
+        dtype=source_dtype(job.model.config),
+    )
+    report.wall_time_s = recipe["wall_time_s"]
+    return report

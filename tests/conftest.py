@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
-from lmcompress.data import calibration_windows, load_text
-from lmcompress.io import save_model
-from lmcompress.tiny import TINY_CONFIGS, build_tiny_model, build_tokenizer
+from lmcompress.calibration.data import calibration_windows, load_text
+from lmcompress.checkpoint.save import save_model
+from lmcompress.models.tiny import TINY_CONFIGS, build_tiny_model, build_tokenizer
 
 FAMILIES = sorted(TINY_CONFIGS)
 hf_logging.disable_progress_bar()

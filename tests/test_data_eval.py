@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lmcompress import UserError, perplexity
-from lmcompress.data import calibration_windows, eval_windows, load_text, windows_hash
-from lmcompress.tiny import build_tiny_model
+from lmcompress.calibration.data import calibration_windows, eval_windows, load_text, windows_hash
+from lmcompress.models.tiny import build_tiny_model
 
 
 def test_calibration_windows_are_seeded_slices(tokenizer, calib_text):

@@ -11,9 +11,12 @@ from transformers import AutoConfig
 
 import lmcompress
 from lmcompress import PruneConfig, UserError
+from lmcompress.calibration.data import calibration_windows
+from lmcompress.calibration.engine import capture_block_inputs, run_block
+from lmcompress.checkpoint.load import auto_model_class, load_model
+from lmcompress.checkpoint.save import save_model
 from lmcompress.cli import main
-from lmcompress.data import calibration_windows
-from lmcompress.encoder_eval import (
+from lmcompress.measure.encoder import (
     cosine_similarity,
     evaluate_encoder,
     mask_tokens,
@@ -22,10 +25,8 @@ from lmcompress.encoder_eval import (
     sentence_embeddings,
     sentences,
 )
-from lmcompress.engine import capture_block_inputs, run_block
-from lmcompress.families import blocks_path, context_length, find_prunable, get_blocks, weight_matrix
-from lmcompress.io import auto_model_class, load_model, save_model
-from lmcompress.tiny import TINY_ENCODER_CONFIGS, build_encoder_tokenizer, build_tiny_encoder
+from lmcompress.models.families import blocks_path, context_length, find_prunable, get_blocks, weight_matrix
+from lmcompress.models.tiny import TINY_ENCODER_CONFIGS, build_encoder_tokenizer, build_tiny_encoder
 
 ENCODERS = sorted(TINY_ENCODER_CONFIGS)
 CASES = [(f, h) for f in ("bert", "roberta") for h in (True, False)]
@@ -296,8 +297,7 @@ def test_calibration_text_is_plain_token_windows(enc_tokenizer, enc_calib):
 @pytest.mark.parametrize(("family", "mlm_head"), [("bert", True), ("roberta", False)])
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_quantization_runs_on_encoders(family, mlm_head, method, enc_tokenizer, enc_calib, eval_text):
-    from lmcompress.config import QuantConfig
-    from lmcompress.quantization import quantize
+    from lmcompress.transforms.quantize import QuantConfig, quantize
 
     dense = make(family, enc_tokenizer, mlm_head)
     model = copy.deepcopy(dense)
@@ -353,7 +353,7 @@ def test_sentence_transformers_pooling_config_is_followed(enc_tokenizer, tmp_pat
 
 
 def test_packed_and_joint_outputs_of_an_encoder_load_and_evaluate(enc_tokenizer, enc_calib, tmp_path, capsys):
-    from lmcompress.loader import load
+    from lmcompress.checkpoint.load import load
 
     save_model(make("roberta", enc_tokenizer), enc_tokenizer, tmp_path / "dense", {"kind": "test-model"})
     options = ["--calib-data", "bundled:wikitext2-valid", "--nsamples", "4", "--seqlen", "64", "-q"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmcompress.algorithms.experts import (
+from lmcompress.algorithms.routing import (
     frequency_counts,
     moe_output,
     reconstruction_errors,
@@ -17,11 +17,11 @@ from lmcompress.algorithms.experts import (
     routing_weights,
     select_keep,
 )
+from lmcompress.checkpoint.save import save_model
 from lmcompress.cli import main
 from lmcompress.errors import UserError
-from lmcompress.experts import MOE_LAYOUTS, ExpertConfig, _expert_outputs, drop_experts, slice_experts
-from lmcompress.io import save_model
-from lmcompress.tiny import build_tiny_model
+from lmcompress.models.tiny import build_tiny_model
+from lmcompress.transforms.experts import MOE_LAYOUTS, ExpertConfig, _expert_outputs, drop_experts, slice_experts
 
 MOE = sorted(MOE_LAYOUTS)
 
@@ -239,7 +239,7 @@ def test_cli_prune_structure_experts(tmp_path, tiny_folder, calib_text, capsys):
 
 @pytest.mark.parametrize("family", sorted(MOE_LAYOUTS))
 def test_flops_count_the_top_k_experts_a_token_runs(family, tokenizer, calib):
-    from lmcompress.profile import flops_breakdown
+    from lmcompress.measure.profile import flops_breakdown
 
     model = build_tiny_model(family, tokenizer.vocab_size)
     layout = MOE_LAYOUTS[family]

@@ -23,10 +23,11 @@ from lmcompress.algorithms.lowrank import (
 )
 from lmcompress.cli import main
 from lmcompress.errors import UserError
-from lmcompress.factorize import FactorizeConfig, _replace, factorize, factorize_linear, factorize_pretrained
-from lmcompress.families import find_prunable, get_blocks, weight_matrix
-from lmcompress.surgery import LowRankLinear
-from lmcompress.tiny import build_tiny_model
+from lmcompress.jobs import factorize_pretrained
+from lmcompress.models.families import find_prunable, get_blocks, weight_matrix
+from lmcompress.models.surgery import LowRankLinear
+from lmcompress.models.tiny import build_tiny_model
+from lmcompress.transforms.factorize import FactorizeConfig, _replace, factorize, factorize_linear
 
 
 def run(argv: list[str]) -> int:
@@ -228,9 +229,10 @@ def test_moe_models_are_refused_before_writing(tmp_path, tiny_folder, capsys):
 
 def test_compressing_a_resized_source_keeps_its_surgery(tmp_path, tiny_folder):
     """Factorizing, pruning or quantizing an OWL-resized folder carries its records: the output still loads."""
-    from lmcompress.api import prune_pretrained, quantize_pretrained
-    from lmcompress.config import PruneConfig, QuantConfig
-    from lmcompress.structured import StructureConfig, structured_prune_pretrained
+    from lmcompress.jobs import prune_pretrained, quantize_pretrained, structured_prune_pretrained
+    from lmcompress.transforms.prune import PruneConfig
+    from lmcompress.transforms.quantize import QuantConfig
+    from lmcompress.transforms.shrink import StructureConfig
 
     owl = tmp_path / "owl"
     calib = dict(calib_data="bundled:wikitext2-valid", nsamples=4, seqlen=32, progress=False)
@@ -253,7 +255,7 @@ def test_compressing_a_resized_source_keeps_its_surgery(tmp_path, tiny_folder):
 
 
 def test_profile_of_a_factorized_model_counts_the_factors(tokenizer):
-    from lmcompress.profile import count_params, flops_breakdown
+    from lmcompress.measure.profile import count_params, flops_breakdown
 
     model = build_tiny_model("llama", tokenizer.vocab_size)
     dense = flops_breakdown(model, 32)

@@ -7,7 +7,7 @@ import torch
 
 from lmcompress.algorithms.masks import Pattern, nm_mask
 from lmcompress.algorithms.quant import QuantSpec, rtn_quantize
-from lmcompress.packing import (
+from lmcompress.checkpoint.packing import (
     choose_layout,
     nm_index_bits,
     pack_bitmask,

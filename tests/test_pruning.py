@@ -8,9 +8,9 @@ from conftest import FAMILIES
 
 import lmcompress
 from lmcompress import PruneConfig
-from lmcompress.engine import capture_block_inputs, run_block
-from lmcompress.families import find_prunable, get_blocks, weight_matrix
-from lmcompress.tiny import build_tiny_model
+from lmcompress.calibration.engine import capture_block_inputs, run_block
+from lmcompress.models.families import find_prunable, get_blocks, weight_matrix
+from lmcompress.models.tiny import build_tiny_model
 
 
 @pytest.fixture

@@ -11,14 +11,13 @@ import torch
 from lmcompress.algorithms import Pattern, sparsegpt_prune
 from lmcompress.algorithms.gptq import ColumnQuantizer, gptq_quantize
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize
+from lmcompress.checkpoint.load import load_model
 from lmcompress.cli import main
-from lmcompress.config import PruneConfig, QuantConfig
 from lmcompress.errors import UserError
-from lmcompress.families import find_prunable, get_blocks, weight_matrix
-from lmcompress.io import load_model
-from lmcompress.pruning import prune
-from lmcompress.quantization import quantize
-from lmcompress.tiny import TINY_CONFIGS, build_tiny_model
+from lmcompress.models.families import find_prunable, get_blocks, weight_matrix
+from lmcompress.models.tiny import TINY_CONFIGS, build_tiny_model
+from lmcompress.transforms.prune import PruneConfig, prune
+from lmcompress.transforms.quantize import QuantConfig, quantize
 
 
 def run(argv: list[str]) -> int:
@@ -256,7 +255,7 @@ def test_quantize_cli_then_eval(tmp_path, tiny_folder, calib_file, family, capsy
 
 
 def test_quantize_api_saved_weights_are_the_codes(tmp_path, tiny_folder, calib_file):
-    from lmcompress.api import quantize_pretrained
+    from lmcompress.jobs import quantize_pretrained
 
     out = tmp_path / "q"
     config = QuantConfig(method="gptq", bits=3, group_size=32, act_order=True)

@@ -11,14 +11,15 @@ from safetensors.torch import load_file, save_file
 
 import lmcompress
 from lmcompress.algorithms.quant import QuantSpec, rtn_quantize
+from lmcompress.checkpoint.inspect import folder_info
+from lmcompress.checkpoint.load import load, load_model
+from lmcompress.checkpoint.packed import PACKED_FILE, read_packed, save_packed
+from lmcompress.checkpoint.save import save_model
 from lmcompress.cli import main
-from lmcompress.config import PruneConfig
 from lmcompress.errors import UserError
-from lmcompress.families import find_prunable, get_blocks, set_weight_matrix, weight_matrix
-from lmcompress.io import load_model, save_model
-from lmcompress.loader import load
-from lmcompress.storage import PACKED_FILE, folder_info, read_packed, save_packed
-from lmcompress.tiny import TINY_CONFIGS, build_tiny_model
+from lmcompress.models.families import find_prunable, get_blocks, set_weight_matrix, weight_matrix
+from lmcompress.models.tiny import TINY_CONFIGS, build_tiny_model
+from lmcompress.transforms.prune import PruneConfig
 
 FAMILIES = sorted(TINY_CONFIGS)
 
@@ -295,7 +296,7 @@ def test_bad_save_format_and_unpack_of_a_plain_folder(tiny_folder, tmp_path):
     status = _cli(["prune", str(src), "-o", str(tmp_path / "x"), "--method", "magnitude", "--save-format", "zip"])
     assert status == 2 and not (tmp_path / "x").exists()
     with pytest.raises(UserError, match="not a packed"):
-        from lmcompress.storage import unpack_folder
+        from lmcompress.checkpoint.save import unpack_folder
 
         unpack_folder(src, tmp_path / "y")
     copy = tmp_path / "copy"
@@ -310,7 +311,7 @@ def test_export_compressed_tensors_round_trip(spec, tokenizer, tmp_path):
     )
     from transformers import AutoModelForCausalLM
 
-    from lmcompress.export import export_compressed_tensors
+    from lmcompress.checkpoint.export import export_compressed_tensors
 
     model = _pruned("llama", tokenizer, "2:4")
     quantized = _quantize_blocks(model, spec)
@@ -335,7 +336,7 @@ def test_export_refuses_what_compressed_tensors_cannot_store(tokenizer, tmp_path
     pytest.importorskip(
         "compressed_tensors", reason="compressed-tensors not installed (pip install lmcompress[export])"
     )
-    from lmcompress.export import export_compressed_tensors
+    from lmcompress.checkpoint.export import export_compressed_tensors
 
     sparse = save_packed(_pruned("llama", tokenizer), tokenizer, tmp_path / "sparse", {"kind": "prune"})
     with pytest.raises(UserError, match="no sparse formats"):

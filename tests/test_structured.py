@@ -10,21 +10,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lmcompress
-from lmcompress.algorithms.structured import UnitStats, correct, unit_scores, units_to_keep
-from lmcompress.api import calibration
-from lmcompress.engine import capture_block_inputs, run_block
+from lmcompress.algorithms.units import UnitStats, correct, unit_scores, units_to_keep
+from lmcompress.calibration.engine import capture_block_inputs, run_block
+from lmcompress.checkpoint.load import load_model
+from lmcompress.checkpoint.save import save_model
 from lmcompress.errors import UserError
-from lmcompress.families import get_blocks, weight_matrix
-from lmcompress.io import load_model, save_model
-from lmcompress.profile import count_params, flops_breakdown, latency_per_token
-from lmcompress.structured import (
-    LAYOUTS,
-    StructureConfig,
-    head_shape,
-    structured_prune,
-    structured_prune_pretrained,
-)
-from lmcompress.tiny import build_tiny_model
+from lmcompress.jobs import structured_prune_pretrained
+from lmcompress.measure.evaluate import calibration
+from lmcompress.measure.profile import count_params, flops_breakdown, latency_per_token
+from lmcompress.models.families import get_blocks, weight_matrix
+from lmcompress.models.tiny import build_tiny_model
+from lmcompress.transforms.shrink import LAYOUTS, StructureConfig, head_shape, structured_prune
 
 HEAD_FAMILIES = sorted(n for n, lay in LAYOUTS.items() if lay.heads != "none")
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))

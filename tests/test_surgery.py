@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import lmcompress
+from lmcompress.checkpoint.save import save_model
 from lmcompress.errors import UserError
-from lmcompress.io import save_model
-from lmcompress.surgery import LowRankLinear, apply_surgery, record_linear, record_lowrank
-from lmcompress.tiny import build_tiny_model
+from lmcompress.models.surgery import LowRankLinear, apply_surgery, record_linear, record_lowrank
+from lmcompress.models.tiny import build_tiny_model
 
 
 def _shrink_ffn(model: nn.Module, layer: int, keep: int) -> list[dict]:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lmcompress import sweep as S
 from lmcompress.errors import UserError
-from lmcompress.report import degradation, essential_sparsity, first_failure, knee, write_report
-from lmcompress.sweep import SweepConfig, parse_sparsities, run_sweep, settings_hash, write_json_atomic
+from lmcompress.measure import sweep as S
+from lmcompress.measure.report import degradation, essential_sparsity, first_failure, knee, write_report
+from lmcompress.measure.sweep import SweepConfig, parse_sparsities, run_sweep, settings_hash, write_json_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -290,7 +290,7 @@ def test_a_metric_that_is_zero_for_dense_gets_no_essential_sparsity_or_relative_
 
 
 def test_a_headline_that_is_zero_for_dense_brings_its_siblings_into_the_summary():
-    from lmcompress.report import _judged_metrics
+    from lmcompress.measure.report import _judged_metrics
 
     dense = {
         "metrics": {"ppl:t/perplexity": 20.0, "ppl:t/nll": 3.0, "retrieval/acc": 0.0, "retrieval/value_prob": 0.01},

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from lmcompress.errors import UserError
-from lmcompress.tasks import LM, parse_tasks, prepare_tasks, run_tasks
-from lmcompress.tasks import retrieval as R
-from lmcompress.tasks.harness import fold_results, run_harness
-from lmcompress.tasks.mc import MCExample, choice_scores, evaluate_mc
-from lmcompress.tasks.qa import QAExample, build_prompt, evaluate_qa, exact_match, f1_score, normalize_answer
-from lmcompress.tasks.sources import HF_TASKS, convert_hf_record, load_examples, mc_from_record, read_jsonl
-from lmcompress.tiny import build_tiny_model
+from lmcompress.measure.tasks import LM, parse_tasks, prepare_tasks, run_tasks
+from lmcompress.measure.tasks import retrieval as R
+from lmcompress.measure.tasks.harness import fold_results, run_harness
+from lmcompress.measure.tasks.mc import MCExample, choice_scores, evaluate_mc
+from lmcompress.measure.tasks.qa import QAExample, build_prompt, evaluate_qa, exact_match, f1_score, normalize_answer
+from lmcompress.measure.tasks.sources import HF_TASKS, convert_hf_record, load_examples, mc_from_record, read_jsonl
+from lmcompress.models.tiny import build_tiny_model
 
 MC = [
     MCExample("Question: Which is heavier?\nAnswer:", ["a feather", "a big red brick"], 1),

@@ -1,6 +1,6 @@
 """Compression algorithms as pure tensor functions: weights + calibration statistics → masks / weights.
 
-Nothing here knows about models, blocks or files; see ``lmcompress.engine`` for the machinery that
+Nothing here knows about models, blocks or files; see ``lmcompress.calibration.engine`` for the machinery that
 walks a model and feeds these functions.
 """
 

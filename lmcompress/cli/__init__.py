@@ -1,4 +1,4 @@
-"""The ``lmcompress`` command line: a thin layer over ``lmcompress.api``."""
+"""The ``lmcompress`` command line: a thin layer over ``lmcompress.measure.evaluate``."""
 
 from __future__ import annotations
 

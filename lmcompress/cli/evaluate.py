@@ -6,10 +6,10 @@ import json
 
 import typer
 
-from lmcompress.api import evaluate_pretrained
 from lmcompress.cli import app, options
-from lmcompress.encoder_eval import format_encoder_result
 from lmcompress.errors import UserError
+from lmcompress.measure.encoder import format_encoder_result
+from lmcompress.measure.evaluate import evaluate_pretrained
 
 
 def parse_lengths(text: str | None) -> list[int] | None:
@@ -76,7 +76,7 @@ def evaluate(
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     if tasks:
-        from lmcompress.tasks import parse_tasks
+        from lmcompress.measure.tasks import parse_tasks
 
         parse_tasks(tasks)  # a typo in --tasks is reported before the model is loaded
     result = evaluate_pretrained(
@@ -99,7 +99,7 @@ def evaluate(
         pooling=pooling,
     )
     if profile:
-        from lmcompress.profile import profile_pretrained
+        from lmcompress.measure.profile import profile_pretrained
 
         result["profile"] = profile_pretrained(
             model, seqlen=seqlen or 256, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -120,6 +120,6 @@ def evaluate(
             f"({result['windows']} windows of {result['seqlen']}), sparsity {result['sparsity']:.2%}"
         )
     if profile and not as_json:
-        from lmcompress.profile import format_profile
+        from lmcompress.measure.profile import format_profile
 
         typer.echo(format_profile(result["profile"]))

@@ -25,7 +25,7 @@ def export(
 
     Example: lmcompress export llama-gptq4 --format compressed-tensors -o llama-gptq4-ct
     """
-    from lmcompress.export import FORMATS, export_compressed_tensors
+    from lmcompress.checkpoint.export import FORMATS, export_compressed_tensors
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}: choose {', '.join(FORMATS)}")

@@ -7,7 +7,8 @@ import json
 import typer
 
 from lmcompress.cli import app, options
-from lmcompress.factorize import FactorizeConfig, factorize_pretrained
+from lmcompress.jobs import factorize_pretrained
+from lmcompress.transforms.factorize import FactorizeConfig
 
 
 @app.command()

@@ -6,8 +6,8 @@ import json
 
 import typer
 
+from lmcompress.checkpoint.inspect import KINDS, folder_info
 from lmcompress.cli import app
-from lmcompress.storage import KINDS, folder_info
 
 
 def _mib(n: int) -> str:
@@ -32,7 +32,7 @@ def info(
     """
     result = folder_info(folder)
     if profile:
-        from lmcompress.profile import profile_pretrained
+        from lmcompress.measure.profile import profile_pretrained
 
         result["profile"] = profile_pretrained(folder, seqlen=seqlen)
     if as_json:
@@ -59,6 +59,6 @@ def info(
     if result["recipe"]:
         typer.echo("  recipe: " + json.dumps(result["recipe"], default=str))
     if profile:
-        from lmcompress.profile import format_profile
+        from lmcompress.measure.profile import format_profile
 
         typer.echo(format_profile(result["profile"]))

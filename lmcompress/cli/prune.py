@@ -6,10 +6,10 @@ import json
 
 import typer
 
-from lmcompress.api import prune_pretrained
 from lmcompress.cli import app, options
-from lmcompress.config import PruneConfig
 from lmcompress.errors import UserError
+from lmcompress.jobs import prune_pretrained
+from lmcompress.transforms.prune import PruneConfig
 
 
 @app.command()
@@ -93,7 +93,8 @@ def prune(
         progress=options.show_progress(quiet),
     )
     if structure is not None and structure.strip().lower() == "experts":
-        from lmcompress.experts import ExpertConfig, drop_experts_pretrained
+        from lmcompress.jobs import drop_experts_pretrained
+        from lmcompress.transforms.experts import ExpertConfig
 
         if keep is None:
             raise UserError("--structure experts needs --keep N (experts to keep in every MoE layer)")
@@ -123,7 +124,8 @@ def prune(
             )
         return
     if structure is not None and structure.strip().lower() != "experts":
-        from lmcompress.structured import StructureConfig, structured_prune_pretrained
+        from lmcompress.jobs import structured_prune_pretrained
+        from lmcompress.transforms.shrink import StructureConfig
 
         if sparsity is not None or pattern.strip().lower() not in ("", "unstructured", "none"):
             raise UserError("--sparsity / --pattern are for weight pruning; with --structure give --ratio")

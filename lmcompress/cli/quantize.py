@@ -6,9 +6,9 @@ import json
 
 import typer
 
-from lmcompress.api import quantize_pretrained
 from lmcompress.cli import app, options
-from lmcompress.config import QuantConfig
+from lmcompress.jobs import quantize_pretrained
+from lmcompress.transforms.quantize import QuantConfig
 
 
 @app.command()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from lmcompress.cli import app
-from lmcompress.report import write_report
+from lmcompress.measure.report import write_report
 
 
 @app.command()

@@ -8,7 +8,7 @@ import typer
 
 from lmcompress.cli import app, options
 from lmcompress.cli.evaluate import parse_lengths
-from lmcompress.sweep import SweepConfig, parse_sparsities, run_sweep
+from lmcompress.measure.sweep import SweepConfig, parse_sparsities, run_sweep
 
 
 @app.command()

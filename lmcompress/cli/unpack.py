@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from lmcompress.checkpoint.save import unpack_folder
 from lmcompress.cli import app, options
-from lmcompress.storage import unpack_folder
 
 
 @app.command()

@@ -166,7 +166,7 @@ def build_tiny_encoder(
     """
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-    from lmcompress.families import FAMILIES
+    from lmcompress.models.families import FAMILIES
 
     kwargs = dict(TINY_ENCODER_CONFIGS[family])
     extra = 1 if FAMILIES[family].positions_after_pad else 0  # positions start at pad_token_id + 1

@@ -2,14 +2,14 @@
 
 Blocks are pruned in order (``engine.walk_blocks``): for each block the inputs of the layer that reads the
 units (``down_proj`` / ``o_proj`` and their per-family equivalents) are measured on the calibration windows,
-the least important units are chosen (``lmcompress.algorithms.structured``), their rows and columns are
+the least important units are chosen (``lmcompress.algorithms.units``), their rows and columns are
 physically removed (new, smaller ``nn.Linear`` / ``Conv1D`` modules), the reading layer is optionally
 corrected, and the pruned block's outputs feed the next block.
 
 With one ratio for every block the config is updated (``intermediate_size``, ``num_attention_heads``,
 ``num_key_value_heads``; ``head_dim`` kept explicitly) so that plain ``from_pretrained`` loads the result.
 With per-block ratios (``allocation="owl"``) the config keeps the dense shapes and every resized layer is
-written as a surgery record (``lmcompress.surgery``); such folders load with ``lmcompress.load``.
+written as a surgery record (``lmcompress.models.surgery``); such folders load with ``lmcompress.load``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from lmcompress.algorithms.owl import outlier_ratio, owl_layer_sparsities
-from lmcompress.algorithms.structured import (
+from lmcompress.algorithms.units import (
     CORRECTIONS,
     CRITERIA,
     UnitStats,
@@ -35,10 +34,10 @@ from lmcompress.algorithms.structured import (
     units_to_keep,
 )
 from lmcompress.algorithms.wanda import wanda_scores
-from lmcompress.engine import BlockInputs, collect_input_stats, run_block, walk_blocks
+from lmcompress.calibration.engine import BlockInputs, collect_input_stats, run_block, walk_blocks
 from lmcompress.errors import UserError
-from lmcompress.families import blocks_path, find_prunable, get_blocks, weight_matrix
-from lmcompress.profile import count_params
+from lmcompress.measure.profile import count_params
+from lmcompress.models.families import blocks_path, find_prunable, get_blocks, weight_matrix
 
 log = logging.getLogger(__name__)
 
@@ -545,7 +544,7 @@ def structured_prune(
         changed = sorted(set(bias_added))
     else:
         changed = sorted(set(resized))
-    from lmcompress.surgery import record_linear
+    from lmcompress.models.surgery import record_linear
 
     surgery = [record_linear(name, model.get_submodule(name)) for name in changed]
     return StructureReport(
@@ -563,64 +562,3 @@ def structured_prune(
         wall_time_s=time.perf_counter() - start,
         notes=notes,
     )
-
-
-def structured_prune_pretrained(
-    model: str | Path, config: StructureConfig, output: str | Path, *, progress: bool = True, **options
-) -> StructureReport:
-    """Load ``model``, remove FFN channels / heads as ``config`` says, and save it with its recipe to ``output``.
-
-    ``options`` are those of :func:`lmcompress.jobs.open_job`. Everything that can be checked is checked before
-    the model is loaded; the result is written to a temporary folder and renamed into place, and the source is
-    never written to.
-    """
-    from lmcompress.io import save_model, source_dtype
-    from lmcompress.jobs import open_job
-
-    config.validate()
-
-    def check_source(cfg, recipe: dict | None) -> None:
-        if recipe and (recipe.get("surgery") or recipe.get("storage")):
-            raise UserError(
-                f"{model} was written by lmcompress with per-layer shapes or packed storage; structured pruning "
-                "needs a model that plain from_pretrained loads (a dense model, or one pruned with one ratio)"
-            )
-        for s in config.structures:
-            layout = layout_of(cfg, s)
-            if s == "heads":
-                if layout.heads == "uniform" and config.allocation != "uniform":
-                    raise UserError(
-                        f"{cfg.model_type} models read their head count from the config in forward: "
-                        "use --allocation uniform"
-                    )
-                units = head_shape(cfg).kv_heads
-            else:
-                units = getattr(cfg, layout.ffn_width, None) or 4 * cfg.hidden_size
-            _n_remove(config.ratio, units, s)
-
-    job = open_job(model, output, needs_calibration=config.needs_calibration, check_source=check_source, **options)
-    report = structured_prune(job.model, config, job.calib, device=job.device, progress=progress)
-    fields = {
-        **config.to_dict(),
-        "uniform": report.uniform,
-        "ffn_widths": report.ffn_widths,
-        "heads": report.heads,
-        "kv_heads": report.kv_heads,
-        "block_ratios": report.block_ratios,
-        "removed_units": report.removed,
-        "outlier_ratios": report.outlier_ratios,
-        "params_before": report.params_before,
-        "params_after": report.params_after,
-        "prune_time_s": report.wall_time_s,
-        "surgery": report.surgery,
-    }
-    recipe = job.recipe("structured", fields)
-    save_model(
-        job.model,
-        job.tokenizer,
-        output,
-        recipe,
-        overwrite=options.get("overwrite", False),
-        dtype=source_dtype(job.model.config),
-    )
-    return report

@@ -165,7 +165,7 @@ def make_examples(
 
 
 def _default_filler() -> str:
-    from lmcompress.data import load_text
+    from lmcompress.calibration.data import load_text
 
     return load_text("bundled:wikitext2-valid").text
 

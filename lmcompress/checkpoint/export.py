@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from lmcompress.checkpoint.folder import RECIPE_FILE, check_output, read_recipe, save_atomic
+from lmcompress.checkpoint.load import source_dtype
 from lmcompress.errors import UserError
-from lmcompress.io import RECIPE_FILE, check_output, read_recipe, save_atomic, source_dtype
 
 log = logging.getLogger(__name__)
 FORMATS = ("compressed-tensors",)
@@ -68,9 +69,9 @@ def export_compressed_tensors(folder: str | Path, output: str | Path, *, overwri
         apply_quantization_config,
     )
 
-    from lmcompress.loader import load
-    from lmcompress.pruning import measure_sparsity
-    from lmcompress.storage import read_packed
+    from lmcompress.checkpoint.load import load
+    from lmcompress.checkpoint.packed import read_packed
+    from lmcompress.transforms.prune import measure_sparsity
 
     folder = Path(folder)
     out = check_output(output, overwrite, source=folder)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmcompress.errors import UserError
-from lmcompress.sweep import DENSE_ID, POINTS, SWEEP_FILE, load_points
+from lmcompress.measure.sweep import DENSE_ID, POINTS, SWEEP_FILE, load_points
 
 SKIP_METRICS = ("/nll",)  # derived from another metric; not plotted or judged separately
 

@@ -1,6 +1,6 @@
 """Compact layouts for sparse and quantized tensors, each with an exact inverse.
 
-Pure tensor functions; :mod:`lmcompress.storage` puts their output in safetensors files.
+Pure tensor functions; :mod:`lmcompress.checkpoint.packed` puts their output in safetensors files.
 
 Layouts of one tensor (all work on the *logical* matrix ``[out, in]``, N:M groups run along ``in``):
 

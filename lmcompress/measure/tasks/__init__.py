@@ -13,14 +13,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmcompress.data import eval_windows, load_text
+from lmcompress.calibration.data import eval_windows, load_text
 from lmcompress.errors import UserError
-from lmcompress.evaluate import perplexity
-from lmcompress.tasks import retrieval
-from lmcompress.tasks.lm import LM
-from lmcompress.tasks.mc import MCExample, evaluate_mc
-from lmcompress.tasks.qa import QAExample, evaluate_qa, exact_match, f1_score, normalize_answer
-from lmcompress.tasks.sources import HF_TASKS, load_examples
+from lmcompress.measure.perplexity import perplexity
+from lmcompress.measure.tasks import retrieval
+from lmcompress.measure.tasks.lm import LM
+from lmcompress.measure.tasks.mc import MCExample, evaluate_mc
+from lmcompress.measure.tasks.qa import QAExample, evaluate_qa, exact_match, f1_score, normalize_answer
+from lmcompress.measure.tasks.sources import HF_TASKS, load_examples
 
 KINDS = ("ppl", "mc", "qa", "retrieval")
 __all__ = [
@@ -250,8 +250,8 @@ def evaluate_model(
     )
     run_harness = None
     if names:
-        from lmcompress.tasks.harness import _import_lm_eval
-        from lmcompress.tasks.harness import run_harness as _harness
+        from lmcompress.measure.tasks.harness import _import_lm_eval
+        from lmcompress.measure.tasks.harness import run_harness as _harness
 
         _import_lm_eval()  # fail before any work when lm-eval is missing
         run_harness = lambda: _harness(  # noqa: E731

@@ -39,7 +39,7 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family("transformer.h", "transformer.ln_f"),
     "gpt_neox": Family("gpt_neox.layers", "gpt_neox.final_layer_norm"),
     # Mixture-of-experts decoders: attention (and Qwen2-MoE's shared expert) are nn.Linear and prunable; the
-    # routed experts are fused 3-D parameters, not pruned by the unstructured methods (lmcompress.experts drops them)
+    # routed experts are fused 3-D parameters, not pruned by the unstructured methods (transforms.experts drops them)
     "mixtral": Family("model.layers", "model.norm"),
     "qwen2_moe": Family("model.layers", "model.norm"),
     "qwen3_moe": Family("model.layers", "model.norm"),
@@ -121,3 +121,16 @@ def set_weight_matrix(module: nn.Module, weight: torch.Tensor) -> None:
     target = module.weight.data
     value = weight.t() if isinstance(module, Conv1D) else weight
     target.copy_(value.to(dtype=target.dtype, device=target.device))
+
+
+# Encoders: the Auto class that keeps the head named by the config's ``architectures`` (suffix → class name).
+# A bare encoder (``BertModel``, sentence-embedding models) and unknown heads load with ``AutoModel``.
+ENCODER_AUTO_CLASSES = {
+    "ForMaskedLM": "AutoModelForMaskedLM",
+    "LMHeadModel": "AutoModelForCausalLM",  # BertLMHeadModel (is_decoder=True): keep its head
+    "ForPreTraining": "AutoModelForPreTraining",
+    "ForSequenceClassification": "AutoModelForSequenceClassification",
+    "ForTokenClassification": "AutoModelForTokenClassification",
+    "ForQuestionAnswering": "AutoModelForQuestionAnswering",
+    "ForMultipleChoice": "AutoModelForMultipleChoice",
+}

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmcompress.families import find_prunable, get_blocks, weight_matrix
-from lmcompress.stats import InputStats
+from lmcompress.calibration.stats import InputStats
+from lmcompress.models.families import find_prunable, get_blocks, weight_matrix
 
 # Keyword arguments a block gets that carry a KV cache; they are dropped so that blocks run stateless.
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")

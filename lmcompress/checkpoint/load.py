@@ -1,28 +1,26 @@
-"""Loading models safely and saving results atomically (temp folder, then rename)."""
+"""The one loader: safe loading of any source (hub id, plain folder, folder lmcompress wrote)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lmcompress.checkpoint.folder import RECIPE_FILE, read_recipe
 from lmcompress.errors import UserError
-from lmcompress.families import family_of
+from lmcompress.models.families import ENCODER_AUTO_CLASSES, family_of
+from lmcompress.models.surgery import apply_surgery
 
 log = logging.getLogger(__name__)
 
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RECIPE_FILE = "lmcompress.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# config.json marker of folders that only lmcompress.load reads: plain transformers warns with this text
-RESIZED_MARKER = "lmcompress-resized (load with lmcompress.load)"
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -73,19 +71,6 @@ def load_config(source: str, trust_remote_code: bool = False):
         raise UserError(f"could not load the config of {source!r}: {exc}") from None
 
 
-# Encoders: the Auto class that keeps the head named by the config's ``architectures`` (suffix → class name).
-# A bare encoder (``BertModel``, sentence-embedding models) and unknown heads load with ``AutoModel``.
-ENCODER_AUTO_CLASSES = {
-    "ForMaskedLM": "AutoModelForMaskedLM",
-    "LMHeadModel": "AutoModelForCausalLM",  # BertLMHeadModel (is_decoder=True): keep its head
-    "ForPreTraining": "AutoModelForPreTraining",
-    "ForSequenceClassification": "AutoModelForSequenceClassification",
-    "ForTokenClassification": "AutoModelForTokenClassification",
-    "ForQuestionAnswering": "AutoModelForQuestionAnswering",
-    "ForMultipleChoice": "AutoModelForMultipleChoice",
-}
-
-
 def auto_model_class(config):
     """The ``transformers`` Auto class that builds models of ``config``'s kind."""
     import transformers
@@ -119,7 +104,7 @@ def load_model(
     family_of(config)
     recipe = read_recipe(resolved) if Path(resolved).is_dir() else None
     if recipe and (recipe.get("storage") == "packed" or recipe.get("surgery")):
-        from lmcompress.loader import load
+        from lmcompress.checkpoint.load import load
 
         return load(resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     try:
@@ -149,85 +134,99 @@ def source_dtype(config) -> torch.dtype | None:
     return value if isinstance(value, torch.dtype) else None
 
 
-def check_output(output: str | Path, overwrite: bool, source: str | Path | None = None) -> Path:
-    """Refuse an output folder that exists (unless ``overwrite``) or that is the source model itself."""
-    out = Path(output).expanduser()
-    if (
-        source is not None
-        and Path(str(source)).expanduser().exists()
-        and out.resolve() == Path(str(source)).expanduser().resolve()
-    ):
-        raise UserError(f"output {out} is the source model folder; lmcompress never modifies its input")
-    if out.exists() and not overwrite:
-        raise UserError(f"output folder {out} already exists; choose another --output or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a folder")
-    if not out.parent.exists():
-        raise UserError(f"the parent folder of --output ({out.parent}) does not exist")
-    return out
+def needs_lmcompress(folder: str | Path) -> bool:
+    """True when plain ``from_pretrained`` cannot load ``folder`` (packed weights or module surgery)."""
+    recipe = read_recipe(folder) if Path(str(folder)).is_dir() else None
+    return bool(recipe and (recipe.get("storage") == "packed" or recipe.get("surgery")))
 
 
-def save_atomic(out_dir: str | Path, write, *, overwrite: bool) -> Path:
-    """Call ``write(tmp_folder)`` then move the folder into place; nothing half-written is ever left."""
-    out = check_output(out_dir, overwrite)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+def build_skeleton(config, dtype: torch.dtype, records: list[dict] | None = None) -> nn.Module:
+    """The model class of ``config`` with surgery ``records`` applied, weights left for a state dict to fill."""
     try:
-        write(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        model = auto_model_class(config).from_config(config, dtype=dtype)
+    return apply_surgery(model, records or [])
 
 
-def save_model(
-    model: nn.Module, tokenizer, out_dir: str | Path, recipe: dict, *, overwrite: bool = False, dtype=None
-) -> Path:
-    """Save a model that loads with ``from_pretrained``, its tokenizer and the ``lmcompress.json`` recipe."""
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the (possibly sharded) ``*.safetensors`` files of ``folder``."""
+    from safetensors.torch import load_file
 
-    def write(tmp: Path) -> None:
-        state = None
-        if dtype is not None:  # store in the checkpoint's own dtype without touching the in-memory model
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-        model.save_pretrained(tmp, state_dict=state)
-        config = json.loads((tmp / "config.json").read_text())
-        if dtype is not None:
-            config["dtype"] = str(dtype).removeprefix("torch.")
-        if recipe.get("surgery"):
-            _guard_from_plain_loading(tmp, config)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
-
-    return save_atomic(out_dir, write, overwrite=overwrite)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} holds no *.safetensors weight files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(f))
+        except Exception as exc:
+            raise UserError(f"cannot read {f}: {exc}; the file may be truncated or corrupted") from None
+    return state
 
 
-def _guard_from_plain_loading(folder: Path, config: dict) -> None:
-    """Make plain ``from_pretrained`` fail loudly on a folder whose layers its config cannot describe.
-
-    Without this it may load such a folder *wrongly*: a bias that the config has no flag for is dropped with
-    a mere warning. The weight files keep their content (``lmcompress.load`` reads every ``*.safetensors``)
-    but lose the names transformers looks for, and the config names the way to load them.
-    """
-    for name in ("model.safetensors", "model.safetensors.index.json"):
-        if (folder / name).exists():
-            (folder / name).rename(folder / name.replace("model.safetensors", "model.resized.safetensors"))
-    config["quantization_config"] = {"quant_method": RESIZED_MARKER}
-
-
-def read_recipe(folder: str | Path) -> dict | None:
-    path = Path(folder) / RECIPE_FILE
-    if not path.is_file():
-        return None
+def fill(model: nn.Module, state: dict[str, torch.Tensor], folder: Path) -> nn.Module:
+    """Load ``state`` into ``model`` strictly (tied weights excepted), with an error naming what does not fit."""
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); the folder is damaged") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise UserError(
+            f"the weights in {folder} do not fit the model described by its config and {RECIPE_FILE}: "
+            f"{str(exc).splitlines()[-1].strip()}; the folder may be damaged or edited"
+        ) from None
+    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+    if missing or unexpected:
+        raise UserError(
+            f"the weights in {folder} do not fit the model described by its config and {RECIPE_FILE}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}; the folder may be damaged or incomplete"
+        )
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()
+
+
+def load(
+    folder: str | Path,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> tuple[nn.Module, object]:
+    """Load ``(model, tokenizer)`` from a folder written by lmcompress, or any model plain transformers loads."""
+    path = Path(str(folder)).expanduser()
+    if not needs_lmcompress(path):
+        model, tokenizer = load_model(
+            folder, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        )
+        return model.to(device), tokenizer
+    from transformers import AutoTokenizer
+
+    recipe = json.loads((path / RECIPE_FILE).read_text())
+    config = load_config(str(path), trust_remote_code)
+    from lmcompress.checkpoint.packed import strip_marker
+
+    strip_marker(config)  # the marker that stops plain from_pretrained on packed and resized folders
+    model = build_skeleton(config, parse_dtype(dtype), recipe.get("surgery"))
+    if recipe.get("storage") == "packed":
+        from lmcompress.checkpoint.packed import load_packed_state  # packed layouts (bitmask, N:M, int-packed)
+
+        state = load_packed_state(path, recipe)
+    else:
+        state = read_state_dict(path)
+    state = {k: v.to(parse_dtype(dtype)) if v.is_floating_point() else v for k, v in state.items()}
+    fill(model, state, path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise UserError(f"could not load the tokenizer of {path}: {exc}") from None
+    return model.to(device), tokenizer
+
+
+def source_surgery(folder: str | Path) -> list[dict]:
+    """The surgery records of a source folder (empty for plain models): a new output built from it needs them too."""
+    recipe = read_recipe(folder) if Path(str(folder)).is_dir() else None
+    return list((recipe or {}).get("surgery") or [])

@@ -1,7 +1,7 @@
 """Low-rank factorization of a model's block linear layers, recorded as surgery so ``lmcompress.load`` rebuilds it.
 
 Each ``nn.Linear`` / GPT-2 ``Conv1D`` of every transformer block gets a rank from its singular value spectrum
-(see :mod:`lmcompress.algorithms.lowrank`) and is replaced by a :class:`~lmcompress.surgery.LowRankLinear`
+(see :mod:`lmcompress.algorithms.lowrank`) and is replaced by a :class:`~lmcompress.models.surgery.LowRankLinear`
 (``down`` then ``up``) only where that has fewer parameters; otherwise it stays dense. Activation-aware
 factorization walks the blocks on calibration data (block by block, each seeing the already factorized
 blocks before it) and whitens each layer by its inputs' statistics.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,11 +33,11 @@ from lmcompress.algorithms.lowrank import (
     threshold_rank,
     whitened_svd,
 )
-from lmcompress.engine import BlockInputs, collect_input_stats, walk_blocks
+from lmcompress.calibration.engine import BlockInputs, collect_input_stats, walk_blocks
+from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
-from lmcompress.families import blocks_path, find_prunable, get_blocks, weight_matrix
-from lmcompress.stats import InputStats
-from lmcompress.surgery import LowRankLinear, record_lowrank
+from lmcompress.models.families import blocks_path, find_prunable, get_blocks, weight_matrix
+from lmcompress.models.surgery import LowRankLinear, record_lowrank
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ class LayerResult:
 class FactorizeReport:
     config: dict
     layers: dict[str, LayerResult]
-    surgery: list[dict]  # records for lmcompress.surgery.apply_surgery
+    surgery: list[dict]  # records for lmcompress.models.surgery.apply_surgery
     params_before: int  # whole model
     params_after: int
     linear_params_before: int  # block linear layers only
@@ -271,57 +270,3 @@ def factorize(
         wall_time_s=time.perf_counter() - start,
         notes=notes,
     )
-
-
-def _refuse_moe(config) -> None:
-    from lmcompress.experts import MOE_LAYOUTS
-
-    if getattr(config, "model_type", None) in MOE_LAYOUTS:
-        raise UserError(
-            f"factorizing {config.model_type} (mixture-of-experts) models is not supported yet: transformers saves "
-            "their fused experts per expert, which lmcompress.load cannot yet read back next to surgery records; "
-            "use `lmcompress prune --structure experts` to shrink MoE models"
-        )
-
-
-def factorize_pretrained(
-    model: str | Path, config: FactorizeConfig, output: str | Path, *, progress: bool = True, **options
-) -> FactorizeReport:
-    """Load ``model``, factorize it as ``config`` says, and save it (loads with ``lmcompress.load``).
-
-    ``options`` are those of :func:`lmcompress.jobs.open_job`. A resized source keeps its surgery records (they
-    rebuild the layers that the low-rank records then replace).
-    """
-    from lmcompress.io import save_model, source_dtype
-    from lmcompress.jobs import open_job
-
-    config.validate()
-    job = open_job(
-        model,
-        output,
-        needs_calibration=config.needs_calibration,
-        check_source=lambda cfg, _recipe: _refuse_moe(cfg),
-        **options,
-    )
-    report = factorize(job.model, config, job.calib, device=job.device, progress=progress)
-    fields = {
-        **config.to_dict(),
-        "threshold": report.threshold,
-        "layers": {k: asdict(v) for k, v in report.layers.items()},
-        "params_before": report.params_before,
-        "params_after": report.params_after,
-        "linear_params_before": report.linear_params_before,
-        "linear_params_after": report.linear_params_after,
-        "surgery": report.surgery,
-    }
-    recipe = job.recipe("factorize", fields)
-    save_model(
-        job.model,
-        job.tokenizer,
-        output,
-        recipe,
-        overwrite=options.get("overwrite", False),
-        dtype=source_dtype(job.model.config),
-    )
-    report.wall_time_s = recipe["wall_time_s"]
-    return report

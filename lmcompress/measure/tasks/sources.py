@@ -22,8 +22,8 @@ from importlib import resources
 from pathlib import Path
 
 from lmcompress.errors import UserError
-from lmcompress.tasks.mc import MCExample
-from lmcompress.tasks.qa import QAExample
+from lmcompress.measure.tasks.mc import MCExample
+from lmcompress.measure.tasks.qa import QAExample
 
 BUNDLED = {"bundled:mc-demo": "mc_demo.jsonl", "bundled:qa-demo": "qa_demo.jsonl"}
 

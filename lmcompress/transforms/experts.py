@@ -2,7 +2,7 @@
 
 For each MoE layer the inputs of the layer are captured on the calibration windows (after the already
 compressed blocks before it), every expert is scored by one criterion of
-:mod:`lmcompress.algorithms.experts`, and the lowest-scoring experts are removed: their slices of the fused
+:mod:`lmcompress.algorithms.routing`, and the lowest-scoring experts are removed: their slices of the fused
 expert tensors and their router rows are deleted, so the router now chooses among the rest. One-shot
 scores once; ``iterative`` removes ``step`` experts at a time and re-scores the survivors (their routing
 changes once others are gone).
@@ -16,12 +16,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from lmcompress.algorithms.experts import (
+from lmcompress.algorithms.routing import (
     CRITERIA,
     frequency_counts,
     moe_output,
@@ -30,9 +29,9 @@ from lmcompress.algorithms.experts import (
     routing_weights,
     select_keep,
 )
-from lmcompress.engine import BlockInputs, run_block, walk_blocks
+from lmcompress.calibration.engine import BlockInputs, run_block, walk_blocks
 from lmcompress.errors import UserError
-from lmcompress.families import family_of
+from lmcompress.models.families import family_of
 
 log = logging.getLogger(__name__)
 
@@ -302,41 +301,3 @@ def drop_experts(
         params_after=_count_params(model),
         wall_time_s=time.perf_counter() - start,
     )
-
-
-def drop_experts_pretrained(
-    model: str | Path, config: ExpertConfig, output: str | Path, *, progress: bool = True, **options
-) -> ExpertReport:
-    """Load ``model``, drop experts as ``config`` says, save to ``output`` (loads with plain ``from_pretrained``).
-
-    ``options`` are those of :func:`lmcompress.jobs.open_job`; a bad ``--keep`` fails before weights are loaded.
-    """
-    from lmcompress.io import save_model, source_dtype
-    from lmcompress.jobs import open_job
-
-    config.validate()
-    job = open_job(
-        model, output, needs_calibration=True, check_source=lambda cfg, _recipe: config.check_model(cfg), **options
-    )
-    report = drop_experts(job.model, config, job.calib, device=job.device, progress=progress)
-    fields = {
-        **config.to_dict(),
-        "experts_before": report.experts_before,
-        "experts_after": report.experts_after,
-        "kept_experts": report.kept,
-        "expert_scores": report.scores,
-        "relative_error": report.relative_error,
-        "params_before": report.params_before,
-        "params_after": report.params_after,
-    }
-    recipe = job.recipe("experts", fields)
-    save_model(
-        job.model,
-        job.tokenizer,
-        output,
-        recipe,
-        overwrite=options.get("overwrite", False),
-        dtype=source_dtype(job.model.config),
-    )
-    report.wall_time_s = recipe["wall_time_s"]
-    return report

@@ -307,7 +307,7 @@ def evaluate_encoder(
 
 def reference_for(model_path: str | Path, reference: str | None) -> str | None:
     """The dense model to compare with: ``reference`` if given, else the recipe's source model if it is local."""
-    from lmcompress.io import read_recipe
+    from lmcompress.checkpoint.folder import read_recipe
 
     if reference is not None:
         return reference
@@ -339,7 +339,7 @@ def evaluate_encoder_folder(
     The reference (dense) model is ``reference`` or, when that is not given, the recipe's ``source_model``
     if it exists locally. Pooling: ``pooling``, else what a sentence-transformers folder declares, else mean.
     """
-    from lmcompress.io import load_model
+    from lmcompress.checkpoint.load import load_model
 
     if pooling is not None and pooling not in POOLING:
         raise UserError(f"unknown pooling {pooling!r}: choose one of {', '.join(POOLING)}")

@@ -27,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lmcompress.algorithms.masks import Pattern
-from lmcompress.config import ALLOCATIONS, METHODS, PruneConfig
 from lmcompress.errors import UserError
+from lmcompress.transforms.prune import ALLOCATIONS, METHODS, PruneConfig
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def load_points(out: Path, expected_hash: str | None = None) -> dict[str, dict]:
 
 
 def _evaluate(lm, tasks, harness) -> dict:
-    from lmcompress.tasks import run_tasks
+    from lmcompress.measure.tasks import run_tasks
 
     return run_tasks(lm, tasks, harness=harness)
 
@@ -253,9 +253,9 @@ def run_sweep(
 
     The dense model is loaded once and never modified: each point prunes a deep copy of it.
     """
-    from lmcompress.io import load_model, resolve_source
+    from lmcompress.checkpoint.load import load_model, resolve_source
     from lmcompress.jobs import calibration, check_device, resolve_seqlen, versions
-    from lmcompress.tasks import LM, parse_tasks, prepare_tasks
+    from lmcompress.measure.tasks import LM, parse_tasks, prepare_tasks
 
     config.validate()
     specs = parse_tasks(config.tasks) if config.tasks else []
@@ -263,7 +263,7 @@ def run_sweep(
         raise UserError("a sweep needs something to measure: give --tasks (e.g. ppl:wikitext2) or --harness")
     check_device(device)
     if config.harness:
-        from lmcompress.tasks.harness import _import_lm_eval
+        from lmcompress.measure.tasks.harness import _import_lm_eval
 
         _import_lm_eval()  # fail before any work when lm-eval is missing
     resolved = resolve_source(model, allow_pickle)
@@ -317,7 +317,7 @@ def run_sweep(
             target = net
             record.update(method="dense", allocation=None, pattern=None, sparsity=0.0)
         else:
-            from lmcompress.pruning import prune
+            from lmcompress.transforms.prune import prune
 
             target = copy.deepcopy(net)
             report = prune(target, config.prune_config(p), calib, device=device, progress=False)
@@ -332,7 +332,7 @@ def run_sweep(
             }
         harness = None
         if config.harness:
-            from lmcompress.tasks.harness import run_harness
+            from lmcompress.measure.tasks.harness import run_harness
 
             harness = lambda t=target, names=_split(config.harness): run_harness(  # noqa: E731
                 t, tokenizer, names, shots=config.shots, limit=config.limit, batch_size=config.batch_size, device=device

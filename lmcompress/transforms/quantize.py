@@ -10,22 +10,76 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.algorithms.gptq import gptq_quantize
-from lmcompress.algorithms.quant import QuantizedTensor, rtn_quantize
-from lmcompress.config import QuantConfig
-from lmcompress.engine import BlockInputs, collect_input_stats, walk_blocks
+from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize
+from lmcompress.calibration.engine import BlockInputs, collect_input_stats, walk_blocks
+from lmcompress.checkpoint.packing import scale_storage_dtype
 from lmcompress.errors import UserError
-from lmcompress.families import blocks_path, find_prunable, get_blocks, set_weight_matrix, weight_matrix
-from lmcompress.packing import scale_storage_dtype
+from lmcompress.models.families import blocks_path, find_prunable, get_blocks, set_weight_matrix, weight_matrix
 
 log = logging.getLogger(__name__)
+
+METHODS = ("rtn", "gptq")
+
+
+def check_quant_grid(bits: int | None, group_size: int, option: str = "--bits") -> None:
+    """UserError unless ``bits`` is in 2..8 and ``group_size`` is positive or -1 (one grid per output row)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise UserError(f"{option} must be an integer from 2 to 8 (2, 3, 4 and 8 are the usual choices), got {bits}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size <= 0 and group_size != -1):
+        raise UserError(f"--group-size must be a positive number of inputs or -1 (per channel), got {group_size}")
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize the linear layers of the blocks: ``bits`` per weight on a uniform grid per group.
+
+    ``group_size`` inputs share a scale and zero point (-1: one per output row). ``keep_zeros`` keeps weights
+    that are exactly zero (a pruned model) at exactly zero.
+    """
+
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False  # GPTQ: process inputs by decreasing Hessian diagonal
+    static_groups: bool = False  # GPTQ + act-order: fix the grids up front in natural column order
+    percdamp: float = 0.01  # GPTQ dampening, fraction of the mean Hessian diagonal
+    blocksize: int = 128  # GPTQ column block (lazy batch updates)
+    keep_zeros: bool = True  # weights that are exactly zero stay exactly zero
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.sym)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown quantization method {self.method!r}: choose one of {', '.join(METHODS)}")
+        check_quant_grid(self.bits, self.group_size)
+        if self.method == "rtn" and (self.act_order or self.static_groups):
+            raise UserError("--act-order and --static-groups are GPTQ options; use them with --method gptq")
+        if self.static_groups and self.group_size == -1:
+            raise UserError("--static-groups needs groups: give --group-size N (not -1)")
+        if not 0.0 <= self.percdamp < 1.0:
+            raise UserError(f"--percdamp must be in [0, 1), got {self.percdamp}")
+        if self.blocksize <= 0:
+            raise UserError(f"--blocksize must be positive, got {self.blocksize}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -162,19 +216,3 @@ def quantize(
         weights=weights,
         wall_time_s=time.perf_counter() - start,
     )
-
-
-def save_quantized(
-    model: nn.Module,
-    tokenizer,
-    out_dir: str | Path,
-    recipe: dict,
-    quantized: dict[str, QuantizedTensor],
-    *,
-    overwrite: bool = False,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Save ``model`` with its quantized layers packed as codes + grids (``lmcompress.storage.save_packed``)."""
-    from lmcompress.storage import save_packed
-
-    return save_packed(model, tokenizer, out_dir, recipe, quantized=quantized, overwrite=overwrite, dtype=dtype)

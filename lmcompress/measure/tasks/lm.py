@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.errors import UserError
-from lmcompress.families import context_length
+from lmcompress.models.families import context_length
 
 
 class LM:

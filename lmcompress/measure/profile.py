@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lmcompress.families import FAMILIES, get_blocks
+from lmcompress.models.families import FAMILIES, get_blocks
 
 
 def count_params(model: nn.Module) -> int:
@@ -38,7 +38,7 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 def _attention_width(model: nn.Module) -> list[int]:
     """``heads × head_dim`` of each block's attention (what the score/value products scale with)."""
-    from lmcompress.structured import LAYOUTS  # the per-family layer roles
+    from lmcompress.transforms.shrink import LAYOUTS  # the per-family layer roles
 
     layout = LAYOUTS.get(getattr(model.config, "model_type", None))
     try:
@@ -60,7 +60,7 @@ def _attention_width(model: nn.Module) -> list[int]:
 
 def _expert_flops(model: nn.Module) -> int:
     """Per-token matmul FLOPs of the mixture-of-experts layers: router plus the ``top_k`` experts a token runs."""
-    from lmcompress.experts import MOE_LAYOUTS, moe_module
+    from lmcompress.transforms.experts import MOE_LAYOUTS, moe_module
 
     layout = MOE_LAYOUTS.get(getattr(model.config, "model_type", None))
     if layout is None:
@@ -193,7 +193,7 @@ def profile_with_source(
     out: dict = {"model": profile_model(model, seqlen, device, repeats), "source": None}
     source = (recipe or {}).get("source_model")
     if source and Path(str(source)).is_dir():
-        from lmcompress.loader import load
+        from lmcompress.checkpoint.load import load
 
         dense, _ = load(source, dtype=dtype)
         out["source"] = {"path": str(source), **profile_model(dense, seqlen, device, repeats)}
@@ -217,7 +217,8 @@ def profile_pretrained(
     allow_pickle: bool = False,
 ) -> dict:
     """Load a model folder (anything ``lmcompress.load`` reads) and profile it and its recipe's dense source."""
-    from lmcompress.io import load_model, read_recipe
+    from lmcompress.checkpoint.folder import read_recipe
+    from lmcompress.checkpoint.load import load_model
 
     net, _ = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     recipe = read_recipe(model) if Path(str(model)).is_dir() else None

@@ -1,0 +1,2 @@
+"""Calibration: text → token windows (``data``), the block-by-block walker (``engine``) and the statistics it
+collects from each layer's inputs (``stats``)."""

@@ -1,0 +1,238 @@
+"""Inspecting a folder: bytes on disk by tensor kind, bits per weight, sparsity, health (lmcompress info)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmcompress.checkpoint.folder import read_recipe
+from lmcompress.checkpoint.packed import PACKED_FILE, _index_of, strip_marker
+from lmcompress.errors import UserError
+
+
+def packed_file_layout(path: str | Path) -> tuple[int, dict[str, int]]:
+    """``(header_bytes, {key: data_bytes})`` of a safetensors file, read from its header only.
+
+    Raises :class:`UserError` when the header is unreadable or the file is not exactly as long as the header
+    says (truncated, or bytes appended): sizes are then never reported for a damaged file.
+    """
+    path = Path(path)
+    file_size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UserError(f"{path} is not a safetensors file (too short); the file is truncated or corrupted")
+        n = int.from_bytes(head, "little")
+        if 8 + n > file_size:
+            raise UserError(f"{path} has a corrupted safetensors header; the file is truncated or corrupted")
+        try:
+            header = json.loads(f.read(n))
+            sizes, data_end = {}, 0
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                start, end = (int(x) for x in info["data_offsets"])
+                if not 0 <= start <= end:
+                    raise ValueError(key)
+                sizes[key] = end - start
+                data_end = max(data_end, end)
+        except Exception:
+            raise UserError(f"{path} has a corrupted safetensors header; the file is truncated or corrupted") from None
+    if 8 + n + data_end != file_size:
+        raise UserError(
+            f"{path} is {file_size} bytes but its header describes {8 + n + data_end}; "
+            "the file is truncated or corrupted"
+        )
+    return 8 + n, sizes
+
+
+def logical_numel(entry: dict) -> int:
+    return math.prod(entry.get("shape", []))
+
+
+KINDS = ("values", "masks", "indices", "codes", "scales", "embeddings", "other", "header")
+
+
+_PART_KIND = {
+    "values": "values",
+    "mask": "masks",
+    "index": "indices",
+    "g_idx": "indices",
+    "codes": "codes",
+    "scale": "scales",
+    "zero": "scales",
+}
+
+
+_CT_SUFFIX = {  # parts of a compressed-tensors pack-quantized layer
+    "weight_packed": "codes",
+    "weight_scale": "scales",
+    "weight_zero_point": "scales",
+    "weight_g_idx": "indices",
+    "weight_shape": "other",
+}
+
+
+_ST_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+_RECIPE_SUMMARY = (
+    "kind",
+    "source_model",
+    "method",
+    "sparsity",
+    "pattern",
+    "allocation",
+    "achieved_sparsity",
+    "quantization",
+    "bits",
+    "group_size",
+    "sym",
+    "storage",
+    "wall_time_s",
+)
+
+
+def _roles(folder: Path, recipe: dict | None) -> tuple[set[str], set[str]]:
+    """``(embeddings, linear weights)``: parameter names of embedding tables / output head, and of the
+    other ``nn.Linear`` / ``Conv1D`` layers, from a weightless (meta) model built from the config."""
+    from lmcompress.checkpoint.load import auto_model_class, load_config
+    from lmcompress.models.families import is_prunable
+    from lmcompress.models.surgery import apply_surgery
+
+    config = load_config(str(folder))
+    strip_marker(config)
+    try:
+        cls = auto_model_class(config)
+    except UserError:  # an architecture lmcompress does not compress can still be described
+        import transformers
+
+        cls = transformers.AutoModelForCausalLM
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    apply_surgery(model, (recipe or {}).get("surgery") or [])
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embeddings, linear = set(), set()
+    for name, module in model.named_modules():
+        weight = f"{name}.weight" if name else "weight"
+        if isinstance(module, nn.Embedding) or (head is not None and module is head):
+            embeddings.add(weight)
+        elif is_prunable(module):
+            linear.add(weight)
+    return embeddings, linear
+
+
+def folder_info(folder: str | Path) -> dict:
+    """Size on disk by tensor kind, bits per weight and sparsity of a packed or plain safetensors folder.
+
+    ``by_kind`` sums exactly to ``weights_bytes``, the size of the weight files (``header`` is the
+    safetensors headers); ``linear`` covers the ``nn.Linear`` / ``Conv1D`` weights outside the embeddings
+    and output head (the layers lmcompress compresses), with everything they take: values, masks, N:M
+    indices, codes, scales and zero points.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} is not a model folder (no config.json)")
+    recipe = read_recipe(folder)
+    embeddings, linear = _roles(folder, recipe)
+    by_kind = dict.fromkeys(KINDS, 0)
+    layouts: dict[str, int] = {}
+    params = lin_params = lin_bytes = lin_nonzero = dense_equiv = 0
+    unknown_sparsity = False  # compressed-tensors packed codes are not decoded here
+    if recipe and recipe.get("storage") == "packed":
+        index = _index_of(folder, recipe)
+        header, sizes = packed_file_layout(folder / index.get("file", PACKED_FILE))
+        weight_files = [folder / index.get("file", PACKED_FILE)]
+        by_kind["header"] = header
+        for name, entry in index["tensors"].items():
+            if entry.get("layout") == "alias":
+                continue
+            numel = logical_numel(entry)
+            params += numel
+            dense_equiv += numel * getattr(torch, entry["dtype"]).itemsize
+            nbytes = 0
+            for part, desc in entry["parts"].items():
+                size = sizes.get(desc["key"])
+                if size is None:
+                    raise UserError(
+                        f"{desc['key']!r} is in the index but not in the weights file; the folder is damaged"
+                    )
+                nbytes += size
+                kind = "embeddings" if name in embeddings else _PART_KIND[part] if name in linear else "other"
+                by_kind[kind] += size
+            if name in linear:
+                lin_params += numel
+                lin_bytes += nbytes
+                lin_nonzero += entry.get("nnz", numel)
+                label = entry["layout"] + (f" {entry['n']}:{entry['m']}" if entry["layout"] == "nm" else "")
+                if entry["kind"] == "quantized":
+                    group = "channel" if entry["group_size"] == -1 else f"g{entry['group_size']}"
+                    label += f" int{entry['bits']} {group}"
+                else:
+                    label += f" {entry['dtype']}"
+                layouts[label] = layouts.get(label, 0) + 1
+    else:
+        from safetensors import safe_open
+
+        weight_files = sorted(folder.glob("*.safetensors"))
+        if not weight_files:
+            raise UserError(f"{folder} holds no *.safetensors weight files")
+        for path in weight_files:
+            header, sizes = packed_file_layout(path)
+            by_kind["header"] += header
+            with safe_open(str(path), framework="pt") as f:
+                for key, size in sizes.items():
+                    base, _, suffix = key.rpartition(".")
+                    if f"{base}.weight" in linear and suffix in _CT_SUFFIX:  # a compressed-tensors export
+                        by_kind[_CT_SUFFIX[suffix]] += size
+                        lin_bytes += size
+                        if suffix == "weight_packed":
+                            numel = math.prod(f.get_tensor(f"{base}.weight_shape").tolist())
+                            itemsize = _ST_ITEMSIZE.get(f.get_slice(f"{base}.weight_scale").get_dtype(), 2)
+                            params += numel
+                            lin_params += numel
+                            dense_equiv += numel * itemsize
+                            unknown_sparsity = True
+                            layouts["compressed-tensors pack-quantized"] = (
+                                layouts.get("compressed-tensors pack-quantized", 0) + 1
+                            )
+                        continue
+                    kind = "embeddings" if key in embeddings else "values" if key in linear else "other"
+                    by_kind[kind] += size
+                    shape = f.get_slice(key).get_shape()
+                    numel = math.prod(shape)
+                    params += numel
+                    dense_equiv += size
+                    if key in linear:
+                        lin_params += numel
+                        lin_bytes += size
+                        lin_nonzero += int((f.get_tensor(key) != 0).sum())
+                        label = f"dense {f.get_slice(key).get_dtype()}"
+                        layouts[label] = layouts.get(label, 0) + 1
+    weights_bytes = sum(p.stat().st_size for p in weight_files)
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    summary = {k: recipe[k] for k in _RECIPE_SUMMARY if recipe and k in recipe}
+    return {
+        "folder": str(folder),
+        "storage": "packed" if recipe and recipe.get("storage") == "packed" else "dense",
+        "files": files,
+        "total_bytes": sum(files.values()),
+        "weights_bytes": weights_bytes,
+        "by_kind": by_kind,
+        "params": params,
+        "dense_equivalent_bytes": dense_equiv,
+        "ratio_to_dense": weights_bytes / dense_equiv if dense_equiv else None,
+        "bits_per_param": 8 * weights_bytes / params if params else None,
+        "linear": {
+            "params": lin_params,
+            "bytes": lin_bytes,
+            "bits_per_weight": 8 * lin_bytes / lin_params if lin_params else None,
+            "sparsity": 1 - lin_nonzero / lin_params if lin_params and not unknown_sparsity else None,
+            "layouts": layouts,
+        },
+        "recipe": summary,
+    }

@@ -1,0 +1,82 @@
+"""Saving: dense folders that plain from_pretrained loads, quantized folders, and unpacking packed ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmcompress.algorithms.quant import QuantizedTensor
+from lmcompress.checkpoint.folder import RECIPE_FILE, RESIZED_MARKER, read_recipe, save_atomic
+from lmcompress.checkpoint.packed import _index_of
+
+
+def save_model(
+    model: nn.Module, tokenizer, out_dir: str | Path, recipe: dict, *, overwrite: bool = False, dtype=None
+) -> Path:
+    """Save a model that loads with ``from_pretrained``, its tokenizer and the ``lmcompress.json`` recipe."""
+
+    def write(tmp: Path) -> None:
+        state = None
+        if dtype is not None:  # store in the checkpoint's own dtype without touching the in-memory model
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.save_pretrained(tmp, state_dict=state)
+        config = json.loads((tmp / "config.json").read_text())
+        if dtype is not None:
+            config["dtype"] = str(dtype).removeprefix("torch.")
+        if recipe.get("surgery"):
+            _guard_from_plain_loading(tmp, config)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+
+    return save_atomic(out_dir, write, overwrite=overwrite)
+
+
+def _guard_from_plain_loading(folder: Path, config: dict) -> None:
+    """Make plain ``from_pretrained`` fail loudly on a folder whose layers its config cannot describe.
+
+    Without this it may load such a folder *wrongly*: a bias that the config has no flag for is dropped with
+    a mere warning. The weight files keep their content (``lmcompress.load`` reads every ``*.safetensors``)
+    but lose the names transformers looks for, and the config names the way to load them.
+    """
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        if (folder / name).exists():
+            (folder / name).rename(folder / name.replace("model.safetensors", "model.resized.safetensors"))
+    config["quantization_config"] = {"quant_method": RESIZED_MARKER}
+
+
+def save_quantized(
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    recipe: dict,
+    quantized: dict[str, QuantizedTensor],
+    *,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Save ``model`` with its quantized layers packed as codes + grids (see ``checkpoint.packed.save_packed``)."""
+    from lmcompress.checkpoint.packed import save_packed
+
+    return save_packed(model, tokenizer, out_dir, recipe, quantized=quantized, overwrite=overwrite, dtype=dtype)
+
+
+def unpack_folder(folder: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a packed folder out as a plain one (``model.safetensors`` in the stored dtype) that
+    ``from_pretrained`` loads; quantized weights are written dequantized."""
+    from lmcompress.checkpoint.folder import check_output
+    from lmcompress.checkpoint.load import load, source_dtype
+    from lmcompress.checkpoint.save import save_model
+
+    folder = Path(folder)
+    check_output(output, overwrite, source=folder)
+    recipe = read_recipe(folder)
+    _index_of(folder, recipe)
+    model, tokenizer = load(folder, dtype="float32")
+    plain = {k: v for k, v in recipe.items() if k not in ("storage", "packed")}
+    plain["unpacked_from"] = str(folder)
+    return save_model(model, tokenizer, output, plain, overwrite=overwrite, dtype=source_dtype(model.config))
