@@ -15,6 +15,7 @@ import torch
 
 from bench.common import machine_info, print_table, save_results, wikitext
 from bench.reference import ensure_reference_model
+from lmcompress.calibration.data import draw
 
 POLICIES = ["energy:0.8", "energy:0.9", "energy:0.95", "auto:0.1", "auto:0.2", "auto:0.3"]
 
@@ -31,7 +32,6 @@ def main() -> None:
 
     from lmcompress.calibration.data import eval_windows
     from lmcompress.checkpoint.load import load_model
-    from lmcompress.measure.evaluate import calibration
     from lmcompress.measure.perplexity import perplexity
     from lmcompress.transforms.factorize import FactorizeConfig, factorize
 
@@ -40,7 +40,7 @@ def main() -> None:
     test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), 256)
     if args.max_eval_windows:
         test = test[: args.max_eval_windows]
-    calib, _ = calibration(tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=256, seed=0)
+    calib, _ = draw(tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=256, seed=0)
 
     def ppl(model) -> float:
         return perplexity(model, test, progress=False).perplexity

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.common import CACHE, machine_info, print_table, save_results, wikitext
+from lmcompress.calibration.data import draw
 
 MOE = dict(
     family="mixtral",
@@ -110,7 +111,6 @@ def main() -> None:
 
     from lmcompress.calibration.data import eval_windows
     from lmcompress.checkpoint.load import load_model
-    from lmcompress.measure.evaluate import calibration
     from lmcompress.measure.perplexity import perplexity
     from lmcompress.transforms.experts import ExpertConfig, drop_experts
 
@@ -119,7 +119,7 @@ def main() -> None:
     test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), 256)
     if args.max_eval_windows:
         test = test[: args.max_eval_windows]
-    calib, _ = calibration(tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=256, seed=0)
+    calib, _ = draw(tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=256, seed=0)
 
     def ppl(model) -> float:
         return perplexity(model, test, progress=False).perplexity

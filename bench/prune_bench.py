@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.common import machine_info, peak_rss_mb, print_table, save_results, wikitext
+from lmcompress.calibration.data import draw
 
 GRID = [
     (method, target, pattern, allocation)
@@ -38,12 +39,11 @@ def _setup(model_dir: str, nsamples: int, seqlen: int, threads: int, max_windows
 
     from lmcompress.calibration.data import eval_windows
     from lmcompress.checkpoint.load import load_model
-    from lmcompress.measure.evaluate import calibration
 
     torch.set_num_threads(threads)
     hf_logging.set_verbosity_error()
     model, tokenizer = load_model(model_dir)
-    calib, _ = calibration(tokenizer, str(wikitext("valid")), nsamples=nsamples, seqlen=seqlen, seed=0)
+    calib, _ = draw(tokenizer, str(wikitext("valid")), nsamples=nsamples, seqlen=seqlen, seed=0)
     test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), seqlen)[:max_windows]
     return model, calib, test
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.common import machine_info, print_table, save_results, wikitext
+from lmcompress.calibration.data import draw
 
 
 def rows_to_run(group: int) -> list[dict]:
@@ -103,7 +104,6 @@ def main() -> None:
 
     from lmcompress.calibration.data import eval_windows
     from lmcompress.checkpoint.load import load_model
-    from lmcompress.measure.evaluate import calibration
     from lmcompress.measure.perplexity import perplexity
     from lmcompress.models.families import find_prunable, get_blocks, weight_matrix
 
@@ -117,7 +117,7 @@ def main() -> None:
     widths = sorted({weight_matrix(m).shape[1] for b in get_blocks(base) for m in find_prunable(b).values()})
     if any(w % args.group_size for w in widths):
         raise SystemExit(f"--group-size {args.group_size} does not divide the layer input widths {widths}")
-    calib, calib_info = calibration(tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=args.seqlen)
+    calib, calib_info = draw(tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=args.seqlen)
     test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), args.seqlen)
     test = test[: args.eval_windows]
     print(f"evaluating on {test.shape[0]} windows × {args.seqlen} tokens of test.txt", flush=True)

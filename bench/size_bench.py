@@ -27,11 +27,12 @@ import torch
 from bench.common import CACHE, machine_info, print_table, save_results, wikitext
 from bench.reference import ensure_reference_model
 from lmcompress.algorithms.quant import QuantSpec, rtn_quantize
+from lmcompress.calibration.data import draw
 from lmcompress.checkpoint.inspect import folder_info
 from lmcompress.checkpoint.load import load_model
 from lmcompress.checkpoint.packed import save_packed
 from lmcompress.checkpoint.save import save_model
-from lmcompress.measure.evaluate import calibration, evaluate_pretrained
+from lmcompress.measure.evaluate import evaluate_pretrained
 from lmcompress.transforms.prune import PruneConfig, prune
 from lmcompress.transforms.quantize import QuantConfig, quantize
 
@@ -101,7 +102,7 @@ def main() -> None:
     test_txt = str(wikitext("test"))
 
     model, tokenizer = load_model(source)
-    calib, _ = calibration(tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=args.seqlen)
+    calib, _ = draw(tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=args.seqlen)
     dense = save_model(model, tokenizer, work / "dense-fp16", {"kind": "bench"}, dtype=torch.float16)
     dense_info = folder_info(dense)
     dense_bytes = dense_info["weights_bytes"]

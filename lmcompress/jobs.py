@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmcompress.calibration.data import calibration_windows, load_text, windows_hash
+from lmcompress import __version__
+from lmcompress.calibration.data import draw
 from lmcompress.checkpoint.folder import check_output, read_recipe
 from lmcompress.checkpoint.load import load_config, load_model, resolve_source, source_dtype
 from lmcompress.checkpoint.save import save_model, save_quantized
@@ -47,27 +48,11 @@ def resolve_seqlen(model: nn.Module, seqlen: int | None) -> int:
     return seqlen
 
 
-def calibration(tokenizer, source: str, *, nsamples: int = 128, seqlen: int = 2048, seed: int = 0):
-    """Calibration windows ``[nsamples, seqlen]`` and a description of them for the recipe."""
-    text = load_text(source, role="calib")
-    windows = calibration_windows(tokenizer, text.text, nsamples, seqlen, seed)
-    info = {
-        "source": text.description,
-        "nsamples": nsamples,
-        "seqlen": seqlen,
-        "seed": seed,
-        "sha256": windows_hash(windows),
-    }
-    return windows, info
-
-
 def versions() -> dict:
     import transformers
 
-    import lmcompress
-
     return {
-        "lmcompress": lmcompress.__version__,
+        "lmcompress": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -103,11 +88,10 @@ class Job:
 
     def recipe(self, kind: str, fields: dict) -> dict:
         """The recipe: what was done (``fields``), from what, on what data, with which versions and how long."""
-        import lmcompress
 
         surgery = self.source_surgery + list(fields.get("surgery") or [])  # the source's records rebuild first
         recipe = {
-            "lmcompress_version": lmcompress.__version__,
+            "lmcompress_version": __version__,
             "kind": kind,
             "source_model": self.source,
             **{k: v for k, v in fields.items() if k != "surgery"},
@@ -158,7 +142,7 @@ def open_job(
     length = resolve_seqlen(net, seqlen)  # checked even when unused: a wrong --seqlen is an error
     calib, calib_info = None, None
     if needs_calibration:
-        calib, calib_info = calibration(tokenizer, calib_data, nsamples=nsamples, seqlen=length, seed=seed)
+        calib, calib_info = draw(tokenizer, calib_data, nsamples=nsamples, seqlen=length, seed=seed)
     surgery = list((recipe_of_source or {}).get("surgery") or [])
     return Job(str(resolved), net, tokenizer, calib, calib_info, device, dtype, surgery, start)
 

@@ -195,7 +195,7 @@ def test_factorize_save_load_round_trip(policy, aware, tmp_path, tiny_folder, ca
     config = FactorizeConfig(rank_policy=policy, activation_aware=aware)
     windows = None
     if aware:
-        windows = lmcompress.calibration(tok, str(calib_file), nsamples=4, seqlen=32)[0]
+        windows = lmcompress.calibration.draw(tok, str(calib_file), nsamples=4, seqlen=32)[0]
     factorize(model, config, windows, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded(calib[:2]).logits, model(calib[:2]).logits, atol=1e-5, rtol=1e-5)

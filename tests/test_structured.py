@@ -11,12 +11,12 @@ from transformers import AutoModelForCausalLM
 
 import lmcompress
 from lmcompress.algorithms.units import UnitStats, correct, unit_scores, units_to_keep
+from lmcompress.calibration.data import draw
 from lmcompress.calibration.engine import capture_block_inputs, run_block
 from lmcompress.checkpoint.load import load_model
 from lmcompress.checkpoint.save import save_model
 from lmcompress.errors import UserError
 from lmcompress.jobs import structured_prune_pretrained
-from lmcompress.measure.evaluate import calibration
 from lmcompress.measure.profile import count_params, flops_breakdown, latency_per_token
 from lmcompress.models.families import get_blocks, weight_matrix
 from lmcompress.models.tiny import build_tiny_model
@@ -197,7 +197,7 @@ def test_api_uniform_loads_with_plain_transformers(structure, tiny_folder, tmp_p
     )
     # the same job in memory
     model, tok = load_model(source)
-    calib, _ = calibration(tok, "bundled:wikitext2-valid", nsamples=4, seqlen=32)
+    calib, _ = draw(tok, "bundled:wikitext2-valid", nsamples=4, seqlen=32)
     structured_prune(model, config, calib, progress=False)
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(logits(reloaded), logits(model), atol=0, rtol=0)
@@ -222,7 +222,7 @@ def test_api_owl_per_layer_loads_with_lmcompress_load(tiny_folder, tmp_path, tok
     recipe = json.loads((out / "lmcompress.json").read_text())
     assert recipe["surgery"], "per-layer shapes must be recorded"
     net, tok = load_model(source)
-    calib, _ = calibration(tok, "bundled:wikitext2-valid", nsamples=4, seqlen=32)
+    calib, _ = draw(tok, "bundled:wikitext2-valid", nsamples=4, seqlen=32)
     structured_prune(net, config, calib, progress=False)
     loaded, _ = lmcompress.load(out)
     for block, width, heads in zip(get_blocks(loaded), report.ffn_widths, report.heads, strict=True):

@@ -111,3 +111,16 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
         scales.append(scale)
         zeros.append(zero)
     return QuantizedTensor(codes, torch.stack(scales, 1), torch.stack(zeros, 1), spec)
+
+
+def scale_storage_dtype(scale: torch.Tensor) -> torch.dtype:
+    """The narrowest float dtype (fp16, bf16, fp32) that holds every scale exactly: storage stays lossless."""
+    for dtype in (torch.float16, torch.bfloat16):
+        if scale.dtype.itemsize > dtype.itemsize and _float_is_exact(scale, dtype):
+            return dtype
+    return scale.dtype if scale.dtype.itemsize <= 4 else torch.float32
+
+
+def _float_is_exact(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    low = t.to(dtype)
+    return bool(torch.isfinite(low).all()) and torch.equal(low.to(t.dtype), t)

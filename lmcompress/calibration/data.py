@@ -122,3 +122,17 @@ def eval_windows(tokenizer, text: str, seqlen: int) -> torch.Tensor:
 def windows_hash(windows: torch.Tensor) -> str:
     """SHA-256 of the token windows: identifies the exact calibration set in the recipe."""
     return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def draw(tokenizer, source: str, *, nsamples: int = 128, seqlen: int = 2048, seed: int = 0):
+    """Calibration windows ``[nsamples, seqlen]`` and a description of them for the recipe."""
+    text = load_text(source, role="calib")
+    windows = calibration_windows(tokenizer, text.text, nsamples, seqlen, seed)
+    info = {
+        "source": text.description,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "sha256": windows_hash(windows),
+    }
+    return windows, info

@@ -104,8 +104,6 @@ def load_model(
     family_of(config)
     recipe = read_recipe(resolved) if Path(resolved).is_dir() else None
     if recipe and (recipe.get("storage") == "packed" or recipe.get("surgery")):
-        from lmcompress.checkpoint.load import load
-
         return load(resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     try:
         model = auto_model_class(config).from_pretrained(

@@ -32,7 +32,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec
+from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, scale_storage_dtype
 
 NM_GROUP_SIZES = (4, 8, 16)  # M values tried when looking for an N:M structure
 _CHUNK = 1 << 20  # elements bit-packed at a time (bounds temporary memory); a multiple of 8
@@ -319,19 +319,6 @@ def unpack_tensor(p: Packed) -> torch.Tensor:
         positions = unpack_nm_index(index, n, m, groups)
         return nm_scatter(values, positions, m, torch.zeros(shape, dtype=dtype))
     raise ValueError(f"unknown layout {p.layout!r}")
-
-
-def _float_is_exact(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    low = t.to(dtype)
-    return bool(torch.isfinite(low).all()) and torch.equal(low.to(t.dtype), t)
-
-
-def scale_storage_dtype(scale: torch.Tensor) -> torch.dtype:
-    """The narrowest float dtype (fp16, bf16, fp32) that holds every scale exactly: storage stays lossless."""
-    for dtype in (torch.float16, torch.bfloat16):
-        if scale.dtype.itemsize > dtype.itemsize and _float_is_exact(scale, dtype):
-            return dtype
-    return scale.dtype if scale.dtype.itemsize <= 4 else torch.float32
 
 
 def _default_g_idx(spec: QuantSpec, cols: int) -> torch.Tensor:

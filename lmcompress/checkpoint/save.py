@@ -70,7 +70,6 @@ def unpack_folder(folder: str | Path, output: str | Path, *, overwrite: bool = F
     ``from_pretrained`` loads; quantized weights are written dequantized."""
     from lmcompress.checkpoint.folder import check_output
     from lmcompress.checkpoint.load import load, source_dtype
-    from lmcompress.checkpoint.save import save_model
 
     folder = Path(folder)
     check_output(output, overwrite, source=folder)

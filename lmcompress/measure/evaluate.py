@@ -9,7 +9,6 @@ from lmcompress.calibration.data import eval_windows, load_text
 from lmcompress.checkpoint.folder import read_recipe
 from lmcompress.checkpoint.load import load_model
 from lmcompress.errors import UserError
-from lmcompress.jobs import calibration as calibration  # re-exported: part of the documented API
 from lmcompress.jobs import check_device, resolve_seqlen
 from lmcompress.measure.perplexity import perplexity
 from lmcompress.models.families import is_encoder

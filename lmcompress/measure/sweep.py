@@ -253,8 +253,9 @@ def run_sweep(
 
     The dense model is loaded once and never modified: each point prunes a deep copy of it.
     """
+    from lmcompress.calibration.data import draw
     from lmcompress.checkpoint.load import load_model, resolve_source
-    from lmcompress.jobs import calibration, check_device, resolve_seqlen, versions
+    from lmcompress.jobs import check_device, resolve_seqlen, versions
     from lmcompress.measure.tasks import LM, parse_tasks, prepare_tasks
 
     config.validate()
@@ -296,7 +297,7 @@ def run_sweep(
     )
     calib, calib_info = None, None
     if any(p is not None and config.prune_config(p).needs_calibration for p in todo):
-        calib, calib_info = calibration(
+        calib, calib_info = draw(
             tokenizer, config.calib_data, nsamples=config.nsamples, seqlen=seqlen, seed=config.seed
         )
     common = {

@@ -17,9 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.algorithms.gptq import gptq_quantize
-from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize
+from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize, scale_storage_dtype
 from lmcompress.calibration.engine import BlockInputs, collect_input_stats, walk_blocks
-from lmcompress.checkpoint.packing import scale_storage_dtype
 from lmcompress.errors import UserError
 from lmcompress.models.families import blocks_path, find_prunable, get_blocks, set_weight_matrix, weight_matrix
 
