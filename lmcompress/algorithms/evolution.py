@@ -1,0 +1,181 @@
+"""Budget-preserving evolutionary search over per-unit compression levels (after EvoPress, Sieberling et al. 2024).
+
+A *unit* (a layer or a block) can be compressed at one of a few *levels* (sparsities, bit widths). A candidate
+assigns a level index to every unit; its *cost* is ``Σ_u cost[u][level_u]`` (weights kept, or bits stored),
+and the search looks for the candidate of lowest fitness (e.g. KL divergence to the dense model) whose cost
+stays on the budget.
+
+Mutation (the level switch): move one unit one level up and another one level down, chosen so that the total
+cost does not leave the budget. For sparsity the two units are of the same size, so the total is unchanged
+exactly; for bit widths whose steps differ (2→3 is one bit, 4→8 four) a move is kept only when the total stays
+within ``[budget − slack, budget]``.
+
+Selection in steps: each generation makes ``offspring`` mutants of the parent, scores them all on a few tokens,
+keeps the best ``survivors[0]``, scores those on more tokens, and so on; the parent is replaced only when the
+last stage's winner beats it on the same tokens (elitist, so the fitness never gets worse).
+
+This module is pure: fitness is a callable ``(levels, stage) → float`` supplied by the caller.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LevelSpace:
+    """``cost[u][l]``: what unit ``u`` costs at level ``l`` (levels sorted, cost non-increasing in ``l``).
+
+    ``budget`` is the largest total cost allowed and ``slack`` how far below it a candidate may fall.
+    """
+
+    cost: tuple[tuple[float, ...], ...]
+    budget: float
+    slack: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.cost or any(len(c) != len(self.cost[0]) for c in self.cost):
+            raise ValueError("every unit needs the same number of levels")
+        for c in self.cost:
+            if any(b > a + 1e-9 for a, b in zip(c, c[1:], strict=False)):
+                raise ValueError("the cost of a unit must not grow with its level")
+        lo = sum(c[-1] for c in self.cost)
+        hi = sum(c[0] for c in self.cost)
+        if not lo - 1e-9 <= self.budget <= hi + 1e-9:
+            raise ValueError(f"budget {self.budget:g} is outside what the levels can reach ([{lo:g}, {hi:g}])")
+
+    @property
+    def units(self) -> int:
+        return len(self.cost)
+
+    @property
+    def levels(self) -> int:
+        return len(self.cost[0])
+
+    def total(self, levels: Sequence[int]) -> float:
+        return sum(self.cost[u][lv] for u, lv in enumerate(levels))
+
+    def feasible(self, levels: Sequence[int]) -> bool:
+        total = self.total(levels)
+        return self.budget - self.slack - 1e-6 <= total <= self.budget + 1e-6
+
+
+def mutate(space: LevelSpace, levels: Sequence[int], rng: random.Random, tries: int = 1000) -> list[int]:
+    """One level switch: unit ``a`` one level up, unit ``b`` one level down, the total kept on budget.
+
+    Returns a new list; raises ``ValueError`` when no feasible switch is found in ``tries`` draws (e.g. every
+    unit already at an end of the level range).
+    """
+    n = space.units
+    for _ in range(tries):
+        a, b = rng.randrange(n), rng.randrange(n)
+        if a == b or levels[a] + 1 >= space.levels or levels[b] == 0:
+            continue
+        child = list(levels)
+        child[a] += 1
+        child[b] -= 1
+        if space.feasible(child):
+            return child
+    raise ValueError("no budget-preserving level switch found: the levels leave no room to move")
+
+
+def mutate_many(space: LevelSpace, levels: Sequence[int], rng: random.Random, steps: int) -> list[int]:
+    """``steps`` level switches in a row (EvoPress draws the number of switches per offspring)."""
+    child = list(levels)
+    for _ in range(steps):
+        child = mutate(space, child, rng)
+    return child
+
+
+@dataclass
+class Generation:
+    """What one generation did: the best fitness after it (on the last stage's tokens) and what it scored."""
+
+    index: int
+    fitness: float
+    levels: list[int]
+    improved: bool
+    evaluations: int
+
+
+@dataclass
+class SearchState:
+    """Everything needed to resume: the parent, its fitness, the history, and the random generator's state."""
+
+    levels: list[int]
+    fitness: float
+    generation: int = 0
+    history: list[dict] = field(default_factory=list)
+    rng_state: object = None
+
+
+def evolve(
+    space: LevelSpace,
+    fitness: Callable[[Sequence[int], int], float],
+    state: SearchState,
+    *,
+    offspring: int = 16,
+    survivors: Sequence[int] = (4, 1),
+    max_switches: int = 3,
+    seed: int = 0,
+) -> Generation:
+    """Run one generation from ``state`` (changed in place) and return what it did.
+
+    ``fitness(levels, stage)`` scores a candidate on stage ``stage``'s tokens (0: few, ``len(survivors)``: the
+    most, which is also what ``state.fitness`` holds); lower is better. Offspring get 1..``max_switches`` switches.
+    """
+    if offspring < 1 or not survivors or any(s < 1 for s in survivors) or survivors[-1] != 1:
+        raise ValueError("need offspring ≥ 1 and a survivor schedule ending in 1")
+    rng = random.Random(seed)
+    if state.rng_state is not None:
+        rng.setstate(state.rng_state)
+    children = [mutate_many(space, state.levels, rng, rng.randint(1, max_switches)) for _ in range(offspring)]
+    evaluations = 0
+    for stage, keep in enumerate(survivors):
+        scored = []
+        for child in children:
+            scored.append((fitness(child, stage), child))
+            evaluations += 1
+        scored.sort(key=lambda pair: pair[0])
+        children = [child for _, child in scored[:keep]]
+        best_score = scored[0][0]
+    best = children[0]
+    improved = best_score < state.fitness
+    if improved:
+        state.levels, state.fitness = list(best), best_score
+    state.generation += 1
+    state.rng_state = rng.getstate()
+    gen = Generation(state.generation, state.fitness, list(state.levels), improved, evaluations)
+    state.history.append({"generation": gen.index, "fitness": gen.fitness, "improved": improved})
+    return gen
+
+
+def nearest_feasible(space: LevelSpace, target: Sequence[float], values: Sequence[float]) -> list[int]:
+    """Levels closest to per-unit ``target`` values (e.g. OWL's block sparsities) that lie on the budget.
+
+    Each unit takes the level whose value is nearest its target; then single-unit steps that bring the total
+    toward the budget are taken (cheapest change in value first) until it is feasible.
+    """
+    levels = [min(range(len(values)), key=lambda k: abs(values[k] - t)) for t in target]
+    for _ in range(space.units * space.levels):
+        total = space.total(levels)
+        if space.feasible(levels):
+            return levels
+        up = total > space.budget  # too expensive: compress some unit more
+        moves = [
+            (abs(values[levels[u] + (1 if up else -1)] - target[u]), u)
+            for u in range(space.units)
+            if (levels[u] + 1 < space.levels if up else levels[u] > 0)
+        ]
+        if not moves:
+            break
+        _, u = min(moves)
+        levels[u] += 1 if up else -1
+        if not up and space.total(levels) > space.budget + 1e-6:  # overshot upward: undo and stop
+            levels[u] += 1
+            break
+    if not space.feasible(levels):
+        raise ValueError("cannot place these targets on the budget with the given levels")
+    return levels

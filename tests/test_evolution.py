@@ -1,0 +1,111 @@
+"""The evolutionary level search: budgets kept, levels in range, resumable, and it finds a known optimum."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import random
+
+import pytest
+
+from lmcompress.algorithms.evolution import LevelSpace, SearchState, evolve, mutate, nearest_feasible
+
+SPARSITIES = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+def sparsity_space(sizes: list[int], target: float) -> LevelSpace:
+    """Cost = weights kept; budget = (1 − target) of all weights."""
+    cost = tuple(tuple(n * (1 - s) for s in SPARSITIES) for n in sizes)
+    return LevelSpace(cost, budget=sum(sizes) * (1 - target))
+
+
+def test_level_switches_keep_the_budget_exactly_and_the_levels_in_range():
+    sizes = [100, 100, 300, 300, 300, 50]
+    space = sparsity_space(sizes, 0.7)
+    levels = [SPARSITIES.index(0.7)] * len(sizes)
+    rng = random.Random(1)
+    for _ in range(500):
+        levels = mutate(space, levels, rng)
+        assert all(0 <= lv < len(SPARSITIES) for lv in levels)
+        assert space.total(levels) == pytest.approx(space.budget, abs=1e-6)
+    assert len(set(levels)) > 1  # it did move
+
+
+def test_a_budget_outside_the_levels_is_refused():
+    with pytest.raises(ValueError, match="outside"):
+        sparsity_space([10, 10], 0.95)
+
+
+def test_no_room_to_move_is_a_clear_error():
+    space = sparsity_space([10, 10], 0.9)
+    with pytest.raises(ValueError, match="no budget-preserving"):
+        mutate(space, [6, 6], random.Random(0), tries=50)
+
+
+def _separable_fitness(weights: list[float]):
+    """Units differ in sensitivity: fitness = Σ w_u · s_u², minimised by pruning insensitive units more."""
+
+    def fitness(levels, stage):
+        return sum(w * SPARSITIES[lv] ** 2 for w, lv in zip(weights, levels, strict=True))
+
+    return fitness
+
+
+def test_search_reaches_the_brute_force_optimum_on_a_small_problem():
+    sizes = [100] * 5
+    weights = [5.0, 1.0, 3.0, 0.5, 2.0]
+    space = sparsity_space(sizes, 0.6)
+    fitness = _separable_fitness(weights)
+    best = min(
+        (c for c in itertools.product(range(len(SPARSITIES)), repeat=5) if space.feasible(c)),
+        key=lambda c: fitness(c, 0),
+    )
+    start = [SPARSITIES.index(0.6)] * 5
+    state = SearchState(start, fitness(start, 1))
+    history = [state.fitness]
+    for _ in range(60):
+        evolve(space, fitness, state, offspring=8, survivors=(3, 1), seed=0)
+        history.append(state.fitness)
+    assert all(b <= a for a, b in itertools.pairwise(history))  # elitist: never worse
+    assert state.fitness == pytest.approx(fitness(best, 0))
+    assert space.feasible(state.levels)
+
+
+def test_resuming_from_a_saved_state_gives_the_same_result():
+    space = sparsity_space([100, 200, 100, 200], 0.5)
+    fitness = _separable_fitness([1.0, 4.0, 2.0, 0.3])
+    start = [SPARSITIES.index(0.5)] * 4
+    straight = SearchState(list(start), fitness(start, 1))
+    for _ in range(10):
+        evolve(space, fitness, straight, seed=7)
+    first = SearchState(list(start), fitness(start, 1))
+    for _ in range(4):
+        evolve(space, fitness, first, seed=7)
+    resumed = copy.deepcopy(first)  # what a killed run reloads from disk
+    for _ in range(6):
+        evolve(space, fitness, resumed, seed=7)
+    assert resumed.levels == straight.levels and resumed.fitness == straight.fitness
+    assert resumed.history == straight.history
+
+
+def test_bit_levels_with_unequal_steps_stay_within_the_slack():
+    bits = [2, 3, 4, 8]
+    sizes = [64, 64, 128, 128]
+    # cost: bits stored; levels ordered from most to least bits so that cost does not grow with the level
+    cost = tuple(tuple(n * b for b in reversed(bits)) for n in sizes)
+    space = LevelSpace(cost, budget=sum(sizes) * 3.0, slack=64.0)
+    levels = nearest_feasible(space, [3.0] * 4, list(reversed(bits)))
+    assert space.feasible(levels)
+    rng = random.Random(0)
+    for _ in range(200):
+        levels = mutate(space, levels, rng)
+        assert space.budget - space.slack - 1e-6 <= space.total(levels) <= space.budget + 1e-6
+
+
+def test_nearest_feasible_places_owl_like_targets_on_the_budget():
+    sizes = [100] * 6
+    space = sparsity_space(sizes, 0.7)
+    targets = [0.62, 0.66, 0.71, 0.74, 0.69, 0.78]
+    levels = nearest_feasible(space, targets, SPARSITIES)
+    assert space.feasible(levels)
+    assert levels[0] <= levels[-1]  # the order of the targets survives
