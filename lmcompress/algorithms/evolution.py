@@ -19,6 +19,7 @@ This module is pure: fitness is a callable ``(levels, stage) → float`` supplie
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class LevelSpace:
         if not self.cost or any(len(c) != len(self.cost[0]) for c in self.cost):
             raise ValueError("every unit needs the same number of levels")
         for c in self.cost:
-            if any(b > a + 1e-9 for a, b in zip(c, c[1:], strict=False)):
+            if any(b > a + 1e-9 for a, b in itertools.pairwise(c)):
                 raise ValueError("the cost of a unit must not grow with its level")
         lo = sum(c[-1] for c in self.cost)
         hi = sum(c[0] for c in self.cost)
