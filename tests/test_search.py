@@ -1,0 +1,75 @@
+"""Search on a tiny model: exact budgets, baselines, never worse than its seed, resumable, bad input refused."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+
+from lmcompress.errors import UserError
+from lmcompress.models.tiny import build_tiny_model
+from lmcompress.search.run import SearchConfig, parse_levels, search
+from lmcompress.transforms.prune import measure_sparsity
+
+FAST = {"levels": "0.3:0.9:0.1", "offspring": 4, "survivors": (2, 1), "stage_windows": (1, 2), "method": "wanda"}
+
+
+@pytest.fixture(scope="module")
+def base(tokenizer):
+    return build_tiny_model("llama", tokenizer.vocab_size)
+
+
+@pytest.mark.parametrize("granularity", ["block", "layer"])
+def test_budget_is_met_exactly_and_the_model_holds_the_allocation(granularity, base, calib, tmp_path):
+    model = copy.deepcopy(base)
+    config = SearchConfig(target=0.6, granularity=granularity, generations=4, **FAST)
+    report = search(model, config, calib[:4], calib[4:6], tmp_path / "work", progress=False)
+    assert report.achieved_sparsity == pytest.approx(0.6, abs=1e-9)
+    measured, per_layer = measure_sparsity(model)
+    assert measured == pytest.approx(0.6, abs=0.01)  # Wanda rounds per row: within a row's rounding
+    assert set(report.layer_sparsity) == set(per_layer)
+    assert report.fitness <= min(report.baselines.values()) + 1e-12  # seeded from the better baseline, elitist
+    assert len(report.history) == 4
+
+
+def test_a_killed_search_resumes_to_the_same_allocation(base, calib, tmp_path):
+    straight = search(
+        copy.deepcopy(base),
+        SearchConfig(target=0.6, generations=6, **FAST),
+        calib[:4],
+        calib[4:6],
+        tmp_path / "a",
+        progress=False,
+    )
+    search(
+        copy.deepcopy(base),
+        SearchConfig(target=0.6, generations=3, **FAST),
+        calib[:4],
+        calib[4:6],
+        tmp_path / "b",
+        progress=False,
+    )
+    shutil.rmtree(tmp_path / "b" / "database")  # the database is rebuilt identically if lost
+    resumed = search(
+        copy.deepcopy(base),
+        SearchConfig(target=0.6, generations=6, **FAST),
+        calib[:4],
+        calib[4:6],
+        tmp_path / "b",
+        progress=False,
+    )
+    assert resumed.allocation == straight.allocation
+    assert resumed.history == straight.history
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(UserError, match="outside the levels"):
+        SearchConfig(target=0.97, levels="0.3:0.9:0.1").validate()
+    with pytest.raises(UserError, match="levels"):
+        parse_levels("0.9:0.3:0.1")
+    with pytest.raises(UserError, match="time limit"):
+        SearchConfig(time_limit_s=0).validate()
+    with pytest.raises(UserError, match="granularity"):
+        SearchConfig(granularity="row").validate()
+    assert parse_levels("0.3:0.5:0.1") == [0.3, 0.4, 0.5]
