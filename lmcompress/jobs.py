@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +24,7 @@ from lmcompress.checkpoint.load import load_config, load_model, resolve_source, 
 from lmcompress.checkpoint.save import save_model, save_quantized
 from lmcompress.errors import UserError
 from lmcompress.models.families import context_length
+from lmcompress.search.run import SearchConfig, SearchReport, search
 from lmcompress.transforms.experts import ExpertConfig, ExpertReport, drop_experts
 from lmcompress.transforms.factorize import FactorizeConfig, FactorizeReport, factorize
 from lmcompress.transforms.prune import PruneConfig, PruneReport, prune
@@ -384,4 +387,55 @@ def factorize_pretrained(
         dtype=source_dtype(job.model.config),
     )
     report.wall_time_s = recipe["wall_time_s"]
+    return report
+
+
+def search_pretrained(
+    model: str | Path,
+    config: SearchConfig,
+    output: str | Path,
+    *,
+    fitness_windows: int = 16,
+    keep_database: bool = False,
+    progress: bool = True,
+    nsamples: int = 128,
+    **options,
+) -> SearchReport:
+    """Search per-layer (or per-block) sparsities under ``config``'s budget and save the chosen model.
+
+    ``nsamples`` windows give the statistics the level database is built from, ``fitness_windows`` more
+    (drawn with them, never used for statistics) score the candidates. The database and the search state live
+    in a hidden work folder beside ``output`` until the end (kept with ``keep_database``): a killed search run
+    again with the same settings continues from its last finished generation.
+    """
+    config.validate()
+    if fitness_windows < max(config.stage_windows):
+        raise UserError(
+            f"fitness_windows ({fitness_windows}) must be at least the largest stage ({max(config.stage_windows)})"
+        )
+    job = open_job(model, output, needs_calibration=True, nsamples=nsamples + fitness_windows, **options)
+    work = Path(output).expanduser().parent / f".{Path(output).name}.search-work"
+    calib, held_out = job.calib[:nsamples], job.calib[nsamples:]
+    report = search(job.model, config, calib, held_out, work, device=job.device, progress=progress)
+    fields = {
+        "search": config.to_dict(),
+        "method": config.method,
+        "budget": {"sparsity": config.target},
+        "achieved_sparsity": report.achieved_sparsity,
+        "layer_sparsity": report.layer_sparsity,
+        "fitness": {"kind": "kl", "value": report.fitness, "baselines": report.baselines},
+        "fitness_windows": fitness_windows,
+        "search_time_s": report.wall_time_s,
+    }
+    save_model(
+        job.model,
+        job.tokenizer,
+        output,
+        job.recipe("search", fields),
+        overwrite=options.get("overwrite", False),
+        dtype=source_dtype(job.model.config),
+        extra_files={"search.json": json.dumps(report.to_dict(), indent=2) + "\n"},
+    )
+    if not keep_database:
+        shutil.rmtree(work, ignore_errors=True)
     return report

@@ -73,3 +73,58 @@ def test_bad_settings_are_refused():
     with pytest.raises(UserError, match="granularity"):
         SearchConfig(granularity="row").validate()
     assert parse_levels("0.3:0.5:0.1") == [0.3, 0.4, 0.5]
+
+
+def test_cli_search_writes_model_recipe_and_history(tiny_folder, tmp_path, calib_text):
+    import json
+
+    import lmcompress
+    from lmcompress.cli import main
+
+    src = tiny_folder("llama")
+    data = tmp_path / "calib.txt"
+    data.write_text(calib_text[:20000])
+    out = tmp_path / "evo"
+    args = [
+        "search",
+        str(src),
+        "--budget",
+        "sparsity=0.5",
+        "--method",
+        "wanda",
+        "--levels",
+        "0.3:0.7:0.1",
+        "--generations",
+        "2",
+        "--offspring",
+        "3",
+        "--survivors",
+        "2,1",
+        "--stage-windows",
+        "1,2",
+        "--fitness-windows",
+        "2",
+        "--calib-data",
+        str(data),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "-q",
+        "-o",
+        str(out),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code in (0, None)
+    recipe = json.loads((out / "lmcompress.json").read_text())
+    history = json.loads((out / "search.json").read_text())
+    assert recipe["kind"] == "search" and recipe["achieved_sparsity"] == pytest.approx(0.5)
+    assert len(history["history"]) == 2 and set(history["baselines"]) == {"uniform", "owl"}
+    assert not any(p.name.endswith(".search-work") for p in tmp_path.iterdir())  # cleaned up
+    model, _ = lmcompress.load(out)
+    sparsity, _ = measure_sparsity(model)
+    assert sparsity == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(SystemExit) as exit_info:  # bad budget: clear error, nothing written
+        main(["search", str(src), "--budget", "sparsity=0.99", "--levels", "0.3:0.7:0.1", "-o", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and not (tmp_path / "x").exists()

@@ -14,9 +14,19 @@ from lmcompress.checkpoint.packed import _index_of
 
 
 def save_model(
-    model: nn.Module, tokenizer, out_dir: str | Path, recipe: dict, *, overwrite: bool = False, dtype=None
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    recipe: dict,
+    *,
+    overwrite: bool = False,
+    dtype=None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Save a model that loads with ``from_pretrained``, its tokenizer and the ``lmcompress.json`` recipe."""
+    """Save a model that loads with ``from_pretrained``, its tokenizer and the ``lmcompress.json`` recipe.
+
+    ``extra_files`` (name → text) are written into the same folder before it is moved into place.
+    """
 
     def write(tmp: Path) -> None:
         state = None
@@ -32,6 +42,8 @@ def save_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
 
     return save_atomic(out_dir, write, overwrite=overwrite)
 

@@ -27,7 +27,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more 
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-from lmcompress.cli import demo, evaluate, export, factorize, info, prune, quantize, report, sweep, unpack  # noqa: E402,F401  (registers the commands)
+from lmcompress.cli import demo, evaluate, export, factorize, info, prune, quantize, report, search, sweep, unpack  # noqa: E402,F401  (registers the commands)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,127 @@
+"""``lmcompress search``: find per-layer compression levels under a budget (EvoPress-style evolutionary search)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import typer
+
+from lmcompress.cli import app, options
+from lmcompress.errors import UserError
+from lmcompress.jobs import search_pretrained
+from lmcompress.search.run import SearchConfig
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """``sparsity=0.7`` → ("sparsity", 0.7)."""
+    m = re.fullmatch(r"\s*(sparsity|bits)\s*=\s*([0-9.]+)\s*", text or "")
+    if not m:
+        raise UserError(f"--budget {text!r} must look like sparsity=0.7 or bits=3.0")
+    return m.group(1), float(m.group(2))
+
+
+def parse_duration(text: str | None) -> float | None:
+    """``90``, ``90s``, ``30m``, ``1.5h`` → seconds."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([smh]?)\s*", text)
+    if not m:
+        raise UserError(f"--time-limit {text!r} must be a duration like 90s, 30m or 1h")
+    value = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    if value <= 0:
+        raise UserError(f"--time-limit must be positive, got {text!r}")
+    return value
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} {text!r} must be comma-separated integers, e.g. 4,1") from None
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"{option} {text!r} must be positive integers")
+    return values
+
+
+@app.command()
+def search(
+    model: str = typer.Argument(..., help="Model folder, hub id or .gguf file."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder for the compressed model, recipe and search.json."),
+    budget: str = typer.Option("sparsity=0.7", "--budget", help="sparsity=F: average sparsity over prunable weights."),
+    method: str = typer.Option("sparsegpt", "--method", help="How each level is made: sparsegpt | wanda | magnitude."),
+    levels: str = typer.Option("0.3:0.95:0.05", "--levels", help="Sparsity levels: start:stop:step or a,b,c."),
+    granularity: str = typer.Option("block", "--granularity", help="One level per block, or per layer."),
+    generations: int = typer.Option(50, "--generations", help="Evolution generations."),
+    offspring: int = typer.Option(16, "--offspring", help="Mutants scored per generation."),
+    survivors: str = typer.Option("4,1", "--survivors", help="Kept after each selection stage (ends in 1)."),
+    stage_windows: str = typer.Option("2,8", "--stage-windows", help="Fitness windows scored at each stage."),
+    fitness_windows: int = typer.Option(16, "--fitness-windows", help="Held-out windows drawn for the fitness."),
+    time_limit: str = typer.Option(None, "--time-limit", help="Stop after the generation that passes it: 30m, 1h."),
+    keep_database: bool = typer.Option(False, "--keep-database", help="Keep the level database and search state."),
+    calib_data: str = typer.Option("c4", "--calib-data", help="Calibration text (as for prune)."),
+    nsamples: int = options.NSAMPLES,
+    seqlen: int = options.SEQLEN,
+    seed: int = options.CALIB_SEED,
+    device: str = options.DEVICE,
+    dtype: str = options.DTYPE,
+    overwrite: bool = options.OVERWRITE,
+    trust_remote_code: bool = options.TRUST,
+    allow_pickle: bool = options.PICKLE,
+    as_json: bool = options.JSON,
+    quiet: bool = options.QUIET,
+) -> None:
+    """Search how sparse each block (or layer) should be so that the average meets the budget with the least damage.
+
+    Every layer is pruned once at every level (a database on disk); candidates are assembled from it and scored
+    by the KL divergence of their next-token distribution to the dense model's on held-out calibration windows.
+    The search starts from the better of uniform and OWL at the same budget and never ends worse than it. A
+    killed search, run again with the same settings, continues from its last finished generation.
+
+    Examples:
+
+      lmcompress search ./smollm2 --budget sparsity=0.7 --method sparsegpt --calib-data wikitext2 -o smol-evo70
+
+      lmcompress search ./llama --budget sparsity=0.5 --granularity layer --time-limit 30m -o llama-evo50
+    """
+    kind, value = parse_budget(budget)
+    if kind != "sparsity":
+        raise UserError("--budget bits=… (mixed-precision GPTQ) is not built yet; search sparsity budgets for now")
+    config = SearchConfig(
+        target=value,
+        method=method,
+        levels=levels,
+        granularity=granularity,
+        generations=generations,
+        offspring=offspring,
+        survivors=_ints(survivors, "--survivors"),
+        stage_windows=_ints(stage_windows, "--stage-windows"),
+        time_limit_s=parse_duration(time_limit),
+        seed=seed,
+    )
+    report = search_pretrained(
+        model,
+        config,
+        output,
+        fitness_windows=fitness_windows,
+        keep_database=keep_database,
+        calib_data=calib_data,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        progress=options.show_progress(quiet),
+    )
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    base = ", ".join(f"{k} {v:.4f}" for k, v in report.baselines.items())
+    typer.echo(
+        f"searched {len(report.history)} generations in {report.wall_time_s:.0f}s: KL {report.fitness:.4f} "
+        f"(at the same budget: {base}); average sparsity {report.achieved_sparsity:.4f} → {output}"
+    )
+    typer.echo("per unit: " + " ".join(f"{s:.2f}" for s in report.allocation))
