@@ -128,3 +128,29 @@ def test_cli_search_writes_model_recipe_and_history(tiny_folder, tmp_path, calib
     with pytest.raises(SystemExit) as exit_info:  # bad budget: clear error, nothing written
         main(["search", str(src), "--budget", "sparsity=0.99", "--levels", "0.3:0.7:0.1", "-o", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and not (tmp_path / "x").exists()
+
+
+def test_report_of_a_search_draws_history_and_allocation(base, calib, tmp_path):
+    import json
+
+    from lmcompress.measure.report import write_report
+
+    report = search(
+        copy.deepcopy(base),
+        SearchConfig(target=0.6, generations=3, **FAST),
+        calib[:4],
+        calib[4:6],
+        tmp_path / "work",
+        progress=False,
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "search.json").write_text(json.dumps(report.to_dict()))
+    written = write_report(out)
+    assert len(written["plots"]) == 2 and all(
+        (out / "plots" / p.split("/")[-1]).stat().st_size > 1000 for p in written["plots"]
+    )
+    assert "generations" in written["sentences"][0] and (out / "report.html").is_file()
+    (out / "search.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a search result"):
+        write_report(out)

@@ -10,15 +10,18 @@ from lmcompress.measure.report import write_report
 
 @app.command()
 def report(
-    results: str = typer.Argument(..., help="Results folder written by `lmcompress sweep`."),
+    results: str = typer.Argument(
+        ..., help="A folder written by `lmcompress sweep` or `lmcompress search`."
+    ),
     tolerance: float = typer.Option(
         0.01, "--tolerance", help="Degradation still counted as safe, relative to dense (0.01 = 1%)."
     ),
 ) -> None:
-    """Write RESULTS/report.md, a self-contained RESULTS/report.html and PNG plots from a sweep.
+    """Write RESULTS/report.md, a self-contained RESULTS/report.html and PNG plots from a sweep or a search.
 
     Per method and metric: the essential sparsity (largest sparsity within --tolerance of dense) and the
-    knee (where the curve bends down fastest), said in words.
+    knee (where the curve bends down fastest), said in words. For a search: its fitness per generation
+    against uniform and OWL, and the sparsity it chose for every block or layer.
 
     Example: lmcompress report results/llama --tolerance 0.02
     """

@@ -311,6 +311,10 @@ def write_report(folder: str | Path, *, tolerance: float = 0.01) -> dict:
     if not 0 <= tolerance < 1:
         raise UserError(f"--tolerance is a relative fraction in [0, 1), e.g. 0.01 for 1%; got {tolerance}")
     out = Path(folder).expanduser()
+    if (out / "search.json").is_file() and not (out / SWEEP_FILE).is_file():
+        from lmcompress.measure.search_report import write_search_report
+
+        return write_search_report(out)
     sweep, dense, points = load_results(out)
     if not points:
         raise UserError(f"{out} has only the dense baseline; rerun the sweep to add pruned points")

@@ -103,6 +103,7 @@ class SearchReport:
     achieved_sparsity: float  # Σ size × sparsity / Σ size, over the prunable layers
     fitness: float
     baselines: dict[str, float]  # fitness of uniform and OWL at the same budget, same windows
+    baseline_allocations: dict[str, list[float]] = field(default_factory=dict)  # their sparsity per unit
     history: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0
 
@@ -135,7 +136,7 @@ def _on_budget(space: LevelSpace, targets: list[float], levels: list[float], wha
         ) from None
 
 
-def _save_state(work: Path, state: SearchState, key: str, baselines: dict[str, float]) -> None:
+def _save_state(work: Path, state: SearchState, key: str, baselines: dict) -> None:
     from lmcompress.measure.sweep import write_json_atomic
 
     data = {
@@ -150,7 +151,7 @@ def _save_state(work: Path, state: SearchState, key: str, baselines: dict[str, f
     write_json_atomic(work / STATE_FILE, data)
 
 
-def _load_state(work: Path, key: str) -> tuple[SearchState | None, dict[str, float]]:
+def _load_state(work: Path, key: str) -> tuple[SearchState | None, dict]:
     """The saved state and baselines of a search with the same settings, or ``(None, {})``."""
     path = work / STATE_FILE
     if not path.is_file():
@@ -164,7 +165,10 @@ def _load_state(work: Path, key: str) -> tuple[SearchState | None, dict[str, flo
         state = SearchState(
             list(data["levels"]), float(data["fitness"]), int(data["generation"]), list(data["history"]), rng_state
         )
-        return state, {k: float(v) for k, v in data["baselines"].items()}
+        baselines = dict(data["baselines"])
+        if not {"uniform", "owl", "allocations"} <= set(baselines):
+            return None, {}
+        return state, baselines
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError):
         return None, {}  # a damaged state file: start the search again
 
@@ -216,8 +220,9 @@ def search(
         block_targets = owl_layer_sparsities(ratios, config.target, config.owl_lambda)
         owl = _on_budget(space, [block_targets[db.block_of[unit[0]]] for unit in units], levels, "OWL")
         baselines = {"uniform": score(uniform, final_stage), "owl": score(owl, final_stage)}
+        baselines["allocations"] = {"uniform": [levels[lv] for lv in uniform], "owl": [levels[lv] for lv in owl]}
         seed = uniform if baselines["uniform"] <= baselines["owl"] else owl
-        state = SearchState(list(seed), min(baselines.values()))
+        state = SearchState(list(seed), min(baselines["uniform"], baselines["owl"]))
         _save_state(work, state, key, baselines)
     bar = tqdm(total=config.generations, initial=state.generation, desc="search", disable=not progress, unit="gen")
     while state.generation < config.generations:
@@ -249,7 +254,8 @@ def search(
         layer_sparsity,
         achieved,
         state.fitness,
-        baselines,
+        {k: float(baselines[k]) for k in ("uniform", "owl")},
+        baselines["allocations"],
         state.history,
         time.perf_counter() - start,
     )

@@ -1,0 +1,94 @@
+"""The report of a search: fitness per generation against the baselines, and the chosen level of every unit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmcompress.errors import UserError
+
+SEARCH_FILE = "search.json"
+
+
+def plot_history(report: dict) -> bytes:
+    """Best fitness after each generation, with uniform's and OWL's fitness at the same budget as lines."""
+    from matplotlib.figure import Figure
+
+    from lmcompress.measure.report import _png
+
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
+    gens = [0] + [h["generation"] for h in report["history"]]
+    start = min(report["baselines"].values())
+    ax.plot(gens, [start] + [h["fitness"] for h in report["history"]], marker=".", label="search (best so far)")
+    for (name, value), style in zip(report["baselines"].items(), ("--", ":"), strict=False):
+        ax.axhline(value, color="black", linestyle=style, linewidth=1, label=f"{name} ({value:.4g})")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("KL divergence to the dense model (lower is better)")
+    ax.set_title("search fitness per generation")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_allocation(report: dict) -> bytes:
+    """Sparsity of each unit: the search's choice as bars, OWL's and uniform's allocation as lines."""
+    from matplotlib.figure import Figure
+
+    from lmcompress.measure.report import _png
+
+    alloc = report["allocation"]
+    xs = list(range(len(alloc)))
+    fig = Figure(figsize=(max(6.4, 0.18 * len(alloc)), 4.0))
+    ax = fig.subplots()
+    ax.bar(xs, alloc, color="tab:blue", alpha=0.8, label="search")
+    for name, style in (("owl", "tab:orange"), ("uniform", "black")):
+        values = report.get("baseline_allocations", {}).get(name)
+        if values:
+            ax.step(xs, values, where="mid", color=style, linewidth=1.2, label=name)
+    unit = "block" if report["config"]["granularity"] == "block" else "layer"
+    ax.set_xlabel(f"{unit} (model order)")
+    ax.set_ylabel("sparsity")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"chosen sparsity per {unit} (average {report['achieved_sparsity']:.3f})")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def write_search_report(folder: str | Path) -> dict:
+    """report.md, report.html and two plots for a folder written by ``lmcompress search``."""
+    from lmcompress.measure.report import _render_html, _render_md, _write_atomic
+
+    out = Path(folder).expanduser()
+    try:
+        report = json.loads((out / SEARCH_FILE).read_text())
+        history, baselines = report["history"], report["baselines"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{out / SEARCH_FILE} is not a search result ({exc}); rerun `lmcompress search`") from None
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    images = [
+        ("search-fitness.png", "fitness per generation", plot_history(report)),
+        ("search-allocation.png", "chosen sparsity per unit", plot_allocation(report)),
+    ]
+    best = min(baselines, key=baselines.get)
+    gain = 1 - report["fitness"] / baselines[best] if baselines[best] > 0 else 0.0
+    sentence = (
+        f"After {len(history)} generations the search's KL divergence is {report['fitness']:.4g}, "
+        f"{gain:.1%} below the better baseline ({best}, {baselines[best]:.4g}), at average sparsity "
+        f"{report['achieved_sparsity']:.4f}."
+    )
+    rows = [[name, f"{value:.4g}"] for name, value in baselines.items()] + [["search", f"{report['fitness']:.4g}"]]
+    blocks: list[tuple] = [("h1", "lmcompress search report"), ("p", sentence), ("table", ["allocation", "KL"], rows)]
+    for name, caption, png in images:
+        _write_atomic(plots / name, png)
+        blocks.append(("img", f"plots/{name}", caption, png))
+    _write_atomic(out / "report.md", _render_md(blocks).encode())
+    _write_atomic(out / "report.html", _render_html(blocks).encode())
+    return {
+        "markdown": str(out / "report.md"),
+        "html": str(out / "report.html"),
+        "plots": [str(plots / n) for n, _, _ in images],
+        "sentences": [sentence],
+    }
