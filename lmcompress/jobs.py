@@ -401,12 +401,13 @@ def search_pretrained(
     nsamples: int = 128,
     **options,
 ) -> SearchReport:
-    """Search per-layer (or per-block) sparsities under ``config``'s budget and save the chosen model.
+    """Search per-layer (or per-block) levels under ``config``'s budget and save the chosen model.
 
     ``nsamples`` windows give the statistics the level database is built from, ``fitness_windows`` more
     (drawn with them, never used for statistics) score the candidates. The database and the search state live
     in a hidden work folder beside ``output`` until the end (kept with ``keep_database``): a killed search run
-    again with the same settings continues from its last finished generation.
+    again with the same settings continues from its last finished generation. Sparsity searches save a dense
+    folder (zeros stored), bit-width searches a packed one (each layer's codes at its chosen width).
     """
     config.validate()
     if fitness_windows < max(config.stage_windows):
@@ -420,22 +421,23 @@ def search_pretrained(
     fields = {
         "search": config.to_dict(),
         "method": config.method,
-        "budget": {"sparsity": config.target},
-        "achieved_sparsity": report.achieved_sparsity,
-        "layer_sparsity": report.layer_sparsity,
+        "budget": {config.kind: config.target},
+        "achieved": report.achieved,
+        "layer_levels": report.layer_levels,
         "fitness": {"kind": "kl", "value": report.fitness, "baselines": report.baselines},
         "fitness_windows": fitness_windows,
         "search_time_s": report.wall_time_s,
     }
-    save_model(
-        job.model,
-        job.tokenizer,
-        output,
-        job.recipe("search", fields),
-        overwrite=options.get("overwrite", False),
-        dtype=source_dtype(job.model.config),
-        extra_files={"search.json": json.dumps(report.to_dict(), indent=2) + "\n"},
-    )
+    save = {
+        "overwrite": options.get("overwrite", False),
+        "dtype": source_dtype(job.model.config),
+        "extra_files": {"search.json": json.dumps(report.to_dict(), indent=2) + "\n"},
+    }
+    recipe = job.recipe("search", fields)
+    if report.quantized is not None:
+        save_quantized(job.model, job.tokenizer, output, recipe, report.quantized, **save)
+    else:
+        save_model(job.model, job.tokenizer, output, recipe, **save)
     if not keep_database:
         shutil.rmtree(work, ignore_errors=True)
     return report

@@ -6,9 +6,11 @@ import copy
 import shutil
 
 import pytest
+import torch
 
 from lmcompress.errors import UserError
 from lmcompress.models.tiny import build_tiny_model
+from lmcompress.search import run as run_module
 from lmcompress.search.run import SearchConfig, parse_levels, search
 from lmcompress.transforms.prune import measure_sparsity
 
@@ -25,15 +27,15 @@ def test_budget_is_met_exactly_and_the_model_holds_the_allocation(granularity, b
     model = copy.deepcopy(base)
     config = SearchConfig(target=0.6, granularity=granularity, generations=4, **FAST)
     report = search(model, config, calib[:4], calib[4:6], tmp_path / "work", progress=False)
-    assert report.achieved_sparsity == pytest.approx(0.6, abs=1e-9)
+    assert report.achieved == pytest.approx(0.6, abs=1e-9)
     measured, per_layer = measure_sparsity(model)
     assert measured == pytest.approx(0.6, abs=0.01)  # Wanda rounds per row: within a row's rounding
-    assert set(report.layer_sparsity) == set(per_layer)
+    assert set(report.layer_levels) == set(per_layer)
     assert report.fitness <= min(report.baselines.values()) + 1e-12  # seeded from the better baseline, elitist
     assert len(report.history) == 4
 
 
-def test_a_killed_search_resumes_to_the_same_allocation(base, calib, tmp_path):
+def test_a_killed_search_resumes_to_the_same_allocation(base, calib, tmp_path, monkeypatch):
     straight = search(
         copy.deepcopy(base),
         SearchConfig(target=0.6, generations=6, **FAST),
@@ -51,6 +53,9 @@ def test_a_killed_search_resumes_to_the_same_allocation(base, calib, tmp_path):
         progress=False,
     )
     shutil.rmtree(tmp_path / "b" / "database")  # the database is rebuilt identically if lost
+    calls = []
+    real = run_module.evolve
+    monkeypatch.setattr(run_module, "evolve", lambda *a, **k: calls.append(1) or real(*a, **k))
     resumed = search(
         copy.deepcopy(base),
         SearchConfig(target=0.6, generations=6, **FAST),
@@ -59,6 +64,7 @@ def test_a_killed_search_resumes_to_the_same_allocation(base, calib, tmp_path):
         tmp_path / "b",
         progress=False,
     )
+    assert len(calls) == 3  # it continued from generation 3
     assert resumed.allocation == straight.allocation
     assert resumed.history == straight.history
 
@@ -119,7 +125,7 @@ def test_cli_search_writes_model_recipe_and_history(tiny_folder, tmp_path, calib
     assert exit_info.value.code in (0, None)
     recipe = json.loads((out / "lmcompress.json").read_text())
     history = json.loads((out / "search.json").read_text())
-    assert recipe["kind"] == "search" and recipe["achieved_sparsity"] == pytest.approx(0.5)
+    assert recipe["kind"] == "search" and recipe["achieved"] == pytest.approx(0.5)
     assert len(history["history"]) == 2 and set(history["baselines"]) == {"uniform", "owl"}
     assert not any(p.name.endswith(".search-work") for p in tmp_path.iterdir())  # cleaned up
     model, _ = lmcompress.load(out)
@@ -154,3 +160,60 @@ def test_report_of_a_search_draws_history_and_allocation(base, calib, tmp_path):
     (out / "search.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="not a search result"):
         write_report(out)
+
+
+def test_bits_search_stays_under_the_budget_and_saves_packed_codes(tiny_folder, tmp_path, calib_text):
+    import json
+
+    import lmcompress
+    from lmcompress.jobs import search_pretrained
+
+    data = tmp_path / "calib.txt"
+    data.write_text(calib_text[:20000])
+    config = SearchConfig(
+        target=4.0,
+        kind="bits",
+        method="gptq",
+        levels="2,3,4,8",
+        group_size=32,
+        generations=3,
+        offspring=3,
+        survivors=(2, 1),
+        stage_windows=(1, 2),
+    )
+    out = tmp_path / "mixed"
+    report = search_pretrained(
+        tiny_folder("llama"),
+        config,
+        out,
+        fitness_windows=2,
+        calib_data=str(data),
+        nsamples=4,
+        seqlen=32,
+        progress=False,
+    )
+    assert 4.0 - 4.0 <= report.achieved <= 4.0 + 1e-9  # within one level step (8 → 4 is the largest) below
+    assert set(report.allocation) <= {2.0, 3.0, 4.0, 8.0}
+    recipe = json.loads((out / "lmcompress.json").read_text())
+    assert recipe["storage"] == "packed"
+    bits = {e["bits"] for e in recipe["packed"]["tensors"].values() if e["kind"] == "quantized"}
+    assert bits <= {2, 3, 4, 8} and len(bits) >= 1
+    model, _ = lmcompress.load(out)  # every layer holds at most 2^bits values per grid group of its chosen width
+    modules = dict(model.named_modules())
+    for layer, bits in report.layer_levels.items():
+        w = modules[layer].weight.detach()
+        groups = w.reshape(w.shape[0], -1, 32)
+        distinct = max(len(torch.unique(groups[r, g])) for r in range(0, w.shape[0], 7) for g in range(groups.shape[1]))
+        assert distinct <= 2 ** int(bits), layer
+    with pytest.raises(UserError, match="cannot be met"):
+        search_pretrained(
+            tiny_folder("llama"),
+            SearchConfig(target=2.1, kind="bits", method="rtn", group_size=16),
+            tmp_path / "no",
+            fitness_windows=8,
+            calib_data=str(data),
+            nsamples=4,
+            seqlen=32,
+            progress=False,
+        )
+    assert not (tmp_path / "no").exists()

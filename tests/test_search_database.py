@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmcompress.models.tiny import build_tiny_model
-from lmcompress.search.database import LevelDatabase, build_database, prune_from_dense_inputs
+from lmcompress.search.database import LevelDatabase, build_database, prune_from_dense_inputs, pruner
 from lmcompress.search.fitness import KLFitness
 from lmcompress.transforms.prune import PruneConfig
 
@@ -20,7 +20,7 @@ def test_database_candidate_equals_direct_compression_at_those_levels(tmp_path, 
     model = build_tiny_model("llama", tokenizer.vocab_size)
     dense = copy.deepcopy(model)
     config = PruneConfig(method="sparsegpt", sparsity=0.5)
-    db = build_database(model, config, calib, LEVELS, tmp_path / "db", progress=False)
+    db = build_database(model, pruner(config), calib, LEVELS, tmp_path / "db", progress=False)
     for a, b in zip(model.parameters(), dense.parameters(), strict=True):
         assert torch.equal(a, b)  # building the database leaves the model dense
     rng = random.Random(0)

@@ -141,12 +141,14 @@ def save_packed(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     layout: str = "auto",
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Save ``model`` packed (smallest layout per tensor), its tokenizer, config and recipe, atomically.
 
     ``quantized`` maps parameter names to the :class:`QuantizedTensor` the (dequantized) weight came from;
     ``dtype`` is the storage dtype of float tensors (default: as in memory). ``layout``: ``auto`` (smallest),
     or force ``dense`` / ``bitmask`` / ``N:M`` for every tensor it applies to (tests and benchmarks).
+    ``extra_files`` (name → text) are written into the folder before it is moved into place.
     """
     from safetensors.torch import save_file
 
@@ -167,6 +169,8 @@ def save_packed(
         save_file(tensors, str(tmp / PACKED_FILE), metadata={"format": "pt", "lmcompress_storage": "packed"})
         full = {**recipe, "storage": "packed", "packed": index}
         (tmp / RECIPE_FILE).write_text(json.dumps(full, indent=2, default=str) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
 
     return save_atomic(out_dir, write, overwrite=overwrite)
 

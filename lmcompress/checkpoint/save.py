@@ -70,11 +70,21 @@ def save_quantized(
     *,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Save ``model`` with its quantized layers packed as codes + grids (see ``checkpoint.packed.save_packed``)."""
     from lmcompress.checkpoint.packed import save_packed
 
-    return save_packed(model, tokenizer, out_dir, recipe, quantized=quantized, overwrite=overwrite, dtype=dtype)
+    return save_packed(
+        model,
+        tokenizer,
+        out_dir,
+        recipe,
+        quantized=quantized,
+        overwrite=overwrite,
+        dtype=dtype,
+        extra_files=extra_files,
+    )
 
 
 def unpack_folder(folder: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:

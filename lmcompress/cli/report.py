@@ -10,9 +10,7 @@ from lmcompress.measure.report import write_report
 
 @app.command()
 def report(
-    results: str = typer.Argument(
-        ..., help="A folder written by `lmcompress sweep` or `lmcompress search`."
-    ),
+    results: str = typer.Argument(..., help="A folder written by `lmcompress sweep` or `lmcompress search`."),
     tolerance: float = typer.Option(
         0.01, "--tolerance", help="Degradation still counted as safe, relative to dense (0.01 = 1%)."
     ),

@@ -48,9 +48,18 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 def search(
     model: str = typer.Argument(..., help="Model folder, hub id or .gguf file."),
     output: str = typer.Option(..., "--output", "-o", help="Folder for the compressed model, recipe and search.json."),
-    budget: str = typer.Option("sparsity=0.7", "--budget", help="sparsity=F: average sparsity over prunable weights."),
-    method: str = typer.Option("sparsegpt", "--method", help="How each level is made: sparsegpt | wanda | magnitude."),
-    levels: str = typer.Option("0.3:0.95:0.05", "--levels", help="Sparsity levels: start:stop:step or a,b,c."),
+    budget: str = typer.Option(
+        "sparsity=0.7",
+        "--budget",
+        help="sparsity=F: average sparsity over the prunable weights; bits=F: average bits per weight, grids included.",
+    ),
+    method: str = typer.Option(
+        None, "--method", help="How each level is made: sparsegpt | wanda | magnitude (sparsity); gptq | rtn (bits)."
+    ),
+    levels: str = typer.Option(
+        None, "--levels", help="Levels: sparsities start:stop:step or a,b,c [0.3:0.95:0.05]; bit widths [2,3,4,8]."
+    ),
+    group_size: int = typer.Option(128, "--group-size", help="bits: inputs sharing one scale; -1: per channel."),
     granularity: str = typer.Option("block", "--granularity", help="One level per block, or per layer."),
     generations: int = typer.Option(50, "--generations", help="Evolution generations."),
     offspring: int = typer.Option(16, "--offspring", help="Mutants scored per generation."),
@@ -71,7 +80,7 @@ def search(
     as_json: bool = options.JSON,
     quiet: bool = options.QUIET,
 ) -> None:
-    """Search how sparse each block (or layer) should be so that the average meets the budget with the least damage.
+    """Search how much to compress each block (or layer) so that the average meets the budget with the least damage.
 
     Every layer is pruned once at every level (a database on disk); candidates are assembled from it and scored
     by the KL divergence of their next-token distribution to the dense model's on held-out calibration windows.
@@ -83,13 +92,15 @@ def search(
       lmcompress search ./smollm2 --budget sparsity=0.7 --method sparsegpt --calib-data wikitext2 -o smol-evo70
 
       lmcompress search ./llama --budget sparsity=0.5 --granularity layer --time-limit 30m -o llama-evo50
+
+      lmcompress search ./llama --budget bits=3.0 --levels 2,3,4,8 --group-size 128 -o llama-mixed3
     """
     kind, value = parse_budget(budget)
-    if kind != "sparsity":
-        raise UserError("--budget bits=… (mixed-precision GPTQ) is not built yet; search sparsity budgets for now")
     config = SearchConfig(
         target=value,
-        method=method,
+        kind=kind,
+        method=method or ("sparsegpt" if kind == "sparsity" else "gptq"),
+        group_size=group_size,
         levels=levels,
         granularity=granularity,
         generations=generations,
@@ -120,8 +131,9 @@ def search(
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
     base = ", ".join(f"{k} {v:.4f}" for k, v in report.baselines.items())
+    what = "average sparsity" if kind == "sparsity" else "bits per weight with grids"
     typer.echo(
         f"searched {len(report.history)} generations in {report.wall_time_s:.0f}s: KL {report.fitness:.4f} "
-        f"(at the same budget: {base}); average sparsity {report.achieved_sparsity:.4f} → {output}"
+        f"(at the same budget: {base}); {what} {report.achieved:.4f} → {output}"
     )
-    typer.echo("per unit: " + " ".join(f"{s:.2f}" for s in report.allocation))
+    typer.echo("per unit: " + " ".join(f"{s:g}" for s in report.allocation))

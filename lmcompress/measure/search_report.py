@@ -32,7 +32,7 @@ def plot_history(report: dict) -> bytes:
 
 
 def plot_allocation(report: dict) -> bytes:
-    """Sparsity of each unit: the search's choice as bars, OWL's and uniform's allocation as lines."""
+    """Level of each unit: the search's choice as bars, OWL's and uniform's allocation as lines."""
     from matplotlib.figure import Figure
 
     from lmcompress.measure.report import _png
@@ -48,9 +48,13 @@ def plot_allocation(report: dict) -> bytes:
             ax.step(xs, values, where="mid", color=style, linewidth=1.2, label=name)
     unit = "block" if report["config"]["granularity"] == "block" else "layer"
     ax.set_xlabel(f"{unit} (model order)")
-    ax.set_ylabel("sparsity")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"chosen sparsity per {unit} (average {report['achieved_sparsity']:.3f})")
+    kind = report["config"].get("kind", "sparsity")
+    ax.set_ylabel("sparsity" if kind == "sparsity" else "bits per weight")
+    if kind == "sparsity":
+        ax.set_ylim(0, 1)
+    ax.set_title(
+        f"chosen {'sparsity' if kind == 'sparsity' else 'bit width'} per {unit} (average {report['achieved']:.3f})"
+    )
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
@@ -74,10 +78,10 @@ def write_search_report(folder: str | Path) -> dict:
     ]
     best = min(baselines, key=baselines.get)
     gain = 1 - report["fitness"] / baselines[best] if baselines[best] > 0 else 0.0
+    what = "average sparsity" if report["config"].get("kind", "sparsity") == "sparsity" else "bits per weight"
     sentence = (
         f"After {len(history)} generations the search's KL divergence is {report['fitness']:.4g}, "
-        f"{gain:.1%} below the better baseline ({best}, {baselines[best]:.4g}), at average sparsity "
-        f"{report['achieved_sparsity']:.4f}."
+        f"{gain:.1%} below the better baseline ({best}, {baselines[best]:.4g}), at {what} {report['achieved']:.4f}."
     )
     rows = [[name, f"{value:.4g}"] for name, value in baselines.items()] + [["search", f"{report['fitness']:.4g}"]]
     blocks: list[tuple] = [("h1", "lmcompress search report"), ("p", sentence), ("table", ["allocation", "KL"], rows)]

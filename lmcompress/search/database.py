@@ -1,14 +1,17 @@
 """The level database: every prunable layer compressed once at every level, kept on disk.
 
-Each block is walked with the *dense* model's calibration inputs (the block's outputs are recomputed with its
-dense weights before moving on), and each of its layers is pruned at each level from the same statistics, so
-any assignment of levels to layers can be put together without running the compressor again. The weights of
-block ``i`` at level ``k`` go to ``b{i:03d}-l{k:02d}.safetensors``, read back memory-mapped.
+Each block is walked with the *dense* model's calibration inputs (the model is never changed while the database
+is built), and each of its layers is compressed at each level from the same statistics, so any assignment of
+levels to layers can be put together without running the compressor again. Block ``i`` at level ``k`` goes to
+``b{i:03d}-l{k:02d}.safetensors`` (read back memory-mapped): the pruned weight, or for bit widths the integer
+codes, scales and zero points (the weight is their dequantization). ``database.json`` holds the levels, each
+layer's size and its cost at every level (weights kept, or bits stored with the grids).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,26 +20,70 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lmcompress.algorithms.gptq import gptq_quantize
+from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize
 from lmcompress.calibration.engine import BlockInputs, collect_input_stats, walk_blocks
+from lmcompress.calibration.stats import InputStats
 from lmcompress.models.families import blocks_path, find_prunable, get_blocks, set_weight_matrix, weight_matrix
 from lmcompress.transforms.prune import PruneConfig, _prune_layer
+from lmcompress.transforms.quantize import nominal_bits_per_weight
 
 INDEX = "database.json"
+# compress(weight [out, in] fp32, stats or None, level value, layer name) → (new weight, codes or None)
+Compressor = Callable[[torch.Tensor, InputStats | None, float, str], tuple[torch.Tensor, QuantizedTensor | None]]
+
+
+def pruner(config: PruneConfig) -> tuple[Compressor, bool, bool]:
+    """Levels are sparsities pruned with ``config.method``: (compressor, needs data, needs Hessian)."""
+
+    def compress(w, stats, level, name):
+        return _prune_layer(config, w, stats, level, name).weight, None
+
+    return compress, config.method != "magnitude", config.method == "sparsegpt"
+
+
+def quantizer(method: str, group_size: int, sym: bool, percdamp: float = 0.01) -> tuple[Compressor, bool, bool]:
+    """Levels are bit widths quantized with GPTQ (or RTN) on ``group_size`` grids."""
+
+    def compress(w, stats, level, name):
+        spec = QuantSpec(int(level), group_size, sym)
+        qt = (
+            rtn_quantize(w, spec)
+            if method == "rtn"
+            else gptq_quantize(w, stats.hessian, spec, percdamp=percdamp, layer=name).quantized
+        )
+        return qt.dequantize(), qt
+
+    return compress, method != "rtn", method != "rtn"
 
 
 @dataclass
 class LevelDatabase:
-    """Where the compressed weights are, what the levels are, and each layer's size (for budgets)."""
+    """Where the compressed weights are, what the levels are, and each layer's size and cost per level."""
 
     folder: Path
     levels: list[float]
     layers: list[str]  # full module names, in model order
     sizes: dict[str, int]  # weights per layer
     block_of: dict[str, int]  # layer → block index
+    cost: dict[str, list[float]]  # layer → cost at each level (weights kept, or bits stored)
+    quantized: bool = False
+
+    def _file(self, layer: str, level: int) -> Path:
+        return self.folder / f"b{self.block_of[layer]:03d}-l{level:02d}.safetensors"
+
+    def codes(self, layer: str, level: int) -> QuantizedTensor:
+        with safe_open(str(self._file(layer, level)), framework="pt") as f:
+            meta = f.metadata()
+            spec = QuantSpec(int(meta["bits"]), int(meta["group_size"]), meta["sym"] == "1")
+            return QuantizedTensor(
+                f.get_tensor(f"{layer}.codes"), f.get_tensor(f"{layer}.scale"), f.get_tensor(f"{layer}.zero"), spec
+            )
 
     def weight(self, layer: str, level: int) -> torch.Tensor:
-        path = self.folder / f"b{self.block_of[layer]:03d}-l{level:02d}.safetensors"
-        with safe_open(str(path), framework="pt") as f:
+        if self.quantized:
+            return self.codes(layer, level).dequantize()
+        with safe_open(str(self._file(layer, level)), framework="pt") as f:
             return f.get_tensor(layer)
 
     def apply(self, model: nn.Module, assignment: dict[str, int]) -> None:
@@ -49,57 +96,86 @@ class LevelDatabase:
     def open(cls, folder: str | Path) -> LevelDatabase:
         folder = Path(folder)
         meta = json.loads((folder / INDEX).read_text())
-        return cls(folder, meta["levels"], meta["layers"], meta["sizes"], meta["block_of"])
+        return cls(
+            folder, meta["levels"], meta["layers"], meta["sizes"], meta["block_of"], meta["cost"], meta["quantized"]
+        )
 
 
 def build_database(
     model: nn.Module,
-    config: PruneConfig,
-    calib: torch.Tensor,
+    compressor: tuple[Compressor, bool, bool],
+    calib: torch.Tensor | None,
     levels: list[float],
     folder: str | Path,
     *,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> LevelDatabase:
-    """Prune every layer of ``model`` at every level of ``levels`` (``config.method``, unstructured) into ``folder``.
+    """Compress every layer of ``model`` at every level of ``levels`` into ``folder``; the model stays dense.
 
-    The model is left dense. ``calib`` is needed for Wanda and SparseGPT (magnitude ignores it).
+    ``compressor`` is what :func:`pruner` or :func:`quantizer` return.
     """
+    compress, needs_data, hessian = compressor
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     prefix = blocks_path(model)
     layers: list[str] = []
     sizes: dict[str, int] = {}
     block_of: dict[str, int] = {}
+    cost: dict[str, list[float]] = {}
+    quantized = False
 
     def visit(i: int, block: nn.Module, inputs: BlockInputs | None) -> None:
+        nonlocal quantized
         modules = find_prunable(block)
-        stats = None
-        if config.method != "magnitude":
-            stats = collect_input_stats(block, inputs, list(modules), config.method == "sparsegpt")
+        stats = collect_input_stats(block, inputs, list(modules), hessian) if needs_data else None
         for name, module in modules.items():
             full = f"{prefix}.{i}.{name}"
             layers.append(full)
             sizes[full] = weight_matrix(module).numel()
             block_of[full] = i
+            cost[full] = []
         for k, level in enumerate(levels):
-            tensors = {}
+            tensors, meta = {}, {}
             for name, module in modules.items():
                 full = f"{prefix}.{i}.{name}"
                 w = weight_matrix(module)
-                res = _prune_layer(config, w, stats and stats[name], level, full)
-                tensors[full] = res.weight.to(w.dtype).contiguous().cpu()
-            save_file(tensors, str(folder / f"b{i:03d}-l{k:02d}.safetensors"))
+                new, qt = compress(w.float(), stats and stats[name], level, full)
+                if qt is None:
+                    tensors[full] = new.to(w.dtype).contiguous().cpu()
+                    cost[full].append(w.numel() * (1.0 - level))  # nominal: equal-sized layers cost the same
+                else:
+                    quantized = True
+                    tensors.update(
+                        {
+                            f"{full}.codes": qt.codes.cpu().contiguous(),
+                            f"{full}.scale": qt.scale.cpu().contiguous(),
+                            f"{full}.zero": qt.zero.cpu().contiguous(),
+                        }
+                    )
+                    meta = {
+                        "bits": str(qt.spec.bits),
+                        "group_size": str(qt.spec.group_size),
+                        "sym": "1" if qt.spec.sym else "0",
+                    }
+                    cost[full].append(nominal_bits_per_weight({full: qt}) * qt.codes.numel())
+            save_file(tensors, str(folder / f"b{i:03d}-l{k:02d}.safetensors"), metadata=meta or None)
 
-    if config.method == "magnitude":
+    if not needs_data:
         for i, block in enumerate(get_blocks(model)):
             visit(i, block, None)
-    else:  # weights are never changed in the model, so every block sees the dense model's inputs
+    else:  # the model is never changed here, so every block sees the dense model's inputs
         walk_blocks(model, calib, torch.device(device), visit, desc="level database", progress=progress)
-    meta = {"levels": list(levels), "layers": layers, "sizes": sizes, "block_of": block_of, "method": config.method}
+    meta = {
+        "levels": list(levels),
+        "layers": layers,
+        "sizes": sizes,
+        "block_of": block_of,
+        "cost": cost,
+        "quantized": quantized,
+    }
     (folder / INDEX).write_text(json.dumps(meta, indent=1) + "\n")
-    return LevelDatabase(folder, list(levels), layers, sizes, block_of)
+    return LevelDatabase(folder, list(levels), layers, sizes, block_of, cost, quantized)
 
 
 def prune_from_dense_inputs(

@@ -1,13 +1,15 @@
-"""The search itself: per-unit sparsity levels under an exact budget, scored by KL to the dense model.
+"""The search itself: per-unit compression levels under a budget, scored by KL divergence to the dense model.
 
-1. Every prunable layer is pruned once at every level from the dense model's calibration statistics
-   (:mod:`lmcompress.search.database`).
-2. Units are layers or whole blocks; a unit's cost at a level is the number of weights it keeps, and the budget
-   is ``(1 − target) × Σ weights``: the average sparsity counted by parameters, met exactly.
-3. The baselines are scored first: uniform (every unit at the target) and OWL (its block sparsities placed on
-   the level grid at the same budget). The better one seeds the evolutionary search of
-   :mod:`lmcompress.algorithms.evolution`, whose state is saved after every generation so that a killed run
-   continues from its last finished generation.
+1. Every prunable layer is compressed once at every level (a sparsity, or a bit width) from the dense model's
+   calibration statistics (:mod:`lmcompress.search.database`).
+2. Units are layers or whole blocks. A unit's cost at a level is the number of weights it keeps (sparsity) or
+   the bits it stores, grids included (bit widths). The budget is ``(1 − target) × Σ weights`` for an average
+   sparsity counted by parameters, met exactly (level switches pair units of equal size), or
+   ``target × Σ weights`` bits, met from below within one level step.
+3. The baselines are scored first, on the same windows: uniform (every unit at the target) and, for sparsity,
+   OWL (its block sparsities placed on the level grid at the same budget). The better one seeds the evolutionary
+   search of :mod:`lmcompress.algorithms.evolution`, whose state is saved after every generation so that a
+   killed run continues from its last finished generation.
 """
 
 from __future__ import annotations
@@ -23,17 +25,24 @@ from tqdm.auto import tqdm
 
 from lmcompress.algorithms.evolution import LevelSpace, SearchState, evolve, nearest_feasible
 from lmcompress.algorithms.owl import owl_layer_sparsities
+from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.errors import UserError
-from lmcompress.search.database import LevelDatabase, build_database
+from lmcompress.search.database import LevelDatabase, build_database, pruner, quantizer
 from lmcompress.search.fitness import KLFitness
 from lmcompress.transforms.prune import PruneConfig, _owl_ratios
 
+KINDS = ("sparsity", "bits")
+DEFAULT_LEVELS = {"sparsity": "0.3:0.95:0.05", "bits": "2,3,4,8"}
+METHODS = {"sparsity": ("sparsegpt", "wanda", "magnitude"), "bits": ("gptq", "rtn")}
 GRANULARITIES = ("layer", "block")
 STATE_FILE = "state.json"
 
 
-def parse_levels(text: str) -> list[float]:
-    """``"0.3:0.95:0.05"`` (start:stop:step, both ends included) or ``"0.3,0.5,0.7"``, sorted ascending."""
+def parse_levels(text: str, kind: str = "sparsity") -> list[float]:
+    """``"0.3:0.95:0.05"`` (start:stop:step, both ends included) or ``"0.3,0.5,0.7"``, sorted ascending.
+
+    Sparsities must lie in [0, 1); bit widths are integers from 2 to 8.
+    """
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
@@ -46,6 +55,10 @@ def parse_levels(text: str) -> list[float]:
     except ValueError:
         raise UserError(f"levels {text!r} must look like 0.3:0.95:0.05 or 0.3,0.5,0.7") from None
     values = sorted(set(values))
+    if kind == "bits":
+        if len(values) < 2 or not all(v == int(v) and 2 <= v <= 8 for v in values):
+            raise UserError(f"levels {text!r} need at least two integer bit widths from 2 to 8, e.g. 2,3,4,8")
+        return [float(v) for v in values]
     if len(values) < 2 or not all(0.0 <= v < 1.0 for v in values):
         raise UserError(f"levels {text!r} need at least two sparsities in [0, 1)")
     return values
@@ -53,12 +66,19 @@ def parse_levels(text: str) -> list[float]:
 
 @dataclass
 class SearchConfig:
-    """What to search: ``target`` average sparsity over ``levels``, by ``method``, per ``granularity`` unit."""
+    """What to search: ``target`` average ``kind`` (sparsity, or bits per weight with grids) over ``levels``.
+
+    ``method`` makes each level (sparsity: sparsegpt, wanda, magnitude; bits: gptq, rtn on ``group_size`` grids);
+    ``granularity`` says whether a unit is a layer or a block.
+    """
 
     target: float = 0.7
+    kind: str = "sparsity"
     method: str = "sparsegpt"
-    levels: str = "0.3:0.95:0.05"
+    levels: str | None = None  # default: DEFAULT_LEVELS[kind]
     granularity: str = "block"
+    group_size: int = 128
+    sym: bool = True
     generations: int = 50
     offspring: int = 16
     survivors: tuple[int, ...] = (4, 1)
@@ -70,12 +90,18 @@ class SearchConfig:
     owl_lambda: float = 0.08
 
     def validate(self) -> list[float]:
-        levels = parse_levels(self.levels)
+        if self.kind not in KINDS:
+            raise UserError(f"unknown budget kind {self.kind!r}: choose sparsity or bits")
+        if self.method not in METHODS[self.kind]:
+            raise UserError(
+                f"a {self.kind} search makes its levels with {' or '.join(METHODS[self.kind])}, not {self.method!r}"
+            )
+        levels = parse_levels(self.levels or DEFAULT_LEVELS[self.kind], self.kind)
         if self.granularity not in GRANULARITIES:
             raise UserError(f"unknown granularity {self.granularity!r}: choose layer or block")
         if not levels[0] <= self.target <= levels[-1]:
             raise UserError(
-                f"the budget sparsity {self.target:g} is outside the levels [{levels[0]:g}, {levels[-1]:g}]; "
+                f"the budget {self.kind} {self.target:g} is outside the levels [{levels[0]:g}, {levels[-1]:g}]; "
                 "widen the levels or change the budget"
             )
         if self.generations < 0 or self.offspring < 1:
@@ -84,8 +110,10 @@ class SearchConfig:
             raise UserError("give one number of fitness windows per selection stage; the last stage keeps 1")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise UserError(f"the time limit must be positive, got {self.time_limit_s:g} s")
-        PruneConfig(method=self.method, sparsity=self.target)  # the method is checked there
-        return levels
+        if self.kind == "sparsity":
+            PruneConfig(method=self.method, sparsity=self.target)  # its checks apply too
+            return levels
+        return levels[::-1]  # bit widths from most to fewest: cost falls with the level index
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,17 +126,19 @@ class SearchReport:
     config: dict
     levels: list[float]
     units: list[list[str]]  # layers of each unit
-    allocation: list[float]  # sparsity of each unit
-    layer_sparsity: dict[str, float]  # the allocation per layer
-    achieved_sparsity: float  # Σ size × sparsity / Σ size, over the prunable layers
+    allocation: list[float]  # level (sparsity or bits) of each unit
+    layer_levels: dict[str, float]  # the allocation per layer
+    achieved: float  # average sparsity by parameters, or bits per weight with grids
     fitness: float
-    baselines: dict[str, float]  # fitness of uniform and OWL at the same budget, same windows
-    baseline_allocations: dict[str, list[float]] = field(default_factory=dict)  # their sparsity per unit
+    baselines: dict[str, float]  # fitness of uniform (and OWL) at the same budget, same windows
+    baseline_allocations: dict[str, list[float]] = field(default_factory=dict)  # their level per unit
     history: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0
+    quantized: dict[str, QuantizedTensor] | None = None  # bits: the chosen codes of every layer, by parameter
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Everything but the tensors, JSON-ready."""
+        return {k: v for k, v in asdict(self).items() if k != "quantized"}
 
 
 def _units(db: LevelDatabase, granularity: str) -> list[list[str]]:
@@ -120,10 +150,19 @@ def _units(db: LevelDatabase, granularity: str) -> list[list[str]]:
     return [blocks[i] for i in sorted(blocks)]
 
 
-def _space(db: LevelDatabase, units: list[list[str]], levels: list[float], target: float) -> LevelSpace:
-    sizes = [sum(db.sizes[layer] for layer in unit) for unit in units]
-    cost = tuple(tuple(n * (1.0 - s) for s in levels) for n in sizes)
-    return LevelSpace(cost, budget=sum(sizes) * (1.0 - target))
+def _space(db: LevelDatabase, units: list[list[str]], config: SearchConfig) -> LevelSpace:
+    cost = tuple(tuple(sum(db.cost[layer][k] for layer in unit) for k in range(len(db.levels))) for unit in units)
+    weights = sum(db.sizes.values())
+    if config.kind == "sparsity":  # level switches between units of equal size keep the total exactly
+        return LevelSpace(cost, budget=weights * (1.0 - config.target))
+    steps = [abs(c[k] - c[k + 1]) for c in cost for k in range(len(c) - 1)]
+    lo, hi = sum(c[-1] for c in cost) / weights, sum(c[0] for c in cost) / weights
+    if not lo <= config.target <= hi:
+        raise UserError(
+            f"--budget bits={config.target:g} cannot be met: with their grids (scales, zero points) these levels take "
+            f"{lo:.3f} to {hi:.3f} bits per weight; raise the budget, add a lower level or use a larger group size"
+        )
+    return LevelSpace(cost, budget=weights * config.target, slack=max(steps))  # within one level step below
 
 
 def _on_budget(space: LevelSpace, targets: list[float], levels: list[float], what: str) -> list[int]:
@@ -131,7 +170,7 @@ def _on_budget(space: LevelSpace, targets: list[float], levels: list[float], wha
         return nearest_feasible(space, targets, levels)
     except ValueError:
         raise UserError(
-            f"the {what} allocation cannot be placed on the budget exactly with levels {levels}; choose a budget "
+            f"the {what} allocation cannot be placed on the budget with levels {levels}; choose a budget "
             "on the level grid (e.g. one of the levels) or finer levels"
         ) from None
 
@@ -166,7 +205,7 @@ def _load_state(work: Path, key: str) -> tuple[SearchState | None, dict]:
             list(data["levels"]), float(data["fitness"]), int(data["generation"]), list(data["history"]), rng_state
         )
         baselines = dict(data["baselines"])
-        if not {"uniform", "owl", "allocations"} <= set(baselines):
+        if not {"uniform", "allocations"} <= set(baselines):
             return None, {}
         return state, baselines
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError):
@@ -183,7 +222,7 @@ def search(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> SearchReport:
-    """Search per-unit sparsities for ``model``; on return the model holds the chosen allocation.
+    """Search per-unit levels for ``model``; on return the model holds the chosen allocation.
 
     ``work`` keeps the level database and the search state between runs: with the same settings a second
     call continues from the last finished generation.
@@ -192,17 +231,28 @@ def search(
     levels = config.validate()
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    key = json.dumps({k: v for k, v in config.to_dict().items() if k != "time_limit_s"}, sort_keys=True)
-    prune_config = PruneConfig(
-        method=config.method, sparsity=config.target, owl_m=config.owl_m, owl_lambda=config.owl_lambda
-    )
-    db_dir = work / "database"
-    if (db_dir / "database.json").is_file() and LevelDatabase.open(db_dir).levels == levels:
-        db = LevelDatabase.open(db_dir)
+    from lmcompress.calibration.data import windows_hash
+
+    data = {"calib": windows_hash(calib), "fitness": windows_hash(fitness_windows)}
+    settings = config.to_dict()
+    db_key = json.dumps({k: settings[k] for k in ("kind", "method", "levels", "group_size", "sym")} | data)
+    # what decides the trajectory (how long to run does not)
+    key = json.dumps({k: v for k, v in settings.items() if k not in ("generations", "time_limit_s")} | data)
+    prune_config = None
+    if config.kind == "sparsity":
+        prune_config = PruneConfig(
+            method=config.method, sparsity=config.target, owl_m=config.owl_m, owl_lambda=config.owl_lambda
+        )
+        compressor = pruner(prune_config)
     else:
-        db = build_database(model, prune_config, calib, levels, db_dir, device=device, progress=progress)
+        compressor = quantizer(config.method, config.group_size, config.sym)
+    db_dir = work / "database"
+    db = _open_database(db_dir, levels, db_key)
+    if db is None:
+        db = build_database(model, compressor, calib, levels, db_dir, device=device, progress=progress)
+        (db_dir / "key.json").write_text(json.dumps({"key": db_key}))
     units = _units(db, config.granularity)
-    space = _space(db, units, levels, config.target)
+    space = _space(db, units, config)
     fitness_fn = KLFitness(model, fitness_windows, device=device)
 
     def assignment(unit_levels) -> dict[str, int]:
@@ -215,14 +265,15 @@ def search(
     final_stage = len(config.stage_windows) - 1
     state, baselines = _load_state(work, key)
     if state is None:  # a fresh search: score the baselines (the model is still dense here), seed from the best
-        uniform = _on_budget(space, [config.target] * len(units), levels, "uniform")
-        ratios = _owl_ratios(model, prune_config, calib, device, progress)
-        block_targets = owl_layer_sparsities(ratios, config.target, config.owl_lambda)
-        owl = _on_budget(space, [block_targets[db.block_of[unit[0]]] for unit in units], levels, "OWL")
-        baselines = {"uniform": score(uniform, final_stage), "owl": score(owl, final_stage)}
-        baselines["allocations"] = {"uniform": [levels[lv] for lv in uniform], "owl": [levels[lv] for lv in owl]}
-        seed = uniform if baselines["uniform"] <= baselines["owl"] else owl
-        state = SearchState(list(seed), min(baselines["uniform"], baselines["owl"]))
+        starts = {"uniform": _on_budget(space, [config.target] * len(units), levels, "uniform")}
+        if config.kind == "sparsity":
+            ratios = _owl_ratios(model, prune_config, calib, device, progress)
+            block_targets = owl_layer_sparsities(ratios, config.target, config.owl_lambda)
+            starts["owl"] = _on_budget(space, [block_targets[db.block_of[u[0]]] for u in units], levels, "OWL")
+        baselines = {name: score(lv, final_stage) for name, lv in starts.items()}
+        best = min(baselines, key=baselines.get)
+        baselines["allocations"] = {name: [levels[k] for k in lv] for name, lv in starts.items()}
+        state = SearchState(list(starts[best]), baselines[best])
         _save_state(work, state, key, baselines)
     bar = tqdm(total=config.generations, initial=state.generation, desc="search", disable=not progress, unit="gen")
     while state.generation < config.generations:
@@ -241,21 +292,37 @@ def search(
         bar.update(1)
         bar.set_postfix(best=f"{state.fitness:.4f}")
     bar.close()
-    db.apply(model, assignment(state.levels))
+    chosen = assignment(state.levels)
+    db.apply(model, chosen)
+    weights = sum(db.sizes.values())
+    spent = space.total(state.levels)
+    achieved = 1.0 - spent / weights if config.kind == "sparsity" else spent / weights
+    quantized = None
+    if db.quantized:
+        quantized = {f"{layer}.weight": db.codes(layer, k) for layer, k in chosen.items()}
     allocation = [levels[lv] for lv in state.levels]
-    layer_sparsity = {layer: s for unit, s in zip(units, allocation, strict=True) for layer in unit}
-    total = sum(db.sizes.values())
-    achieved = sum(db.sizes[layer] * s for layer, s in layer_sparsity.items()) / total
     return SearchReport(
-        config.to_dict(),
-        levels,
-        units,
-        allocation,
-        layer_sparsity,
-        achieved,
-        state.fitness,
-        {k: float(baselines[k]) for k in ("uniform", "owl")},
-        baselines["allocations"],
-        state.history,
-        time.perf_counter() - start,
+        config=config.to_dict(),
+        levels=levels,
+        units=units,
+        allocation=allocation,
+        layer_levels={layer: levels[k] for layer, k in chosen.items()},
+        achieved=achieved,
+        fitness=state.fitness,
+        baselines={k: float(v) for k, v in baselines.items() if k != "allocations"},
+        baseline_allocations=baselines["allocations"],
+        history=state.history,
+        wall_time_s=time.perf_counter() - start,
+        quantized=quantized,
     )
+
+
+def _open_database(folder: Path, levels: list[float], key: str) -> LevelDatabase | None:
+    """The database a run with the same settings left behind, if it is complete."""
+    try:
+        if json.loads((folder / "key.json").read_text())["key"] == key:
+            db = LevelDatabase.open(folder)
+            return db if db.levels == levels else None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        pass
+    return None
