@@ -397,6 +397,9 @@ def search_pretrained(
     *,
     fitness_windows: int = 16,
     keep_database: bool = False,
+    max_loss: float | None = None,
+    tune: str | None = None,
+    trials: int = 40,
     progress: bool = True,
     nsamples: int = 128,
     **options,
@@ -408,8 +411,16 @@ def search_pretrained(
     in a hidden work folder beside ``output`` until the end (kept with ``keep_database``): a killed search run
     again with the same settings continues from its last finished generation. Sparsity searches save a dense
     folder (zeros stored), bit-width searches a packed one (each layer's codes at its chosen width).
+
+    ``max_loss`` (0.05 = +5% perplexity) looks for the largest average sparsity within that loss instead of
+    meeting ``config.target``; ``tune="owl"`` tunes OWL's M and λ with Optuna (``trials`` trials) instead of
+    searching per-unit levels.
     """
     config.validate()
+    if tune not in (None, "owl"):
+        raise UserError(f"unknown tuning {tune!r}: only owl can be tuned")
+    if tune and max_loss is not None:
+        raise UserError("choose one of tuning OWL and a maximum loss, not both")
     if fitness_windows < max(config.stage_windows):
         raise UserError(
             f"fitness_windows ({fitness_windows}) must be at least the largest stage ({max(config.stage_windows)})"
@@ -417,11 +428,24 @@ def search_pretrained(
     job = open_job(model, output, needs_calibration=True, nsamples=nsamples + fitness_windows, **options)
     work = Path(output).expanduser().parent / f".{Path(output).name}.search-work"
     calib, held_out = job.calib[:nsamples], job.calib[nsamples:]
-    report = search(job.model, config, calib, held_out, work, device=job.device, progress=progress)
+    if tune == "owl":
+        from lmcompress.search.tune import tune_owl
+
+        report = tune_owl(job.model, config, calib, held_out, work, trials=trials, device=job.device, progress=progress)
+    elif max_loss is not None:
+        from lmcompress.search.run import search_max_loss
+
+        report = search_max_loss(
+            job.model, config, calib, held_out, work, max_loss=max_loss, device=job.device, progress=progress
+        )
+    else:
+        report = search(job.model, config, calib, held_out, work, device=job.device, progress=progress)
     fields = {
         "search": config.to_dict(),
         "method": config.method,
-        "budget": {config.kind: config.target},
+        "budget": {config.kind: report.config["target"]},
+        "max_loss": max_loss,
+        "tuned": report.tuned,
         "achieved": report.achieved,
         "layer_levels": report.layer_levels,
         "fitness": {"kind": "kl", "value": report.fitness, "baselines": report.baselines},

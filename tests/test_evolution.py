@@ -109,3 +109,10 @@ def test_nearest_feasible_places_owl_like_targets_on_the_budget():
     levels = nearest_feasible(space, targets, SPARSITIES)
     assert space.feasible(levels)
     assert levels[0] <= levels[-1]  # the order of the targets survives
+
+
+def test_a_generation_with_no_room_to_move_keeps_the_parent():
+    space = sparsity_space([10, 10], 0.9)
+    state = SearchState([6, 6], 1.0)
+    gen = evolve(space, lambda levels, stage: 0.0, state, seed=0)
+    assert not gen.improved and state.levels == [6, 6] and gen.evaluations == 0 and state.generation == 1

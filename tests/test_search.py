@@ -217,3 +217,37 @@ def test_bits_search_stays_under_the_budget_and_saves_packed_codes(tiny_folder, 
             progress=False,
         )
     assert not (tmp_path / "no").exists()
+
+
+def test_max_loss_finds_the_largest_sparsity_within_the_loss(base, calib, tmp_path):
+    from lmcompress.measure.perplexity import perplexity
+    from lmcompress.search.run import search_max_loss
+
+    model = copy.deepcopy(base)
+    config = SearchConfig(target=0.5, generations=1, **FAST)
+    report = search_max_loss(model, config, calib[:4], calib[4:6], tmp_path / "w", max_loss=0.05, progress=False)
+    steps = report.bisection
+    passed = [s["sparsity"] for s in steps if s["within"]]
+    failed = [s["sparsity"] for s in steps if not s["within"]]
+    assert report.config["target"] == max(passed)
+    assert not failed or min(failed) > max(passed)  # the boundary is bracketed
+    levels = parse_levels(FAST["levels"])
+    nxt = [lv for lv in levels if lv > max(passed)]
+    assert not nxt or nxt[0] in failed  # the next level up was tried and failed
+    dense = perplexity(base, calib[4:6], progress=False).perplexity
+    assert perplexity(model, calib[4:6], progress=False).perplexity <= dense * 1.05 + 1e-6
+
+
+def test_tune_owl_with_optuna_never_scores_worse_than_default_owl(base, calib, tmp_path):
+    from lmcompress.search.tune import ratios_at, tune_owl
+
+    model = copy.deepcopy(base)
+    config = SearchConfig(target=0.6, **FAST)
+    report = tune_owl(model, config, calib[:4], calib[4:6], tmp_path / "t", trials=5, progress=False)
+    assert report.fitness <= report.baselines["owl"] + 1e-12  # the default M, λ is the first trial
+    assert len(report.history) == 5 and set(report.tuned) == {"owl_m", "owl_lambda"}
+    assert report.achieved == pytest.approx(0.6)
+    again = tune_owl(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "t", trials=5, progress=False)
+    assert again.tuned == report.tuned  # finished trials are reloaded, not rerun
+    ratios = ratios_at([torch.tensor([0.1, 0.5, 1.0, 2.0, 9.0])], 1.5)
+    assert ratios == [pytest.approx(0.4)]

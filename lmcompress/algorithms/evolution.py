@@ -132,9 +132,15 @@ def evolve(
     rng = random.Random(seed)
     if state.rng_state is not None:
         rng.setstate(state.rng_state)
-    children = [mutate_many(space, state.levels, rng, rng.randint(1, max_switches)) for _ in range(offspring)]
+    try:
+        children = [mutate_many(space, state.levels, rng, rng.randint(1, max_switches)) for _ in range(offspring)]
+    except ValueError:  # no level switch stays on the budget (e.g. every unit at the lowest level): nothing to try
+        children = []
     evaluations = 0
+    best_score = state.fitness
     for stage, keep in enumerate(survivors):
+        if not children:
+            break
         scored = []
         for child in children:
             scored.append((fitness(child, stage), child))
@@ -142,10 +148,9 @@ def evolve(
         scored.sort(key=lambda pair: pair[0])
         children = [child for _, child in scored[:keep]]
         best_score = scored[0][0]
-    best = children[0]
-    improved = best_score < state.fitness
+    improved = bool(children) and best_score < state.fitness
     if improved:
-        state.levels, state.fitness = list(best), best_score
+        state.levels, state.fitness = list(children[0]), best_score
     state.generation += 1
     state.rng_state = rng.getstate()
     gen = Generation(state.generation, state.fitness, list(state.levels), improved, evaluations)

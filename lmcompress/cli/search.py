@@ -21,6 +21,19 @@ def parse_budget(text: str) -> tuple[str, float]:
     return m.group(1), float(m.group(2))
 
 
+def parse_max_loss(text: str | None) -> float | None:
+    """``ppl=+5%`` → 0.05."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*ppl\s*=\s*\+?\s*([0-9.]+)\s*(%?)\s*", text)
+    if not m:
+        raise UserError(f"--max-loss {text!r} must look like ppl=+5%")
+    value = float(m.group(1)) / (100 if m.group(2) else 1)
+    if not 0 < value < 10:
+        raise UserError(f"--max-loss {text!r}: the allowed increase must be positive, e.g. ppl=+5%")
+    return value
+
+
 def parse_duration(text: str | None) -> float | None:
     """``90``, ``90s``, ``30m``, ``1.5h`` → seconds."""
     if text is None:
@@ -67,6 +80,12 @@ def search(
     stage_windows: str = typer.Option("2,8", "--stage-windows", help="Fitness windows scored at each stage."),
     fitness_windows: int = typer.Option(16, "--fitness-windows", help="Held-out windows drawn for the fitness."),
     time_limit: str = typer.Option(None, "--time-limit", help="Stop after the generation that passes it: 30m, 1h."),
+    fitness: str = typer.Option("kl", "--fitness", help="kl: divergence to the dense model; ppl: own perplexity."),
+    max_loss: str = typer.Option(
+        None, "--max-loss", help="ppl=+5%: the largest sparsity (on the level grid) within that perplexity loss."
+    ),
+    tune: str = typer.Option(None, "--tune", help="owl: tune OWL's M and λ with Optuna instead of per-unit levels."),
+    trials: int = typer.Option(40, "--trials", help="--tune: number of Optuna trials."),
     keep_database: bool = typer.Option(False, "--keep-database", help="Keep the level database and search state."),
     calib_data: str = typer.Option("c4", "--calib-data", help="Calibration text (as for prune)."),
     nsamples: int = options.NSAMPLES,
@@ -94,6 +113,10 @@ def search(
       lmcompress search ./llama --budget sparsity=0.5 --granularity layer --time-limit 30m -o llama-evo50
 
       lmcompress search ./llama --budget bits=3.0 --levels 2,3,4,8 --group-size 128 -o llama-mixed3
+
+      lmcompress search ./llama --max-loss ppl=+5% --method sparsegpt -o llama-within5
+
+      lmcompress search ./llama --tune owl --budget sparsity=0.7 --trials 40 -o llama-owl-tuned
     """
     kind, value = parse_budget(budget)
     config = SearchConfig(
@@ -108,6 +131,7 @@ def search(
         survivors=_ints(survivors, "--survivors"),
         stage_windows=_ints(stage_windows, "--stage-windows"),
         time_limit_s=parse_duration(time_limit),
+        fitness=fitness,
         seed=seed,
     )
     report = search_pretrained(
@@ -116,6 +140,9 @@ def search(
         output,
         fitness_windows=fitness_windows,
         keep_database=keep_database,
+        max_loss=parse_max_loss(max_loss),
+        tune=tune,
+        trials=trials,
         calib_data=calib_data,
         nsamples=nsamples,
         seqlen=seqlen,
@@ -136,4 +163,12 @@ def search(
         f"searched {len(report.history)} generations in {report.wall_time_s:.0f}s: KL {report.fitness:.4f} "
         f"(at the same budget: {base}); {what} {report.achieved:.4f} → {output}"
     )
+    if report.tuned:
+        typer.echo(f"best OWL: M {report.tuned['owl_m']:.3g}, λ {report.tuned['owl_lambda']:.3g}")
+    for step in report.bisection or []:
+        verdict = "within" if step["within"] else "over"
+        typer.echo(
+            f"  sparsity {step['sparsity']:g}: perplexity {step['perplexity']:.4g} "
+            f"(dense {step['dense_perplexity']:.4g}) {verdict} the allowed loss"
+        )
     typer.echo("per unit: " + " ".join(f"{s:g}" for s in report.allocation))

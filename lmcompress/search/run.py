@@ -28,14 +28,14 @@ from lmcompress.algorithms.owl import owl_layer_sparsities
 from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.errors import UserError
 from lmcompress.search.database import LevelDatabase, build_database, pruner, quantizer
-from lmcompress.search.fitness import KLFitness
+from lmcompress.search.fitness import make_fitness
 from lmcompress.transforms.prune import PruneConfig, _owl_ratios
 
 KINDS = ("sparsity", "bits")
 DEFAULT_LEVELS = {"sparsity": "0.3:0.95:0.05", "bits": "2,3,4,8"}
 METHODS = {"sparsity": ("sparsegpt", "wanda", "magnitude"), "bits": ("gptq", "rtn")}
 GRANULARITIES = ("layer", "block")
-STATE_FILE = "state.json"
+STATE_FILE = "state-{}.json"  # one per search trajectory (the key's hash), so that bisection steps resume too
 
 
 def parse_levels(text: str, kind: str = "sparsity") -> list[float]:
@@ -85,6 +85,7 @@ class SearchConfig:
     stage_windows: tuple[int, ...] = (2, 8)  # fitness windows at each selection stage (the last: parent's)
     max_switches: int = 3
     time_limit_s: float | None = None
+    fitness: str = "kl"  # kl: divergence to the dense model; ppl: the candidate's own log perplexity
     seed: int = 0
     owl_m: float = 5.0
     owl_lambda: float = 0.08
@@ -108,6 +109,8 @@ class SearchConfig:
             raise UserError("generations must be ≥ 0 and offspring ≥ 1")
         if len(self.stage_windows) != len(self.survivors) or self.survivors[-1] != 1:
             raise UserError("give one number of fitness windows per selection stage; the last stage keeps 1")
+        if self.fitness not in ("kl", "ppl"):
+            raise UserError(f"unknown fitness {self.fitness!r}: choose kl or ppl")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise UserError(f"the time limit must be positive, got {self.time_limit_s:g} s")
         if self.kind == "sparsity":
@@ -135,6 +138,8 @@ class SearchReport:
     history: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0
     quantized: dict[str, QuantizedTensor] | None = None  # bits: the chosen codes of every layer, by parameter
+    tuned: dict | None = None  # --tune owl: the best M and λ
+    bisection: list[dict] | None = None  # --max-loss: every sparsity tried, its perplexity, whether it passed
 
     def to_dict(self) -> dict:
         """Everything but the tensors, JSON-ready."""
@@ -187,12 +192,18 @@ def _save_state(work: Path, state: SearchState, key: str, baselines: dict) -> No
         "history": state.history,
         "rng_state": state.rng_state,
     }
-    write_json_atomic(work / STATE_FILE, data)
+    write_json_atomic(work / _state_name(key), data)
+
+
+def _state_name(key: str) -> str:
+    import hashlib
+
+    return STATE_FILE.format(hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
 def _load_state(work: Path, key: str) -> tuple[SearchState | None, dict]:
     """The saved state and baselines of a search with the same settings, or ``(None, {})``."""
-    path = work / STATE_FILE
+    path = work / _state_name(key)
     if not path.is_file():
         return None, {}
     try:
@@ -212,6 +223,67 @@ def _load_state(work: Path, key: str) -> tuple[SearchState | None, dict]:
         return None, {}  # a damaged state file: start the search again
 
 
+@dataclass
+class Candidates:
+    """What a search scores candidates with: the database, the units, the budget, and the fitness."""
+
+    config: SearchConfig
+    levels: list[float]
+    db: LevelDatabase
+    units: list[list[str]]
+    space: LevelSpace
+    key: str  # the settings and data that decide a search's trajectory
+    model: nn.Module
+    fitness: object  # make_fitness(config.fitness, …): (model, n windows) → float
+
+    def assignment(self, unit_levels) -> dict[str, int]:
+        return {layer: lv for unit, lv in zip(self.units, unit_levels, strict=True) for layer in unit}
+
+    def score(self, unit_levels, stage: int) -> float:
+        """Fitness of the candidate on stage ``stage``'s windows (the model then holds the candidate)."""
+        self.db.apply(self.model, self.assignment(unit_levels))
+        return self.fitness(self.model, self.config.stage_windows[stage])
+
+    def place(self, targets: list[float], what: str) -> list[int]:
+        """Per-unit targets (e.g. OWL's) on the level grid, on the budget."""
+        return _on_budget(self.space, targets, self.levels, what)
+
+
+def prepare(
+    model: nn.Module,
+    config: SearchConfig,
+    calib: torch.Tensor,
+    fitness_windows: torch.Tensor,
+    work: Path,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Candidates:
+    """Build (or reopen) the level database in ``work`` and the dense model's reference for the fitness."""
+    from lmcompress.calibration.data import windows_hash
+
+    levels = config.validate()
+    work.mkdir(parents=True, exist_ok=True)
+    data = {"calib": windows_hash(calib), "fitness": windows_hash(fitness_windows)}
+    settings = config.to_dict()
+    db_key = json.dumps({k: settings[k] for k in ("kind", "method", "levels", "group_size", "sym")} | data)
+    # what decides the trajectory (how long to run does not)
+    key = json.dumps({k: v for k, v in settings.items() if k not in ("generations", "time_limit_s")} | data)
+    if config.kind == "sparsity":
+        compressor = pruner(PruneConfig(method=config.method, sparsity=config.target))
+    else:
+        compressor = quantizer(config.method, config.group_size, config.sym)
+    db_dir = work / "database"
+    db = _open_database(db_dir, levels, db_key)
+    if db is None:
+        db = build_database(model, compressor, calib, levels, db_dir, device=device, progress=progress)
+        (db_dir / "key.json").write_text(json.dumps({"key": db_key}))
+    units = _units(db, config.granularity)
+    space = _space(db, units, config)
+    fitness = make_fitness(config.fitness, model, fitness_windows, device=device)
+    return Candidates(config, levels, db, units, space, key, model, fitness)
+
+
 def search(
     model: nn.Module,
     config: SearchConfig,
@@ -228,48 +300,20 @@ def search(
     call continues from the last finished generation.
     """
     start = time.perf_counter()
-    levels = config.validate()
     work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    from lmcompress.calibration.data import windows_hash
-
-    data = {"calib": windows_hash(calib), "fitness": windows_hash(fitness_windows)}
-    settings = config.to_dict()
-    db_key = json.dumps({k: settings[k] for k in ("kind", "method", "levels", "group_size", "sym")} | data)
-    # what decides the trajectory (how long to run does not)
-    key = json.dumps({k: v for k, v in settings.items() if k not in ("generations", "time_limit_s")} | data)
-    prune_config = None
-    if config.kind == "sparsity":
-        prune_config = PruneConfig(
-            method=config.method, sparsity=config.target, owl_m=config.owl_m, owl_lambda=config.owl_lambda
-        )
-        compressor = pruner(prune_config)
-    else:
-        compressor = quantizer(config.method, config.group_size, config.sym)
-    db_dir = work / "database"
-    db = _open_database(db_dir, levels, db_key)
-    if db is None:
-        db = build_database(model, compressor, calib, levels, db_dir, device=device, progress=progress)
-        (db_dir / "key.json").write_text(json.dumps({"key": db_key}))
-    units = _units(db, config.granularity)
-    space = _space(db, units, config)
-    fitness_fn = KLFitness(model, fitness_windows, device=device)
-
-    def assignment(unit_levels) -> dict[str, int]:
-        return {layer: lv for unit, lv in zip(units, unit_levels, strict=True) for layer in unit}
-
-    def score(unit_levels, stage: int) -> float:
-        db.apply(model, assignment(unit_levels))
-        return fitness_fn(model, config.stage_windows[stage])
-
+    cand = prepare(model, config, calib, fitness_windows, work, device=device, progress=progress)
+    levels, db, units, space, key, score = cand.levels, cand.db, cand.units, cand.space, cand.key, cand.score
+    assignment = cand.assignment
     final_stage = len(config.stage_windows) - 1
     state, baselines = _load_state(work, key)
     if state is None:  # a fresh search: score the baselines (the model is still dense here), seed from the best
-        starts = {"uniform": _on_budget(space, [config.target] * len(units), levels, "uniform")}
+        starts = {"uniform": cand.place([config.target] * len(units), "uniform")}
         if config.kind == "sparsity":
-            ratios = _owl_ratios(model, prune_config, calib, device, progress)
-            block_targets = owl_layer_sparsities(ratios, config.target, config.owl_lambda)
-            starts["owl"] = _on_budget(space, [block_targets[db.block_of[u[0]]] for u in units], levels, "OWL")
+            owl = PruneConfig(method=config.method, sparsity=config.target, owl_m=config.owl_m)
+            block_targets = owl_layer_sparsities(
+                _owl_ratios(model, owl, calib, device, progress), config.target, config.owl_lambda
+            )
+            starts["owl"] = cand.place([block_targets[db.block_of[u[0]]] for u in units], "OWL")
         baselines = {name: score(lv, final_stage) for name, lv in starts.items()}
         best = min(baselines, key=baselines.get)
         baselines["allocations"] = {name: [levels[k] for k in lv] for name, lv in starts.items()}
@@ -326,3 +370,69 @@ def _open_database(folder: Path, levels: list[float], key: str) -> LevelDatabase
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         pass
     return None
+
+
+def search_max_loss(
+    model: nn.Module,
+    config: SearchConfig,
+    calib: torch.Tensor,
+    fitness_windows: torch.Tensor,
+    work: str | Path,
+    *,
+    max_loss: float,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> SearchReport:
+    """The largest average sparsity on the level grid whose searched model stays within ``max_loss`` perplexity.
+
+    Bisection over the budget: at each tried sparsity a search (``config.generations`` generations) finds the
+    best allocation, and its perplexity on the held-out windows is compared with the dense model's on the same
+    windows; the quality is assumed to fall as sparsity grows. Every step shares one level database and keeps
+    its own search state, so a killed run resumes. The report's ``bisection`` lists every step.
+    """
+    from dataclasses import replace
+
+    from lmcompress.measure.perplexity import perplexity
+
+    if config.kind != "sparsity":
+        raise UserError("--max-loss searches the largest sparsity: use it with a sparsity search")
+    if not 0 < max_loss < 10:
+        raise UserError(f"the allowed perplexity increase must be a positive fraction (0.05 = +5%), got {max_loss}")
+    levels = config.validate()
+    work = Path(work)
+    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dense_ppl = perplexity(model, fitness_windows, device=device, progress=False).perplexity
+    steps: list[dict] = []
+    lo, hi = -1, len(levels)  # levels[lo] is known to pass (−1: dense), levels[hi] to fail (len: beyond the grid)
+    best: SearchReport | None = None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        model.load_state_dict(dense_state)
+        report = search(
+            model, replace(config, target=levels[mid]), calib, fitness_windows, work, device=device, progress=progress
+        )
+        ppl = perplexity(model, fitness_windows, device=device, progress=False).perplexity
+        ok = ppl <= dense_ppl * (1 + max_loss)
+        steps.append({"sparsity": levels[mid], "perplexity": ppl, "dense_perplexity": dense_ppl, "within": ok})
+        if ok:
+            lo, best = mid, report
+        else:
+            hi = mid
+    if best is None:
+        model.load_state_dict(dense_state)
+        raise UserError(
+            f"even the lowest level ({levels[0]:g}) costs more than +{max_loss:.1%} perplexity "
+            f"({steps[-1]['perplexity']:.3g} against dense {dense_ppl:.3g}); allow more loss or add lower levels"
+        )
+    model.load_state_dict(dense_state)
+    final = search(
+        model,
+        replace(config, target=best.config["target"]),
+        calib,
+        fitness_windows,
+        work,
+        device=device,
+        progress=False,
+    )  # resumes from its finished state: the same allocation
+    final.bisection = steps
+    return final
