@@ -29,7 +29,8 @@ from lmcompress.algorithms.routing import (
     routing_weights,
     select_keep,
 )
-from lmcompress.calibration.engine import BlockInputs, run_block, walk_blocks
+from lmcompress.calibration.engine import BlockInputs, collect, walk_blocks
+from lmcompress.calibration.stats import InputRows
 from lmcompress.errors import UserError
 from lmcompress.models.families import family_of
 
@@ -255,18 +256,8 @@ def drop_experts(
         if moe is None:
             return
         name = f"{prefix}.{i}.{layout.moe}"
-        captured: list[torch.Tensor] = []
-
-        def capture(_m, args):
-            captured.append(args[0].reshape(-1, args[0].shape[-1]))
-
-        handle = moe.register_forward_pre_hook(capture)
-        try:
-            run_block(block, inputs, keep="none")
-        finally:
-            handle.remove()
-        x = torch.cat(captured)  # [tokens, hidden]: the MoE layer's inputs on every calibration token
-        captured.clear()
+        # [tokens, hidden]: the MoE layer's inputs on every calibration token (re-scored after each drop)
+        x = collect(block, inputs, [layout.moe], lambda _n, _m: InputRows())[layout.moe].rows
         router, experts = moe.get_submodule(layout.router), moe.get_submodule(layout.experts)
         alive = torch.ones(n_experts, dtype=torch.bool)
         first = None
