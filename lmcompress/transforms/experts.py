@@ -107,6 +107,10 @@ class ExpertConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def needs_calibration(self) -> bool:
+        return True  # routing is data dependent: every criterion measures it
+
 
 @dataclass
 class ExpertReport:
