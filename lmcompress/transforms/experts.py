@@ -32,6 +32,7 @@ from lmcompress.algorithms.routing import (
 from lmcompress.calibration.engine import BlockInputs, collect, walk_blocks
 from lmcompress.calibration.stats import InputRows
 from lmcompress.errors import UserError
+from lmcompress.measure.profile import count_params
 from lmcompress.models.families import family_of
 
 log = logging.getLogger(__name__)
@@ -127,10 +128,6 @@ class ExpertReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _router_logits(router: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -249,7 +246,7 @@ def drop_experts(
     renorm = layout.renormalize
     normalize = bool(getattr(model.config, "norm_topk_prob", False)) if renorm is None else renorm
     prefix = family_of(model.config).blocks
-    params_before = _count_params(model)
+    params_before = count_params(model)
     model.eval()
     kept: dict[str, list[int]] = {}
     scores_out: dict[str, list[float]] = {}
@@ -293,6 +290,6 @@ def drop_experts(
         scores=scores_out,
         relative_error=rel_err,
         params_before=params_before,
-        params_after=_count_params(model),
+        params_after=count_params(model),
         wall_time_s=time.perf_counter() - start,
     )

@@ -486,6 +486,7 @@ def structured_prune(
                 stats = collect(block, inputs, [path], unit_stats)[path]
             if s == "heads":
                 res = prune_heads_block(block, layouts[s], shape, n_remove[s][i], config, stats)
+                set_heads(kept_heads)  # the FFN below is measured behind the pruned attention
             else:
                 res = prune_ffn_block(block, layouts[s], n_remove[s][i], config, stats)
             resized.extend(f"{prefix}.{i}.{p}" for p in res.resized)
