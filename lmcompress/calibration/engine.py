@@ -2,6 +2,9 @@
 
 Only the block being worked on sits on the compute device, and only one block's worth of activations
 (``nsamples × seqlen × hidden``) is alive at a time. The rest of the model stays where it was loaded.
+
+:func:`collect` is the one way every transform gathers calibration statistics inside a block: hook modules,
+run the windows, feed what they see to objects with an ``add(x)`` (``calibration.stats``, ``UnitStats``).
 """
 
 from __future__ import annotations
