@@ -286,7 +286,6 @@ def structured_prune_pretrained(
     the model is loaded; the result is written to a temporary folder and renamed into place, and the source is
     never written to.
     """
-    config.validate()
 
     def check_source(cfg, recipe: dict | None) -> None:
         if recipe and (recipe.get("surgery") or recipe.get("storage")):
