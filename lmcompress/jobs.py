@@ -1,7 +1,13 @@
 """What every whole-model job shares: check the inputs, load the source, draw calibration windows, describe it.
 
 ``prune_pretrained``, ``quantize_pretrained``, ``structured_prune_pretrained``, ``drop_experts_pretrained`` and
-``factorize_pretrained`` are each: :func:`open_job` → one in-place transformation → ``job.recipe(...)`` → save.
+``factorize_pretrained`` are each one call of :func:`run_job`: :func:`open_job` → one in-place transformation →
+``job.recipe(...)`` → save.
+
+Times, the same for every kind of job: the recipe's ``wall_time_s`` is the whole job (checks, loading, drawing
+the calibration windows and the transformation, up to the save that writes the recipe); its ``<kind>_time_s``
+(``prune_time_s``, ``quantize_time_s``, ``structured_time_s``, ``experts_time_s``, ``factorize_time_s``) and the
+returned report's ``wall_time_s`` are the transformation alone.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -150,6 +157,60 @@ def open_job(
     return Job(str(resolved), net, tokenizer, calib, calib_info, device, dtype, surgery, start)
 
 
+R = TypeVar("R")
+
+
+def run_job(
+    kind: str,
+    model: str | Path,
+    config,
+    output: str | Path,
+    transform: Callable[..., R],
+    *,
+    fields: Callable[[R], dict],
+    save_as: str | Callable[[R], str] = "dense",
+    progress: bool = True,
+    check_source: Callable[[object, dict | None], None] | None = None,
+    check_model: Callable[[nn.Module], None] | None = None,
+    extra_files: Callable[[R], dict[str, str]] | None = None,
+    **options,
+) -> R:
+    """The one skeleton of every whole job: validate ``config``, :func:`open_job`, transform, recipe, save.
+
+    ``transform(model, config, calib, device=..., progress=...)`` changes the model in place and returns its
+    report; ``fields(report)`` is what the recipe says was done. The recipe also gets ``<kind>_time_s``, the
+    report's ``wall_time_s`` (the transform alone), and ``wall_time_s``, the whole job from the first check
+    to the save. ``save_as`` (a string, or a function of the report): ``dense`` (plain ``from_pretrained``
+    loads it), ``packed`` (sparse layout, see docs/storage.md) or ``quantized`` (the report's ``quantized``
+    codes). ``extra_files(report)`` (name → text) are saved in the same folder. ``options`` and the two checks go
+    to :func:`open_job`.
+    """
+    config.validate()
+    job = open_job(
+        model,
+        output,
+        needs_calibration=config.needs_calibration,
+        check_source=check_source,
+        check_model=check_model,
+        **options,
+    )
+    report = transform(job.model, config, job.calib, device=job.device, progress=progress)
+    recipe = job.recipe(kind, {**fields(report), f"{kind}_time_s": report.wall_time_s})
+    how = save_as(report) if callable(save_as) else save_as
+    save = {"overwrite": options.get("overwrite", False), "dtype": source_dtype(job.model.config)}
+    if extra_files is not None:
+        save["extra_files"] = extra_files(report)
+    if how == "quantized":
+        save_quantized(job.model, job.tokenizer, output, recipe, report.quantized, **save)
+    elif how == "packed":
+        from lmcompress.checkpoint.packed import save_packed
+
+        save_packed(job.model, job.tokenizer, output, recipe, **save)
+    else:
+        save_model(job.model, job.tokenizer, output, recipe, **save)
+    return report
+
+
 def prune_pretrained(
     model: str | Path,
     config: PruneConfig,
@@ -170,29 +231,23 @@ def prune_pretrained(
     """
     if save_format not in ("dense", "packed"):
         raise UserError(f"unknown --save-format {save_format!r}: choose dense or packed")
-    config.validate()
-    job = open_job(model, output, needs_calibration=config.needs_calibration, **options)
-    report = prune(job.model, config, job.calib, device=job.device, progress=progress)
-    fields = {
-        **config.to_dict(),
-        "achieved_sparsity": report.sparsity,
-        "block_targets": report.block_targets,
-        "layer_sparsity": report.layer_sparsity,
-        "outlier_ratios": report.outlier_ratios,
-        "damping_raised": report.damping,
-        "prune_time_s": report.wall_time_s,
-    }
-    save = {"overwrite": options.get("overwrite", False), "dtype": source_dtype(job.model.config)}
-    if report.quantized is not None:  # joint prune + quantize (--bits): store the codes packed
-        recipe = job.recipe("prune", {**fields, "mask_sparsity": report.mask_sparsity})
-        save_quantized(job.model, job.tokenizer, output, recipe, report.quantized, **save)
-    elif save_format == "packed":
-        from lmcompress.checkpoint.packed import save_packed
 
-        save_packed(job.model, job.tokenizer, output, job.recipe("prune", fields), **save)
-    else:
-        save_model(job.model, job.tokenizer, output, job.recipe("prune", fields), **save)
-    return report
+    def fields(report: PruneReport) -> dict:
+        joint = {} if report.quantized is None else {"mask_sparsity": report.mask_sparsity}
+        return {
+            **config.to_dict(),
+            "achieved_sparsity": report.sparsity,
+            "block_targets": report.block_targets,
+            "layer_sparsity": report.layer_sparsity,
+            "outlier_ratios": report.outlier_ratios,
+            "damping_raised": report.damping,
+            **joint,
+        }
+
+    def save_as(report: PruneReport) -> str:  # joint prune + quantize (--bits): store the codes packed
+        return "quantized" if report.quantized is not None else save_format
+
+    return run_job("prune", model, config, output, prune, fields=fields, save_as=save_as, progress=progress, **options)
 
 
 def quantize_pretrained(
@@ -204,34 +259,29 @@ def quantize_pretrained(
     layer widths right after loading); nothing is written unless the whole job succeeds, and the source model
     is never written to.
     """
-    config.validate()
-    job = open_job(
+
+    def fields(report: QuantReport) -> dict:
+        return {
+            "quantization": config.to_dict(),
+            "quantized_layers": len(report.quantized),
+            "quantized_weights": report.weights,
+            "nominal_bits_per_weight": report.nominal_bits_per_weight,
+            "layer_loss": report.layer_loss,
+            "damping_raised": report.damping,
+        }
+
+    return run_job(
+        "quantize",
         model,
+        config,
         output,
-        needs_calibration=config.needs_calibration,
+        quantize,
+        fields=fields,
+        save_as="quantized",
+        progress=progress,
         check_model=lambda net: check_group_size(net, config.group_size),
         **options,
     )
-    report = quantize(job.model, config, job.calib, device=job.device, progress=progress)
-    fields = {
-        "quantization": config.to_dict(),
-        "quantized_layers": len(report.quantized),
-        "quantized_weights": report.weights,
-        "nominal_bits_per_weight": report.nominal_bits_per_weight,
-        "layer_loss": report.layer_loss,
-        "damping_raised": report.damping,
-        "quantize_time_s": report.wall_time_s,
-    }
-    save_quantized(
-        job.model,
-        job.tokenizer,
-        output,
-        job.recipe("quantize", fields),
-        report.quantized,
-        overwrite=options.get("overwrite", False),
-        dtype=source_dtype(job.model.config),
-    )
-    return report
 
 
 def structured_prune_pretrained(
@@ -243,11 +293,6 @@ def structured_prune_pretrained(
     the model is loaded; the result is written to a temporary folder and renamed into place, and the source is
     never written to.
     """
-    from lmcompress.checkpoint.load import source_dtype
-    from lmcompress.checkpoint.save import save_model
-    from lmcompress.jobs import open_job
-
-    config.validate()
 
     def check_source(cfg, recipe: dict | None) -> None:
         if recipe and (recipe.get("surgery") or recipe.get("storage")):
@@ -268,32 +313,32 @@ def structured_prune_pretrained(
                 units = getattr(cfg, layout.ffn_width, None) or 4 * cfg.hidden_size
             _n_remove(config.ratio, units, s)
 
-    job = open_job(model, output, needs_calibration=config.needs_calibration, check_source=check_source, **options)
-    report = structured_prune(job.model, config, job.calib, device=job.device, progress=progress)
-    fields = {
-        **config.to_dict(),
-        "uniform": report.uniform,
-        "ffn_widths": report.ffn_widths,
-        "heads": report.heads,
-        "kv_heads": report.kv_heads,
-        "block_ratios": report.block_ratios,
-        "removed_units": report.removed,
-        "outlier_ratios": report.outlier_ratios,
-        "params_before": report.params_before,
-        "params_after": report.params_after,
-        "prune_time_s": report.wall_time_s,
-        "surgery": report.surgery,
-    }
-    recipe = job.recipe("structured", fields)
-    save_model(
-        job.model,
-        job.tokenizer,
+    def fields(report: StructureReport) -> dict:
+        return {
+            **config.to_dict(),
+            "uniform": report.uniform,
+            "ffn_widths": report.ffn_widths,
+            "heads": report.heads,
+            "kv_heads": report.kv_heads,
+            "block_ratios": report.block_ratios,
+            "removed_units": report.removed,
+            "outlier_ratios": report.outlier_ratios,
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+            "surgery": report.surgery,
+        }
+
+    return run_job(
+        "structured",
+        model,
+        config,
         output,
-        recipe,
-        overwrite=options.get("overwrite", False),
-        dtype=source_dtype(job.model.config),
+        structured_prune,
+        fields=fields,
+        progress=progress,
+        check_source=check_source,
+        **options,
     )
-    return report
 
 
 def drop_experts_pretrained(
@@ -303,36 +348,30 @@ def drop_experts_pretrained(
 
     ``options`` are those of :func:`lmcompress.jobs.open_job`; a bad ``--keep`` fails before weights are loaded.
     """
-    from lmcompress.checkpoint.load import source_dtype
-    from lmcompress.checkpoint.save import save_model
-    from lmcompress.jobs import open_job
 
-    config.validate()
-    job = open_job(
-        model, output, needs_calibration=True, check_source=lambda cfg, _recipe: config.check_model(cfg), **options
-    )
-    report = drop_experts(job.model, config, job.calib, device=job.device, progress=progress)
-    fields = {
-        **config.to_dict(),
-        "experts_before": report.experts_before,
-        "experts_after": report.experts_after,
-        "kept_experts": report.kept,
-        "expert_scores": report.scores,
-        "relative_error": report.relative_error,
-        "params_before": report.params_before,
-        "params_after": report.params_after,
-    }
-    recipe = job.recipe("experts", fields)
-    save_model(
-        job.model,
-        job.tokenizer,
+    def fields(report: ExpertReport) -> dict:
+        return {
+            **config.to_dict(),
+            "experts_before": report.experts_before,
+            "experts_after": report.experts_after,
+            "kept_experts": report.kept,
+            "expert_scores": report.scores,
+            "relative_error": report.relative_error,
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+        }
+
+    return run_job(
+        "experts",
+        model,
+        config,
         output,
-        recipe,
-        overwrite=options.get("overwrite", False),
-        dtype=source_dtype(job.model.config),
+        drop_experts,
+        fields=fields,
+        progress=progress,
+        check_source=lambda cfg, _recipe: config.check_model(cfg),
+        **options,
     )
-    report.wall_time_s = recipe["wall_time_s"]
-    return report
 
 
 def _refuse_moe(config) -> None:
@@ -354,40 +393,30 @@ def factorize_pretrained(
     ``options`` are those of :func:`lmcompress.jobs.open_job`. A resized source keeps its surgery records (they
     rebuild the layers that the low-rank records then replace).
     """
-    from lmcompress.checkpoint.load import source_dtype
-    from lmcompress.checkpoint.save import save_model
-    from lmcompress.jobs import open_job
 
-    config.validate()
-    job = open_job(
+    def fields(report: FactorizeReport) -> dict:
+        return {
+            **config.to_dict(),
+            "threshold": report.threshold,
+            "layers": {k: asdict(v) for k, v in report.layers.items()},
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+            "linear_params_before": report.linear_params_before,
+            "linear_params_after": report.linear_params_after,
+            "surgery": report.surgery,
+        }
+
+    return run_job(
+        "factorize",
         model,
+        config,
         output,
-        needs_calibration=config.needs_calibration,
+        factorize,
+        fields=fields,
+        progress=progress,
         check_source=lambda cfg, _recipe: _refuse_moe(cfg),
         **options,
     )
-    report = factorize(job.model, config, job.calib, device=job.device, progress=progress)
-    fields = {
-        **config.to_dict(),
-        "threshold": report.threshold,
-        "layers": {k: asdict(v) for k, v in report.layers.items()},
-        "params_before": report.params_before,
-        "params_after": report.params_after,
-        "linear_params_before": report.linear_params_before,
-        "linear_params_after": report.linear_params_after,
-        "surgery": report.surgery,
-    }
-    recipe = job.recipe("factorize", fields)
-    save_model(
-        job.model,
-        job.tokenizer,
-        output,
-        recipe,
-        overwrite=options.get("overwrite", False),
-        dtype=source_dtype(job.model.config),
-    )
-    report.wall_time_s = recipe["wall_time_s"]
-    return report
 
 
 def search_pretrained(
@@ -416,6 +445,9 @@ def search_pretrained(
     meeting ``config.target``; ``tune="owl"`` tunes OWL's M and λ with Optuna (``trials`` trials) instead of
     searching per-unit levels.
     """
+    from lmcompress.search.run import search_max_loss
+    from lmcompress.search.tune import tune_owl
+
     config.validate()
     if tune not in (None, "owl"):
         raise UserError(f"unknown tuning {tune!r}: only owl can be tuned")
@@ -425,43 +457,42 @@ def search_pretrained(
         raise UserError(
             f"fitness_windows ({fitness_windows}) must be at least the largest stage ({max(config.stage_windows)})"
         )
-    job = open_job(model, output, needs_calibration=True, nsamples=nsamples + fitness_windows, **options)
     work = Path(output).expanduser().parent / f".{Path(output).name}.search-work"
-    calib, held_out = job.calib[:nsamples], job.calib[nsamples:]
-    if tune == "owl":
-        from lmcompress.search.tune import tune_owl
 
-        report = tune_owl(job.model, config, calib, held_out, work, trials=trials, device=job.device, progress=progress)
-    elif max_loss is not None:
-        from lmcompress.search.run import search_max_loss
+    def transform(net, cfg, windows, *, device, progress):
+        calib, held_out = windows[:nsamples], windows[nsamples:]
+        if tune == "owl":
+            return tune_owl(net, cfg, calib, held_out, work, trials=trials, device=device, progress=progress)
+        if max_loss is not None:
+            return search_max_loss(net, cfg, calib, held_out, work, max_loss=max_loss, device=device, progress=progress)
+        return search(net, cfg, calib, held_out, work, device=device, progress=progress)
 
-        report = search_max_loss(
-            job.model, config, calib, held_out, work, max_loss=max_loss, device=job.device, progress=progress
-        )
-    else:
-        report = search(job.model, config, calib, held_out, work, device=job.device, progress=progress)
-    fields = {
-        "search": config.to_dict(),
-        "method": config.method,
-        "budget": {config.kind: report.config["target"]},
-        "max_loss": max_loss,
-        "tuned": report.tuned,
-        "achieved": report.achieved,
-        "layer_levels": report.layer_levels,
-        "fitness": {"kind": "kl", "value": report.fitness, "baselines": report.baselines},
-        "fitness_windows": fitness_windows,
-        "search_time_s": report.wall_time_s,
-    }
-    save = {
-        "overwrite": options.get("overwrite", False),
-        "dtype": source_dtype(job.model.config),
-        "extra_files": {"search.json": json.dumps(report.to_dict(), indent=2) + "\n"},
-    }
-    recipe = job.recipe("search", fields)
-    if report.quantized is not None:
-        save_quantized(job.model, job.tokenizer, output, recipe, report.quantized, **save)
-    else:
-        save_model(job.model, job.tokenizer, output, recipe, **save)
+    def fields(report: SearchReport) -> dict:
+        return {
+            "search": config.to_dict(),
+            "method": config.method,
+            "budget": {config.kind: report.config["target"]},
+            "max_loss": max_loss,
+            "tuned": report.tuned,
+            "achieved": report.achieved,
+            "layer_levels": report.layer_levels,
+            "fitness": {"kind": config.fitness, "value": report.fitness, "baselines": report.baselines},
+            "fitness_windows": fitness_windows,
+        }
+
+    report = run_job(
+        "search",
+        model,
+        config,
+        output,
+        transform,
+        fields=fields,
+        save_as=lambda r: "quantized" if r.quantized is not None else "dense",
+        progress=progress,
+        extra_files=lambda r: {"search.json": json.dumps(r.to_dict(), indent=2) + "\n"},
+        nsamples=nsamples + fitness_windows,
+        **options,
+    )
     if not keep_database:
         shutil.rmtree(work, ignore_errors=True)
     return report

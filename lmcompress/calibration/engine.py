@@ -2,20 +2,24 @@
 
 Only the block being worked on sits on the compute device, and only one block's worth of activations
 (``nsamples × seqlen × hidden``) is alive at a time. The rest of the model stays where it was loaded.
+
+:func:`collect` is the one way every transform gathers calibration statistics inside a block: hook modules,
+run the windows, feed what they see to objects with an ``add(x)`` (``calibration.stats``, ``UnitStats``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.calibration.stats import InputStats
-from lmcompress.models.families import find_prunable, get_blocks, weight_matrix
+from lmcompress.models.families import get_blocks, weight_matrix
 
 # Keyword arguments a block gets that carry a KV cache; they are dropped so that blocks run stateless.
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
@@ -111,55 +115,80 @@ def run_block(block: nn.Module, inputs: BlockInputs, *, keep: str = "new") -> to
     return None if keep == "none" else outs
 
 
-@torch.no_grad()
-def collect_input_stats(
-    block: nn.Module, inputs: BlockInputs, names: list[str], hessian: bool
-) -> dict[str, InputStats]:
-    """Input statistics of the named linear layers of ``block``, over all calibration windows.
+class Statistic(Protocol):
+    """Anything that accumulates tensors seen during calibration: ``InputStats``, ``UnitStats``, ``InputRows``."""
 
-    Layers that read the same tensor (q/k/v, gate/up) share one ``InputStats``: computed once, stored once.
+    def add(self, x: torch.Tensor) -> None: ...
+
+
+S = TypeVar("S", bound=Statistic)
+
+
+@torch.no_grad()
+def collect(
+    block: nn.Module,
+    inputs: BlockInputs,
+    names: list[str],
+    new: Callable[[str, nn.Module], S],
+    *,
+    output: bool = False,
+) -> dict[str, S]:
+    """Run every calibration window through ``block`` and feed what its modules ``names`` see to statistics.
+
+    ``names`` are module paths inside ``block``; ``new(name, module)`` makes each one's statistic, and every
+    call of the module hands its first input (its output, with ``output=True``) to that statistic's
+    ``add(x)``. Modules that see the same tensor (q/k/v reading one normed input, gate/up) share one
+    statistic, computed and stored once; which ones do is found by one probe window first.
     """
-    modules = {n: m for n, m in find_prunable(block).items() if n in names}
-    device = inputs.hidden.device
+    modules = {n: block.get_submodule(n) for n in names}
+    shared = len(modules) > 1 and not output  # outputs are each module's own
+
     keys: dict[str, tuple] = {}
     alive: list[torch.Tensor] = []  # held so that a freed input's address cannot be reused by another input
+    if shared:
 
-    def probe(name):
-        def fn(_m, inp, _out):
-            keys[name] = (inp[0].data_ptr(), tuple(inp[0].shape))
-            alive.append(inp[0])
+        def probe(name):
+            def fn(_m, args):
+                keys[name] = (args[0].data_ptr(), tuple(args[0].shape))
+                alive.append(args[0])
 
-        return fn
+            return fn
 
-    handles = [m.register_forward_hook(probe(n)) for n, m in modules.items()]
-    try:
-        block(inputs.hidden[:1], *inputs.args, **inputs.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+        handles = [m.register_forward_pre_hook(probe(n)) for n, m in modules.items()]
+        try:
+            run_block(block, replace(inputs, hidden=inputs.hidden[:1]), keep="none")
+        finally:
+            for h in handles:
+                h.remove()
+        alive.clear()
     owner_of_key: dict[tuple, str] = {}
-    stats: dict[str, InputStats] = {}
+    stats: dict[str, S] = {}
     for name in names:
         owner = owner_of_key.setdefault(keys.get(name, (name,)), name)
-        if owner == name:
-            stats[name] = InputStats(weight_matrix(modules[name]).shape[1], device, hessian)
-        else:
-            stats[name] = stats[owner]
+        stats[name] = new(name, modules[name]) if owner == name else stats[owner]
 
-    def accumulate(name):
-        def fn(_m, inp, _out):
-            stats[name].add(inp[0].detach())
-
-        return fn
+    def feed(name):
+        if output:
+            return lambda _m, _args, out: stats[name].add((out[0] if isinstance(out, tuple | list) else out).detach())
+        return lambda _m, args: stats[name].add(args[0].detach())
 
     owners = sorted(set(owner_of_key.values()))
-    handles = [modules[n].register_forward_hook(accumulate(n)) for n in owners]
+    hook = "register_forward_hook" if output else "register_forward_pre_hook"
+    handles = [getattr(modules[n], hook)(feed(n)) for n in owners]
     try:
         run_block(block, inputs, keep="none")
     finally:
         for h in handles:
             h.remove()
     return stats
+
+
+def collect_input_stats(
+    block: nn.Module, inputs: BlockInputs, names: list[str], hessian: bool
+) -> dict[str, InputStats]:
+    """:class:`InputStats` (``Σ x²``, and ``Σ x xᵀ`` with ``hessian``) of the named linear layers' inputs."""
+    device = inputs.hidden.device
+    return collect(block, inputs, names, lambda _n, m: InputStats(weight_matrix(m).shape[1], device, hessian))
 
 
 def walk_blocks(

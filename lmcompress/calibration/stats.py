@@ -1,4 +1,9 @@
-"""Calibration statistics of a layer's inputs, accumulated token by token."""
+"""Calibration statistics of a layer's inputs, accumulated token by token.
+
+Each is fed by ``lmcompress.calibration.engine.collect`` through ``add(x)``, ``x`` one window's tensor
+``[..., d]`` whose rows are tokens. ``lmcompress.algorithms.units.UnitStats`` (means and variances for
+structured pruning) is one more of the same kind.
+"""
 
 from __future__ import annotations
 
@@ -26,3 +31,23 @@ class InputStats:
         if self.xtx is None:
             raise RuntimeError("Hessian was not collected")
         return self.xtx * (2.0 / max(self.tokens, 1))
+
+
+class InputRows:
+    """The inputs themselves, kept: ``rows`` is ``[tokens, d]``, every calibration token in window order.
+
+    For statistics that must revisit the tokens after each decision (expert dropping re-scores the surviving
+    experts and measures the routed output error on the same tokens).
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        self._parts.append(x.reshape(-1, x.shape[-1]))
+
+    @property
+    def rows(self) -> torch.Tensor:
+        if not self._parts:
+            raise RuntimeError("no inputs were collected")
+        return torch.cat(self._parts)

@@ -69,51 +69,37 @@ def evaluate_pretrained(
             device=device,
             progress=progress,
         )
-        sparsity, per_layer = measure_sparsity(net)
-        recipe = read_recipe(model) if Path(str(model)).is_dir() else None
-        return {"model": str(model), **result, "sparsity": sparsity, "layer_sparsity": per_layer, "recipe": recipe}
-    text = load_text(ppl_data or "wikitext2", role="eval")
-    if is_encoder(net.config):
-        from lmcompress.measure.encoder import evaluate_encoder_folder
+    else:
+        text = load_text(ppl_data or "wikitext2", role="eval")
+        if is_encoder(net.config):
+            from lmcompress.measure.encoder import evaluate_encoder_folder
 
-        enc = evaluate_encoder_folder(
-            net,
-            tokenizer,
-            model,
-            text.text,
-            reference=reference,
-            pooling=pooling,
-            seqlen=seqlen,
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-            progress=progress,
-        )
-        sparsity, per_layer = measure_sparsity(net)
-        recipe = read_recipe(model) if Path(str(model)).is_dir() else None
-        mlm = enc["mlm"] or {}
-        return {
-            "model": str(model),
-            "data": text.description,
-            "perplexity": mlm.get("perplexity"),
-            **enc,
-            "sparsity": sparsity,
-            "layer_sparsity": per_layer,
-            "recipe": recipe,
-        }
-    result = perplexity(net, eval_windows(tokenizer, text.text, seqlen), device=device, progress=progress)
+            enc = evaluate_encoder_folder(
+                net,
+                tokenizer,
+                model,
+                text.text,
+                reference=reference,
+                pooling=pooling,
+                seqlen=seqlen,
+                device=device,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+                progress=progress,
+            )
+            result = {"data": text.description, "perplexity": (enc["mlm"] or {}).get("perplexity"), **enc}
+        else:
+            ppl = perplexity(net, eval_windows(tokenizer, text.text, seqlen), device=device, progress=progress)
+            result = {
+                "data": text.description,
+                "perplexity": ppl.perplexity,
+                "nll": ppl.nll,
+                "tokens": ppl.tokens,
+                "windows": ppl.windows,
+                "seqlen": ppl.seqlen,
+            }
+    # What every evaluation reports: the zeros measured in the weights, and the recipe of an lmcompress folder.
     sparsity, per_layer = measure_sparsity(net)
     recipe = read_recipe(model) if Path(str(model)).is_dir() else None
-    return {
-        "model": str(model),
-        "data": text.description,
-        "perplexity": result.perplexity,
-        "nll": result.nll,
-        "tokens": result.tokens,
-        "windows": result.windows,
-        "seqlen": result.seqlen,
-        "sparsity": sparsity,
-        "layer_sparsity": per_layer,
-        "recipe": recipe,
-    }
+    return {"model": str(model), **result, "sparsity": sparsity, "layer_sparsity": per_layer, "recipe": recipe}

@@ -24,12 +24,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.algorithms.evolution import LevelSpace, SearchState, evolve, nearest_feasible
-from lmcompress.algorithms.owl import owl_layer_sparsities
 from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.errors import UserError
 from lmcompress.search.database import LevelDatabase, build_database, pruner, quantizer
 from lmcompress.search.fitness import make_fitness
-from lmcompress.transforms.prune import PruneConfig, _owl_ratios
+from lmcompress.transforms.prune import PruneConfig, owl_allocation
 
 KINDS = ("sparsity", "bits")
 DEFAULT_LEVELS = {"sparsity": "0.3:0.95:0.05", "bits": "2,3,4,8"}
@@ -117,6 +116,10 @@ class SearchConfig:
             PruneConfig(method=self.method, sparsity=self.target)  # its checks apply too
             return levels
         return levels[::-1]  # bit widths from most to fewest: cost falls with the level index
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True  # the fitness always needs windows, whatever makes the levels
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -309,9 +312,8 @@ def search(
     if state is None:  # a fresh search: score the baselines (the model is still dense here), seed from the best
         starts = {"uniform": cand.place([config.target] * len(units), "uniform")}
         if config.kind == "sparsity":
-            owl = PruneConfig(method=config.method, sparsity=config.target, owl_m=config.owl_m)
-            block_targets = owl_layer_sparsities(
-                _owl_ratios(model, owl, calib, device, progress), config.target, config.owl_lambda
+            _, block_targets = owl_allocation(
+                model, calib, torch.device(device), config.target, config.owl_m, config.owl_lambda, progress=progress
             )
             starts["owl"] = cand.place([block_targets[db.block_of[u[0]]] for u in units], "OWL")
         baselines = {name: score(lv, final_stage) for name, lv in starts.items()}

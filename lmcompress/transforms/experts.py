@@ -29,8 +29,10 @@ from lmcompress.algorithms.routing import (
     routing_weights,
     select_keep,
 )
-from lmcompress.calibration.engine import BlockInputs, run_block, walk_blocks
+from lmcompress.calibration.engine import BlockInputs, collect, walk_blocks
+from lmcompress.calibration.stats import InputRows
 from lmcompress.errors import UserError
+from lmcompress.measure.profile import count_params
 from lmcompress.models.families import family_of
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,10 @@ class ExpertConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def needs_calibration(self) -> bool:
+        return True  # routing is data dependent: every criterion measures it
+
 
 @dataclass
 class ExpertReport:
@@ -122,10 +128,6 @@ class ExpertReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _router_logits(router: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +246,7 @@ def drop_experts(
     renorm = layout.renormalize
     normalize = bool(getattr(model.config, "norm_topk_prob", False)) if renorm is None else renorm
     prefix = family_of(model.config).blocks
-    params_before = _count_params(model)
+    params_before = count_params(model)
     model.eval()
     kept: dict[str, list[int]] = {}
     scores_out: dict[str, list[float]] = {}
@@ -255,18 +257,8 @@ def drop_experts(
         if moe is None:
             return
         name = f"{prefix}.{i}.{layout.moe}"
-        captured: list[torch.Tensor] = []
-
-        def capture(_m, args):
-            captured.append(args[0].reshape(-1, args[0].shape[-1]))
-
-        handle = moe.register_forward_pre_hook(capture)
-        try:
-            run_block(block, inputs, keep="none")
-        finally:
-            handle.remove()
-        x = torch.cat(captured)  # [tokens, hidden]: the MoE layer's inputs on every calibration token
-        captured.clear()
+        # [tokens, hidden]: the MoE layer's inputs on every calibration token (re-scored after each drop)
+        x = collect(block, inputs, [layout.moe], lambda _n, _m: InputRows())[layout.moe].rows
         router, experts = moe.get_submodule(layout.router), moe.get_submodule(layout.experts)
         alive = torch.ones(n_experts, dtype=torch.bool)
         first = None
@@ -298,6 +290,6 @@ def drop_experts(
         scores=scores_out,
         relative_error=rel_err,
         params_before=params_before,
-        params_after=_count_params(model),
+        params_after=count_params(model),
         wall_time_s=time.perf_counter() - start,
     )

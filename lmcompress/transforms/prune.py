@@ -195,18 +195,32 @@ def _measure(modules: dict[str, nn.Module]) -> dict[str, float]:
     return {n: (weight_matrix(m) == 0).float().mean().item() for n, m in modules.items()}
 
 
-def _owl_ratios(model: nn.Module, config: PruneConfig, calib: torch.Tensor, device, progress: bool) -> list[float]:
-    """First, dense pass: each block's share of outlier Wanda scores."""
+def owl_allocation(
+    model: nn.Module,
+    calib: torch.Tensor,
+    device: torch.device,
+    target: float,
+    owl_m: float,
+    owl_lambda: float,
+    *,
+    progress: bool = True,
+) -> tuple[list[float], list[float]]:
+    """OWL's first, dense pass: ``(outlier ratios, per-block targets)``, the targets averaging ``target``.
+
+    Each block's outlier ratio is the share of its Wanda scores ``|W_ij|·‖x_j‖₂`` above ``owl_m`` × their mean
+    (over all its linear layers); :func:`~lmcompress.algorithms.owl.owl_layer_sparsities` turns the ratios into
+    targets spread ``2·owl_lambda`` apart. Used for unstructured sparsity and structured removal ratios alike.
+    """
     ratios: list[float] = []
 
     def visit(_i: int, block: nn.Module, inputs: BlockInputs) -> None:
         layers = find_prunable(block)
         stats = collect_input_stats(block, inputs, list(layers), hessian=False)
         scores = [wanda_scores(weight_matrix(m), stats[n].sq_sum) for n, m in layers.items()]
-        ratios.append(outlier_ratio(scores, config.owl_m))
+        ratios.append(outlier_ratio(scores, owl_m))
 
     walk_blocks(model, calib, device, visit, desc="OWL outlier ratios", progress=progress)
-    return ratios
+    return ratios, owl_layer_sparsities(ratios, target, owl_lambda)
 
 
 def prune(
@@ -238,8 +252,9 @@ def prune(
     ratios = None
     targets = [config.target] * len(blocks)
     if config.allocation == "owl":
-        ratios = _owl_ratios(model, config, calib, device, progress)
-        targets = owl_layer_sparsities(ratios, config.target, config.owl_lambda)
+        ratios, targets = owl_allocation(
+            model, calib, device, config.target, config.owl_m, config.owl_lambda, progress=progress
+        )
         log.info("OWL block sparsities: %s", ", ".join(f"{s:.3f}" for s in targets))
 
     layer_sparsity: dict[str, float] = {}

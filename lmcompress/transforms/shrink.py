@@ -23,7 +23,6 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from lmcompress.algorithms.owl import outlier_ratio, owl_layer_sparsities
 from lmcompress.algorithms.units import (
     CORRECTIONS,
     CRITERIA,
@@ -33,11 +32,11 @@ from lmcompress.algorithms.units import (
     unit_scores,
     units_to_keep,
 )
-from lmcompress.algorithms.wanda import wanda_scores
-from lmcompress.calibration.engine import BlockInputs, collect_input_stats, run_block, walk_blocks
+from lmcompress.calibration.engine import BlockInputs, collect, walk_blocks
 from lmcompress.errors import UserError
 from lmcompress.measure.profile import count_params
-from lmcompress.models.families import blocks_path, find_prunable, get_blocks, weight_matrix
+from lmcompress.models.families import blocks_path, get_blocks, weight_matrix
+from lmcompress.transforms.prune import owl_allocation
 
 log = logging.getLogger(__name__)
 
@@ -363,19 +362,6 @@ def prune_heads_block(
 # ---------------------------------------------------------------------------------------------------- driver
 
 
-@torch.no_grad()
-def collect_unit_stats(block: nn.Module, inputs: BlockInputs, path: str, covariance: bool) -> UnitStats:
-    """Statistics (Σx, Σx², optionally Σxxᵀ) of the inputs of ``block``'s layer ``path`` over all windows."""
-    module = block.get_submodule(path)
-    stats = UnitStats(weight_matrix(module).shape[1], inputs.hidden.device, covariance)
-    handle = module.register_forward_pre_hook(lambda _m, args: stats.add(args[0].detach()))
-    try:
-        run_block(block, inputs, keep="none")
-    finally:
-        handle.remove()
-    return stats
-
-
 def _unit_count(model: nn.Module, layout: Layout, structure: str) -> int:
     block = get_blocks(model)[0]
     if structure == "ffn":
@@ -392,22 +378,6 @@ def _n_remove(ratio: float, units: int, structure: str, where: str = "") -> int:
             f"(at most {(units - 1) / units:.3g})"
         )
     return n
-
-
-def _owl_block_ratios(
-    model: nn.Module, config: StructureConfig, calib: torch.Tensor, device, progress: bool
-) -> list[float]:
-    """OWL: a dense pass measuring each block's share of outlier Wanda scores."""
-    ratios: list[float] = []
-
-    def visit(_i: int, block: nn.Module, inputs: BlockInputs) -> None:
-        layers = find_prunable(block)
-        stats = collect_input_stats(block, inputs, list(layers), hessian=False)
-        scores = [wanda_scores(weight_matrix(m), stats[n].sq_sum) for n, m in layers.items()]
-        ratios.append(outlier_ratio(scores, config.owl_m))
-
-    walk_blocks(model, calib, device, visit, desc="OWL outlier ratios", progress=progress)
-    return ratios
 
 
 def _set_bias_flag(
@@ -468,8 +438,9 @@ def structured_prune(
     outliers = None
     block_ratios = {s: [config.ratio] * n_blocks for s in config.structures}
     if config.allocation == "owl":
-        outliers = _owl_block_ratios(model, config, calib, device, progress)
-        per_block = owl_layer_sparsities(outliers, config.ratio, config.owl_lambda)
+        outliers, per_block = owl_allocation(
+            model, calib, device, config.ratio, config.owl_m, config.owl_lambda, progress=progress
+        )
         block_ratios = {s: list(per_block) for s in config.structures}
     n_remove = {
         s: [_n_remove(r, units[s], s, f" in block {i}") for i, r in enumerate(block_ratios[s])]
@@ -503,15 +474,19 @@ def structured_prune(
     bias_added: list[str] = []
     removed: dict[str, list[int]] = {}
 
+    def unit_stats(_name: str, module: nn.Module) -> UnitStats:  # Σ x xᵀ only for the least-squares refit
+        return UnitStats(weight_matrix(module).shape[1], device, covariance=config.correction == "lstsq")
+
     def prune_block(i: int, block: nn.Module, inputs: BlockInputs | None) -> None:
         set_heads(dense_heads)
         for s in config.structures:
             path = layouts[s].o if s == "heads" else layouts[s].ffn_out
             stats = None
             if inputs is not None and (config.criterion != "magnitude" or config.correction != "none"):
-                stats = collect_unit_stats(block, inputs, path, covariance=config.correction == "lstsq")
+                stats = collect(block, inputs, [path], unit_stats)[path]
             if s == "heads":
                 res = prune_heads_block(block, layouts[s], shape, n_remove[s][i], config, stats)
+                set_heads(kept_heads)  # the FFN below is measured behind the pruned attention
             else:
                 res = prune_ffn_block(block, layouts[s], n_remove[s][i], config, stats)
             resized.extend(f"{prefix}.{i}.{p}" for p in res.resized)
