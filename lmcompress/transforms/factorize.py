@@ -37,6 +37,7 @@ from lmcompress.calibration.engine import BlockInputs, collect_input_stats, walk
 from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
 from lmcompress.models.families import blocks_path, find_prunable, get_blocks, weight_matrix
+from lmcompress.models.params import count_params
 from lmcompress.models.surgery import LowRankLinear, record_lowrank
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,6 @@ class FactorizeReport:
         return asdict(self)
 
 
-def _count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _scale(stats: InputStats | None, config: FactorizeConfig) -> torch.Tensor | None:
     if stats is None:
         return None
@@ -199,7 +196,7 @@ def factorize(
     model.eval()
     prefix = blocks_path(model)
     blocks = get_blocks(model)
-    params_before = _count_params(model)
+    params_before = count_params(model)
     kind, value = config.policy
 
     def each_block(visit, desc: str) -> None:
@@ -263,7 +260,7 @@ def factorize(
         layers=layers,
         surgery=records,
         params_before=params_before,
-        params_after=_count_params(model),
+        params_after=count_params(model),
         linear_params_before=lin_before,
         linear_params_after=lin_after,
         threshold=threshold,
