@@ -267,13 +267,17 @@ def skipped_blocks(
 
         return forward
 
+    saved = [block.__dict__.get("forward") for block in blocks]  # e.g. accelerate's device-placement wrapper
     for i, block in enumerate(blocks):
         block.forward = identity(i)  # an instance attribute shadows the class's forward; hooks still run
     try:
         yield
     finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def get_final_norm(model: nn.Module) -> nn.Module:
