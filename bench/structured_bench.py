@@ -21,7 +21,8 @@ from lmcompress.calibration.data import eval_windows
 from lmcompress.checkpoint.load import load
 from lmcompress.measure.evaluate import calibration
 from lmcompress.measure.perplexity import perplexity
-from lmcompress.measure.profile import count_params, flops_per_token, latency_per_token
+from lmcompress.measure.profile import flops_per_token, latency_per_token
+from lmcompress.models.params import count_params
 from lmcompress.transforms.shrink import StructureConfig, structured_prune
 
 SEQLEN = 256

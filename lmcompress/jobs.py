@@ -31,6 +31,7 @@ from lmcompress.checkpoint.load import load_config, load_model, resolve_source, 
 from lmcompress.checkpoint.save import save_model, save_quantized
 from lmcompress.errors import UserError
 from lmcompress.models.families import context_length
+from lmcompress.models.layouts import MOE_LAYOUTS, head_shape, structure_layout
 from lmcompress.search.run import SearchConfig, SearchReport, search
 from lmcompress.transforms.experts import ExpertConfig, ExpertReport, drop_experts
 from lmcompress.transforms.factorize import FactorizeConfig, FactorizeReport, factorize
@@ -40,8 +41,6 @@ from lmcompress.transforms.shrink import (
     StructureConfig,
     StructureReport,
     _n_remove,
-    head_shape,
-    layout_of,
     structured_prune,
 )
 
@@ -301,7 +300,7 @@ def structured_prune_pretrained(
                 "needs a model that plain from_pretrained loads (a dense model, or one pruned with one ratio)"
             )
         for s in config.structures:
-            layout = layout_of(cfg, s)
+            layout = structure_layout(cfg, s)
             if s == "heads":
                 if layout.heads == "uniform" and config.allocation != "uniform":
                     raise UserError(
@@ -375,8 +374,6 @@ def drop_experts_pretrained(
 
 
 def _refuse_moe(config) -> None:
-    from lmcompress.transforms.experts import MOE_LAYOUTS
-
     if getattr(config, "model_type", None) in MOE_LAYOUTS:
         raise UserError(
             f"factorizing {config.model_type} (mixture-of-experts) models is not supported yet: transformers saves "

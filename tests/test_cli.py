@@ -182,14 +182,14 @@ def test_pickle_checkpoints_are_refused(tmp_path, tiny_folder, capsys):
 def test_unsupported_architecture_names_supported_ones(tmp_path, capsys):
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model("bloom", hidden_size=32, n_layer=1, n_head=2, vocab_size=100)
-    folder = tmp_path / "bloom"
+    config = AutoConfig.for_model("vit", hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    folder = tmp_path / "vit"
     folder.mkdir()
     config.save_pretrained(folder)
     (folder / "model.safetensors").write_bytes(b"")
     assert run(["eval", str(folder)]) == 2
     err = capsys.readouterr().err
-    assert "unsupported architecture 'bloom'" in err and "llama" in err
+    assert "unsupported architecture 'vit'" in err and "llama" in err
 
 
 def test_help_teaches():

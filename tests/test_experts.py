@@ -20,8 +20,9 @@ from lmcompress.algorithms.routing import (
 from lmcompress.checkpoint.save import save_model
 from lmcompress.cli import main
 from lmcompress.errors import UserError
+from lmcompress.models.layouts import MOE_LAYOUTS
 from lmcompress.models.tiny import build_tiny_model
-from lmcompress.transforms.experts import MOE_LAYOUTS, ExpertConfig, _expert_outputs, drop_experts, slice_experts
+from lmcompress.transforms.experts import ExpertConfig, _expert_outputs, drop_experts, slice_experts
 
 MOE = sorted(MOE_LAYOUTS)
 

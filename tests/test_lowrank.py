@@ -255,7 +255,8 @@ def test_compressing_a_resized_source_keeps_its_surgery(tmp_path, tiny_folder):
 
 
 def test_profile_of_a_factorized_model_counts_the_factors(tokenizer):
-    from lmcompress.measure.profile import count_params, flops_breakdown
+    from lmcompress.measure.profile import flops_breakdown
+    from lmcompress.models.params import count_params
 
     model = build_tiny_model("llama", tokenizer.vocab_size)
     dense = flops_breakdown(model, 32)

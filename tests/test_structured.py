@@ -17,10 +17,12 @@ from lmcompress.checkpoint.load import load_model
 from lmcompress.checkpoint.save import save_model
 from lmcompress.errors import UserError
 from lmcompress.jobs import structured_prune_pretrained
-from lmcompress.measure.profile import count_params, flops_breakdown, latency_per_token
+from lmcompress.measure.profile import flops_breakdown, latency_per_token
 from lmcompress.models.families import get_blocks, weight_matrix
+from lmcompress.models.layouts import LAYOUTS, head_shape
+from lmcompress.models.params import count_params
 from lmcompress.models.tiny import build_tiny_model
-from lmcompress.transforms.shrink import LAYOUTS, StructureConfig, head_shape, structured_prune
+from lmcompress.transforms.shrink import StructureConfig, structured_prune
 
 HEAD_FAMILIES = sorted(n for n, lay in LAYOUTS.items() if lay.heads != "none")
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))

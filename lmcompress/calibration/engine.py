@@ -10,7 +10,7 @@ run the windows, feed what they see to objects with an ``add(x)`` (``calibration
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
@@ -19,21 +19,36 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.calibration.stats import InputStats
-from lmcompress.models.families import get_blocks, weight_matrix
+from lmcompress.models.families import get_blocks, skipped_blocks, weight_matrix
 
 # Keyword arguments a block gets that carry a KV cache; they are dropped so that blocks run stateless.
-_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
 
 
 class _Captured(Exception):
-    """Raised from inside block 0 once its inputs are recorded, to stop the forward there."""
+    """Raised from inside a block once the inputs wanted are recorded, to stop the forward there."""
 
 
 @dataclass
 class BlockInputs:
+    """The calibration inputs of the current block, and what the model's own forward passes every block.
+
+    ``per_block[i]`` holds the ``(args, kwargs)`` block ``i`` receives besides its hidden states (attention
+    mask, positions, rotary tables: they depend on the window's length, not its content, so window 0's serve
+    every window). Families with alternating sliding-window / global layers (Gemma 2/3, Cohere 2, Qwen 3 with
+    ``layer_types``) give layers different masks and rotary tables; tensors shared between blocks are stored
+    once. :func:`walk_blocks` calls :meth:`use_block` before visiting each block.
+    """
+
     hidden: torch.Tensor  # [nsamples, seqlen, hidden] inputs of the current block
-    args: tuple = ()  # other positional arguments of the block call (sample 0's)
+    args: tuple = ()  # other positional arguments of the current block's call
     kwargs: dict = field(default_factory=dict)  # keyword arguments (masks, positions, rotary tables)
+    per_block: list[tuple[tuple, dict]] = field(default_factory=list)  # (args, kwargs) of every block
+
+    def use_block(self, i: int) -> None:
+        """Make ``args`` / ``kwargs`` those that block ``i`` receives in the model's own forward."""
+        if self.per_block:
+            self.args, self.kwargs = self.per_block[i]
 
 
 def _non_block_tensors(model: nn.Module, blocks: nn.ModuleList) -> list[torch.Tensor]:
@@ -57,45 +72,72 @@ def _outside_blocks_on(model: nn.Module, blocks: nn.ModuleList, device: torch.de
             t.data = t.data.to(home)
 
 
-def _to(obj, device: torch.device):
+def _to(obj, device: torch.device, memo: dict[int, torch.Tensor] | None = None):
+    """``obj`` (nested tuples, lists, dicts of tensors) on ``device``; a tensor met twice is moved once."""
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
     if isinstance(obj, tuple | list):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
+
+
+def _stateless(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A block call's extra arguments with KV caches removed and ``use_cache`` off."""
+    args = tuple(None if type(a).__name__.endswith("Cache") else a for a in args)
+    kwargs = {k: (None if k in _CACHE_KWARGS or type(v).__name__.endswith("Cache") else v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return args, kwargs
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device: torch.device) -> BlockInputs:
-    """Run the model's own embedding code on each window and record what block 0 receives."""
+    """Run the model's own forward on each window and record what block 0 receives, and what every block gets.
+
+    The blocks are skipped (each returns its input unchanged, ``models.families.skipped_blocks``), so only the
+    embeddings run. Window 0 goes through the whole stack to record each block's extra arguments (its hidden
+    states, which would be wrong with the blocks skipped, are not kept); the others stop at block 0.
+    """
     blocks = get_blocks(model)
-    extra: dict = {}
+    last = len(blocks) - 1
+    per_block: list[tuple[tuple, dict] | None] = [None] * len(blocks)
     store: list[torch.Tensor] = []  # one preallocated [nsamples, seqlen, hidden] tensor, filled row by row
     row_index = 0
 
-    def hook(_module, args, kwargs):
-        if not store:
-            store.append(args[0].new_empty((input_ids.shape[0], *args[0].shape[1:])))
-            extra["args"] = tuple(None if type(a).__name__.endswith("Cache") else a for a in args[1:])
-            extra["kwargs"] = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
-            if "use_cache" in extra["kwargs"]:
-                extra["kwargs"]["use_cache"] = False
-        store[0][row_index] = args[0][0].detach()
-        raise _Captured
+    def on_call(i: int, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if i == 0:
+            if not store:
+                store.append(hidden.new_empty((input_ids.shape[0], *hidden.shape[1:])))
+            store[0][row_index] = hidden[0].detach()
+        if row_index == 0:
+            per_block[i] = _stateless(args[1:], kwargs)
+        if row_index > 0 or i == last:
+            raise _Captured
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with _outside_blocks_on(model, blocks, device):
-            for row_index, row in enumerate(input_ids):  # noqa: B007  (read by the hook)
-                with suppress(_Captured):
-                    model(row.unsqueeze(0).to(device), use_cache=False)
-    finally:
-        handle.remove()
-    if not store:
-        raise RuntimeError("block 0 was never called: is this a decoder model of a supported family?")
-    return BlockInputs(store[0], extra["args"], extra["kwargs"])
+    with _outside_blocks_on(model, blocks, device):
+        for row_index, row in enumerate(input_ids):
+            for tuple_output in (False, True):  # blocks returning a tensor, or a tuple read as block(...)[0]
+                try:
+                    with skipped_blocks(blocks, on_call, tuple_output=tuple_output):
+                        model(row.unsqueeze(0).to(device), use_cache=False)
+                except _Captured:
+                    break
+                except Exception:
+                    if tuple_output or row_index > 0:
+                        raise
+            if not store:
+                raise RuntimeError("block 0 was never called: is this a decoder model of a supported family?")
+    if any(p is None for p in per_block):
+        raise RuntimeError("not every block was called in the model's forward: cannot capture their inputs")
+    args, kwargs = per_block[0]
+    return BlockInputs(store[0], args, kwargs, per_block=per_block)
 
 
 @torch.no_grad()
@@ -207,9 +249,10 @@ def walk_blocks(
     """
     blocks = get_blocks(model)
     inputs = capture_block_inputs(model, input_ids, device)
-    inputs.args, inputs.kwargs = _to(inputs.args, device), _to(inputs.kwargs, device)
+    inputs.per_block = _to(inputs.per_block, device)  # tensors shared between blocks stay shared
     for i in tqdm(range(len(blocks)), desc=desc, disable=not progress, unit="block"):
         block = blocks[i]
+        inputs.use_block(i)
         home = next(block.parameters()).device
         block.to(device)
         visit(i, block, inputs)

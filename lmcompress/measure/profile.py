@@ -20,11 +20,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lmcompress.models.families import FAMILIES, get_blocks
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters, shared (tied) tensors counted once."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+from lmcompress.models.layouts import LAYOUTS, MOE_LAYOUTS, moe_module
+from lmcompress.models.params import count_params
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -38,8 +35,6 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 def _attention_width(model: nn.Module) -> list[int]:
     """``heads × head_dim`` of each block's attention (what the score/value products scale with)."""
-    from lmcompress.transforms.shrink import LAYOUTS  # the per-family layer roles
-
     layout = LAYOUTS.get(getattr(model.config, "model_type", None))
     try:
         blocks = get_blocks(model)
@@ -60,8 +55,6 @@ def _attention_width(model: nn.Module) -> list[int]:
 
 def _expert_flops(model: nn.Module) -> int:
     """Per-token matmul FLOPs of the mixture-of-experts layers: router plus the ``top_k`` experts a token runs."""
-    from lmcompress.transforms.experts import MOE_LAYOUTS, moe_module
-
     layout = MOE_LAYOUTS.get(getattr(model.config, "model_type", None))
     if layout is None:
         return 0

@@ -95,7 +95,31 @@ TINY_CONFIGS: dict[str, dict] = {
         num_experts_per_tok=2,
     ),
 }
-_POSITIONS_KEY = {"gpt2": "n_positions"}
+
+# Decoder families that have no FAMILIES row: blocks, final norm and head are found by the generic search
+# (models.families). Kept apart so that the suites parametrized over TINY_CONFIGS keep their running time;
+# tests/test_families.py runs these. Gemma 2/3 and Cohere 2 alternate sliding-window and global layers
+# (window 8, shorter than the test windows, so the two kinds of mask really differ).
+_LLAMA_LIKE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+_ALTERNATING = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+TINY_GENERIC_CONFIGS: dict[str, dict] = {
+    "gemma": dict(_LLAMA_LIKE, head_dim=16),
+    "gemma2": dict(_LLAMA_LIKE, head_dim=16, **_ALTERNATING),
+    "gemma3_text": dict(_LLAMA_LIKE, head_dim=16, **_ALTERNATING),  # Gemma3ForCausalLM (text only)
+    "cohere2": dict(_LLAMA_LIKE, **_ALTERNATING),
+    "cohere": dict(_LLAMA_LIKE),
+    "granite": dict(_LLAMA_LIKE),
+    "olmo": dict(_LLAMA_LIKE),
+    "olmo2": dict(_LLAMA_LIKE),
+    "stablelm": dict(_LLAMA_LIKE),
+    "starcoder2": dict(_LLAMA_LIKE),
+    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4),  # ALiBi: no position embeddings
+    "gptj": dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8),
+}
+_POSITIONS_KEY = {"gpt2": "n_positions", "gptj": "n_positions", "bloom": None}
 
 # BERT-style encoders, kept apart so that tests parametrized over TINY_CONFIGS (causal LMs) do not pick them up.
 TINY_ENCODER_CONFIGS: dict[str, dict] = {
@@ -183,11 +207,13 @@ def build_tiny_encoder(
 def build_tiny_model(
     family: str, vocab_size: int = 512, *, max_positions: int = 512, seed: int = 0, **overrides
 ) -> nn.Module:
-    """A randomly initialized causal LM of ``family`` with the tiny config above (plus ``overrides``)."""
+    """A randomly initialized causal LM of ``family`` with a tiny config above (plus ``overrides``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(TINY_CONFIGS[family])
-    kwargs[_POSITIONS_KEY.get(family, "max_position_embeddings")] = max_positions
+    kwargs = dict(TINY_CONFIGS[family] if family in TINY_CONFIGS else TINY_GENERIC_CONFIGS[family])
+    positions_key = _POSITIONS_KEY.get(family, "max_position_embeddings")
+    if positions_key is not None:
+        kwargs[positions_key] = max_positions
     kwargs.update(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, **overrides)
     config = AutoConfig.for_model(family, **kwargs)
     torch.manual_seed(seed)

@@ -32,41 +32,11 @@ from lmcompress.algorithms.routing import (
 from lmcompress.calibration.engine import BlockInputs, collect, walk_blocks
 from lmcompress.calibration.stats import InputRows
 from lmcompress.errors import UserError
-from lmcompress.measure.profile import count_params
-from lmcompress.models.families import family_of
+from lmcompress.models.families import blocks_path
+from lmcompress.models.layouts import MoeLayout, moe_layout, moe_module
+from lmcompress.models.params import count_params
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MoeLayout:
-    """Where one MoE family keeps its experts (transformers ≥ 5: fused 3-D expert tensors)."""
-
-    moe: str  # the sparse-MoE module inside a decoder block (dense-MLP blocks lack ``experts``)
-    router: str  # its router, relative to ``moe``: a weight [E, hidden], returns (logits, weights, indices)
-    experts: str  # the fused experts, relative to ``moe``: gate_up_proj [E, 2I, hidden], down_proj [E, hidden, I]
-    count_key: str  # config field holding the number of routed experts
-    topk_key: str  # config field holding k (experts per token)
-    renormalize: bool | None  # top-k weights renormalized to sum 1: True always, None = config.norm_topk_prob
-    shared: str | None = None  # an always-on shared expert (kept as is; it does not depend on routing)
-
-
-MOE_LAYOUTS: dict[str, MoeLayout] = {
-    "mixtral": MoeLayout("mlp", "gate", "experts", "num_local_experts", "num_experts_per_tok", True),
-    "qwen2_moe": MoeLayout("mlp", "gate", "experts", "num_experts", "num_experts_per_tok", None, "shared_expert"),
-    "qwen3_moe": MoeLayout("mlp", "gate", "experts", "num_experts", "num_experts_per_tok", None),
-    "olmoe": MoeLayout("mlp", "gate", "experts", "num_experts", "num_experts_per_tok", None),
-}
-
-
-def layout_of(config) -> MoeLayout:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in MOE_LAYOUTS:
-        raise UserError(
-            f"--structure experts needs a mixture-of-experts model; {model_type!r} is not one lmcompress knows "
-            f"(supported: {', '.join(sorted(MOE_LAYOUTS))})"
-        )
-    return MOE_LAYOUTS[model_type]
 
 
 @dataclass
@@ -94,7 +64,7 @@ class ExpertConfig:
 
     def check_model(self, config) -> tuple[int, int]:
         """``(experts, top_k)`` of a model, after checking that ``keep`` fits them."""
-        layout = layout_of(config)
+        layout = moe_layout(config)
         n_experts, top_k = getattr(config, layout.count_key), getattr(config, layout.topk_key)
         if self.keep > n_experts:
             raise UserError(f"--keep {self.keep} is more than the {n_experts} experts each layer has")
@@ -209,19 +179,6 @@ def slice_experts(moe: nn.Module, layout: MoeLayout, keep_idx: torch.Tensor) -> 
             module.num_experts = int(keep_idx.numel())
 
 
-def moe_module(block: nn.Module, layout: MoeLayout) -> nn.Module | None:
-    """The sparse-MoE module of ``block``, or None for a dense-MLP block."""
-    try:
-        moe = block.get_submodule(layout.moe)
-    except AttributeError:
-        return None
-    try:
-        moe.get_submodule(layout.experts)
-    except AttributeError:
-        return None  # a dense-MLP block (Qwen-MoE mlp_only_layers / decoder_sparse_step)
-    return moe
-
-
 @torch.no_grad()
 def drop_experts(
     model: nn.Module,
@@ -238,14 +195,13 @@ def drop_experts(
     """
     start = time.perf_counter()
     config.validate()
-    family_of(model.config)
-    layout = layout_of(model.config)
+    layout = moe_layout(model.config)
     n_experts, top_k = config.check_model(model.config)
     if calib is None or calib.numel() == 0:
         raise UserError("expert dropping needs calibration data (routing statistics are measured on it)")
     renorm = layout.renormalize
     normalize = bool(getattr(model.config, "norm_topk_prob", False)) if renorm is None else renorm
-    prefix = family_of(model.config).blocks
+    prefix = blocks_path(model)
     params_before = count_params(model)
     model.eval()
     kept: dict[str, list[int]] = {}

@@ -36,8 +36,8 @@ from lmcompress.algorithms.lowrank import (
 from lmcompress.calibration.engine import BlockInputs, collect_input_stats, walk_blocks
 from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
-from lmcompress.measure.profile import count_params
 from lmcompress.models.families import blocks_path, find_prunable, get_blocks, weight_matrix
+from lmcompress.models.params import count_params
 from lmcompress.models.surgery import LowRankLinear, record_lowrank
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,6 @@ from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
 from lmcompress.models.families import (
     blocks_path,
-    family_of,
     find_prunable,
     get_blocks,
     get_final_norm,
@@ -238,8 +237,8 @@ def prune(
     """
     start = time.perf_counter()
     config.validate()
-    if config.include_head and family_of(model.config).final_norm is None:
-        raise UserError(f"--include-head is not supported for {model.config.model_type} models; prune the blocks only")
+    if config.include_head:
+        get_final_norm(model)  # a UserError now, before any work, where there is no final norm to find
     device = torch.device(device)
     if config.needs_calibration and (calib is None or calib.numel() == 0):
         raise UserError(f"{config.method} with {config.allocation} allocation needs calibration data")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -34,134 +34,15 @@ from lmcompress.algorithms.units import (
 )
 from lmcompress.calibration.engine import BlockInputs, collect, walk_blocks
 from lmcompress.errors import UserError
-from lmcompress.measure.profile import count_params
 from lmcompress.models.families import blocks_path, get_blocks, weight_matrix
+from lmcompress.models.layouts import HeadShape, Layout, head_shape, structure_layout
+from lmcompress.models.params import count_params
 from lmcompress.transforms.prune import owl_allocation
 
 log = logging.getLogger(__name__)
 
 STRUCTURES = ("ffn", "heads")
 ALLOCATIONS = ("uniform", "owl")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a family keeps the layers around its FFN channels and attention heads (paths inside a block)."""
-
-    ffn_in: tuple[str, ...]  # layers whose output rows are the FFN channels (gate, up / fc1)
-    ffn_out: str  # the layer whose input columns are the FFN channels (down / fc2)
-    ffn_width: str  # config key of the FFN width
-    attn: str  # the attention module
-    o: str  # the layer whose input columns are the heads (o_proj / dense / out_proj)
-    q: str | None = None  # separate q/k/v projections
-    k: str | None = None
-    v: str | None = None
-    qkv: str | None = None  # one fused projection, rows stacked [q; k; v]
-    ffn_halves: int = 1  # 2 when gate and up are one stacked layer [gate; up]
-    heads: str = "per-layer"  # "per-layer", "uniform" (forward reads head counts from the config) or "none"
-    # config flags that give a group of layers a bias: structure → (config key, the layers it governs). With
-    # them a bias correction on bias-less layers stays loadable by plain from_pretrained (the others get zeros).
-    bias_flags: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
-
-    def bias_flag(self, structure: str) -> tuple[str, tuple[str, ...]] | None:
-        return next(((key, paths) for s, key, paths in self.bias_flags if s == structure), None)
-
-
-_LLAMA = Layout(
-    ffn_in=("mlp.gate_proj", "mlp.up_proj"),
-    ffn_out="mlp.down_proj",
-    ffn_width="intermediate_size",
-    attn="self_attn",
-    q="self_attn.q_proj",
-    k="self_attn.k_proj",
-    v="self_attn.v_proj",
-    o="self_attn.o_proj",
-)
-_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-_LLAMA_BIASES = (
-    ("ffn", "mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
-    ("heads", "attention_bias", _ATTENTION),
-)
-
-# Head removal needs a forward that derives head counts from the weights (reshape with -1) and a config that
-# can keep head_dim when num_attention_heads changes; OPT, GPT-2 and GPT-NeoX compute head_dim = hidden/heads.
-LAYOUTS: dict[str, Layout] = {
-    "llama": replace(_LLAMA, bias_flags=_LLAMA_BIASES),
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": replace(_LLAMA, bias_flags=(("heads", "attention_bias", _ATTENTION),)),
-    "phi3": Layout(
-        ffn_in=("mlp.gate_up_proj",),
-        ffn_out="mlp.down_proj",
-        ffn_width="intermediate_size",
-        ffn_halves=2,
-        attn="self_attn",
-        qkv="self_attn.qkv_proj",
-        o="self_attn.o_proj",
-        heads="uniform",  # its forward slices the fused qkv with config.num_attention_heads
-    ),
-    "phi": Layout(
-        ffn_in=("mlp.fc1",),
-        ffn_out="mlp.fc2",
-        ffn_width="intermediate_size",
-        attn="self_attn",
-        q="self_attn.q_proj",
-        k="self_attn.k_proj",
-        v="self_attn.v_proj",
-        o="self_attn.dense",
-    ),
-    "opt": Layout(
-        ffn_in=("fc1",), ffn_out="fc2", ffn_width="ffn_dim", attn="self_attn", o="self_attn.out_proj", heads="none"
-    ),
-    "gpt2": Layout(
-        ffn_in=("mlp.c_fc",), ffn_out="mlp.c_proj", ffn_width="n_inner", attn="attn", o="attn.c_proj", heads="none"
-    ),
-    "gpt_neox": Layout(
-        ffn_in=("mlp.dense_h_to_4h",),
-        ffn_out="mlp.dense_4h_to_h",
-        ffn_width="intermediate_size",
-        attn="attention",
-        o="attention.dense",
-        heads="none",
-    ),
-}
-
-
-def layout_of(config, structure: str | None = None) -> Layout:
-    """The layout of ``config``'s family, or a UserError naming the families that support ``structure``."""
-    model_type = getattr(config, "model_type", None)
-    layout = LAYOUTS.get(model_type)
-    if structure == "heads":
-        supported = sorted(n for n, lay in LAYOUTS.items() if lay.heads != "none")
-        if layout is None or layout.heads == "none":
-            raise UserError(
-                f"attention-head removal is not supported for {model_type!r} models: it works for "
-                f"{', '.join(supported)}. FFN-channel removal (--structure ffn) works for {', '.join(sorted(LAYOUTS))}."
-            )
-    if layout is None:
-        raise UserError(
-            f"structured pruning is not supported for {model_type!r} models: it works for {', '.join(sorted(LAYOUTS))}"
-        )
-    return layout
-
-
-@dataclass
-class HeadShape:
-    heads: int  # query heads
-    kv_heads: int
-    head_dim: int
-
-    @property
-    def group(self) -> int:
-        """Query heads per KV head (1 without grouped-query attention)."""
-        return self.heads // self.kv_heads
-
-
-def head_shape(config) -> HeadShape:
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return HeadShape(heads, kv, head_dim)
 
 
 @dataclass
@@ -416,7 +297,7 @@ def structured_prune(
     """Remove FFN channels and/or attention heads from ``model`` in place; see the module docstring."""
     start = time.perf_counter()
     config.validate()
-    layouts = {s: layout_of(model.config, s) for s in config.structures}
+    layouts = {s: structure_layout(model.config, s) for s in config.structures}
     layout = next(iter(layouts.values()))
     device = torch.device(device)
     if config.needs_calibration and (calib is None or calib.numel() == 0):
