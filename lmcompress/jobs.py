@@ -25,7 +25,7 @@ from lmcompress.models.families import context_length
 from lmcompress.transforms.experts import ExpertConfig, ExpertReport, drop_experts
 from lmcompress.transforms.factorize import FactorizeConfig, FactorizeReport, factorize
 from lmcompress.transforms.prune import PruneConfig, PruneReport, prune
-from lmcompress.transforms.quantize import QuantConfig, QuantReport, check_group_size, quantize
+from lmcompress.transforms.quantize import QuantConfig, QuantReport, quantize
 from lmcompress.transforms.shrink import (
     StructureConfig,
     StructureReport,
@@ -168,7 +168,7 @@ def prune_pretrained(
     if save_format not in ("dense", "packed"):
         raise UserError(f"unknown --save-format {save_format!r}: choose dense or packed")
     config.validate()
-    job = open_job(model, output, needs_calibration=config.needs_calibration, **options)
+    job = open_job(model, output, needs_calibration=config.needs_calibration, check_model=config.check_model, **options)
     report = prune(job.model, config, job.calib, device=job.device, progress=progress)
     fields = {
         **config.to_dict(),
@@ -197,18 +197,11 @@ def quantize_pretrained(
 ) -> QuantReport:
     """Load ``model``, quantize its block linear layers as ``config`` says, and save it packed to ``output``.
 
-    ``options`` as for :func:`prune_pretrained`. Inputs are checked before any work (the group size against the
-    layer widths right after loading); nothing is written unless the whole job succeeds, and the source model
-    is never written to.
+    ``options`` as for :func:`prune_pretrained`. Inputs are checked before any work; nothing is written unless
+    the whole job succeeds, and the source model is never written to.
     """
     config.validate()
-    job = open_job(
-        model,
-        output,
-        needs_calibration=config.needs_calibration,
-        check_model=lambda net: check_group_size(net, config.group_size),
-        **options,
-    )
+    job = open_job(model, output, needs_calibration=config.needs_calibration, **options)
     report = quantize(job.model, config, job.calib, device=job.device, progress=progress)
     fields = {
         "quantization": config.to_dict(),
