@@ -165,12 +165,17 @@ def _check_whole_groups(quantized: dict) -> None:
     group_size = next(iter(quantized[n] for n in partial)).spec.group_size
     fits = [g for g in (256, 128, 64, 32, 16, 8) if g <= group_size and all(w % g == 0 for w in widths)]
     hint = f"--group-size {fits[0]}" if fits else "a --group-size that divides every width"
-    shown = ", ".join(f"{name} ({split})" for name, split in list(partial.items())[:6])
-    more = f" and {len(partial) - 6} more" if len(partial) > 6 else ""
+    by_split: dict[str, list[str]] = {}
+    for name, split in partial.items():
+        by_split.setdefault(split, []).append(name)
+    shown = "; ".join(
+        f"{split}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        for split, names in by_split.items()
+    )
     raise UserError(
         f"{len(partial)} {'layer has' if len(partial) == 1 else 'layers have'} a partial last quantization group, "
         "which compressed-tensors' pack-quantized format cannot hold (it needs the group size to divide every "
-        f"layer width): {shown}{more}. Re-quantize with {hint} or --group-size -1 (one grid per output channel) "
+        f"layer width): {shown}. Re-quantize with {hint} or --group-size -1 (one grid per output channel) "
         "to export; the lmcompress folder itself loads with lmcompress.load, and `lmcompress unpack` makes a "
         "plain folder of it"
     )

@@ -142,8 +142,13 @@ class PruneConfig:
         widths = {name: weight_matrix(m).shape[1] for name, m in modules.items() if m is not None}
         bad = {name: w for name, w in widths.items() if w % pattern.m}
         if bad:
-            shown = ", ".join(f"{name} ({w} inputs)" for name, w in list(bad.items())[:6])
-            more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+            by_width: dict[int, list[str]] = {}
+            for name, w in bad.items():
+                by_width.setdefault(w, []).append(name)
+            shown = "; ".join(
+                f"{w} inputs: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                for w, names in sorted(by_width.items())
+            )
             fits = [m for m in (4, 8, 16) if m != pattern.m and all(w % m == 0 for w in widths.values())]
             if set(bad) == {"lm_head"}:
                 hint = "leave out --include-head"
@@ -153,7 +158,7 @@ class PruneConfig:
                 hint = "--pattern unstructured"
             raise UserError(
                 f"pattern {pattern} needs input widths that are multiples of {pattern.m}, but {len(bad)} of the "
-                f"{len(widths)} layers to prune are not: {shown}{more}; use {hint}"
+                f"{len(widths)} layers to prune are not ({shown}); use {hint}"
             )
 
     def to_dict(self) -> dict:
