@@ -115,8 +115,6 @@ def main() -> None:
         args.model = str(ensure_reference_model())
     base, tokenizer = load_model(args.model)
     widths = sorted({weight_matrix(m).shape[1] for b in get_blocks(base) for m in find_prunable(b).values()})
-    if any(w % args.group_size for w in widths):
-        raise SystemExit(f"--group-size {args.group_size} does not divide the layer input widths {widths}")
     calib, calib_info = draw(tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=args.seqlen)
     test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), args.seqlen)
     test = test[: args.eval_windows]

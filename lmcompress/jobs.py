@@ -36,7 +36,7 @@ from lmcompress.search.run import SearchConfig, SearchReport, search
 from lmcompress.transforms.experts import ExpertConfig, ExpertReport, drop_experts
 from lmcompress.transforms.factorize import FactorizeConfig, FactorizeReport, factorize
 from lmcompress.transforms.prune import PruneConfig, PruneReport, prune
-from lmcompress.transforms.quantize import QuantConfig, QuantReport, check_group_size, quantize
+from lmcompress.transforms.quantize import QuantConfig, QuantReport, quantize
 from lmcompress.transforms.shrink import (
     StructureConfig,
     StructureReport,
@@ -246,7 +246,18 @@ def prune_pretrained(
     def save_as(report: PruneReport) -> str:  # joint prune + quantize (--bits): store the codes packed
         return "quantized" if report.quantized is not None else save_format
 
-    return run_job("prune", model, config, output, prune, fields=fields, save_as=save_as, progress=progress, **options)
+    return run_job(
+        "prune",
+        model,
+        config,
+        output,
+        prune,
+        fields=fields,
+        save_as=save_as,
+        progress=progress,
+        check_model=config.check_model,
+        **options,
+    )
 
 
 def quantize_pretrained(
@@ -254,9 +265,8 @@ def quantize_pretrained(
 ) -> QuantReport:
     """Load ``model``, quantize its block linear layers as ``config`` says, and save it packed to ``output``.
 
-    ``options`` as for :func:`prune_pretrained`. Inputs are checked before any work (the group size against the
-    layer widths right after loading); nothing is written unless the whole job succeeds, and the source model
-    is never written to.
+    ``options`` as for :func:`prune_pretrained`. Inputs are checked before any work; nothing is written unless
+    the whole job succeeds, and the source model is never written to.
     """
 
     def fields(report: QuantReport) -> dict:
@@ -278,7 +288,6 @@ def quantize_pretrained(
         fields=fields,
         save_as="quantized",
         progress=progress,
-        check_model=lambda net: check_group_size(net, config.group_size),
         **options,
     )
 

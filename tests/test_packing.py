@@ -193,3 +193,45 @@ def test_act_order_group_index_round_trips():
     plain = type(q)(q.codes, q.scale, q.zero, q.spec, torch.arange(64, dtype=torch.int32) // 16)
     assert "g_idx" not in pack_quantized(plain).parts
     assert torch.equal(unpack_quantized(pack_quantized(plain)).g_idx, plain.g_idx)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("kind", ["rtn", "gptq-act-order", "joint-2:4"])
+def test_partial_last_group_round_trips_exactly(kind, sym):
+    """72 inputs in groups of 32: the third group holds 8 inputs, with its own scale and zero point."""
+    from lmcompress.algorithms import sparsegpt_prune
+    from lmcompress.algorithms.gptq import ColumnQuantizer, gptq_quantize
+    from lmcompress.transforms.quantize import nominal_bits_per_weight
+
+    gen = torch.Generator().manual_seed(3)
+    w, x = torch.randn(20, 72, generator=gen), torch.randn(200, 72, generator=gen)
+    h, spec = 2 * x.t() @ x / 200, QuantSpec(bits=3, group_size=32, sym=sym)
+    if kind == "rtn":
+        q = rtn_quantize(w, spec)
+    elif kind == "gptq-act-order":
+        q = gptq_quantize(w, h, spec, act_order=True, blocksize=16).quantized
+        assert q.g_idx is not None and torch.bincount(q.g_idx.long()).tolist() == [32, 32, 8]
+    else:
+        quantizer = ColumnQuantizer(spec, tuple(w.shape))
+        sparsegpt_prune(w, h, 0.5, Pattern(2, 4), blocksize=16, quantizer=quantizer)
+        q = quantizer.result()
+    assert q.scale.shape == (20, 3)
+    sizes = {}
+    for layout in ("auto", "dense", "bitmask", "2:4"):
+        try:
+            packed = pack_quantized(q, layout)
+        except ValueError:  # not a 2:4 tensor
+            continue
+        assert packed.parts["scale"].shape == (20, 3)
+        if not sym:
+            assert packed.parts["zero"].numel() == packed_nbytes(20 * 3, 3)  # the short group's zero point too
+        if q.g_idx is not None:
+            assert packed.parts["g_idx"].numel() == packed_nbytes(72, 2)  # 3 groups: 2 bits per input
+        back = unpack_quantized(packed)
+        _assert_same_quantized(back, q)
+        assert torch.equal(back.dequantize()[:, 64:], q.dequantize()[:, 64:])
+        sizes[layout] = packed.nbytes
+    assert sizes["auto"] == min(sizes.values())
+    dense = pack_quantized(q, "dense")
+    stored_bits = 8 * sum(dense.parts[p].numel() * dense.parts[p].element_size() for p in dense.parts)
+    assert nominal_bits_per_weight({"w": q}) == pytest.approx(stored_bits / w.numel(), abs=0.1)  # byte rounding

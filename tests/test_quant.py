@@ -47,6 +47,22 @@ def assert_on_grid(qt: QuantizedTensor, weight: torch.Tensor) -> None:
     assert torch.equal(qt.dequantize(), weight), "the weight is not exactly what its codes stand for"
 
 
+def assert_same_up_to_rounding(a: QuantizedTensor, b: QuantizedTensor, rows: float = 0.1, codes: float = 0.02) -> None:
+    """Two runs that are equal in exact arithmetic (e.g. GPTQ with different lazy block sizes) agree up to ties.
+
+    A changed summation order moves a weight by float rounding; only where it sits at a rounding tie does its
+    code change, and then the different error is compensated along that row only (rows are independent given
+    H), possibly flipping a few more codes of that row. So nearly every row must come out identical, and the
+    codes that differ must be few; bit-for-bit equality is not what the math promises.
+    """
+    assert a.codes.shape == b.codes.shape
+    differ = a.codes != b.codes
+    assert differ.any(1).float().mean().item() <= rows, f"{int(differ.any(1).sum())} of {len(differ)} rows differ"
+    assert differ.float().mean().item() <= codes, f"{differ.float().mean().item():.2%} of the codes differ"
+    same_rows = ~differ.any(1)
+    assert torch.allclose(a.scale[same_rows], b.scale[same_rows], rtol=1e-4), "grids differ in identical rows"
+
+
 # ---------------------------------------------------------------- grids and RTN
 
 
@@ -124,12 +140,19 @@ def test_act_order_dequantization_exact(static_groups, group_size):
     assert output_error(w, res.weight, x) < output_error(w, rtn_quantize(w, QuantSpec(4, group_size)).dequantize(), x)
 
 
-def test_gptq_groups_straddling_blocks_are_up_to_date():
-    """Grids of groups that reach past a lazy block must see the block's updates (flush), not stale weights."""
-    w, _, h = layer_problem(cols=120)
+@pytest.mark.parametrize("seed", [0, 3])
+def test_gptq_groups_straddling_blocks_are_up_to_date(seed):
+    """Grids of groups that reach past a lazy block must see the block's updates (flush), not stale weights.
+
+    The block size does not change GPTQ in exact arithmetic, so the runs agree up to rounding ties (with stale
+    grids about half the rows came out different on this problem, with 10% different scales).
+    """
+    w, _, h = layer_problem(cols=120, seed=seed)
     a = gptq_quantize(w, h, QuantSpec(3, 40), blocksize=120)  # every group inside one block
-    b = gptq_quantize(w, h, QuantSpec(3, 40), blocksize=32)  # groups straddle block borders
-    assert torch.allclose(a.weight, b.weight, atol=1e-4)
+    for blocksize in (32, 7):  # groups straddle block borders
+        b = gptq_quantize(w, h, QuantSpec(3, 40), blocksize=blocksize)
+        assert_same_up_to_rounding(a.quantized, b.quantized)
+        assert b.loss == pytest.approx(a.loss, rel=2e-2)
 
 
 def test_gptq_mask_keeps_exact_zeros_and_dead_inputs():
@@ -140,6 +163,89 @@ def test_gptq_mask_keeps_exact_zeros_and_dead_inputs():
     res = gptq_quantize(w.masked_fill(mask, 0.0), h, QuantSpec(4, 32), mask=mask, act_order=True)
     assert (res.weight[mask] == 0).all() and (res.weight[:, 7] == 0).all()
     assert_on_grid(res.quantized, res.weight)
+
+
+# ---------------------------------------------------------------- a group size that does not divide the width
+
+
+def assert_on_each_group_grid(qt: QuantizedTensor, weight: torch.Tensor) -> None:
+    """Every weight is ``(k − z)·s`` for an integer code ``k`` of its own group (natural groups: ``c // g``)."""
+    cols = weight.shape[1]
+    groups = qt.group_index()
+    for g in range(qt.spec.groups(cols)):
+        cols_g = groups == g
+        scale, zero = qt.scale[:, g : g + 1], qt.zero[:, g : g + 1]
+        k = weight[:, cols_g] / scale + zero
+        assert torch.allclose(k, k.round(), atol=1e-3), f"group {g} is off its grid"
+        assert k.round().min() >= 0 and k.round().max() <= qt.spec.maxq
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_partial_last_group_has_its_own_grid(sym):
+    spec = QuantSpec(3, 32, sym)
+    w = torch.randn(16, 72)
+    w[:, 64:] *= 0.01  # the partial group's own range is far smaller than the others'
+    qt = rtn_quantize(w, spec)
+    assert spec.groups(72) == 3 and spec.last_width(72) == 8 and spec.has_partial_group(72)
+    assert qt.scale.shape == (16, 3) and torch.equal(qt.group_index(), torch.arange(72) // 32)
+    deq = qt.dequantize()
+    assert_on_each_group_grid(qt, deq)
+    assert qt.scale[:, 2].max() < 0.05 * qt.scale[:, :2].min()  # chosen from its 8 inputs only
+    err = (w - deq).abs()
+    assert (err <= qt.scale[:, qt.group_index()] / 2 * (1 + 1e-4) + 1e-7).all()
+    assert not QuantSpec(3, 24).has_partial_group(72) and not QuantSpec(3, -1).has_partial_group(72)
+
+
+@pytest.mark.parametrize(("act_order", "static_groups"), [(False, False), (True, False), (True, True)])
+def test_gptq_partial_last_group(act_order, static_groups):
+    w, x, h = layer_problem(cols=72)
+    spec = QuantSpec(3, 32)
+    res = gptq_quantize(w, h, spec, act_order=act_order, static_groups=static_groups, blocksize=20)
+    qt = res.quantized
+    assert_on_grid(qt, res.weight)
+    assert_on_each_group_grid(qt, res.weight)
+    assert qt.scale.shape == (48, 3)
+    assert torch.bincount(qt.group_index(), minlength=3).tolist() == [32, 32, 8]
+    if act_order and not static_groups:  # the short group holds the 8 inputs processed last (least energy)
+        last = torch.argsort(torch.diag(h), descending=True)[64:]
+        assert set(torch.nonzero(qt.group_index() == 2).flatten().tolist()) == set(last.tolist())
+    else:
+        assert qt.g_idx is None  # g_idx = c // 32, the short group is inputs 64..71
+    rtn = rtn_quantize(w, spec).dequantize()
+    n = x.shape[0]
+    assert output_error(w, res.weight, x) < output_error(w, rtn, x)
+    assert res.loss <= output_error(w, rtn, x) / n  # GPTQ's layer loss is no worse than RTN's
+
+
+@pytest.mark.parametrize("pattern", [Pattern(), Pattern(2, 4)])
+def test_joint_mode_partial_last_group(pattern):
+    w, x, h = layer_problem(cols=72)
+    spec = QuantSpec(3, 32)
+    quantizer = ColumnQuantizer(spec, tuple(w.shape))
+    res = sparsegpt_prune(w, h, 0.5, pattern, blocksize=16, quantizer=quantizer)  # groups straddle blocks
+    qt = quantizer.result()
+    assert_on_grid(qt, res.weight)
+    assert_on_each_group_grid(qt, res.weight)
+    assert qt.scale.shape == (48, 3) and qt.g_idx is None
+    assert (res.weight[res.mask] == 0).all() and res.mask.float().mean().item() == 0.5
+    plain = sparsegpt_prune(w, h, 0.5, pattern, blocksize=16).weight
+    assert output_error(w, res.weight, x) < output_error(w, rtn_quantize(plain, spec).dequantize(), x)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_joint_mode_groups_straddling_blocks_are_up_to_date(seed):
+    """As for GPTQ: a group reaching past a SparseGPT block sees the block's updates (N:M masks do not depend
+    on the block size, so the runs are equal in exact arithmetic; with stale grids a quarter to a half of the
+    rows came out different here, against at most 4% from ties)."""
+    w, _, h = layer_problem(rows=128, cols=72, seed=seed)  # many rows: the share of rows at a tie is stable
+    runs = []
+    for blocksize in (72, 24, 8):  # one block; groups of 32 straddle blocks of 24 and of 8
+        quantizer = ColumnQuantizer(QuantSpec(3, 32), tuple(w.shape))
+        res = sparsegpt_prune(w, h, 0.5, Pattern(2, 4), blocksize=blocksize, quantizer=quantizer)
+        runs.append((quantizer.result(), res.loss))
+    for qt, loss in runs[1:]:
+        assert_same_up_to_rounding(runs[0][0], qt)
+        assert loss == pytest.approx(runs[0][1], rel=2e-2)
 
 
 # ---------------------------------------------------------------- joint SparseGPT + quantization
@@ -290,13 +396,13 @@ def test_joint_prune_cli(tmp_path, tiny_folder, calib_file, capsys):
     [
         ["quantize", "--bits", "1"],
         ["quantize", "--bits", "9"],
-        ["quantize", "--group-size", "48"],  # does not divide 64 inputs
         ["quantize", "--group-size", "0"],
         ["quantize", "--method", "awq"],
         ["quantize", "--method", "rtn", "--act-order"],
         ["prune", "--method", "magnitude", "--bits", "4"],
         ["prune", "--method", "sparsegpt", "--bits", "9"],
-        ["prune", "--method", "sparsegpt", "--bits", "4", "--group-size", "48"],
+        ["prune", "--method", "wanda", "--pattern", "2:6"],  # 6 divides no width of the model
+        ["prune", "--method", "sparsegpt", "--pattern", "2:6", "--blocksize", "120"],
     ],
 )
 def test_bad_input_is_a_user_error_and_writes_nothing(tmp_path, tiny_folder, calib_file, extra, capsys):
@@ -311,5 +417,76 @@ def test_bad_input_is_a_user_error_and_writes_nothing(tmp_path, tiny_folder, cal
 def test_gptq_without_calibration_is_a_user_error(model_of):
     with pytest.raises(UserError, match="calibration"):
         quantize(model_of("llama"), QuantConfig(method="gptq", group_size=32), None, progress=False)
-    with pytest.raises(UserError, match="group-size"):
-        quantize(model_of("llama"), QuantConfig(method="rtn", group_size=128), None, progress=False)
+
+
+def test_group_size_that_divides_no_width_end_to_end(tmp_path, tiny_folder, calib_file, capsys):
+    """--group-size 48 on a model of widths 64 and 128: a partial last group per layer, through every command."""
+    from lmcompress.checkpoint.packed import read_packed
+
+    src = tiny_folder("llama")
+    out = tmp_path / "g48"
+    argv = ["quantize", str(src), "--method", "gptq", "--bits", "4", "--group-size", "48", "--act-order"]
+    assert run([*argv, "--calib-data", str(calib_file), "-o", str(out), *SMALL]) == 0
+    model, _ = load_model(out)
+    quantized = read_packed(out)[1]
+    assert len(quantized) == 14
+    for name, qt in quantized.items():
+        cols = qt.codes.shape[1]
+        assert cols % 48 and qt.scale.shape[1] == -(-cols // 48)
+        assert torch.bincount(qt.group_index()).tolist()[-1] == cols % 48
+        assert torch.equal(model.get_parameter(name).data.float(), qt.dequantize())
+    assert perplexity_of(out, calib_file, capsys) == pytest.approx(perplexity_of(src, calib_file, capsys), rel=0.1)
+
+    capsys.readouterr()
+    assert run(["info", str(out)]) == 0
+    assert "partial last group: 14 layers (64 = 1×48 + 16: 12; 128 = 2×48 + 32: 2)" in capsys.readouterr().out
+    assert run(["info", str(out), "--json"]) == 0
+    partial = json.loads(capsys.readouterr().out)["linear"]["partial_groups"]
+    assert partial["layers"] == 14 and partial["names"]["model.layers.0.mlp.down_proj.weight"] == "128 = 2×48 + 32"
+
+    plain = tmp_path / "plain"
+    assert run(["unpack", str(out), "-o", str(plain)]) == 0
+    unpacked, _ = load_model(plain)
+    for name, qt in quantized.items():
+        assert torch.equal(unpacked.get_parameter(name).data.float(), qt.dequantize())
+
+    capsys.readouterr()
+    assert run(["export", str(out), "--format", "compressed-tensors", "-o", str(tmp_path / "ct")]) == 2
+    err = capsys.readouterr().err
+    assert "14 layers have a partial last quantization group" in err
+    assert "128 = 2×48 + 32: model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj" in err
+    assert "--group-size 32" in err and not (tmp_path / "ct").exists()
+
+
+def test_joint_prune_with_a_partial_last_group(tmp_path, tiny_folder, calib_file, capsys):
+    out = tmp_path / "joint48"
+    argv = ["prune", str(tiny_folder("llama")), "--method", "sparsegpt", "--pattern", "2:4", "--bits", "4"]
+    assert run([*argv, "--group-size", "48", "--calib-data", str(calib_file), "-o", str(out), *SMALL]) == 0
+    model, _ = load_model(out)
+    from lmcompress.checkpoint.packed import read_packed
+
+    for name, qt in read_packed(out)[1].items():
+        w = model.get_parameter(name).data.float()
+        assert torch.equal(w, qt.dequantize()) and qt.scale.shape[1] == -(-w.shape[1] // 48)
+        assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_nm_pattern_that_does_not_fit_the_widths_fails_before_calibration(tmp_path, tiny_folder, method, capsys):
+    """Checked right after loading: the calibration file does not exist, so any later check would name it."""
+    out = tmp_path / "out"
+    argv = ["prune", str(tiny_folder("llama")), "--method", method, "--pattern", "3:12", "--blocksize", "120"]
+    assert run([*argv, "--calib-data", "no-such-file.txt", "-o", str(out), "-q"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "pattern 3:12 needs input widths that are multiples of 12" in err and "14 of the 14 layers" in err
+    assert "128 inputs: model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj)" in err and "--pattern 2:4" in err
+    assert "blocksize" not in err and "no-such-file" not in err and not out.exists()
+
+
+def test_nm_width_check_in_the_api(model_of, calib):
+    model = model_of("llama")
+    with pytest.raises(UserError, match=r"64 inputs: model\.layers\.0\.self_attn\.q_proj, .* and 9 more"):
+        prune(model, PruneConfig(method="wanda", sparsity=None, pattern="1:5"), calib, progress=False)
+    with pytest.raises(UserError, match="multiple of M=5 for SparseGPT"):
+        PruneConfig(method="sparsegpt", sparsity=None, pattern="1:5")
+    PruneConfig(method="wanda", sparsity=None, pattern="1:5", blocksize=128)  # Wanda has no blocks: not its error

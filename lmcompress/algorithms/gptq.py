@@ -1,16 +1,21 @@
 """GPTQ (Frantar et al., 2023): one-shot weight quantization with second-order error compensation.
 
 For a layer ``y = W x`` with calibration inputs ``X``, GPTQ minimizes ``||WX − ŴX||²`` (Hessian
-``H = 2 X Xᵀ``) row-wise, quantizing one input column at a time. After column ``j`` is rounded to ``q``,
-its error ``e = (w_j − q) / [H⁻¹]_jj`` is spread onto the columns not yet quantized through row ``j``
-of the upper Cholesky factor of ``H⁻¹`` (the OBS update with the inverse Hessian of the remaining columns
-already folded in). Updates inside a block of ``blocksize`` columns are applied immediately; the rest of
-the matrix receives a block's errors at once (lazy batch updates).
+``H = 2 X Xᵀ``) row-wise, quantizing one input column at a time. Let ``U`` be the upper Cholesky factor of
+``H⁻¹`` (``H⁻¹ = UᵀU``). After column ``j`` is rounded to ``q``, its scaled error ``e = (w_j − q) / U_jj``
+is spread onto the columns not yet quantized as ``W[:, j:] −= e · U[j, j:]``: row ``j`` of ``U`` is the
+OBS update with the inverse Hessian of the remaining columns already folded in (``U_jj²`` is the
+``[H_F⁻¹]_jj`` of the columns ``F = j, j+1, …`` still free). Column ``j`` costs ``½ Σ (w_j − q)² / U_jj²``
+of loss. Updates inside a block of ``blocksize`` columns are applied immediately; the rest of the matrix
+receives a block's errors at once (lazy batch updates).
 
 Options: act-order processes columns by decreasing ``diag H`` (the inputs with the most energy first);
-grouped grids are chosen when their group starts, on the already-updated weights. With act-order the
-groups are formed in processing order (so ``QuantizedTensor.g_idx`` records each column's group), or,
-with ``static_groups``, fixed up front on the original weights in natural column order.
+grouped grids are chosen when their group starts, on the already-updated weights (a group that reaches
+past the current block first receives the block's pending updates). A ``group_size`` that does not divide
+the width leaves a shorter last group with its own grid. With act-order the groups are formed in processing
+order, so ``QuantizedTensor.g_idx`` records each column's group (the shorter group is then the last
+``in mod g`` columns processed, the lowest-energy inputs), or, with ``static_groups``, fixed up front on the
+original weights in natural column order (``g_idx = c // g``, the shorter group the last ``in mod g`` inputs).
 
 :class:`ColumnQuantizer` is shared with SparseGPT's joint prune + quantize mode.
 """
@@ -31,9 +36,10 @@ class ColumnQuantizer:
     Position ``p`` of the processing order is original column ``perm[p]`` (identity without ``perm``).
     Dynamic groups are ``width`` consecutive positions whose grid is set by :meth:`set_group` when the
     group starts; static groups (``static_from``) are original-order groups whose grids are computed at
-    once from ``static_from``. Codes are recorded as columns are quantized; :meth:`result` returns them
-    in the original column order. Calling the object is the ``quantizer(column, idx, W)`` hook of
-    ``sparsegpt_prune`` (positions = columns there; the group grid is taken from ``W`` when it starts).
+    once from ``static_from``. When ``width`` does not divide ``cols`` the last group (in processing order
+    for dynamic groups, in column order for static ones) holds the remaining ``cols mod width`` positions.
+    Codes are recorded as columns are quantized; :meth:`result` returns them in the original column order.
+    It is the :class:`~lmcompress.algorithms.sparsegpt.JointQuantizer` of ``sparsegpt_prune``'s joint mode.
     """
 
     def __init__(
@@ -49,6 +55,7 @@ class ColumnQuantizer:
         self.spec = spec
         self.width = spec.width(cols)
         self.perm = perm
+        self.cols = cols
         groups = spec.groups(cols)
         self.codes = torch.zeros(rows, cols, dtype=torch.float32, device=device)  # integer-valued; uint8 at the end
         self.scale = torch.zeros(rows, groups, dtype=torch.float32, device=device)
@@ -64,9 +71,12 @@ class ColumnQuantizer:
             self.group_of = positions // self.width  # position -> group, contiguous in processing order
         self._group_list = self.group_of.tolist()  # the same, as Python ints for the per-column hot path
 
-    def starts_group(self, pos: int) -> bool:
-        """True where a dynamic group begins: its grid must be set before quantizing this position."""
-        return not self.static and pos % self.width == 0
+    def group_end(self, pos: int) -> int | None:
+        """Where a dynamic group begins at ``pos``: the end (exclusive) of that group, whose grid must be set
+        before this position is quantized; elsewhere (and for static groups) None."""
+        if self.static or pos % self.width:
+            return None
+        return min(pos + self.width, self.cols)
 
     def set_group(self, pos: int, weights: torch.Tensor) -> None:
         """Set the grid of the dynamic group starting at ``pos`` from its current ``weights`` ([rows, k])."""
@@ -80,11 +90,6 @@ class ColumnQuantizer:
         q = torch.clamp(torch.round(column / scale) + zero, 0, self.spec.maxq)  # as quantize_codes, one column
         self.codes[:, pos] = q
         return (q - zero) * scale  # the same arithmetic as QuantizedTensor.dequantize, so bit-identical
-
-    def __call__(self, column: torch.Tensor, pos: int, W: torch.Tensor) -> torch.Tensor:
-        if self.starts_group(pos):
-            self.set_group(pos, W[:, pos : pos + self.width])
-        return self.quantize(column, pos)
 
     def result(self) -> QuantizedTensor:
         """The recorded codes and grids as a :class:`QuantizedTensor` in the original column order."""
@@ -101,7 +106,7 @@ class ColumnQuantizer:
 class GPTQResult:
     weight: torch.Tensor  # the dequantized weight, float32, [out, in]; equals quantized.dequantize() exactly
     quantized: QuantizedTensor  # codes, scales, zero points (and g_idx) in the original column order
-    loss: float  # Σ over columns of the OBS error estimate ½ Σ (w − q)² / [H⁻¹]_jj²
+    loss: float  # Σ over columns of the OBS error estimate ½ Σ (w − q)² / U_jj² (U: upper Cholesky factor of H⁻¹)
     damping: float  # fraction of the mean Hessian diagonal that was finally added
 
 
@@ -158,8 +163,8 @@ def gptq_quantize(
         flushed = 0  # errors of columns b0 .. b0+flushed-1 already applied right of the block
         for j in range(b1 - b0):
             pos = b0 + j
-            if quantizer.starts_group(pos):
-                end = min(pos + quantizer.width, cols)
+            end = quantizer.group_end(pos)
+            if end is not None:
                 if end > b1 and j > flushed:  # the group reaches past the block: bring those columns up to date
                     W[:, b1:] -= err[:, flushed:j] @ Hinv[b0 + flushed : pos, b1:]
                     flushed = j

@@ -1,8 +1,11 @@
 """Uniform integer quantization of weight matrices: scales, zero points and round-to-nearest (RTN).
 
 A weight row is split into groups of ``group_size`` consecutive inputs (``-1``: the whole row, i.e. one
-scale per output channel). Each group gets a scale ``s`` and an integer zero point ``z``; a weight ``w`` is
-stored as the code ``q = clamp(round(w / s) + z, 0, 2^bits − 1)`` and read back as ``(q − z) · s``.
+scale per output channel). When ``group_size`` does not divide the row's ``in`` inputs, the last group is
+shorter: inputs ``[k·g, in)`` with ``k = ⌊in / g⌋`` form group ``k`` (576 inputs at ``g = 128``: four groups
+of 128 and one of 64), so input ``c`` is always in group ``c // g``. Each group gets a scale ``s`` and an
+integer zero point ``z``; a weight ``w`` is stored as the code ``q = clamp(round(w / s) + z, 0, 2^bits − 1)``
+and read back as ``(q − z) · s``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,17 @@ class QuantSpec:
         return 1 if self.group_size == -1 else -(-in_features // self.group_size)
 
     def width(self, in_features: int) -> int:
+        """Inputs per group (the last group may be shorter: see :meth:`last_width`)."""
         return in_features if self.group_size == -1 else self.group_size
+
+    def last_width(self, in_features: int) -> int:
+        """Inputs in the last group: ``width`` when it divides ``in_features``, else the remainder."""
+        width = self.width(in_features)
+        return in_features - (self.groups(in_features) - 1) * width if in_features else 0
+
+    def has_partial_group(self, in_features: int) -> bool:
+        """True when the last group is shorter than the others (``group_size`` does not divide the width)."""
+        return self.group_size != -1 and in_features % self.group_size != 0
 
 
 def grid_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +82,8 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
 class QuantizedTensor:
     """An ``[out, in]`` weight as integer codes plus per-(row, group) scales and zero points.
 
-    Column ``c`` uses group ``c // group_size`` unless ``g_idx`` is given: GPTQ with act-order and groups
+    Column ``c`` uses group ``c // group_size`` (the last group shorter when ``group_size`` does not divide
+    ``in``) unless ``g_idx`` is given: GPTQ with act-order and groups
     forms its groups in activation order, so a group's columns are scattered and ``g_idx[c]`` names the
     group of column ``c``. Always in the ``[out, in]`` layout of ``families.weight_matrix`` (a GPT-2
     ``Conv1D`` parameter is the transpose).
@@ -99,7 +113,8 @@ class QuantizedTensor:
 
 
 def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
-    """Round-to-nearest quantization of ``weight`` ([out, in]) with per-group grids."""
+    """Round-to-nearest quantization of ``weight`` ([out, in]) with per-group grids (a partial last group gets
+    its own grid from its own, fewer, inputs)."""
     rows, cols = weight.shape
     width = spec.width(cols)
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)

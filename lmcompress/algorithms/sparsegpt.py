@@ -1,17 +1,24 @@
 """SparseGPT (Frantar & Alistarh, 2023): one-shot pruning with optimal-brain-surgeon weight updates.
 
 For a layer ``y = W x`` and calibration inputs ``X``, the layer-wise loss ``||WX − ŴX||²`` has Hessian
-``H = 2 X Xᵀ``. Columns are processed left to right; when column ``j`` is pruned (or quantized) its error
-``e = (w_j − q_j) / [H⁻¹]_jj`` is spread onto the not-yet-processed columns through row ``j`` of the
-upper Cholesky factor of ``H⁻¹``. The mask is chosen adaptively per block of ``blocksize`` columns by
-the OBS saliency ``w² / [H⁻¹]_jj²``; for N:M it is chosen per group of M columns.
+``H = 2 X Xᵀ``. Let ``U`` be the upper Cholesky factor of ``H⁻¹`` (``H⁻¹ = UᵀU``; ``U_jj²`` is the inverse
+Hessian diagonal entry of column ``j`` once the columns before it are fixed). Columns are processed left
+to right; when column ``j`` is pruned (or quantized) to ``q_j`` its scaled error ``e = (w_j − q_j) / U_jj``
+is spread onto the not-yet-processed columns as ``W[:, j:] −= e · U[j, j:]``, at a cost of
+``½ Σ (w_j − q_j)² / U_jj²``. The mask is chosen adaptively per block of ``blocksize`` columns by the OBS
+saliency ``w² / U_jj²`` (the loss of pruning that weight alone); for N:M it is chosen per group of M columns.
+
+In the joint prune + quantize mode a :class:`JointQuantizer` rounds the kept weights of each column onto
+per-group grids; a group's grid is chosen when the group starts, from the current (already updated) weights.
+A group that reaches past the current block (``group_size`` not dividing ``blocksize``, or a shorter last
+group) first receives the block's pending lazy updates, so its grid never sees stale weights.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -19,8 +26,18 @@ from lmcompress.algorithms.masks import Pattern, check_nm_shape
 
 log = logging.getLogger(__name__)
 
-# quantize(column, column_index, current_weight) -> quantized column; used by the joint prune+quantize mode.
-ColumnQuantizer = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+
+class JointQuantizer(Protocol):
+    """Per-column rounding for the joint mode (:class:`lmcompress.algorithms.gptq.ColumnQuantizer` is one)."""
+
+    def group_end(self, pos: int) -> int | None:
+        """End (exclusive) of the group whose grid must be set before column ``pos`` is quantized, else None."""
+
+    def set_group(self, pos: int, weights: torch.Tensor) -> None:
+        """Choose the grid of the group starting at ``pos`` from its current ``weights`` ``[rows, end − pos]``."""
+
+    def quantize(self, column: torch.Tensor, pos: int) -> torch.Tensor:
+        """Column ``pos`` rounded onto its group's grid (dequantized)."""
 
 
 @dataclass
@@ -28,7 +45,7 @@ class SparseGPTResult:
     weight: torch.Tensor  # the updated weight, float32, pruned entries exactly zero
     mask: torch.Tensor  # True where pruned
     damping: float  # fraction of the mean Hessian diagonal that was finally added
-    loss: float  # Σ of the OBS error estimates, ½ Σ e²/[H⁻¹]_jj, over all columns
+    loss: float  # Σ of the OBS error estimates ½ Σ (w − q)²/U_jj² over all columns (U: upper Cholesky of H⁻¹)
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, layer: str = "") -> tuple[torch.Tensor, float]:
@@ -66,7 +83,7 @@ def sparsegpt_prune(
     *,
     blocksize: int = 128,
     percdamp: float = 0.01,
-    quantizer: ColumnQuantizer | None = None,
+    quantizer: JointQuantizer | None = None,
     layer: str = "",
 ) -> SparseGPTResult:
     """Prune ``weight`` ([out, in]) to ``sparsity`` (or to ``pattern``) using Hessian ``hessian`` ([in, in]).
@@ -106,7 +123,15 @@ def sparsegpt_prune(
         else:
             block_mask = torch.zeros_like(Wb, dtype=torch.bool)
 
+        flushed = 0  # errors of columns b0 .. b0+flushed-1 already applied right of the block
         for j in range(b1 - b0):
+            pos = b0 + j
+            end = None if quantizer is None else quantizer.group_end(pos)
+            if end is not None:
+                if end > b1 and j > flushed:  # the group reaches past the block: bring those columns up to date
+                    W[:, b1:] -= err[:, flushed:j] @ Hinv[b0 + flushed : pos, b1:]
+                    flushed = j
+                quantizer.set_group(pos, W[:, pos:end])
             if pattern.is_nm and j % pattern.m == 0:
                 group = Wb[:, j : j + pattern.m] ** 2 / d[j : j + pattern.m].unsqueeze(0) ** 2
                 drop = torch.topk(group, pattern.m - pattern.n, dim=1, largest=False).indices
@@ -115,7 +140,7 @@ def sparsegpt_prune(
             q = w.clone()
             q[block_mask[:, j]] = 0.0
             if quantizer is not None:
-                q = quantizer(q, b0 + j, W)
+                q = quantizer.quantize(q, pos)
                 q[block_mask[:, j]] = 0.0
             e = (w - q) / d[j]
             total_loss += (0.5 * (w - q) ** 2 / d[j] ** 2).sum().item()
@@ -123,8 +148,8 @@ def sparsegpt_prune(
             Wb[:, j:] -= e.unsqueeze(1) @ Hb[j, j:].unsqueeze(0)
             Wb[:, j] = q
             err[:, j] = e
-        # Lazy batch update: everything right of the block receives the block's errors at once.
-        W[:, b1:] -= err @ Hinv[b0:b1, b1:]
+        # Lazy batch update: everything right of the block receives the block's (remaining) errors at once.
+        W[:, b1:] -= err[:, flushed:] @ Hinv[b0 + flushed : b1, b1:]
         mask[:, b0:b1] = block_mask
 
     W[mask] = 0.0

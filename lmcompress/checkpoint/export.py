@@ -6,7 +6,8 @@ compressed by its ``ModelCompressor``, so the layout is the library's own, not a
 
 What the installed library (0.20) cannot express is refused with a clear error: sparse-only models (its
 ``sparse-bitmask`` / ``sparse-24`` compressors were removed; the sparsity config is always empty), act-order
-group indices, groups that do not divide the layer width, GPT-2 ``Conv1D`` layers, resized layers (surgery),
+group indices, partial last groups (a group size that does not divide a layer's width: the library's group
+strategy reshapes each row into whole groups and raises otherwise), GPT-2 ``Conv1D`` layers, resized layers (surgery),
 and asymmetric grids (the library writes packed zero points that transformers then fails to load: checked
 with compressed-tensors 0.20.0 and transformers 5.23).
 A sparse + quantized model exports its codes; the zeros are kept as codes but not exploited by the layout.
@@ -54,12 +55,19 @@ def _check(name: str, q, module) -> None:
             "that transformers cannot load back (weight_zero_point size mismatch), so the export would not load; "
             "quantize with --sym to export"
         )
-    if q.spec.group_size != -1 and cols % q.spec.group_size:
-        raise UserError(f"{name}: group size {q.spec.group_size} does not divide its {cols} inputs")
 
 
 def export_compressed_tensors(folder: str | Path, output: str | Path, *, overwrite: bool = False) -> dict:
     """Write ``folder`` (a quantized lmcompress folder) as a compressed-tensors ``pack-quantized`` folder."""
+    from lmcompress.checkpoint.packed import read_packed
+
+    folder = Path(folder)
+    out = check_output(output, overwrite, source=folder)
+    recipe = read_recipe(folder) or {}
+    if recipe.get("surgery"):
+        raise UserError(f"{folder} has resized or factorized layers (surgery): compressed-tensors cannot describe them")
+    quantized = read_packed(folder, recipe)[1] if recipe.get("storage") == "packed" else {}
+    _check_whole_groups({param.removesuffix(".weight"): q for param, q in quantized.items()})
     ct = _library()
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -70,15 +78,8 @@ def export_compressed_tensors(folder: str | Path, output: str | Path, *, overwri
     )
 
     from lmcompress.checkpoint.load import load
-    from lmcompress.checkpoint.packed import read_packed
     from lmcompress.transforms.prune import measure_sparsity
 
-    folder = Path(folder)
-    out = check_output(output, overwrite, source=folder)
-    recipe = read_recipe(folder) or {}
-    if recipe.get("surgery"):
-        raise UserError(f"{folder} has resized or factorized layers (surgery): compressed-tensors cannot describe them")
-    quantized = read_packed(folder, recipe)[1] if recipe.get("storage") == "packed" else {}
     model, tokenizer = load(folder, dtype="float32")
     dtype = source_dtype(model.config) or torch.float32
     sparsity, _ = measure_sparsity(model)
@@ -142,6 +143,42 @@ def export_compressed_tensors(folder: str | Path, output: str | Path, *, overwri
 
     save_atomic(out, write, overwrite=overwrite)
     return {**summary, "output": str(out)}
+
+
+def _check_whole_groups(quantized: dict) -> None:
+    """UserError naming the layers whose last group is shorter: compressed-tensors cannot hold them.
+
+    Its group strategy reshapes each row into ``in / group_size`` groups of ``group_size`` and raises
+    ``tensor column shape must be divisible by the given group_size`` otherwise (and the vLLM kernels that
+    read the format need whole groups too), so a partial last group has no representation.
+    """
+    from lmcompress.checkpoint.inspect import group_split
+
+    partial = {
+        name: group_split(q.codes.shape[1], q.spec.group_size)
+        for name, q in quantized.items()
+        if q.spec.has_partial_group(q.codes.shape[1])
+    }
+    if not partial:
+        return
+    widths = sorted({q.codes.shape[1] for q in quantized.values()})
+    group_size = next(iter(quantized[n] for n in partial)).spec.group_size
+    fits = [g for g in (256, 128, 64, 32, 16, 8) if g <= group_size and all(w % g == 0 for w in widths)]
+    hint = f"--group-size {fits[0]}" if fits else "a --group-size that divides every width"
+    by_split: dict[str, list[str]] = {}
+    for name, split in partial.items():
+        by_split.setdefault(split, []).append(name)
+    shown = "; ".join(
+        f"{split}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        for split, names in by_split.items()
+    )
+    raise UserError(
+        f"{len(partial)} {'layer has' if len(partial) == 1 else 'layers have'} a partial last quantization group, "
+        "which compressed-tensors' pack-quantized format cannot hold (it needs the group size to divide every "
+        f"layer width): {shown}. Re-quantize with {hint} or --group-size -1 (one grid per output channel) "
+        "to export; the lmcompress folder itself loads with lmcompress.load, and `lmcompress unpack` makes a "
+        "plain folder of it"
+    )
 
 
 def _count_code_mismatches(modules: dict) -> int:

@@ -126,13 +126,37 @@ def _roles(folder: Path, recipe: dict | None) -> tuple[set[str], set[str]]:
     return embeddings, linear
 
 
+def group_split(cols: int, group_size: int) -> str:
+    """How ``cols`` inputs split into groups: ``"576 = 4×128 + 64"``, ``"512 = 4×128"``, ``"64 < 128"`` (one group)."""
+    full, rest = divmod(cols, group_size)
+    if not full:
+        return f"{cols} < {group_size}"
+    return f"{cols} = {full}×{group_size}" + (f" + {rest}" if rest else "")
+
+
+def partial_groups_summary(layers: dict[str, str]) -> dict:
+    """``layers`` (name → :func:`group_split` of a layer whose last group is shorter) summed up for ``info``."""
+    splits: dict[str, int] = {}
+    for split in layers.values():
+        splits[split] = splits.get(split, 0) + 1
+    parts = [s if len(splits) == 1 else f"{s}: {n}" for s, n in sorted(splits.items(), key=lambda kv: -kv[1])]
+    noun = "layer" if len(layers) == 1 else "layers"
+    return {
+        "layers": len(layers),
+        "splits": splits,
+        "names": layers,
+        "text": f"partial last group: {len(layers)} {noun} ({'; '.join(parts)})",
+    }
+
+
 def folder_info(folder: str | Path) -> dict:
     """Size on disk by tensor kind, bits per weight and sparsity of a packed or plain safetensors folder.
 
     ``by_kind`` sums exactly to ``weights_bytes``, the size of the weight files (``header`` is the
     safetensors headers); ``linear`` covers the ``nn.Linear`` / ``Conv1D`` weights outside the embeddings
     and output head (the layers lmcompress compresses), with everything they take: values, masks, N:M
-    indices, codes, scales and zero points.
+    indices, codes, scales and zero points. ``linear.partial_groups`` (None when there are none) lists the
+    quantized layers whose group size does not divide their width, so that their last group is shorter.
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -143,6 +167,7 @@ def folder_info(folder: str | Path) -> dict:
     layouts: dict[str, int] = {}
     params = lin_params = lin_bytes = lin_nonzero = dense_equiv = 0
     unknown_sparsity = False  # compressed-tensors packed codes are not decoded here
+    partial: dict[str, str] = {}  # quantized layers whose last group is shorter: name -> "576 = 4×128 + 64"
     if recipe and recipe.get("storage") == "packed":
         index = _index_of(folder, recipe)
         header, sizes = packed_file_layout(folder / index.get("file", PACKED_FILE))
@@ -170,8 +195,12 @@ def folder_info(folder: str | Path) -> dict:
                 lin_nonzero += entry.get("nnz", numel)
                 label = entry["layout"] + (f" {entry['n']}:{entry['m']}" if entry["layout"] == "nm" else "")
                 if entry["kind"] == "quantized":
-                    group = "channel" if entry["group_size"] == -1 else f"g{entry['group_size']}"
+                    group_size = entry["group_size"]
+                    group = "channel" if group_size == -1 else f"g{group_size}"
                     label += f" int{entry['bits']} {group}"
+                    cols = entry["shape"][-1]
+                    if group_size != -1 and cols % group_size:
+                        partial[name] = group_split(cols, group_size)
                 else:
                     label += f" {entry['dtype']}"
                 layouts[label] = layouts.get(label, 0) + 1
@@ -233,6 +262,7 @@ def folder_info(folder: str | Path) -> dict:
             "bits_per_weight": 8 * lin_bytes / lin_params if lin_params else None,
             "sparsity": 1 - lin_nonzero / lin_params if lin_params and not unknown_sparsity else None,
             "layouts": layouts,
+            "partial_groups": partial_groups_summary(partial) if partial else None,
         },
         "recipe": summary,
     }

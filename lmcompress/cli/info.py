@@ -56,6 +56,8 @@ def info(
             f"(scales, masks and indices included), sparsity {sparsity}"
         )
         typer.echo("  layouts: " + ", ".join(f"{k} ×{v}" for k, v in sorted(lin["layouts"].items())))
+        if lin.get("partial_groups"):
+            typer.echo("  " + lin["partial_groups"]["text"])
     if result["recipe"]:
         typer.echo("  recipe: " + json.dumps(result["recipe"], default=str))
     if profile:

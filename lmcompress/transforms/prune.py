@@ -32,7 +32,7 @@ from lmcompress.models.families import (
     set_weight_matrix,
     weight_matrix,
 )
-from lmcompress.transforms.quantize import check_group_size, check_quant_grid
+from lmcompress.transforms.quantize import check_quant_grid
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,14 @@ class PruneConfig:
             raise UserError(f"--owl-lambda must be in [0, 0.5), got {self.owl_lambda}")
         if not 0.0 <= self.percdamp < 1.0:
             raise UserError(f"--percdamp must be in [0, 1), got {self.percdamp}")
-        if self.blocksize <= 0 or (pattern.is_nm and self.blocksize % pattern.m):
-            raise UserError(f"--blocksize must be a positive multiple of M, got {self.blocksize}")
+        if self.blocksize <= 0:
+            raise UserError(f"--blocksize must be positive, got {self.blocksize}")
+        if self.method == "sparsegpt" and pattern.is_nm and self.blocksize % pattern.m:
+            fit = max(pattern.m, self.blocksize // pattern.m * pattern.m)
+            raise UserError(
+                f"--blocksize {self.blocksize} must be a multiple of M={pattern.m} for SparseGPT with pattern "
+                f"{pattern} (each group of M inputs is pruned inside one block); use --blocksize {fit}"
+            )
         if self.bits is not None:
             if self.method != "sparsegpt":
                 raise UserError(
@@ -122,11 +128,37 @@ class PruneConfig:
             check_quant_grid(self.bits, self.group_size)
             if self.include_head:
                 raise UserError("--include-head cannot be combined with --bits: the output head is not quantized")
-            if self.group_size != -1 and self.blocksize % self.group_size:
-                raise UserError(
-                    f"--group-size {self.group_size} must divide --blocksize {self.blocksize} in joint mode "
-                    "(each grid is chosen when its group starts, inside one SparseGPT block)"
-                )
+
+    def check_model(self, model: nn.Module) -> None:
+        """UserError, naming the layers, unless an N:M pattern's M divides the input width of every layer pruned.
+
+        Cheap, needs only the shapes: run it right after loading, before any calibration.
+        """
+        pattern = self.parsed_pattern
+        if not pattern.is_nm:
+            return
+        modules = _pruned_modules(model, self)
+        widths = {name: weight_matrix(m).shape[1] for name, m in modules.items() if m is not None}
+        bad = {name: w for name, w in widths.items() if w % pattern.m}
+        if bad:
+            by_width: dict[int, list[str]] = {}
+            for name, w in bad.items():
+                by_width.setdefault(w, []).append(name)
+            shown = "; ".join(
+                f"{w} inputs: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                for w, names in sorted(by_width.items())
+            )
+            fits = [m for m in (4, 8, 16) if m != pattern.m and all(w % m == 0 for w in widths.values())]
+            if set(bad) == {"lm_head"}:
+                hint = "leave out --include-head"
+            elif fits:
+                hint = f"a pattern whose M divides every width, e.g. --pattern {fits[0] // 2}:{fits[0]}"
+            else:
+                hint = "--pattern unstructured"
+            raise UserError(
+                f"pattern {pattern} needs input widths that are multiples of {pattern.m}, but {len(bad)} of the "
+                f"{len(widths)} layers to prune are not ({shown}); use {hint}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -244,8 +276,7 @@ def prune(
         raise UserError(f"{config.method} with {config.allocation} allocation needs calibration data")
     blocks = get_blocks(model)
     prefix = blocks_path(model)
-    if config.bits is not None:
-        check_group_size(model, config.group_size)
+    config.check_model(model)
     model.eval()
 
     ratios = None

@@ -39,8 +39,9 @@ def check_quant_grid(bits: int | None, group_size: int, option: str = "--bits") 
 class QuantConfig:
     """How to quantize the linear layers of the blocks: ``bits`` per weight on a uniform grid per group.
 
-    ``group_size`` inputs share a scale and zero point (-1: one per output row). ``keep_zeros`` keeps weights
-    that are exactly zero (a pruned model) at exactly zero.
+    ``group_size`` inputs share a scale and zero point (-1: one per output row); where it does not divide a
+    layer's width, the last group of each row is shorter and has its own scale and zero point. ``keep_zeros``
+    keeps weights that are exactly zero (a pruned model) at exactly zero.
     """
 
     method: str = "gptq"
@@ -119,21 +120,6 @@ def nominal_bits_per_weight(quantized: dict[str, QuantizedTensor]) -> float:
     return bits / max(weights, 1)
 
 
-def check_group_size(model: nn.Module, group_size: int) -> None:
-    """UserError unless ``group_size`` divides the input width of every linear layer in the blocks."""
-    if group_size == -1:
-        return
-    widths = {weight_matrix(m).shape[1] for block in get_blocks(model) for m in find_prunable(block).values()}
-    bad = sorted(w for w in widths if w % group_size)
-    if bad:
-        divisors = [g for g in (256, 128, 64, 32, 16) if all(w % g == 0 for w in widths)]
-        hint = f"use --group-size {divisors[0]}" if divisors else "use a group size that divides them"
-        raise UserError(
-            f"--group-size {group_size} does not divide the input width of every layer ({', '.join(map(str, bad))} "
-            f"inputs); {hint}, or --group-size -1 for one grid per output channel"
-        )
-
-
 def quantize(
     model: nn.Module,
     config: QuantConfig,
@@ -149,7 +135,6 @@ def quantize(
     """
     start = time.perf_counter()
     config.validate()
-    check_group_size(model, config.group_size)
     if config.needs_calibration and (calib is None or calib.numel() == 0):
         raise UserError("GPTQ needs calibration data (give --calib-data); RTN does not")
     device = torch.device(device)
