@@ -36,13 +36,15 @@ from lmcompress.transforms.shrink import (
 )
 
 
-def resolve_seqlen(model: nn.Module, seqlen: int | None) -> int:
-    """``seqlen`` checked against the model's context; ``None`` means min(2048, context)."""
+def resolve_seqlen(model: nn.Module, seqlen: int | None, minimum: int = 1) -> int:
+    """``seqlen`` checked against the model's context; ``None`` means min(2048, context). Perplexity needs
+    ``minimum=2``: a window of one token predicts nothing."""
     ctx = context_length(model.config)
     if seqlen is None:
         return min(2048, ctx or 2048)
-    if seqlen <= 0:
-        raise UserError(f"--seqlen must be positive, got {seqlen}")
+    if seqlen < minimum:
+        need = "at least 2 (one token to predict from, one predicted)" if minimum == 2 else f"at least {minimum}"
+        raise UserError(f"--seqlen must be {need}, got {seqlen}")
     if ctx is not None and seqlen > ctx:
         raise UserError(f"--seqlen {seqlen} is longer than the model's context of {ctx} tokens; use --seqlen {ctx}")
     return seqlen
@@ -60,13 +62,18 @@ def versions() -> dict:
 
 
 def check_device(device: str) -> None:
-    """A clear error for a device string torch does not know, or CUDA asked for where there is none."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    """Accept only ``cpu``, ``cuda`` and ``cuda:N`` of a GPU that exists: other torch devices (meta, mps, xpu...)
+    would pass ``torch.device`` and fail deep inside a job."""
+    text = str(device).strip().lower()
+    if text == "cpu":
+        return
+    if text != "cuda" and not (text.startswith("cuda:") and text[5:].isdigit()):
+        raise UserError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu")
+    count = torch.cuda.device_count()
+    if text != "cuda" and int(text[5:]) >= count:
+        raise UserError(f"--device {device}: there is no such GPU ({count} available: cuda:0..cuda:{count - 1})")
 
 
 @dataclass
@@ -176,6 +183,7 @@ def prune_pretrained(
         "block_targets": report.block_targets,
         "layer_sparsity": report.layer_sparsity,
         "outlier_ratios": report.outlier_ratios,
+        "owl_lambda_effective": report.owl_lambda_effective,
         "damping_raised": report.damping,
         "prune_time_s": report.wall_time_s,
     }

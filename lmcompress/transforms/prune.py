@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from lmcompress.algorithms import (
     magnitude_mask,
     outlier_ratio,
-    owl_layer_sparsities,
+    owl_allocation,
     sparsegpt_prune,
     wanda_mask,
     wanda_scores,
@@ -148,6 +148,7 @@ class PruneReport:
     # pruning masks removed (exactly the target; `sparsity` also counts kept weights that rounded to 0).
     quantized: dict[str, QuantizedTensor] | None = None
     mask_sparsity: float | None = None
+    owl_lambda_effective: float | None = None  # OWL: λ after shrinking so that no block leaves [0, 0.99]
 
     def to_dict(self) -> dict:
         """Everything but the tensors, JSON-ready."""
@@ -235,11 +236,12 @@ def prune(
         check_group_size(model, config.group_size)
     model.eval()
 
-    ratios = None
+    ratios = owl_lambda = None
     targets = [config.target] * len(blocks)
     if config.allocation == "owl":
         ratios = _owl_ratios(model, config, calib, device, progress)
-        targets = owl_layer_sparsities(ratios, config.target, config.owl_lambda)
+        owl = owl_allocation(ratios, config.target, config.owl_lambda)
+        targets, owl_lambda = owl.sparsities, owl.lam
         log.info("OWL block sparsities: %s", ", ".join(f"{s:.3f}" for s in targets))
 
     layer_sparsity: dict[str, float] = {}
@@ -288,6 +290,7 @@ def prune(
         wall_time_s=time.perf_counter() - start,
         quantized=quantized,
         mask_sparsity=None if quantized is None else pruned / max(total, 1),
+        owl_lambda_effective=owl_lambda,
     )
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from lmcompress.algorithms.owl import outlier_ratio, owl_layer_sparsities
+from lmcompress.algorithms.owl import outlier_ratio, owl_allocation
 from lmcompress.algorithms.units import (
     CORRECTIONS,
     CRITERIA,
@@ -469,13 +469,15 @@ def structured_prune(
     block_ratios = {s: [config.ratio] * n_blocks for s in config.structures}
     if config.allocation == "owl":
         outliers = _owl_block_ratios(model, config, calib, device, progress)
-        per_block = owl_layer_sparsities(outliers, config.ratio, config.owl_lambda)
-        block_ratios = {s: list(per_block) for s in config.structures}
+        owl = owl_allocation(outliers, config.ratio, config.owl_lambda)
+        block_ratios = {s: list(owl.sparsities) for s in config.structures}
     n_remove = {
         s: [_n_remove(r, units[s], s, f" in block {i}") for i, r in enumerate(block_ratios[s])]
         for s in config.structures
     }
     notes: list[str] = []
+    if config.allocation == "owl" and owl.shrunk:
+        notes.append(f"OWL λ {config.owl_lambda:g} shrunk to {owl.lam:.4g} to keep every block's ratio in [0, 0.99]")
     for s, counts in n_remove.items():
         if not any(counts):
             what = "FFN channels" if s == "ffn" else "KV groups of attention heads"
