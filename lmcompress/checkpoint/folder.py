@@ -133,7 +133,7 @@ def clean_stale(target: Path) -> list[Path]:
     parent = target.parent
     if not parent.is_dir():
         return removed
-    for path in parent.glob(f".{target.name}.*-*"):
+    for path in parent.iterdir():  # not glob: the name may hold glob characters
         m = _TEMP.match(path.name)
         if not m or m["name"] != target.name or _pid_alive(int(m["pid"])):
             continue
