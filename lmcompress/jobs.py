@@ -12,7 +12,6 @@ returned report's ``wall_time_s`` are the transformation alone.
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import time
@@ -26,7 +25,7 @@ from torch import nn
 
 from lmcompress import __version__
 from lmcompress.calibration.data import draw
-from lmcompress.checkpoint.folder import check_output, read_recipe
+from lmcompress.checkpoint.folder import check_output, json_text, read_recipe
 from lmcompress.checkpoint.load import load_config, load_model, resolve_source, source_dtype
 from lmcompress.checkpoint.save import save_model, save_quantized
 from lmcompress.errors import UserError
@@ -45,13 +44,15 @@ from lmcompress.transforms.shrink import (
 )
 
 
-def resolve_seqlen(model: nn.Module, seqlen: int | None) -> int:
-    """``seqlen`` checked against the model's context; ``None`` means min(2048, context)."""
+def resolve_seqlen(model: nn.Module, seqlen: int | None, minimum: int = 1) -> int:
+    """``seqlen`` checked against the model's context; ``None`` means min(2048, context). Perplexity needs
+    ``minimum=2``: a window of one token predicts nothing."""
     ctx = context_length(model.config)
     if seqlen is None:
         return min(2048, ctx or 2048)
-    if seqlen <= 0:
-        raise UserError(f"--seqlen must be positive, got {seqlen}")
+    if seqlen < minimum:
+        need = "at least 2 (one token to predict from, one predicted)" if minimum == 2 else f"at least {minimum}"
+        raise UserError(f"--seqlen must be {need}, got {seqlen}")
     if ctx is not None and seqlen > ctx:
         raise UserError(f"--seqlen {seqlen} is longer than the model's context of {ctx} tokens; use --seqlen {ctx}")
     return seqlen
@@ -69,13 +70,18 @@ def versions() -> dict:
 
 
 def check_device(device: str) -> None:
-    """A clear error for a device string torch does not know, or CUDA asked for where there is none."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    """Accept only ``cpu``, ``cuda`` and ``cuda:N`` of a GPU that exists: other torch devices (meta, mps, xpu...)
+    would pass ``torch.device`` and fail deep inside a job."""
+    text = str(device).strip().lower()
+    if text == "cpu":
+        return
+    if text != "cuda" and not (text.startswith("cuda:") and text[5:].isdigit()):
+        raise UserError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu")
+    count = torch.cuda.device_count()
+    if text != "cuda" and int(text[5:]) >= count:
+        raise UserError(f"--device {device}: there is no such GPU ({count} available: cuda:0..cuda:{count - 1})")
 
 
 @dataclass
@@ -239,6 +245,7 @@ def prune_pretrained(
             "block_targets": report.block_targets,
             "layer_sparsity": report.layer_sparsity,
             "outlier_ratios": report.outlier_ratios,
+            "owl_lambda_effective": report.owl_lambda_effective,
             "damping_raised": report.damping,
             **joint,
         }
@@ -495,7 +502,7 @@ def search_pretrained(
         fields=fields,
         save_as=lambda r: "quantized" if r.quantized is not None else "dense",
         progress=progress,
-        extra_files=lambda r: {"search.json": json.dumps(r.to_dict(), indent=2) + "\n"},
+        extra_files=lambda r: {"search.json": json_text(r.to_dict()) + "\n"},
         nsamples=nsamples + fitness_windows,
         **options,
     )

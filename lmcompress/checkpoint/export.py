@@ -15,13 +15,12 @@ A sparse + quantized model exports its codes; the zeros are kept as codes but no
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
-from lmcompress.checkpoint.folder import RECIPE_FILE, check_output, read_recipe, save_atomic
+from lmcompress.checkpoint.folder import RECIPE_FILE, check_output, json_text, read_recipe, save_atomic
 from lmcompress.checkpoint.load import source_dtype
 from lmcompress.errors import UserError
 
@@ -139,7 +138,7 @@ def export_compressed_tensors(folder: str | Path, output: str | Path, *, overwri
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plain = {k: v for k, v in recipe.items() if k not in ("storage", "packed")}
-        (tmp / RECIPE_FILE).write_text(json.dumps({**plain, "export": summary}, indent=2, default=str) + "\n")
+        (tmp / RECIPE_FILE).write_text(json_text({**plain, "export": summary}) + "\n")
 
     save_atomic(out, write, overwrite=overwrite)
     return {**summary, "output": str(out)}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lmcompress.checkpoint.folder import read_recipe
-from lmcompress.checkpoint.packed import PACKED_FILE, _index_of, strip_marker
+from lmcompress.checkpoint.packed import PACKED_FILE, _index_of, _read_parts, strip_marker
 from lmcompress.errors import UserError
 
 
@@ -149,6 +149,15 @@ def partial_groups_summary(layers: dict[str, str]) -> dict:
     }
 
 
+def check_health(folder: Path, index: dict) -> None:
+    """Read every tensor of a packed folder and check it against the index (dtype, shape, sha256), as loading
+    does: a flipped byte makes ``info`` fail with "damaged" instead of describing the folder as healthy."""
+    try:
+        _read_parts(folder, index)
+    except UserError as exc:
+        raise UserError(f"{folder} is damaged: {exc}") from None
+
+
 def folder_info(folder: str | Path) -> dict:
     """Size on disk by tensor kind, bits per weight and sparsity of a packed or plain safetensors folder.
 
@@ -156,7 +165,9 @@ def folder_info(folder: str | Path) -> dict:
     safetensors headers); ``linear`` covers the ``nn.Linear`` / ``Conv1D`` weights outside the embeddings
     and output head (the layers lmcompress compresses), with everything they take: values, masks, N:M
     indices, codes, scales and zero points. ``linear.partial_groups`` (None when there are none) lists the
-    quantized layers whose group size does not divide their width, so that their last group is shorter.
+    quantized layers whose group size does not divide their width, so that their last group is shorter. A packed
+    folder whose tensors fail their checksums is an error
+    (``... is damaged``), as is a weight file whose length does not match its header.
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -171,6 +182,7 @@ def folder_info(folder: str | Path) -> dict:
     if recipe and recipe.get("storage") == "packed":
         index = _index_of(folder, recipe)
         header, sizes = packed_file_layout(folder / index.get("file", PACKED_FILE))
+        check_health(folder, index)
         weight_files = [folder / index.get("file", PACKED_FILE)]
         by_kind["header"] = header
         for name, entry in index["tensors"].items():

@@ -105,23 +105,84 @@ def load_model(
     recipe = read_recipe(resolved) if Path(resolved).is_dir() else None
     if recipe and (recipe.get("storage") == "packed" or recipe.get("surgery")):
         return load(resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    auto_class = auto_model_class(config)
     try:
-        model = auto_model_class(config).from_pretrained(
+        model, loading = auto_class.from_pretrained(
             resolved,
             dtype=parse_dtype(dtype),
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except UserError:
         raise
     except Exception as exc:
         raise UserError(f"could not load model {resolved!r}: {exc}") from None
+    check_loading_info(loading, resolved, bare=auto_class.__name__ == "AutoModel")
+    check_finite(model, resolved)
+    drop_foreign_auto_map(model, resolved, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise UserError(f"could not load the tokenizer of {resolved!r}: {exc}") from None
     model.eval()
     return model, tokenizer
+
+
+def check_loading_info(info: dict, source: str, *, bare: bool = False) -> None:
+    """Refuse a checkpoint whose tensors do not match its model class: transformers fills missing tensors with
+    random values and drops unexpected ones with a mere log line. Tied weights are not reported missing.
+
+    ``bare``: the encoder was loaded without its head (no Auto class for it), so the head's tensors are
+    unexpected by design and only logged.
+    """
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if bare and unexpected:
+        log.info("not loaded with the bare encoder: %s", ", ".join(unexpected[:5]))
+        unexpected = []
+    if missing or unexpected or mismatched:
+        parts = [
+            f"{label} {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+            if keys
+        ]
+        raise UserError(
+            f"the weights of {source} do not match its config.json: {'; '.join(parts)}. transformers would "
+            "fill missing tensors with random values; the checkpoint is incomplete or does not belong to this config"
+        )
+
+
+def check_finite(model: nn.Module, source: str | Path) -> None:
+    """Refuse a model with NaN or infinite parameters (naming them): every method and metric would be garbage."""
+    bad = []
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.numel() and not bool(torch.isfinite(p).all()):
+            bad.append(f"{name} ({int((~torch.isfinite(p)).sum())} of {p.numel()})")
+    if bad:
+        raise UserError(
+            f"{source} has NaN or infinite weights in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+            "the checkpoint is damaged (or overflowed when converted: try --dtype float32)"
+        )
+
+
+def drop_foreign_auto_map(model: nn.Module, source: str, trust_remote_code: bool) -> None:
+    """A config with ``auto_map`` loaded without ``--trust-remote-code`` ran the built-in class of its
+    ``model_type``, not the repository's code: say so, and drop ``auto_map`` so that the outputs (which do not
+    carry that code) do not point at files they lack. With ``--trust-remote-code`` the repository's class runs
+    and ``auto_map`` stays (transformers copies the code files it registered next to saved models)."""
+    config = model.config
+    if trust_remote_code or not getattr(config, "auto_map", None):
+        return
+    log.warning(
+        "%s has custom code (auto_map) but was loaded with the built-in %s class of model_type %r; outputs "
+        "will not carry auto_map. Pass --trust-remote-code to use (and keep) the repository's code",
+        source,
+        type(model).__name__,
+        config.model_type,
+    )
+    del config.auto_map
 
 
 def source_dtype(config) -> torch.dtype | None:
@@ -217,6 +278,8 @@ def load(
         state = read_state_dict(path)
     state = {k: v.to(parse_dtype(dtype)) if v.is_floating_point() else v for k, v in state.items()}
     fill(model, state, path)
+    check_finite(model, path)
+    drop_foreign_auto_map(model, str(path), trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lmcompress.algorithms.quant import QuantizedTensor
-from lmcompress.checkpoint.folder import RECIPE_FILE, RESIZED_MARKER, read_recipe, save_atomic
+from lmcompress.checkpoint.folder import RECIPE_FILE, RESIZED_MARKER, json_text, read_recipe, save_atomic
 from lmcompress.checkpoint.packing import Packed, pack_quantized, pack_tensor, unpack_quantized, unpack_tensor
 from lmcompress.errors import UserError
 
@@ -168,7 +168,7 @@ def save_packed(
             tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / PACKED_FILE), metadata={"format": "pt", "lmcompress_storage": "packed"})
         full = {**recipe, "storage": "packed", "packed": index}
-        (tmp / RECIPE_FILE).write_text(json.dumps(full, indent=2, default=str) + "\n")
+        (tmp / RECIPE_FILE).write_text(json_text(full) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
 

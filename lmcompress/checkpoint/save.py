@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lmcompress.algorithms.quant import QuantizedTensor
-from lmcompress.checkpoint.folder import RECIPE_FILE, RESIZED_MARKER, read_recipe, save_atomic
+from lmcompress.checkpoint.folder import RECIPE_FILE, RESIZED_MARKER, json_text, read_recipe, save_atomic
 from lmcompress.checkpoint.packed import _index_of
 
 
@@ -41,7 +41,7 @@ def save_model(
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+        (tmp / RECIPE_FILE).write_text(json_text(recipe) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
+from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.errors import UserError
 from lmcompress.measure.encoder import format_encoder_result
@@ -106,7 +105,7 @@ def evaluate(
             allow_pickle=allow_pickle,
         )  # fmt: skip
     if as_json:
-        typer.echo(json.dumps(result, indent=2, default=str))
+        typer.echo(json_text(result))
     elif result.get("model_kind") == "encoder":
         typer.echo(format_encoder_result(result))
     elif "metrics" in result:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
+from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.errors import UserError
 
@@ -31,7 +30,7 @@ def export(
         raise UserError(f"unknown export format {fmt!r}: choose {', '.join(FORMATS)}")
     summary = export_compressed_tensors(folder, output, overwrite=overwrite)
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(json_text(summary))
     else:
         typer.echo(
             f"exported {summary['quantized_layers']} quantized layers of {folder} as compressed-tensors "

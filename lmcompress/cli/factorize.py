@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
+from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.jobs import factorize_pretrained
 from lmcompress.transforms.factorize import FactorizeConfig
@@ -71,7 +70,7 @@ def factorize(
         progress=options.show_progress(quiet),
     )
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json_text(report.to_dict()))
     else:
         done = sum(r.factorized for r in report.layers.values())
         typer.echo(

@@ -6,6 +6,7 @@ import json
 
 import typer
 
+from lmcompress.checkpoint.folder import json_text
 from lmcompress.checkpoint.inspect import KINDS, folder_info
 from lmcompress.cli import app
 
@@ -36,7 +37,7 @@ def info(
 
         result["profile"] = profile_pretrained(folder, seqlen=seqlen)
     if as_json:
-        typer.echo(json.dumps(result, indent=2, default=str))
+        typer.echo(json_text(result))
         return
     lin = result["linear"]
     typer.echo(f"{result['folder']} ({result['storage']} storage)")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
+from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.errors import UserError
 from lmcompress.jobs import prune_pretrained
@@ -115,7 +114,7 @@ def prune(
         econfig = ExpertConfig(keep=keep, criterion=criterion or "reconstruction", iterative=iterative)
         ereport = drop_experts_pretrained(model, econfig, output, **job)
         if as_json:
-            typer.echo(json.dumps(ereport.to_dict(), indent=2))
+            typer.echo(json_text(ereport.to_dict()))
         else:
             typer.echo(
                 f"kept {ereport.experts_after} of {ereport.experts_before} experts per layer of {model} "
@@ -135,7 +134,7 @@ def prune(
         sconfig = StructureConfig(structure, ratio, criterion or "wanda", correction, allocation, owl_m, owl_lambda)
         sreport = structured_prune_pretrained(model, sconfig, output, **job)
         if as_json:
-            typer.echo(json.dumps(sreport.to_dict(), indent=2))
+            typer.echo(json_text(sreport.to_dict()))
         else:
             typer.echo(
                 f"removed {sconfig.structure} of {model} ({sconfig.criterion}, correction {sconfig.correction}): "
@@ -161,7 +160,7 @@ def prune(
     )
     report = prune_pretrained(model, config, output, save_format=save_format, **job)
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json_text(report.to_dict()))
     else:
         typer.echo(
             f"pruned {model} with {config.method} ({config.pattern}, {config.allocation}) to "

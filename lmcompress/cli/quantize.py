@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
+from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.jobs import quantize_pretrained
 from lmcompress.transforms.quantize import QuantConfig
@@ -81,7 +80,7 @@ def quantize(
         progress=options.show_progress(quiet),
     )
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json_text(report.to_dict()))
     else:
         grid = "per channel" if config.group_size == -1 else f"group {config.group_size}"
         typer.echo(

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
+from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.cli.evaluate import parse_lengths
 from lmcompress.measure.sweep import SweepConfig, parse_sparsities, run_sweep
@@ -83,7 +82,7 @@ def sweep(
         progress=options.show_progress(quiet),
     )
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(json_text(result))
     else:
         typer.echo(
             f"sweep: ran {len(result['ran'])} points, {len(result['skipped'])} already done → {result['output']}\n"

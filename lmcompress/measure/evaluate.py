@@ -48,7 +48,7 @@ def evaluate_pretrained(
     """
     check_device(device)
     net, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    seqlen = resolve_seqlen(net, seqlen)
+    seqlen = resolve_seqlen(net, seqlen, minimum=2)
     if tasks or harness or limit is not None:  # lmcompress.measure.tasks; ppl_data, if given, is one more task
         if is_encoder(net.config):
             raise UserError("--tasks, --harness and --limit evaluate causal LMs; for encoders use --ppl-data only")

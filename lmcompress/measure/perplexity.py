@@ -10,6 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmcompress.errors import UserError
+
+_NONFINITE_HINT = (
+    "the model is numerically broken (damaged weights, or an overflow in float16/bfloat16: try --dtype float32)"
+)
+
 
 @dataclass
 class PerplexityResult:
@@ -32,7 +38,13 @@ def perplexity(
     """exp(mean NLL) over every predicted token of ``windows`` ``[n, seqlen]``; each window is independent.
 
     Windows are run ``batch_size`` at a time (they have no padding, so batching does not change the result).
+    Non-finite logits or loss are an error (naming the window), never a perplexity of NaN.
     """
+    if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
+        raise UserError(
+            f"perplexity needs windows of at least 2 tokens (one to predict from, one predicted), got "
+            f"{list(windows.shape)}; use a larger --seqlen"
+        )
     model.eval()
     device = torch.device(device)
     home = next(model.parameters()).device
@@ -43,7 +55,12 @@ def perplexity(
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
             logits = model(ids, use_cache=False).logits.float()
+            where = f"windows {start}..{start + ids.shape[0] - 1}"
+            if not bool(torch.isfinite(logits).all()):
+                raise UserError(f"the model's logits are NaN or infinite on {where}: {_NONFINITE_HINT}")
             nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            if not math.isfinite(nll.item()):
+                raise UserError(f"the loss is NaN or infinite on {where}: {_NONFINITE_HINT}")
             total += nll.item()
             count += ids[:, 1:].numel()
             bar.update(ids.shape[0])

@@ -212,8 +212,10 @@ def profile_pretrained(
     """Load a model folder (anything ``lmcompress.load`` reads) and profile it and its recipe's dense source."""
     from lmcompress.checkpoint.folder import read_recipe
     from lmcompress.checkpoint.load import load_model
+    from lmcompress.jobs import resolve_seqlen
 
     net, _ = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    seqlen = resolve_seqlen(net, seqlen)  # within the model's context, or it times positions it has not got
     recipe = read_recipe(model) if Path(str(model)).is_dir() else None
     return profile_with_source(net, recipe, seqlen, device, repeats, dtype=dtype)
 

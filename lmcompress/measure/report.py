@@ -16,16 +16,14 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmcompress.checkpoint.folder import json_text, write_file_atomic
 from lmcompress.errors import UserError
-from lmcompress.measure.sweep import DENSE_ID, POINTS, SWEEP_FILE, load_points
+from lmcompress.measure.sweep import DENSE_ID, POINTS, SWEEP_FILE, load_points, read_sweep_file
 
 SKIP_METRICS = ("/nll",)  # derived from another metric; not plotted or judged separately
 
@@ -129,7 +127,7 @@ def load_results(folder: str | Path) -> tuple[dict, dict, list[dict]]:
     out = Path(folder).expanduser()
     if not (out / SWEEP_FILE).is_file():
         raise UserError(f"{out} is not a sweep results folder (no {SWEEP_FILE}); run `lmcompress sweep` first")
-    sweep = json.loads((out / SWEEP_FILE).read_text())
+    sweep = read_sweep_file(out / SWEEP_FILE)
     points = load_points(out, sweep.get("settings_hash"))
     if DENSE_ID not in points:
         raise UserError(f"{out} has no dense baseline ({POINTS}/{DENSE_ID}.json) yet; rerun the sweep to finish it")
@@ -287,15 +285,6 @@ def plot_owl(series: str, pts: list[dict]) -> bytes:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _fmt(v) -> str:
     if v is None:
         return "–"
@@ -335,7 +324,7 @@ def write_report(folder: str | Path, *, tolerance: float = 0.01) -> dict:
         if owl_pts:
             images.append((f"owl-{_slug(s)}.png", f"{s}: per-layer sparsity", plot_owl(s, owl_pts)))
     for name, _, data in images:
-        _write_atomic(plots_dir / name, data)
+        write_file_atomic(plots_dir / name, data)
 
     st = sweep["settings"]
     blocks: list[tuple] = [("h1", "lmcompress sweep report")]
@@ -402,10 +391,10 @@ def write_report(folder: str | Path, *, tolerance: float = 0.01) -> dict:
     blocks.extend(("img", f"plots/{name}", caption, data) for name, caption, data in images)
 
     md, page = _render_md(blocks), _render_html(blocks)
-    _write_atomic(out / "report.md", md.encode())
-    _write_atomic(out / "report.html", page.encode())
+    write_file_atomic(out / "report.md", md.encode())
+    write_file_atomic(out / "report.html", page.encode())
     summary = {"tolerance": tolerance, "sentences": sentences, "rows": rows}
-    _write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_file_atomic(out / "summary.json", json_text(summary) + "\n")
     return {
         "markdown": str(out / "report.md"),
         "html": str(out / "report.html"),

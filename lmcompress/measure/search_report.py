@@ -62,7 +62,8 @@ def plot_allocation(report: dict) -> bytes:
 
 def write_search_report(folder: str | Path) -> dict:
     """report.md, report.html and two plots for a folder written by ``lmcompress search``."""
-    from lmcompress.measure.report import _render_html, _render_md, _write_atomic
+    from lmcompress.checkpoint.folder import write_file_atomic
+    from lmcompress.measure.report import _render_html, _render_md
 
     out = Path(folder).expanduser()
     try:
@@ -86,10 +87,10 @@ def write_search_report(folder: str | Path) -> dict:
     rows = [[name, f"{value:.4g}"] for name, value in baselines.items()] + [["search", f"{report['fitness']:.4g}"]]
     blocks: list[tuple] = [("h1", "lmcompress search report"), ("p", sentence), ("table", ["allocation", "KL"], rows)]
     for name, caption, png in images:
-        _write_atomic(plots / name, png)
+        write_file_atomic(plots / name, png)
         blocks.append(("img", f"plots/{name}", caption, png))
-    _write_atomic(out / "report.md", _render_md(blocks).encode())
-    _write_atomic(out / "report.html", _render_html(blocks).encode())
+    write_file_atomic(out / "report.md", _render_md(blocks).encode())
+    write_file_atomic(out / "report.html", _render_html(blocks).encode())
     return {
         "markdown": str(out / "report.md"),
         "html": str(out / "report.html"),

@@ -16,10 +16,8 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmcompress.algorithms.masks import Pattern
+from lmcompress.checkpoint.folder import check_not_nested, check_writable, json_text, write_file_atomic
 from lmcompress.errors import UserError
 from lmcompress.transforms.prune import ALLOCATIONS, METHODS, PruneConfig
 
@@ -140,6 +139,8 @@ class SweepConfig:
             raise UserError("--methods, --allocation and --pattern each need at least one value")
         if self.nsamples <= 0:
             raise UserError(f"--nsamples must be positive, got {self.nsamples}")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise UserError(f"--seqlen must be at least 2 (one to predict from, one predicted), got {self.seqlen}")
         for p in self.points():  # every point is a valid PruneConfig (raises UserError otherwise)
             self.prune_config(p)
 
@@ -171,13 +172,33 @@ def settings_hash(settings: dict) -> str:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write ``obj`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    """Write ``obj`` as strict JSON to ``path`` atomically (:func:`lmcompress.checkpoint.folder.write_file_atomic`)."""
+    write_file_atomic(path, json_text(obj) + "\n")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``, or a :class:`UserError` saying the file is damaged and what to do."""
     try:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); {what}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object; {what}")
+    return value
+
+
+def read_sweep_file(path: Path) -> dict:
+    """``sweep.json``, checked to have the shape this module writes: ``settings`` object, ``grid`` of points."""
+    what = "the results folder is damaged: delete it, or pass --overwrite to start the sweep again"
+    record = _read_json(path, what)
+    settings, grid = record.get("settings"), record.get("grid", [])
+    if not isinstance(settings, dict) or not isinstance(grid, list):
+        raise UserError(f"{path} has no 'settings' object and 'grid' list; {what}")
+    try:
+        [Point(**p) for p in grid]
+    except TypeError:
+        raise UserError(f"{path}: its 'grid' holds entries that are not sweep points; {what}") from None
+    return record
 
 
 def _prepare_folder(out: Path, settings: dict, grid: list[Point], overwrite: bool) -> dict[str, dict]:
@@ -189,9 +210,18 @@ def _prepare_folder(out: Path, settings: dict, grid: list[Point], overwrite: boo
         raise UserError(f"--output {out} is a non-empty folder that holds no sweep; choose a new or empty folder")
     if not out.parent.exists():
         raise UserError(f"the parent folder of --output ({out.parent}) does not exist")
+    check_writable(out if out.is_dir() else out.parent, SWEEP_FILE)
     known: list[dict] = []  # the grid of earlier runs with the same settings
+    old = None
     if sweep_file.is_file():
-        old = json.loads(sweep_file.read_text())
+        try:
+            old = read_sweep_file(sweep_file)
+        except UserError:
+            if not overwrite:
+                raise
+            log.warning("%s is damaged; --overwrite: starting the sweep again", sweep_file)
+            shutil.rmtree(out / POINTS, ignore_errors=True)
+    if old is not None:
         finished = [f for f in (out / POINTS).glob("*.json") if not f.name.startswith(".")]
         if old.get("settings") == settings:
             known = old.get("grid", [])
@@ -206,7 +236,10 @@ def _prepare_folder(out: Path, settings: dict, grid: list[Point], overwrite: boo
             )
         else:  # --overwrite, or a run that stopped before its first point (bad task file, missing lm-eval...)
             shutil.rmtree(out / POINTS, ignore_errors=True)
-    (out / POINTS).mkdir(parents=True, exist_ok=True)
+    try:
+        (out / POINTS).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {out / POINTS} ({exc.strerror or exc}); choose a writable --output") from None
     ids = [p.id for p in grid]
     merged = known + [asdict(p) for p in grid if p.id not in {Point(**k).id for k in known}]
     record = {"settings": settings, "settings_hash": settings_hash(settings), "grid": merged, "last_grid": ids}
@@ -220,10 +253,9 @@ def load_points(out: Path, expected_hash: str | None = None) -> dict[str, dict]:
     for path in sorted((out / POINTS).glob("*.json")):
         if path.name.startswith("."):
             continue
-        try:
-            result = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"{path} is not valid JSON; delete it and rerun the sweep to redo that point") from None
+        result = _read_json(path, "delete it and rerun the sweep to redo that point")
+        if not isinstance(result.get("id"), str):
+            raise UserError(f"{path} has no point 'id'; delete it and rerun the sweep to redo that point")
         if expected_hash is not None and result.get("settings_hash") != expected_hash:
             raise UserError(
                 f"{path} was made with other settings than {out / SWEEP_FILE}; delete it or use --overwrite"
@@ -269,6 +301,7 @@ def run_sweep(
         _import_lm_eval()  # fail before any work when lm-eval is missing
     resolved = resolve_source(model, allow_pickle)
     out = Path(output).expanduser()
+    check_not_nested(out, resolved, "--output")
     settings = config.settings(resolved)
     grid = config.points()
     done = _prepare_folder(out, settings, grid, overwrite)
@@ -327,6 +360,7 @@ def run_sweep(
                 "achieved_sparsity": report.sparsity,
                 "block_targets": report.block_targets,
                 "outlier_ratios": report.outlier_ratios,
+                "owl_lambda_effective": report.owl_lambda_effective,
                 "layer_sparsity": report.layer_sparsity,
                 "damping_raised": report.damping,
                 "time_s": report.wall_time_s,

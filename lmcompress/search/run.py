@@ -28,7 +28,7 @@ from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.errors import UserError
 from lmcompress.search.database import LevelDatabase, build_database, pruner, quantizer
 from lmcompress.search.fitness import make_fitness
-from lmcompress.transforms.prune import PruneConfig, owl_allocation
+from lmcompress.transforms.prune import PruneConfig, owl_pass
 
 KINDS = ("sparsity", "bits")
 DEFAULT_LEVELS = {"sparsity": "0.3:0.95:0.05", "bits": "2,3,4,8"}
@@ -184,7 +184,7 @@ def _on_budget(space: LevelSpace, targets: list[float], levels: list[float], wha
 
 
 def _save_state(work: Path, state: SearchState, key: str, baselines: dict) -> None:
-    from lmcompress.measure.sweep import write_json_atomic
+    from lmcompress.checkpoint.folder import json_text, write_file_atomic
 
     data = {
         "key": key,
@@ -195,7 +195,7 @@ def _save_state(work: Path, state: SearchState, key: str, baselines: dict) -> No
         "history": state.history,
         "rng_state": state.rng_state,
     }
-    write_json_atomic(work / _state_name(key), data)
+    write_file_atomic(work / _state_name(key), json_text(data) + "\n")
 
 
 def _state_name(key: str) -> str:
@@ -312,9 +312,10 @@ def search(
     if state is None:  # a fresh search: score the baselines (the model is still dense here), seed from the best
         starts = {"uniform": cand.place([config.target] * len(units), "uniform")}
         if config.kind == "sparsity":
-            _, block_targets = owl_allocation(
+            _, owl = owl_pass(
                 model, calib, torch.device(device), config.target, config.owl_m, config.owl_lambda, progress=progress
             )
+            block_targets = owl.sparsities
             starts["owl"] = cand.place([block_targets[db.block_of[u[0]]] for u in units], "OWL")
         baselines = {name: score(lv, final_stage) for name, lv in starts.items()}
         best = min(baselines, key=baselines.get)

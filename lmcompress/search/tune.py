@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmcompress.algorithms.owl import owl_layer_sparsities
+from lmcompress.algorithms.owl import owl_allocation
 from lmcompress.algorithms.wanda import wanda_scores
 from lmcompress.calibration.engine import BlockInputs, collect_input_stats, walk_blocks
 from lmcompress.errors import UserError
@@ -78,7 +78,7 @@ def tune_owl(
     block_of = [cand.db.block_of[u[0]] for u in cand.units]
 
     def allocation(m: float, lam: float) -> list[int]:
-        blocks = owl_layer_sparsities(ratios_at(profile, m), config.target, lam)
+        blocks = owl_allocation(ratios_at(profile, m), config.target, lam).sparsities
         return cand.place([blocks[b] for b in block_of], "OWL")
 
     uniform = cand.place([config.target] * len(cand.units), "uniform")

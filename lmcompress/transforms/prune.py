@@ -13,13 +13,14 @@ from tqdm.auto import tqdm
 from lmcompress.algorithms import (
     magnitude_mask,
     outlier_ratio,
-    owl_layer_sparsities,
+    owl_allocation,
     sparsegpt_prune,
     wanda_mask,
     wanda_scores,
 )
 from lmcompress.algorithms.gptq import ColumnQuantizer
 from lmcompress.algorithms.masks import Pattern
+from lmcompress.algorithms.owl import OwlAllocation
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec
 from lmcompress.calibration.engine import BlockInputs, collect_input_stats, walk_blocks
 from lmcompress.calibration.stats import InputStats
@@ -179,6 +180,7 @@ class PruneReport:
     # pruning masks removed (exactly the target; `sparsity` also counts kept weights that rounded to 0).
     quantized: dict[str, QuantizedTensor] | None = None
     mask_sparsity: float | None = None
+    owl_lambda_effective: float | None = None  # OWL: λ after shrinking so that no block leaves [0, 0.99]
 
     def to_dict(self) -> dict:
         """Everything but the tensors, JSON-ready."""
@@ -226,7 +228,7 @@ def _measure(modules: dict[str, nn.Module]) -> dict[str, float]:
     return {n: (weight_matrix(m) == 0).float().mean().item() for n, m in modules.items()}
 
 
-def owl_allocation(
+def owl_pass(
     model: nn.Module,
     calib: torch.Tensor,
     device: torch.device,
@@ -235,12 +237,13 @@ def owl_allocation(
     owl_lambda: float,
     *,
     progress: bool = True,
-) -> tuple[list[float], list[float]]:
-    """OWL's first, dense pass: ``(outlier ratios, per-block targets)``, the targets averaging ``target``.
+) -> tuple[list[float], OwlAllocation]:
+    """OWL's first, dense pass: each block's outlier ratio, and the per-block targets averaging ``target``.
 
     Each block's outlier ratio is the share of its Wanda scores ``|W_ij|·‖x_j‖₂`` above ``owl_m`` × their mean
-    (over all its linear layers); :func:`~lmcompress.algorithms.owl.owl_layer_sparsities` turns the ratios into
-    targets spread ``2·owl_lambda`` apart. Used for unstructured sparsity and structured removal ratios alike.
+    (over all its linear layers); :func:`~lmcompress.algorithms.owl.owl_allocation` turns the ratios into
+    targets spread ``2·owl_lambda`` apart (less if a block would leave its bounds). Used for unstructured sparsity
+    and structured removal ratios alike.
     """
     ratios: list[float] = []
 
@@ -251,7 +254,7 @@ def owl_allocation(
         ratios.append(outlier_ratio(scores, owl_m))
 
     walk_blocks(model, calib, device, visit, desc="OWL outlier ratios", progress=progress)
-    return ratios, owl_layer_sparsities(ratios, target, owl_lambda)
+    return ratios, owl_allocation(ratios, target, owl_lambda)
 
 
 def prune(
@@ -279,12 +282,11 @@ def prune(
     config.check_model(model)
     model.eval()
 
-    ratios = None
+    ratios = owl_lambda = None
     targets = [config.target] * len(blocks)
     if config.allocation == "owl":
-        ratios, targets = owl_allocation(
-            model, calib, device, config.target, config.owl_m, config.owl_lambda, progress=progress
-        )
+        ratios, owl = owl_pass(model, calib, device, config.target, config.owl_m, config.owl_lambda, progress=progress)
+        targets, owl_lambda = owl.sparsities, owl.lam
         log.info("OWL block sparsities: %s", ", ".join(f"{s:.3f}" for s in targets))
 
     layer_sparsity: dict[str, float] = {}
@@ -333,6 +335,7 @@ def prune(
         wall_time_s=time.perf_counter() - start,
         quantized=quantized,
         mask_sparsity=None if quantized is None else pruned / max(total, 1),
+        owl_lambda_effective=owl_lambda,
     )
 
 

@@ -37,7 +37,7 @@ from lmcompress.errors import UserError
 from lmcompress.models.families import blocks_path, get_blocks, weight_matrix
 from lmcompress.models.layouts import HeadShape, Layout, head_shape, structure_layout
 from lmcompress.models.params import count_params
-from lmcompress.transforms.prune import owl_allocation
+from lmcompress.transforms.prune import owl_pass
 
 log = logging.getLogger(__name__)
 
@@ -319,15 +319,15 @@ def structured_prune(
     outliers = None
     block_ratios = {s: [config.ratio] * n_blocks for s in config.structures}
     if config.allocation == "owl":
-        outliers, per_block = owl_allocation(
-            model, calib, device, config.ratio, config.owl_m, config.owl_lambda, progress=progress
-        )
-        block_ratios = {s: list(per_block) for s in config.structures}
+        outliers, owl = owl_pass(model, calib, device, config.ratio, config.owl_m, config.owl_lambda, progress=progress)
+        block_ratios = {s: list(owl.sparsities) for s in config.structures}
     n_remove = {
         s: [_n_remove(r, units[s], s, f" in block {i}") for i, r in enumerate(block_ratios[s])]
         for s in config.structures
     }
     notes: list[str] = []
+    if config.allocation == "owl" and owl.shrunk:
+        notes.append(f"OWL λ {config.owl_lambda:g} shrunk to {owl.lam:.4g} to keep every block's ratio in [0, 0.99]")
     for s, counts in n_remove.items():
         if not any(counts):
             what = "FFN channels" if s == "ffn" else "KV groups of attention heads"
