@@ -42,9 +42,11 @@ def resolve_seqlen(model: nn.Module, seqlen: int | None) -> int:
     if seqlen is None:
         return min(2048, ctx or 2048)
     if seqlen <= 0:
-        raise UserError(f"--seqlen must be positive, got {seqlen}")
+        raise UserError(f"seqlen must be positive, got {seqlen}", param="seqlen")
     if ctx is not None and seqlen > ctx:
-        raise UserError(f"--seqlen {seqlen} is longer than the model's context of {ctx} tokens; use --seqlen {ctx}")
+        raise UserError(
+            f"seqlen {seqlen} is longer than the model's context of {ctx} tokens; use seqlen {ctx}", param="seqlen"
+        )
     return seqlen
 
 
@@ -64,9 +66,9 @@ def check_device(device: str) -> None:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+        raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N", param="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        raise UserError("device cuda was asked for but no CUDA GPU is available; use device cpu", param="device")
 
 
 @dataclass
@@ -166,7 +168,7 @@ def prune_pretrained(
     docs/storage.md). Joint quantization (``config.bits``) always saves packed.
     """
     if save_format not in ("dense", "packed"):
-        raise UserError(f"unknown --save-format {save_format!r}: choose dense or packed")
+        raise UserError(f"unknown save_format {save_format!r}: choose dense or packed", param="save_format")
     config.validate()
     job = open_job(model, output, needs_calibration=config.needs_calibration, **options)
     report = prune(job.model, config, job.calib, device=job.device, progress=progress)
@@ -258,7 +260,8 @@ def structured_prune_pretrained(
                 if layout.heads == "uniform" and config.allocation != "uniform":
                     raise UserError(
                         f"{cfg.model_type} models read their head count from the config in forward: "
-                        "use --allocation uniform"
+                        "use allocation uniform",
+                        param="allocation",
                     )
                 units = head_shape(cfg).kv_heads
             else:
@@ -339,7 +342,7 @@ def _refuse_moe(config) -> None:
         raise UserError(
             f"factorizing {config.model_type} (mixture-of-experts) models is not supported yet: transformers saves "
             "their fused experts per expert, which lmcompress.load cannot yet read back next to surgery records; "
-            "use `lmcompress prune --structure experts` to shrink MoE models"
+            "drop experts instead (`lmcompress drop-experts`) to shrink MoE models"
         )
 
 

@@ -311,5 +311,5 @@ def test_bad_input_is_a_user_error_and_writes_nothing(tmp_path, tiny_folder, cal
 def test_gptq_without_calibration_is_a_user_error(model_of):
     with pytest.raises(UserError, match="calibration"):
         quantize(model_of("llama"), QuantConfig(method="gptq", group_size=32), None, progress=False)
-    with pytest.raises(UserError, match="group-size"):
+    with pytest.raises(UserError, match="group_size"):
         quantize(model_of("llama"), QuantConfig(method="rtn", group_size=128), None, progress=False)

@@ -86,7 +86,10 @@ def get_blocks(model: nn.Module) -> nn.ModuleList:
 def get_final_norm(model: nn.Module) -> nn.Module:
     family = family_of(model.config)
     if family.final_norm is None:
-        raise UserError(f"--include-head is not supported for {model.config.model_type} models; prune the blocks only")
+        raise UserError(
+            f"include_head is not supported for {model.config.model_type} models; prune the blocks only",
+            param="include_head",
+        )
     return operator.attrgetter(family.final_norm)(model)
 
 
