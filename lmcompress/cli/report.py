@@ -20,7 +20,11 @@ def report(
     Per method and metric: the essential sparsity (largest sparsity within --tolerance of dense) and the
     knee (where the curve bends down fastest), said in words.
 
-    Example: lmcompress report results/llama --tolerance 0.02
+    Examples:
+
+        lmcompress report results/llama
+
+        lmcompress report results/llama --tolerance 0.02
     """
     out = write_report(results, tolerance=tolerance)
     for sentence in out["sentences"]:
