@@ -10,20 +10,20 @@ from typer.core import TyperGroup
 
 from lmcompress.errors import UserError
 
-# The verbs in the order `lmcompress --help` lists them, with the one line it shows for each.
+# The verbs in the order `lmcompress --help` lists them, with the line it shows for each (one line at 80 columns).
 VERBS = {
-    "prune": "Zero weights: unstructured, N:M or OWL sparsity; --bits also quantizes.",
+    "prune": "Zero weights: unstructured, N:M, OWL; joint with --bits.",
     "quantize": "Quantize weights to 2-8 bits (RTN or GPTQ), stored packed.",
-    "shrink": "Remove whole FFN channels or attention heads: smaller matrices.",
+    "shrink": "Remove FFN channels or attention heads: smaller matrices.",
     "drop-experts": "Keep K experts in every mixture-of-experts layer.",
     "factorize": "Replace linear layers by low-rank factors (SVD).",
-    "eval": "Perplexity, sparsity and tasks (multiple choice, QA, retrieval).",
-    "sweep": "Prune and evaluate a grid of methods × sparsities, resumably.",
+    "eval": "Perplexity, sparsity, multiple choice, QA and retrieval.",
+    "sweep": "Prune and evaluate a grid of methods × sparsities.",
     "report": "Markdown/HTML report and plots of a sweep.",
-    "info": "Size on disk, bits per weight, sparsity and recipe of a folder.",
-    "unpack": "Write a packed model out as a plain from_pretrained folder.",
+    "info": "Size on disk, bits per weight, sparsity, recipe.",
+    "unpack": "Copy a packed model to a plain from_pretrained folder.",
     "export": "Export a quantized model as compressed-tensors (vLLM).",
-    "demo": "Train a tiny model, compress it every way, print a table.",
+    "demo": "Train a tiny model, compress it, print a table.",
 }
 
 

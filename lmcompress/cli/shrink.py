@@ -8,6 +8,7 @@ import typer
 
 from lmcompress.algorithms.units import CORRECTIONS, CRITERIA
 from lmcompress.cli import app, options
+from lmcompress.errors import UserError
 
 OWL = ("owl_m", "owl_lambda")
 
@@ -109,4 +110,8 @@ def shrink(
 
         lmcompress shrink ffn,heads ./llama --ratio 0.2 --allocation owl --calib-data wikitext2 -o llama-owl20
     """
+    if "experts" in structure.lower():
+        raise UserError(
+            "shrink removes ffn channels or heads; experts are dropped by `lmcompress drop-experts --keep K`"
+        )
     run_shrink(ctx, **{k: v for k, v in locals().items() if k != "ctx"})

@@ -83,7 +83,8 @@ class ExpertConfig:
     def validate(self) -> None:
         if self.criterion not in CRITERIA:
             raise UserError(
-                f"unknown expert criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}", param="criterion"
+                f"criterion {self.criterion!r} is unknown: choose one of the expert criteria {', '.join(CRITERIA)}",
+                param="criterion",
             )
         if not isinstance(self.keep, int) or self.keep < 1:
             raise UserError(f"keep must be a positive number of experts, got {self.keep}", param="keep")

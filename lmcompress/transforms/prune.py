@@ -86,7 +86,8 @@ class PruneConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UserError(
-                f"unknown pruning method {self.method!r}: choose one of {', '.join(METHODS)}", param="method"
+                f"method {self.method!r} is unknown: choose one of the pruning methods {', '.join(METHODS)}",
+                param="method",
             )
         if self.allocation not in ALLOCATIONS:
             raise UserError(

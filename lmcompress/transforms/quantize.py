@@ -71,7 +71,8 @@ class QuantConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UserError(
-                f"unknown quantization method {self.method!r}: choose one of {', '.join(METHODS)}", param="method"
+                f"method {self.method!r} is unknown: choose one of the quantization methods {', '.join(METHODS)}",
+                param="method",
             )
         check_quant_grid(self.bits, self.group_size)
         if self.method == "rtn" and (self.act_order or self.static_groups):
