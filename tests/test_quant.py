@@ -271,8 +271,10 @@ def test_quantize_api_saved_weights_are_the_codes(tmp_path, tiny_folder, calib_f
 
 def test_quantize_rtn_needs_no_calibration(tmp_path, tiny_folder, capsys):
     out = tmp_path / "rtn"
-    assert run(["quantize", str(tiny_folder("gpt2")), "--method", "rtn", "--bits", "4", "--group-size", "-1",
-                "--calib-data", "no-such-file.txt", "-o", str(out), "-q"]) == 0  # fmt: skip
+    argv = ["quantize", str(tiny_folder("gpt2")), "--method", "rtn", "--bits", "4", "--group-size", "-1", "-q"]
+    assert run([*argv, "-o", str(out)]) == 0  # the default --calib-data (c4) is never read
+    assert run([*argv, "--calib-data", "no-such-file.txt", "-o", str(tmp_path / "x")]) == 2  # would be ignored
+    assert "--calib-data does not apply" in capsys.readouterr().err
     assert json.loads((out / "lmcompress.json").read_text())["calibration"] is None
 
 
