@@ -52,9 +52,11 @@ def resolve_seqlen(model: nn.Module, seqlen: int | None, minimum: int = 1) -> in
         return min(2048, ctx or 2048)
     if seqlen < minimum:
         need = "at least 2 (one token to predict from, one predicted)" if minimum == 2 else f"at least {minimum}"
-        raise UserError(f"--seqlen must be {need}, got {seqlen}")
+        raise UserError(f"seqlen must be {need}, got {seqlen}", param="seqlen")
     if ctx is not None and seqlen > ctx:
-        raise UserError(f"--seqlen {seqlen} is longer than the model's context of {ctx} tokens; use --seqlen {ctx}")
+        raise UserError(
+            f"seqlen {seqlen} is longer than the model's context of {ctx} tokens; use seqlen {ctx}", param="seqlen"
+        )
     return seqlen
 
 
@@ -76,12 +78,14 @@ def check_device(device: str) -> None:
     if text == "cpu":
         return
     if text != "cuda" and not (text.startswith("cuda:") and text[5:].isdigit()):
-        raise UserError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
+        raise UserError(f"unsupported device {device!r}: use cpu, cuda or cuda:N", param="device")
     if not torch.cuda.is_available():
-        raise UserError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu")
+        raise UserError(f"device {device} was asked for but no CUDA GPU is available; use cpu", param="device")
     count = torch.cuda.device_count()
     if text != "cuda" and int(text[5:]) >= count:
-        raise UserError(f"--device {device}: there is no such GPU ({count} available: cuda:0..cuda:{count - 1})")
+        raise UserError(
+            f"device {device}: there is no such GPU ({count} available: cuda:0..cuda:{count - 1})", param="device"
+        )
 
 
 @dataclass
@@ -235,7 +239,7 @@ def prune_pretrained(
     docs/storage.md). Joint quantization (``config.bits``) always saves packed.
     """
     if save_format not in ("dense", "packed"):
-        raise UserError(f"unknown --save-format {save_format!r}: choose dense or packed")
+        raise UserError(f"unknown save_format {save_format!r}: choose dense or packed", param="save_format")
 
     def fields(report: PruneReport) -> dict:
         joint = {} if report.quantized is None else {"mask_sparsity": report.mask_sparsity}
@@ -321,7 +325,8 @@ def structured_prune_pretrained(
                 if layout.heads == "uniform" and config.allocation != "uniform":
                     raise UserError(
                         f"{cfg.model_type} models read their head count from the config in forward: "
-                        "use --allocation uniform"
+                        "use allocation uniform",
+                        param="allocation",
                     )
                 units = head_shape(cfg).kv_heads
             else:
@@ -394,7 +399,7 @@ def _refuse_moe(config) -> None:
         raise UserError(
             f"factorizing {config.model_type} (mixture-of-experts) models is not supported yet: transformers saves "
             "their fused experts per expert, which lmcompress.load cannot yet read back next to surgery records; "
-            "use `lmcompress prune --structure experts` to shrink MoE models"
+            "drop experts instead (`lmcompress drop-experts`) to shrink MoE models"
         )
 
 

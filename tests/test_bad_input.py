@@ -334,7 +334,7 @@ def test_only_cpu_and_existing_cuda_devices_pass(device):
 
 def test_bad_device_fails_before_loading(tiny_folder, tmp_path, capsys):
     assert run(["prune", str(tiny_folder("llama")), *MAGNITUDE, "--device", "meta", "-o", str(tmp_path / "o")]) == 2
-    assert "unsupported device 'meta'" in capsys.readouterr().err
+    assert "unsupported --device 'meta'" in capsys.readouterr().err
 
 
 # 9. info verifies checksums -------------------------------------------------------------------------------------

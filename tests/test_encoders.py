@@ -123,7 +123,7 @@ def test_owl_on_an_encoder(method, enc_tokenizer, enc_calib):
 
 def test_include_head_is_refused_for_encoders(enc_tokenizer, enc_calib):
     model = make("bert", enc_tokenizer)
-    with pytest.raises(UserError, match="include-head"):
+    with pytest.raises(UserError, match="include_head"):
         lmcompress.prune(model, PruneConfig(method="magnitude", include_head=True), enc_calib, progress=False)
 
 

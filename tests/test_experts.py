@@ -220,12 +220,12 @@ def test_save_from_pretrained_round_trip(family, tmp_path, tokenizer, calib):
     torch.testing.assert_close(loaded(calib[:2]).logits, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_cli_prune_structure_experts(tmp_path, tiny_folder, calib_text, capsys):
+def test_cli_drop_experts(tmp_path, tiny_folder, calib_text, capsys):
     src = tiny_folder("qwen2_moe")
     calib_file = tmp_path / "calib.txt"
     calib_file.write_text(calib_text)
     out = tmp_path / "moe6"
-    args = ["prune", str(src), "--structure", "experts", "--keep", "6", "--criterion", "frequency"]
+    args = ["drop-experts", str(src), "--keep", "6", "--criterion", "frequency"]
     args += ["--calib-data", str(calib_file), "--nsamples", "4", "--seqlen", "32", "-q", "-o", str(out)]
     assert run(args) == 0
     assert "kept 6 of 8 experts" in capsys.readouterr().out
@@ -233,7 +233,7 @@ def test_cli_prune_structure_experts(tmp_path, tiny_folder, calib_text, capsys):
     assert recipe["kind"] == "experts" and recipe["experts_after"] == 6
     assert json.loads((out / "config.json").read_text())["num_experts"] == 6
     AutoModelForCausalLM.from_pretrained(out)
-    assert run([*args[:5], "1", *args[6:-1], str(tmp_path / "bad")]) == 2
+    assert run([*args[:3], "1", *args[4:-1], str(tmp_path / "bad")]) == 2
     assert "top-k" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
@@ -258,5 +258,5 @@ def test_cli_refuses_options_of_other_structures(tmp_path, tiny_folder, capsys):
     src = str(tiny_folder("mixtral"))
     for extra in (["--ratio", "0.5"], ["--correction", "bias"], ["--sparsity", "0.5"]):
         assert run(["prune", src, "--structure", "experts", "--keep", "4", *extra, "-o", str(tmp_path / "x")]) == 2
-        assert "not used by --structure experts" in capsys.readouterr().err
+        assert "not apply to dropping experts" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

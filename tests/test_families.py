@@ -273,7 +273,7 @@ def test_two_candidate_block_lists_are_refused():
 def test_no_final_norm_refuses_include_head():
     model = _Blocks(n_layers=2)
     assert len(get_blocks(model)) == 2
-    with pytest.raises(UserError, match=r"--include-head is not supported.*no norm"):
+    with pytest.raises(UserError, match=r"include_head is not supported.*no norm"):
         lmcompress.prune(model, PruneConfig(method="magnitude", sparsity=0.5, include_head=True), progress=False)
 
 

@@ -167,7 +167,7 @@ def test_activation_aware_lowers_block_output_error(tokenizer, calib):
 
 def test_bad_config_is_a_clear_error(tokenizer):
     for policy in ("energy:1.5", "energy", "auto:1.2", "rank:0", "rank:2.5", "svd:3"):
-        with pytest.raises(UserError, match="rank-policy"):
+        with pytest.raises(UserError, match="rank_policy"):
             FactorizeConfig(rank_policy=policy)
     with pytest.raises(UserError, match="whitening"):
         FactorizeConfig(whitening="zca")

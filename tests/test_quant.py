@@ -377,8 +377,10 @@ def test_quantize_api_saved_weights_are_the_codes(tmp_path, tiny_folder, calib_f
 
 def test_quantize_rtn_needs_no_calibration(tmp_path, tiny_folder, capsys):
     out = tmp_path / "rtn"
-    assert run(["quantize", str(tiny_folder("gpt2")), "--method", "rtn", "--bits", "4", "--group-size", "-1",
-                "--calib-data", "no-such-file.txt", "-o", str(out), "-q"]) == 0  # fmt: skip
+    argv = ["quantize", str(tiny_folder("gpt2")), "--method", "rtn", "--bits", "4", "--group-size", "-1", "-q"]
+    assert run([*argv, "-o", str(out)]) == 0  # the default --calib-data (c4) is never read
+    assert run([*argv, "--calib-data", "no-such-file.txt", "-o", str(tmp_path / "x")]) == 2  # would be ignored
+    assert "--calib-data does not apply" in capsys.readouterr().err
     assert json.loads((out / "lmcompress.json").read_text())["calibration"] is None
 
 
@@ -475,8 +477,10 @@ def test_joint_prune_with_a_partial_last_group(tmp_path, tiny_folder, calib_file
 def test_nm_pattern_that_does_not_fit_the_widths_fails_before_calibration(tmp_path, tiny_folder, method, capsys):
     """Checked right after loading: the calibration file does not exist, so any later check would name it."""
     out = tmp_path / "out"
-    argv = ["prune", str(tiny_folder("llama")), "--method", method, "--pattern", "3:12", "--blocksize", "120"]
-    assert run([*argv, "--calib-data", "no-such-file.txt", "-o", str(out), "-q"]) == 2
+    argv = ["prune", str(tiny_folder("llama")), "--method", method, "--pattern", "3:12"]
+    argv += ["--blocksize", "120"] if method == "sparsegpt" else []  # other methods refuse SparseGPT's options
+    argv += ["--calib-data", "no-such-file.txt"] if method != "magnitude" else []  # magnitude reads no data
+    assert run([*argv, "-o", str(out), "-q"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "pattern 3:12 needs input widths that are multiples of 12" in err and "14 of the 14 layers" in err
     assert "128 inputs: model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj)" in err and "--pattern 2:4" in err

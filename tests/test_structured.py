@@ -323,20 +323,20 @@ def test_cli_structured(tiny_folder, tmp_path):
     from lmcompress.cli import app
 
     out = tmp_path / "cli"
-    args = ["prune", str(tiny_folder("qwen2")), "-o", str(out), "--structure", "ffn", "--ratio", "0.25"]
+    args = ["shrink", "ffn", str(tiny_folder("qwen2")), "-o", str(out), "--ratio", "0.25"]
     args += ["--criterion", "magnitude", "--quiet"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "parameters" in result.output
     assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 96
-    bad = CliRunner().invoke(app, [*args[:3], str(tmp_path / "x"), "--structure", "ffn", "--ratio", "1.2"])
-    assert isinstance(bad.exception, UserError) and "ratio" in str(bad.exception)
+    bad = CliRunner().invoke(app, [*args[:4], str(tmp_path / "x"), "--ratio", "1.2"])
+    assert isinstance(bad.exception, UserError) and "--ratio" in str(bad.exception)
     assert not (tmp_path / "x").exists()
-    mixed = CliRunner().invoke(app, [*args[:3], str(tmp_path / "y"), "--structure", "ffn", "--sparsity", "0.5"])
-    assert isinstance(mixed.exception, UserError) and "--ratio" in str(mixed.exception)
+    mixed = CliRunner().invoke(app, [*args[:4], str(tmp_path / "y"), "--sparsity", "0.5"])
+    assert mixed.exit_code == 2 and "--sparsity" in mixed.output  # not an option of shrink
     assert not (tmp_path / "y").exists()
-    keep = CliRunner().invoke(app, [*args[:3], str(tmp_path / "z"), "--structure", "heads", "--keep", "2"])
-    assert isinstance(keep.exception, UserError) and "--keep" in str(keep.exception)
+    bad = CliRunner().invoke(app, ["shrink", "experts", *args[2:4], str(tmp_path / "z")])
+    assert isinstance(bad.exception, UserError) and "drop-experts" in str(bad.exception)
     assert not (tmp_path / "z").exists()
 
 

@@ -198,7 +198,7 @@ def test_qa_k_shot_prompt_and_scoring_with_a_stub():
         assert prompt.count("Question: ") == 3 and prompt.count(ex.question) == 1  # 2 shots, never itself
     wrong = evaluate_qa(TableLM(lambda p: " Nobody"), QA)
     assert wrong["em"] == 0.0 and wrong["f1"] == 0.0
-    with pytest.raises(UserError, match="--shots 9"):
+    with pytest.raises(UserError, match="shots 9"):
         evaluate_qa(stub, QA, shots=9)
 
 

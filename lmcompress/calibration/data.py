@@ -98,12 +98,15 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
 def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """``nsamples`` windows of ``seqlen`` tokens at random positions of the tokenized text (seeded)."""
     if nsamples <= 0 or seqlen <= 0:
-        raise UserError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
+        raise UserError(
+            f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}", param=("nsamples", "seqlen")
+        )
     ids = _tokenize(tokenizer, text)
     if ids.numel() < seqlen + 1:
         raise UserError(
             f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
-            "give more text or a smaller --seqlen"
+            "give more text or a smaller seqlen",
+            param="seqlen",
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)

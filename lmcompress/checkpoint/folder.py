@@ -97,11 +97,14 @@ def check_output(output: str | Path, overwrite: bool, source: str | Path | None 
     out = Path(output).expanduser()
     check_not_nested(out, source)
     if out.exists() and not overwrite:
-        raise UserError(f"output folder {out} already exists; choose another --output or pass --overwrite")
+        raise UserError(
+            f"output folder {out} already exists; choose another output or pass overwrite",
+            param=("output", "overwrite"),
+        )
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder")
     if not out.parent.is_dir():
-        raise UserError(f"the parent folder of --output ({out.parent}) does not exist")
+        raise UserError(f"the parent folder of output ({out.parent}) does not exist", param="output")
     check_writable(out.parent, out.name)
     return out
 

@@ -40,7 +40,8 @@ def _check_local_folder(path: Path, allow_pickle: bool) -> None:
         if pickles and not allow_pickle:
             raise UserError(
                 f"{path} holds only pickle checkpoints ({', '.join(sorted(pickles)[:3])}), which can run "
-                "arbitrary code when loaded; convert them to safetensors, or pass --allow-pickle if you trust them"
+                "arbitrary code when loaded; convert them to safetensors, or pass allow_pickle if you trust them",
+                param="allow_pickle",
             )
         if not pickles:
             raise UserError(f"{path} holds no weight files (*.safetensors)")
@@ -66,7 +67,8 @@ def load_config(source: str, trust_remote_code: bool = False):
     except Exception as exc:
         if "trust_remote_code" in str(exc):
             raise UserError(
-                f"{source} needs custom code from its repository; pass --trust-remote-code if you trust it"
+                f"{source} needs custom code from its repository; pass trust_remote_code if you trust it",
+                param="trust_remote_code",
             ) from None
         raise UserError(f"could not load the config of {source!r}: {exc}") from None
 

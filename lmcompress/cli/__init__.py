@@ -1,4 +1,4 @@
-"""The ``lmcompress`` command line: a thin layer over ``lmcompress.measure.evaluate``."""
+"""The ``lmcompress`` command line: one verb per kind of work, each a thin module over ``lmcompress.jobs``."""
 
 from __future__ import annotations
 
@@ -6,14 +6,56 @@ import logging
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 from lmcompress.errors import UserError
 
+# The verbs in the order `lmcompress --help` lists them, with the line it shows for each (one line at 80 columns).
+VERBS = {
+    "prune": "Zero weights: unstructured, N:M, OWL; joint with --bits.",
+    "quantize": "Quantize weights to 2-8 bits (RTN or GPTQ), stored packed.",
+    "shrink": "Remove FFN channels or attention heads: smaller matrices.",
+    "drop-experts": "Keep K experts in every mixture-of-experts layer.",
+    "factorize": "Replace linear layers by low-rank factors (SVD).",
+    "eval": "Perplexity, sparsity, multiple choice, QA and retrieval.",
+    "sweep": "Prune and evaluate a grid of methods × sparsities.",
+    "search": "Find per-block sparsity or bits under a budget (EvoPress).",
+    "report": "Markdown/HTML report and plots of a sweep or a search.",
+    "info": "Size on disk, bits per weight, sparsity, recipe.",
+    "unpack": "Copy a packed model to a plain from_pretrained folder.",
+    "export": "Export a quantized model as compressed-tensors (vLLM).",
+    "demo": "Train a tiny model, compress it, print a table.",
+}
+
+
+class _Verbs(TyperGroup):
+    """Lists the verbs in :data:`VERBS` order, and shows library errors with the running verb's flags."""
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return [v for v in VERBS if v in names] + [n for n in names if n not in VERBS]
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            if command is None or not exc.params:
+                raise
+            from lmcompress.cli.options import flag_names
+
+            raise exc.renamed(flag_names(command)) from None
+
+
 app = typer.Typer(
     name="lmcompress",
-    help="Compress Hugging Face language models one-shot (pruning, N:M and OWL sparsity, RTN/GPTQ quantization, "
-    "structured and low-rank removal), store them packed, and measure what that cost.\n\n"
-    "Start with `lmcompress demo`: it builds a tiny model, prunes it and prints what that did.",
+    cls=_Verbs,
+    rich_markup_mode="markdown",
+    help="Compress Hugging Face language models one-shot and measure what that cost. One verb per kind of "
+    "work: prune and quantize change weights, shrink, drop-experts and factorize change shapes; eval, sweep "
+    "and report measure; info, unpack and export handle the saved folders.\n\n"
+    "Start with `lmcompress demo`: it builds a tiny model, compresses it and prints what that did. "
+    "`lmcompress VERB --help` shows each verb's options and examples.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -27,7 +69,25 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more 
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-from lmcompress.cli import demo, evaluate, export, factorize, info, prune, quantize, report, search, sweep, unpack  # noqa: E402,F401  (registers the commands)
+from lmcompress.cli import (  # noqa: E402,F401  (registers the commands)
+    demo,
+    evaluate,
+    experts,
+    export,
+    factorize,
+    info,
+    prune,
+    quantize,
+    report,
+    search,
+    shrink,
+    sweep,
+    unpack,
+)
+
+for _info in app.registered_commands:  # the top-level help shows each verb's line from VERBS
+    _name = _info.name or _info.callback.__name__.replace("_", "-")
+    _info.short_help = _info.short_help or VERBS.get(_name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,7 @@ def parse_lengths(text: str | None) -> list[int] | None:
 
 @app.command("eval")
 def evaluate(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Model folder (dense or written by lmcompress) or hub id."),
     ppl_data: str = typer.Option(
         None,
@@ -66,18 +67,30 @@ def evaluate(
 ) -> None:
     """Perplexity and measured sparsity of a model; with --tasks also multiple choice, factoid QA and retrieval.
 
+    Loads any folder lmcompress wrote (dense, packed, quantized, resized or factorized) or a plain Hugging
+    Face model. Perplexity is exp of the mean next-token loss over non-overlapping windows of --seqlen
+    tokens; multiple choice picks the answer with the highest log-likelihood; qa checks greedy answers
+    against the references; retrieval asks for a value hidden in a long prompt. Encoders get masked-LM
+    perplexity and embedding similarity to a dense --reference.
+
     Examples:
 
-      lmcompress eval opt-sgpt50 --ppl-data wikitext2 --json
+        lmcompress eval opt-sgpt50 --ppl-data wikitext2 --json
 
-      lmcompress eval opt-sgpt50 --tasks ppl:test.txt,mc:arc_easy,qa:triviaqa,retrieval --limit 200 --shots 5
+        lmcompress eval opt-sgpt50 --tasks ppl:test.txt,mc:arc_easy,qa:triviaqa,retrieval --limit 200 --shots 5
+
+        lmcompress eval llama-ffn30 --ppl-data bundled:wikitext2-test --profile
     """
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     if tasks:
         from lmcompress.measure.tasks import parse_tasks
 
-        parse_tasks(tasks)  # a typo in --tasks is reported before the model is loaded
+        specs = parse_tasks(tasks)  # a typo in --tasks is reported before the model is loaded
+        if not any(s.kind == "retrieval" for s in specs):
+            options.refuse(ctx, ("retrieval_lengths",), "without a retrieval task in --tasks")
+    else:
+        options.refuse(ctx, ("retrieval_lengths",), "without a retrieval task in --tasks")
     result = evaluate_pretrained(
         model,
         ppl_data or (None if (tasks or harness) else "wikitext2"),

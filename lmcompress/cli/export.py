@@ -22,7 +22,11 @@ def export(
     Needs the optional dependency: pip install 'lmcompress[export]'. Sparse-only models cannot be exported
     (compressed-tensors 0.20 has no sparse formats); see docs/storage.md.
 
-    Example: lmcompress export llama-gptq4 --format compressed-tensors -o llama-gptq4-ct
+    Examples:
+
+        lmcompress export llama-gptq4 --format compressed-tensors -o llama-gptq4-ct
+
+        lmcompress quantize ./llama --method gptq --bits 4 -o llama-gptq4 && lmcompress export llama-gptq4 -o ct
     """
     from lmcompress.checkpoint.export import FORMATS, export_compressed_tensors
 

@@ -12,6 +12,7 @@ from lmcompress.transforms.factorize import FactorizeConfig
 
 @app.command()
 def factorize(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Model folder or hub id (e.g. facebook/opt-125m)."),
     output: str = typer.Option(..., "--output", "-o", help="Folder to write the factorized model to (must not exist)."),
     rank_policy: str = typer.Option(
@@ -43,16 +44,25 @@ def factorize(
     as_json: bool = options.JSON,
     quiet: bool = options.QUIET,
 ) -> None:
-    """Replace block linear layers by low-rank factors where that saves parameters (SVD, rank from the spectrum).
+    """Replace block linear layers by low-rank factors where that saves parameters.
 
-    The output loads with `lmcompress.load` (and `lmcompress eval`), not plain `from_pretrained`.
+    Each weight W (out × in) is replaced by two layers B·A of rank r, the truncated SVD, where r·(out + in) is
+    smaller than out·in; --rank-policy picks r from each layer's singular values. --activation-aware first
+    whitens W by the calibration inputs X, so the SVD minimises the error of the outputs ‖(W − BA)X‖ instead
+    of ‖W − BA‖. The output loads with `lmcompress.load` (and `lmcompress eval`), not plain `from_pretrained`.
 
     Examples:
 
-      lmcompress factorize ./llama --rank-policy energy:0.9 -o llama-lr90
+        lmcompress factorize ./llama --rank-policy energy:0.9 -o llama-lr90
 
-      lmcompress factorize ./llama --rank-policy auto:0.3 --activation-aware --calib-data wikitext2 -o llama-lr-auto
+        lmcompress factorize ./llama --rank-policy auto:0.3 --activation-aware --calib-data wikitext2 -o llama-lr-auto
+
+        lmcompress factorize ./opt --rank-policy rank:64 -o opt-r64
     """
+    if not activation_aware:
+        options.refuse(ctx, ("whitening", "damp", *options.CALIBRATION), "without --activation-aware")
+    elif whitening != "cholesky":
+        options.refuse(ctx, ("damp",), f"to --whitening {whitening}: it dampens the Cholesky factorization")
     config = FactorizeConfig(rank_policy=rank_policy, activation_aware=activation_aware, whitening=whitening, damp=damp)
     report = factorize_pretrained(
         model,

@@ -8,7 +8,7 @@ import typer
 
 from lmcompress.checkpoint.folder import json_text
 from lmcompress.checkpoint.inspect import KINDS, folder_info
-from lmcompress.cli import app
+from lmcompress.cli import app, options
 
 
 def _mib(n: int) -> str:
@@ -17,6 +17,7 @@ def _mib(n: int) -> str:
 
 @app.command()
 def info(
+    ctx: typer.Context,
     folder: str = typer.Argument(..., help="Model folder (packed by lmcompress, or any safetensors HF folder)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     profile: bool = typer.Option(
@@ -29,8 +30,17 @@ def info(
 ) -> None:
     """Size on disk by tensor kind, bits per weight, measured sparsity and the recipe of a model folder.
 
-    Examples: lmcompress info llama-24-int4 --json; lmcompress info llama-ffn30 --profile
+    Reads the folder's files only (no model is loaded) unless --profile is given: then the model is loaded
+    and its parameters, FLOPs per token and measured latency are compared with its dense source's.
+
+    Examples:
+
+        lmcompress info llama-24-int4
+
+        lmcompress info llama-ffn30 --profile --json
     """
+    if not profile:
+        options.refuse(ctx, ("seqlen",), "without --profile")
     result = folder_info(folder)
     if profile:
         from lmcompress.measure.profile import profile_pretrained

@@ -1,6 +1,10 @@
-"""Options shared by several commands."""
+"""Options shared by several commands, and the checks that refuse options a command's mode does not use."""
+
+from __future__ import annotations
 
 import typer
+
+from lmcompress.errors import UserError
 
 DEVICE = typer.Option("cpu", "--device", help="Where to compute: cpu, cuda or cuda:N.")
 DTYPE = typer.Option("float32", "--dtype", help="Dtype to load and compute in: float32, bfloat16 or float16.")
@@ -12,6 +16,61 @@ NSAMPLES = typer.Option(128, "--nsamples", help="Number of calibration windows."
 CALIB_SEED = typer.Option(0, "--seed", help="Seed for drawing calibration windows.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace --output if it exists.")
 JSON = typer.Option(False, "--json", help="Print the report as JSON.")
+CALIB_SOURCES = "text file, wikitext2, c4, ptb, hf:NAME[:CONFIG][@SPLIT] or bundled:wikitext2-valid"
+
+
+def calib_data(what: str = "Calibration text") -> typer.models.OptionInfo:
+    """The ``--calib-data`` option (default c4), its help starting with ``what``."""
+    return typer.Option("c4", "--calib-data", help=f"{what}: {CALIB_SOURCES}.")
+
+
+# The options that only matter when a job draws calibration windows.
+CALIBRATION = ("calib_data", "nsamples", "seqlen", "seed")
+
+# Library parameter names that a command spells differently (SweepConfig.allocations is `sweep --allocation`).
+PARAM_ALIASES = {"allocations": "allocation", "patterns": "pattern"}
+
+
+def flag_names(command) -> dict[str, str]:
+    """Parameter name → the flag that sets it in ``command`` (``group_size`` → ``--group-size``).
+
+    Library errors name their parameters the way the Python API does (:class:`lmcompress.errors.UserError`);
+    this table lets the CLI show them as the flags of the running command. Arguments keep their names.
+    """
+    names: dict[str, str] = {}
+    for param in command.params:
+        if getattr(param, "param_type_name", None) == "option" and param.name:
+            long = [o for o in param.opts if o.startswith("--")]
+            names[param.name] = long[0] if long else param.opts[0]
+    for alias, name in PARAM_ALIASES.items():
+        if name in names:
+            names.setdefault(alias, names[name])
+    return names
+
+
+def given(ctx: typer.Context, *names: str) -> list[str]:
+    """Those of ``names`` (parameter names) that the user set on the command line or through the environment."""
+    # typer vendors its own click, so the source is compared by name ("COMMANDLINE", "ENVIRONMENT", "DEFAULT"...)
+    sources = {n: ctx.get_parameter_source(n) for n in names}
+    return [n for n, src in sources.items() if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")]
+
+
+def flags(ctx: typer.Context, names: list[str]) -> str:
+    """``["owl_m", "owl_lambda"]`` → ``"--owl-m, --owl-lambda"`` for the running command."""
+    table = flag_names(ctx.command)
+    return ", ".join(table.get(n, n) for n in names)
+
+
+def refuse(ctx: typer.Context, names: tuple[str, ...] | list[str], why: str) -> None:
+    """A UserError naming those of ``names`` that the user gave explicitly: in this mode they would do nothing.
+
+    ``why`` completes the sentence "<flags> do(es) not apply ...", e.g. "without --allocation owl". Options left
+    at their defaults are never refused, so a mode can ignore them silently.
+    """
+    bad = given(ctx, *names)
+    if bad:
+        verb = "does" if len(bad) == 1 else "do"
+        raise UserError(f"{flags(ctx, bad)} {verb} not apply {why}")
 
 
 def show_progress(quiet: bool) -> bool:

@@ -1,4 +1,4 @@
-"""``lmcompress prune``."""
+"""``lmcompress prune``: weight pruning (unstructured, N:M, OWL; joint with quantization via ``--bits``)."""
 
 from __future__ import annotations
 
@@ -10,44 +10,34 @@ from lmcompress.errors import UserError
 from lmcompress.jobs import prune_pretrained
 from lmcompress.transforms.prune import PruneConfig
 
+# The options of weight pruning itself, and those only kept for the deprecated `prune --structure ...`.
+WEIGHT = ("method", "sparsity", "pattern", "percdamp", "blocksize", "include_head", "bits", "group_size", "sym")
+SHRINK = ("ratio", "criterion", "correction")
+EXPERTS = ("keep", "criterion", "iterative")
+DEPRECATED_HELP = "ffn, heads or experts: deprecated spellings of `lmcompress shrink` and `lmcompress drop-experts`."
+
 
 @app.command()
 def prune(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Model folder or hub id (e.g. facebook/opt-125m)."),
     output: str = typer.Option(..., "--output", "-o", help="Folder to write the pruned model to (must not exist)."),
-    method: str = typer.Option("wanda", "--method", help="magnitude | wanda | sparsegpt."),
-    sparsity: float = typer.Option(None, "--sparsity", help="Fraction of weights to remove, in [0, 1)."),
+    method: str = typer.Option("wanda", "--method", help="magnitude (no data) | wanda | sparsegpt."),
+    sparsity: float = typer.Option(None, "--sparsity", help="Fraction of weights to remove, in [0, 1) [default: 0.5]."),
     pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, or N:M such as 2:4 or 4:8."),
     allocation: str = typer.Option("uniform", "--allocation", help="uniform, or owl (outlier-weighted per block)."),
-    owl_m: float = typer.Option(5.0, "--owl-m", help="OWL outlier threshold M (× the block's mean score)."),
-    owl_lambda: float = typer.Option(0.08, "--owl-lambda", help="OWL spread λ: block sparsities span 2λ."),
-    calib_data: str = typer.Option(
-        "c4",
-        "--calib-data",
-        help="Text file, wikitext2, c4, ptb, hf:NAME[:CONFIG][@SPLIT] or bundled:wikitext2-valid.",
-    ),
+    owl_m: float = typer.Option(5.0, "--owl-m", help="With --allocation owl: outlier threshold M (× mean score)."),
+    owl_lambda: float = typer.Option(0.08, "--owl-lambda", help="With --allocation owl: block sparsities span 2λ."),
+    calib_data: str = options.calib_data(),
     nsamples: int = options.NSAMPLES,
     seqlen: int = options.SEQLEN,
     seed: int = options.CALIB_SEED,
-    percdamp: float = typer.Option(0.01, "--percdamp", help="SparseGPT dampening (fraction of mean diag H)."),
-    blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT column block size."),
+    percdamp: float = typer.Option(0.01, "--percdamp", help="SparseGPT: dampening (fraction of mean diag H)."),
+    blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT: column block size."),
     include_head: bool = typer.Option(False, "--include-head", help="Also prune the output head (lm_head)."),
-    bits: int = typer.Option(None, "--bits", help="SparseGPT only: also quantize the kept weights (joint mode)."),
+    bits: int = typer.Option(None, "--bits", help="SparseGPT: also quantize the kept weights (joint, saved packed)."),
     group_size: int = typer.Option(128, "--group-size", help="With --bits: inputs per grid; -1: per channel."),
     sym: bool = typer.Option(True, "--sym/--asym", help="With --bits: symmetric or asymmetric grid."),
-    structure: str = typer.Option(None, "--structure", help="Structured removal: ffn, heads, ffn,heads or experts."),
-    ratio: float = typer.Option(
-        None, "--ratio", help="--structure ffn/heads: fraction of channels/KV groups, (0,1) [default: 0.3]."
-    ),
-    criterion: str = typer.Option(
-        None,
-        "--criterion",
-        help="--structure ffn/heads: wanda | magnitude | fluctuation; experts: frequency | router-weight | "
-        "reconstruction.",
-    ),
-    correction: str = typer.Option("none", "--correction", help="--structure ffn/heads: none | bias | lstsq."),
-    keep: int = typer.Option(None, "--keep", help="--structure experts: experts to keep in every MoE layer."),
-    iterative: bool = typer.Option(False, "--iterative", help="--structure experts: drop one at a time, re-score."),
     device: str = options.DEVICE,
     dtype: str = options.DTYPE,
     overwrite: bool = options.OVERWRITE,
@@ -62,86 +52,46 @@ def prune(
     allow_pickle: bool = options.PICKLE,
     as_json: bool = options.JSON,
     quiet: bool = options.QUIET,
+    structure: str = typer.Option(None, "--structure", help=DEPRECATED_HELP, rich_help_panel="Deprecated"),
+    ratio: float = typer.Option(None, "--ratio", hidden=True),
+    criterion: str = typer.Option(None, "--criterion", hidden=True),
+    correction: str = typer.Option("none", "--correction", hidden=True),
+    keep: int = typer.Option(None, "--keep", hidden=True),
+    iterative: bool = typer.Option(False, "--iterative", hidden=True),
 ) -> None:
-    """Prune a model one-shot and save it so that `from_pretrained` loads it.
+    """Set the least important weights of every block's linear layers to zero (the shapes stay the same).
+
+    Magnitude needs no data; Wanda scores |weight| × input norm on calibration windows; SparseGPT also
+    updates the kept weights to make up for the removed ones, and with --bits quantizes them in the same
+    pass. --pattern 2:4 gives the N:M layout sparse GPU kernels use; --allocation owl gives blocks with
+    more outlier features less sparsity. To remove whole channels or heads use `lmcompress shrink`, for
+    mixture-of-experts models `lmcompress drop-experts`.
 
     Examples:
 
-      lmcompress prune facebook/opt-125m --method sparsegpt --sparsity 0.5 -o opt-sgpt50
+        lmcompress prune facebook/opt-125m --method sparsegpt --sparsity 0.5 --save-format packed -o opt-sgpt50
 
-      lmcompress prune ./llama --method wanda --pattern 2:4 --calib-data c4 -o llama-24
+        lmcompress prune ./llama --method wanda --pattern 2:4 --calib-data wikitext2 -o llama-24
 
-      lmcompress prune ./llama --method wanda --sparsity 0.7 --allocation owl -o llama-owl70
-
-      lmcompress prune ./llama --method sparsegpt --pattern 2:4 --bits 4 -o llama-24-w4   (joint, packed)
-
-      lmcompress prune ./llama --structure ffn --ratio 0.3 --correction lstsq -o llama-ffn30   (smaller matrices)
-
-      lmcompress prune ./mixtral --structure experts --keep 6 -o mixtral-6x
+        lmcompress prune ./llama --method sparsegpt --sparsity 0.7 --allocation owl --bits 4 -o llama-owl70-w4
     """
-    job = dict(
-        calib_data=calib_data,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-        progress=options.show_progress(quiet),
+    if structure is not None:
+        _deprecated_structure(ctx, structure, locals())
+        return
+    options.refuse(
+        ctx,
+        ("ratio", "criterion", "correction", "keep", "iterative"),
+        "to weight pruning: channels and heads are removed by `lmcompress shrink ffn|heads` (--ratio, "
+        "--criterion, --correction), experts by `lmcompress drop-experts` (--keep, --criterion, --iterative)",
     )
-    if structure is not None and structure.strip().lower() == "experts":
-        from lmcompress.jobs import drop_experts_pretrained
-        from lmcompress.transforms.experts import ExpertConfig
-
-        if keep is None:
-            raise UserError("--structure experts needs --keep N (experts to keep in every MoE layer)")
-        ignored = [
-            name
-            for name, given in (
-                ("--ratio", ratio is not None),
-                ("--sparsity", sparsity is not None),
-                ("--correction", correction != "none"),
-                ("--allocation", allocation != "uniform"),
-            )
-            if given
-        ]
-        if ignored:
-            raise UserError(
-                f"not used by --structure experts: {', '.join(ignored)} (it takes --keep, --criterion, --iterative)"
-            )
-        econfig = ExpertConfig(keep=keep, criterion=criterion or "reconstruction", iterative=iterative)
-        ereport = drop_experts_pretrained(model, econfig, output, **job)
-        if as_json:
-            typer.echo(json_text(ereport.to_dict()))
-        else:
-            typer.echo(
-                f"kept {ereport.experts_after} of {ereport.experts_before} experts per layer of {model} "
-                f"({econfig.criterion}{', iterative' if iterative else ''}): {ereport.params_before:,} → "
-                f"{ereport.params_after:,} parameters in {ereport.wall_time_s:.1f}s → {output}"
-            )
-        return
-    if structure is not None and structure.strip().lower() != "experts":
-        from lmcompress.jobs import structured_prune_pretrained
-        from lmcompress.transforms.shrink import StructureConfig
-
-        if sparsity is not None or pattern.strip().lower() not in ("", "unstructured", "none"):
-            raise UserError("--sparsity / --pattern are for weight pruning; with --structure give --ratio")
-        if keep is not None or iterative:
-            raise UserError("--keep / --iterative are for --structure experts; with --structure ffn/heads give --ratio")
-        ratio = 0.3 if ratio is None else ratio
-        sconfig = StructureConfig(structure, ratio, criterion or "wanda", correction, allocation, owl_m, owl_lambda)
-        sreport = structured_prune_pretrained(model, sconfig, output, **job)
-        if as_json:
-            typer.echo(json_text(sreport.to_dict()))
-        else:
-            typer.echo(
-                f"removed {sconfig.structure} of {model} ({sconfig.criterion}, correction {sconfig.correction}): "
-                f"{sreport.params_before:,} → {sreport.params_after:,} parameters "
-                f"in {sreport.wall_time_s:.1f}s → {output}"
-            )
-        return
+    if allocation != "owl":
+        options.refuse(ctx, ("owl_m", "owl_lambda"), "without --allocation owl")
+    if method != "sparsegpt":
+        options.refuse(ctx, ("percdamp", "blocksize"), f"to --method {method}: they are SparseGPT options")
+    if bits is None:
+        options.refuse(ctx, ("group_size", "sym"), "without --bits (joint pruning + quantization)")
+    elif save_format != "packed":
+        options.refuse(ctx, ("save_format",), "with --bits: joint pruning + quantization always saves packed")
     if sparsity is None and pattern.strip().lower() in ("", "unstructured", "none"):
         sparsity = 0.5
     config = PruneConfig(
@@ -158,7 +108,24 @@ def prune(
         group_size=group_size,
         sym=sym,
     )
-    report = prune_pretrained(model, config, output, save_format=save_format, **job)
+    if not config.needs_calibration:
+        options.refuse(ctx, options.CALIBRATION, f"to --method {method}: it reads no calibration data")
+    report = prune_pretrained(
+        model,
+        config,
+        output,
+        save_format=save_format,
+        calib_data=calib_data,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        progress=options.show_progress(quiet),
+    )
     if as_json:
         typer.echo(json_text(report.to_dict()))
     else:
@@ -166,3 +133,40 @@ def prune(
             f"pruned {model} with {config.method} ({config.pattern}, {config.allocation}) to "
             f"{report.sparsity:.2%} sparsity in {report.wall_time_s:.1f}s → {output}"
         )
+
+
+def _deprecated_structure(ctx: typer.Context, structure: str, values: dict) -> None:
+    """``prune --structure ffn|heads|experts``: warn, refuse the options of weight pruning, run the new verb."""
+    from lmcompress.cli.experts import run_drop_experts
+    from lmcompress.cli.shrink import run_shrink
+
+    kind = structure.strip().lower()
+    verb = "drop-experts" if kind == "experts" else f"shrink {kind}"
+    typer.secho(
+        f"warning: `prune --structure {structure}` is deprecated and will be removed; use `lmcompress {verb}` "
+        "(same options)",
+        err=True,
+        fg=typer.colors.YELLOW,
+    )
+    common = ("model", "output", "calib_data", "nsamples", "seqlen", "seed", "device", "dtype", "overwrite")
+    common += ("trust_remote_code", "allow_pickle", "as_json", "quiet")
+    kw = {k: values[k] for k in common}
+    if kind == "experts":
+        options.refuse(
+            ctx,
+            (*WEIGHT, "save_format", "allocation", "owl_m", "owl_lambda", "ratio", "correction"),
+            "to dropping experts (`lmcompress drop-experts` takes --keep, --criterion, --iterative)",
+        )
+        if values["keep"] is None:
+            raise UserError("dropping experts needs --keep N (experts to keep in every MoE layer)")
+        criterion = values["criterion"] or "reconstruction"
+        run_drop_experts(ctx, **kw, keep=values["keep"], criterion=criterion, iterative=values["iterative"], step=1)
+        return
+    options.refuse(
+        ctx,
+        (*WEIGHT, "save_format", "keep", "iterative"),
+        f"to removing {kind} (`lmcompress shrink {kind}` takes --ratio, --criterion, --correction, --allocation)",
+    )
+    shrink = {k: values[k] for k in ("allocation", "owl_m", "owl_lambda", "correction")}
+    ratio = 0.3 if values["ratio"] is None else values["ratio"]
+    run_shrink(ctx, structure, **kw, **shrink, ratio=ratio, criterion=values["criterion"] or "wanda")

@@ -12,6 +12,7 @@ from lmcompress.transforms.quantize import QuantConfig
 
 @app.command()
 def quantize(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Model folder or hub id (e.g. facebook/opt-125m), dense or pruned."),
     output: str = typer.Option(..., "--output", "-o", help="Folder to write the quantized model to (must not exist)."),
     method: str = typer.Option("gptq", "--method", help="rtn (round to nearest, no data) | gptq (calibrated)."),
@@ -43,16 +44,27 @@ def quantize(
     as_json: bool = options.JSON,
     quiet: bool = options.QUIET,
 ) -> None:
-    """Quantize the linear layers of a model's blocks (RTN or GPTQ) and save them packed.
+    """Quantize the linear layers of a model's blocks to a few bits per weight and save them packed.
+
+    Each group of --group-size inputs of a weight row shares one scale (and zero point with --asym). RTN rounds
+    every weight to the nearest grid point and needs no data; GPTQ quantizes one column at a time and updates
+    the remaining columns to make up for the rounding error, measured on calibration windows. A pruned model
+    stays pruned: its zeros are kept exactly (--keep-zeros). The result loads with `lmcompress.load` (and
+    `lmcompress eval`); `lmcompress export` writes it for vLLM.
 
     Examples:
 
-      lmcompress quantize facebook/opt-125m --method gptq --bits 4 --group-size 128 -o opt-gptq4
+        lmcompress quantize facebook/opt-125m --method gptq --bits 4 --group-size 128 -o opt-gptq4
 
-      lmcompress quantize ./llama --method rtn --bits 8 --group-size -1 -o llama-rtn8
+        lmcompress quantize ./llama --method rtn --bits 8 --group-size -1 -o llama-rtn8
 
-      lmcompress quantize ./llama-sgpt50 --method gptq --bits 4 --act-order --calib-data c4 -o llama-sgpt50-w4
+        lmcompress quantize ./llama-sgpt50 --method gptq --bits 4 --act-order --calib-data c4 -o llama-sgpt50-w4
     """
+    if method == "rtn":
+        options.refuse(
+            ctx, ("act_order", "static_groups", "percdamp", "blocksize"), "to --method rtn: they are GPTQ options"
+        )
+        options.refuse(ctx, options.CALIBRATION, "to --method rtn: it reads no calibration data")
     config = QuantConfig(
         method=method,
         bits=bits,

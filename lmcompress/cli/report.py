@@ -21,7 +21,11 @@ def report(
     knee (where the curve bends down fastest), said in words. For a search: its fitness per generation
     against uniform and OWL, and the sparsity it chose for every block or layer.
 
-    Example: lmcompress report results/llama --tolerance 0.02
+    Examples:
+
+        lmcompress report results/llama
+
+        lmcompress report results/llama --tolerance 0.02
     """
     out = write_report(results, tolerance=tolerance)
     for sentence in out["sentences"]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import typer
 
+from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.errors import UserError
 from lmcompress.jobs import search_pretrained
@@ -155,7 +155,7 @@ def search(
         progress=options.show_progress(quiet),
     )
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json_text(report.to_dict()))
         return
     base = ", ".join(f"{k} {v:.4f}" for k, v in report.baselines.items())
     what = "average sparsity" if kind == "sparsity" else "bits per weight with grids"

@@ -12,6 +12,7 @@ from lmcompress.measure.sweep import SweepConfig, parse_sparsities, run_sweep
 
 @app.command()
 def sweep(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Dense model folder or hub id."),
     output: str = typer.Option(..., "--output", "-o", help="Results folder (created; a rerun resumes it)."),
     methods: str = typer.Option("magnitude,wanda,sparsegpt", "--methods", help="Comma-separated pruning methods."),
@@ -40,16 +41,25 @@ def sweep(
     as_json: bool = typer.Option(False, "--json", help="Print what ran as JSON."),
     quiet: bool = options.QUIET,
 ) -> None:
-    """Prune and evaluate a grid of methods × allocations × sparsities; each point is saved as it finishes.
+    """Prune and evaluate a grid of methods × allocations × patterns × sparsities; each point is saved as it finishes.
 
-    The dense model is loaded and evaluated once; every point prunes a copy of it in memory.
+    The dense model is loaded and evaluated once; every point prunes a copy of it in memory and is
+    evaluated on --tasks. A killed sweep resumes where it stopped when run again with the same settings.
+    Then `lmcompress report DIR` finds how far each method can go before quality drops.
 
-    A killed sweep resumes where it stopped when run again with the same settings. Then: lmcompress report DIR.
+    Examples:
 
-    Example:
+        lmcompress sweep ./llama --sparsities 0.1:0.9:0.1 --tasks ppl:test.txt,retrieval --nsamples 32 -o res/llama
 
-      lmcompress sweep ./llama --sparsities 0.1:0.9:0.1 --tasks ppl:test.txt,retrieval --nsamples 32 -o res/llama
+        lmcompress sweep ./llama --methods wanda,sparsegpt --allocation uniform,owl --sparsities 0.5,0.6,0.7 -o res/owl
+
+        lmcompress sweep ./llama --methods magnitude,wanda --pattern 2:4,4:8 --tasks mc:arc_easy --limit 200 -o res/nm
     """
+    method_list = {m.strip() for m in methods.split(",")}
+    if "owl" not in {a.strip() for a in allocation.split(",")}:
+        options.refuse(ctx, ("owl_m", "owl_lambda"), "without owl in --allocation")
+    if "sparsegpt" not in method_list:
+        options.refuse(ctx, ("percdamp", "blocksize"), "without sparsegpt in --methods: they are SparseGPT options")
     config = SweepConfig(
         methods=methods.split(","),
         allocations=allocation.split(","),

@@ -61,7 +61,7 @@ def mlm_windows(tokenizer, text: str, seqlen: int) -> torch.Tensor:
     framed = cls is not None and sep is not None
     body = seqlen - 2 if framed else seqlen
     if body <= 0:
-        raise UserError(f"--seqlen {seqlen} is too short for an encoder window; use at least 8")
+        raise UserError(f"seqlen {seqlen} is too short for an encoder window; use at least 8", param="seqlen")
     ids = _tokenize(tokenizer, text)
     n = ids.numel() // body
     if n == 0:
@@ -212,7 +212,9 @@ def sentence_embeddings(
         raise UserError("the tokenizer has no padding token: sentence embeddings are computed in padded batches")
     encoder = model.base_model
     if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
-        raise UserError("--pooling pooler: this model has no pooler (MLM models usually drop it); use mean or cls")
+        raise UserError(
+            "pooling pooler: this model has no pooler (MLM models usually drop it); use mean or cls", param="pooling"
+        )
     encoder.eval()
     device = torch.device(device)
     out = []

@@ -51,7 +51,10 @@ def evaluate_pretrained(
     seqlen = resolve_seqlen(net, seqlen, minimum=2)
     if tasks or harness or limit is not None:  # lmcompress.measure.tasks; ppl_data, if given, is one more task
         if is_encoder(net.config):
-            raise UserError("--tasks, --harness and --limit evaluate causal LMs; for encoders use --ppl-data only")
+            raise UserError(
+                "tasks, harness and limit evaluate causal LMs; for encoders use ppl_data only",
+                param=("tasks", "harness", "limit", "ppl_data"),
+            )
         from lmcompress.measure.tasks import evaluate_model
 
         result = evaluate_model(

@@ -298,7 +298,9 @@ def _fmt(v) -> str:
 def write_report(folder: str | Path, *, tolerance: float = 0.01) -> dict:
     """Write report.md, report.html and the PNG plots into the results folder; returns paths and sentences."""
     if not 0 <= tolerance < 1:
-        raise UserError(f"--tolerance is a relative fraction in [0, 1), e.g. 0.01 for 1%; got {tolerance}")
+        raise UserError(
+            f"tolerance is a relative fraction in [0, 1), e.g. 0.01 for 1%; got {tolerance}", param="tolerance"
+        )
     out = Path(folder).expanduser()
     if (out / "search.json").is_file() and not (out / SWEEP_FILE).is_file():
         from lmcompress.measure.search_report import write_search_report

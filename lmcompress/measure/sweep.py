@@ -50,11 +50,12 @@ def parse_sparsities(text: str) -> list[float]:
             values = [round(float(x), 6) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(
-            f"--sparsities {text!r}: write START:STOP:STEP (e.g. 0.1:0.9:0.1) or a list (e.g. 0.3,0.5,0.7)"
+            f"sparsities {text!r}: write START:STOP:STEP (e.g. 0.1:0.9:0.1) or a list (e.g. 0.3,0.5,0.7)",
+            param="sparsities",
         ) from None
     bad = [v for v in values if not 0.0 < v < 1.0]
     if not values or bad:
-        raise UserError(f"--sparsities must be fractions strictly between 0 and 1, got {values}")
+        raise UserError(f"sparsities must be fractions strictly between 0 and 1, got {values}", param="sparsities")
     return sorted(set(values))
 
 
@@ -118,7 +119,10 @@ class SweepConfig:
                         if p not in out:
                             out.append(p)
         if not out:
-            raise UserError("the sweep grid is empty: check --methods, --allocation and --pattern")
+            raise UserError(
+                "the sweep grid is empty: check methods, allocations and patterns",
+                param=("methods", "allocations", "patterns"),
+            )
         return out
 
     def validate(self) -> None:
@@ -126,21 +130,31 @@ class SweepConfig:
         self.patterns = _split(self.patterns)
         for m in self.methods:
             if m not in METHODS:
-                raise UserError(f"unknown pruning method {m!r} in --methods: choose from {', '.join(METHODS)}")
+                raise UserError(
+                    f"unknown pruning method {m!r} in methods: choose from {', '.join(METHODS)}", param="methods"
+                )
         for a in self.allocations:
             if a not in ALLOCATIONS:
-                raise UserError(f"unknown allocation {a!r} in --allocation: choose from {', '.join(ALLOCATIONS)}")
+                raise UserError(
+                    f"unknown allocation {a!r} in allocations: choose from {', '.join(ALLOCATIONS)}",
+                    param="allocations",
+                )
         for p in self.patterns:
             try:
                 Pattern.parse(p)
             except ValueError as exc:
-                raise UserError(f"--pattern {p!r}: {exc}") from None
+                raise UserError(f"patterns {p!r}: {exc}", param="patterns") from None
         if not self.methods or not self.allocations or not self.patterns:
-            raise UserError("--methods, --allocation and --pattern each need at least one value")
+            raise UserError(
+                "methods, allocations and patterns each need at least one value",
+                param=("methods", "allocations", "patterns"),
+            )
         if self.nsamples <= 0:
-            raise UserError(f"--nsamples must be positive, got {self.nsamples}")
+            raise UserError(f"nsamples must be positive, got {self.nsamples}", param="nsamples")
         if self.seqlen is not None and self.seqlen < 2:
-            raise UserError(f"--seqlen must be at least 2 (one to predict from, one predicted), got {self.seqlen}")
+            raise UserError(
+                f"seqlen must be at least 2 (one to predict from, one predicted), got {self.seqlen}", param="seqlen"
+            )
         for p in self.points():  # every point is a valid PruneConfig (raises UserError otherwise)
             self.prune_config(p)
 
@@ -205,11 +219,13 @@ def _prepare_folder(out: Path, settings: dict, grid: list[Point], overwrite: boo
     """Create or check the results folder; the finished points that match ``settings`` (id → result)."""
     sweep_file = out / SWEEP_FILE
     if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} exists and is not a folder")
+        raise UserError(f"output {out} exists and is not a folder", param="output")
     if out.exists() and not sweep_file.is_file() and any(out.iterdir()):
-        raise UserError(f"--output {out} is a non-empty folder that holds no sweep; choose a new or empty folder")
+        raise UserError(
+            f"output {out} is a non-empty folder that holds no sweep; choose a new or empty folder", param="output"
+        )
     if not out.parent.exists():
-        raise UserError(f"the parent folder of --output ({out.parent}) does not exist")
+        raise UserError(f"the parent folder of output ({out.parent}) does not exist", param="output")
     check_writable(out if out.is_dir() else out.parent, SWEEP_FILE)
     known: list[dict] = []  # the grid of earlier runs with the same settings
     old = None
@@ -232,7 +248,8 @@ def _prepare_folder(out: Path, settings: dict, grid: list[Point], overwrite: boo
             details = "; ".join(f"{k}: {old['settings'].get(k)!r} → {settings.get(k)!r}" for k in diff)
             raise UserError(
                 f"{out} holds a sweep made with other settings ({details}). Its points cannot be mixed with "
-                "these: use a new --output, or pass --overwrite to discard the old points"
+                "these: use a new output, or pass overwrite to discard the old points",
+                param=("output", "overwrite"),
             )
         else:  # --overwrite, or a run that stopped before its first point (bad task file, missing lm-eval...)
             shutil.rmtree(out / POINTS, ignore_errors=True)
@@ -258,7 +275,8 @@ def load_points(out: Path, expected_hash: str | None = None) -> dict[str, dict]:
             raise UserError(f"{path} has no point 'id'; delete it and rerun the sweep to redo that point")
         if expected_hash is not None and result.get("settings_hash") != expected_hash:
             raise UserError(
-                f"{path} was made with other settings than {out / SWEEP_FILE}; delete it or use --overwrite"
+                f"{path} was made with other settings than {out / SWEEP_FILE}; delete it or use overwrite",
+                param="overwrite",
             )
         done[result["id"]] = result
     return done
@@ -293,7 +311,9 @@ def run_sweep(
     config.validate()
     specs = parse_tasks(config.tasks) if config.tasks else []
     if not specs and not config.harness:
-        raise UserError("a sweep needs something to measure: give --tasks (e.g. ppl:wikitext2) or --harness")
+        raise UserError(
+            "a sweep needs something to measure: give tasks (e.g. ppl:wikitext2) or harness", param=("tasks", "harness")
+        )
     check_device(device)
     if config.harness:
         from lmcompress.measure.tasks.harness import _import_lm_eval

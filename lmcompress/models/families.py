@@ -288,8 +288,9 @@ def get_final_norm(model: nn.Module) -> nn.Module:
     path = None if family is not None else _find_final_norm(model)
     if path is None:
         raise UserError(
-            f"--include-head is not supported for {model.config.model_type} models: lmcompress finds no norm "
-            "between the last block and the head; prune the blocks only"
+            f"include_head is not supported for {model.config.model_type} models: lmcompress finds no norm "
+            "between the last block and the head; prune the blocks only",
+            param="include_head",
         )
     return model.get_submodule(path)
 

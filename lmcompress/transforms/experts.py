@@ -54,24 +54,28 @@ class ExpertConfig:
 
     def validate(self) -> None:
         if self.criterion not in CRITERIA:
-            raise UserError(f"unknown expert criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}")
+            raise UserError(
+                f"criterion {self.criterion!r} is unknown: choose one of the expert criteria {', '.join(CRITERIA)}",
+                param="criterion",
+            )
         if not isinstance(self.keep, int) or self.keep < 1:
-            raise UserError(f"--keep must be a positive number of experts, got {self.keep}")
+            raise UserError(f"keep must be a positive number of experts, got {self.keep}", param="keep")
         if self.step < 1:
-            raise UserError(f"--step must be at least 1, got {self.step}")
+            raise UserError(f"step must be at least 1, got {self.step}", param="step")
         if self.chunk_tokens < 1:
-            raise UserError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
+            raise UserError(f"chunk_tokens must be positive, got {self.chunk_tokens}", param="chunk_tokens")
 
     def check_model(self, config) -> tuple[int, int]:
         """``(experts, top_k)`` of a model, after checking that ``keep`` fits them."""
         layout = moe_layout(config)
         n_experts, top_k = getattr(config, layout.count_key), getattr(config, layout.topk_key)
         if self.keep > n_experts:
-            raise UserError(f"--keep {self.keep} is more than the {n_experts} experts each layer has")
+            raise UserError(f"keep {self.keep} is more than the {n_experts} experts each layer has", param="keep")
         if self.keep < top_k:
             raise UserError(
-                f"--keep {self.keep} is fewer than the {top_k} experts every token is routed to (top-k); "
-                f"keep at least {top_k} experts, or lower {layout.topk_key} in the config first"
+                f"keep {self.keep} is fewer than the {top_k} experts every token is routed to (top-k); "
+                f"use at least {top_k} experts, or lower {layout.topk_key} in the config first",
+                param="keep",
             )
         return n_experts, top_k
 

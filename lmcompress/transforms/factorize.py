@@ -75,17 +75,19 @@ class FactorizeConfig:
         kind, value = self.policy
         hint = "use energy:F with F in (0, 1], auto, auto:P with P in (0, 1), or rank:N"
         if kind not in ("energy", "auto", "rank") or value != value:
-            raise UserError(f"unknown --rank-policy {self.rank_policy!r}: {hint}")
+            raise UserError(f"unknown rank_policy {self.rank_policy!r}: {hint}", param="rank_policy")
         if kind == "energy" and not 0.0 < value <= 1.0:
-            raise UserError(f"--rank-policy energy:{value:g}: the energy fraction must be in (0, 1]")
+            raise UserError(f"rank_policy energy:{value:g}: the energy fraction must be in (0, 1]", param="rank_policy")
         if kind == "auto" and not 0.0 < value < 1.0:
-            raise UserError(f"--rank-policy auto:{value:g}: the parameter saving must be in (0, 1)")
+            raise UserError(f"rank_policy auto:{value:g}: the parameter saving must be in (0, 1)", param="rank_policy")
         if kind == "rank" and (value < 1 or value != int(value)):
-            raise UserError(f"--rank-policy rank:{value:g}: the rank must be a positive integer")
+            raise UserError(f"rank_policy rank:{value:g}: the rank must be a positive integer", param="rank_policy")
         if self.whitening not in WHITENINGS:
-            raise UserError(f"unknown whitening {self.whitening!r}: choose one of {', '.join(WHITENINGS)}")
+            raise UserError(
+                f"unknown whitening {self.whitening!r}: choose one of {', '.join(WHITENINGS)}", param="whitening"
+            )
         if not 0.0 <= self.damp < 1.0:
-            raise UserError(f"damp must be in [0, 1), got {self.damp}")
+            raise UserError(f"damp must be in [0, 1), got {self.damp}", param="damp")
 
     @property
     def needs_calibration(self) -> bool:
@@ -192,7 +194,9 @@ def factorize(
     config.validate()
     device = torch.device(device)
     if config.needs_calibration and (calib is None or calib.numel() == 0):
-        raise UserError("--activation-aware needs calibration data (--calib-data)")
+        raise UserError(
+            "activation_aware needs calibration data (calib_data)", param=("activation_aware", "calib_data")
+        )
     model.eval()
     prefix = blocks_path(model)
     blocks = get_blocks(model)

@@ -85,9 +85,14 @@ class PruneConfig:
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise UserError(f"unknown pruning method {self.method!r}: choose one of {', '.join(METHODS)}")
+            raise UserError(
+                f"method {self.method!r} is unknown: choose one of the pruning methods {', '.join(METHODS)}",
+                param="method",
+            )
         if self.allocation not in ALLOCATIONS:
-            raise UserError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+            raise UserError(
+                f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}", param="allocation"
+            )
         try:
             pattern = Pattern.parse(self.pattern)
         except ValueError as exc:
@@ -96,39 +101,48 @@ class PruneConfig:
         if pattern.is_nm:
             if self.sparsity is not None and abs(self.sparsity - pattern.sparsity) > 1e-9:
                 raise UserError(
-                    f"--sparsity {self.sparsity} contradicts pattern {pattern}, which means sparsity "
-                    f"{pattern.sparsity:g}; leave --sparsity out with an N:M pattern"
+                    f"sparsity {self.sparsity} contradicts pattern {pattern}, which means {pattern.sparsity:g} "
+                    "of the weights removed; leave sparsity out with an N:M pattern",
+                    param="sparsity",
                 )
             self.sparsity = pattern.sparsity
             if self.allocation == "owl":
-                raise UserError("OWL allocation varies sparsity per block; use it with --pattern unstructured")
+                raise UserError(
+                    "OWL allocation varies the removed fraction per block; use it with pattern unstructured",
+                    param="pattern",
+                )
         if self.sparsity is None:
-            raise UserError("give --sparsity (a fraction in [0, 1)) or an N:M --pattern")
+            raise UserError("give sparsity (a fraction in [0, 1)) or an N:M pattern", param=("sparsity", "pattern"))
         if not 0.0 <= self.sparsity < 1.0:
-            raise UserError(f"sparsity must be a fraction in [0, 1), got {self.sparsity}")
+            raise UserError(f"sparsity must be a fraction in [0, 1), got {self.sparsity}", param="sparsity")
         if self.owl_m <= 0:
-            raise UserError(f"--owl-m must be positive, got {self.owl_m}")
+            raise UserError(f"owl_m must be positive, got {self.owl_m}", param="owl_m")
         if not 0.0 <= self.owl_lambda < 0.5:
-            raise UserError(f"--owl-lambda must be in [0, 0.5), got {self.owl_lambda}")
+            raise UserError(f"owl_lambda must be in [0, 0.5), got {self.owl_lambda}", param="owl_lambda")
         if not 0.0 <= self.percdamp < 1.0:
-            raise UserError(f"--percdamp must be in [0, 1), got {self.percdamp}")
+            raise UserError(f"percdamp must be in [0, 1), got {self.percdamp}", param="percdamp")
         if self.blocksize <= 0:
-            raise UserError(f"--blocksize must be positive, got {self.blocksize}")
+            raise UserError(f"blocksize must be positive, got {self.blocksize}", param="blocksize")
         if self.method == "sparsegpt" and pattern.is_nm and self.blocksize % pattern.m:
             fit = max(pattern.m, self.blocksize // pattern.m * pattern.m)
             raise UserError(
-                f"--blocksize {self.blocksize} must be a multiple of M={pattern.m} for SparseGPT with pattern "
-                f"{pattern} (each group of M inputs is pruned inside one block); use --blocksize {fit}"
+                f"blocksize {self.blocksize} must be a multiple of M={pattern.m} for SparseGPT with pattern "
+                f"{pattern} (each group of M inputs is pruned inside one block); use blocksize {fit}",
+                param="blocksize",
             )
         if self.bits is not None:
             if self.method != "sparsegpt":
                 raise UserError(
-                    f"--bits (joint pruning + quantization) works only with --method sparsegpt, not {self.method}; "
-                    "to quantize a model pruned another way, run `lmcompress quantize` on the pruned folder"
+                    f"bits (joint pruning + quantization) works only with method sparsegpt, not {self.method}; "
+                    "to quantize a model pruned another way, quantize the pruned model (`lmcompress quantize`)",
+                    param=("bits", "method"),
                 )
             check_quant_grid(self.bits, self.group_size)
             if self.include_head:
-                raise UserError("--include-head cannot be combined with --bits: the output head is not quantized")
+                raise UserError(
+                    "include_head cannot be combined with bits: the output head is not quantized",
+                    param=("include_head", "bits"),
+                )
 
     def check_model(self, model: nn.Module) -> None:
         """UserError, naming the layers, unless an N:M pattern's M divides the input width of every layer pruned.
@@ -151,14 +165,15 @@ class PruneConfig:
             )
             fits = [m for m in (4, 8, 16) if m != pattern.m and all(w % m == 0 for w in widths.values())]
             if set(bad) == {"lm_head"}:
-                hint = "leave out --include-head"
+                hint = "leave out include_head"
             elif fits:
-                hint = f"a pattern whose M divides every width, e.g. --pattern {fits[0] // 2}:{fits[0]}"
+                hint = f"a pattern whose M divides every width, e.g. pattern {fits[0] // 2}:{fits[0]}"
             else:
-                hint = "--pattern unstructured"
+                hint = "pattern unstructured"
             raise UserError(
                 f"pattern {pattern} needs input widths that are multiples of {pattern.m}, but {len(bad)} of the "
-                f"{len(widths)} layers to prune are not ({shown}); use {hint}"
+                f"{len(widths)} layers to prune are not ({shown}); use {hint}",
+                param=("pattern", "include_head"),
             )
 
     def to_dict(self) -> dict:
@@ -351,7 +366,7 @@ def _pruned_modules(model: nn.Module, config: PruneConfig) -> dict[str, nn.Modul
 def _prune_head(model: nn.Module, config: PruneConfig, last: BlockInputs | None, device) -> dict[str, float]:
     head = model.get_output_embeddings()
     if head is None:
-        raise UserError("--include-head: this model has no output head")
+        raise UserError("include_head: this model has no output head", param="include_head")
     if head.weight is model.get_input_embeddings().weight:
         log.warning("lm_head is tied to the input embeddings: pruning it prunes the embeddings too")
     stats = None

@@ -27,12 +27,16 @@ log = logging.getLogger(__name__)
 METHODS = ("rtn", "gptq")
 
 
-def check_quant_grid(bits: int | None, group_size: int, option: str = "--bits") -> None:
+def check_quant_grid(bits: int | None, group_size: int, option: str = "bits") -> None:
     """UserError unless ``bits`` is in 2..8 and ``group_size`` is positive or -1 (one grid per output row)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise UserError(f"{option} must be an integer from 2 to 8 (2, 3, 4 and 8 are the usual choices), got {bits}")
+        raise UserError(
+            f"{option} must be an integer from 2 to 8 (2, 3, 4 and 8 are the usual choices), got {bits}", param=option
+        )
     if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size <= 0 and group_size != -1):
-        raise UserError(f"--group-size must be a positive number of inputs or -1 (per channel), got {group_size}")
+        raise UserError(
+            f"group_size must be a positive number of inputs or -1 (per channel), got {group_size}", param="group_size"
+        )
 
 
 @dataclass
@@ -67,16 +71,24 @@ class QuantConfig:
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise UserError(f"unknown quantization method {self.method!r}: choose one of {', '.join(METHODS)}")
+            raise UserError(
+                f"method {self.method!r} is unknown: choose one of the quantization methods {', '.join(METHODS)}",
+                param="method",
+            )
         check_quant_grid(self.bits, self.group_size)
         if self.method == "rtn" and (self.act_order or self.static_groups):
-            raise UserError("--act-order and --static-groups are GPTQ options; use them with --method gptq")
+            raise UserError(
+                "act_order and static_groups are GPTQ options; use them with method gptq",
+                param=("act_order", "static_groups", "method"),
+            )
         if self.static_groups and self.group_size == -1:
-            raise UserError("--static-groups needs groups: give --group-size N (not -1)")
+            raise UserError(
+                "static_groups needs groups: give group_size N (not -1)", param=("static_groups", "group_size")
+            )
         if not 0.0 <= self.percdamp < 1.0:
-            raise UserError(f"--percdamp must be in [0, 1), got {self.percdamp}")
+            raise UserError(f"percdamp must be in [0, 1), got {self.percdamp}", param="percdamp")
         if self.blocksize <= 0:
-            raise UserError(f"--blocksize must be positive, got {self.blocksize}")
+            raise UserError(f"blocksize must be positive, got {self.blocksize}", param="blocksize")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,7 +148,7 @@ def quantize(
     start = time.perf_counter()
     config.validate()
     if config.needs_calibration and (calib is None or calib.numel() == 0):
-        raise UserError("GPTQ needs calibration data (give --calib-data); RTN does not")
+        raise UserError("GPTQ needs calibration data (give calib_data); RTN does not", param="calib_data")
     device = torch.device(device)
     prefix = blocks_path(model)
     spec = config.spec

@@ -74,19 +74,25 @@ class StructureConfig:
     def validate(self) -> None:
         parts = {p.strip().lower() for p in str(self.structure).split(",") if p.strip()}
         if not parts or parts - set(STRUCTURES):
-            raise UserError(f"unknown --structure {self.structure!r}: choose ffn, heads or ffn,heads")
+            raise UserError(f"unknown structure {self.structure!r}: choose ffn, heads or ffn,heads", param="structure")
         if not isinstance(self.ratio, int | float) or not 0.0 < self.ratio < 1.0:
-            raise UserError(f"--ratio must be a fraction in (0, 1), got {self.ratio}")
+            raise UserError(f"ratio must be a fraction in (0, 1), got {self.ratio}", param="ratio")
         if self.criterion not in CRITERIA:
-            raise UserError(f"unknown --criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}")
+            raise UserError(
+                f"unknown criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}", param="criterion"
+            )
         if self.correction not in CORRECTIONS:
-            raise UserError(f"unknown --correction {self.correction!r}: choose one of {', '.join(CORRECTIONS)}")
+            raise UserError(
+                f"unknown correction {self.correction!r}: choose one of {', '.join(CORRECTIONS)}", param="correction"
+            )
         if self.allocation not in ALLOCATIONS:
-            raise UserError(f"unknown --allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+            raise UserError(
+                f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}", param="allocation"
+            )
         if self.owl_m <= 0 or not 0.0 <= self.owl_lambda < 0.5:
-            raise UserError("--owl-m must be positive and --owl-lambda in [0, 0.5)")
+            raise UserError("owl_m must be positive and owl_lambda in [0, 0.5)", param=("owl_m", "owl_lambda"))
         if self.damp < 0:
-            raise UserError(f"damp must be >= 0, got {self.damp}")
+            raise UserError(f"damp must be >= 0, got {self.damp}", param="damp")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -255,8 +261,9 @@ def _n_remove(ratio: float, units: int, structure: str, where: str = "") -> int:
     what = "FFN channels" if structure == "ffn" else "KV groups of attention heads"
     if n >= units:
         raise UserError(
-            f"--ratio {ratio:g} would remove all {units} {what}{where}; use a smaller ratio "
-            f"(at most {(units - 1) / units:.3g})"
+            f"ratio {ratio:g} would remove all {units} {what}{where}; use a smaller value "
+            f"(at most {(units - 1) / units:.3g})",
+            param="ratio",
         )
     return n
 
@@ -305,7 +312,8 @@ def structured_prune(
     if "heads" in config.structures and config.allocation != "uniform" and layout.heads == "uniform":
         raise UserError(
             f"{model.config.model_type} models read their head count from the config in forward, so heads can "
-            "only be removed with one ratio for all blocks: use --allocation uniform"
+            "only be removed with one ratio for all blocks: use allocation uniform",
+            param="allocation",
         )
     blocks = get_blocks(model)
     n_blocks = len(blocks)
@@ -332,7 +340,7 @@ def structured_prune(
         if not any(counts):
             what = "FFN channels" if s == "ffn" else "KV groups of attention heads"
             notes.append(
-                f"--ratio {config.ratio:g} removes no {what}: {units[s]} per block, so it rounds to 0; "
+                f"ratio {config.ratio:g} removes no {what}: {units[s]} per block, so it rounds to 0; "
                 f"a ratio above {0.5 / units[s]:.3g} removes at least one"
             )
             log.warning(notes[-1])

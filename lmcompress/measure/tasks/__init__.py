@@ -57,14 +57,16 @@ def parse_tasks(text: str) -> list[TaskSpec]:
         kind, sep, source = item.partition(":")
         kind = kind.strip().lower()
         if kind not in KINDS:
-            raise UserError(f"unknown task {item!r} in --tasks: write ppl:FILE, mc:TASK, qa:TASK or retrieval[:kv]")
+            raise UserError(
+                f"unknown task {item!r} in tasks: write ppl:FILE, mc:TASK, qa:TASK or retrieval[:kv]", param="tasks"
+            )
         if kind != "retrieval" and not source.strip():
             raise UserError(f"task {item!r} needs a source: {kind}:FILE_OR_DATASET")
         if kind == "retrieval" and sep and source not in retrieval.KINDS:
             raise UserError(f"unknown retrieval layout {source!r}: write retrieval, retrieval:kv or retrieval:passage")
         specs.append(TaskSpec(kind, source.strip() or None))
     if not specs:
-        raise UserError("--tasks is empty: give e.g. ppl:test.txt,retrieval")
+        raise UserError("tasks is empty: give e.g. ppl:test.txt,retrieval", param="tasks")
     return specs
 
 
@@ -118,9 +120,9 @@ def prepare_tasks(
 ) -> list[Task]:
     """Load every task's data once (text windows, examples, generated retrieval prompts)."""
     if limit is not None and limit <= 0:
-        raise UserError(f"--limit must be positive, got {limit}")
+        raise UserError(f"limit must be positive, got {limit}", param="limit")
     if shots < 0:
-        raise UserError(f"--shots must be >= 0, got {shots}")
+        raise UserError(f"shots must be >= 0, got {shots}", param="shots")
     tasks: list[Task] = []
     names: set[str] = set()
     for spec in specs:
@@ -165,7 +167,8 @@ def _prepare(spec, name, label, tokenizer, seqlen, max_length, limit, shots, see
     if too_long:
         raise UserError(
             f"retrieval context length(s) {too_long} do not fit the model's context of {max_length} tokens "
-            "(with room for the answer); choose shorter --retrieval-lengths"
+            "(with room for the answer); choose shorter retrieval_lengths",
+            param="retrieval_lengths",
         )
     encode = lambda s: tokenizer(s, verbose=False)["input_ids"]  # noqa: E731
     cells = len(kinds) * len(lengths) * len(retrieval.DEFAULT_DEPTHS)
@@ -236,7 +239,7 @@ def evaluate_model(
         specs.insert(0, TaskSpec("ppl", ppl_data))
     names = [t.strip() for t in (harness or "").split(",") if t.strip()]
     if not specs and not names:
-        raise UserError("nothing to evaluate: give --tasks, --ppl-data or --harness")
+        raise UserError("nothing to evaluate: give tasks, ppl_data or harness", param=("tasks", "ppl_data", "harness"))
     lm = LM(model, tokenizer, device=device, batch_size=batch_size, progress=progress)
     prepared = prepare_tasks(
         specs,

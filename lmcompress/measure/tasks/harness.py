@@ -22,8 +22,9 @@ def _import_lm_eval():
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise UserError(
-            "--harness needs lm-evaluation-harness, which is not installed: pip install lm-eval "
-            "(or pip install 'lmcompress[harness]')"
+            "harness needs lm-evaluation-harness, which is not installed: pip install lm-eval "
+            "(or pip install 'lmcompress[harness]')",
+            param="harness",
         ) from None
     return lm_eval, HFLM
 
@@ -63,7 +64,7 @@ def run_harness(
 ) -> dict:
     """Run lm-evaluation-harness ``tasks`` on ``model``; ``{"results", "higher_is_better", "version"}``."""
     if not tasks:
-        raise UserError("--harness needs at least one lm-evaluation-harness task name")
+        raise UserError("harness needs at least one lm-evaluation-harness task name", param="harness")
     lm_eval, HFLM = _import_lm_eval()
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     try:

@@ -76,7 +76,9 @@ def pick_shots(pool: list[QAExample], k: int, index: int, seed: int, same_pool: 
         return []
     candidates = [i for i in range(len(pool)) if not (same_pool and i == index)]
     if len(candidates) < k:
-        raise UserError(f"--shots {k} needs at least {k} other QA examples to draw from, found {len(candidates)}")
+        raise UserError(
+            f"shots {k} needs at least {k} other QA examples to draw from, found {len(candidates)}", param="shots"
+        )
     rng = random.Random(seed * 1_000_003 + index)
     return [pool[i] for i in rng.sample(candidates, k)]
 

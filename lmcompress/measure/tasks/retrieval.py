@@ -79,7 +79,8 @@ def _kv_example(encode, rng: random.Random, length: int, depth: float) -> Retrie
         guess *= 2
     if count < 2:
         raise UserError(
-            f"retrieval context of {length} tokens is too short for a key-value list; use longer --retrieval-lengths"
+            f"retrieval context of {length} tokens is too short for a key-value list; use longer retrieval_lengths",
+            param="retrieval_lengths",
         )
     while True:
         lines = lines[:count]

@@ -1,0 +1,89 @@
+"""``lmcompress drop-experts``: keep K experts in every mixture-of-experts layer."""
+
+from __future__ import annotations
+
+import typer
+
+from lmcompress.checkpoint.folder import json_text
+from lmcompress.cli import app, options
+from lmcompress.transforms.experts import CRITERIA
+
+
+def run_drop_experts(ctx: typer.Context, model: str, output: str, **kw) -> None:
+    """Check the options ``ctx`` was given, run the job and print what it did.
+
+    Shared by ``drop-experts`` and the deprecated ``prune --structure experts``; ``kw`` holds the values of
+    ``drop-experts``'s options by name.
+    """
+    from lmcompress.jobs import drop_experts_pretrained
+    from lmcompress.transforms.experts import ExpertConfig
+
+    if not kw["iterative"]:
+        options.refuse(ctx, ("step",), "without --iterative")
+    config = ExpertConfig(keep=kw["keep"], criterion=kw["criterion"], iterative=kw["iterative"], step=kw["step"])
+    report = drop_experts_pretrained(
+        model,
+        config,
+        output,
+        calib_data=kw["calib_data"],
+        nsamples=kw["nsamples"],
+        seqlen=kw["seqlen"],
+        seed=kw["seed"],
+        device=kw["device"],
+        dtype=kw["dtype"],
+        overwrite=kw["overwrite"],
+        trust_remote_code=kw["trust_remote_code"],
+        allow_pickle=kw["allow_pickle"],
+        progress=options.show_progress(kw["quiet"]),
+    )
+    if kw["as_json"]:
+        typer.echo(json_text(report.to_dict()))
+    else:
+        typer.echo(
+            f"kept {report.experts_after} of {report.experts_before} experts per layer of {model} "
+            f"({config.criterion}{', iterative' if config.iterative else ''}): {report.params_before:,} → "
+            f"{report.params_after:,} parameters in {report.wall_time_s:.1f}s → {output}"
+        )
+
+
+@app.command("drop-experts")
+def drop_experts(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="Mixture-of-experts model folder or hub id (Mixtral, Qwen-MoE, ...)."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder to write the smaller model to (must not exist)."),
+    keep: int = typer.Option(..., "--keep", help="Experts to keep in every MoE layer (at least the router's top-k)."),
+    criterion: str = typer.Option(
+        "reconstruction",
+        "--criterion",
+        help=f"How experts are scored: {' | '.join(CRITERIA)} (reconstruction: least change of the layer output).",
+    ),
+    iterative: bool = typer.Option(False, "--iterative", help="Drop --step experts at a time, re-scoring the rest."),
+    step: int = typer.Option(1, "--step", help="With --iterative: experts dropped per round."),
+    calib_data: str = options.calib_data("Calibration text (routing is measured on it)"),
+    nsamples: int = options.NSAMPLES,
+    seqlen: int = options.SEQLEN,
+    seed: int = options.CALIB_SEED,
+    device: str = options.DEVICE,
+    dtype: str = options.DTYPE,
+    overwrite: bool = options.OVERWRITE,
+    trust_remote_code: bool = options.TRUST,
+    allow_pickle: bool = options.PICKLE,
+    as_json: bool = options.JSON,
+    quiet: bool = options.QUIET,
+) -> None:
+    """Keep the K most useful experts in every mixture-of-experts layer and drop the rest.
+
+    Every MoE layer in turn: its experts are scored on the calibration windows (how often the router picks
+    them, how much routing weight they get, or how little the layer's output changes without them), the
+    lowest-scoring ones are removed together with their router rows, and the config's expert count is
+    updated, so the result loads with plain `from_pretrained`.
+
+    Examples:
+
+        lmcompress drop-experts ./mixtral --keep 6 -o mixtral-6x
+
+        lmcompress drop-experts ./qwen-moe --keep 40 --criterion frequency --calib-data wikitext2 -o qwen-moe-40
+
+        lmcompress drop-experts ./mixtral --keep 4 --iterative --step 2 -o mixtral-4x
+    """
+    run_drop_experts(ctx, **{k: v for k, v in locals().items() if k != "ctx"})
