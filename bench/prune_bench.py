@@ -1,6 +1,6 @@
-"""Pruning benchmark (issue 2): every method × {50%, 70%, 2:4} × {uniform, OWL} on the reference model.
+"""Pruning benchmark (issue 2): every method × {50%, 70%, 2:4} × {uniform, OWL} on SmolLM2-135M-Instruct.
 
-    python -m bench.prune_bench                 # the reference LM trained on WikiText-2 valid (built if missing)
+    python -m bench.prune_bench                 # SmolLM2-135M-Instruct (converted into bench/cache once)
     python -m bench.prune_bench --model DIR     # any local HF causal-LM folder
 
 Each run is a fresh subprocess so that its peak RSS is its own. Printed per run: perplexity on WikiText-2
@@ -112,7 +112,7 @@ def _child(args, extra: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder [default: the reference model]")
+    parser.add_argument("--model", default=None, help="model folder [default: SmolLM2-135M-Instruct]")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -127,9 +127,9 @@ def main() -> None:
     parser.add_argument("--allocation", default="uniform", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model is None:
-        from bench.reference import ensure_reference_model
+        from bench.reference import default_model
 
-        args.model = str(ensure_reference_model())
+        args.model = str(default_model())
     if args.one:
         print(json.dumps(run_one(args)))
         return

@@ -64,7 +64,9 @@ def gguf_config(path: str | Path):
     return config
 
 
-def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[nn.Module, object]:
+def load_gguf(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, progress: bool = False
+) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` of a GGUF file: every tensor dequantized to ``dtype``, a plain (unquantized) model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -96,7 +98,9 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, progress:
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
     if missing or unexpected:
-        raise UserError(f"the tensors of {file} do not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(
+            f"the tensors of {file} do not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.eval(), tokenizer

