@@ -9,8 +9,8 @@ saves each result with packed storage, and reports, from ``lmcompress info``'s n
 
 SmolLM2-135M is small (its tied 49152 × 576 embedding table / output head is 21% of its weights), so that
 table, which is not compressed, is a large share of the file: the whole-file ratio is far from what the same
-recipe gives on a large model, where the linear layers dominate. Both ratios are printed, and two extra rows also store the
-embedding table and output head as int8 (RTN per row; not a recipe of the CLI) to show where the
+recipe gives on a large model, where the linear layers dominate. Both ratios are printed, and two extra rows
+also store the embedding table and output head as int8 (RTN per row; not a recipe of the CLI) to show where the
 whole-file ratio goes when they are compressed too. Perplexity on WikiText-2 test is
 printed too, as a check that the saved folder is the working model (it is evaluated *from the packed folder*).
 """
