@@ -32,6 +32,13 @@ GRID = [
     )
     for allocation in allocations
 ]
+# --grid core: what a slow machine can afford (50% of each method, SparseGPT and Wanda 2:4, Wanda 70% ± OWL)
+CORE = [(m, 0.5, "unstructured", "uniform") for m in ("magnitude", "wanda", "sparsegpt")] + [
+    ("wanda", None, "2:4", "uniform"),
+    ("sparsegpt", None, "2:4", "uniform"),
+    ("wanda", 0.7, "unstructured", "uniform"),
+    ("wanda", 0.7, "unstructured", "owl"),
+]
 
 
 def _setup(model_dir: str, nsamples: int, seqlen: int, threads: int, max_windows: int | None = None):
@@ -118,6 +125,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate on the first N test windows only")
     parser.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
+    parser.add_argument("--grid", choices=("full", "core"), default="full", help="core: 7 runs instead of 13")
+    parser.add_argument("--no-cost", action="store_true", help="skip timing the calibration forward pass")
     # internal: one grid point
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cost", action="store_true", help=argparse.SUPPRESS)
@@ -142,8 +151,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print("machine:", json.dumps(machine_info()))
     start = time.perf_counter()
-    cost = _child(args, ["--cost"])
-    grid = [g for g in GRID if args.only is None or g[0] in args.only.split(",")]
+    cost = {"forward_s": float("nan"), "walk_with_hessians_s": float("nan"), "params": 0}
+    if not args.no_cost:
+        cost = _child(args, ["--cost"])
+    grid = [g for g in (CORE if args.grid == "core" else GRID) if args.only is None or g[0] in args.only.split(",")]
     rows = [_child(args, ["--one", "--method", "dense"])]
     for method, target, pattern, allocation in tqdm(grid, desc="prune runs"):
         extra = ["--one", "--method", method, "--pattern", pattern, "--allocation", allocation]

@@ -104,3 +104,14 @@ def test_sparsegpt_half_of_smollm2_stays_close_to_dense(smollm2, tmp_path):
     assert dense["perplexity"] < pruned["perplexity"] < 1.6 * dense["perplexity"]
     assert len(pruned["layer_sparsity"]) == 7 * 30
     assert all(s == 0.5 for s in pruned["layer_sparsity"].values())
+
+
+@needs_smollm2
+def test_info_reads_the_gguf_file_without_loading_it():
+    from lmcompress.checkpoint.inspect import folder_info
+    from lmcompress.models.reference import smollm2_path
+
+    info = folder_info(smollm2_path())
+    assert info["storage"] == "gguf" and info["linear"]["layouts"] == {"gguf Q4_1": 210}
+    assert info["linear"]["bits_per_weight"] == 5.0  # 4-bit codes + an fp16 scale and minimum per 32 weights
+    assert sum(info["by_kind"].values()) == info["weights_bytes"]

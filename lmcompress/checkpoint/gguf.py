@@ -157,3 +157,56 @@ def unpack_gguf(path: str | Path, output: str | Path, *, overwrite: bool = False
     model, tokenizer = load_gguf(file, progress=progress)
     recipe = {**gguf_recipe(file), "unpack_time_s": time.perf_counter() - start}
     return save_model(model, tokenizer, output, recipe, overwrite=overwrite, dtype=torch.float32)
+
+
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def gguf_info(path: str | Path) -> dict:
+    """What ``lmcompress info`` reports for a folder, for a GGUF file: bytes by kind, bits per weight, types.
+
+    ``linear`` covers the 2-D weights of the blocks (``blk.*``); ``embeddings`` the token table and output head;
+    quantized types are counted with their block scales and minimums (as stored).
+    """
+    from gguf import GGUFReader
+
+    file = check_gguf(path)
+    tensors = GGUFReader(str(file)).tensors
+    by_kind = {"values": 0, "masks": 0, "indices": 0, "codes": 0, "scales": 0, "embeddings": 0, "other": 0}
+    layouts: dict[str, int] = {}
+    params = lin_params = lin_bytes = dense_equiv = 0
+    for t in tensors:
+        numel, nbytes, kind_name = int(t.n_elements), int(t.n_bytes), t.tensor_type.name
+        params += numel
+        dense_equiv += 4 * numel
+        if t.name.startswith(("token_embd", "output.")):
+            by_kind["embeddings"] += nbytes
+        elif t.name.startswith("blk.") and len(t.shape) == 2:
+            lin_params += numel
+            lin_bytes += nbytes
+            by_kind["values" if kind_name in _FLOAT_TYPES else "codes"] += nbytes
+            layouts[f"gguf {kind_name}"] = layouts.get(f"gguf {kind_name}", 0) + 1
+        else:
+            by_kind["other"] += nbytes
+    size = file.stat().st_size
+    by_kind["header"] = size - sum(by_kind.values())
+    return {
+        "folder": str(file),
+        "storage": "gguf",
+        "files": {file.name: size},
+        "total_bytes": size,
+        "weights_bytes": size,
+        "by_kind": by_kind,
+        "params": params,
+        "dense_equivalent_bytes": dense_equiv,
+        "ratio_to_dense": size / dense_equiv if dense_equiv else None,
+        "bits_per_param": 8 * size / params if params else None,
+        "linear": {
+            "params": lin_params,
+            "bytes": lin_bytes,
+            "bits_per_weight": 8 * lin_bytes / lin_params if lin_params else None,
+            "sparsity": None,
+            "layouts": layouts,
+        },
+        "recipe": {"source_gguf": str(file.resolve()), "gguf_tensor_types": tensor_types(file)},
+    }

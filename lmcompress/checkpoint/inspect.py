@@ -134,6 +134,10 @@ def folder_info(folder: str | Path) -> dict:
     and output head (the layers lmcompress compresses), with everything they take: values, masks, N:M
     indices, codes, scales and zero points.
     """
+    from lmcompress.checkpoint.gguf import gguf_info, is_gguf
+
+    if is_gguf(folder):  # a llama.cpp file: its own tensor types and sizes
+        return gguf_info(folder)
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} is not a model folder (no config.json)")
