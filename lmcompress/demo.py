@@ -23,8 +23,8 @@ class DemoSettings:
     """How much data the demo uses: sized so the whole run takes about two minutes on two CPU cores."""
 
     nsamples: int = 16  # calibration windows, drawn from bundled:wikitext2-valid
-    seqlen: int = 256  # tokens per calibration and evaluation window
-    eval_windows: int = 8  # the first windows of bundled:wikitext2-test
+    seqlen: int = 128  # tokens per calibration and evaluation window
+    eval_windows: int = 12  # the first windows of bundled:wikitext2-test
     group_size: int = 64  # GPTQ grid: inputs per scale (576 = 9 × 64; 128 does not divide SmolLM2's width)
 
 

