@@ -159,6 +159,7 @@ def main() -> None:
     for method, target, pattern, allocation in tqdm(grid, desc="prune runs"):
         extra = ["--one", "--method", method, "--pattern", pattern, "--allocation", allocation]
         rows.append(_child(args, [*extra, "--sparsity", str(target or 0.5)]))
+        tqdm.write(json.dumps({k: rows[-1][k] for k in ("method", "pattern", "allocation", "ppl", "prune_s")}))
     dense = rows[0]["ppl"]
     table = [
         {
