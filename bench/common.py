@@ -15,7 +15,20 @@ import torch
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache"
 RESULTS = ROOT / "results"
-WIKITEXT_DIR = Path(os.environ.get("LMCOMPRESS_WIKITEXT", ROOT.parent.parent / "shared" / "data" / "wikitext-2"))
+
+
+def _find_wikitext() -> Path:
+    """``$LMCOMPRESS_WIKITEXT``, else the first ``shared/data/wikitext-2`` beside the checkout or above it."""
+    if os.environ.get("LMCOMPRESS_WIKITEXT"):
+        return Path(os.environ["LMCOMPRESS_WIKITEXT"])
+    for parent in ROOT.parents:
+        candidate = parent / "shared" / "data" / "wikitext-2"
+        if candidate.is_dir():
+            return candidate
+    return ROOT.parent.parent / "shared" / "data" / "wikitext-2"
+
+
+WIKITEXT_DIR = _find_wikitext()
 
 
 def wikitext(split: str) -> Path:

@@ -1,6 +1,6 @@
-"""Pruning benchmark (issue 2): every method × {50%, 70%, 2:4} × {uniform, OWL} on the reference model.
+"""Pruning benchmark (issue 2): every method × {50%, 70%, 2:4} × {uniform, OWL} on SmolLM2-135M-Instruct.
 
-    python -m bench.prune_bench                 # the reference LM trained on WikiText-2 valid (built if missing)
+    python -m bench.prune_bench                 # SmolLM2-135M-Instruct (converted into bench/cache once)
     python -m bench.prune_bench --model DIR     # any local HF causal-LM folder
 
 Each run is a fresh subprocess so that its peak RSS is its own. Printed per run: perplexity on WikiText-2
@@ -31,6 +31,13 @@ GRID = [
         (None, "2:4", ("uniform",)),
     )
     for allocation in allocations
+]
+# --grid core: what a slow machine can afford (50% of each method, SparseGPT and Wanda 2:4, Wanda 70% ± OWL)
+CORE = [(m, 0.5, "unstructured", "uniform") for m in ("magnitude", "wanda", "sparsegpt")] + [
+    ("wanda", None, "2:4", "uniform"),
+    ("sparsegpt", None, "2:4", "uniform"),
+    ("wanda", 0.7, "unstructured", "uniform"),
+    ("wanda", 0.7, "unstructured", "owl"),
 ]
 
 
@@ -112,12 +119,14 @@ def _child(args, extra: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder [default: the reference model]")
+    parser.add_argument("--model", default=None, help="model folder [default: SmolLM2-135M-Instruct]")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate on the first N test windows only")
     parser.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
+    parser.add_argument("--grid", choices=("full", "core"), default="full", help="core: 7 runs instead of 13")
+    parser.add_argument("--no-cost", action="store_true", help="skip timing the calibration forward pass")
     # internal: one grid point
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cost", action="store_true", help=argparse.SUPPRESS)
@@ -127,9 +136,9 @@ def main() -> None:
     parser.add_argument("--allocation", default="uniform", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model is None:
-        from bench.reference import ensure_reference_model
+        from bench.reference import default_model
 
-        args.model = str(ensure_reference_model())
+        args.model = str(default_model())
     if args.one:
         print(json.dumps(run_one(args)))
         return
@@ -142,12 +151,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print("machine:", json.dumps(machine_info()))
     start = time.perf_counter()
-    cost = _child(args, ["--cost"])
-    grid = [g for g in GRID if args.only is None or g[0] in args.only.split(",")]
+    cost = {"forward_s": float("nan"), "walk_with_hessians_s": float("nan"), "params": 0}
+    if not args.no_cost:
+        cost = _child(args, ["--cost"])
+    grid = [g for g in (CORE if args.grid == "core" else GRID) if args.only is None or g[0] in args.only.split(",")]
     rows = [_child(args, ["--one", "--method", "dense"])]
     for method, target, pattern, allocation in tqdm(grid, desc="prune runs"):
         extra = ["--one", "--method", method, "--pattern", pattern, "--allocation", allocation]
         rows.append(_child(args, [*extra, "--sparsity", str(target or 0.5)]))
+        tqdm.write(json.dumps({k: rows[-1][k] for k in ("method", "pattern", "allocation", "ppl", "prune_s")}))
     dense = rows[0]["ppl"]
     table = [
         {

@@ -1,6 +1,6 @@
 """Quantization benchmark (issue 4): RTN vs GPTQ at 8/4/3 bits, joint vs sequential sparse + 4-bit, timings.
 
-    python -m bench.quant_bench                 # the reference LM trained on WikiText-2 valid (built if missing)
+    python -m bench.quant_bench                 # SmolLM2-135M-Instruct (converted into bench/cache once)
     python -m bench.quant_bench --model DIR     # any local HF causal-LM folder
 
 Every configuration starts from a fresh copy of the model. Printed: perplexity on WikiText-2 ``test.txt``,
@@ -91,10 +91,10 @@ def run_row(row: dict, base, calib: torch.Tensor):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (default: the bench reference model)")
+    parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--group-size", type=int, default=64, help="64: 128 does not divide SmolLM2's 576")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (min) for the timed rows")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate on the first N test windows only")
@@ -110,9 +110,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     if args.model is None:
-        from bench.reference import ensure_reference_model
+        from bench.reference import default_model
 
-        args.model = str(ensure_reference_model())
+        args.model = str(default_model())
     base, tokenizer = load_model(args.model)
     widths = sorted({weight_matrix(m).shape[1] for b in get_blocks(base) for m in find_prunable(b).values()})
     calib, calib_info = draw(tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=args.seqlen)

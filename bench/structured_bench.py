@@ -1,4 +1,4 @@
-"""Structured pruning on the reference model: perplexity, parameters, FLOPs and measured CPU speed-up vs ratio.
+"""Structured pruning of SmolLM2-135M-Instruct (or --model): perplexity, params, FLOPs, CPU speed-up vs ratio.
 
 For FFN channels and attention heads (KV groups) at ratios 0.1–0.5, each with no correction, FLAP's bias
 compensation and the least-squares refit: WikiText-2 test perplexity (seqlen 256), parameters, matmul FLOPs per
@@ -16,7 +16,7 @@ import time
 import torch
 
 from bench.common import machine_info, print_table, save_results, wikitext
-from bench.reference import ensure_reference_model
+from bench.reference import default_model
 from lmcompress.calibration.data import eval_windows
 from lmcompress.checkpoint.load import load
 from lmcompress.measure.evaluate import calibration
@@ -70,13 +70,14 @@ def speed_only(dense, rounds: int) -> None:
             }
         )
         print(rows[-1], flush=True)
-    print_table(rows, f"Forward speed of the pruned reference model (batch 1, {SEQLEN} tokens, {rounds} rounds)")
+    print_table(rows, f"Forward speed of the pruned model (batch 1, {SEQLEN} tokens, {rounds} rounds)")
     print("machine:", machine_info())
     print(f"results written to {save_results('structured_speed', {'rounds': rounds, 'rows': rows})}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None, help="model folder [default: SmolLM2-135M-Instruct]")
     parser.add_argument("--quick", action="store_true", help="ratio 0.3 only, 32 eval windows")
     parser.add_argument("--windows", type=int, default=128, help="first N test windows for perplexity; 0: all")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (timings are taken with these)")
@@ -86,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    folder = ensure_reference_model()
+    folder = args.model or default_model()
     dense, tokenizer = load(folder)
     if args.speed_only:
         speed_only(dense, args.rounds)
@@ -96,7 +97,7 @@ def main() -> None:
         windows = windows[: 32 if args.quick else args.windows]
     calib, calib_info = calibration(
         tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=SEQLEN, seed=0
-    )  # the reference model's own training text, as LLM papers calibrate on training-like text
+    )  # WikiText-2 valid: text like the test set, as LLM papers calibrate
     dense_ppl = perplexity(dense, windows, progress=False).perplexity
     dense_params, dense_flops = count_params(dense), flops_per_token(dense, SEQLEN)
     print(f"dense: perplexity {dense_ppl:.3f}, {dense_params:,} params, {dense_flops:.4g} FLOPs/token")
@@ -160,7 +161,7 @@ def main() -> None:
     for row in rows:
         row.update(speed[(row["structure"], row["ratio"], row["allocation"])])
 
-    print_table(rows, f"Structured pruning of the reference model (test ppl, seqlen {SEQLEN})")
+    print_table(rows, f"Structured pruning (test ppl, seqlen {SEQLEN})")
     info = machine_info()
     print("machine:", info)
     path = save_results(

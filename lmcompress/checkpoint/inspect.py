@@ -169,6 +169,10 @@ def folder_info(folder: str | Path) -> dict:
     folder whose tensors fail their checksums is an error
     (``... is damaged``), as is a weight file whose length does not match its header.
     """
+    from lmcompress.checkpoint.gguf import gguf_info, is_gguf
+
+    if is_gguf(folder):  # a llama.cpp file: its own tensor types and sizes
+        return gguf_info(folder)
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} is not a model folder (no config.json)")

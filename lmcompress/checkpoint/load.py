@@ -1,4 +1,4 @@
-"""The one loader: safe loading of any source (hub id, plain folder, folder lmcompress wrote)."""
+"""The one loader: safe loading of any source (hub id, plain folder, folder lmcompress wrote, ``.gguf`` file)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lmcompress.checkpoint.folder import RECIPE_FILE, read_recipe
+from lmcompress.checkpoint.gguf import check_gguf, gguf_config, is_gguf, load_gguf
 from lmcompress.errors import UserError
 from lmcompress.models.families import ENCODER_AUTO_CLASSES, family_of
 from lmcompress.models.surgery import apply_surgery
@@ -48,9 +49,12 @@ def _check_local_folder(path: Path, allow_pickle: bool) -> None:
 
 
 def resolve_source(source: str | Path, allow_pickle: bool = False) -> str:
-    """A local model folder (checked) or a hub id; anything path-like that does not exist is an error."""
+    """A local model folder (checked), a ``.gguf`` file or a hub id; anything path-like that does not exist is an
+    error."""
     text = str(source)
     path = Path(text).expanduser()
+    if is_gguf(text):  # llama.cpp file: loaded dequantized (lmcompress.checkpoint.gguf)
+        return str(check_gguf(path))
     if path.exists():
         _check_local_folder(path, allow_pickle)
         return str(path)
@@ -62,6 +66,8 @@ def resolve_source(source: str | Path, allow_pickle: bool = False) -> str:
 def load_config(source: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    if is_gguf(source):
+        return gguf_config(source)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:
@@ -97,11 +103,14 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` from a local folder or the hub, safetensors only unless ``allow_pickle``.
 
-    Folders written by lmcompress with packed weights are loaded through their own recipe.
+    Folders written by lmcompress with packed weights are loaded through their own recipe; a ``.gguf`` file is
+    loaded dequantized to ``dtype`` (``lmcompress unpack FILE.gguf -o FOLDER`` saves it as a plain folder).
     """
     from transformers import AutoTokenizer
 
     resolved = resolve_source(source, allow_pickle)
+    if is_gguf(resolved):
+        return load_gguf(resolved, dtype=parse_dtype(dtype))
     config = load_config(resolved, trust_remote_code)
     family_of(config)
     recipe = read_recipe(resolved) if Path(resolved).is_dir() else None

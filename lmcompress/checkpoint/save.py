@@ -89,8 +89,13 @@ def save_quantized(
 
 def unpack_folder(folder: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
     """Write a packed folder out as a plain one (``model.safetensors`` in the stored dtype) that
-    ``from_pretrained`` loads; quantized weights are written dequantized."""
+    ``from_pretrained`` loads; quantized weights are written dequantized. A ``.gguf`` file is unpacked the same
+    way (float32, see ``lmcompress.checkpoint.gguf.unpack_gguf``)."""
     from lmcompress.checkpoint.folder import check_output
+    from lmcompress.checkpoint.gguf import is_gguf, unpack_gguf
+
+    if is_gguf(folder):
+        return unpack_gguf(folder, output, overwrite=overwrite)
     from lmcompress.checkpoint.load import load, source_dtype
 
     folder = Path(folder)

@@ -1,0 +1,212 @@
+"""GGUF files (llama.cpp) as a model source: loaded dequantized, or unpacked into a plain Hugging Face folder.
+
+transformers reads a ``.gguf`` file and dequantizes every tensor to float (``from_pretrained(dir,
+gguf_file=name)``, which needs the ``gguf`` and ``accelerate`` packages). The model it returns carries a
+``quantization_config`` naming the GGUF file; lmcompress rebuilds the model from that config *without* it and
+loads the dequantized state dict, so that what it saves is a normal folder that plain ``from_pretrained`` loads.
+
+A dequantized weight is exactly representable on the file's grid: for ``Q4_1`` every block of 32 consecutive
+inputs of a row holds ``w = d·q + m`` with ``q ∈ {0..15}`` and one scale ``d`` and minimum ``m`` per block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmcompress.errors import UserError
+
+GGUF_SUFFIX = ".gguf"
+INSTALL_HINT = 'pip install -e ".[gguf]"  (or: pip install gguf accelerate)'
+
+
+def is_gguf(source: str | Path) -> bool:
+    """True when ``source`` names a ``.gguf`` file (existing or not)."""
+    return str(source).lower().endswith(GGUF_SUFFIX)
+
+
+def check_gguf(path: str | Path) -> Path:
+    """``path`` as an existing GGUF file; clear errors for a missing file, a wrong magic or missing packages."""
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise UserError(f"GGUF file {file} does not exist; give the path of a .gguf model file")
+    with file.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise UserError(f"{file} does not start with the GGUF magic bytes: it is not a GGUF model file")
+    missing = []
+    for module in ("gguf", "accelerate"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise UserError(
+            f"loading the GGUF file {file.name} needs the {' and '.join(missing)} package(s): {INSTALL_HINT}"
+        )
+    return file
+
+
+def gguf_config(path: str | Path):
+    """The transformers config of a GGUF file, without the ``quantization_config`` that names the file."""
+    from transformers import AutoConfig
+
+    file = check_gguf(path)
+    try:
+        config = AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
+    except Exception as exc:
+        raise UserError(f"could not read the model config from {file}: {exc}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def load_gguf(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, progress: bool = False
+) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` of a GGUF file: every tensor dequantized to ``dtype``, a plain (unquantized) model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    file = check_gguf(path)
+    config = gguf_config(file)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"could not load the GGUF model {file}: {exc}") from None
+    finally:
+        if bars and not progress:
+            hf_logging.enable_progress_bar()
+    state = loaded.state_dict()
+    del loaded
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+    if missing or unexpected:
+        raise UserError(
+            f"the tensors of {file} do not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval(), tokenizer
+
+
+def tensor_types(path: str | Path) -> dict[str, int]:
+    """How many tensors of the GGUF file are stored in each type (``{"Q4_1": 210, "F32": 61, ...}``)."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for tensor in GGUFReader(str(path)).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return counts
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gguf_recipe(path: str | Path) -> dict:
+    """The ``lmcompress.json`` of a folder unpacked from a GGUF file: where it came from and on what grid it lies."""
+    file = Path(str(path)).expanduser().resolve()
+    types = tensor_types(file)
+    quantized = sorted(t for t in types if t not in ("F32", "F16", "BF16"))
+    return {
+        "kind": "unpacked-gguf",
+        "source_gguf": str(file),
+        "source_gguf_bytes": file.stat().st_size,
+        "source_gguf_sha256": _sha256(file),
+        "gguf_tensor_types": types,
+        "weights": (
+            f"dequantized from GGUF {', '.join(quantized) or 'float'} tensors: every weight stored in a quantized "
+            "type lies exactly on that type's grid (Q4_1: blocks of 32 inputs, w = d*q + m, q in 0..15, i.e. "
+            "4-bit); re-quantizing to 4 bits with the same blocks is lossless, other grids are not"
+            if quantized
+            else "float tensors copied unchanged"
+        ),
+    }
+
+
+def unpack_gguf(path: str | Path, output: str | Path, *, overwrite: bool = False, progress: bool = False) -> Path:
+    """Write a GGUF file out as a plain folder (float32 safetensors, config, tokenizer, recipe) that
+    ``AutoModelForCausalLM.from_pretrained`` loads and that gives the same logits as the GGUF-loaded model."""
+    from lmcompress.checkpoint.folder import check_output
+    from lmcompress.checkpoint.save import save_model
+
+    file = check_gguf(path)
+    check_output(output, overwrite, source=file)
+    start = time.perf_counter()
+    model, tokenizer = load_gguf(file, progress=progress)
+    recipe = {**gguf_recipe(file), "unpack_time_s": time.perf_counter() - start}
+    return save_model(model, tokenizer, output, recipe, overwrite=overwrite, dtype=torch.float32)
+
+
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def gguf_info(path: str | Path) -> dict:
+    """What ``lmcompress info`` reports for a folder, for a GGUF file: bytes by kind, bits per weight, types.
+
+    ``linear`` covers the 2-D weights of the blocks (``blk.*``); ``embeddings`` the token table and output head;
+    quantized types are counted with their block scales and minimums (as stored).
+    """
+    from gguf import GGUFReader
+
+    file = check_gguf(path)
+    tensors = GGUFReader(str(file)).tensors
+    by_kind = {"values": 0, "masks": 0, "indices": 0, "codes": 0, "scales": 0, "embeddings": 0, "other": 0}
+    layouts: dict[str, int] = {}
+    params = lin_params = lin_bytes = dense_equiv = 0
+    for t in tensors:
+        numel, nbytes, kind_name = int(t.n_elements), int(t.n_bytes), t.tensor_type.name
+        params += numel
+        dense_equiv += 4 * numel
+        if t.name.startswith(("token_embd", "output.")):
+            by_kind["embeddings"] += nbytes
+        elif t.name.startswith("blk.") and len(t.shape) == 2:
+            lin_params += numel
+            lin_bytes += nbytes
+            by_kind["values" if kind_name in _FLOAT_TYPES else "codes"] += nbytes
+            layouts[f"gguf {kind_name}"] = layouts.get(f"gguf {kind_name}", 0) + 1
+        else:
+            by_kind["other"] += nbytes
+    size = file.stat().st_size
+    by_kind["header"] = size - sum(by_kind.values())
+    return {
+        "folder": str(file),
+        "storage": "gguf",
+        "files": {file.name: size},
+        "total_bytes": size,
+        "weights_bytes": size,
+        "by_kind": by_kind,
+        "params": params,
+        "dense_equivalent_bytes": dense_equiv,
+        "ratio_to_dense": size / dense_equiv if dense_equiv else None,
+        "bits_per_param": 8 * size / params if params else None,
+        "linear": {
+            "params": lin_params,
+            "bytes": lin_bytes,
+            "bits_per_weight": 8 * lin_bytes / lin_params if lin_params else None,
+            "sparsity": None,
+            "layouts": layouts,
+        },
+        "recipe": {"source_gguf": str(file.resolve()), "gguf_tensor_types": tensor_types(file)},
+    }
