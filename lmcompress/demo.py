@@ -26,10 +26,11 @@ class DemoSettings:
     seqlen: int = 128  # tokens per calibration and evaluation window
     eval_windows: int = 12  # the first windows of bundled:wikitext2-test
     group_size: int = 64  # GPTQ grid: inputs per scale (576 = 9 × 64; 128 does not divide SmolLM2's width)
+    nm: bool = False  # also SparseGPT 2:4 (about 90 s more on two cores)
 
 
-def demo_methods(group_size: int) -> list[tuple[str, object]]:
-    """``(label, config)`` of each method the demo runs: a PruneConfig or a QuantConfig."""
+def demo_methods(group_size: int, *, nm: bool = False) -> list[tuple[str, object]]:
+    """``(label, config)`` of each method the demo runs: a PruneConfig or a QuantConfig (``nm``: add 2:4)."""
     from lmcompress.transforms.prune import PruneConfig
     from lmcompress.transforms.quantize import QuantConfig
 
@@ -37,7 +38,7 @@ def demo_methods(group_size: int) -> list[tuple[str, object]]:
         ("magnitude 50%", PruneConfig(method="magnitude", sparsity=0.5)),
         ("Wanda 50%", PruneConfig(method="wanda", sparsity=0.5)),
         ("SparseGPT 50%", PruneConfig(method="sparsegpt", sparsity=0.5)),
-        ("SparseGPT 2:4", PruneConfig(method="sparsegpt", sparsity=None, pattern="2:4")),
+        *([("SparseGPT 2:4", PruneConfig(method="sparsegpt", sparsity=None, pattern="2:4"))] if nm else []),
         (f"GPTQ 4-bit g{group_size}", QuantConfig(method="gptq", bits=4, group_size=group_size)),
     ]
 
@@ -93,7 +94,7 @@ def run_demo(
                 "seconds": seconds,
             }
 
-        methods = demo_methods(s.group_size)
+        methods = demo_methods(s.group_size, nm=s.nm)
         bar = tqdm(total=len(methods) + 1, desc="demo", unit="model", disable=not progress)
         bar.set_postfix_str("dense")
         rows = [measure("dense", dense, 0.0)]

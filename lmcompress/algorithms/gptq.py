@@ -177,12 +177,12 @@ def gptq_quantize(
             q = quantizer.quantize(column, pos)
             d = Hb[j, j]
             e = (w - q) / d
-            total_loss += 0.5 * ((w - q) ** 2).sum() / d**2
-            Wb[:, j:] -= e.unsqueeze(1) @ Hb[j, j:].unsqueeze(0)
+            Wb[:, j:].addr_(e, Hb[j, j:], alpha=-1.0)
             Wb[:, j] = q
             err[:, j] = e
         # Lazy batch update: everything right of the block receives the block's (remaining) errors at once.
         W[:, b1:] -= err[:, flushed:] @ Hinv[b0 + flushed : b1, b1:]
+        total_loss += 0.5 * (err**2).sum()  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
 
     if perm is not None:
         W = W[:, torch.argsort(perm)]

@@ -137,19 +137,17 @@ def sparsegpt_prune(
                 drop = torch.topk(group, pattern.m - pattern.n, dim=1, largest=False).indices
                 block_mask[:, j : j + pattern.m].scatter_(1, drop, True)
             w = Wb[:, j]
-            q = w.clone()
-            q[block_mask[:, j]] = 0.0
+            q = w.masked_fill(block_mask[:, j], 0.0)
             if quantizer is not None:
-                q = quantizer.quantize(q, pos)
-                q[block_mask[:, j]] = 0.0
+                q = quantizer.quantize(q, pos).masked_fill_(block_mask[:, j], 0.0)
             e = (w - q) / d[j]
-            total_loss += (0.5 * (w - q) ** 2 / d[j] ** 2).sum().item()
             # OBS update of the remaining columns of the block; column j itself becomes q.
-            Wb[:, j:] -= e.unsqueeze(1) @ Hb[j, j:].unsqueeze(0)
+            Wb[:, j:].addr_(e, Hb[j, j:], alpha=-1.0)
             Wb[:, j] = q
             err[:, j] = e
         # Lazy batch update: everything right of the block receives the block's (remaining) errors at once.
         W[:, b1:] -= err[:, flushed:] @ Hinv[b0 + flushed : b1, b1:]
+        total_loss += 0.5 * (err**2).sum().item()  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
         mask[:, b0:b1] = block_mask
 
     W[mask] = 0.0

@@ -24,7 +24,7 @@ VERBS = {
     "info": "Size on disk, bits per weight, sparsity, recipe.",
     "unpack": "Copy a packed model to a plain from_pretrained folder.",
     "export": "Export a quantized model as compressed-tensors (vLLM).",
-    "demo": "Train a tiny model, compress it, print a table.",
+    "demo": "Compress SmolLM2-135M four ways and print what each costs.",
 }
 
 
@@ -54,7 +54,7 @@ app = typer.Typer(
     help="Compress Hugging Face language models one-shot and measure what that cost. One verb per kind of "
     "work: prune and quantize change weights, shrink, drop-experts and factorize change shapes; eval, sweep "
     "and report measure; info, unpack and export handle the saved folders.\n\n"
-    "Start with `lmcompress demo`: it builds a tiny model, compresses it and prints what that did. "
+    "Start with `lmcompress demo`: it compresses a real 135M model four ways and prints what each cost. "
     "`lmcompress VERB --help` shows each verb's options and examples.",
     no_args_is_help=True,
     add_completion=False,
