@@ -22,9 +22,15 @@ from bench.common import machine_info, print_table, save_results, wikitext
 from lmcompress.calibration.data import draw
 
 
-def rows_to_run(group: int) -> list[dict]:
-    """The benchmark grid: ``kind`` is quantize | prune | joint | sequential."""
+def rows_to_run(group: int, grid: str = "full") -> list[dict]:
+    """The benchmark grid: ``kind`` is quantize | prune | joint | sequential. ``core``: RTN vs GPTQ at 3 and 4 bits."""
     rows: list[dict] = [{"name": "dense", "kind": "dense"}]
+    if grid == "core":
+        return rows + [
+            {"kind": "quantize", "method": method, "bits": bits, "group_size": group}
+            for bits in (3, 4)
+            for method in ("rtn", "gptq")
+        ]
     sparse = lambda pattern: [  # noqa: E731
         {"kind": "prune", "pattern": pattern},
         {"kind": "joint", "pattern": pattern, "bits": 4, "group_size": group},
@@ -98,6 +104,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (min) for the timed rows")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate on the first N test windows only")
+    parser.add_argument("--grid", choices=("full", "core"), default="full", help="core: RTN and GPTQ at 3/4 bits")
     args = parser.parse_args()
 
     from transformers.utils import logging as hf_logging
@@ -123,7 +130,7 @@ def main() -> None:
     timed = {"RTN 4-bit g128", "GPTQ 4-bit g128", "SparseGPT 50%", "SparseGPT 50% + 4-bit g128 joint"}
     timed = {t.replace("g128", f"g{args.group_size}") for t in timed}
     table, results = [], []
-    for row in rows_to_run(args.group_size):
+    for row in rows_to_run(args.group_size, args.grid):
         name = label(row)
         model, seconds, bits = run_row(row, base, calib)
         ppl = perplexity(model, test, progress=False).perplexity
@@ -151,13 +158,14 @@ def main() -> None:
         f"calibration {args.nsamples}×{args.seqlen} tokens of valid.txt",
     )
     g = f"g{args.group_size}"
-    checks = {
-        "gptq_vs_rtn_3bit_g": by[f"GPTQ 3-bit {g}"]["ppl"] / by[f"RTN 3-bit {g}"]["ppl"],
-        "gptq_vs_rtn_3bit_per_channel": by["GPTQ 3-bit per-channel"]["ppl"] / by["RTN 3-bit per-channel"]["ppl"],
-        "gptq_time_over_sparsegpt_time": by[f"GPTQ 4-bit {g}"]["time_s"] / by["SparseGPT 50%"]["time_s"],
-        "joint_minus_sequential_ppl_50": by[f"SparseGPT 50% + 4-bit {g} joint"]["ppl"]
-        - by[f"SparseGPT 50% then GPTQ 4-bit {g} (mask fixed)"]["ppl"],
-    }
+    checks = {"gptq_vs_rtn_3bit_g": by[f"GPTQ 3-bit {g}"]["ppl"] / by[f"RTN 3-bit {g}"]["ppl"]}
+    if args.grid == "full":
+        checks |= {
+            "gptq_vs_rtn_3bit_per_channel": by["GPTQ 3-bit per-channel"]["ppl"] / by["RTN 3-bit per-channel"]["ppl"],
+            "gptq_time_over_sparsegpt_time": by[f"GPTQ 4-bit {g}"]["time_s"] / by["SparseGPT 50%"]["time_s"],
+            "joint_minus_sequential_ppl_50": by[f"SparseGPT 50% + 4-bit {g} joint"]["ppl"]
+            - by[f"SparseGPT 50% then GPTQ 4-bit {g} (mask fixed)"]["ppl"],
+        }
     for k, v in checks.items():
         print(f"{k}: {v:.3f}")
     info = machine_info()

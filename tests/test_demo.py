@@ -18,7 +18,7 @@ def _table(out: str) -> dict[str, list[str]]:
 
 
 def test_demo_runs_every_method_on_a_stand_in_model(capsys, tmp_path, tiny_folder):
-    args = ["--nsamples", "4", "--seqlen", "64", "--eval-windows", "2", "--group-size", "32"]
+    args = ["--nsamples", "4", "--seqlen", "64", "--eval-windows", "2", "--group-size", "32", "--nm"]
     try:
         main(["demo", "--model", str(tiny_folder("llama")), *args, "--keep", str(tmp_path), "-q"])
     except SystemExit as exc:

@@ -457,7 +457,7 @@ def test_group_size_that_divides_no_width_end_to_end(tmp_path, tiny_folder, cali
     err = capsys.readouterr().err
     assert "14 layers have a partial last quantization group" in err
     assert "128 = 2×48 + 32: model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj" in err
-    assert "--group-size 32" in err and not (tmp_path / "ct").exists()
+    assert "group_size 32" in err and not (tmp_path / "ct").exists()
 
 
 def test_joint_prune_with_a_partial_last_group(tmp_path, tiny_folder, calib_file, capsys):

@@ -47,12 +47,14 @@ def _check(name: str, q, module) -> None:
         )
     cols = q.codes.shape[1]
     if q.g_idx is not None and not torch.equal(q.g_idx.long().cpu(), torch.arange(cols) // q.spec.width(cols)):
-        raise UserError(f"{name} uses act-order groups (g_idx); export them with --static-groups or without act-order")
+        raise UserError(
+            f"{name} uses act-order groups (g_idx); export them quantized with static_groups or without act_order"
+        )
     if not q.spec.sym:
         raise UserError(
             f"{name} is quantized asymmetrically: compressed-tensors 0.20 packs asymmetric zero points in a shape "
             "that transformers cannot load back (weight_zero_point size mismatch), so the export would not load; "
-            "quantize with --sym to export"
+            "quantize symmetrically (sym) to export"
         )
 
 
@@ -163,7 +165,7 @@ def _check_whole_groups(quantized: dict) -> None:
     widths = sorted({q.codes.shape[1] for q in quantized.values()})
     group_size = next(iter(quantized[n] for n in partial)).spec.group_size
     fits = [g for g in (256, 128, 64, 32, 16, 8) if g <= group_size and all(w % g == 0 for w in widths)]
-    hint = f"--group-size {fits[0]}" if fits else "a --group-size that divides every width"
+    hint = f"group_size {fits[0]}" if fits else "a group_size that divides every width"
     by_split: dict[str, list[str]] = {}
     for name, split in partial.items():
         by_split.setdefault(split, []).append(name)
@@ -174,7 +176,7 @@ def _check_whole_groups(quantized: dict) -> None:
     raise UserError(
         f"{len(partial)} {'layer has' if len(partial) == 1 else 'layers have'} a partial last quantization group, "
         "which compressed-tensors' pack-quantized format cannot hold (it needs the group size to divide every "
-        f"layer width): {shown}. Re-quantize with {hint} or --group-size -1 (one grid per output channel) "
+        f"layer width): {shown}. Re-quantize with {hint} or group_size -1 (one grid per output channel) "
         "to export; the lmcompress folder itself loads with lmcompress.load, and `lmcompress unpack` makes a "
         "plain folder of it"
     )

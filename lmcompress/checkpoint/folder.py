@@ -88,7 +88,7 @@ def check_writable(folder: Path, name: str) -> None:
         probe.mkdir()
         probe.rmdir()
     except OSError as exc:
-        raise UserError(f"cannot write to {folder} ({exc.strerror or exc}); choose a writable --output") from None
+        raise UserError(f"cannot write to {folder} ({exc.strerror or exc}); choose a writable output folder") from None
 
 
 def check_output(output: str | Path, overwrite: bool, source: str | Path | None = None) -> Path:
@@ -166,7 +166,7 @@ def _write_error(target: Path, exc: OSError) -> UserError:
     reason = exc.strerror or str(exc)
     hint = " (the disk is full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
     return UserError(
-        f"could not write {target}: {reason}{hint}; nothing was written: free space or choose another --output"
+        f"could not write {target}: {reason}{hint}; nothing was written: free space or choose another output folder"
     )
 
 

@@ -174,7 +174,7 @@ def check_finite(model: nn.Module, source: str | Path) -> None:
     if bad:
         raise UserError(
             f"{source} has NaN or infinite weights in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
-            "the checkpoint is damaged (or overflowed when converted: try --dtype float32)"
+            "the checkpoint is damaged (or overflowed when converted: try dtype float32)"
         )
 
 
@@ -188,7 +188,7 @@ def drop_foreign_auto_map(model: nn.Module, source: str, trust_remote_code: bool
         return
     log.warning(
         "%s has custom code (auto_map) but was loaded with the built-in %s class of model_type %r; outputs "
-        "will not carry auto_map. Pass --trust-remote-code to use (and keep) the repository's code",
+        "will not carry auto_map. Allow trust_remote_code to use (and keep) the repository's code",
         source,
         type(model).__name__,
         config.model_type,

@@ -25,16 +25,7 @@ def run_drop_experts(ctx: typer.Context, model: str, output: str, **kw) -> None:
         model,
         config,
         output,
-        calib_data=kw["calib_data"],
-        nsamples=kw["nsamples"],
-        seqlen=kw["seqlen"],
-        seed=kw["seed"],
-        device=kw["device"],
-        dtype=kw["dtype"],
-        overwrite=kw["overwrite"],
-        trust_remote_code=kw["trust_remote_code"],
-        allow_pickle=kw["allow_pickle"],
-        progress=options.show_progress(kw["quiet"]),
+        **options.job_options(kw),
     )
     if kw["as_json"]:
         typer.echo(json_text(report.to_dict()))

@@ -83,3 +83,21 @@ def show_progress(quiet: bool) -> bool:
         hf_logging.disable_progress_bar()
         logging.getLogger().setLevel(logging.WARNING)
     return not quiet
+
+
+JOB_KEYS = (
+    "calib_data",
+    "nsamples",
+    "seqlen",
+    "seed",
+    "device",
+    "dtype",
+    "overwrite",
+    "trust_remote_code",
+    "allow_pickle",
+)
+
+
+def job_options(values: dict) -> dict:
+    """The options every whole job takes (:func:`lmcompress.jobs.open_job`), from a verb's parameter values."""
+    return {k: values[k] for k in JOB_KEYS if k in values} | {"progress": show_progress(values.get("quiet", False))}

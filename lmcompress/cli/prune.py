@@ -115,16 +115,7 @@ def prune(
         config,
         output,
         save_format=save_format,
-        calib_data=calib_data,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-        progress=options.show_progress(quiet),
+        **options.job_options(ctx.params),
     )
     if as_json:
         typer.echo(json_text(report.to_dict()))

@@ -80,16 +80,7 @@ def quantize(
         model,
         config,
         output,
-        calib_data=calib_data,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-        progress=options.show_progress(quiet),
+        **options.job_options(ctx.params),
     )
     if as_json:
         typer.echo(json_text(report.to_dict()))

@@ -59,6 +59,7 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 
 @app.command()
 def search(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Model folder, hub id or .gguf file."),
     output: str = typer.Option(..., "--output", "-o", help="Folder for the compressed model, recipe and search.json."),
     budget: str = typer.Option(
@@ -143,16 +144,7 @@ def search(
         max_loss=parse_max_loss(max_loss),
         tune=tune,
         trials=trials,
-        calib_data=calib_data,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-        progress=options.show_progress(quiet),
+        **options.job_options(ctx.params),
     )
     if as_json:
         typer.echo(json_text(report.to_dict()))

@@ -42,16 +42,7 @@ def run_shrink(ctx: typer.Context, structure: str, model: str, output: str, **kw
         model,
         config,
         output,
-        calib_data=kw["calib_data"],
-        nsamples=kw["nsamples"],
-        seqlen=kw["seqlen"],
-        seed=kw["seed"],
-        device=kw["device"],
-        dtype=kw["dtype"],
-        overwrite=kw["overwrite"],
-        trust_remote_code=kw["trust_remote_code"],
-        allow_pickle=kw["allow_pickle"],
-        progress=options.show_progress(kw["quiet"]),
+        **options.job_options(kw),
     )
     if kw["as_json"]:
         typer.echo(json_text(report.to_dict()))

@@ -379,5 +379,5 @@ def format_encoder_result(result: dict) -> str:
             f"centered mean {sim['centered_mean']:.4f} over {sim['sentences']} sentences ({result['pooling']} pooling)"
         )
     else:
-        lines.append("  no dense reference (give --reference DENSE): embedding similarity not measured")
+        lines.append("  no dense reference (give a dense reference model): embedding similarity not measured")
     return "\n".join(lines)

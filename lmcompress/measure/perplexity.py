@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from lmcompress.errors import UserError
 
 _NONFINITE_HINT = (
-    "the model is numerically broken (damaged weights, or an overflow in float16/bfloat16: try --dtype float32)"
+    "the model is numerically broken (damaged weights, or an overflow in float16/bfloat16: try dtype float32)"
 )
 
 
@@ -43,7 +43,7 @@ def perplexity(
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
         raise UserError(
             f"perplexity needs windows of at least 2 tokens (one to predict from, one predicted), got "
-            f"{list(windows.shape)}; use a larger --seqlen"
+            f"{list(windows.shape)}; use a larger seqlen"
         )
     model.eval()
     device = torch.device(device)

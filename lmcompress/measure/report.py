@@ -346,7 +346,7 @@ def write_report(folder: str | Path, *, tolerance: float = 0.01) -> dict:
         (
             "p",
             "Essential sparsity: the largest tested sparsity up to which every point stays within the tolerance "
-            "of dense. Knee: where the quality relative to dense bends down fastest. Small --limit values make "
+            "of dense. Knee: where the quality relative to dense bends down fastest. Small limit values make "
             "task metrics noisy: a 1% tolerance on 50 examples is below one example's worth.",
         )
     )

@@ -203,7 +203,7 @@ def _read_json(path: Path, what: str) -> dict:
 
 def read_sweep_file(path: Path) -> dict:
     """``sweep.json``, checked to have the shape this module writes: ``settings`` object, ``grid`` of points."""
-    what = "the results folder is damaged: delete it, or pass --overwrite to start the sweep again"
+    what = "the results folder is damaged: delete it, or overwrite it to start the sweep again"
     record = _read_json(path, what)
     settings, grid = record.get("settings"), record.get("grid", [])
     if not isinstance(settings, dict) or not isinstance(grid, list):
@@ -235,7 +235,7 @@ def _prepare_folder(out: Path, settings: dict, grid: list[Point], overwrite: boo
         except UserError:
             if not overwrite:
                 raise
-            log.warning("%s is damaged; --overwrite: starting the sweep again", sweep_file)
+            log.warning("%s is damaged; overwrite: starting the sweep again", sweep_file)
             shutil.rmtree(out / POINTS, ignore_errors=True)
     if old is not None:
         finished = [f for f in (out / POINTS).glob("*.json") if not f.name.startswith(".")]
@@ -256,7 +256,9 @@ def _prepare_folder(out: Path, settings: dict, grid: list[Point], overwrite: boo
     try:
         (out / POINTS).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create {out / POINTS} ({exc.strerror or exc}); choose a writable --output") from None
+        raise UserError(
+            f"cannot create {out / POINTS} ({exc.strerror or exc}); choose a writable output folder"
+        ) from None
     ids = [p.id for p in grid]
     merged = known + [asdict(p) for p in grid if p.id not in {Point(**k).id for k in known}]
     record = {"settings": settings, "settings_hash": settings_hash(settings), "grid": merged, "last_grid": ids}
@@ -321,7 +323,7 @@ def run_sweep(
         _import_lm_eval()  # fail before any work when lm-eval is missing
     resolved = resolve_source(model, allow_pickle)
     out = Path(output).expanduser()
-    check_not_nested(out, resolved, "--output")
+    check_not_nested(out, resolved, "output")
     settings = config.settings(resolved)
     grid = config.points()
     done = _prepare_folder(out, settings, grid, overwrite)

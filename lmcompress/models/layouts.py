@@ -111,7 +111,7 @@ def structure_layout(config, structure: str | None = None) -> Layout:
         if layout is None or layout.heads == "none":
             raise UserError(
                 f"attention-head removal is not supported for {model_type!r} models: it works for "
-                f"{', '.join(supported)}. FFN-channel removal (--structure ffn) works for {', '.join(sorted(LAYOUTS))}."
+                f"{', '.join(supported)}. FFN-channel removal (structure ffn) works for {', '.join(sorted(LAYOUTS))}."
             )
     if layout is None:
         raise UserError(
@@ -168,7 +168,7 @@ def moe_layout(config) -> MoeLayout:
     model_type = getattr(config, "model_type", None)
     if model_type not in MOE_LAYOUTS:
         raise UserError(
-            f"--structure experts needs a mixture-of-experts model; {model_type!r} is not one lmcompress knows "
+            f"expert dropping needs a mixture-of-experts model; {model_type!r} is not one lmcompress knows "
             f"(supported: {', '.join(sorted(MOE_LAYOUTS))})"
         )
     return MOE_LAYOUTS[model_type]

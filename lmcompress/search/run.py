@@ -167,7 +167,7 @@ def _space(db: LevelDatabase, units: list[list[str]], config: SearchConfig) -> L
     lo, hi = sum(c[-1] for c in cost) / weights, sum(c[0] for c in cost) / weights
     if not lo <= config.target <= hi:
         raise UserError(
-            f"--budget bits={config.target:g} cannot be met: with their grids (scales, zero points) these levels take "
+            f"budget bits={config.target:g} cannot be met: with their grids (scales, zero points) these levels take "
             f"{lo:.3f} to {hi:.3f} bits per weight; raise the budget, add a lower level or use a larger group size"
         )
     return LevelSpace(cost, budget=weights * config.target, slack=max(steps))  # within one level step below
@@ -398,7 +398,7 @@ def search_max_loss(
     from lmcompress.measure.perplexity import perplexity
 
     if config.kind != "sparsity":
-        raise UserError("--max-loss searches the largest sparsity: use it with a sparsity search")
+        raise UserError("max_loss searches the largest sparsity: use it with a sparsity search")
     if not 0 < max_loss < 10:
         raise UserError(f"the allowed perplexity increase must be a positive fraction (0.05 = +5%), got {max_loss}")
     levels = config.validate()

@@ -67,7 +67,7 @@ def tune_owl(
     import optuna
 
     if config.kind != "sparsity":
-        raise UserError("tuning OWL needs a sparsity budget (--budget sparsity=F)")
+        raise UserError("tuning OWL needs a sparsity budget (budget sparsity=F)")
     if trials < 1:
         raise UserError(f"trials must be at least 1, got {trials}")
     start = time.perf_counter()
