@@ -407,7 +407,7 @@ def test_auto_map_without_its_code_is_dropped_with_a_warning(tmp_path, tiny_fold
     (src / "config.json").write_text(json.dumps(config))
     with caplog.at_level(logging.WARNING, logger="lmcompress.checkpoint.load"):
         model, _ = load_model(src)
-    assert "auto_map" in caplog.text and "--trust-remote-code" in caplog.text
+    assert "auto_map" in caplog.text and "trust_remote_code" in caplog.text
     assert not getattr(model.config, "auto_map", None)
     out = tmp_path / "out"
     assert run(["prune", str(src), *MAGNITUDE, "-o", str(out)]) == 0

@@ -12,7 +12,6 @@ inputs of a row holds ``w = d·q + m`` with ``q ∈ {0..15}`` and one scale ``d`
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import torch
@@ -143,20 +142,6 @@ def gguf_recipe(path: str | Path) -> dict:
             else "float tensors copied unchanged"
         ),
     }
-
-
-def unpack_gguf(path: str | Path, output: str | Path, *, overwrite: bool = False, progress: bool = False) -> Path:
-    """Write a GGUF file out as a plain folder (float32 safetensors, config, tokenizer, recipe) that
-    ``AutoModelForCausalLM.from_pretrained`` loads and that gives the same logits as the GGUF-loaded model."""
-    from lmcompress.checkpoint.folder import check_output
-    from lmcompress.checkpoint.save import save_model
-
-    file = check_gguf(path)
-    check_output(output, overwrite, source=file)
-    start = time.perf_counter()
-    model, tokenizer = load_gguf(file, progress=progress)
-    recipe = {**gguf_recipe(file), "unpack_time_s": time.perf_counter() - start}
-    return save_model(model, tokenizer, output, recipe, overwrite=overwrite, dtype=torch.float32)
 
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")

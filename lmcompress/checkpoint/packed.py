@@ -285,12 +285,5 @@ def load_packed_state(folder: str | Path, recipe: dict | None = None) -> dict[st
     return read_packed(folder, recipe)[0]
 
 
-def load_packed(folder: str | Path, **kwargs):
-    """``(model, tokenizer)`` of a packed folder; same as :func:`lmcompress.checkpoint.load.load`."""
-    from lmcompress.checkpoint.load import load
-
-    return load(folder, **kwargs)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # what a folder holds: bytes by tensor kind, bits per weight, sparsity (``lmcompress info``)

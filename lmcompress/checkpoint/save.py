@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -90,9 +91,9 @@ def save_quantized(
 def unpack_folder(folder: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
     """Write a packed folder out as a plain one (``model.safetensors`` in the stored dtype) that
     ``from_pretrained`` loads; quantized weights are written dequantized. A ``.gguf`` file is unpacked the same
-    way (float32, see ``lmcompress.checkpoint.gguf.unpack_gguf``)."""
+    way (float32, see :func:`unpack_gguf`)."""
     from lmcompress.checkpoint.folder import check_output
-    from lmcompress.checkpoint.gguf import is_gguf, unpack_gguf
+    from lmcompress.checkpoint.gguf import is_gguf
 
     if is_gguf(folder):
         return unpack_gguf(folder, output, overwrite=overwrite)
@@ -106,3 +107,17 @@ def unpack_folder(folder: str | Path, output: str | Path, *, overwrite: bool = F
     plain = {k: v for k, v in recipe.items() if k not in ("storage", "packed")}
     plain["unpacked_from"] = str(folder)
     return save_model(model, tokenizer, output, plain, overwrite=overwrite, dtype=source_dtype(model.config))
+
+
+def unpack_gguf(path: str | Path, output: str | Path, *, overwrite: bool = False, progress: bool = False) -> Path:
+    """Write a GGUF file out as a plain folder (float32 safetensors, config, tokenizer, recipe) that
+    ``AutoModelForCausalLM.from_pretrained`` loads and that gives the same logits as the GGUF-loaded model."""
+    from lmcompress.checkpoint.folder import check_output
+    from lmcompress.checkpoint.gguf import check_gguf, gguf_recipe, load_gguf
+
+    file = check_gguf(path)
+    check_output(output, overwrite, source=file)
+    start = time.perf_counter()
+    model, tokenizer = load_gguf(file, progress=progress)
+    recipe = {**gguf_recipe(file), "unpack_time_s": time.perf_counter() - start}
+    return save_model(model, tokenizer, output, recipe, overwrite=overwrite, dtype=torch.float32)

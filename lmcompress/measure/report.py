@@ -13,9 +13,6 @@ Writes ``report.md``, one self-contained ``report.html`` (plots embedded as base
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import math
 import re
 from dataclasses import dataclass
@@ -23,6 +20,7 @@ from pathlib import Path
 
 from lmcompress.checkpoint.folder import json_text, write_file_atomic
 from lmcompress.errors import UserError
+from lmcompress.measure.render import png, render_html, render_md
 from lmcompress.measure.sweep import DENSE_ID, POINTS, SWEEP_FILE, load_points, read_sweep_file
 
 SKIP_METRICS = ("/nll",)  # derived from another metric; not plotted or judged separately
@@ -209,12 +207,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
 def plot_metric(key: str, label: str, cs: list[Curve], tolerance: float) -> bytes:
     """Metric vs sparsity, one line per series, the dense value as a dashed line with the tolerance band."""
     from matplotlib.figure import Figure
@@ -243,7 +235,7 @@ def plot_metric(key: str, label: str, cs: list[Curve], tolerance: float) -> byte
     ax.set_title(f"{label} vs sparsity")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def _block_of(layer: str) -> int | None:
@@ -279,7 +271,7 @@ def plot_owl(series: str, pts: list[dict]) -> bytes:
     ax.set_title(f"{series}: per-layer sparsity chosen by OWL")
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -392,7 +384,7 @@ def write_report(folder: str | Path, *, tolerance: float = 0.01) -> dict:
     blocks.append(("h2", "Plots"))
     blocks.extend(("img", f"plots/{name}", caption, data) for name, caption, data in images)
 
-    md, page = _render_md(blocks), _render_html(blocks)
+    md, page = render_md(blocks), render_html(blocks)
     write_file_atomic(out / "report.md", md.encode())
     write_file_atomic(out / "report.html", page.encode())
     summary = {"tolerance": tolerance, "sentences": sentences, "rows": rows}
@@ -403,67 +395,3 @@ def write_report(folder: str | Path, *, tolerance: float = 0.01) -> dict:
         "plots": [str(plots_dir / n) for n, _, _ in images],
         "sentences": sentences,
     }
-
-
-def _render_md(blocks: list[tuple]) -> str:
-    lines: list[str] = []
-    for b in blocks:
-        kind = b[0]
-        if kind != "li" and lines and lines[-1].startswith("- "):
-            lines.append("")
-        if kind in ("h1", "h2", "h3"):
-            lines += ["#" * int(kind[1]) + " " + b[1], ""]
-        elif kind == "p":
-            lines += [b[1], ""]
-        elif kind == "li":
-            lines.append(f"- {b[1]}")
-        elif kind == "table":
-            lines.append("| " + " | ".join(b[1]) + " |")
-            lines.append("|" + "|".join("---" for _ in b[1]) + "|")
-            lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in b[2]]
-            lines.append("")
-        elif kind == "img":
-            lines += [f"![{b[2]}]({b[1]})", ""]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _render_html(blocks: list[tuple]) -> str:
-    e = html.escape
-    body: list[str] = []
-    in_list = False
-    for b in blocks:
-        kind = b[0]
-        if kind != "li" and in_list:
-            body.append("</ul>")
-            in_list = False
-        if kind in ("h1", "h2", "h3"):
-            body.append(f"<{kind}>{e(b[1])}</{kind}>")
-        elif kind == "p":
-            body.append(f"<p>{e(b[1])}</p>")
-        elif kind == "li":
-            if not in_list:
-                body.append("<ul>")
-                in_list = True
-            body.append(f"<li>{e(b[1])}</li>")
-        elif kind == "table":
-            head = "".join(f"<th>{e(h)}</th>" for h in b[1])
-            rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in b[2])
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-        elif kind == "img":
-            data = base64.b64encode(b[3]).decode()
-            body.append(
-                f'<figure><img alt="{e(b[2])}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{e(b[2])}</figcaption></figure>"
-            )
-    if in_list:
-        body.append("</ul>")
-    style = (
-        "body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
-        "table{border-collapse:collapse;margin:1rem 0}"
-        "td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}"
-        "th{background:#f3f3f3}figure{margin:1rem 0}img{max-width:100%}"
-    )
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>lmcompress sweep report</title>'
-        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )

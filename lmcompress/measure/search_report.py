@@ -14,7 +14,7 @@ def plot_history(report: dict) -> bytes:
     """Best fitness after each generation, with uniform's and OWL's fitness at the same budget as lines."""
     from matplotlib.figure import Figure
 
-    from lmcompress.measure.report import _png
+    from lmcompress.measure.render import png
 
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.subplots()
@@ -28,14 +28,14 @@ def plot_history(report: dict) -> bytes:
     ax.set_title("search fitness per generation")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def plot_allocation(report: dict) -> bytes:
     """Level of each unit: the search's choice as bars, OWL's and uniform's allocation as lines."""
     from matplotlib.figure import Figure
 
-    from lmcompress.measure.report import _png
+    from lmcompress.measure.render import png
 
     alloc = report["allocation"]
     xs = list(range(len(alloc)))
@@ -57,13 +57,13 @@ def plot_allocation(report: dict) -> bytes:
     )
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def write_search_report(folder: str | Path) -> dict:
     """report.md, report.html and two plots for a folder written by ``lmcompress search``."""
     from lmcompress.checkpoint.folder import write_file_atomic
-    from lmcompress.measure.report import _render_html, _render_md
+    from lmcompress.measure.render import render_html, render_md
 
     out = Path(folder).expanduser()
     try:
@@ -89,8 +89,8 @@ def write_search_report(folder: str | Path) -> dict:
     for name, caption, png in images:
         write_file_atomic(plots / name, png)
         blocks.append(("img", f"plots/{name}", caption, png))
-    write_file_atomic(out / "report.md", _render_md(blocks).encode())
-    write_file_atomic(out / "report.html", _render_html(blocks).encode())
+    write_file_atomic(out / "report.md", render_md(blocks).encode())
+    write_file_atomic(out / "report.html", render_html(blocks).encode())
     return {
         "markdown": str(out / "report.md"),
         "html": str(out / "report.html"),

@@ -46,7 +46,7 @@ def smollm2_folder(cache: str | Path | None = None, *, progress: bool = False) -
     import json
 
     from lmcompress.checkpoint.folder import RECIPE_FILE
-    from lmcompress.checkpoint.gguf import unpack_gguf
+    from lmcompress.checkpoint.save import unpack_gguf
 
     gguf = smollm2_path()
     folder = Path(cache).expanduser() if cache is not None else default_cache() / "SmolLM2-135M-Instruct-Q4_1"
