@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 
 import pytest
@@ -134,6 +135,53 @@ def test_cli_search_writes_model_recipe_and_history(tiny_folder, tmp_path, calib
     with pytest.raises(SystemExit) as exit_info:  # bad budget: clear error, nothing written
         main(["search", str(src), "--budget", "sparsity=0.99", "--levels", "0.3:0.7:0.1", "-o", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and not (tmp_path / "x").exists()
+
+    # The chosen allocation applied by `prune --allocation`: every layer at the level the search gave it.
+    again = tmp_path / "again"
+    common = ["--method", "wanda", "--calib-data", str(data), "--nsamples", "4", "--seqlen", "32", "-q"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", str(src), "--allocation", str(out / "search.json"), *common, "-o", str(again)])
+    assert exit_info.value.code in (0, None)
+    pruned = json.loads((again / "lmcompress.json").read_text())
+    assert pruned["allocation"] == "layers" and pruned["layer_targets"] == history["layer_levels"]
+    _, per_layer = measure_sparsity(lmcompress.load(again)[0])
+    for layer, level in history["layer_levels"].items():
+        assert per_layer[layer] == pytest.approx(level, abs=0.02), layer  # Wanda rounds per row
+    assert len(set(history["layer_levels"].values())) > 1 or len(set(history["allocation"])) == 1
+
+
+def test_allocation_files_that_do_not_fit_are_refused(tiny_folder, tmp_path, calib_text, capsys):
+    import json
+
+    from lmcompress.cli import main
+
+    def run(argv: list[str]) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        return exit_info.value.code, " ".join(capsys.readouterr().err.split())
+
+    src = str(tiny_folder("llama"))
+    data = tmp_path / "calib.txt"
+    data.write_text(calib_text[:20000])
+    common = ["--method", "wanda", "--calib-data", str(data), "--nsamples", "2", "--seqlen", "32", "-q"]
+    layers = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    cases = [
+        ({"model.layers.0.mlp.down_proj": 0.5}, [], "have no sparsity"),
+        ({**{n: 0.5 for n in layers}, "model.layers.9.mlp.up_proj": 0.5}, [], "not layers this run prunes"),
+        ({"config": {"kind": "bits"}, "layer_levels": {layers[0]: 3.0}}, [], "bits levels, not sparsities"),
+        ({layers[0]: 1.5}, [], r"fractions in \[0, 1\)"),
+        ([0.5, 0.7], [], "JSON object of layer name"),
+        ({layers[0]: 0.5}, ["--sparsity", "0.5"], "--sparsity does not apply"),
+    ]
+    for k, (content, extra, message) in enumerate(cases):
+        path = tmp_path / f"alloc{k}.json"
+        path.write_text(json.dumps(content))
+        out = tmp_path / f"out{k}"
+        code, err = run(["prune", src, "--allocation", str(path), *extra, *common, "-o", str(out)])
+        assert code == 2 and re.search(message, err), (content, err)
+        assert not out.exists()
+    code, err = run(["prune", src, "--allocation", str(tmp_path / "nope.json"), "-o", str(tmp_path / "x")])
+    assert code == 2 and "does not exist" in err
 
 
 def test_report_of_a_search_draws_history_and_allocation(base, calib, tmp_path):

@@ -8,7 +8,7 @@ from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.errors import UserError
 from lmcompress.jobs import prune_pretrained
-from lmcompress.transforms.prune import PruneConfig
+from lmcompress.transforms.prune import PruneConfig, read_allocation
 
 # The options of weight pruning itself, and those only kept for the deprecated `prune --structure ...`.
 WEIGHT = ("method", "sparsity", "pattern", "percdamp", "blocksize", "include_head", "bits", "group_size", "sym")
@@ -25,7 +25,12 @@ def prune(
     method: str = typer.Option("wanda", "--method", help="magnitude (no data) | wanda | sparsegpt."),
     sparsity: float = typer.Option(None, "--sparsity", help="Fraction of weights to remove, in [0, 1) [default: 0.5]."),
     pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, or N:M such as 2:4 or 4:8."),
-    allocation: str = typer.Option("uniform", "--allocation", help="uniform, or owl (outlier-weighted per block)."),
+    allocation: str = typer.Option(
+        "uniform",
+        "--allocation",
+        help="uniform; owl (outlier-weighted per block); or FILE.json: per-layer sparsities, e.g. the search.json "
+        "(or output folder) of `lmcompress search`.",
+    ),
     owl_m: float = typer.Option(5.0, "--owl-m", help="With --allocation owl: outlier threshold M (× mean score)."),
     owl_lambda: float = typer.Option(0.08, "--owl-lambda", help="With --allocation owl: block sparsities span 2λ."),
     calib_data: str = options.calib_data(),
@@ -74,6 +79,8 @@ def prune(
         lmcompress prune ./llama --method wanda --pattern 2:4 --calib-data wikitext2 -o llama-24
 
         lmcompress prune ./llama --method sparsegpt --sparsity 0.7 --allocation owl --bits 4 -o llama-owl70-w4
+
+        lmcompress prune ./llama --method sparsegpt --allocation llama-evo70/search.json -o llama-evo70-again
     """
     if structure is not None:
         _deprecated_structure(ctx, structure, locals())
@@ -92,6 +99,11 @@ def prune(
         options.refuse(ctx, ("group_size", "sym"), "without --bits (joint pruning + quantization)")
     elif save_format != "packed":
         options.refuse(ctx, ("save_format",), "with --bits: joint pruning + quantization always saves packed")
+    layer_targets = None
+    if allocation not in ("uniform", "owl"):
+        if sparsity is not None:
+            raise UserError("--sparsity does not apply with an allocation file: its per-layer sparsities set it")
+        layer_targets, allocation = read_allocation(allocation), "layers"
     if sparsity is None and pattern.strip().lower() in ("", "unstructured", "none"):
         sparsity = 0.5
     config = PruneConfig(
@@ -107,6 +119,7 @@ def prune(
         bits=bits,
         group_size=group_size,
         sym=sym,
+        layer_targets=layer_targets,
     )
     if not config.needs_calibration:
         options.refuse(ctx, options.CALIBRATION, f"to --method {method}: it reads no calibration data")

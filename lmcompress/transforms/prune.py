@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,7 +40,7 @@ from lmcompress.transforms.quantize import check_quant_grid
 log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "layers")  # layers: one sparsity per layer, given in ``layer_targets``
 
 
 @dataclass
@@ -60,6 +62,8 @@ class PruneConfig:
     bits: int | None = None  # joint mode (SparseGPT only): also quantize the kept weights to this many bits
     group_size: int = 128  # joint mode: inputs per quantization grid; -1 = one grid per output row
     sym: bool = True  # joint mode: symmetric grid
+    # allocation "layers": the target sparsity of every pruned layer by full name (e.g. a search's choice)
+    layer_targets: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,6 +102,24 @@ class PruneConfig:
         except ValueError as exc:
             raise UserError(str(exc)) from None
         self.pattern = str(pattern)
+        if (self.allocation == "layers") != (self.layer_targets is not None):
+            raise UserError(
+                "per-layer sparsities (layer_targets) go with allocation 'layers', and only with it",
+                param="allocation",
+            )
+        if self.layer_targets is not None:
+            if pattern.is_nm:
+                raise UserError("a per-layer allocation needs pattern unstructured", param="pattern")
+            if not self.layer_targets:
+                raise UserError("the allocation file names no layers", param="allocation")
+            bad = {k: v for k, v in self.layer_targets.items() if not 0.0 <= v < 1.0}
+            if bad:
+                name, value = next(iter(bad.items()))
+                raise UserError(
+                    f"per-layer sparsities must be fractions in [0, 1): {len(bad)} are not (e.g. {name}: {value})",
+                    param="allocation",
+                )
+            self.sparsity = sum(self.layer_targets.values()) / len(self.layer_targets)  # nominal (by layers)
         if pattern.is_nm:
             if self.sparsity is not None and abs(self.sparsity - pattern.sparsity) > 1e-9:
                 raise UserError(
@@ -149,6 +171,8 @@ class PruneConfig:
 
         Cheap, needs only the shapes: run it right after loading, before any calibration.
         """
+        if self.layer_targets is not None:
+            _check_layer_names(set(_pruned_modules(model, self)), set(self.layer_targets))
         pattern = self.parsed_pattern
         if not pattern.is_nm:
             return
@@ -178,6 +202,56 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_layer_names(prunable: set[str], given: set[str]) -> None:
+    """UserError unless a per-layer allocation names exactly the layers this run prunes."""
+
+    def some(names: set[str]) -> str:
+        shown = sorted(names)
+        return ", ".join(shown[:3]) + (f" and {len(shown) - 3} more" if len(shown) > 3 else "")
+
+    missing, unknown = prunable - given, given - prunable
+    if missing or unknown:
+        parts = [f"{len(missing)} of the model's layers have no sparsity ({some(missing)})"] if missing else []
+        parts += [f"{len(unknown)} names are not layers this run prunes ({some(unknown)})"] if unknown else []
+        raise UserError(
+            f"the per-layer sparsities do not fit this model: {'; '.join(parts)}. Give allocation a file searched "
+            "on this model (its search.json), with the same include_head setting",
+            param="allocation",
+        )
+
+
+def read_allocation(path: str | Path) -> dict[str, float]:
+    """Per-layer sparsities from a file: a search's ``search.json`` (or its output folder), or a JSON object
+    ``{"layer name": sparsity, ...}``, or the recipe (``lmcompress.json``) of a run given such a file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "search.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"allocation file {path} does not exist", param="allocation") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"allocation file {path} is not readable JSON ({exc})", param="allocation") from None
+    if isinstance(data, dict) and "layer_levels" in data:
+        kind = (data.get("config") or {}).get("kind", "sparsity") if isinstance(data.get("config"), dict) else None
+        if kind != "sparsity":
+            raise UserError(
+                f"{path} holds {kind or 'unknown'} levels, not sparsities: a bit-width search "
+                "(`lmcompress search --budget bits=...`) writes the quantized model itself",
+                param="allocation",
+            )
+        data = data["layer_levels"]
+    elif isinstance(data, dict) and isinstance(data.get("layer_targets"), dict):
+        data = data["layer_targets"]
+    ok = isinstance(data, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data.values())
+    if not ok:
+        raise UserError(
+            f"allocation file {path} must be a search.json or a JSON object of layer name → sparsity",
+            param="allocation",
+        )
+    return {str(k): float(v) for k, v in data.items()}
 
 
 @dataclass
@@ -303,6 +377,12 @@ def prune(
         ratios, owl = owl_pass(model, calib, device, config.target, config.owl_m, config.owl_lambda, progress=progress)
         targets, owl_lambda = owl.sparsities, owl.lam
         log.info("OWL block sparsities: %s", ", ".join(f"{s:.3f}" for s in targets))
+    elif config.layer_targets is not None:  # each block's target: its layers' sparsities weighted by size
+        targets = []
+        for i, block in enumerate(blocks):
+            sizes = {f"{prefix}.{i}.{n}": weight_matrix(m).numel() for n, m in find_prunable(block).items()}
+            removed = sum(config.layer_targets[n] * k for n, k in sizes.items())
+            targets.append(removed / max(sum(sizes.values()), 1))
 
     layer_sparsity: dict[str, float] = {}
     damping: dict[str, float] = {}
@@ -314,7 +394,8 @@ def prune(
         nonlocal pruned
         for name, module in layers.items():
             full = f"{prefix}.{i}.{name}"
-            res = _prune_layer(config, weight_matrix(module), stats and stats[name], targets[i], full)
+            target = targets[i] if config.layer_targets is None else config.layer_targets[full]
+            res = _prune_layer(config, weight_matrix(module), stats and stats[name], target, full)
             set_weight_matrix(module, res.weight)
             if res.damping is not None and res.damping > config.percdamp:
                 damping[full] = res.damping
@@ -378,7 +459,8 @@ def _prune_head(model: nn.Module, config: PruneConfig, last: BlockInputs | None,
         for i in range(last.hidden.shape[0]):
             stats.add(norm(last.hidden[i : i + 1]))
         norm.to(home), head.to(home)
-    new = _prune_layer(config, head.weight.data, stats, config.target, "lm_head").weight
+    target = config.target if config.layer_targets is None else config.layer_targets["lm_head"]
+    new = _prune_layer(config, head.weight.data, stats, target, "lm_head").weight
     head.weight.data.copy_(new.to(head.weight.dtype))
     return {"lm_head": (head.weight == 0).float().mean().item()}
 
