@@ -184,3 +184,17 @@ def test_outlier_ratio_counts_large_scores():
     mean = (105 * 1 + 500) / 110
     assert outlier_ratio(scores, 5.0) == pytest.approx(5 / 110)
     assert 5 * mean < 100
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 20, 31, 32])
+def test_lowest_k_takes_exactly_k_per_row_with_ties_by_index(k):
+    """The selection equals a stable sort's first k (ties broken by the lower index), exactly k per row."""
+    from lmcompress.algorithms.masks import lowest_k
+
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 6, (9, 32), generator=g).float()  # many ties
+    scores[0] = 0.0  # a row of one value
+    mask = lowest_k(scores, k)
+    expected = torch.zeros_like(mask)
+    expected.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], True)
+    assert torch.equal(mask, expected) and (mask.sum(1) == k).all()

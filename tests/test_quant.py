@@ -155,6 +155,52 @@ def test_gptq_groups_straddling_blocks_are_up_to_date(seed):
         assert b.loss == pytest.approx(a.loss, rel=2e-2)
 
 
+@pytest.mark.parametrize("inner", [1, 5, 1000])
+def test_sub_blocks_change_only_the_order_of_the_arithmetic(inner, monkeypatch):
+    """Columns updated one by one within sub-blocks of INNER columns, the rest of the block by a product: any
+    sub-block width (1: every column lazy; 1000: none) gives the same GPTQ and joint SparseGPT result up to
+    rounding ties, with groups (of 40) that start inside sub-blocks and straddle blocks (of 32)."""
+    from lmcompress.algorithms import gptq, sparsegpt
+
+    w, _, h = layer_problem(rows=96, cols=120, seed=3)
+    runs = []
+    for width in (16, inner):
+        monkeypatch.setattr(gptq, "INNER", width)
+        monkeypatch.setattr(sparsegpt, "INNER", width)
+        a = gptq_quantize(w, h, QuantSpec(3, 40), blocksize=32)
+        quantizer = ColumnQuantizer(QuantSpec(4, 40), tuple(w.shape))
+        b = sparsegpt_prune(w, h, 0.5, Pattern(2, 4), blocksize=32, quantizer=quantizer)
+        c = sparsegpt_prune(w, h, 0.6, blocksize=32)
+        runs.append((a, quantizer.result(), b, c))
+    (a0, q0, b0, c0), (a1, q1, b1, c1) = runs
+    assert_same_up_to_rounding(a0.quantized, a1.quantized)
+    assert_same_up_to_rounding(q0, q1)
+    assert a1.loss == pytest.approx(a0.loss, rel=1e-3) and b1.loss == pytest.approx(b0.loss, rel=1e-3)
+    assert torch.equal(c0.mask, c1.mask)  # unstructured masks are chosen per block, before its columns move
+    assert torch.allclose(c0.weight, c1.weight, atol=1e-4) and c1.loss == pytest.approx(c0.loss, rel=1e-4)
+
+
+def test_stacked_layers_solve_as_if_alone():
+    """Layers that read one input, stacked row-wise with per-layer sparsities, get what they get alone."""
+    w, _, h = layer_problem(rows=64, cols=96, seed=4)
+    parts, sparsities = (w[:40], w[40:]), (0.5, 0.7)
+    stacked = sparsegpt_prune(w, h, sparsities, blocksize=32, segments=(40, 24))
+    rows = 0
+    for part, s in zip(parts, sparsities, strict=True):
+        alone = sparsegpt_prune(part, h, s, blocksize=32)
+        assert torch.equal(stacked.mask[rows : rows + len(part)], alone.mask)
+        assert torch.allclose(stacked.weight[rows : rows + len(part)], alone.weight, atol=1e-5)
+        assert stacked.row_loss[rows : rows + len(part)].sum().item() == pytest.approx(alone.loss, rel=1e-4)
+        rows += len(part)
+    with pytest.raises(ValueError, match="do not split"):
+        sparsegpt_prune(w, h, (0.5, 0.7), segments=(40, 20))
+    together = gptq_quantize(w, h, QuantSpec(3, 32))
+    for r0, r1 in ((0, 40), (40, 64)):
+        assert_same_up_to_rounding(
+            together.quantized.rows(r0, r1), gptq_quantize(w[r0:r1], h, QuantSpec(3, 32)).quantized
+        )
+
+
 def test_gptq_mask_keeps_exact_zeros_and_dead_inputs():
     w, _, h = layer_problem()
     mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) < 0.5

@@ -29,7 +29,9 @@ def test_database_candidate_equals_direct_compression_at_those_levels(tmp_path, 
     direct = copy.deepcopy(dense)
     prune_from_dense_inputs(direct, config, calib, {k: LEVELS[v] for k, v in assignment.items()})
     for (n, a), (_, b) in zip(model.named_parameters(), direct.named_parameters(), strict=True):
-        assert torch.equal(a, b), n
+        # the database solves a group's layers and levels stacked, the reference each layer alone: the same
+        # masks, and weights equal up to the order of floating-point sums
+        assert torch.equal(a == 0, b == 0) and torch.allclose(a, b, atol=1e-5, rtol=1e-5), n
     reopened = LevelDatabase.open(tmp_path / "db")
     assert reopened.layers == db.layers and reopened.sizes == db.sizes
     layer = db.layers[0]

@@ -6,8 +6,9 @@ For a layer ``y = W x`` with calibration inputs ``X``, GPTQ minimizes ``||WX −
 is spread onto the columns not yet quantized as ``W[:, j:] −= e · U[j, j:]``: row ``j`` of ``U`` is the
 OBS update with the inverse Hessian of the remaining columns already folded in (``U_jj²`` is the
 ``[H_F⁻¹]_jj`` of the columns ``F = j, j+1, …`` still free). Column ``j`` costs ``½ Σ (w_j − q)² / U_jj²``
-of loss. Updates inside a block of ``blocksize`` columns are applied immediately; the rest of the matrix
-receives a block's errors at once (lazy batch updates).
+of loss. Updates inside a sub-block of ``INNER`` columns are applied immediately, the rest of the block of
+``blocksize`` columns receives a sub-block's errors at once, and the rest of the matrix a block's errors at
+once (lazy batch updates: only the order of the arithmetic changes).
 
 Options: act-order processes columns by decreasing ``diag H`` (the inputs with the most energy first);
 grouped grids are chosen when their group starts, on the already-updated weights (a group that reaches
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, grid_params
-from lmcompress.algorithms.sparsegpt import inverse_hessian_cholesky
+from lmcompress.algorithms.sparsegpt import INNER, inverse_hessian_cholesky
 
 
 class ColumnQuantizer:
@@ -108,6 +109,7 @@ class GPTQResult:
     quantized: QuantizedTensor  # codes, scales, zero points (and g_idx) in the original column order
     loss: float  # Σ over columns of the OBS error estimate ½ Σ (w − q)² / U_jj² (U: upper Cholesky factor of H⁻¹)
     damping: float  # fraction of the mean Hessian diagonal that was finally added
+    row_loss: torch.Tensor | None = None  # the loss per output row, [out]
 
 
 def gptq_quantize(
@@ -126,7 +128,8 @@ def gptq_quantize(
 
     ``mask`` (bool, [out, in], True = pruned) holds weights at exactly zero while the others absorb their
     error, as for a model pruned before it is quantized. Inputs that never fire (``diag H == 0``) have
-    their weights set to zero.
+    their weights set to zero. Rows are solved independently given ``H`` (grids are per row), so layers
+    that read the same input may be stacked row-wise into one call and the result split again.
     """
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
@@ -154,17 +157,25 @@ def gptq_quantize(
     quantizer = ColumnQuantizer(spec, (rows, cols), W.device, perm=perm, static_from=static_from)
 
     Hinv, damp = inverse_hessian_cholesky(H, percdamp, layer)
-    total_loss = torch.zeros((), device=W.device)
+    row_loss = torch.zeros(rows, dtype=torch.float32, device=W.device)
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
         Wb = W[:, b0:b1]  # a view: updates inside the block land in W directly
         Hb = Hinv[b0:b1, b0:b1]
         err = torch.zeros_like(Wb)
         flushed = 0  # errors of columns b0 .. b0+flushed-1 already applied right of the block
+        pending = 0  # errors of block columns pending .. j-1 not yet applied past the current sub-block
         for j in range(b1 - b0):
             pos = b0 + j
+            if j % INNER == 0 and j > pending:  # a sub-block starts: the block's rest receives the last one's errors
+                Wb[:, j:] -= err[:, pending:j] @ Hb[pending:j, j:]
+                pending = j
+            s1 = min(b1 - b0, (j // INNER + 1) * INNER)  # end of the sub-block: updates up to it are immediate
             end = quantizer.group_end(pos)
             if end is not None:
+                if j > pending:  # a group starts inside a sub-block: bring the block's rest up to date first
+                    Wb[:, s1:] -= err[:, pending:j] @ Hb[pending:j, s1:]
+                    pending = j
                 if end > b1 and j > flushed:  # the group reaches past the block: bring those columns up to date
                     W[:, b1:] -= err[:, flushed:j] @ Hinv[b0 + flushed : pos, b1:]
                     flushed = j
@@ -175,15 +186,15 @@ def gptq_quantize(
             w = Wb[:, j]
             column = w if mask is None else w.masked_fill(mask[:, pos], 0.0)
             q = quantizer.quantize(column, pos)
-            d = Hb[j, j]
-            e = (w - q) / d
-            Wb[:, j:].addr_(e, Hb[j, j:], alpha=-1.0)
+            e = (w - q) / Hb[j, j]
+            Wb[:, j:s1].addr_(e, Hb[j, j:s1], alpha=-1.0)
             Wb[:, j] = q
             err[:, j] = e
         # Lazy batch update: everything right of the block receives the block's (remaining) errors at once.
         W[:, b1:] -= err[:, flushed:] @ Hinv[b0 + flushed : b1, b1:]
-        total_loss += 0.5 * (err**2).sum()  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
+        row_loss += 0.5 * (err**2).sum(1)  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
 
     if perm is not None:
         W = W[:, torch.argsort(perm)]
-    return GPTQResult(weight=W, quantized=quantizer.result(), loss=total_loss.item(), damping=damp)
+    result = quantizer.result()
+    return GPTQResult(weight=W, quantized=result, loss=row_loss.sum().item(), damping=damp, row_loss=row_loss)

@@ -69,6 +69,24 @@ def nm_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
+def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of exactly the ``k`` lowest entries of each row of ``scores`` (``[rows, n]``; ties: lowest index).
+
+    A selection, not a sort: ``kthvalue`` finds each row's threshold, entries below it are taken, and the
+    first entries equal to it fill the count (several times faster than ``topk`` for k near n/2 on a CPU).
+    """
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= scores.shape[1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    scores = scores.float()
+    threshold = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    mask = scores < threshold
+    need = k - mask.sum(1, keepdim=True)
+    tie = scores == threshold
+    return mask | (tie & (tie.cumsum(1) <= need))
+
+
 def mask_from_scores(
     scores: torch.Tensor, sparsity: float, pattern: Pattern = Pattern(), *, per_row: bool = True
 ) -> torch.Tensor:
@@ -81,14 +99,5 @@ def mask_from_scores(
     if pattern.is_nm:
         return nm_mask(scores, pattern)
     if per_row:
-        k = round(scores.shape[1] * sparsity)
-        mask = torch.zeros_like(scores, dtype=torch.bool)
-        if k > 0:
-            idx = torch.topk(scores, k, dim=1, largest=False).indices
-            mask.scatter_(1, idx, True)
-        return mask
-    k = round(scores.numel() * sparsity)
-    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        flat[torch.topk(scores.flatten(), k, largest=False).indices] = True
-    return flat.reshape(scores.shape)
+        return lowest_k(scores, round(scores.shape[1] * sparsity))
+    return lowest_k(scores.reshape(1, -1), round(scores.numel() * sparsity)).reshape(scores.shape)

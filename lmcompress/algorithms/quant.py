@@ -107,6 +107,12 @@ class QuantizedTensor:
         g = self.group_index()
         return (self.codes.float() - self.zero[:, g]) * self.scale[:, g]
 
+    def rows(self, start: int, stop: int) -> QuantizedTensor:
+        """Output rows ``start:stop`` (one layer of a row-wise stack of layers quantized together)."""
+        return QuantizedTensor(
+            self.codes[start:stop], self.scale[start:stop], self.zero[start:stop], self.spec, self.g_idx
+        )
+
     def to(self, device: str | torch.device) -> QuantizedTensor:
         g_idx = None if self.g_idx is None else self.g_idx.to(device)
         return QuantizedTensor(self.codes.to(device), self.scale.to(device), self.zero.to(device), self.spec, g_idx)

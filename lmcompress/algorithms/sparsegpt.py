@@ -12,17 +12,24 @@ In the joint prune + quantize mode a :class:`JointQuantizer` rounds the kept wei
 per-group grids; a group's grid is chosen when the group starts, from the current (already updated) weights.
 A group that reaches past the current block (``group_size`` not dividing ``blocksize``, or a shorter last
 group) first receives the block's pending lazy updates, so its grid never sees stale weights.
+
+Lazy updates are used at two levels, which changes only the order of the arithmetic: inside a sub-block of
+``INNER`` columns each column's error is applied at once to the sub-block's remaining columns; the block's
+remaining columns receive a finished sub-block's errors as one matrix product, and the columns right of the
+block receive the whole block's errors at its end. Everything a column's rounding or mask choice reads is up
+to date when it is read.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from lmcompress.algorithms.masks import Pattern, check_nm_shape
+from lmcompress.algorithms.masks import Pattern, check_nm_shape, lowest_k
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,15 @@ class SparseGPTResult:
     mask: torch.Tensor  # True where pruned
     damping: float  # fraction of the mean Hessian diagonal that was finally added
     loss: float  # Σ of the OBS error estimates ½ Σ (w − q)²/U_jj² over all columns (U: upper Cholesky of H⁻¹)
+    row_loss: torch.Tensor | None = None  # the same per output row, [out]
+
+
+INNER = 16  # columns updated one by one inside a sub-block; the rest of the block gets them as one product
+
+
+def _inner_width(m: int) -> int:
+    """Sub-block width: a multiple of ``m`` (an N:M group never straddles two sub-blocks), at least INNER."""
+    return m * -(-INNER // m)
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, layer: str = "") -> tuple[torch.Tensor, float]:
@@ -78,12 +94,13 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, layer: str 
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
-    sparsity: float,
+    sparsity: float | Sequence[float],
     pattern: Pattern = Pattern(),
     *,
     blocksize: int = 128,
     percdamp: float = 0.01,
     quantizer: JointQuantizer | None = None,
+    segments: Sequence[int] | None = None,
     layer: str = "",
 ) -> SparseGPTResult:
     """Prune ``weight`` ([out, in]) to ``sparsity`` (or to ``pattern``) using Hessian ``hessian`` ([in, in]).
@@ -91,8 +108,18 @@ def sparsegpt_prune(
     Unstructured sparsity is exact per block of ``blocksize`` columns: ``round(sparsity · rows · width)``
     weights are removed in each block. With ``quantizer``, the kept weights are quantized in the same
     pass (SparseGPT's joint mode) and the quantization error is compensated as well.
+
+    Every row is solved on its own given ``H``, so layers that read the same input can be stacked row-wise
+    and pruned in one pass: ``segments`` gives their row counts (and ``sparsity`` one value per segment);
+    each segment's mask is chosen within its own rows, exactly as if it were pruned alone.
     """
     check_nm_shape(weight, pattern)
+    rows = weight.shape[0]
+    segments = [rows] if segments is None else list(segments)
+    sparsities = [float(sparsity)] * len(segments) if isinstance(sparsity, int | float) else list(sparsity)
+    if sum(segments) != rows or len(sparsities) != len(segments):
+        raise ValueError(f"segments {segments} (sparsities {sparsities}) do not split the {rows} rows")
+    bounds = [(sum(segments[:i]), sum(segments[: i + 1]), s) for i, s in enumerate(sparsities)]
     if pattern.is_nm and blocksize % pattern.m != 0:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M={pattern.m}")
     W = weight.detach().clone().float()
@@ -105,29 +132,35 @@ def sparsegpt_prune(
 
     Hinv, damp = inverse_hessian_cholesky(H, percdamp, layer)
     mask = torch.zeros_like(W, dtype=torch.bool)
-    total_loss = 0.0
+    row_loss = torch.zeros(rows, dtype=torch.float32, device=W.device)
 
+    inner = _inner_width(pattern.m if pattern.is_nm else 1)
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
         Wb = W[:, b0:b1]  # a view: updates inside the block land in W directly
         Hb = Hinv[b0:b1, b0:b1]
         d = torch.diag(Hb)
         err = torch.zeros_like(Wb)
-        if not pattern.is_nm:
+        block_mask = torch.zeros(Wb.shape, dtype=torch.bool, device=W.device)
+        if not pattern.is_nm:  # the lowest saliencies w²/U_jj² of each segment's rows in this block
             saliency = Wb**2 / d.unsqueeze(0) ** 2
-            k = round(saliency.numel() * sparsity)
-            block_mask = torch.zeros(saliency.numel(), dtype=torch.bool, device=W.device)
-            if k > 0:
-                block_mask[torch.topk(saliency.flatten(), k, largest=False).indices] = True
-            block_mask = block_mask.reshape(saliency.shape)
-        else:
-            block_mask = torch.zeros_like(Wb, dtype=torch.bool)
+            for r0, r1, s_seg in bounds:
+                k = round((r1 - r0) * (b1 - b0) * s_seg)
+                block_mask[r0:r1] = lowest_k(saliency[r0:r1].reshape(1, -1), k).reshape(r1 - r0, b1 - b0)
 
         flushed = 0  # errors of columns b0 .. b0+flushed-1 already applied right of the block
+        pending = 0  # errors of block columns pending .. j-1 not yet applied past the current sub-block
         for j in range(b1 - b0):
             pos = b0 + j
+            if j % inner == 0 and j > pending:  # a sub-block starts: the block's rest receives the last one's errors
+                Wb[:, j:] -= err[:, pending:j] @ Hb[pending:j, j:]
+                pending = j
+            s1 = min(b1 - b0, (j // inner + 1) * inner)  # end of the sub-block: updates up to it are immediate
             end = None if quantizer is None else quantizer.group_end(pos)
             if end is not None:
+                if j > pending:  # a group starts inside a sub-block: bring the block's rest up to date first
+                    Wb[:, s1:] -= err[:, pending:j] @ Hb[pending:j, s1:]
+                    pending = j
                 if end > b1 and j > flushed:  # the group reaches past the block: bring those columns up to date
                     W[:, b1:] -= err[:, flushed:j] @ Hinv[b0 + flushed : pos, b1:]
                     flushed = j
@@ -141,14 +174,14 @@ def sparsegpt_prune(
             if quantizer is not None:
                 q = quantizer.quantize(q, pos).masked_fill_(block_mask[:, j], 0.0)
             e = (w - q) / d[j]
-            # OBS update of the remaining columns of the block; column j itself becomes q.
-            Wb[:, j:].addr_(e, Hb[j, j:], alpha=-1.0)
+            # OBS update of the sub-block's remaining columns; column j itself becomes q.
+            Wb[:, j:s1].addr_(e, Hb[j, j:s1], alpha=-1.0)
             Wb[:, j] = q
             err[:, j] = e
         # Lazy batch update: everything right of the block receives the block's (remaining) errors at once.
         W[:, b1:] -= err[:, flushed:] @ Hinv[b0 + flushed : b1, b1:]
-        total_loss += 0.5 * (err**2).sum().item()  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
+        row_loss += 0.5 * (err**2).sum(1)  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
         mask[:, b0:b1] = block_mask
 
     W[mask] = 0.0
-    return SparseGPTResult(weight=W, mask=mask, damping=damp, loss=total_loss)
+    return SparseGPTResult(weight=W, mask=mask, damping=damp, loss=row_loss.sum().item(), row_loss=row_loss)

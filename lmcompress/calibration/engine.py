@@ -9,7 +9,7 @@ run the windows, feed what they see to objects with an ``add(x)`` (``calibration
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
@@ -231,6 +231,16 @@ def collect_input_stats(
     """:class:`InputStats` (``Σ x²``, and ``Σ x xᵀ`` with ``hessian``) of the named linear layers' inputs."""
     device = inputs.hidden.device
     return collect(block, inputs, names, lambda _n, m: InputStats(weight_matrix(m).shape[1], device, hessian))
+
+
+def shared_inputs(names: Iterable[str], stats: dict[str, object] | None) -> list[list[str]]:
+    """``names`` grouped by the statistic they share (:func:`collect` gives modules that read the same tensor
+    one object), in order of first appearance; without ``stats`` every name is its own group."""
+    groups: dict[object, list[str]] = {}
+    for name in names:
+        key = id(stats[name]) if stats is not None else name
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
 
 
 def walk_blocks(

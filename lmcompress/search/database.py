@@ -22,22 +22,46 @@ from torch import nn
 
 from lmcompress.algorithms.gptq import gptq_quantize
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize
-from lmcompress.calibration.engine import BlockInputs, collect_input_stats, walk_blocks
+from lmcompress.calibration.engine import BlockInputs, collect_input_stats, shared_inputs, walk_blocks
 from lmcompress.calibration.stats import InputStats
 from lmcompress.models.families import blocks_path, find_prunable, get_blocks, set_weight_matrix, weight_matrix
-from lmcompress.transforms.prune import PruneConfig, _prune_layer
+from lmcompress.transforms.prune import PruneConfig, prune_layer, prune_layers
 from lmcompress.transforms.quantize import nominal_bits_per_weight
 
 INDEX = "database.json"
-# compress(weight [out, in] fp32, stats or None, level value, layer name) → (new weight, codes or None)
-Compressor = Callable[[torch.Tensor, InputStats | None, float, str], tuple[torch.Tensor, QuantizedTensor | None]]
+# compress(weights [out, in] fp32 of layers reading one input, their stats or None, levels, layer names)
+#   → result[level][layer] = (new weight, codes or None)
+Compressor = Callable[
+    [list[torch.Tensor], InputStats | None, list[float], list[str]],
+    list[list[tuple[torch.Tensor, QuantizedTensor | None]]],
+]
+STACK_ELEMENTS = 1 << 25  # at most this many weights (128 MB in fp32) are solved in one stacked SparseGPT pass
 
 
 def pruner(config: PruneConfig) -> tuple[Compressor, bool, bool]:
-    """Levels are sparsities pruned with ``config.method``: (compressor, needs data, needs Hessian)."""
+    """Levels are sparsities pruned with ``config.method``: (compressor, needs data, needs Hessian).
 
-    def compress(w, stats, level, name):
-        return _prune_layer(config, w, stats, level, name).weight, None
+    SparseGPT rows are independent given the Hessian, so the layers of a group and all their levels are stacked
+    row-wise and solved in as few passes as memory allows (each level keeps its own mask budget).
+    """
+
+    def compress(weights, stats, levels, names):
+        per_level = max(sum(w.numel() for w in weights), 1)
+        chunk = max(1, STACK_ELEMENTS // per_level) if config.method == "sparsegpt" else 1
+        out = []
+        for c0 in range(0, len(levels), chunk):
+            part = levels[c0 : c0 + chunk]
+            results = prune_layers(
+                config,
+                [w for _ in part for w in weights],
+                stats,
+                [lv for lv in part for _ in weights],
+                [n for _ in part for n in names],
+            )
+            out += [
+                [(r.weight, None) for r in results[k * len(weights) : (k + 1) * len(weights)]] for k in range(len(part))
+            ]
+        return out
 
     return compress, config.method != "magnitude", config.method == "sparsegpt"
 
@@ -45,7 +69,7 @@ def pruner(config: PruneConfig) -> tuple[Compressor, bool, bool]:
 def quantizer(method: str, group_size: int, sym: bool, percdamp: float = 0.01) -> tuple[Compressor, bool, bool]:
     """Levels are bit widths quantized with GPTQ (or RTN) on ``group_size`` grids."""
 
-    def compress(w, stats, level, name):
+    def one(w, stats, level, name):
         spec = QuantSpec(int(level), group_size, sym)
         qt = (
             rtn_quantize(w, spec)
@@ -53,6 +77,9 @@ def quantizer(method: str, group_size: int, sym: bool, percdamp: float = 0.01) -
             else gptq_quantize(w, stats.hessian, spec, percdamp=percdamp, layer=name).quantized
         )
         return qt.dequantize(), qt
+
+    def compress(weights, stats, levels, names):
+        return [[one(w, stats, level, n) for w, n in zip(weights, names, strict=True)] for level in levels]
 
     return compress, method != "rtn", method != "rtn"
 
@@ -135,12 +162,19 @@ def build_database(
             sizes[full] = weight_matrix(module).numel()
             block_of[full] = i
             cost[full] = []
+        results: dict[str, list] = {}  # layer → (new, codes) per level
+        for group in shared_inputs(modules, stats):
+            weights = [weight_matrix(modules[name]).float() for name in group]
+            full = [f"{prefix}.{i}.{name}" for name in group]
+            by_level = compress(weights, stats and stats[group[0]], list(levels), full)
+            for j, f in enumerate(full):
+                results[f] = [by_level[k][j] for k in range(len(levels))]
         for k, level in enumerate(levels):
             tensors, meta = {}, {}
             for name, module in modules.items():
                 full = f"{prefix}.{i}.{name}"
                 w = weight_matrix(module)
-                new, qt = compress(w.float(), stats and stats[name], level, full)
+                new, qt = results[full][k]
                 if qt is None:
                     tensors[full] = new.to(w.dtype).contiguous().cpu()
                     cost[full].append(w.numel() * (1.0 - level))  # nominal: equal-sized layers cost the same
@@ -196,7 +230,7 @@ def prune_from_dense_inputs(
         for name, module in modules.items():
             full = f"{prefix}.{i}.{name}"
             w = weight_matrix(module)
-            new[full] = _prune_layer(config, w, stats and stats[name], assignment[full], full).weight.to(w.dtype)
+            new[full] = prune_layer(config, w, stats and stats[name], assignment[full], full).weight.to(w.dtype)
 
     walk_blocks(model, calib, torch.device(device), visit, desc="direct", progress=False)
     modules = dict(model.named_modules())

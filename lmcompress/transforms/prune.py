@@ -24,7 +24,7 @@ from lmcompress.algorithms.gptq import ColumnQuantizer
 from lmcompress.algorithms.masks import Pattern
 from lmcompress.algorithms.owl import OwlAllocation
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec
-from lmcompress.calibration.engine import BlockInputs, collect_input_stats, walk_blocks
+from lmcompress.calibration.engine import BlockInputs, collect_input_stats, shared_inputs, walk_blocks
 from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
 from lmcompress.models.families import (
@@ -284,7 +284,7 @@ class _LayerResult:
     pruned: int = 0  # joint mode: weights removed by the mask
 
 
-def _prune_layer(
+def prune_layer(
     config: PruneConfig, weight: torch.Tensor, stats: InputStats | None, sparsity: float, name: str
 ) -> _LayerResult:
     """New weight for one layer; with ``config.bits``, SparseGPT quantizes the kept weights in the same pass."""
@@ -311,6 +311,44 @@ def _prune_layer(
             return _LayerResult(res.weight, res.damping)
         return _LayerResult(res.weight, res.damping, quantizer.result().to("cpu"), int(res.mask.sum()))
     return _LayerResult(w.masked_fill(mask, 0.0))
+
+
+def prune_layers(
+    config: PruneConfig,
+    weights: list[torch.Tensor],
+    stats: InputStats | None,
+    sparsities: list[float],
+    names: list[str],
+) -> list[_LayerResult]:
+    """New weights for layers that read the same input (``stats``): SparseGPT solves them stacked row-wise in
+    one pass (one inverse Hessian, one column sweep), each with its own mask budget; the rest one by one."""
+    if config.method != "sparsegpt" or len(weights) == 1:
+        return [prune_layer(config, w, stats, s, n) for w, s, n in zip(weights, sparsities, names, strict=True)]
+    w = torch.cat([x.float() for x in weights])
+    rows = [x.shape[0] for x in weights]
+    spec = config.quant_spec
+    quantizer = None if spec is None else ColumnQuantizer(spec, tuple(w.shape), w.device)
+    res = sparsegpt_prune(
+        w,
+        stats.hessian,
+        sparsities,
+        config.parsed_pattern,
+        blocksize=config.blocksize,
+        percdamp=config.percdamp,
+        quantizer=quantizer,
+        segments=rows,
+        layer=" + ".join(names),
+    )
+    codes = None if quantizer is None else quantizer.result().to("cpu")
+    out, r0 = [], 0
+    for r in rows:
+        part = slice(r0, r0 + r)
+        if codes is None:
+            out.append(_LayerResult(res.weight[part], res.damping))
+        else:
+            out.append(_LayerResult(res.weight[part], res.damping, codes.rows(r0, r0 + r), int(res.mask[part].sum())))
+        r0 += r
+    return out
 
 
 def _measure(modules: dict[str, nn.Module]) -> dict[str, float]:
@@ -392,16 +430,18 @@ def prune(
     def prune_block(i: int, block: nn.Module, stats: dict[str, InputStats] | None) -> None:
         layers = find_prunable(block)
         nonlocal pruned
-        for name, module in layers.items():
-            full = f"{prefix}.{i}.{name}"
-            target = targets[i] if config.layer_targets is None else config.layer_targets[full]
-            res = _prune_layer(config, weight_matrix(module), stats and stats[name], target, full)
-            set_weight_matrix(module, res.weight)
-            if res.damping is not None and res.damping > config.percdamp:
-                damping[full] = res.damping
-            if res.quantized is not None:
-                quantized[f"{full}.weight"] = res.quantized
-                pruned += res.pruned
+        for group in shared_inputs(layers, stats):
+            full = [f"{prefix}.{i}.{name}" for name in group]
+            sparsities = [targets[i] if config.layer_targets is None else config.layer_targets[f] for f in full]
+            weights = [weight_matrix(layers[name]) for name in group]
+            results = prune_layers(config, weights, stats and stats[group[0]], sparsities, full)
+            for name, f, res in zip(group, full, results, strict=True):
+                set_weight_matrix(layers[name], res.weight)
+                if res.damping is not None and res.damping > config.percdamp:
+                    damping[f] = res.damping
+                if res.quantized is not None:
+                    quantized[f"{f}.weight"] = res.quantized
+                    pruned += res.pruned
         layer_sparsity.update({f"{prefix}.{i}.{n}": s for n, s in _measure(layers).items()})
 
     if config.method == "magnitude":
@@ -460,7 +500,7 @@ def _prune_head(model: nn.Module, config: PruneConfig, last: BlockInputs | None,
             stats.add(norm(last.hidden[i : i + 1]))
         norm.to(home), head.to(home)
     target = config.target if config.layer_targets is None else config.layer_targets["lm_head"]
-    new = _prune_layer(config, head.weight.data, stats, target, "lm_head").weight
+    new = prune_layer(config, head.weight.data, stats, target, "lm_head").weight
     head.weight.data.copy_(new.to(head.weight.dtype))
     return {"lm_head": (head.weight == 0).float().mean().item()}
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from lmcompress.algorithms.gptq import gptq_quantize
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize, scale_storage_dtype
-from lmcompress.calibration.engine import BlockInputs, collect_input_stats, walk_blocks
+from lmcompress.calibration.engine import BlockInputs, collect_input_stats, shared_inputs, walk_blocks
 from lmcompress.errors import UserError
 from lmcompress.models.families import blocks_path, find_prunable, get_blocks, set_weight_matrix, weight_matrix
 
@@ -175,27 +175,32 @@ def quantize(
     def gptq_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
         layers = find_prunable(block)
         stats = collect_input_stats(block, inputs, list(layers), hessian=True)
-        for name, module in layers.items():
-            full = f"{prefix}.{i}.{name}"
-            w = weight_matrix(module).float()
+        for group in shared_inputs(layers, stats):  # layers reading one input: one stacked solve
+            weights = [weight_matrix(layers[name]).float() for name in group]
+            w = torch.cat(weights)
             mask = (w == 0) if config.keep_zeros else None
             if mask is not None and not mask.any():
                 mask = None
+            full = [f"{prefix}.{i}.{name}" for name in group]
             res = gptq_quantize(
                 w,
-                stats[name].hessian,
+                stats[group[0]].hessian,
                 spec,
                 blocksize=config.blocksize,
                 percdamp=config.percdamp,
                 act_order=config.act_order,
                 static_groups=config.static_groups,
                 mask=mask,
-                layer=full,
+                layer=" + ".join(full),
             )
-            store(i, name, module, res.weight, res.quantized)
-            layer_loss[full] = res.loss
-            if res.damping > config.percdamp:
-                damping[full] = res.damping
+            r0 = 0
+            for name, f, part in zip(group, full, weights, strict=True):
+                r1 = r0 + part.shape[0]
+                store(i, name, layers[name], res.weight[r0:r1], res.quantized.rows(r0, r1))
+                layer_loss[f] = res.row_loss[r0:r1].sum().item()
+                if res.damping > config.percdamp:
+                    damping[f] = res.damping
+                r0 = r1
 
     if config.method == "rtn":
         blocks = get_blocks(model)
