@@ -2,6 +2,8 @@
 
     python -m bench.search_bench                       # SmolLM2: SparseGPT and Wanda at 70% and 50%
     python -m bench.search_bench --methods sparsegpt --targets 0.7 --generations 30 [--model DIR]
+    python -m bench.search_bench --methods none --bits 3.0            # mixed-precision GPTQ g128 vs uniform 3-bit
+    python -m bench.search_bench --methods none --max-loss 0.05       # largest SparseGPT sparsity within +5%
 
 Per method and target, all on the same calibration windows and printed side by side:
 - ``uniform`` and ``OWL``: ordinary sequential pruning (``lmcompress prune``), every block at the target or at
@@ -40,6 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bits", type=float, default=None, help="also: a bit-width search at this average")
+    parser.add_argument("--bit-levels", default="2,3,4,8")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--max-loss", type=float, default=None, help="also: --max-loss ppl=+X (0.05 = +5%%)")
+    parser.add_argument("--max-loss-generations", type=int, default=10, help="generations of each bisection step")
     args = parser.parse_args(argv)
 
     from transformers.utils import logging as hf_logging
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     dense = ppl(base)
     print(f"dense: WikiText-2 test perplexity {dense:.3f} ({test.numel()} tokens)", flush=True)
     rows = []
-    for method in args.methods.split(","):
+    for method in [m for m in args.methods.split(",") if m and m != "none"]:
         for target in (float(t) for t in args.targets.split(",")):
             row = {"method": method, "sparsity": target}
             for allocation in ("uniform", "owl"):
@@ -103,6 +110,12 @@ def main(argv: list[str] | None = None) -> None:
             row["search/uniform"] = row["search"] / row["uniform"]
             rows.append(row)
             print(row, flush=True)
+    if args.bits is not None:
+        rows.append(bits_row(args, base, calib, held_out, ppl))
+        print(rows[-1], flush=True)
+    if args.max_loss is not None:
+        rows.append(max_loss_row(args, base, calib, held_out, ppl, dense))
+        print(rows[-1], flush=True)
     info = machine_info()
     print(
         f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, torch {info['torch']}, "
@@ -110,6 +123,61 @@ def main(argv: list[str] | None = None) -> None:
     )
     print_table(rows, "search vs uniform and OWL (WikiText-2 test perplexity)")
     save_results("search", {"args": vars(args), "dense": dense, "rows": rows})
+
+
+def bits_row(args, base, calib, held_out, ppl) -> dict:
+    """Mixed precision (GPTQ on ``--group-size`` grids, levels ``--bit-levels``) at ``--bits`` average bits per
+    weight *with grids*, against uniform GPTQ at the nearest lower whole width and at 3 bits."""
+    from lmcompress.search.run import SearchConfig, search
+    from lmcompress.transforms.quantize import QuantConfig, nominal_bits_per_weight, quantize
+
+    row: dict = {"method": f"gptq g{args.group_size}", "bits": args.bits}
+    for bits in sorted({3, int(args.bits)}):
+        model = copy.deepcopy(base)
+        qconfig = QuantConfig(method="gptq", bits=bits, group_size=args.group_size)
+        report = quantize(model, qconfig, calib, progress=False)
+        row[f"uniform{bits}"] = ppl(model)
+        row[f"uniform{bits}_bits_per_weight"] = nominal_bits_per_weight(report.quantized)
+        print(f"gptq uniform {bits}-bit: {row[f'uniform{bits}']:.3f} "
+              f"({row[f'uniform{bits}_bits_per_weight']:.3f} bits/weight with grids)", flush=True)  # fmt: skip
+    config = SearchConfig(
+        target=args.bits,
+        kind="bits",
+        method="gptq",
+        levels=args.bit_levels,
+        group_size=args.group_size,
+        generations=args.generations,
+        offspring=args.offspring,
+    )
+    model = copy.deepcopy(base)
+    start = time.perf_counter()
+    report = search(model, config, calib, held_out, CACHE / "search-db" / f"bits-g{args.group_size}", progress=True)
+    row["search_s"] = time.perf_counter() - start
+    row["search"] = ppl(model)
+    row["achieved_bits"] = report.achieved
+    row["allocation"] = report.allocation
+    row["kl_search"], row["kl_db_uniform"] = report.fitness, report.baselines["uniform"]
+    row["search/uniform3"] = row["search"] / row["uniform3"]
+    return row
+
+
+def max_loss_row(args, base, calib, held_out, ppl, dense: float) -> dict:
+    """``--max-loss``: the largest SparseGPT sparsity on the level grid whose searched model stays within the
+    loss on the held-out calibration windows, and the perplexity it really has on the test text."""
+    from lmcompress.search.run import SearchConfig, search_max_loss
+
+    config = SearchConfig(target=0.5, method="sparsegpt", levels=args.levels, generations=args.max_loss_generations,
+                          offspring=args.offspring)  # fmt: skip
+    model = copy.deepcopy(base)
+    start = time.perf_counter()
+    work = CACHE / "search-db" / "sparsegpt-maxloss"
+    report = search_max_loss(model, config, calib, held_out, work, max_loss=args.max_loss, progress=True)
+    row = {"method": "sparsegpt max-loss", "max_loss": args.max_loss, "search_s": time.perf_counter() - start}
+    row["sparsity"] = report.achieved
+    row["search"] = ppl(model)
+    row["test_increase"] = row["search"] / dense - 1
+    row["bisection"] = report.bisection
+    return row
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ import torch
 
 from bench.common import machine_info, print_table, save_results, wikitext
 from bench.reference import default_model
-from lmcompress.calibration.data import eval_windows
+from lmcompress.calibration.data import draw, eval_windows
 from lmcompress.checkpoint.load import load
-from lmcompress.measure.evaluate import calibration
 from lmcompress.measure.perplexity import perplexity
 from lmcompress.measure.profile import flops_per_token, latency_per_token
 from lmcompress.models.params import count_params
@@ -95,7 +94,7 @@ def main() -> None:
     windows = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), SEQLEN)
     if args.quick or args.windows:
         windows = windows[: 32 if args.quick else args.windows]
-    calib, calib_info = calibration(
+    calib, calib_info = draw(
         tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=SEQLEN, seed=0
     )  # WikiText-2 valid: text like the test set, as LLM papers calibrate
     dense_ppl = perplexity(dense, windows, progress=False).perplexity
