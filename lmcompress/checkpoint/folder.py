@@ -220,6 +220,22 @@ def write_file_atomic(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
+def write_path_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_file)`` (a writer that opens the file itself) and rename the file to ``path`` when it
+    returns; on any error the temporary file is removed and an existing ``path`` is left as it was."""
+    path = Path(path)
+    clean_stale(path)
+    tmp = _temp_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------------------
 # recipes
 
