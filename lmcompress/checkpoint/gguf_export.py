@@ -420,9 +420,11 @@ def export_gguf(
     """
     qtype, embed_type = str(qtype).lower(), str(embed_type).lower()
     if qtype not in TYPES:
-        raise UserError(f"unknown GGUF type {qtype!r}: choose {', '.join(TYPES)}", param="qtype")
+        raise UserError(f"unknown GGUF type {qtype!r} for qtype: choose {', '.join(TYPES)}", param="qtype")
     if embed_type not in EMBED_TYPES:
-        raise UserError(f"unknown GGUF type {embed_type!r}: choose {', '.join(EMBED_TYPES)}", param="embed_type")
+        raise UserError(
+            f"unknown GGUF type {embed_type!r} for embed_type: choose {', '.join(EMBED_TYPES)}", param="embed_type"
+        )
     gguf = _gguf()
     out = _check_output(output, overwrite, source)
     path = Path(str(source)).expanduser()

@@ -8,30 +8,80 @@ from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.errors import UserError
 
+FORMATS = ("compressed-tensors", "gguf")
+
 
 @app.command()
 def export(
-    folder: str = typer.Argument(..., help="A quantized folder written by lmcompress."),
-    fmt: str = typer.Option("compressed-tensors", "--format", help="Export format: compressed-tensors."),
-    output: str = typer.Option(..., "--output", "-o", help="Folder to write (must not exist)."),
+    folder: str = typer.Argument(..., help="A folder written by lmcompress (or, for gguf, any supported model)."),
+    fmt: str = typer.Option("compressed-tensors", "--format", help="Export format: compressed-tensors or gguf."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder (compressed-tensors) or .gguf file to write."),
+    qtype: str = typer.Option(
+        "auto",
+        "--type",
+        help="gguf: type of the linear weights: auto (quantized codes as they are, dense as f16), q4_0, q4_1, "
+        "q8_0 (re-quantize what is not already that type), f16, bf16, f32.",
+    ),
+    embed_type: str = typer.Option(
+        "auto",
+        "--embed-type",
+        help="gguf: type of the token embeddings and output head (auto: --type if q8_0 or a float, else f16).",
+    ),
     overwrite: bool = options.OVERWRITE,
     as_json: bool = typer.Option(False, "--json", help="Print the export summary as JSON."),
 ) -> None:
-    """Export a quantized model in the compressed-tensors format that vLLM and transformers load.
+    """Export a compressed model: compressed-tensors (vLLM, transformers) or GGUF (llama.cpp).
 
-    Needs the optional dependency: pip install 'lmcompress[export]'. Sparse-only models cannot be exported
-    (compressed-tensors 0.20 has no sparse formats); see docs/storage.md.
+    compressed-tensors needs pip install 'lmcompress[export]'; sparse-only models cannot be exported (see
+    docs/storage.md). GGUF (docs/gguf.md) covers llama, mistral, qwen2 and qwen3 models with byte-level BPE
+    tokenizers: 4-bit symmetric / asymmetric and 8-bit symmetric quantization with groups of 32 (or a multiple)
+    are written from their own codes as Q4_0 / Q4_1 / Q8_0, anything else is re-quantized or cast as --type
+    says and the added error is reported.
 
     Examples:
 
         lmcompress export llama-gptq4 --format compressed-tensors -o llama-gptq4-ct
 
-        lmcompress quantize ./llama --method gptq --bits 4 -o llama-gptq4 && lmcompress export llama-gptq4 -o ct
-    """
-    from lmcompress.checkpoint.export import FORMATS, export_compressed_tensors
+        lmcompress quantize ./smollm2 --method gptq --bits 4 --group-size 32 -o smol-q4
 
+        lmcompress export smol-q4 --format gguf -o smol-q4_0.gguf
+
+        lmcompress export ./smollm2 --format gguf --type f16 -o smollm2-f16.gguf
+
+        lmcompress export smol-3bit --format gguf --type q4_0 --embed-type q8_0 -o smol-q4_0.gguf
+    """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}: choose {', '.join(FORMATS)}")
+    if fmt == "gguf":
+        from lmcompress.checkpoint.gguf_export import export_gguf
+
+        summary = export_gguf(folder, output, qtype=qtype, embed_type=embed_type, overwrite=overwrite)
+        if as_json:
+            typer.echo(json_text(summary))
+            return
+        types = ", ".join(f"{n} {k}" for k, n in sorted(summary["tensor_types"].items(), key=lambda kv: -kv[1]))
+        lines = [f"exported {folder} as GGUF ({summary['architecture']}, {types}) → {summary['output']}"]
+        lines.append(f"  {summary['bytes'] / 2**20:.1f} MiB, file type {summary['file_type']}")
+        for key, what in (
+            ("from_codes", "written from their own codes"),
+            ("requantized", "re-quantized (round-to-nearest)"),
+            ("cast_to_float", "cast to float"),
+        ):
+            s = summary[key]
+            if s["tensors"]:
+                lines.append(
+                    f"  {s['tensors']} weights {what}: relative error max {s['max_rel_error']:.2e}, "
+                    f"mean {s['mean_rel_error']:.2e}"
+                )
+        if summary["zeros_in_blocks"]:
+            lines.append(f"  zeros kept: {summary['zeros_kept']} of {summary['zeros_in_blocks']}")
+        lines += [f"  warning: {w}" for w in summary["warnings"]]
+        typer.echo("\n".join(lines))
+        return
+    from lmcompress.checkpoint.export import export_compressed_tensors
+
+    if qtype != "auto" or embed_type != "auto":
+        raise UserError("--type and --embed-type apply to --format gguf only")
     summary = export_compressed_tensors(folder, output, overwrite=overwrite)
     if as_json:
         typer.echo(json_text(summary))
