@@ -23,7 +23,7 @@ VERBS = {
     "report": "Markdown/HTML report and plots of a sweep or a search.",
     "info": "Size on disk, bits per weight, sparsity, recipe.",
     "unpack": "Copy a packed model to a plain from_pretrained folder.",
-    "export": "Export a quantized model as compressed-tensors (vLLM).",
+    "export": "Export as compressed-tensors (vLLM) or GGUF (llama.cpp).",
     "demo": "Compress SmolLM2-135M four ways and print what each costs.",
 }
 
