@@ -76,8 +76,6 @@ def prune(
 
         lmcompress prune facebook/opt-125m --method sparsegpt --sparsity 0.5 --save-format packed -o opt-sgpt50
 
-        lmcompress prune ./llama --method wanda --pattern 2:4 --calib-data wikitext2 -o llama-24
-
         lmcompress prune ./llama --method sparsegpt --sparsity 0.7 --allocation owl --bits 4 -o llama-owl70-w4
 
         lmcompress prune ./llama --method sparsegpt --allocation llama-evo70/search.json -o llama-evo70-again
