@@ -126,7 +126,7 @@ def evaluate(
 
         result["profile"] = profile_pretrained(
             model, seqlen=seqlen or 256, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, kernels=kernels,
+            allow_pickle=allow_pickle, kernels=kernels, generation=True,
         )  # fmt: skip
     if as_json:
         typer.echo(json_text(result))

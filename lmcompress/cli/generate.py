@@ -48,7 +48,7 @@ def generate_text(
         raise UserError(f"temperature must be positive, got {temperature}", param="temperature")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise UserError("this tokenizer has no chat template: drop chat to use the prompt as it is", param="chat")
+            raise UserError("this tokenizer defines no chat_template; give the prompt without chat", param="chat")
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"]

@@ -209,7 +209,7 @@ def profile_pretrained(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     kernels: str = "auto",
-    generation: bool = True,
+    generation: bool = False,
 ) -> dict:
     """Load a model folder (anything ``lmcompress.load`` reads) and profile it and its recipe's dense source.
 
@@ -225,18 +225,23 @@ def profile_pretrained(
     out = profile_with_source(net, recipe, seqlen, device, repeats, dtype=dtype)
     if generation and torch.device(device).type == "cpu" and Path(str(model)).is_dir() and not trust_remote_code:
         del net
-        out["generation"] = generation_profile(model, (out.get("source") or {}).get("path"), kernels, dtype=dtype)
+        source = (out.get("source") or {}).get("path")
+        out["generation"] = generation_profile(model, source, kernels, dtype=dtype, prefill_tokens=seqlen)
     return out
 
 
-def generation_profile(model: str | Path, source: str | Path | None, kernels: str = "auto", *, dtype: str) -> dict:
+def generation_profile(
+    model: str | Path, source: str | Path | None, kernels: str = "auto", *, dtype: str, prefill_tokens: int = 256
+) -> dict:
     """Prefill / decode tokens per second at batch 1 and peak memory of ``model`` run with ``kernels`` and of its
-    dense ``source`` (if given), each in a fresh process (:func:`lmcompress.measure.speed.measure_folder`)."""
+    dense ``source`` (if given), each in a fresh process (:func:`lmcompress.measure.speed.measure_folder`):
+    a prefill of ``prefill_tokens``, 64 decode steps after a 32-token prompt, best of 3."""
     from lmcompress.measure.speed import measure_folder
 
-    out: dict = {"model": measure_folder(model, kernels=kernels, dtype=dtype), "source": None}
+    sizes = {"dtype": dtype, "prefill_tokens": prefill_tokens, "context": 32, "new_tokens": 64}
+    out: dict = {"model": measure_folder(model, kernels=kernels, **sizes), "source": None}
     if source:
-        out["source"] = measure_folder(source, kernels="none", dtype=dtype)
+        out["source"] = measure_folder(source, kernels="none", **sizes)
         out["decode_speedup"] = out["model"]["decode_tokens_per_s"] / out["source"]["decode_tokens_per_s"]
         out["prefill_speedup"] = out["model"]["prefill_tokens_per_s"] / out["source"]["prefill_tokens_per_s"]
     return out
