@@ -59,6 +59,7 @@ def main() -> None:
         if grid is not None:
             folder = CACHE / "kernels" / name.replace(" ", "-")
             shutil.rmtree(folder, ignore_errors=True)
+            folder.parent.mkdir(parents=True, exist_ok=True)
             quantize_pretrained(source, QuantConfig("rtn", grid[0], grid[1]), folder, progress=False)
         kernels = "none" if grid is None else "auto"
         speed = measure_folder(
