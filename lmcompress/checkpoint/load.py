@@ -265,13 +265,24 @@ def load(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    kernels: str = "none",
 ) -> tuple[nn.Module, object]:
-    """Load ``(model, tokenizer)`` from a folder written by lmcompress, or any model plain transformers loads."""
+    """Load ``(model, tokenizer)`` from a folder written by lmcompress, or any model plain transformers loads.
+
+    ``kernels="auto"`` runs the quantized layers of a packed folder from their codes with CPU weight-only
+    kernels (:mod:`lmcompress.kernels`; never dequantized in memory), the others dequantized as with
+    ``"none"``; ``model.lmcompress_kernels`` then reports what runs how.
+    """
+    from lmcompress.kernels.linear import check_mode, swap_quantized_linears
+
+    check_mode(kernels)
     path = Path(str(folder)).expanduser()
     if not needs_lmcompress(path):
         model, tokenizer = load_model(
             folder, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
         )
+        if kernels != "none":
+            swap_quantized_linears(model, {}, kernels, device=device)  # reports that the model runs dense
         return model.to(device), tokenizer
     from transformers import AutoTokenizer
 
@@ -282,11 +293,21 @@ def load(
     strip_marker(config)  # the marker that stops plain from_pretrained on packed and resized folders
     model = build_skeleton(config, parse_dtype(dtype), recipe.get("surgery"))
     if recipe.get("storage") == "packed":
-        from lmcompress.checkpoint.packed import load_packed_state  # packed layouts (bitmask, N:M, int-packed)
+        from lmcompress.checkpoint.packed import read_packed  # packed layouts (bitmask, N:M, int-packed)
 
-        state = load_packed_state(path, recipe)
+        state, quantized = read_packed(path, recipe, dequantize=kernels == "none")
+        if kernels != "none":  # swap before filling: the kernel layers hold codes, the others get dense weights
+            report = swap_quantized_linears(
+                model, {k: q for k, q in quantized.items() if k not in state}, kernels, device=device
+            )
+            flipped = {k for k, e in recipe["packed"]["tensors"].items() if e.get("transposed")}  # GPT-2 Conv1D
+            state.update(
+                {k: quantized[k].dequantize().t() if k in flipped else quantized[k].dequantize() for k in report.dense}
+            )
     else:
         state = read_state_dict(path)
+        if kernels != "none":
+            swap_quantized_linears(model, {}, kernels, device=device)
     state = {k: v.to(parse_dtype(dtype)) if v.is_floating_point() else v for k, v in state.items()}
     fill(model, state, path)
     check_finite(model, path)
@@ -295,7 +316,12 @@ def load(
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise UserError(f"could not load the tokenizer of {path}: {exc}") from None
-    return model.to(device), tokenizer
+    model = model.to(device)
+    if kernels != "none" and torch.device(device).type == "cuda":
+        from lmcompress.kernels.sparse import sparsify_semi_structured
+
+        model.lmcompress_kernels.note += f"; 2:4 sparse layers on CUDA: {len(sparsify_semi_structured(model))}"
+    return model, tokenizer
 
 
 def source_surgery(folder: str | Path) -> list[dict]:

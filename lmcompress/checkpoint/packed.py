@@ -244,10 +244,13 @@ def _read_parts(folder: Path, index: dict) -> dict[str, torch.Tensor]:
 
 
 def read_packed(
-    folder: str | Path, recipe: dict | None = None
+    folder: str | Path, recipe: dict | None = None, *, dequantize: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
     """``(state_dict, quantized)`` of a packed folder: every tensor rebuilt (quantized weights dequantized
-    to float32) and the exact :class:`QuantizedTensor` of each quantized weight (``[out, in]``)."""
+    to float32) and the exact :class:`QuantizedTensor` of each quantized weight (``[out, in]``).
+
+    ``dequantize=False`` leaves the quantized weights out of the state dict (those another tensor is tied to
+    excepted), for a caller that runs them from their codes (:mod:`lmcompress.kernels`)."""
     folder = Path(folder)
     index = _index_of(folder, recipe)
     blobs = _read_parts(folder, index)
@@ -265,6 +268,8 @@ def read_packed(
             if entry["kind"] == "quantized":
                 q = unpack_quantized(packed)
                 quantized[name] = q
+                if not dequantize:
+                    continue
                 value = q.dequantize()
             else:
                 value = unpack_tensor(packed)
@@ -272,6 +277,11 @@ def read_packed(
             raise UserError(f"tensor {name!r} in {folder} cannot be rebuilt ({exc}); the folder is damaged") from None
         state[name] = value.t().contiguous() if entry.get("transposed") else value
     for name, target in aliases.items():
+        if target not in state and target in quantized:  # tied to a weight left quantized
+            q = quantized[target]
+            state[target] = (
+                q.dequantize().t().contiguous() if index["tensors"][target].get("transposed") else q.dequantize()
+            )
         if target not in state:
             raise UserError(
                 f"tensor {name!r} in {folder} is tied to {target!r}, which is not stored; the folder is damaged"

@@ -62,7 +62,13 @@ def evaluate(
     ),
     pooling: str = typer.Option(None, "--pooling", help="Encoders: sentence embedding pooling, mean | cls | pooler."),
     profile: bool = typer.Option(
-        False, "--profile", help="Also report params, FLOPs/token and measured latency/token (and the dense source's)."
+        False,
+        "--profile",
+        help="Also report params, FLOPs/token, latency/token, prefill/decode tokens/s and peak memory (and the "
+        "dense source's).",
+    ),
+    kernels: str = typer.Option(
+        "auto", "--kernels", help="With --profile: run quantized layers on CPU int8/int4 kernels (auto) or not (none)."
     ),
 ) -> None:
     """Perplexity and measured sparsity of a model; with --tasks also multiple choice, factoid QA and retrieval.
@@ -83,6 +89,11 @@ def evaluate(
     """
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if not profile:
+        options.refuse(ctx, ("kernels",), "without --profile")
+    from lmcompress.kernels.linear import check_mode
+
+    check_mode(kernels)
     if tasks:
         from lmcompress.measure.tasks import parse_tasks
 
@@ -115,7 +126,7 @@ def evaluate(
 
         result["profile"] = profile_pretrained(
             model, seqlen=seqlen or 256, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
+            allow_pickle=allow_pickle, kernels=kernels, generation=True,
         )  # fmt: skip
     if as_json:
         typer.echo(json_text(result))

@@ -208,8 +208,13 @@ def profile_pretrained(
     repeats: int = 5,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    kernels: str = "auto",
+    generation: bool = False,
 ) -> dict:
-    """Load a model folder (anything ``lmcompress.load`` reads) and profile it and its recipe's dense source."""
+    """Load a model folder (anything ``lmcompress.load`` reads) and profile it and its recipe's dense source.
+
+    ``generation`` (CPU, local folders): also prefill / decode speed and peak memory with ``kernels``
+    (:func:`generation_profile`), under ``"generation"``."""
     from lmcompress.checkpoint.folder import read_recipe
     from lmcompress.checkpoint.load import load_model
     from lmcompress.jobs import resolve_seqlen
@@ -217,7 +222,29 @@ def profile_pretrained(
     net, _ = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     seqlen = resolve_seqlen(net, seqlen)  # within the model's context, or it times positions it has not got
     recipe = read_recipe(model) if Path(str(model)).is_dir() else None
-    return profile_with_source(net, recipe, seqlen, device, repeats, dtype=dtype)
+    out = profile_with_source(net, recipe, seqlen, device, repeats, dtype=dtype)
+    if generation and torch.device(device).type == "cpu" and Path(str(model)).is_dir() and not trust_remote_code:
+        del net
+        source = (out.get("source") or {}).get("path")
+        out["generation"] = generation_profile(model, source, kernels, dtype=dtype, prefill_tokens=seqlen)
+    return out
+
+
+def generation_profile(
+    model: str | Path, source: str | Path | None, kernels: str = "auto", *, dtype: str, prefill_tokens: int = 256
+) -> dict:
+    """Prefill / decode tokens per second at batch 1 and peak memory of ``model`` run with ``kernels`` and of its
+    dense ``source`` (if given), each in a fresh process (:func:`lmcompress.measure.speed.measure_folder`):
+    a prefill of ``prefill_tokens``, 64 decode steps after a 32-token prompt, best of 3."""
+    from lmcompress.measure.speed import measure_folder
+
+    sizes = {"dtype": dtype, "prefill_tokens": prefill_tokens, "context": 32, "new_tokens": 64}
+    out: dict = {"model": measure_folder(model, kernels=kernels, **sizes), "source": None}
+    if source:
+        out["source"] = measure_folder(source, kernels="none", **sizes)
+        out["decode_speedup"] = out["model"]["decode_tokens_per_s"] / out["source"]["decode_tokens_per_s"]
+        out["prefill_speedup"] = out["model"]["prefill_tokens_per_s"] / out["source"]["prefill_tokens_per_s"]
+    return out
 
 
 def format_profile(profile: dict) -> str:
@@ -238,4 +265,23 @@ def format_profile(profile: dict) -> str:
             f"FLOPs ×{profile['flops_ratio']:.3f} vs the dense source"
             + (f"; CPU-time speed-up ×{profile['cpu_speedup']:.2f}" if "cpu_speedup" in profile else "")
         )
+    gen = profile.get("generation")
+    if gen:
+
+        def speed(name: str, p: dict) -> str:
+            return (
+                f"  {name:7s} prefill {p['prefill_tokens_per_s']:.1f} tokens/s (CPU time "
+                f"{p['prefill_tokens_per_s_cpu']:.1f}), decode {p['decode_tokens_per_s']:.1f} tokens/s (CPU time "
+                f"{p['decode_tokens_per_s_cpu']:.1f}), peak RSS {p['peak_rss_mb']:.0f} MiB, batch 1, "
+                f"{p['torch_threads']} threads"
+            )
+
+        lines.append(f"  generation, {gen['model'].get('kernel_summary') or 'kernels none'}:")
+        lines.append(speed("model", gen["model"]))
+        if gen.get("source"):
+            lines.append(speed("source", gen["source"]))
+            lines.append(
+                f"  decode speed-up ×{gen['decode_speedup']:.2f}, prefill ×{gen['prefill_speedup']:.2f} vs the "
+                "dense source"
+            )
     return "\n".join(lines)

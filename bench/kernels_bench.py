@@ -1,0 +1,105 @@
+"""CPU weight-only kernels: decode / prefill speed and memory of SmolLM2-135M dense vs RTN int8 and int4.
+
+    python -m bench.kernels_bench [--threads 2] [--repeats 3] [--eval-windows 8]
+
+Rows: dense float32 (the source as it is), RTN 8-bit per channel (``_weight_int8pack_mm``), RTN 4-bit groups of
+32 / 64 / 128 (``_weight_int4pack_mm_for_cpu``), each quantized with ``lmcompress.transforms.quantize`` (method
+rtn, saved packed) and loaded with ``lmcompress.load(folder, kernels="auto")``. Each row is measured in a fresh
+process (:func:`lmcompress.measure.speed.measure_folder`): decode tokens/s at batch 1 (64 greedy new tokens after
+a 32-token prompt, best of ``--repeats``), prefill tokens/s (one 256-token window), peak RSS of the whole run
+and RSS after it, wall and CPU time. Perplexity on the first ``--eval-windows`` WikiText-2 test windows (seqlen
+256) checks that the kernels compute the model they should. Targets (issue): int8 ≥ 1.5× and int4 ≥ 2× the dense
+decode speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+import torch
+
+from bench.common import CACHE, machine_info, print_table, save_results, wikitext
+
+ROWS = {
+    "dense fp32": None,
+    "RTN int8 per-channel": (8, -1),
+    "RTN int4 g32": (4, 32),
+    "RTN int4 g64": (4, 64),
+    "RTN int4 g128": (4, 128),
+}
+TARGETS = {8: 1.5, 4: 2.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None, help="local HF causal-LM folder [default: SmolLM2-135M-Instruct]")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), help=f"of {', '.join(ROWS)}")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from bench.reference import default_model
+    from lmcompress.calibration.data import eval_windows
+    from lmcompress.checkpoint.load import load
+    from lmcompress.jobs import quantize_pretrained
+    from lmcompress.kernels import kernel_report
+    from lmcompress.measure.perplexity import perplexity
+    from lmcompress.measure.speed import measure_folder
+    from lmcompress.transforms.quantize import QuantConfig
+
+    source = args.model or str(default_model())
+    print("machine:", machine_info(), flush=True)
+    rows, base = [], None
+    for name in args.rows:
+        grid = ROWS[name]
+        folder = source
+        if grid is not None:
+            folder = CACHE / "kernels" / name.replace(" ", "-")
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            quantize_pretrained(source, QuantConfig("rtn", grid[0], grid[1]), folder, progress=False)
+        kernels = "none" if grid is None else "auto"
+        speed = measure_folder(
+            folder, kernels=kernels, threads=args.threads, prefill_tokens=256, context=32, new_tokens=64,
+            repeats=args.repeats,
+        )  # fmt: skip
+        model, tokenizer = load(folder, kernels=kernels)
+        test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), 256)[: args.eval_windows]
+        ppl = perplexity(model, test, progress=False).perplexity
+        report = kernel_report(model)
+        del model
+        row = {
+            "model": name,
+            "decode tok/s": speed["decode_tokens_per_s"],
+            "decode tok/s (CPU time)": speed["decode_tokens_per_s_cpu"],
+            "prefill tok/s": speed["prefill_tokens_per_s"],
+            "prefill tok/s (CPU time)": speed["prefill_tokens_per_s_cpu"],
+            "peak RSS MiB": speed["peak_rss_mb"],
+            "RSS after MiB": speed["rss_mb"],
+            "ppl": ppl,
+            "kernels": report.summary() if report else "dense",
+        }
+        if base is None and grid is None:
+            base = row
+        if base is not None:
+            row["decode ×"] = row["decode tok/s"] / base["decode tok/s"]
+            row["decode × (CPU)"] = row["decode tok/s (CPU time)"] / base["decode tok/s (CPU time)"]
+            row["prefill ×"] = row["prefill tok/s"] / base["prefill tok/s"]
+        if grid is not None and base is not None:
+            target = TARGETS[grid[0]]
+            row["target"] = f"≥{target}× decode: {'met' if row['decode ×'] >= target else 'NOT met'}"
+        rows.append(row)
+        print(row, flush=True)
+    title = f"CPU kernels, SmolLM2-135M, batch 1, {args.threads} threads (best of {args.repeats})"
+    print_table([{k: v for k, v in r.items() if k != "kernels"} for r in rows], title)
+    for r in rows:
+        print(f"{r['model']}: {r['kernels']}")
+    path = save_results("kernels", {"args": vars(args), "rows": rows})
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

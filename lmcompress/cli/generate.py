@@ -1,0 +1,158 @@
+"""``lmcompress generate``."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import typer
+
+from lmcompress.checkpoint.folder import json_text
+from lmcompress.cli import app, options
+from lmcompress.errors import UserError
+
+
+class _Clock:
+    """A logits processor that only notes when each step's logits arrive: the first call ends the prefill."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        return scores
+
+
+def generate_text(
+    model,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 32,
+    sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+    chat: bool = False,
+    device: str = "cpu",
+) -> dict:
+    """Generate from ``prompt`` with ``transformers``' ``generate`` (batch 1); returns the text, the new token ids
+    and prefill / decode tokens per second (wall and CPU time). Prefill ends when the first logits arrive;
+    decode is every later step (``new − 1`` tokens)."""
+    from transformers import LogitsProcessorList
+
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}", param="max_new_tokens")
+    if sample and not temperature > 0:
+        raise UserError(f"temperature must be positive, got {temperature}", param="temperature")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("this tokenizer defines no chat_template; give the prompt without chat", param="chat")
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise UserError("the prompt is empty after tokenization: give some text", param="prompt")
+    ids = ids.to(device)
+    clock = _Clock()
+    kwargs = {"do_sample": True, "temperature": temperature} if sample else {"do_sample": False}
+    if not sample:
+        kwargs.update(temperature=None, top_p=None, top_k=None)  # silence sampling defaults of the generation config
+    torch.manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            logits_processor=LogitsProcessorList([clock]),
+            pad_token_id=pad,
+            **kwargs,
+        )
+    t1, c1 = time.perf_counter(), time.process_time()
+    new = out[0, ids.shape[1] :]
+    result = {
+        "text": tokenizer.decode(new, skip_special_tokens=True),
+        "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": int(new.numel()),
+        "token_ids": new.tolist(),
+        "prefill_tokens_per_s": None,
+        "decode_tokens_per_s": None,
+        "prefill_tokens_per_s_cpu": None,
+        "decode_tokens_per_s_cpu": None,
+    }
+    if clock.wall:
+        result["prefill_tokens_per_s"] = ids.shape[1] / max(clock.wall[0] - t0, 1e-9)
+        result["prefill_tokens_per_s_cpu"] = ids.shape[1] / max(clock.cpu[0] - c0, 1e-9)
+        if new.numel() > 1:
+            result["decode_tokens_per_s"] = (new.numel() - 1) / max(t1 - clock.wall[0], 1e-9)
+            result["decode_tokens_per_s_cpu"] = (new.numel() - 1) / max(c1 - clock.cpu[0], 1e-9)
+    return result
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Model folder (packed, quantized, or any folder lmcompress loads)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate."),
+    kernels: str = typer.Option(
+        "auto", "--kernels", help="auto: run quantized layers with CPU int8/int4 kernels; none: dequantized."
+    ),
+    greedy: bool = typer.Option(True, "--greedy/--sample", help="Greedy decoding, or sample with --temperature."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (with --sample)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
+    device: str = options.DEVICE,
+    dtype: str = options.DTYPE,
+    threads: int = typer.Option(None, "--threads", help="Torch CPU threads [default: torch's choice]."),
+    trust_remote_code: bool = options.TRUST,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Generate text from a model and print it with its prefill and decode speed (tokens/s, batch 1).
+
+    With --kernels auto (the default) the quantized layers of a packed folder run from their integer codes on
+    PyTorch's CPU weight-only kernels (int8 per-channel, int4 grouped), in bfloat16 compute; the layers no
+    kernel runs exactly stay dequantized, and the first line says which (docs/kernels.md).
+
+    Examples:
+
+        lmcompress generate smollm-rtn4 --prompt "The capital of France is" --max-new-tokens 32
+
+        lmcompress generate smollm-rtn4 --prompt "Write a haiku" --chat --sample --temperature 0.7 --seed 1
+    """
+    from lmcompress.checkpoint.load import load
+    from lmcompress.kernels.linear import check_mode, kernel_report
+
+    check_mode(kernels)
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
+    net, tokenizer = load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, kernels=kernels)
+    report = kernel_report(net)
+    result = generate_text(
+        net, tokenizer, prompt, max_new_tokens=max_new_tokens, sample=not greedy, temperature=temperature,
+        seed=seed, chat=chat, device=device,
+    )  # fmt: skip
+    result["kernels"] = report.to_dict() if report else None
+    result["torch_threads"] = torch.get_num_threads()
+    if as_json:
+        typer.echo(json_text(result))
+        return
+    if report is not None:
+        typer.echo(report.summary(), err=True)
+    typer.echo(result["text"])
+
+    def speed(key: str) -> str:
+        wall, cpu = result[key], result[f"{key}_cpu"]
+        return "-" if wall is None else f"{wall:.1f} tokens/s (CPU time {cpu:.1f})"
+
+    typer.echo(
+        f"prefill {result['prompt_tokens']} tokens: {speed('prefill_tokens_per_s')}; decode "
+        f"{result['new_tokens']} tokens: {speed('decode_tokens_per_s')}; {result['torch_threads']} threads",
+        err=True,
+    )

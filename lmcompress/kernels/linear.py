@@ -1,0 +1,280 @@
+"""Linear layers that multiply by quantized weights with PyTorch's CPU weight-only kernels, never holding the
+dequantized matrix.
+
+A quantized weight (:class:`~lmcompress.algorithms.quant.QuantizedTensor`) stands for ``W = (q − z) · s`` with
+codes ``q``, an integer zero point ``z`` and a scale ``s`` per (output row, group of inputs). Two kernels of
+``torch.ops.aten`` run such grids directly:
+
+``_weight_int8pack_mm(x, w, s)`` (:class:`Int8Linear`)
+    ``y = x · (w · s)ᵀ`` with ``w`` int8 ``[out, in]`` and one scale per output row: per-channel grids only.
+    A row's codes are stored as ``w = q − o`` with the integer ``o`` nearest ``z`` that keeps ``w`` in int8
+    (``o = z`` for every grid of up to 7 bits and for symmetric 8-bit grids); when ``o ≠ z`` (asymmetric
+    8-bit rows) the exact correction ``− (z − o) · s · Σ_k x_k`` is added in float32, as
+    ``(q − z)s = (q − o)s − (z − o)s``.
+``_weight_int4pack_mm_for_cpu(x, w4, g, sz)`` (:class:`Int4Linear`)
+    ``W = (q − 8) · s + t`` per group of ``g ∈ {32, 64, 128, 256}`` inputs, with ``sz[group, row] = (s, t)``
+    and codes in 0..15 packed by ``_convert_weight_to_int4pack_for_cpu`` (which needs ``out`` divisible by 16).
+    Our grid maps onto it exactly by shifting each group's codes by the integer ``o`` nearest ``8 − z`` that
+    keeps them in 0..15: codes ``q + o`` and ``t = (8 − o − z) · s``, since ``(q − z)s = (q + o − 8)s + t``.
+    ``t`` is then 0 for symmetric grids and for all grids of up to 3 bits with integer zero points (a small
+    ``t`` matters: in bfloat16 ``(q − 8)s + t`` would cancel digits). Grids of 2 to 4 bits fit. A partial
+    last group (``g`` not dividing ``in``) is padded to a whole group and the input padded with zeros, which
+    adds exact zeros to every output.
+
+Both kernels are fast with bfloat16 activations only (their float32 paths are about ten times slower than a
+dense float32 matmul on the AVX2 machines measured), so by default a layer rounds its input, scales and
+``t`` to bfloat16, computes in bfloat16 and returns the caller's dtype: outputs then match the dequantized
+float32 matmul to about ``2⁻⁷ · (|x| · |W|ᵀ)`` (bfloat16 keeps 8 significant bits), not bit for bit. Pass
+``compute_dtype=torch.float32`` for outputs within float32 rounding (slow).
+
+Layers the kernels cannot run exactly stay ``nn.Linear`` holding the dequantized weight, and
+:class:`KernelReport` says why: grouped grids of 5 to 8 bits (the int8 kernel has one scale per row),
+act-order groups (``g_idx``), int4 group sizes other than 32/64/128/256, ``out`` not a multiple of 16.
+There is no CPU kernel for sparsity (unstructured or 2:4): such weights run dense on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmcompress.algorithms.quant import QuantizedTensor
+from lmcompress.errors import UserError
+
+log = logging.getLogger(__name__)
+
+KERNEL_MODES = ("auto", "none")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+REPORT_ATTR = "lmcompress_kernels"  # the KernelReport of a model whose layers were swapped
+
+
+class QuantizedLinear(nn.Module):
+    """Common part of the kernel layers: shape, optional bias, the compute dtype.
+
+    The packed weight lives in non-persistent buffers, so ``state_dict`` holds only the bias: a model with
+    these layers is not saved through ``save_pretrained`` (save the packed folder instead).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        dtype = str(self.compute_dtype).removeprefix("torch.")
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, compute={dtype}"
+
+
+class Int8Linear(QuantizedLinear):
+    """``y = x · ((q − z) · s)ᵀ + b`` for a per-channel grid of up to 8 bits, by ``_weight_int8pack_mm``."""
+
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None, compute_dtype=torch.bfloat16):
+        out_features, in_features = q.codes.shape
+        super().__init__(in_features, out_features, bias, compute_dtype)
+        self.bits = q.spec.bits
+        codes = q.codes.to(torch.int16)
+        zero = q.zero[:, 0].float()
+        lo, hi = codes.amax(1).float() - 127, codes.amin(1).float() + 128  # o in [lo, hi] keeps q − o in int8
+        o = torch.minimum(torch.maximum(torch.round(zero), lo), hi) if codes.numel() else torch.round(zero)
+        scale = q.scale[:, 0].float()
+        self.register_buffer(
+            "qweight", (codes - o.to(torch.int16)[:, None]).to(torch.int8).contiguous(), persistent=False
+        )
+        self.register_buffer("scales", scale.to(compute_dtype).contiguous(), persistent=False)
+        offset = (zero - o) * scale  # 0 unless an 8-bit row's zero point is far from its middle
+        self.register_buffer("offset", offset if bool(offset.any()) else None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.ops.aten._weight_int8pack_mm(x2.to(self.compute_dtype).contiguous(), self.qweight, self.scales)
+        if self.offset is not None:
+            y = y.float() - x2.float().sum(-1, keepdim=True) * self.offset
+        return self._finish(y, x)
+
+
+class Int4Linear(QuantizedLinear):
+    """``y = x · ((q − z) · s)ᵀ + b`` for a grouped grid of 2 to 4 bits, by ``_weight_int4pack_mm_for_cpu``."""
+
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None, compute_dtype=torch.bfloat16):
+        out_features, in_features = q.codes.shape
+        super().__init__(in_features, out_features, bias, compute_dtype)
+        self.bits = q.spec.bits
+        self.group_size = g = q.spec.group_size
+        groups = q.spec.groups(in_features)
+        self.padded_in = groups * g
+        codes = torch.empty((out_features, self.padded_in), dtype=torch.int32)
+        codes[:, :in_features] = q.codes.to(torch.int32)
+        codes[:, in_features:] = codes[:, (groups - 1) * g : (groups - 1) * g + 1]  # padding: meets zero inputs
+        blocks = codes.reshape(out_features, groups, g)
+        zero = q.zero.float()
+        lo, hi = -blocks.amin(2).float(), 15 - blocks.amax(2).float()  # o in [lo, hi] keeps q + o in 0..15
+        o = torch.minimum(torch.maximum(torch.round(8 - zero), lo), hi)
+        blocks = blocks + o.to(torch.int32)[:, :, None]
+        self.register_buffer(
+            "qweight",
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.reshape(out_features, -1), 1),
+            persistent=False,
+        )  # uint8 [out, padded_in / 2]
+        scale = q.scale.float()
+        shift = (8 - o - zero) * scale  # (q − z)s = (q + o − 8)s + (8 − o − z)s
+        sz = torch.stack([scale.t(), shift.t()], dim=-1)  # [groups, out, 2]
+        self.register_buffer("scales_and_zeros", sz.to(compute_dtype).contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if self.padded_in != self.in_features:
+            x2 = F.pad(x2, (0, self.padded_in - self.in_features))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2.contiguous(), self.qweight, self.group_size, self.scales_and_zeros
+        )
+        return self._finish(y, x)
+
+
+def kernel_for(q: QuantizedTensor) -> tuple[str | None, str]:
+    """Which kernel runs ``q`` exactly (``"int8"``, ``"int4"`` or None) and a short reason / description."""
+    rows, cols = q.codes.shape
+    spec = q.spec
+    groups = spec.groups(cols)
+    if q.g_idx is not None and not torch.equal(q.g_idx.long().cpu(), torch.arange(cols) // spec.width(cols)):
+        return None, "act-order groups (g_idx): no CPU kernel reads scattered groups"
+    if groups == 1:
+        return "int8", f"int8 kernel, {spec.bits}-bit per-channel grid"
+    if spec.bits > 4:
+        return None, (
+            f"{spec.bits}-bit grid with groups of {spec.group_size}: the int8 kernel has one scale per output "
+            "channel (quantize with group_size -1 to run it), the int4 kernel holds codes up to 15"
+        )
+    if spec.group_size not in INT4_GROUP_SIZES:
+        return None, f"group size {spec.group_size}: the int4 kernel takes groups of 32, 64, 128 or 256"
+    if rows % 16:
+        return None, f"{rows} outputs: the int4 kernel packs rows in multiples of 16"
+    pad = f", inputs padded {cols}→{groups * spec.group_size}" if spec.has_partial_group(cols) else ""
+    return "int4", f"int4 kernel, {spec.bits}-bit g{spec.group_size}{pad}"
+
+
+@dataclass
+class KernelReport:
+    """What :func:`swap_quantized_linears` did: layers now run by a kernel, and those left dense, with why."""
+
+    mode: str
+    device: str
+    compute_dtype: str
+    swapped: dict[str, str] = field(default_factory=dict)  # module name → kernel description
+    dense: dict[str, str] = field(default_factory=dict)  # parameter name → why it stays a dequantized matrix
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: how many layers each kernel runs, how many stay dense, and the commonest reason."""
+        if self.note and not self.swapped:
+            return f"kernels {self.mode}: {self.note}"
+        kinds: dict[str, int] = {}
+        for desc in self.swapped.values():
+            kind = desc.split(" kernel")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        parts = [f"{n} layers {k}" for k, n in sorted(kinds.items())]
+        if self.dense:
+            reasons: dict[str, int] = {}
+            for why in self.dense.values():
+                reasons[why] = reasons.get(why, 0) + 1
+            top = max(reasons, key=reasons.get)
+            parts.append(f"{len(self.dense)} quantized layers dense ({top})")
+        text = ", ".join(parts) or "nothing swapped"
+        return f"kernels {self.mode} ({self.compute_dtype} compute): {text}" + (f"; {self.note}" if self.note else "")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in KERNEL_MODES:
+        raise UserError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}", param="kernels")
+    return mode
+
+
+def _module_of(model: nn.Module, param: str) -> tuple[str, nn.Module | None]:
+    name = param.removesuffix(".weight")
+    try:
+        return name, model.get_submodule(name)
+    except AttributeError:
+        return name, None
+
+
+def swap_quantized_linears(
+    model: nn.Module,
+    quantized: dict[str, QuantizedTensor],
+    mode: str = "auto",
+    *,
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> KernelReport:
+    """Replace the linear layers of ``model`` named by ``quantized`` (parameter name → codes and grids, ``[out,
+    in]``) by :class:`Int8Linear` / :class:`Int4Linear` where a kernel runs their grid exactly; in place.
+
+    Layers left alone keep whatever weight they hold (the caller fills them with the dequantized matrix); the
+    returned :class:`KernelReport` (also stored as ``model.lmcompress_kernels``) lists both with reasons.
+    ``mode="none"`` swaps nothing. The kernels are CPU kernels: on another device nothing is swapped.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    check_mode(mode)
+    device = torch.device(device)
+    report = KernelReport(mode, str(device), str(compute_dtype).removeprefix("torch."))
+    setattr(model, REPORT_ATTR, report)
+    if not quantized:
+        report.note = "no quantized layers (not a packed quantized folder): the model runs dense"
+        return report
+    if mode == "none":
+        report.dense = dict.fromkeys(quantized, "kernels none")
+        report.note = "kernels none: quantized layers run as dequantized matrices"
+        return report
+    if device.type != "cpu":
+        report.dense = dict.fromkeys(quantized, f"the weight-only kernels are CPU kernels, not {device.type}")
+        report.note = "quantized layers run as dequantized matrices on " + str(device)
+        return report
+    for param, q in quantized.items():
+        name, module = _module_of(model, param)
+        if not isinstance(module, (nn.Linear, Conv1D)) or not name:
+            report.dense[param] = "not a linear layer's weight"
+            continue
+        kind, why = kernel_for(q)
+        if kind is None:
+            report.dense[param] = why
+            continue
+        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        cls = Int8Linear if kind == "int8" else Int4Linear
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, cls(q.to("cpu"), bias, compute_dtype))
+        report.swapped[name] = why
+    release_freed_memory()
+    log.debug("%s", report.summary())
+    return report
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; nothing elsewhere). Packing layer after layer
+    frees many few-MiB temporaries that glibc keeps otherwise, which would count as resident memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def kernel_report(model: nn.Module) -> KernelReport | None:
+    """The :class:`KernelReport` of a model loaded with kernels (None if it was not)."""
+    return getattr(model, REPORT_ATTR, None)

@@ -1,0 +1,205 @@
+"""CPU weight-only kernels (lmcompress.kernels): outputs against the dequantized matmul, loading packed folders with
+kernels, generation with and without them, the fallbacks and their reasons, bad input.
+
+Tolerances (``bound = |x| · |W|ᵀ``, the sum of the magnitudes of the products each output adds up):
+float32 compute: ``1e-5 · bound`` (float32 rounding, different summation order); bfloat16 compute (the default,
+the fast path): ``2⁻⁷ · bound``, since the input, the scales and the output are each rounded to bfloat16's 8
+significant bits (≤ 2⁻⁹ relative each).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize
+from lmcompress.checkpoint.load import load
+from lmcompress.cli import app
+from lmcompress.errors import UserError
+from lmcompress.jobs import quantize_pretrained
+from lmcompress.kernels import Int4Linear, Int8Linear, kernel_for, kernel_report, swap_quantized_linears
+from lmcompress.transforms.quantize import QuantConfig
+
+BF16_TOL = 2.0**-7
+FP32_TOL = 1e-5
+
+
+def _check(layer: nn.Module, q: QuantizedTensor, tol: float, bias: torch.Tensor | None = None) -> float:
+    torch.manual_seed(1)
+    w = q.dequantize()
+    x = torch.randn(3, 5, w.shape[1])
+    ref = x @ w.T + (0 if bias is None else bias)
+    bound = x.abs() @ w.abs().T + 1e-6
+    y = layer(x)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    err = float(((y - ref).abs() / bound).max())
+    assert err <= tol, err
+    return err
+
+
+def _weight(rows: int, cols: int, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * cols)) + shift
+
+
+@pytest.mark.parametrize("bits,sym", [(8, True), (8, False), (4, False), (6, True)])
+def test_int8_per_channel_matches_dequantized(bits, sym):
+    q = rtn_quantize(_weight(48, 80, shift=0.7), QuantSpec(bits, -1, sym))
+    assert kernel_for(q)[0] == "int8"
+    bias = torch.randn(48)
+    assert _check(Int8Linear(q, bias, torch.float32), q, FP32_TOL, bias) < FP32_TOL
+    _check(Int8Linear(q, bias), q, BF16_TOL, bias)
+
+
+@pytest.mark.parametrize(
+    "bits,group,sym,cols",
+    [
+        (4, 32, True, 128),
+        (4, 64, False, 192),
+        (4, 128, True, 320),
+        (3, 32, False, 96),
+        (2, 64, True, 128),
+        (4, 256, False, 512),
+        (4, 64, True, 96),
+    ],
+)
+def test_int4_grouped_matches_dequantized(bits, group, sym, cols):
+    q = rtn_quantize(_weight(32, cols, shift=0.3), QuantSpec(bits, group, sym))
+    kind, why = kernel_for(q)
+    assert kind == "int4"
+    assert ("padded" in why) == (cols % group != 0)  # a partial last group runs padded with zero inputs
+    _check(Int4Linear(q, None, torch.float32), q, FP32_TOL)
+    _check(Int4Linear(q), q, BF16_TOL)
+
+
+def test_int4_op_refuses_other_group_sizes_and_we_fall_back():
+    with pytest.raises(RuntimeError, match="qGroupSize"):  # the op itself: 32, 64, 128 or 256 only
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 64, dtype=torch.int32), 1)
+        torch.ops.aten._weight_int4pack_mm_for_cpu(torch.zeros(1, 64), w, 16, torch.zeros(4, 16, 2))
+    cases = {
+        "group size 16": rtn_quantize(_weight(32, 64), QuantSpec(4, 16)),
+        "one scale per output": rtn_quantize(_weight(32, 256), QuantSpec(8, 128)),
+        "multiples of 16": rtn_quantize(_weight(24, 64), QuantSpec(4, 32)),
+    }
+    for reason, q in cases.items():
+        kind, why = kernel_for(q)
+        assert kind is None and reason in why
+    q = rtn_quantize(_weight(32, 64), QuantSpec(4, 32))
+    shuffled = QuantizedTensor(q.codes, q.scale, q.zero, q.spec, torch.randperm(64) % 2)
+    assert kernel_for(shuffled) == (None, "act-order groups (g_idx): no CPU kernel reads scattered groups")
+    plain = QuantizedTensor(q.codes, q.scale, q.zero, q.spec, torch.arange(64) // 32)
+    assert kernel_for(plain)[0] == "int4"  # a g_idx that is the natural order is no obstacle
+
+
+@pytest.fixture(scope="module")
+def quantized_folders(tiny_folder, tmp_path_factory):
+    """Packed tiny llamas: RTN 4-bit g32 (int4), 8-bit per channel (int8), 4-bit g16 (no kernel)."""
+    root = tmp_path_factory.mktemp("kernels")
+    out = {}
+    for name, config in {
+        "int4": QuantConfig("rtn", 4, 32),
+        "int8": QuantConfig("rtn", 8, -1),
+        "g16": QuantConfig("rtn", 4, 16),
+    }.items():
+        quantize_pretrained(tiny_folder("llama"), config, root / name, progress=False)
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_load_with_kernels_swaps_without_dense_weights(quantized_folders, kind):
+    dense, _ = load(quantized_folders[kind])
+    fast, _ = load(quantized_folders[kind], kernels="auto")
+    report = kernel_report(fast)
+    assert len(report.swapped) == 14 and not report.dense  # 2 blocks × 7 linear layers
+    assert all(d.startswith(f"{kind} kernel") for d in report.swapped.values())
+    cls = Int4Linear if kind == "int4" else Int8Linear
+    layers = [m for m in fast.modules() if isinstance(m, cls)]
+    assert len(layers) == 14 and all(not hasattr(m, "weight") for m in layers)
+    assert sum(p.numel() for p in fast.parameters()) < sum(p.numel() for p in dense.parameters())
+    ids = torch.randint(0, dense.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = dense(ids).logits, fast(ids).logits
+    assert float((got - ref).abs().max()) < 0.05 * float(ref.abs().max())  # bfloat16 compute through 2 blocks
+    assert kernel_report(dense) is None  # kernels none (the default) leaves the model as before
+
+
+def test_layers_no_kernel_runs_stay_dense_and_are_reported(quantized_folders):
+    dense, _ = load(quantized_folders["g16"])
+    model, _ = load(quantized_folders["g16"], kernels="auto")
+    report = kernel_report(model)
+    assert not report.swapped and len(report.dense) == 14
+    assert all("group size 16" in why for why in report.dense.values())
+    assert "14 quantized layers dense" in report.summary()
+    for (name, p), (_, r) in zip(model.named_parameters(), dense.named_parameters(), strict=True):
+        assert torch.equal(p, r), name
+
+
+def test_greedy_generation_identical_with_float32_kernels(quantized_folders):
+    """float32 compute: the kernels agree with the dequantized matmul to float32 rounding, so greedy decoding
+    gives the same tokens. The default bfloat16 compute is not bit-close (see the logits test above)."""
+    from lmcompress.checkpoint.packed import read_packed
+    from lmcompress.cli.generate import generate_text
+
+    model, tokenizer = load(quantized_folders["int4"])
+    plain = generate_text(model, tokenizer, "the history of", max_new_tokens=12)
+    _, quantized = read_packed(quantized_folders["int4"])
+    report = swap_quantized_linears(model, quantized, compute_dtype=torch.float32)
+    assert len(report.swapped) == 14
+    fast = generate_text(model, tokenizer, "the history of", max_new_tokens=12)
+    assert fast["token_ids"] == plain["token_ids"] and len(fast["token_ids"]) == 12
+    assert fast["decode_tokens_per_s"] > 0 and fast["prefill_tokens_per_s"] > 0
+
+
+def test_generate_cli(quantized_folders, tiny_folder):
+    runner = CliRunner()
+    args = ["generate", str(quantized_folders["int8"]), "--prompt", "the history of", "--max-new-tokens", "5"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["new_tokens"] == 5 and len(out["kernels"]["swapped"]) == 14 and out["decode_tokens_per_s"] > 0
+    text = runner.invoke(app, args)
+    assert text.exit_code == 0 and "14 layers int8" in text.output and "tokens/s" in text.output
+    sampled = runner.invoke(app, [*args, "--sample", "--temperature", "0.8", "--seed", "3", "--kernels", "none"])
+    assert sampled.exit_code == 0, sampled.output
+    dense = runner.invoke(app, ["generate", str(tiny_folder("llama")), "--prompt", "the", "--max-new-tokens", "2"])
+    assert dense.exit_code == 0 and "no quantized layers" in dense.output and "runs dense" in dense.output
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--kernels", "bogus"], "--kernels must be one of auto, none"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+        (["--sample", "--temperature", "0"], "--temperature must be positive"),
+        (["--chat"], "defines no chat_template; give the prompt without --chat"),
+    ],
+)
+def test_generate_bad_input(quantized_folders, extra, message):
+    result = CliRunner().invoke(app, ["generate", str(quantized_folders["int8"]), "--prompt", "the", *extra])
+    assert result.exit_code != 0
+    assert message in str(result.exception) + result.output
+
+
+def test_load_refuses_unknown_kernels(quantized_folders):
+    with pytest.raises(UserError, match="kernels must be one of auto, none"):
+        load(quantized_folders["int8"], kernels="bogus")
+
+
+def test_eval_profile_reports_generation_speed(quantized_folders, tiny_folder):
+    from lmcompress.measure.profile import format_profile, profile_pretrained
+
+    prof = profile_pretrained(quantized_folders["int4"], seqlen=64, repeats=1, generation=True)
+    gen = prof["generation"]
+    assert "14 layers int4" in gen["model"]["kernel_summary"]
+    assert gen["source"] is not None and gen["source"]["kernel_summary"] is None  # the dense source, as it is
+    for side in ("model", "source"):
+        assert gen[side]["decode_tokens_per_s"] > 0 and gen[side]["prefill_tokens"] == 64
+        assert gen[side]["peak_rss_mb"] >= gen[side]["load_peak_rss_mb"] > 0
+    assert gen["decode_speedup"] > 0
+    assert "decode speed-up" in format_profile(prof)
+    bad = CliRunner().invoke(app, ["eval", str(quantized_folders["int4"]), "--kernels", "none"])
+    assert bad.exit_code != 0 and "--kernels does not apply without --profile" in str(bad.exception) + bad.output
