@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 
 import torch
 
 from bench.common import CACHE, machine_info, print_table, save_results, wikitext
 from lmcompress.calibration.data import draw, eval_windows
+
+BASELINES = CACHE / "search-baselines.json"  # perplexity of uniform / OWL sequential pruning, by settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,13 +79,20 @@ def main(argv: list[str] | None = None) -> None:
     dense = ppl(base)
     print(f"dense: WikiText-2 test perplexity {dense:.3f} ({test.numel()} tokens)", flush=True)
     rows = []
+    baselines = json.loads(BASELINES.read_text()) if BASELINES.is_file() else {}
     for method in [m for m in args.methods.split(",") if m and m != "none"]:
         for target in (float(t) for t in args.targets.split(",")):
             row = {"method": method, "sparsity": target}
             for allocation in ("uniform", "owl"):
-                model = copy.deepcopy(base)
-                prune(model, PruneConfig(method=method, sparsity=target, allocation=allocation), calib, progress=False)
-                row[allocation] = ppl(model)
+                data = f"n{args.nsamples}x{args.seqlen} test{args.eval_windows}x{args.eval_seqlen}"
+                key = f"{method} {target:g} {allocation} {data}"
+                if key not in baselines:  # sequential pruning is deterministic: a rerun reuses what it measured
+                    model = copy.deepcopy(base)
+                    config = PruneConfig(method=method, sparsity=target, allocation=allocation)
+                    prune(model, config, calib, progress=False)
+                    baselines[key] = ppl(model)
+                    BASELINES.write_text(json.dumps(baselines, indent=1))
+                row[allocation] = baselines[key]
                 print(f"{method} {target:g} {allocation}: {row[allocation]:.3f}", flush=True)
             config = SearchConfig(
                 target=target, method=method, levels=args.levels, generations=args.generations, offspring=args.offspring
