@@ -75,7 +75,9 @@ def search(
     ),
     group_size: int = typer.Option(128, "--group-size", help="bits: inputs sharing one scale; -1: per channel."),
     granularity: str = typer.Option("block", "--granularity", help="One level per block, or per layer."),
-    generations: int = typer.Option(50, "--generations", help="Evolution generations."),
+    generations: int = typer.Option(
+        None, "--generations", help="Evolution generations [default: 20 on a CPU, 50 on a GPU]."
+    ),
     offspring: int = typer.Option(16, "--offspring", help="Mutants scored per generation."),
     survivors: str = typer.Option("4,1", "--survivors", help="Kept after each selection stage (ends in 1)."),
     stage_windows: str = typer.Option("2,8", "--stage-windows", help="Fitness windows scored at each stage."),
@@ -89,8 +91,12 @@ def search(
     trials: int = typer.Option(40, "--trials", help="--tune: number of Optuna trials."),
     keep_database: bool = typer.Option(False, "--keep-database", help="Keep the level database and search state."),
     calib_data: str = typer.Option("c4", "--calib-data", help="Calibration text (as for prune)."),
-    nsamples: int = options.NSAMPLES,
-    seqlen: int = options.SEQLEN,
+    nsamples: int = typer.Option(
+        None, "--nsamples", help="Calibration windows for the level database [default: 32 on a CPU, 128 on a GPU]."
+    ),
+    seqlen: int = typer.Option(
+        None, "--seqlen", help="Tokens per window [default: 256 on a CPU, min(2048, model context) on a GPU]."
+    ),
     seed: int = options.CALIB_SEED,
     device: str = options.DEVICE,
     dtype: str = options.DTYPE,
@@ -119,6 +125,10 @@ def search(
 
       lmcompress search ./llama --tune owl --budget sparsity=0.7 --trials 40 -o llama-owl-tuned
     """
+    cpu = not str(device).startswith("cuda")  # sized so that a 135M model takes about half an hour on 2 cores
+    generations = generations if generations is not None else (20 if cpu else 50)
+    ctx.params["nsamples"] = nsamples if nsamples is not None else (32 if cpu else 128)
+    ctx.params["seqlen"] = seqlen if seqlen is not None or not cpu else 256
     kind, value = parse_budget(budget)
     config = SearchConfig(
         target=value,
