@@ -54,3 +54,24 @@ def tiny_folder(tmp_path_factory, tokenizer):
         return cache[family]
 
     return make
+
+
+def run_cli(argv: list[str]) -> int:
+    """Run the CLI in-process; its exit status."""
+    from lmcompress.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
+
+
+def random_ids(vocab: int) -> torch.Tensor:
+    """Two fixed windows of 24 random token ids."""
+    return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def logits_of(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits

@@ -12,35 +12,21 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+from conftest import logits_of as _logits  # noqa: E402
+from conftest import random_ids as _ids  # noqa: E402
+from conftest import run_cli as _cli  # noqa: E402
+
 import lmcompress  # noqa: E402
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize  # noqa: E402
 from lmcompress.checkpoint.gguf_export import export_gguf  # noqa: E402
 from lmcompress.checkpoint.load import load  # noqa: E402
 from lmcompress.checkpoint.packed import save_packed  # noqa: E402
 from lmcompress.checkpoint.save import save_model  # noqa: E402
-from lmcompress.cli import main  # noqa: E402
 from lmcompress.errors import UserError  # noqa: E402
 from lmcompress.models.families import find_prunable, get_blocks, set_weight_matrix, weight_matrix  # noqa: E402
 from lmcompress.models.gguf_names import rotary_row_order, rotary_rows, tensor_name_map  # noqa: E402
 from lmcompress.models.tiny import build_tiny_model  # noqa: E402
 from lmcompress.transforms.prune import PruneConfig  # noqa: E402
-
-
-def _cli(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
-
-
-def _ids(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def _packed(family: str, tokenizer, folder, spec: QuantSpec, *, act_order: bool = False, **overrides):

@@ -7,6 +7,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import logits_of as _logits
+from conftest import random_ids as _ids
+from conftest import run_cli as _cli
 from safetensors.torch import load_file, save_file
 
 import lmcompress
@@ -15,31 +18,12 @@ from lmcompress.checkpoint.inspect import folder_info
 from lmcompress.checkpoint.load import load, load_model
 from lmcompress.checkpoint.packed import PACKED_FILE, read_packed, save_packed
 from lmcompress.checkpoint.save import save_model
-from lmcompress.cli import main
 from lmcompress.errors import UserError
 from lmcompress.models.families import find_prunable, get_blocks, set_weight_matrix, weight_matrix
 from lmcompress.models.tiny import TINY_CONFIGS, build_tiny_model
 from lmcompress.transforms.prune import PruneConfig
 
 FAMILIES = sorted(TINY_CONFIGS)
-
-
-def _cli(argv: list[str]) -> int:
-    """Run the CLI in-process; its exit status."""
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
-
-
-def _ids(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def _pruned(family: str, tokenizer, pattern: str = "unstructured"):

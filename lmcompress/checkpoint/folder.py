@@ -207,17 +207,8 @@ def save_atomic(out_dir: str | Path, write: Callable[[Path], None], *, overwrite
 
 def write_file_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write ``data`` (text as UTF-8) to ``path`` through a temporary file beside it and an atomic rename."""
-    path = Path(path)
-    clean_stale(path)
-    tmp = _temp_name(path)
-    try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise _write_error(path, exc) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    raw = data.encode() if isinstance(data, str) else data
+    return write_path_atomic(path, lambda tmp: tmp.write_bytes(raw))
 
 
 def write_path_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
