@@ -10,7 +10,8 @@ Per method and target, all on the same calibration windows and printed side by s
   OWL's block sparsities;
 - ``db-uniform`` and ``db-OWL``: the search's own baselines, assembled from its level database (each layer
   pruned from the dense model's statistics), placed on the level grid;
-- ``search``: the allocation the search chose, assembled from the same database.
+- ``search``: the allocation the search chose, assembled from the same database;
+- ``search-sequential``: that allocation applied by ordinary sequential pruning (``prune --allocation``).
 WikiText-2 test perplexity (``--eval-windows`` windows of ``--seqlen`` tokens), the KL fitness on the held-out
 calibration windows, and the wall time of the search (database included) are reported. One level database per
 method is shared by its targets (kept in bench/cache/search-db).
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
             report = search(model, config, calib, held_out, work, progress=True)
             row["search_s"] = time.perf_counter() - start
             row["search"] = ppl(model)
+            sequential = copy.deepcopy(base)  # the same allocation by ordinary sequential pruning (prune --allocation)
+            config = PruneConfig(method=method, allocation="layers", layer_targets=report.layer_levels)
+            prune(sequential, config, calib, progress=False)
+            row["search-sequential"] = ppl(sequential)
             for name, alloc in report.baseline_allocations.items():
                 from lmcompress.search.database import LevelDatabase
 
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             best = min(row["uniform"], row["owl"])
             row["search/best"] = row["search"] / best
             row["search/uniform"] = row["search"] / row["uniform"]
+            row["sequential/best"] = row["search-sequential"] / best
             rows.append(row)
             print(row, flush=True)
     if args.bits is not None:
