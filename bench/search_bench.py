@@ -9,7 +9,8 @@ Per method and target, all on the same calibration windows and printed side by s
 - ``uniform`` and ``OWL``: ordinary sequential pruning (``lmcompress prune``), every block at the target or at
   OWL's block sparsities;
 - ``db-uniform`` and ``db-OWL``: the search's own baselines, assembled from its level database (each layer
-  pruned from the dense model's statistics), placed on the level grid;
+  pruned from the statistics ``--database-inputs`` names: the earlier blocks pruned uniformly, or dense), placed
+  on the level grid;
 - ``search``: the allocation the search chose, assembled from the same database;
 - ``search-sequential``: that allocation applied by ordinary sequential pruning (``prune --allocation``).
 WikiText-2 test perplexity (``--eval-windows`` windows of ``--seqlen`` tokens), the KL fitness on the held-out
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bits", type=float, default=None, help="also: a bit-width search at this average")
     parser.add_argument("--bit-levels", default="2,3,4,8")
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--database-inputs", default="sequential", choices=("sequential", "dense"))
     parser.add_argument("--max-loss", type=float, default=None, help="also: --max-loss ppl=+X (0.05 = +5%%)")
     parser.add_argument("--max-loss-generations", type=int, default=10, help="generations of each bisection step")
     args = parser.parse_args(argv)
@@ -96,9 +98,14 @@ def main(argv: list[str] | None = None) -> None:
                 row[allocation] = baselines[key]
                 print(f"{method} {target:g} {allocation}: {row[allocation]:.3f}", flush=True)
             config = SearchConfig(
-                target=target, method=method, levels=args.levels, generations=args.generations, offspring=args.offspring
+                target=target,
+                method=method,
+                levels=args.levels,
+                generations=args.generations,
+                offspring=args.offspring,
+                database_inputs=args.database_inputs,
             )
-            work = CACHE / "search-db" / f"{method}-{target:g}"
+            work = CACHE / "search-db" / f"{method}-{target:g}{'-seq' if args.database_inputs == 'sequential' else ''}"
             model = copy.deepcopy(base)
             start = time.perf_counter()
             report = search(model, config, calib, held_out, work, progress=True)
@@ -164,10 +171,13 @@ def bits_row(args, base, calib, held_out, ppl) -> dict:
         group_size=args.group_size,
         generations=args.generations,
         offspring=args.offspring,
+        database_inputs=args.database_inputs,
     )
     model = copy.deepcopy(base)
     start = time.perf_counter()
-    report = search(model, config, calib, held_out, CACHE / "search-db" / f"bits-g{args.group_size}", progress=True)
+    suffix = "-seq" if args.database_inputs == "sequential" else ""
+    work = CACHE / "search-db" / f"bits-g{args.group_size}{suffix}"
+    report = search(model, config, calib, held_out, work, progress=True)
     row["search_s"] = time.perf_counter() - start
     row["search"] = ppl(model)
     row["achieved_bits"] = report.achieved

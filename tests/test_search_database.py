@@ -5,29 +5,34 @@ from __future__ import annotations
 import copy
 import random
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from lmcompress.models.tiny import build_tiny_model
-from lmcompress.search.database import LevelDatabase, build_database, prune_from_dense_inputs, pruner
+from lmcompress.search.database import LevelDatabase, build_database, prune_from_reference_inputs, pruner
 from lmcompress.search.fitness import KLFitness
-from lmcompress.transforms.prune import PruneConfig
+from lmcompress.models.families import prunable_layers
+from lmcompress.transforms.prune import PruneConfig, prune
 
 LEVELS = [0.3, 0.5, 0.7]
 
 
-def test_database_candidate_equals_direct_compression_at_those_levels(tmp_path, tokenizer, calib):
+@pytest.mark.parametrize("inputs", ["dense", "sequential"])
+def test_database_candidate_equals_direct_compression_at_those_levels(tmp_path, tokenizer, calib, inputs):
     model = build_tiny_model("llama", tokenizer.vocab_size)
     dense = copy.deepcopy(model)
     config = PruneConfig(method="sparsegpt", sparsity=0.5)
-    db = build_database(model, pruner(config), calib, LEVELS, tmp_path / "db", progress=False)
+    reference = dict.fromkeys(prunable_layers(model), 1) if inputs == "sequential" else None
+    db = build_database(model, pruner(config), calib, LEVELS, tmp_path / "db", reference=reference, progress=False)
     for a, b in zip(model.parameters(), dense.parameters(), strict=True):
         assert torch.equal(a, b)  # building the database leaves the model dense
     rng = random.Random(0)
     assignment = {layer: rng.randrange(len(LEVELS)) for layer in db.layers}
     db.apply(model, assignment)
     direct = copy.deepcopy(dense)
-    prune_from_dense_inputs(direct, config, calib, {k: LEVELS[v] for k, v in assignment.items()})
+    as_sparsity = {k: LEVELS[v] for k, v in (reference or {}).items()} if reference else None
+    prune_from_reference_inputs(direct, config, calib, {k: LEVELS[v] for k, v in assignment.items()}, as_sparsity)
     for (n, a), (_, b) in zip(model.named_parameters(), direct.named_parameters(), strict=True):
         # the database solves a group's layers and levels stacked, the reference each layer alone: the same
         # masks, and weights equal up to the order of floating-point sums
@@ -37,6 +42,27 @@ def test_database_candidate_equals_direct_compression_at_those_levels(tmp_path, 
     layer = db.layers[0]
     sparsity = (reopened.weight(layer, 2) == 0).float().mean().item()
     assert abs(sparsity - 0.7) < 0.02
+
+
+def test_sequential_database_reference_candidate_is_sequential_pruning(tmp_path, tokenizer, calib):
+    """Built along the uniform model's inputs, the all-reference candidate is what ``prune`` gives."""
+    model = build_tiny_model("llama", tokenizer.vocab_size)
+    dense = copy.deepcopy(model)
+    config = PruneConfig(method="sparsegpt", sparsity=0.5)
+    reference = dict.fromkeys(prunable_layers(model), 1)
+    db = build_database(model, pruner(config), calib, LEVELS, tmp_path / "db", reference=reference, progress=False)
+    db.apply(model, reference)
+    sequential = copy.deepcopy(dense)
+    prune(sequential, config, calib, progress=False)
+    dense_db = build_database(dense, pruner(config), calib, LEVELS, tmp_path / "dense", progress=False)
+    dense_db.apply(dense, reference)
+    gap = 0.0
+    for (n, a), (_, b), (_, c) in zip(
+        model.named_parameters(), sequential.named_parameters(), dense.named_parameters(), strict=True
+    ):
+        assert torch.equal(a == 0, b == 0) and torch.allclose(a, b, atol=1e-5, rtol=1e-5), n
+        gap = max(gap, (c - b).abs().max().item())
+    assert gap > 1e-3  # the dense-input database does differ from sequential pruning after the first block
 
 
 def test_kl_fitness_matches_a_direct_computation(tokenizer, calib):

@@ -84,6 +84,12 @@ def search(
     fitness_windows: int = typer.Option(16, "--fitness-windows", help="Held-out windows drawn for the fitness."),
     time_limit: str = typer.Option(None, "--time-limit", help="Stop after the generation that passes it: 30m, 1h."),
     fitness: str = typer.Option("kl", "--fitness", help="kl: divergence to the dense model; ppl: own perplexity."),
+    database_inputs: str = typer.Option(
+        "sequential",
+        "--database-inputs",
+        help="Statistics of the level database: sequential (each block sees the earlier blocks compressed "
+        "uniformly, as sequential SparseGPT/GPTQ does) or dense (the dense model's inputs, as in EvoPress).",
+    ),
     max_loss: str = typer.Option(
         None, "--max-loss", help="ppl=+5%: the largest sparsity (on the level grid) within that perplexity loss."
     ),
@@ -143,6 +149,7 @@ def search(
         stage_windows=_ints(stage_windows, "--stage-windows"),
         time_limit_s=parse_duration(time_limit),
         fitness=fitness,
+        database_inputs=database_inputs,
         seed=seed,
     )
     report = search_pretrained(

@@ -316,6 +316,13 @@ def find_prunable(block: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in block.named_modules() if is_prunable(m)}
 
 
+def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every block's linear layers, by full module name (``model.layers.3.mlp.up_proj``), in model order."""
+    prefix = blocks_path(model)
+    blocks = get_blocks(model)
+    return {f"{prefix}.{i}.{n}": m for i, block in enumerate(blocks) for n, m in find_prunable(block).items()}
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as ``[out_features, in_features]`` (Conv1D stores it transposed)."""
     return module.weight.data.t() if isinstance(module, Conv1D) else module.weight.data

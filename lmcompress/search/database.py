@@ -1,8 +1,11 @@
 """The level database: every prunable layer compressed once at every level, kept on disk.
 
-Each block is walked with the *dense* model's calibration inputs (the model is never changed while the database
-is built), and each of its layers is compressed at each level from the same statistics, so any assignment of
-levels to layers can be put together without running the compressor again. Block ``i`` at level ``k`` goes to
+Each block is walked once, and each of its layers is compressed at each level from the same statistics, so any
+assignment of levels to layers can be put together without running the compressor again. The statistics come
+from the *dense* model's calibration inputs (EvoPress), or, given a ``reference`` assignment, from the inputs of
+the model whose earlier blocks are compressed at their reference levels: the way sequential SparseGPT/GPTQ sees
+them, so the reference candidate assembled from the database *is* the sequential result and candidates near it
+are close to theirs. The model is restored to dense at the end. Block ``i`` at level ``k`` goes to
 ``b{i:03d}-l{k:02d}.safetensors`` (read back memory-mapped): the pruned weight, or for bit widths the integer
 codes, scales and zero points (the weight is their dequantization). ``database.json`` holds the levels, each
 layer's size and its cost at every level (weights kept, or bits stored with the grids).
@@ -136,11 +139,14 @@ def build_database(
     folder: str | Path,
     *,
     device: str | torch.device = "cpu",
+    reference: dict[str, int] | None = None,
     progress: bool = True,
 ) -> LevelDatabase:
     """Compress every layer of ``model`` at every level of ``levels`` into ``folder``; the model stays dense.
 
-    ``compressor`` is what :func:`pruner` or :func:`quantizer` return.
+    ``compressor`` is what :func:`pruner` or :func:`quantizer` return. With ``reference`` (layer → level
+    index), each block's statistics are taken from the outputs of the earlier blocks at their reference
+    levels (sequential inputs); without it, from the dense model's.
     """
     compress, needs_data, hessian = compressor
     folder = Path(folder)
@@ -151,9 +157,16 @@ def build_database(
     block_of: dict[str, int] = {}
     cost: dict[str, list[float]] = {}
     quantized = False
+    originals: dict[nn.Module, torch.Tensor] = {}  # the dense weights of the block that holds reference levels
+
+    def restore() -> None:
+        for module, w in originals.items():
+            set_weight_matrix(module, w)
+        originals.clear()
 
     def visit(i: int, block: nn.Module, inputs: BlockInputs | None) -> None:
         nonlocal quantized
+        restore()  # the previous block's outputs are computed: it goes back to dense
         modules = find_prunable(block)
         stats = collect_input_stats(block, inputs, list(modules), hessian) if needs_data else None
         for name, module in modules.items():
@@ -194,12 +207,20 @@ def build_database(
                     }
                     cost[full].append(nominal_bits_per_weight({full: qt}) * qt.codes.numel())
             save_file(tensors, str(folder / f"b{i:03d}-l{k:02d}.safetensors"), metadata=meta or None)
+        if reference is not None and needs_data:  # the next block sees this one at its reference levels
+            for name, module in modules.items():
+                full = f"{prefix}.{i}.{name}"
+                originals[module] = weight_matrix(module).detach().clone()
+                set_weight_matrix(module, results[full][reference[full]][0])
 
-    if not needs_data:
+    if not needs_data:  # magnitude / RTN: no inputs, so the reference changes nothing
         for i, block in enumerate(get_blocks(model)):
             visit(i, block, None)
-    else:  # the model is never changed here, so every block sees the dense model's inputs
-        walk_blocks(model, calib, torch.device(device), visit, desc="level database", progress=progress)
+    else:
+        try:
+            walk_blocks(model, calib, torch.device(device), visit, desc="level database", progress=progress)
+        finally:
+            restore()
     meta = {
         "levels": list(levels),
         "layers": layers,
@@ -212,17 +233,28 @@ def build_database(
     return LevelDatabase(folder, list(levels), layers, sizes, block_of, cost, quantized)
 
 
-def prune_from_dense_inputs(
-    model: nn.Module, config: PruneConfig, calib: torch.Tensor, assignment: dict[str, float], *, device="cpu"
+def prune_from_reference_inputs(
+    model: nn.Module,
+    config: PruneConfig,
+    calib: torch.Tensor,
+    assignment: dict[str, float],
+    reference: dict[str, float] | None = None,
+    *,
+    device="cpu",
 ) -> None:
-    """Prune each layer at its own sparsity from the *dense* model's statistics (what the database holds).
+    """Prune each layer at its own sparsity from the statistics the database holds: the dense model's inputs,
+    or those of the model pruned at the ``reference`` sparsities up to each block.
 
-    The reference the database is checked against: the same statistics, each layer compressed directly.
+    What the database is checked against: the same statistics, each layer compressed directly.
     """
     prefix = blocks_path(model)
     new: dict[str, torch.Tensor] = {}
+    originals: dict[nn.Module, torch.Tensor] = {}
 
     def visit(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        for module, w in originals.items():
+            set_weight_matrix(module, w)
+        originals.clear()
         modules = find_prunable(block)
         stats = None
         if config.method != "magnitude":
@@ -231,6 +263,12 @@ def prune_from_dense_inputs(
             full = f"{prefix}.{i}.{name}"
             w = weight_matrix(module)
             new[full] = prune_layer(config, w, stats and stats[name], assignment[full], full).weight.to(w.dtype)
+        if reference is not None:
+            for name, module in modules.items():
+                full = f"{prefix}.{i}.{name}"
+                originals[module] = weight_matrix(module).detach().clone()
+                w = prune_layer(config, weight_matrix(module), stats and stats[name], reference[full], full).weight
+                set_weight_matrix(module, w)
 
     walk_blocks(model, calib, torch.device(device), visit, desc="direct", progress=False)
     modules = dict(model.named_modules())

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from lmcompress.algorithms.evolution import LevelSpace, SearchState, evolve, nearest_feasible
 from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.errors import UserError
+from lmcompress.models.families import prunable_layers
 from lmcompress.search.database import LevelDatabase, build_database, pruner, quantizer
 from lmcompress.search.fitness import make_fitness
 from lmcompress.transforms.prune import PruneConfig, owl_pass
@@ -34,6 +35,7 @@ KINDS = ("sparsity", "bits")
 DEFAULT_LEVELS = {"sparsity": "0.3:0.95:0.05", "bits": "2,3,4,8"}
 METHODS = {"sparsity": ("sparsegpt", "wanda", "magnitude"), "bits": ("gptq", "rtn")}
 GRANULARITIES = ("layer", "block")
+DATABASE_INPUTS = ("sequential", "dense")
 STATE_FILE = "state-{}.json"  # one per search trajectory (the key's hash), so that bisection steps resume too
 
 
@@ -88,6 +90,7 @@ class SearchConfig:
     seed: int = 0
     owl_m: float = 5.0
     owl_lambda: float = 0.08
+    database_inputs: str = "sequential"  # sequential: along the uniform model's inputs; dense: EvoPress's
 
     def validate(self) -> list[float]:
         if self.kind not in KINDS:
@@ -108,6 +111,8 @@ class SearchConfig:
             raise UserError("generations must be ≥ 0 and offspring ≥ 1")
         if len(self.stage_windows) != len(self.survivors) or self.survivors[-1] != 1:
             raise UserError("give one number of fitness windows per selection stage; the last stage keeps 1")
+        if self.database_inputs not in DATABASE_INPUTS:
+            raise UserError(f"unknown database inputs {self.database_inputs!r}: choose {' or '.join(DATABASE_INPUTS)}")
         if self.fitness not in ("kl", "ppl"):
             raise UserError(f"unknown fitness {self.fitness!r}: choose kl or ppl")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
@@ -269,7 +274,12 @@ def prepare(
     work.mkdir(parents=True, exist_ok=True)
     data = {"calib": windows_hash(calib), "fitness": windows_hash(fitness_windows)}
     settings = config.to_dict()
-    db_key = json.dumps({k: settings[k] for k in ("kind", "method", "levels", "group_size", "sym")} | data)
+    reference = None
+    if config.database_inputs == "sequential":  # every layer at the level nearest the target: the uniform model
+        nearest = min(range(len(levels)), key=lambda k: (abs(levels[k] - config.target), k))
+        reference = dict.fromkeys(prunable_layers(model), nearest)
+    fields = ("kind", "method", "levels", "group_size", "sym", "database_inputs")
+    db_key = json.dumps({k: settings[k] for k in fields} | data | {"reference": reference})
     # what decides the trajectory (how long to run does not)
     key = json.dumps({k: v for k, v in settings.items() if k not in ("generations", "time_limit_s")} | data)
     if config.kind == "sparsity":
@@ -279,7 +289,9 @@ def prepare(
     db_dir = work / "database"
     db = _open_database(db_dir, levels, db_key)
     if db is None:
-        db = build_database(model, compressor, calib, levels, db_dir, device=device, progress=progress)
+        db = build_database(
+            model, compressor, calib, levels, db_dir, device=device, reference=reference, progress=progress
+        )
         (db_dir / "key.json").write_text(json.dumps({"key": db_key}))
     units = _units(db, config.granularity)
     space = _space(db, units, config)

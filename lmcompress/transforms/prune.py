@@ -32,6 +32,7 @@ from lmcompress.models.families import (
     find_prunable,
     get_blocks,
     get_final_norm,
+    prunable_layers,
     set_weight_matrix,
     weight_matrix,
 )
@@ -476,8 +477,7 @@ def prune(
 
 
 def _pruned_modules(model: nn.Module, config: PruneConfig) -> dict[str, nn.Module]:
-    prefix = blocks_path(model)
-    out = {f"{prefix}.{i}.{n}": m for i, block in enumerate(get_blocks(model)) for n, m in find_prunable(block).items()}
+    out = prunable_layers(model)
     if config.include_head:
         out["lm_head"] = model.get_output_embeddings()
     return out
