@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, alloc in report.baseline_allocations.items():
                 from lmcompress.search.database import LevelDatabase
 
-                db = LevelDatabase.open(work / "database")
+                db = LevelDatabase.open(report.database)
                 candidate = copy.deepcopy(base)
                 levels = {s: k for k, s in enumerate(report.levels)}
                 db.apply(

@@ -45,7 +45,7 @@ def test_a_killed_search_resumes_to_the_same_allocation(base, calib, tmp_path, m
         tmp_path / "a",
         progress=False,
     )
-    search(
+    partial = search(
         copy.deepcopy(base),
         SearchConfig(target=0.6, generations=3, **FAST),
         calib[:4],
@@ -53,7 +53,7 @@ def test_a_killed_search_resumes_to_the_same_allocation(base, calib, tmp_path, m
         tmp_path / "b",
         progress=False,
     )
-    shutil.rmtree(tmp_path / "b" / "database")  # the database is rebuilt identically if lost
+    shutil.rmtree(partial.database)  # the database is rebuilt identically if lost
     calls = []
     real = run_module.evolve
     monkeypatch.setattr(run_module, "evolve", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -299,3 +299,24 @@ def test_tune_owl_with_optuna_never_scores_worse_than_default_owl(base, calib, t
     assert again.tuned == report.tuned  # finished trials are reloaded, not rerun
     ratios = ratios_at([torch.tensor([0.1, 0.5, 1.0, 2.0, 9.0])], 1.5)
     assert ratios == [pytest.approx(0.4)]
+
+
+def test_scoring_reads_only_changed_layers_and_equals_a_fresh_assembly(base, calib, tmp_path):
+    from lmcompress.search.run import prepare
+
+    model = copy.deepcopy(base)
+    cand = prepare(model, SearchConfig(target=0.6, **FAST), calib[:4], calib[4:6], tmp_path / "w", progress=False)
+    first = cand.place([0.6] * len(cand.units), "uniform")
+    second = list(first)
+    second[0], second[1] = first[0] + 1, first[1] - 1  # one level switch
+    cand.score(first, 1)
+    reads = []
+    real = cand.db.weight
+    cand.db.weight = lambda layer, k: reads.append(layer) or real(layer, k)
+    incremental = cand.score(second, 1)
+    assert sorted(reads) == sorted(cand.units[0] + cand.units[1])  # only the two switched units were read
+    fresh = copy.deepcopy(base)
+    cand.db.apply(fresh, cand.assignment(second))
+    assert incremental == pytest.approx(cand.fitness(fresh, cand.config.stage_windows[1]), abs=1e-9)
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)

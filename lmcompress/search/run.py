@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -148,10 +149,11 @@ class SearchReport:
     quantized: dict[str, QuantizedTensor] | None = None  # bits: the chosen codes of every layer, by parameter
     tuned: dict | None = None  # --tune owl: the best M and λ
     bisection: list[dict] | None = None  # --max-loss: every sparsity tried, its perplexity, whether it passed
+    database: str | None = None  # the level database's folder in the work folder
 
     def to_dict(self) -> dict:
         """Everything but the tensors, JSON-ready."""
-        return {k: v for k, v in asdict(self).items() if k != "quantized"}
+        return {k: v for k, v in asdict(self).items() if k not in ("quantized", "database")}
 
 
 def _units(db: LevelDatabase, granularity: str) -> list[list[str]]:
@@ -243,13 +245,20 @@ class Candidates:
     key: str  # the settings and data that decide a search's trajectory
     model: nn.Module
     fitness: object  # make_fitness(config.fitness, …): (model, n windows) → float
+    applied: dict[str, int] = field(default_factory=dict)  # the level each layer of the model now holds
 
     def assignment(self, unit_levels) -> dict[str, int]:
         return {layer: lv for unit, lv in zip(self.units, unit_levels, strict=True) for layer in unit}
 
     def score(self, unit_levels, stage: int) -> float:
-        """Fitness of the candidate on stage ``stage``'s windows (the model then holds the candidate)."""
-        self.db.apply(self.model, self.assignment(unit_levels))
+        """Fitness of the candidate on stage ``stage``'s windows (the model then holds the candidate).
+
+        Only the layers whose level differs from what the model holds are read from the database: a mutant
+        changes a few units, so scoring costs its forward passes, not a reload of the whole model.
+        """
+        wanted = self.assignment(unit_levels)
+        self.db.apply(self.model, {layer: k for layer, k in wanted.items() if self.applied.get(layer) != k})
+        self.applied = wanted
         return self.fitness(self.model, self.config.stage_windows[stage])
 
     def place(self, targets: list[float], what: str) -> list[int]:
@@ -286,7 +295,7 @@ def prepare(
         compressor = pruner(PruneConfig(method=config.method, sparsity=config.target))
     else:
         compressor = quantizer(config.method, config.group_size, config.sym)
-    db_dir = work / "database"
+    db_dir = database_dir(work, db_key)
     db = _open_database(db_dir, levels, db_key)
     if db is None:
         db = build_database(
@@ -373,7 +382,15 @@ def search(
         history=state.history,
         wall_time_s=time.perf_counter() - start,
         quantized=quantized,
+        database=str(db.folder),
     )
+
+
+def database_dir(work: Path, db_key: str) -> Path:
+    """Where the level database of these settings lives in ``work`` (one folder per settings and reference)."""
+    import hashlib
+
+    return work / f"database-{hashlib.sha256(db_key.encode()).hexdigest()[:12]}"
 
 
 def _open_database(folder: Path, levels: list[float], key: str) -> LevelDatabase | None:
@@ -429,10 +446,15 @@ def search_max_loss(
         ppl = perplexity(model, fitness_windows, device=device, progress=False).perplexity
         ok = ppl <= dense_ppl * (1 + max_loss)
         steps.append({"sparsity": levels[mid], "perplexity": ppl, "dense_perplexity": dense_ppl, "within": ok})
+        # sequential databases differ per budget: keep only the one the final model needs (dense ones are shared)
         if ok:
-            lo, best = mid, report
+            old, lo, best = best, mid, report
+            if old is not None and old.database != report.database:
+                shutil.rmtree(old.database, ignore_errors=True)
         else:
             hi = mid
+            if best is None or best.database != report.database:
+                shutil.rmtree(report.database, ignore_errors=True)
     if best is None:
         model.load_state_dict(dense_state)
         raise UserError(
