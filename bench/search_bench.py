@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bit-levels", default="2,3,4,8")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--database-inputs", default="sequential", choices=("sequential", "dense"))
+    parser.add_argument("--rounds", type=int, default=1, help="database rounds (sequential inputs)")
     parser.add_argument("--max-loss", type=float, default=None, help="also: --max-loss ppl=+X (0.05 = +5%%)")
     parser.add_argument("--max-loss-generations", type=int, default=10, help="generations of each bisection step")
     args = parser.parse_args(argv)
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                 generations=args.generations,
                 offspring=args.offspring,
                 database_inputs=args.database_inputs,
+                rounds=args.rounds,
             )
             work = CACHE / "search-db" / f"{method}-{target:g}{'-seq' if args.database_inputs == 'sequential' else ''}"
             model = copy.deepcopy(base)

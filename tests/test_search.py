@@ -320,3 +320,47 @@ def test_scoring_reads_only_changed_layers_and_equals_a_fresh_assembly(base, cal
     assert incremental == pytest.approx(cand.fitness(fresh, cand.config.stage_windows[1]), abs=1e-9)
     for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_rounds_rebuild_the_database_along_the_parent_and_resume(base, calib, tmp_path, monkeypatch):
+    """A second round rescores the parent on a database built along its own inputs: that candidate is exactly
+    sequential pruning at the parent's levels; a run killed inside round 2 resumes to the same allocation."""
+    from lmcompress.transforms.prune import PruneConfig, prune
+
+    config = SearchConfig(target=0.6, generations=6, rounds=2, **FAST | {"method": "sparsegpt"})
+    straight = search(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "a", progress=False)
+    assert len(straight.rounds) == 1 and straight.rounds[0]["generation"] == 3
+    assert straight.achieved == pytest.approx(0.6, abs=1e-9)
+    parent = straight.rounds[0]["parent"]
+    layer_targets = {layer: lv for unit, lv in zip(straight.units, parent, strict=True) for layer in unit}
+    sequential = copy.deepcopy(base)
+    prune(sequential, PruneConfig(method="sparsegpt", allocation="layers", layer_targets=layer_targets), calib[:4],
+          progress=False)  # fmt: skip
+    from lmcompress.search.fitness import KLFitness
+
+    fit = KLFitness(base, calib[4:6])
+    assert straight.rounds[0]["fitness"] == pytest.approx(fit(sequential, FAST["stage_windows"][-1]), rel=1e-4)
+
+    real = run_module.evolve
+    calls = []
+
+    def dies_in_round_two(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(run_module, "evolve", dies_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        search(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "b", progress=False)
+    monkeypatch.setattr(run_module, "evolve", real)
+    resumed = search(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "b", progress=False)
+    assert resumed.allocation == straight.allocation and resumed.fitness == pytest.approx(straight.fitness)
+    assert resumed.rounds == straight.rounds
+
+
+def test_rounds_need_sequential_inputs():
+    with pytest.raises(UserError, match="rounds"):
+        SearchConfig(rounds=2, database_inputs="dense").validate()
+    with pytest.raises(UserError, match="rounds"):
+        SearchConfig(rounds=0).validate()

@@ -90,6 +90,12 @@ def search(
         help="Statistics of the level database: sequential (each block sees the earlier blocks compressed "
         "uniformly, as sequential SparseGPT/GPTQ does) or dense (the dense model's inputs, as in EvoPress).",
     ),
+    rounds: int = typer.Option(
+        1,
+        "--rounds",
+        help="Sequential inputs: split the generations into this many rounds, each after the first rebuilding the "
+        "database along the best allocation so far (one database build each).",
+    ),
     max_loss: str = typer.Option(
         None, "--max-loss", help="ppl=+5%: the largest sparsity (on the level grid) within that perplexity loss."
     ),
@@ -150,6 +156,7 @@ def search(
         time_limit_s=parse_duration(time_limit),
         fitness=fitness,
         database_inputs=database_inputs,
+        rounds=rounds,
         seed=seed,
     )
     report = search_pretrained(

@@ -18,14 +18,18 @@ def plot_history(report: dict) -> bytes:
 
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.subplots()
-    gens = [0] + [h["generation"] for h in report["history"]]
-    start = min(report["baselines"].values())
-    ax.plot(gens, [start] + [h["fitness"] for h in report["history"]], marker=".", label="search (best so far)")
+    points = [(0, min(report["baselines"].values()))] + [(h["generation"], h["fitness"]) for h in report["history"]]
+    for r in report.get("rounds", []):  # a new database round rescores the parent: a vertical step at its start
+        at = next((i for i, (g, _) in enumerate(points) if g == r["generation"]), len(points) - 1)
+        points.insert(at + 1, (r["generation"], r["fitness"]))
+        ax.axvline(r["generation"], color="tab:gray", linewidth=0.8, alpha=0.6)
+    ax.plot(*zip(*points, strict=True), marker=".", label="search (best so far)")
     for (name, value), style in zip(report["baselines"].items(), ("--", ":"), strict=False):
         ax.axhline(value, color="black", linestyle=style, linewidth=1, label=f"{name} ({value:.4g})")
     ax.set_xlabel("generation")
     ax.set_ylabel("KL divergence to the dense model (lower is better)")
-    ax.set_title("search fitness per generation")
+    rounds = len(report.get("rounds", [])) + 1
+    ax.set_title("search fitness per generation" + (f" ({rounds} database rounds, gray lines)" if rounds > 1 else ""))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return png(fig)

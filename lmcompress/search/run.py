@@ -21,13 +21,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.algorithms.evolution import LevelSpace, SearchState, evolve, nearest_feasible
 from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.errors import UserError
-from lmcompress.models.families import prunable_layers
+from lmcompress.models.families import prunable_layers, set_weight_matrix, weight_matrix
 from lmcompress.search.database import LevelDatabase, build_database, pruner, quantizer
 from lmcompress.search.fitness import make_fitness
 from lmcompress.transforms.prune import PruneConfig, owl_pass
@@ -37,6 +39,7 @@ DEFAULT_LEVELS = {"sparsity": "0.3:0.95:0.05", "bits": "2,3,4,8"}
 METHODS = {"sparsity": ("sparsegpt", "wanda", "magnitude"), "bits": ("gptq", "rtn")}
 GRANULARITIES = ("layer", "block")
 DATABASE_INPUTS = ("sequential", "dense")
+DENSE_FILE = "dense.safetensors"  # the dense weights, for rebuilding the database in later rounds
 STATE_FILE = "state-{}.json"  # one per search trajectory (the key's hash), so that bisection steps resume too
 
 
@@ -92,6 +95,7 @@ class SearchConfig:
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     database_inputs: str = "sequential"  # sequential: along the uniform model's inputs; dense: EvoPress's
+    rounds: int = 1  # sequential inputs: rebuild the database along the best allocation so far, this many times − 1
 
     def validate(self) -> list[float]:
         if self.kind not in KINDS:
@@ -110,6 +114,8 @@ class SearchConfig:
             )
         if self.generations < 0 or self.offspring < 1:
             raise UserError("generations must be ≥ 0 and offspring ≥ 1")
+        if self.rounds < 1 or (self.rounds > 1 and self.database_inputs != "sequential"):
+            raise UserError("rounds must be ≥ 1, and more than one needs sequential database inputs")
         if len(self.stage_windows) != len(self.survivors) or self.survivors[-1] != 1:
             raise UserError("give one number of fitness windows per selection stage; the last stage keeps 1")
         if self.database_inputs not in DATABASE_INPUTS:
@@ -150,6 +156,7 @@ class SearchReport:
     tuned: dict | None = None  # --tune owl: the best M and λ
     bisection: list[dict] | None = None  # --max-loss: every sparsity tried, its perplexity, whether it passed
     database: str | None = None  # the level database's folder in the work folder
+    rounds: list[dict] = field(default_factory=list)  # later rounds: generation, parent fitness before / after
 
     def to_dict(self) -> dict:
         """Everything but the tensors, JSON-ready."""
@@ -190,12 +197,13 @@ def _on_budget(space: LevelSpace, targets: list[float], levels: list[float], wha
         ) from None
 
 
-def _save_state(work: Path, state: SearchState, key: str, baselines: dict) -> None:
+def _save_state(work: Path, state: SearchState, key: str, baselines: dict, round_starts: list) -> None:
     from lmcompress.checkpoint.folder import json_text, write_file_atomic
 
     data = {
         "key": key,
         "baselines": baselines,
+        "round_starts": round_starts,
         "levels": state.levels,
         "fitness": state.fitness,
         "generation": state.generation,
@@ -211,15 +219,15 @@ def _state_name(key: str) -> str:
     return STATE_FILE.format(hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
-def _load_state(work: Path, key: str) -> tuple[SearchState | None, dict]:
-    """The saved state and baselines of a search with the same settings, or ``(None, {})``."""
+def _load_state(work: Path, key: str) -> tuple[SearchState | None, dict, list]:
+    """The saved state, baselines and round starts of a search with the same settings, or ``(None, {}, [])``."""
     path = work / _state_name(key)
     if not path.is_file():
-        return None, {}
+        return None, {}, []
     try:
         data = json.loads(path.read_text())
         if data.get("key") != key:
-            return None, {}
+            return None, {}, []
         rng = data["rng_state"]
         rng_state = None if rng is None else (rng[0], tuple(rng[1]), rng[2])
         state = SearchState(
@@ -227,10 +235,11 @@ def _load_state(work: Path, key: str) -> tuple[SearchState | None, dict]:
         )
         baselines = dict(data["baselines"])
         if not {"uniform", "allocations"} <= set(baselines):
-            return None, {}
-        return state, baselines
+            return None, {}, []
+        starts = [dict(r, levels=list(map(int, r["levels"]))) for r in data.get("round_starts", [])]
+        return state, baselines, starts
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError):
-        return None, {}  # a damaged state file: start the search again
+        return None, {}, []  # a damaged state file: start the search again
 
 
 @dataclass
@@ -246,6 +255,7 @@ class Candidates:
     model: nn.Module
     fitness: object  # make_fitness(config.fitness, …): (model, n windows) → float
     applied: dict[str, int] = field(default_factory=dict)  # the level each layer of the model now holds
+    round: int = 0  # which database round these candidates come from
 
     def assignment(self, unit_levels) -> dict[str, int]:
         return {layer: lv for unit, lv in zip(self.units, unit_levels, strict=True) for layer in unit}
@@ -275,16 +285,24 @@ def prepare(
     *,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    reference: dict[str, int] | None = None,
+    fitness: object | None = None,
 ) -> Candidates:
-    """Build (or reopen) the level database in ``work`` and the dense model's reference for the fitness."""
+    """Build (or reopen) the level database in ``work`` and the dense model's reference for the fitness.
+
+    The model must be dense. ``reference`` (layer → level index) is the allocation whose inputs a sequential
+    database is built along [default: every layer at the level nearest the target]; ``fitness`` reuses the
+    dense reference of an earlier call.
+    """
     from lmcompress.calibration.data import windows_hash
 
     levels = config.validate()
     work.mkdir(parents=True, exist_ok=True)
     data = {"calib": windows_hash(calib), "fitness": windows_hash(fitness_windows)}
     settings = config.to_dict()
-    reference = None
-    if config.database_inputs == "sequential":  # every layer at the level nearest the target: the uniform model
+    if config.database_inputs == "dense":
+        reference = None
+    elif reference is None:  # every layer at the level nearest the target: the uniform model
         nearest = min(range(len(levels)), key=lambda k: (abs(levels[k] - config.target), k))
         reference = dict.fromkeys(prunable_layers(model), nearest)
     fields = ("kind", "method", "levels", "group_size", "sym", "database_inputs")
@@ -304,7 +322,7 @@ def prepare(
         (db_dir / "key.json").write_text(json.dumps({"key": db_key}))
     units = _units(db, config.granularity)
     space = _space(db, units, config)
-    fitness = make_fitness(config.fitness, model, fitness_windows, device=device)
+    fitness = fitness or make_fitness(config.fitness, model, fitness_windows, device=device)
     return Candidates(config, levels, db, units, space, key, model, fitness)
 
 
@@ -326,10 +344,11 @@ def search(
     start = time.perf_counter()
     work = Path(work)
     cand = prepare(model, config, calib, fitness_windows, work, device=device, progress=progress)
-    levels, db, units, space, key, score = cand.levels, cand.db, cand.units, cand.space, cand.key, cand.score
-    assignment = cand.assignment
+    levels, db, units, space, key = cand.levels, cand.db, cand.units, cand.space, cand.key
     final_stage = len(config.stage_windows) - 1
-    state, baselines = _load_state(work, key)
+    state, baselines, round_starts = _load_state(work, key)
+    if config.rounds > 1:  # later rounds rebuild the database from the dense weights, kept here meanwhile
+        _keep_dense_weights(model, work / DENSE_FILE)
     if state is None:  # a fresh search: score the baselines (the model is still dense here), seed from the best
         starts = {"uniform": cand.place([config.target] * len(units), "uniform")}
         if config.kind == "sparsity":
@@ -338,28 +357,43 @@ def search(
             )
             block_targets = owl.sparsities
             starts["owl"] = cand.place([block_targets[db.block_of[u[0]]] for u in units], "OWL")
-        baselines = {name: score(lv, final_stage) for name, lv in starts.items()}
+        baselines = {name: cand.score(lv, final_stage) for name, lv in starts.items()}
         best = min(baselines, key=baselines.get)
         baselines["allocations"] = {name: [levels[k] for k in lv] for name, lv in starts.items()}
         state = SearchState(list(starts[best]), baselines[best])
-        _save_state(work, state, key, baselines)
+        _save_state(work, state, key, baselines, round_starts)
+    per_round = -(-config.generations // config.rounds)  # generations of each round (the last may be shorter)
     bar = tqdm(total=config.generations, initial=state.generation, desc="search", disable=not progress, unit="gen")
     while state.generation < config.generations:
         if config.time_limit_s is not None and time.perf_counter() - start > config.time_limit_s:
             break
+        r = state.generation // per_round
+        if r > 0 and cand.round != r:  # a new round (or a resumed one): the database along the parent's inputs
+            fresh = len(round_starts) < r
+            if fresh:
+                round_starts.append({"generation": state.generation, "levels": list(state.levels)})
+            bar.set_description(f"search: round {r + 1} database")
+            parent = round_starts[r - 1]["levels"]
+            cand = _next_round(model, config, calib, fitness_windows, work, cand, parent, r, device)
+            if fresh:  # the parent rescored: on this database it is its sequential version
+                round_starts[-1]["fitness_before"] = state.fitness
+                state.fitness = round_starts[-1]["fitness"] = cand.score(state.levels, final_stage)
+                _save_state(work, state, key, baselines, round_starts)
+            bar.set_description("search")
         evolve(
             space,
-            score,
+            cand.score,
             state,
             offspring=config.offspring,
             survivors=config.survivors,
             max_switches=config.max_switches,
             seed=config.seed,
         )
-        _save_state(work, state, key, baselines)
+        _save_state(work, state, key, baselines, round_starts)
         bar.update(1)
         bar.set_postfix(best=f"{state.fitness:.4f}")
     bar.close()
+    db, assignment = cand.db, cand.assignment
     chosen = assignment(state.levels)
     db.apply(model, chosen)
     weights = sum(db.sizes.values())
@@ -383,7 +417,35 @@ def search(
         wall_time_s=time.perf_counter() - start,
         quantized=quantized,
         database=str(db.folder),
+        rounds=[
+            {k: v for k, v in r.items() if k != "levels"} | {"parent": [levels[k] for k in r["levels"]]}
+            for r in round_starts
+        ],
     )
+
+
+def _keep_dense_weights(model: nn.Module, path: Path) -> None:
+    """Save the dense prunable weights once (the model must still be dense the first time)."""
+    if not path.is_file():
+        from lmcompress.checkpoint.folder import write_path_atomic
+
+        tensors = {name: weight_matrix(m).detach().cpu().contiguous() for name, m in prunable_layers(model).items()}
+        write_path_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def _next_round(model, config, calib, fitness_windows, work, cand, parent, r, device) -> Candidates:
+    """Round ``r``'s candidates: the model made dense again, the database built along ``parent``'s inputs."""
+    modules = prunable_layers(model)
+    with safe_open(str(work / DENSE_FILE), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            set_weight_matrix(modules[name], f.get_tensor(name))
+    previous = cand.db.folder
+    reference = cand.assignment(parent)
+    nxt = prepare(model, config, calib, fitness_windows, work, device=device, reference=reference, fitness=cand.fitness)
+    nxt.round = r
+    if previous != nxt.db.folder and r > 1:  # the round before's database is no longer needed (round 1's stays)
+        shutil.rmtree(previous, ignore_errors=True)
+    return nxt
 
 
 def database_dir(work: Path, db_key: str) -> Path:
