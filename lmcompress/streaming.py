@@ -54,8 +54,8 @@ def refuse_streaming(what: str, offload: str = "none", resume: bool = False) -> 
     """A UserError when a command that holds the whole model is asked to stream (``offload disk``, ``resume``)."""
     if check_offload(offload) == "disk" or resume:
         raise UserError(
-            f"{what} cannot stream weights from disk: it needs the whole model in memory. Use --offload none "
-            "(offload='none'); only prune and quantize stream (--offload disk, --resume)",
+            f"{what} cannot stream weights from disk: it needs the whole model in memory. Use offload none; "
+            "only prune and quantize stream (offload disk, resume)",
             param=("offload", "resume"),
         )
 
@@ -94,13 +94,15 @@ def should_stream(
         refuse_streaming(f"lmcompress {VERBS.get(kind, kind)}", offload, resume)
         return False
     if resume and offload == "none":
-        raise UserError("resume continues a streamed run: use it with --offload disk (or auto)", param="resume")
+        raise UserError(
+            "resume continues a streamed run: use it with offload disk (or auto)", param=("resume", "offload")
+        )
     why = _why_not(kind, source, config)
     if why is None and family_of(load_config(source, trust_remote_code)).kind != "decoder":
         why = "only decoder (causal LM) models stream"
     if offload == "disk" or resume:
         if why:
-            raise UserError(f"cannot stream this job ({why}); use --offload none (offload='none')", param="offload")
+            raise UserError(f"cannot stream this job ({why}); use offload none", param=("offload", "resume"))
         return True
     if not Path(source).is_dir():  # a hub id or a .gguf file: nothing to measure before loading
         return False
@@ -117,8 +119,8 @@ def should_stream(
     if why:
         raise UserError(f"{source} does not fit in memory ({gb}) and {why}; free memory or use a smaller dtype")
     raise UserError(
-        f"{source} does not fit in memory ({gb}): use --offload disk (offload='disk') to stream it block by block, "
-        "or --offload auto",
+        f"{source} does not fit in memory ({gb}): use offload disk to stream it block by block "
+        "(or offload auto), or free memory",
         param="offload",
     )
 
@@ -177,9 +179,9 @@ def run_streamed(
     cfg = load_config(source, trust_remote_code)
     family_of(cfg)
     compute = parse_dtype(dtype)
-    save_dtype = source_dtype(cfg) or compute
     shards = SourceShards(Path(source))
     net = build_meta_model(cfg, compute)
+    save_dtype = source_dtype(net.config) or compute  # as run_job saves the loaded model
     drop_foreign_auto_map(net, source, trust_remote_code)
     if check_model is not None:
         check_model(net)

@@ -191,8 +191,8 @@ class WorkFolder:
         if path.exists() and not resume:
             if not overwrite:
                 raise UserError(
-                    f"{path} holds an unfinished run for {output}: pass resume (--resume) to continue it, "
-                    "or overwrite (--overwrite) or delete the folder to start over",
+                    f"{path} holds an unfinished run for {output}: pass resume to continue it, or overwrite "
+                    "(or delete the folder) to start over",
                     param=("resume", "overwrite"),
                 )
             shutil.rmtree(path)
@@ -332,7 +332,8 @@ class DiskStream:
             raise UserError(
                 f"the tensors of {self.source.folder} do not match its config.json by name (missing "
                 f"{missing[:3]}, unexpected {unexpected[:3]}): streaming reads them by the model's own names; "
-                "use --offload none (offload='none') to load it whole"
+                "use offload none to load it whole",
+                param="offload",
             )
 
     def stored(self, key: str) -> str:
