@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from lmcompress.checkpoint.load import load
 from lmcompress.checkpoint.stream import SHARD_INDEX, DiskStream, WorkFolder
 from lmcompress.errors import UserError
@@ -154,7 +154,7 @@ def test_resume_refuses_other_settings(tmp_path, sharded, opts, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prune_pretrained(sharded(), PruneConfig(method="wanda", sparsity=0.5), out, offload="disk", **opts)
     monkeypatch.setattr(WorkFolder, "commit", commit)
-    with pytest.raises(UserError, match="other settings.*config"):
+    with pytest.raises(UserError, match=r"other settings.*config"):
         prune_pretrained(sharded(), PruneConfig(method="wanda", sparsity=0.6), out, resume=True, **opts)
     # overwrite without resume starts over
     prune_pretrained(sharded(), PruneConfig(method="wanda", sparsity=0.6), out, overwrite=True, offload="disk", **opts)
@@ -163,7 +163,7 @@ def test_resume_refuses_other_settings(tmp_path, sharded, opts, monkeypatch):
 
 def test_too_big_for_memory(tmp_path, sharded, opts, monkeypatch):
     monkeypatch.setattr("lmcompress.streaming.available_memory", lambda: 10_000)
-    with pytest.raises(UserError, match="does not fit in memory.*offload disk"):
+    with pytest.raises(UserError, match=r"does not fit in memory.*offload disk"):
         prune_pretrained(sharded(), PruneConfig(method="magnitude"), tmp_path / "none", offload="none", **opts)
     assert not (tmp_path / "none").exists()
     prune_pretrained(sharded(), PruneConfig(method="magnitude"), tmp_path / "auto", offload="auto", **opts)
@@ -171,11 +171,11 @@ def test_too_big_for_memory(tmp_path, sharded, opts, monkeypatch):
 
 
 def test_commands_that_cannot_stream_say_so(tmp_path, sharded, opts, capsys):
-    with pytest.raises(UserError, match="shrink cannot stream.*offload none"):
+    with pytest.raises(UserError, match=r"shrink cannot stream.*offload none"):
         structured_prune_pretrained(
             sharded(), StructureConfig("ffn", 0.25, "magnitude"), tmp_path / "s", offload="disk", **opts
         )
-    with pytest.raises(UserError, match="include_head.*offload none"):
+    with pytest.raises(UserError, match=r"include_head.*offload none"):
         prune_pretrained(sharded(), PruneConfig(include_head=True), tmp_path / "h", offload="disk", **opts)
     assert run_cli(["shrink", "ffn", str(sharded()), "-o", str(tmp_path / "c"), "--offload", "disk", "-q"]) == 2
     assert "--offload none" in capsys.readouterr().err
