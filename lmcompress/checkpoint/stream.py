@@ -69,6 +69,32 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
+def write_safetensors(
+    path: Path,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    get: Callable[[str], torch.Tensor],
+    metadata: dict[str, str],
+) -> None:
+    """Write a safetensors file of the tensors ``specs`` (name, dtype, shape), each fetched with ``get(name)``
+    only when its bytes are written: no copy of the whole file is ever built in memory."""
+    names = {v: k for k, v in _DTYPES.items()}
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for key, dtype, shape in specs:
+        size = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for key, dtype, shape in specs:
+            t = get(key).detach().to("cpu", dtype).contiguous()
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{key} is {tuple(t.shape)}, not {shape}")
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def concat_safetensors(files: list[Path], out: Path, metadata: dict[str, str]) -> None:
     """Write one safetensors file holding every tensor of ``files``, copying their bytes a chunk at a time."""
     entries: list[tuple[str, dict, Path, int]] = []
@@ -424,19 +450,35 @@ class DiskStream:
         return {k: state[k].detach().to("cpu") for k in keys}
 
     def _write_tensors(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        from safetensors.torch import save_file
+        specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+        write_path_atomic(path, lambda tmp: write_safetensors(tmp, specs, tensors.__getitem__, metadata))
 
-        data = {k: v.contiguous() for k, v in tensors.items()}
-        write_path_atomic(path, lambda tmp: save_file(data, str(tmp), metadata=metadata))
+    def _dtype_of(self, key: str) -> torch.dtype:
+        stored = _DTYPES[self.source.info[self.stored(key)]["dtype"]]
+        return self.save_dtype if stored.is_floating_point else stored
 
-    def _store(self, name: str, keys: list[str]) -> dict:
+    def _store_dense(self, name: str, keys: list[str], *, lazy: bool) -> dict:
+        """A dense shard of ``keys``; ``lazy``: each tensor read from the source only while it is written."""
+        stored = [k for k in keys if self.stored(k) == k]  # a tied copy is not stored twice
+        specs = [(k, self._dtype_of(k), tuple(self.source.info[k]["shape"])) for k in stored]
+        if lazy:
+
+            def get(k: str) -> torch.Tensor:
+                t = self.source.read([k])[k]
+                return t.to(self.compute_dtype).to(self.save_dtype) if t.is_floating_point() else t
+
+        else:
+            state = self.model.state_dict()
+            get = state.__getitem__
+        meta = {"format": "pt"}
+        write_path_atomic(self.work.path / name, lambda tmp: write_safetensors(tmp, specs, get, meta))
+        return {"file": name, "keys": stored, "bytes": sum(math.prod(s) * d.itemsize for _k, d, s in specs)}
+
+    def _store(self, name: str, keys: list[str], *, lazy: bool = False) -> dict:
         """Write tensors ``keys`` as file ``name`` in the work folder; what the record says about them."""
-        state = self._state(keys)
         if self.storage == "dense":
-            stored = [k for k in keys if self.stored(k) == k]  # a tied copy is not stored twice
-            cast = {k: state[k].to(self.save_dtype) if state[k].is_floating_point() else state[k] for k in stored}
-            self._write_tensors(self.work.path / name, cast, {"format": "pt"})
-            return {"file": name, "keys": stored, "bytes": sum(t.numel() * t.element_size() for t in cast.values())}
+            return self._store_dense(name, keys, lazy=lazy)
+        state = self._state(keys)
         quantized = self.tracked.get("quantized", {})
         codes = {k: quantized[k] for k in keys if k in quantized}
         transposed = {k for k in keys if k in self.transposed}
@@ -488,11 +530,14 @@ class DiskStream:
         index (``None`` for dense storage)."""
         if self.work.done < self.n:
             raise RuntimeError(f"only {self.work.done} of {self.n} blocks were written")
-        self._load(self.rest_keys, torch.device("cpu"))
-        try:
-            rest = self._store(self.shard_name(0), self.rest_keys)
-        finally:
-            self._free(self.rest_keys)
+        if self.storage == "dense":  # one tensor at a time, straight from the source
+            rest = self._store(self.shard_name(0), self.rest_keys, lazy=True)
+        else:
+            self._load(self.rest_keys, torch.device("cpu"))
+            try:
+                rest = self._store(self.shard_name(0), self.rest_keys)
+            finally:
+                self._free(self.rest_keys)
         records = [rest] + [self.work.read_record(i) for i in range(self.n)]
         if self.storage == "dense":
             weight_map = {k: r["file"] for r in records for k in r["keys"]}
