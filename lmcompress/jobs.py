@@ -182,6 +182,9 @@ def run_job(
     check_source: Callable[[object, dict | None], None] | None = None,
     check_model: Callable[[nn.Module], None] | None = None,
     extra_files: Callable[[R], dict[str, str]] | None = None,
+    offload: str = "auto",
+    resume: bool = False,
+    storage: str = "dense",
     **options,
 ) -> R:
     """The one skeleton of every whole job: validate ``config``, :func:`open_job`, transform, recipe, save.
@@ -192,9 +195,30 @@ def run_job(
     to the save. ``save_as`` (a string, or a function of the report): ``dense`` (plain ``from_pretrained``
     loads it), ``packed`` (sparse layout, see docs/storage.md) or ``quantized`` (the report's ``quantized``
     codes). ``extra_files(report)`` (name → text) are saved in the same folder. ``options`` and the two checks go
-    to :func:`open_job`.
+    to :func:`open_job`. ``offload`` / ``resume``: stream the weights from disk (:mod:`lmcompress.streaming`;
+    ``storage``, dense or packed, is then how the output is stored).
     """
     config.validate()
+    from lmcompress.streaming import run_streamed, should_stream
+
+    check_output(output, options.get("overwrite", False), source=model)  # errors in the order open_job gives them
+    source = resolve_source(model, options.get("allow_pickle", False))
+    flags = {"dtype": options.get("dtype", "float32"), "trust_remote_code": options.get("trust_remote_code", False)}
+    if should_stream(kind, source, config, offload=offload, resume=resume, **flags):
+        return run_streamed(
+            kind,
+            source,
+            config,
+            output,
+            transform,
+            fields=fields,
+            storage=storage,
+            progress=progress,
+            check_model=check_model,
+            extra_files=extra_files,
+            resume=resume,
+            **options,
+        )
     job = open_job(
         model,
         output,
@@ -267,6 +291,7 @@ def prune_pretrained(
         save_as=save_as,
         progress=progress,
         check_model=config.check_model,
+        storage="packed" if config.bits is not None or save_format == "packed" else "dense",
         **options,
     )
 
@@ -299,6 +324,7 @@ def quantize_pretrained(
         fields=fields,
         save_as="quantized",
         progress=progress,
+        storage="packed",
         **options,
     )
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmcompress.calibration.offload import active_stream
 from lmcompress.calibration.stats import InputStats
 from lmcompress.models.families import get_blocks, skipped_blocks, weight_matrix
 
@@ -61,7 +62,7 @@ def _non_block_tensors(model: nn.Module, blocks: nn.ModuleList) -> list[torch.Te
 @contextmanager
 def _outside_blocks_on(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> Iterator[None]:
     """Temporarily move embeddings, rotary tables, norms and head (everything but the blocks) to device."""
-    tensors = _non_block_tensors(model, blocks)
+    tensors = [t for t in _non_block_tensors(model, blocks) if not t.is_meta]  # a streamed model's head: unread
     homes = [t.data.device for t in tensors]
     for t in tensors:
         t.data = t.data.to(device)
@@ -255,8 +256,12 @@ def walk_blocks(
     """Call ``visit(i, block, inputs)`` for each block in order, then pass its (possibly changed) outputs on.
 
     ``visit`` may modify the block (prune it); the next block then sees the modified block's outputs,
-    as in the sequential procedure of SparseGPT and Wanda. Returns the last block's outputs.
+    as in the sequential procedure of SparseGPT and Wanda. Returns the last block's outputs. A model streamed
+    from disk (``calibration.offload``) is walked by its stream, which reads and writes each block around ``visit``.
     """
+    stream = active_stream(model)
+    if stream is not None:
+        return stream.walk(model, input_ids, device, visit, desc=desc, progress=progress)
     blocks = get_blocks(model)
     inputs = capture_block_inputs(model, input_ids, device)
     inputs.per_block = _to(inputs.per_block, device)  # tensors shared between blocks stay shared

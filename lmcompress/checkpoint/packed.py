@@ -81,7 +81,21 @@ def pack_state(
     unknown = sorted(set(quantized) - set(state))
     if unknown:
         raise ValueError(f"quantized names parameters the model does not have: {unknown[:5]}")
-    transposed = _transposed_params(model)
+    tensors, index = pack_named(state, _transposed_params(model), quantized=quantized, dtype=dtype, layout=layout)
+    return tensors, {"format": FORMAT_VERSION, "file": PACKED_FILE, "tensors": index}
+
+
+def pack_named(
+    state: dict[str, torch.Tensor],
+    transposed: set[str],
+    *,
+    quantized: dict[str, QuantizedTensor] | None = None,
+    dtype: torch.dtype | None = None,
+    layout: str = "auto",
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The packed parts and index entries of the named tensors ``state`` (a whole model's, or one block's when
+    streaming). ``transposed`` names the ``Conv1D`` weights; tensors sharing storage are stored once."""
+    quantized = quantized or {}
     tensors: dict[str, torch.Tensor] = {}
     index: dict[str, dict] = {}
     canonical: dict[tuple, str] = {}  # tied weights are stored once, preferably under their quantized name
@@ -128,7 +142,7 @@ def pack_state(
                 "sha256": _digest(t),
             }
         index[name] = entry
-    return tensors, {"format": FORMAT_VERSION, "file": PACKED_FILE, "tensors": index}
+    return tensors, index
 
 
 def save_packed(

@@ -55,6 +55,7 @@ def evaluate(
     dtype: str = options.DTYPE,
     trust_remote_code: bool = options.TRUST,
     allow_pickle: bool = options.PICKLE,
+    offload: str = options.OFFLOAD_NONE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     quiet: bool = options.QUIET,
     reference: str = typer.Option(
@@ -89,6 +90,9 @@ def evaluate(
     """
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
+    from lmcompress.streaming import refuse_streaming
+
+    refuse_streaming("lmcompress eval", offload)
     if not profile:
         options.refuse(ctx, ("kernels",), "without --profile")
     from lmcompress.kernels.linear import check_mode

@@ -16,6 +16,18 @@ NSAMPLES = typer.Option(128, "--nsamples", help="Number of calibration windows."
 CALIB_SEED = typer.Option(0, "--seed", help="Seed for drawing calibration windows.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace --output if it exists.")
 JSON = typer.Option(False, "--json", help="Print the report as JSON.")
+OFFLOAD = typer.Option(
+    "auto",
+    "--offload",
+    help="none: load the whole model; disk: stream it block by block from its safetensors shards (memory: about "
+    "one block); auto: disk when the model would not fit in available memory.",
+)
+OFFLOAD_NONE = typer.Option(
+    "none", "--offload", help="none (this command holds the whole model in memory; only prune and quantize stream)."
+)
+RESUME = typer.Option(
+    False, "--resume", help="Continue a killed streamed run from its last finished block (same settings)."
+)
 CALIB_SOURCES = "text file, wikitext2, c4, ptb, hf:NAME[:CONFIG][@SPLIT] or bundled:wikitext2-valid"
 
 
@@ -95,6 +107,8 @@ JOB_KEYS = (
     "overwrite",
     "trust_remote_code",
     "allow_pickle",
+    "offload",
+    "resume",
 )
 
 

@@ -55,6 +55,8 @@ def prune(
     ),
     trust_remote_code: bool = options.TRUST,
     allow_pickle: bool = options.PICKLE,
+    offload: str = options.OFFLOAD,
+    resume: bool = options.RESUME,
     as_json: bool = options.JSON,
     quiet: bool = options.QUIET,
     structure: str = typer.Option(None, "--structure", help=DEPRECATED_HELP, rich_help_panel="Deprecated"),
@@ -156,7 +158,7 @@ def _deprecated_structure(ctx: typer.Context, structure: str, values: dict) -> N
     if kind == "experts":
         options.refuse(
             ctx,
-            (*WEIGHT, "save_format", "allocation", "owl_m", "owl_lambda", "ratio", "correction"),
+            (*WEIGHT, "save_format", "allocation", "owl_m", "owl_lambda", "ratio", "correction", "offload", "resume"),
             "to dropping experts (`lmcompress drop-experts` takes --keep, --criterion, --iterative)",
         )
         if values["keep"] is None:
@@ -166,7 +168,7 @@ def _deprecated_structure(ctx: typer.Context, structure: str, values: dict) -> N
         return
     options.refuse(
         ctx,
-        (*WEIGHT, "save_format", "keep", "iterative"),
+        (*WEIGHT, "save_format", "keep", "iterative", "offload", "resume"),
         f"to removing {kind} (`lmcompress shrink {kind}` takes --ratio, --criterion, --correction, --allocation)",
     )
     shrink = {k: values[k] for k in ("allocation", "owl_m", "owl_lambda", "correction")}

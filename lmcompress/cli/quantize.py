@@ -41,6 +41,8 @@ def quantize(
     overwrite: bool = options.OVERWRITE,
     trust_remote_code: bool = options.TRUST,
     allow_pickle: bool = options.PICKLE,
+    offload: str = options.OFFLOAD,
+    resume: bool = options.RESUME,
     as_json: bool = options.JSON,
     quiet: bool = options.QUIET,
 ) -> None:

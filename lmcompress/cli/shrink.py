@@ -82,6 +82,7 @@ def shrink(
     overwrite: bool = options.OVERWRITE,
     trust_remote_code: bool = options.TRUST,
     allow_pickle: bool = options.PICKLE,
+    offload: str = options.OFFLOAD_NONE,
     as_json: bool = options.JSON,
     quiet: bool = options.QUIET,
 ) -> None:

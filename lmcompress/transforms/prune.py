@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lmcompress.algorithms import (
     magnitude_mask,
@@ -25,6 +24,7 @@ from lmcompress.algorithms.masks import Pattern
 from lmcompress.algorithms.owl import OwlAllocation
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec
 from lmcompress.calibration.engine import BlockInputs, collect_input_stats, shared_inputs, walk_blocks
+from lmcompress.calibration.offload import for_each_block, read_only, track
 from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
 from lmcompress.models.families import (
@@ -381,7 +381,8 @@ def owl_pass(
         scores = [wanda_scores(weight_matrix(m), stats[n].sq_sum) for n, m in layers.items()]
         ratios.append(outlier_ratio(scores, owl_m))
 
-    walk_blocks(model, calib, device, visit, desc="OWL outlier ratios", progress=progress)
+    with read_only(model):  # a streamed model's blocks are read, not written
+        walk_blocks(model, calib, device, visit, desc="OWL outlier ratios", progress=progress)
     return ratios, owl_allocation(ratios, target, owl_lambda)
 
 
@@ -426,11 +427,12 @@ def prune(
     layer_sparsity: dict[str, float] = {}
     damping: dict[str, float] = {}
     quantized: dict[str, QuantizedTensor] | None = None if config.bits is None else {}
-    pruned = 0
+    pruned: dict[str, int] = {}  # joint mode: weights the masks removed, per layer
+    zeros: dict[str, int] = {}  # zeros of each pruned layer after pruning
+    track(model, layer_sparsity=layer_sparsity, damping=damping, pruned=pruned, zeros=zeros, quantized=quantized)
 
     def prune_block(i: int, block: nn.Module, stats: dict[str, InputStats] | None) -> None:
         layers = find_prunable(block)
-        nonlocal pruned
         for group in shared_inputs(layers, stats):
             full = [f"{prefix}.{i}.{name}" for name in group]
             sparsities = [targets[i] if config.layer_targets is None else config.layer_targets[f] for f in full]
@@ -442,12 +444,12 @@ def prune(
                     damping[f] = res.damping
                 if res.quantized is not None:
                     quantized[f"{f}.weight"] = res.quantized
-                    pruned += res.pruned
+                    pruned[f] = res.pruned
         layer_sparsity.update({f"{prefix}.{i}.{n}": s for n, s in _measure(layers).items()})
+        zeros.update({f"{prefix}.{i}.{n}": int((weight_matrix(m) == 0).sum()) for n, m in layers.items()})
 
     if config.method == "magnitude":
-        for i in tqdm(range(len(blocks)), desc="magnitude", disable=not progress, unit="block"):
-            prune_block(i, blocks[i], None)
+        for_each_block(model, lambda i, block: prune_block(i, block, None), desc="magnitude", progress=progress)
         last = None
     else:
 
@@ -459,19 +461,20 @@ def prune(
 
     if config.include_head:
         layer_sparsity.update(_prune_head(model, config, last, device))
+        zeros["lm_head"] = int((model.get_output_embeddings().weight == 0).sum())
 
+    # counted block by block: a streamed model's blocks are back on disk (numel reads only the shapes)
     total = sum(weight_matrix(m).numel() for m in _pruned_modules(model, config).values())
-    zeros = sum((weight_matrix(m) == 0).sum().item() for m in _pruned_modules(model, config).values())
     return PruneReport(
         config=config.to_dict(),
         block_targets=targets,
         layer_sparsity=layer_sparsity,
-        sparsity=zeros / max(total, 1),
+        sparsity=sum(zeros.values()) / max(total, 1),
         outlier_ratios=ratios,
         damping=damping,
         wall_time_s=time.perf_counter() - start,
         quantized=quantized,
-        mask_sparsity=None if quantized is None else pruned / max(total, 1),
+        mask_sparsity=None if quantized is None else sum(pruned.values()) / max(total, 1),
         owl_lambda_effective=owl_lambda,
     )
 

@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lmcompress.algorithms.gptq import gptq_quantize
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize, scale_storage_dtype
 from lmcompress.calibration.engine import BlockInputs, collect_input_stats, shared_inputs, walk_blocks
+from lmcompress.calibration.offload import for_each_block, track
 from lmcompress.errors import UserError
-from lmcompress.models.families import blocks_path, find_prunable, get_blocks, set_weight_matrix, weight_matrix
+from lmcompress.models.families import blocks_path, find_prunable, set_weight_matrix, weight_matrix
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +157,11 @@ def quantize(
     quantized: dict[str, QuantizedTensor] = {}
     layer_loss: dict[str, float] = {}
     damping: dict[str, float] = {}
-    weights = 0
+    track(model, quantized=quantized, layer_loss=layer_loss, damping=damping)
 
     def store(i: int, name: str, module: nn.Module, new: torch.Tensor, qt: QuantizedTensor) -> None:
-        nonlocal weights
         set_weight_matrix(module, new)
         quantized[f"{prefix}.{i}.{name}.weight"] = qt.to("cpu")
-        weights += new.numel()
 
     @torch.no_grad()
     def rtn_block(i: int, block: nn.Module) -> None:
@@ -203,9 +201,7 @@ def quantize(
                 r0 = r1
 
     if config.method == "rtn":
-        blocks = get_blocks(model)
-        for i in tqdm(range(len(blocks)), desc="rtn", disable=not progress, unit="block"):
-            rtn_block(i, blocks[i])
+        for_each_block(model, rtn_block, desc="rtn", progress=progress)
     else:
         walk_blocks(model, calib, device, gptq_block, desc="gptq", progress=progress)
 
@@ -214,6 +210,6 @@ def quantize(
         quantized=quantized,
         layer_loss=layer_loss,
         damping=damping,
-        weights=weights,
+        weights=sum(q.codes.numel() for q in quantized.values()),  # codes keep their shape when streamed
         wall_time_s=time.perf_counter() - start,
     )

@@ -1,0 +1,242 @@
+"""Jobs whose weights stream from disk block by block (``--offload disk``), and the choice of when to stream.
+
+``offload``: ``none`` loads the whole model (refused, naming ``--offload disk``, when it would not fit in the
+available memory); ``disk`` streams it (:mod:`lmcompress.checkpoint.stream`); ``auto`` streams only when
+loading it would not fit. "Fits" means the weights in the compute dtype, times :data:`HEADROOM`, are at most the
+available memory (``MemAvailable``). Only pruning and quantization stream; the other verbs refuse ``disk``.
+
+A streamed job is resumable: its work folder ``.OUTPUT.partial`` beside the output keeps the finished blocks, and
+``resume`` continues a killed run from its last finished block (only with the same settings), giving the same
+files as an uninterrupted run. Without ``resume`` an existing work folder is an error (``overwrite`` starts over).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmcompress import __version__
+from lmcompress.errors import UserError
+
+OFFLOADS = ("auto", "none", "disk")
+HEADROOM = 1.25  # loading whole takes about the weights plus this share for copies, activations and Python
+STREAMABLE = {"prune": "prune", "quantize": "quantize"}
+VERBS = {"structured": "shrink", "experts": "drop-experts", "factorize": "factorize", "search": "search"}
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation without swapping (``MemAvailable``)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62  # unknown: assume it fits
+
+
+def check_offload(offload: str) -> str:
+    text = str(offload).strip().lower()
+    if text not in OFFLOADS:
+        raise UserError(f"unknown offload {offload!r}: choose one of {', '.join(OFFLOADS)}", param="offload")
+    return text
+
+
+def refuse_streaming(what: str, offload: str = "none", resume: bool = False) -> None:
+    """A UserError when a command that holds the whole model is asked to stream (``offload disk``, ``resume``)."""
+    if check_offload(offload) == "disk" or resume:
+        raise UserError(
+            f"{what} cannot stream weights from disk: it needs the whole model in memory. Use offload none; "
+            "only prune and quantize stream (offload disk, resume)",
+            param=("offload", "resume"),
+        )
+
+
+def _why_not(kind: str, source: str, config) -> str | None:
+    """Why this job cannot stream (``None`` if it can)."""
+    from lmcompress.checkpoint.folder import read_recipe
+    from lmcompress.checkpoint.gguf import is_gguf
+
+    if kind not in STREAMABLE:
+        return f"lmcompress {VERBS.get(kind, kind)} cannot stream: it needs the whole model in memory"
+    path = Path(source)
+    if is_gguf(source) or not path.is_dir():
+        return "streaming reads a local model folder of safetensors shards (not a hub id or a .gguf file)"
+    recipe = read_recipe(path)
+    if recipe and (recipe.get("storage") == "packed" or recipe.get("surgery")):
+        return f"{source} is a packed or resized lmcompress folder; streaming reads plain safetensors folders"
+    if not any(path.glob("*.safetensors")):
+        return f"{source} holds no *.safetensors files"
+    if getattr(config, "include_head", False):
+        return "include_head prunes the output head, which streaming does not load"
+    return None
+
+
+def should_stream(
+    kind: str, source: str, config, *, offload: str, resume: bool, dtype: str, trust_remote_code: bool = False
+) -> bool:
+    """Whether this job streams, or a UserError: ``disk`` (or ``resume``) where it cannot stream, ``none`` (or
+    ``auto`` where it cannot stream) for a model that does not fit in the available memory."""
+    from lmcompress.checkpoint.load import load_config, parse_dtype
+    from lmcompress.checkpoint.stream import SourceShards
+    from lmcompress.models.families import family_of
+
+    offload = check_offload(offload)
+    if kind not in STREAMABLE:
+        refuse_streaming(f"lmcompress {VERBS.get(kind, kind)}", offload, resume)
+        return False
+    if resume and offload == "none":
+        raise UserError(
+            "resume continues a streamed run: use it with offload disk (or auto)", param=("resume", "offload")
+        )
+    why = _why_not(kind, source, config)
+    if why is None and family_of(load_config(source, trust_remote_code)).kind != "decoder":
+        why = "only decoder (causal LM) models stream"
+    if offload == "disk" or resume:
+        if why:
+            raise UserError(f"cannot stream this job ({why}); use offload none", param=("offload", "resume"))
+        return True
+    if not Path(source).is_dir():  # a hub id or a .gguf file: nothing to measure before loading
+        return False
+    try:
+        need = int(SourceShards(Path(source)).nbytes(parse_dtype(dtype)) * HEADROOM)
+    except UserError:  # pickle checkpoints: the loader says what it thinks of them
+        return False
+    have = available_memory()
+    if need <= have:
+        return False
+    gb = f"~{need / 2**30:.1f} GiB with {dtype} weights, {have / 2**30:.1f} GiB available"
+    if offload == "auto" and why is None:
+        return True
+    if why:
+        raise UserError(f"{source} does not fit in memory ({gb}) and {why}; free memory or use a smaller dtype")
+    raise UserError(
+        f"{source} does not fit in memory ({gb}): use offload disk to stream it block by block "
+        "(or offload auto), or free memory",
+        param="offload",
+    )
+
+
+def build_meta_model(config, dtype: torch.dtype) -> nn.Module:
+    """The model of ``config`` with every parameter on the meta device (buffers such as rotary tables are real)."""
+    from accelerate import init_empty_weights
+
+    from lmcompress.checkpoint.load import auto_model_class
+
+    with init_empty_weights():
+        model = auto_model_class(config).from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def run_streamed(
+    kind: str,
+    model: str | Path,
+    config,
+    output: str | Path,
+    transform: Callable,
+    *,
+    fields: Callable,
+    storage: str,
+    progress: bool = True,
+    check_model: Callable[[nn.Module], None] | None = None,
+    extra_files: Callable | None = None,
+    resume: bool = False,
+    calib_data: str = "c4",
+    nsamples: int = 128,
+    seqlen: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """:func:`lmcompress.jobs.run_job` with the weights streamed: the same transform on a meta model whose
+    blocks :class:`~lmcompress.checkpoint.stream.DiskStream` reads and writes, the same recipe and folder."""
+    from transformers import AutoTokenizer
+
+    from lmcompress.calibration.data import draw
+    from lmcompress.calibration.offload import STREAM_ATTR
+    from lmcompress.checkpoint.folder import RECIPE_FILE, check_output, json_text, save_atomic
+    from lmcompress.checkpoint.load import drop_foreign_auto_map, load_config, parse_dtype, source_dtype
+    from lmcompress.checkpoint.packed import MARKER
+    from lmcompress.checkpoint.stream import DiskStream, SourceShards, WorkFolder
+    from lmcompress.jobs import Job, check_device, resolve_seqlen
+    from lmcompress.models.families import family_of, get_blocks
+
+    start = time.perf_counter()
+    out = check_output(output, overwrite, source=model)
+    source = str(Path(str(model)).expanduser())
+    check_device(device)
+    cfg = load_config(source, trust_remote_code)
+    family_of(cfg)
+    compute = parse_dtype(dtype)
+    shards = SourceShards(Path(source))
+    net = build_meta_model(cfg, compute)
+    save_dtype = source_dtype(net.config) or compute  # as run_job saves the loaded model
+    drop_foreign_auto_map(net, source, trust_remote_code)
+    if check_model is not None:
+        check_model(net)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise UserError(f"could not load the tokenizer of {source!r}: {exc}") from None
+    length = resolve_seqlen(net, seqlen)
+    calib, calib_info = None, None
+    if config.needs_calibration:
+        calib, calib_info = draw(tokenizer, calib_data, nsamples=nsamples, seqlen=length, seed=seed)
+    settings = {
+        "kind": kind,
+        "config": config.to_dict(),
+        "storage": storage,
+        "source": str(Path(source).resolve()),
+        "source_files": shards.fingerprint(),
+        "calibration": calib_info,
+        "dtype": dtype,
+        "device": device,
+        "lmcompress_version": __version__,
+    }
+    blocks = len(get_blocks(net))
+    work = WorkFolder.open(out, settings, blocks, resume=resume, overwrite=overwrite)
+    stream = DiskStream(net, shards, work, compute_dtype=compute, save_dtype=save_dtype, storage=storage)
+    setattr(net, STREAM_ATTR, stream)
+    report = transform(net, config, calib, device=device, progress=progress)
+    job = Job(source, net, tokenizer, calib, calib_info, device, dtype, [], start)
+    recipe = job.recipe(kind, {**fields(report), f"{kind}_time_s": report.wall_time_s})
+    extras = extra_files(report) if extra_files is not None else {}
+
+    def write(tmp: Path) -> None:
+        index = stream.finish(tmp)
+        net.config.save_pretrained(tmp)
+        cfg_json = json.loads((tmp / "config.json").read_text())
+        cfg_json["dtype"] = str(save_dtype).removeprefix("torch.")
+        full = recipe
+        if index is not None:
+            cfg_json["quantization_config"] = {"quant_method": MARKER}
+            full = {**recipe, "storage": "packed", "packed": index}
+        (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
+        with contextlib.suppress(Exception):  # as from_pretrained would have read it; not worth failing the save
+            from transformers import GenerationConfig
+
+            generation = (
+                GenerationConfig.from_pretrained(source)
+                if (Path(source) / "generation_config.json").is_file()
+                else net.generation_config
+            )
+            generation.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / RECIPE_FILE).write_text(json_text(full) + "\n")
+        for name, text in extras.items():
+            (tmp / name).write_text(text)
+
+    save_atomic(out, write, overwrite=overwrite)
+    work.remove()
+    return report
