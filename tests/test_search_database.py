@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmcompress.models.families import prunable_layers
 from lmcompress.models.tiny import build_tiny_model
 from lmcompress.search.database import LevelDatabase, build_database, prune_from_reference_inputs, pruner
 from lmcompress.search.fitness import KLFitness
-from lmcompress.models.families import prunable_layers
 from lmcompress.transforms.prune import PruneConfig, prune
 
 LEVELS = [0.3, 0.5, 0.7]
