@@ -151,6 +151,18 @@ def test_sparsegpt_dead_inputs_are_pruned_first():
     assert (res.weight[:, 5] == 0).all()
 
 
+def test_inverse_hessian_factor_is_the_upper_cholesky_of_the_damped_inverse():
+    x = correlated_inputs(200, 48).double()
+    h = 2 * x.t() @ x / 200
+    u, damp = inverse_hessian_cholesky(h, 0.01)
+    assert damp == 0.01
+    damped = h + 0.01 * torch.diag(h).mean() * torch.eye(48, dtype=h.dtype)
+    assert torch.equal(u, torch.triu(u)) and bool((torch.diag(u) > 0).all())
+    assert torch.allclose(u.t() @ u, torch.linalg.inv(damped), rtol=1e-8, atol=1e-10)
+    # the factor is unique, so it equals the textbook route: invert, then factorize again
+    assert torch.allclose(u, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True), rtol=1e-8, atol=1e-10)
+
+
 def test_failed_cholesky_raises_dampening_and_says_so(caplog):
     h = torch.diag(torch.tensor([1.0, 1.0, -1.5, 1.0]))  # indefinite: plain 1% dampening is not enough
     with caplog.at_level(logging.WARNING):

@@ -175,7 +175,8 @@ def test_sub_blocks_change_only_the_order_of_the_arithmetic(inner, monkeypatch):
     (a0, q0, b0, c0), (a1, q1, b1, c1) = runs
     assert_same_up_to_rounding(a0.quantized, a1.quantized)
     assert_same_up_to_rounding(q0, q1)
-    assert a1.loss == pytest.approx(a0.loss, rel=1e-3) and b1.loss == pytest.approx(b0.loss, rel=1e-3)
+    # a tie flipped in one row re-routes that row's error (one row of 96 carries ~1% of the loss)
+    assert a1.loss == pytest.approx(a0.loss, rel=1e-2) and b1.loss == pytest.approx(b0.loss, rel=1e-2)
     assert torch.equal(c0.mask, c1.mask)  # unstructured masks are chosen per block, before its columns move
     assert torch.allclose(c0.weight, c1.weight, atol=1e-4) and c1.loss == pytest.approx(c0.loss, rel=1e-4)
 

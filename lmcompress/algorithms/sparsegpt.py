@@ -67,6 +67,12 @@ def _inner_width(m: int) -> int:
 def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, layer: str = "") -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = percdamp · mean(diag H)``.
 
+    One factorization and one triangular solve, without forming ``H⁻¹``: with ``J`` the order-reversing
+    permutation, ``J H J = M Mᵀ`` (lower Cholesky) gives ``H = R Rᵀ`` with ``R = J M J`` upper triangular, so
+    ``H⁻¹ = R⁻ᵀ R⁻¹ = Uᵀ U`` with ``U = R⁻¹`` upper triangular with a positive diagonal: the factor sought.
+    (Several times faster on a CPU than inverting and factorizing again; done in float64, so the factor is
+    exact to the working precision.)
+
     If the factorization fails (H numerically indefinite) the dampening is multiplied by 10 until it
     succeeds, and a warning says so. Returns the factor and the dampening fraction used.
     """
@@ -76,9 +82,9 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, layer: str 
     damp = percdamp
     for _ in range(8):
         try:
-            chol = torch.linalg.cholesky(hessian + damp * mean_diag * eye)
-            hinv = torch.cholesky_inverse(chol)
-            return torch.linalg.cholesky(hinv, upper=True), damp
+            m = torch.linalg.cholesky((hessian + damp * mean_diag * eye).flip(0, 1).double())
+            u = torch.linalg.solve_triangular(m.flip(0, 1), eye.double(), upper=True)
+            return u.to(hessian.dtype), damp
         except torch.linalg.LinAlgError:
             new_damp = damp * 10 if damp > 0 else 1e-4
             log.warning(
