@@ -59,6 +59,8 @@ def _worker(rank: int, world: int, port: int, model: str, out: str) -> None:
             codes["eval"] = "ran"
         except UserError as exc:
             codes["eval"] = str(exc)
+        too_few = ["prune", model, "--method", "wanda", "--calib-data", "bundled:wikitext2-valid", "--nsamples", "1"]
+        codes["too_few"] = run_cli([*too_few, "--seqlen", "48", "-o", str(Path(out) / "too-few")])
         codes["shrink"] = run_cli(["shrink", "ffn", model, "--ratio", "0.25", "-o", str(Path(out) / "shrunk")])
     except Exception:
         codes["crash"] = traceback.format_exc()
@@ -114,7 +116,8 @@ def test_refused_verbs_say_so(two_ranks):
     for r in results:
         assert "eval does not support torch.distributed; run it as one process" in r["eval"]
         assert r["shrink"] == 2
-    assert not (out / "shrunk").exists()
+        assert r["too_few"] == 2  # 1 window cannot be shared by 2 processes: a UserError on both ranks
+    assert not (out / "shrunk").exists() and not (out / "too-few").exists()
 
 
 @pytest.mark.parametrize("name", ["wanda", "owl", "magnitude"])
