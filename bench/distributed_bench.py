@@ -6,8 +6,9 @@
 Both runs are the CLI itself in a fresh process (``python -m lmcompress prune ...``, and the same under
 ``torchrun --standalone``), given the same total number of threads: one process with ``--procs`` threads
 against ``--procs`` processes with one thread each (Gloo). Measured: whole-process wall time (loading,
-calibration, pruning, saving), the prune time the recipe records, how many pruning masks disagree between the two
-outputs, the largest weight difference, and WikiText-2 test perplexity of each output.
+calibration, pruning, saving) and CPU time, the prune time the recipe records, WikiText-2 test perplexity, and how
+many pruning masks differ between outputs. A third run, one process with one thread, shows how far two
+one-process runs differing only in their thread count (the order of float additions) already are.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -26,18 +28,24 @@ import torch
 from bench.common import machine_info, print_table, save_results, wikitext
 
 
-def _run(argv: list[str], threads: int) -> float:
-    """Wall time of one command with ``threads`` OpenMP threads per process; its output is shown on failure."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+def _run(argv: list[str], threads: int) -> tuple[float, float]:
+    """Wall time and CPU time (all its processes) of one command with ``threads`` OpenMP threads per process.
+
+    Threads wait passively (``OMP_WAIT_POLICY=PASSIVE``): spinning threads on shared cores would measure the
+    contention, not the job. The command's output is shown on failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         sys.exit(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-    return wall
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
-def _compare(a: Path, b: Path) -> dict:
+def _compare(label: str, a: Path, b: Path) -> dict:
     """Mask disagreements and the largest weight difference over the pruned (block linear) weights."""
     from safetensors.torch import load_file
 
@@ -51,7 +59,13 @@ def _compare(a: Path, b: Path) -> dict:
         differ += int((ma != mb).sum())
         total += ma.numel()
         max_diff = max(max_diff, float((wa[n].float() - wb[n].float()).abs().max()))
-    return {"layers": len(names), "weights": total, "mask_disagreements": differ, "max_weight_diff": max_diff}
+    return {
+        "outputs": label,
+        "layers": len(names),
+        "mask_disagreements": differ,
+        "fraction": differ / max(total, 1),
+        "max_weight_diff": max_diff,
+    }
 
 
 def _perplexity(folder: Path, seqlen: int, windows: int, threads: int) -> float:
@@ -74,6 +88,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--procs", type=int, default=2, help="processes of the torchrun run (= threads of the other)")
     p.add_argument("--eval-windows", type=int, default=40, help="WikiText-2 test windows for perplexity")
+    p.add_argument("--no-baseline", action="store_true", help="skip the third run (one process, one thread)")
     args = p.parse_args()
     model = str(args.model or default_model())
     prune = [
@@ -93,32 +108,37 @@ def main() -> None:
     ]
     rows = []
     with tempfile.TemporaryDirectory(prefix="dist-bench-") as tmp:
-        one, many = Path(tmp) / "one", Path(tmp) / "many"
+        one, many, one_thread = Path(tmp) / "one", Path(tmp) / "many", Path(tmp) / "one-thread"
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.procs}"]
+        single = [sys.executable, "-m", "lmcompress", *prune, "-o"]
         runs = [
-            ("1 process", one, [sys.executable, "-m", "lmcompress", *prune, "-o", str(one)], args.procs),
-            (f"torchrun × {args.procs}", many, [*launch, "-m", "lmcompress", *prune, "-o", str(many)], 1),
+            (f"1 process × {args.procs} threads", one, [*single, str(one)], args.procs),
+            (f"torchrun × {args.procs}, 1 thread each", many, [*launch, *single[1:], str(many)], 1),
+            # the baseline of "summation-order tolerance": one process again, only its thread count changed
+            ("1 process × 1 thread", one_thread, [*single, str(one_thread)], 1),
         ]
-        for label, out, argv, threads in runs:
-            wall = _run(argv, threads)
+        for label, out, argv, threads in runs[: 2 if args.no_baseline else 3]:
+            wall, cpu = _run(argv, threads)
             recipe = json.loads((out / "lmcompress.json").read_text())
             rows.append(
                 {
                     "run": label,
-                    "threads/process": threads,
                     "wall_s": wall,
+                    "cpu_s": cpu,
                     "prune_s": recipe["prune_time_s"],
                     "sparsity": recipe["achieved_sparsity"],
                     "ppl": _perplexity(out, args.seqlen, args.eval_windows, args.procs),
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-        agreement = _compare(one, many)
-    agreement["mask_disagreement_fraction"] = agreement["mask_disagreements"] / max(agreement["weights"], 1)
+        pairs = [("1 process vs torchrun", one, many)]
+        if not args.no_baseline:
+            pairs += [("1 thread vs torchrun", one_thread, many), ("1 process: 2 threads vs 1", one, one_thread)]
+        agreement = [_compare(label, a, b) for label, a, b in pairs]
     info = machine_info()
     print(f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; torch {info['torch']}")
     print_table(rows, f"SparseGPT 50%, {args.nsamples}×{args.seqlen} calibration tokens: 1 process vs torchrun")
-    print_table([agreement], "The two outputs")
+    print_table(agreement, "Pruning masks that differ between two outputs")
     path = save_results("distributed", {"args": vars(args), "model": model, "runs": rows, "agreement": agreement})
     print(f"results: {path}")
 
