@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "encoder": ("bench.encoder_bench", ["--eval-windows", "64", "--sentences", "128"]),
     "search": ("bench.search_bench", ["--methods", "wanda", "--targets", "0.7", "--generations", "2"]),
     "kernels": ("bench.kernels_bench", ["--repeats", "1", "--eval-windows", "2"]),
+    "distributed": ("bench.distributed_bench", ["--eval-windows", "4"]),
 }
 
 

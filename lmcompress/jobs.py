@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lmcompress import __version__
+from lmcompress.calibration import distributed
 from lmcompress.calibration.data import draw
 from lmcompress.checkpoint.folder import check_output, json_text, read_recipe
 from lmcompress.checkpoint.load import load_config, load_model, resolve_source, source_dtype
@@ -199,12 +200,20 @@ def run_job(
     ``storage``, dense or packed, is then how the output is stored).
     """
     config.validate()
+    distributed.refuse_unsupported(kind)  # under torchrun: prune and quantize split their work, others refuse
+    options["device"] = distributed.init_from_env(options.get("device", "cpu"))  # cuda:LOCAL_RANK with NCCL
     from lmcompress.streaming import run_streamed, should_stream
 
     check_output(output, options.get("overwrite", False), source=model)  # errors in the order open_job gives them
     source = resolve_source(model, options.get("allow_pickle", False))
     flags = {"dtype": options.get("dtype", "float32"), "trust_remote_code": options.get("trust_remote_code", False)}
     if should_stream(kind, source, config, offload=offload, resume=resume, **flags):
+        if distributed.active():
+            raise UserError(
+                "streaming from disk (offload disk, resume) does not run under torch.distributed yet: run it as "
+                "one process, or load the model whole (offload none) under torchrun",
+                param=("offload", "resume"),
+            )
         return run_streamed(
             kind,
             source,
@@ -227,8 +236,12 @@ def run_job(
         check_model=check_model,
         **options,
     )
-    report = transform(job.model, config, job.calib, device=job.device, progress=progress)
-    recipe = job.recipe(kind, {**fields(report), f"{kind}_time_s": report.wall_time_s})
+    with distributed.session():  # several processes: windows and layer solves shared out
+        report = transform(job.model, config, job.calib, device=job.device, progress=progress and distributed.is_main())
+    recipe = job.recipe(kind, {**fields(report), f"{kind}_time_s": report.wall_time_s, **distributed.recipe_fields()})
+    if not distributed.is_main():  # rank 0 writes the output; the others wait for it
+        distributed.barrier()
+        return report
     how = save_as(report) if callable(save_as) else save_as
     save = {"overwrite": options.get("overwrite", False), "dtype": source_dtype(job.model.config)}
     if extra_files is not None:
@@ -241,6 +254,7 @@ def run_job(
         save_packed(job.model, job.tokenizer, output, recipe, **save)
     else:
         save_model(job.model, job.tokenizer, output, recipe, **save)
+    distributed.barrier()
     return report
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmcompress.calibration.distributed import is_main, my_windows, new_input_stats, reduce_stats
 from lmcompress.calibration.offload import active_stream
 from lmcompress.calibration.stats import InputStats
 from lmcompress.models.families import get_blocks, skipped_blocks, weight_matrix
@@ -229,9 +230,12 @@ def collect(
 def collect_input_stats(
     block: nn.Module, inputs: BlockInputs, names: list[str], hessian: bool
 ) -> dict[str, InputStats]:
-    """:class:`InputStats` (``Σ x²``, and ``Σ x xᵀ`` with ``hessian``) of the named linear layers' inputs."""
+    """:class:`InputStats` (``Σ x²``, and ``Σ x xᵀ`` with ``hessian``) of the named linear layers' inputs.
+
+    In a ``calibration.distributed`` session they cover the windows of every rank (``reduce_stats``)."""
     device = inputs.hidden.device
-    return collect(block, inputs, names, lambda _n, m: InputStats(weight_matrix(m).shape[1], device, hessian))
+    stats = collect(block, inputs, names, lambda _n, m: new_input_stats(weight_matrix(m).shape[1], device, hessian))
+    return reduce_stats(stats)  # under torch.distributed: the statistics of every rank's windows
 
 
 def shared_inputs(names: Iterable[str], stats: dict[str, object] | None) -> list[list[str]]:
@@ -256,16 +260,17 @@ def walk_blocks(
     """Call ``visit(i, block, inputs)`` for each block in order, then pass its (possibly changed) outputs on.
 
     ``visit`` may modify the block (prune it); the next block then sees the modified block's outputs,
-    as in the sequential procedure of SparseGPT and Wanda. Returns the last block's outputs. A model streamed
-    from disk (``calibration.offload``) is walked by its stream, which reads and writes each block around ``visit``.
+    as in the sequential procedure of SparseGPT and Wanda. Returns the last block's outputs (under
+    ``calibration.distributed``, those of this rank's windows). A model streamed from disk
+    (``calibration.offload``) is walked by its stream, which reads and writes each block around ``visit``.
     """
     stream = active_stream(model)
     if stream is not None:
         return stream.walk(model, input_ids, device, visit, desc=desc, progress=progress)
     blocks = get_blocks(model)
-    inputs = capture_block_inputs(model, input_ids, device)
+    inputs = capture_block_inputs(model, my_windows(input_ids), device)  # this rank's share under distributed
     inputs.per_block = _to(inputs.per_block, device)  # tensors shared between blocks stay shared
-    for i in tqdm(range(len(blocks)), desc=desc, disable=not progress, unit="block"):
+    for i in tqdm(range(len(blocks)), desc=desc, disable=not (progress and is_main()), unit="block"):
         block = blocks[i]
         inputs.use_block(i)
         home = next(block.parameters()).device

@@ -20,6 +20,7 @@ from typing import Protocol
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmcompress.calibration.distributed import is_main
 from lmcompress.models.families import get_blocks
 
 STREAM_ATTR = "lmcompress_stream"
@@ -72,5 +73,5 @@ def for_each_block(
         stream.for_each(model, fn, desc=desc, progress=progress)
         return
     blocks = get_blocks(model)
-    for i in tqdm(range(len(blocks)), desc=desc, disable=not progress, unit="block"):
+    for i in tqdm(range(len(blocks)), desc=desc, disable=not (progress and is_main()), unit="block"):
         fn(i, blocks[i])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import typer
@@ -64,8 +65,17 @@ app = typer.Typer(
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more detail.")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def _main(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more detail.")) -> None:
+    from lmcompress.calibration import distributed
+
+    distributed.refuse_unsupported(ctx.invoked_subcommand or "")  # under torchrun only prune and quantize run
+    level = logging.DEBUG if verbose else logging.INFO
+    if distributed.launched() and os.environ.get("RANK", "0") != "0":  # only rank 0 prints (errors still show)
+        level, sys.stdout = logging.WARNING, open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' loading bars go to stderr
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

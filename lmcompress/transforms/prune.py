@@ -23,6 +23,7 @@ from lmcompress.algorithms.gptq import ColumnQuantizer
 from lmcompress.algorithms.masks import Pattern
 from lmcompress.algorithms.owl import OwlAllocation
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec
+from lmcompress.calibration.distributed import new_input_stats, reduce_stats, solve_cost, spread
 from lmcompress.calibration.engine import BlockInputs, collect_input_stats, shared_inputs, walk_blocks
 from lmcompress.calibration.offload import for_each_block, read_only, track
 from lmcompress.calibration.stats import InputStats
@@ -433,11 +434,17 @@ def prune(
 
     def prune_block(i: int, block: nn.Module, stats: dict[str, InputStats] | None) -> None:
         layers = find_prunable(block)
-        for group in shared_inputs(layers, stats):
+
+        def solve(group: list[str]) -> list[_LayerResult]:
             full = [f"{prefix}.{i}.{name}" for name in group]
             sparsities = [targets[i] if config.layer_targets is None else config.layer_targets[f] for f in full]
             weights = [weight_matrix(layers[name]) for name in group]
-            results = prune_layers(config, weights, stats and stats[group[0]], sparsities, full)
+            return prune_layers(config, weights, stats and stats[group[0]], sparsities, full)
+
+        groups = shared_inputs(layers, stats)
+        # Under torch.distributed each group is solved on one rank and its result broadcast to the others.
+        for group, results in zip(groups, spread(groups, solve, lambda g: solve_cost(layers, g)), strict=True):
+            full = [f"{prefix}.{i}.{name}" for name in group]
             for name, f, res in zip(group, full, results, strict=True):
                 set_weight_matrix(layers[name], res.weight)
                 if res.damping is not None and res.damping > config.percdamp:
@@ -498,12 +505,13 @@ def _prune_head(model: nn.Module, config: PruneConfig, last: BlockInputs | None,
         norm = get_final_norm(model)
         home = head.weight.device
         norm.to(device), head.to(device)
-        stats = InputStats(head.weight.shape[1], device, config.method == "sparsegpt")
+        stats = new_input_stats(head.weight.shape[1], device, config.method == "sparsegpt")
         for i in range(last.hidden.shape[0]):
             stats.add(norm(last.hidden[i : i + 1]))
+        stats = reduce_stats({"lm_head": stats})["lm_head"]  # under torch.distributed: every rank's windows
         norm.to(home), head.to(home)
     target = config.target if config.layer_targets is None else config.layer_targets["lm_head"]
-    new = prune_layer(config, head.weight.data, stats, target, "lm_head").weight
+    new = spread([head.weight.data], lambda w: prune_layer(config, w, stats, target, "lm_head").weight)[0]
     head.weight.data.copy_(new.to(head.weight.dtype))
     return {"lm_head": (head.weight == 0).float().mean().item()}
 

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from lmcompress.algorithms.gptq import gptq_quantize
+from lmcompress.algorithms.gptq import GPTQResult, gptq_quantize
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize, scale_storage_dtype
+from lmcompress.calibration.distributed import solve_cost, spread
 from lmcompress.calibration.engine import BlockInputs, collect_input_stats, shared_inputs, walk_blocks
 from lmcompress.calibration.offload import for_each_block, track
 from lmcompress.errors import UserError
@@ -173,14 +174,13 @@ def quantize(
     def gptq_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
         layers = find_prunable(block)
         stats = collect_input_stats(block, inputs, list(layers), hessian=True)
-        for group in shared_inputs(layers, stats):  # layers reading one input: one stacked solve
-            weights = [weight_matrix(layers[name]).float() for name in group]
-            w = torch.cat(weights)
+
+        def solve(group: list[str]) -> GPTQResult:  # layers reading one input: one stacked solve
+            w = torch.cat([weight_matrix(layers[name]).float() for name in group])
             mask = (w == 0) if config.keep_zeros else None
             if mask is not None and not mask.any():
                 mask = None
-            full = [f"{prefix}.{i}.{name}" for name in group]
-            res = gptq_quantize(
+            return gptq_quantize(
                 w,
                 stats[group[0]].hessian,
                 spec,
@@ -189,8 +189,14 @@ def quantize(
                 act_order=config.act_order,
                 static_groups=config.static_groups,
                 mask=mask,
-                layer=" + ".join(full),
+                layer=" + ".join(f"{prefix}.{i}.{name}" for name in group),
             )
+
+        groups = shared_inputs(layers, stats)
+        # Under torch.distributed each group is solved on one rank and its result broadcast to the others.
+        for group, res in zip(groups, spread(groups, solve, lambda g: solve_cost(layers, g)), strict=True):
+            weights = [weight_matrix(layers[name]) for name in group]
+            full = [f"{prefix}.{i}.{name}" for name in group]
             r0 = 0
             for name, f, part in zip(group, full, weights, strict=True):
                 r1 = r0 + part.shape[0]
