@@ -17,6 +17,9 @@ the width leaves a shorter last group with its own grid. With act-order the grou
 order, so ``QuantizedTensor.g_idx`` records each column's group (the shorter group is then the last
 ``in mod g`` columns processed, the lowest-energy inputs), or, with ``static_groups``, fixed up front on the
 original weights in natural column order (``g_idx = c // g``, the shorter group the last ``in mod g`` inputs).
+On the ``q4_0`` grid a group's ``d`` (from its signed extreme at that moment) is fixed the same way and every
+column is rounded as llama.cpp rounds, ``min(15, ⌊w·(1/d) + 8.5⌋)`` (clamped at 0 too: updated weights may
+pass the extreme), so GPTQ with no error to spread gives RTN's codes.
 
 :class:`ColumnQuantizer` is shared with SparseGPT's joint prune + quantize mode.
 """
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, grid_params
+from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, grid_params, q4_0_step
 from lmcompress.algorithms.sparsegpt import INNER, inverse_hessian_cholesky
 
 
@@ -61,11 +64,13 @@ class ColumnQuantizer:
         self.codes = torch.zeros(rows, cols, dtype=torch.float32, device=device)  # integer-valued; uint8 at the end
         self.scale = torch.zeros(rows, groups, dtype=torch.float32, device=device)
         self.zero = torch.zeros(rows, groups, dtype=torch.float32, device=device)
+        self.q4_0 = spec.grid == "q4_0"
+        self.inverse = torch.zeros(rows, groups, dtype=torch.float32, device=device)  # q4_0: 1/d (float32)
         self.static = static_from is not None
         positions = torch.arange(cols, device=device)
         if self.static:
             for g, c0 in enumerate(range(0, cols, self.width)):
-                self.scale[:, g], self.zero[:, g] = grid_params(static_from[:, c0 : c0 + self.width], spec)
+                self._set(g, static_from[:, c0 : c0 + self.width])
             original = positions if perm is None else perm.to(device)
             self.group_of = original // self.width  # position -> group of its original column
         else:
@@ -81,14 +86,21 @@ class ColumnQuantizer:
 
     def set_group(self, pos: int, weights: torch.Tensor) -> None:
         """Set the grid of the dynamic group starting at ``pos`` from its current ``weights`` ([rows, k])."""
-        g = self._group_list[pos]
+        self._set(self._group_list[pos], weights)
+
+    def _set(self, g: int, weights: torch.Tensor) -> None:
         self.scale[:, g], self.zero[:, g] = grid_params(weights, self.spec)
+        if self.q4_0:
+            self.inverse[:, g] = q4_0_step(weights)[1]
 
     def quantize(self, column: torch.Tensor, pos: int) -> torch.Tensor:
         """Round ``column`` (position ``pos``) onto its group's grid; returns the dequantized column."""
         g = self._group_list[pos]
         scale, zero = self.scale[:, g], self.zero[:, g]
-        q = torch.clamp(torch.round(column / scale) + zero, 0, self.spec.maxq)  # as quantize_codes, one column
+        if self.q4_0:  # as q4_0_codes, one column
+            q = torch.clamp(torch.floor(column * self.inverse[:, g] + 8.5), 0, 15)
+        else:  # as quantize_codes, one column
+            q = torch.clamp(torch.round(column / scale) + zero, 0, self.spec.maxq)
         self.codes[:, pos] = q
         return (q - zero) * scale  # the same arithmetic as QuantizedTensor.dequantize, so bit-identical
 

@@ -6,6 +6,20 @@ shorter: inputs ``[k·g, in)`` with ``k = ⌊in / g⌋`` form group ``k`` (576 i
 of 128 and one of 64), so input ``c`` is always in group ``c // g``. Each group gets a scale ``s`` and an
 integer zero point ``z``; a weight ``w`` is stored as the code ``q = clamp(round(w / s) + z, 0, 2^bits − 1)``
 and read back as ``(q − z) · s``.
+
+Two grids (``QuantSpec.grid``):
+
+* ``minmax`` (the GPTQ reference convention): asymmetric ``s = (max − min) / (2^bits − 1)``,
+  ``z = round(−min / s)``; symmetric ``s = 2·max|w| / (2^bits − 1)``, ``z = 2^(bits−1)``, so the codes
+  ``q − z`` run over ``−2^(bits−1) … 2^(bits−1) − 1`` and the largest positive weight is clipped to
+  ``(2^(bits−1) − 1)·s``.
+* ``q4_0`` (4-bit symmetric only): llama.cpp's ``Q4_0`` block quantization. With ``x`` the group's element of
+  largest ``|w|`` (the first one on ties, keeping its sign), ``d = x / −8`` in float32, the code is
+  ``q = min(15, ⌊w·(1/d) + 8.5⌋)`` (float32 arithmetic; ``1/d`` taken as 0 when ``d = 0``) and the stored
+  scale is ``s = fp16(d)`` with ``z = 8``: ``x`` itself lands exactly on the code 0 (``−8·d``), whatever its
+  sign, and the step is ``max|w| / 8``. On groups of 32 inputs of fp16 weights this gives llama.cpp's codes and
+  scales bit for bit, and the weight lmcompress holds, ``(q − 8)·s``, is the one llama.cpp computes with. The
+  scale is negative when the extreme is positive.
 """
 
 from __future__ import annotations
@@ -14,18 +28,25 @@ from dataclasses import dataclass
 
 import torch
 
+GRIDS = ("minmax", "q4_0")
+
 
 @dataclass(frozen=True)
 class QuantSpec:
     bits: int = 4
     group_size: int = 128  # inputs per scale; -1 = one scale per output row
     sym: bool = True  # symmetric grid around zero (zero point fixed at the middle code)
+    grid: str = "minmax"  # how a group's scale is chosen: "minmax" or "q4_0" (llama.cpp's; 4-bit symmetric)
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be between 2 and 8, got {self.bits}")
         if self.group_size == 0 or self.group_size < -1:
             raise ValueError(f"group_size must be positive or -1 (per channel), got {self.group_size}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
+        if self.grid == "q4_0" and (self.bits != 4 or not self.sym):
+            raise ValueError(f"the q4_0 grid is 4-bit symmetric, got bits={self.bits}, sym={self.sym}")
 
     @property
     def maxq(self) -> int:
@@ -51,8 +72,12 @@ class QuantSpec:
 def grid_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for each row of ``w`` (a group of columns), shapes ``[rows]``.
 
-    The grid always contains 0 (the range is widened to include it) so that pruned weights stay exact.
+    The grid always contains 0 (the range is widened to include it) so that pruned weights stay exact. For the
+    ``q4_0`` grid the scale is ``fp16(d)`` (as float32; :func:`q4_0_step` gives ``d`` itself).
     """
+    if spec.grid == "q4_0":
+        d, _ = q4_0_step(w)
+        return d.half().float(), torch.full_like(d, 8.0)
     w = w.float()
     lo = torch.clamp(w.min(dim=1).values, max=0.0)
     hi = torch.clamp(w.max(dim=1).values, min=0.0)
@@ -67,6 +92,23 @@ def grid_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     else:
         zero = torch.round(-lo / scale)
     return scale, zero
+
+
+def q4_0_step(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's ``Q4_0`` step per row of ``w`` ([rows, k]): ``(d, 1/d)`` in float32, ``d = x / −8`` with ``x``
+    the row's first element of largest ``|w|``, and ``1/d = 0`` where ``d = 0`` (an all-zero row)."""
+    w = w.float()
+    extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True)).squeeze(1)  # argmax: the first maximum
+    d = extreme / -8.0
+    inverse = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    return d, inverse
+
+
+def q4_0_codes(w: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``Q4_0`` codes ``clamp(⌊w·inverse + 8.5⌋, 0, 15)`` of ``w`` ([rows, k]) with ``inverse = 1/d`` per row
+    (float32, as llama.cpp computes them; the lower clamp only matters for weights beyond the group's extreme,
+    as GPTQ's updated columns can be)."""
+    return torch.clamp(torch.floor(w.float() * inverse.unsqueeze(1) + 8.5), 0, 15)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -128,7 +170,11 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     for g0 in range(0, cols, width):
         block = weight[:, g0 : g0 + width]
         scale, zero = grid_params(block, spec)
-        codes[:, g0 : g0 + width] = quantize_codes(block, scale, zero, spec.maxq).to(torch.uint8)
+        if spec.grid == "q4_0":
+            q = q4_0_codes(block, q4_0_step(block)[1])
+        else:
+            q = quantize_codes(block, scale, zero, spec.maxq)
+        codes[:, g0 : g0 + width] = q.to(torch.uint8)
         scales.append(scale)
         zeros.append(zero)
     return QuantizedTensor(codes, torch.stack(scales, 1), torch.stack(zeros, 1), spec)

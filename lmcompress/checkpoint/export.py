@@ -58,6 +58,19 @@ def _check(name: str, q, module) -> None:
         )
 
 
+def _check_grid(quantized: dict) -> None:
+    """UserError for layers on the ``q4_0`` grid: compressed-tensors' symmetric int4 is ``s·(q − 8)`` too, but
+    ``q4_0`` scales are negative wherever a group's extreme is positive, which vLLM's kernels are not known to
+    accept."""
+    names = [name for name, q in quantized.items() if q.spec.grid != "minmax"]
+    if names:
+        raise UserError(
+            f"{len(names)} layers ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) are on the q4_0 grid "
+            "(llama.cpp's Q4_0, with negative scales), which the compressed-tensors export does not write: export "
+            "them with --format gguf, or quantize with --grid minmax for compressed-tensors / vLLM"
+        )
+
+
 def export_compressed_tensors(folder: str | Path, output: str | Path, *, overwrite: bool = False) -> dict:
     """Write ``folder`` (a quantized lmcompress folder) as a compressed-tensors ``pack-quantized`` folder."""
     from lmcompress.checkpoint.packed import read_packed
@@ -69,6 +82,7 @@ def export_compressed_tensors(folder: str | Path, output: str | Path, *, overwri
         raise UserError(f"{folder} has resized or factorized layers (surgery): compressed-tensors cannot describe them")
     quantized = read_packed(folder, recipe)[1] if recipe.get("storage") == "packed" else {}
     _check_whole_groups({param.removesuffix(".weight"): q for param, q in quantized.items()})
+    _check_grid({param.removesuffix(".weight"): q for param, q in quantized.items()})
     ct = _library()
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (

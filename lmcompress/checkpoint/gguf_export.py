@@ -10,7 +10,9 @@ the block types below. A block is 32 consecutive inputs of one output row with o
 Weights that ``lmcompress quantize`` stored as integer codes (``w = s·(q − z)``, see
 :mod:`lmcompress.algorithms.quant`) are written *from their codes* when the grid is one of these:
 
-* 4-bit symmetric: ``z = 8`` always and ``q ∈ 0..15``, so ``w = s·(q − 8)`` is ``Q4_0`` with ``d = fp16(s)``;
+* 4-bit symmetric: ``z = 8`` always and ``q ∈ 0..15``, so ``w = s·(q − 8)`` is ``Q4_0`` with ``d = fp16(s)``
+  (on the ``q4_0`` grid ``s`` already is an fp16 value, so nothing at all is rounded: with groups of 32 the
+  blocks are the ones llama.cpp's own quantizer writes);
 * 4-bit asymmetric: ``w = s·q − s·z`` is ``Q4_1`` with ``d = fp16(s)``, ``m = fp16(−d·z)``;
 * 8-bit symmetric: ``z = 128``, so ``w = s·(q − 128)`` is ``Q8_0`` with the int8 ``q − 128`` and ``d = fp16(s)``;
 

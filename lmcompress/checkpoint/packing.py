@@ -349,6 +349,8 @@ def pack_quantized(q: QuantizedTensor, layout: str | tuple = "auto") -> Packed:
         "sym": spec.sym,
         "scale_dtype": str(scale.dtype).removeprefix("torch."),
     }
+    if spec.grid != "minmax":
+        meta["grid"] = spec.grid  # absent: minmax (files written before grids had names)
     parts = {"scale": scale.to(scale_storage_dtype(scale)).contiguous()}
     zero_int = torch.round(zero)
     integral = torch.equal(zero_int, zero) and bool(((zero >= 0) & (zero <= spec.maxq)).all())
@@ -392,7 +394,9 @@ def pack_quantized(q: QuantizedTensor, layout: str | tuple = "auto") -> Packed:
 def unpack_quantized(p: Packed) -> QuantizedTensor:
     """Inverse of :func:`pack_quantized`: the exact codes, scales and zero points."""
     rows, cols = p.meta["shape"]
-    spec = QuantSpec(bits=p.meta["bits"], group_size=p.meta["group_size"], sym=p.meta["sym"])
+    spec = QuantSpec(
+        bits=p.meta["bits"], group_size=p.meta["group_size"], sym=p.meta["sym"], grid=p.meta.get("grid", "minmax")
+    )
     groups = spec.groups(cols)
     (scale,) = _need(p.parts, "scale")
     if tuple(scale.shape) != (rows, groups):

@@ -19,6 +19,13 @@ def quantize(
     bits: int = typer.Option(4, "--bits", help="Bits per weight: 2, 3, 4 or 8 (any of 2..8 works)."),
     group_size: int = typer.Option(128, "--group-size", help="Inputs sharing one scale/zero point; -1: per channel."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid (zero point in the middle) or asymmetric."),
+    grid: str = typer.Option(
+        "minmax",
+        "--grid",
+        help="How a group's scale is chosen. minmax: from its range (sym: 2·max|w|/(2^bits−1)). q4_0: llama.cpp's "
+        "Q4_0 (4-bit sym only): d = the group's signed extreme / −8, fp16 scales; with --group-size 32 RTN gives "
+        "llama.cpp's own codes, and `export --format gguf` writes them as Q4_0 unchanged.",
+    ),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize inputs by decreasing Hessian diagonal."),
     static_groups: bool = typer.Option(
         False, "--static-groups", help="GPTQ: fix group grids up front (with --act-order: no column→group index)."
@@ -61,6 +68,8 @@ def quantize(
         lmcompress quantize ./llama --method rtn --bits 8 --group-size -1 -o llama-rtn8
 
         lmcompress quantize ./llama-sgpt50 --method gptq --bits 4 --act-order --calib-data c4 -o llama-sgpt50-w4
+
+        lmcompress quantize ./llama --method gptq --bits 4 --group-size 32 --grid q4_0 -o llama-q4_0   # for GGUF
     """
     if method == "rtn":
         options.refuse(
@@ -72,6 +81,7 @@ def quantize(
         bits=bits,
         group_size=group_size,
         sym=sym,
+        grid=grid,
         act_order=act_order,
         static_groups=static_groups,
         percdamp=percdamp,
@@ -87,9 +97,10 @@ def quantize(
     if as_json:
         typer.echo(json_text(report.to_dict()))
     else:
-        grid = "per channel" if config.group_size == -1 else f"group {config.group_size}"
+        layout = "per channel" if config.group_size == -1 else f"group {config.group_size}"
+        layout += ", q4_0 grid" if config.grid == "q4_0" else ""
         typer.echo(
-            f"quantized {model} with {config.method} to {config.bits} bits ({grid}, "
+            f"quantized {model} with {config.method} to {config.bits} bits ({layout}, "
             f"{'sym' if config.sym else 'asym'}), {len(report.quantized)} layers, "
             f"~{report.nominal_bits_per_weight:.2f} bits/weight with grids, in {report.wall_time_s:.1f}s → {output}"
         )

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lmcompress.algorithms.gptq import GPTQResult, gptq_quantize
-from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize, scale_storage_dtype
+from lmcompress.algorithms.quant import GRIDS, QuantizedTensor, QuantSpec, rtn_quantize, scale_storage_dtype
 from lmcompress.calibration.distributed import solve_cost, spread
 from lmcompress.calibration.engine import BlockInputs, collect_input_stats, shared_inputs, walk_blocks
 from lmcompress.calibration.offload import for_each_block, track
@@ -46,13 +46,16 @@ class QuantConfig:
 
     ``group_size`` inputs share a scale and zero point (-1: one per output row); where it does not divide a
     layer's width, the last group of each row is shorter and has its own scale and zero point. ``keep_zeros``
-    keeps weights that are exactly zero (a pruned model) at exactly zero.
+    keeps weights that are exactly zero (a pruned model) at exactly zero. ``grid`` is how a group's scale is
+    chosen (:mod:`lmcompress.algorithms.quant`): ``minmax`` from its range, ``q4_0`` as llama.cpp's ``Q4_0``
+    (4-bit symmetric; with ``group_size`` 32 the codes are llama.cpp's own).
     """
 
     method: str = "gptq"
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    grid: str = "minmax"  # "minmax" | "q4_0" (llama.cpp's Q4_0 grid: 4-bit symmetric)
     act_order: bool = False  # GPTQ: process inputs by decreasing Hessian diagonal
     static_groups: bool = False  # GPTQ + act-order: fix the grids up front in natural column order
     percdamp: float = 0.01  # GPTQ dampening, fraction of the mean Hessian diagonal
@@ -64,7 +67,7 @@ class QuantConfig:
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.sym)
+        return QuantSpec(self.bits, self.group_size, self.sym, self.grid)
 
     @property
     def needs_calibration(self) -> bool:
@@ -77,6 +80,14 @@ class QuantConfig:
                 param="method",
             )
         check_quant_grid(self.bits, self.group_size)
+        if self.grid not in GRIDS:
+            raise UserError(f"grid {self.grid!r} is unknown: choose one of {', '.join(GRIDS)}", param="grid")
+        if self.grid == "q4_0" and (self.bits != 4 or not self.sym):
+            raise UserError(
+                f"grid q4_0 is llama.cpp's 4-bit symmetric grid, but bits={self.bits} "
+                f"{'sym' if self.sym else 'asym'} was asked: use bits 4 with sym, or grid minmax",
+                param=("grid", "bits", "sym"),
+            )
         if self.method == "rtn" and (self.act_order or self.static_groups):
             raise UserError(
                 "act_order and static_groups are GPTQ options; use them with method gptq",
