@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             report = search(model, config, calib, held_out, work, progress=True)
             row["search_s"] = time.perf_counter() - start
             row["search"] = ppl(model)
+            row["report"] = write_report(report, f"{method}-{target:g}-{args.database_inputs}")
             sequential = copy.deepcopy(base)  # the same allocation by ordinary sequential pruning (prune --allocation)
             config = PruneConfig(method=method, allocation="layers", layer_targets=report.layer_levels)
             prune(sequential, config, calib, progress=False)
@@ -148,6 +150,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     print_table(rows, "search vs uniform and OWL (WikiText-2 test perplexity)")
     save_results("search", {"args": vars(args), "dense": dense, "rows": rows})
+
+
+def write_report(report, name: str) -> str:
+    """search.json and ``lmcompress report``'s plots of this search, in bench/results/search-NAME."""
+    from lmcompress.checkpoint.folder import json_text
+    from lmcompress.measure.search_report import SEARCH_FILE, write_search_report
+
+    folder = Path(__file__).parent / "results" / f"search-{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SEARCH_FILE).write_text(json_text(report.to_dict()) + "\n")
+    return write_search_report(folder)["markdown"]
 
 
 def bits_row(args, base, calib, held_out, ppl) -> dict:
