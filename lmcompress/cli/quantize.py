@@ -65,8 +65,6 @@ def quantize(
 
         lmcompress quantize facebook/opt-125m --method gptq --bits 4 --group-size 128 -o opt-gptq4
 
-        lmcompress quantize ./llama --method rtn --bits 8 --group-size -1 -o llama-rtn8
-
         lmcompress quantize ./llama-sgpt50 --method gptq --bits 4 --act-order --calib-data c4 -o llama-sgpt50-w4
 
         lmcompress quantize ./llama --method gptq --bits 4 --group-size 32 --grid q4_0 -o llama-q4_0   # for GGUF
