@@ -374,7 +374,7 @@ def search(
                 round_starts.append({"generation": state.generation, "levels": list(state.levels)})
             bar.set_description(f"search: round {r + 1} database")
             parent = round_starts[r - 1]["levels"]
-            cand = _next_round(model, config, calib, fitness_windows, work, cand, parent, r, device)
+            cand = _next_round(model, config, calib, fitness_windows, work, cand, parent, r, device, progress)
             if fresh:  # the parent rescored: on this database it is its sequential version
                 round_starts[-1]["fitness_before"] = state.fitness
                 state.fitness = round_starts[-1]["fitness"] = cand.score(state.levels, final_stage)
@@ -433,7 +433,7 @@ def _keep_dense_weights(model: nn.Module, path: Path) -> None:
         write_path_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
-def _next_round(model, config, calib, fitness_windows, work, cand, parent, r, device) -> Candidates:
+def _next_round(model, config, calib, fitness_windows, work, cand, parent, r, device, progress) -> Candidates:
     """Round ``r``'s candidates: the model made dense again, the database built along ``parent``'s inputs."""
     modules = prunable_layers(model)
     with safe_open(str(work / DENSE_FILE), framework="pt") as f:
@@ -441,7 +441,17 @@ def _next_round(model, config, calib, fitness_windows, work, cand, parent, r, de
             set_weight_matrix(modules[name], f.get_tensor(name))
     previous = cand.db.folder
     reference = cand.assignment(parent)
-    nxt = prepare(model, config, calib, fitness_windows, work, device=device, reference=reference, fitness=cand.fitness)
+    nxt = prepare(
+        model,
+        config,
+        calib,
+        fitness_windows,
+        work,
+        device=device,
+        progress=progress,
+        reference=reference,
+        fitness=cand.fitness,
+    )
     nxt.round = r
     if previous != nxt.db.folder and r > 1:  # the round before's database is no longer needed (round 1's stays)
         shutil.rmtree(previous, ignore_errors=True)
