@@ -70,8 +70,8 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, layer: str 
     One factorization and one triangular solve, without forming ``H⁻¹``: with ``J`` the order-reversing
     permutation, ``J H J = M Mᵀ`` (lower Cholesky) gives ``H = R Rᵀ`` with ``R = J M J`` upper triangular, so
     ``H⁻¹ = R⁻ᵀ R⁻¹ = Uᵀ U`` with ``U = R⁻¹`` upper triangular with a positive diagonal: the factor sought.
-    (Several times faster on a CPU than inverting and factorizing again; done in float64, so the factor is
-    exact to the working precision.)
+    Done in float64, so the factor is exact to the working precision (on a quiet 2-core CPU this costs about as
+    much as inverting and factorizing again in float32: 0.18 s vs 0.12 s at n = 1536).
 
     If the factorization fails (H numerically indefinite) the dampening is multiplied by 10 until it
     succeeds, and a warning says so. Returns the factor and the dampening fraction used.
