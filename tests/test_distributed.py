@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from lmcompress.calibration.distributed import owners, shard_bounds
 from lmcompress.checkpoint.packed import read_packed
 
-CALIB = ["--calib-data", "bundled:wikitext2-valid", "--nsamples", "7", "--seqlen", "48", "--quiet"]
+# 7 windows of 256 tokens: batches of 4 (calibration.engine.window_batch), so the ranks get [0, 4) and [4, 7)
+CALIB = ["--calib-data", "bundled:wikitext2-valid", "--nsamples", "7", "--seqlen", "256", "--quiet"]
 RUNS = {  # output name → CLI arguments after the model folder (7 windows: shares of 3 and 4)
     "wanda": ["prune", "--method", "wanda", "--sparsity", "0.5", *CALIB],
     "sparsegpt": ["prune", "--method", "sparsegpt", "--sparsity", "0.5", "--include-head", *CALIB],
@@ -96,6 +97,10 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_shares_and_owners():
     assert shard_bounds(7, 2) == [0, 3, 7]
     assert shard_bounds(8, 4) == [0, 2, 4, 6, 8]
+    assert shard_bounds(7, 2, align=4) == [0, 4, 7]  # whole window batches where there are enough
+    assert shard_bounds(16, 2, align=8) == [0, 8, 16]
+    assert shard_bounds(20, 3, align=4) == [0, 4, 12, 20]
+    assert shard_bounds(7, 2, align=21) == [0, 3, 7]  # one batch cannot be shared: plain shares
     # largest first to the least loaded rank: the big solve alone, the three small ones together
     assert owners([1.0, 2.0, 6.0, 3.0], 2) == [1, 1, 0, 1]
     assert owners([5.0, 5.0], 1) == [0, 0]

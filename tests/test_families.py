@@ -15,7 +15,7 @@ from transformers import PretrainedConfig, T5Config, ViTConfig
 import lmcompress
 from lmcompress import PruneConfig
 from lmcompress.algorithms.wanda import wanda_mask
-from lmcompress.calibration.engine import BlockInputs, run_block, walk_blocks
+from lmcompress.calibration.engine import BlockInputs, capture_block_inputs, choose_batch, run_block, walk_blocks
 from lmcompress.checkpoint.load import load_model
 from lmcompress.checkpoint.save import save_model
 from lmcompress.errors import UserError
@@ -141,6 +141,37 @@ def test_sliding_and_global_layers_get_their_own_masks(family, model_of, windows
     right = run_block(block, seen[1])
     wrong = run_block(block, BlockInputs(seen[1].hidden, seen[0].args, seen[0].kwargs))
     assert (right - wrong).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", sorted({*TINY_CONFIGS, *GENERIC, "qwen3-sliding"}))
+def test_windows_run_through_a_block_together(family, model_of, windows):
+    """Every family's block takes several windows per call with window 0's arguments, and gives per window
+    what it gives them one at a time."""
+    model = model_of(family)
+    inputs = capture_block_inputs(model, windows, CPU)
+    block = get_blocks(model)[0]
+    if family == "bloom":  # ALiBi biases are captured as [batch·heads, 1, seq]: window 0's fit one window only
+        assert choose_batch(block, inputs) == 1
+        return
+    assert choose_batch(block, inputs) == windows.shape[0]  # 4 windows of 64 tokens: all in one call
+    alone = run_block(block, inputs)
+    inputs.batch = 4
+    torch.testing.assert_close(run_block(block, inputs), alone, atol=1e-5, rtol=1e-4)
+
+
+def test_a_block_that_cannot_take_several_windows_gets_one_at_a_time(windows):
+    class OneWindow(nn.Module):  # reads a per-window tensor that was captured for window 0 alone
+        def forward(self, hidden, bias):
+            return hidden + bias.expand(hidden.shape[0], -1, -1).reshape(hidden.shape) * 0 + bias.view(1, 1, -1)[:, :1]
+
+    class Shifting(nn.Module):  # broadcasts, but mixes windows: batched outputs differ from one at a time
+        def forward(self, hidden):
+            return hidden + hidden.mean(0, keepdim=True)
+
+    hidden = torch.randn(4, 8, 6)
+    assert choose_batch(OneWindow(), BlockInputs(hidden, (torch.randn(1, 8, 6),))) == 1
+    assert choose_batch(Shifting(), BlockInputs(hidden)) == 1
+    assert choose_batch(nn.Identity(), BlockInputs(hidden)) == 4
 
 
 def test_arguments_shared_by_blocks_are_stored_once(model_of, windows):

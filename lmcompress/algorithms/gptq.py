@@ -170,42 +170,46 @@ def gptq_quantize(
 
     Hinv, damp = inverse_hessian_cholesky(H, percdamp, layer)
     row_loss = torch.zeros(rows, dtype=torch.float32, device=W.device)
+    # The sweep runs on Wᵀ: column j of W is the contiguous row j of WT (per-column reads and rank-1 updates
+    # walk memory in order).
+    WT = W.t().contiguous()
+    maskT = None if mask is None else mask.t().contiguous()
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
-        Wb = W[:, b0:b1]  # a view: updates inside the block land in W directly
+        WbT = WT[b0:b1]  # a view: updates inside the block land in WT directly
         Hb = Hinv[b0:b1, b0:b1]
-        err = torch.zeros_like(Wb)
+        errT = torch.zeros_like(WbT)  # row j: (w_j − q_j) / U_jj of block column j
         flushed = 0  # errors of columns b0 .. b0+flushed-1 already applied right of the block
         pending = 0  # errors of block columns pending .. j-1 not yet applied past the current sub-block
         for j in range(b1 - b0):
             pos = b0 + j
             if j % INNER == 0 and j > pending:  # a sub-block starts: the block's rest receives the last one's errors
-                Wb[:, j:] -= err[:, pending:j] @ Hb[pending:j, j:]
+                WbT[j:] -= Hb[pending:j, j:].t() @ errT[pending:j]
                 pending = j
             s1 = min(b1 - b0, (j // INNER + 1) * INNER)  # end of the sub-block: updates up to it are immediate
             end = quantizer.group_end(pos)
             if end is not None:
                 if j > pending:  # a group starts inside a sub-block: bring the block's rest up to date first
-                    Wb[:, s1:] -= err[:, pending:j] @ Hb[pending:j, s1:]
+                    WbT[s1:] -= Hb[pending:j, s1:].t() @ errT[pending:j]
                     pending = j
                 if end > b1 and j > flushed:  # the group reaches past the block: bring those columns up to date
-                    W[:, b1:] -= err[:, flushed:j] @ Hinv[b0 + flushed : pos, b1:]
+                    WT[b1:] -= Hinv[b0 + flushed : pos, b1:].t() @ errT[flushed:j]
                     flushed = j
-                group = W[:, pos:end]
-                if mask is not None:
-                    group = group.masked_fill(mask[:, pos:end], 0.0)
+                group = WT[pos:end].t()
+                if maskT is not None:
+                    group = group.masked_fill(maskT[pos:end].t(), 0.0)
                 quantizer.set_group(pos, group)
-            w = Wb[:, j]
-            column = w if mask is None else w.masked_fill(mask[:, pos], 0.0)
+            w = WbT[j]
+            column = w if maskT is None else w.masked_fill(maskT[pos], 0.0)
             q = quantizer.quantize(column, pos)
-            e = (w - q) / Hb[j, j]
-            Wb[:, j:s1].addr_(e, Hb[j, j:s1], alpha=-1.0)
-            Wb[:, j] = q
-            err[:, j] = e
+            e = torch.sub(w, q, out=errT[j]).div_(Hb[j, j])
+            WbT[j:s1].addr_(Hb[j, j:s1], e, alpha=-1.0)
+            WbT[j] = q
         # Lazy batch update: everything right of the block receives the block's (remaining) errors at once.
-        W[:, b1:] -= err[:, flushed:] @ Hinv[b0 + flushed : b1, b1:]
-        row_loss += 0.5 * (err**2).sum(1)  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
+        WT[b1:] -= Hinv[b0 + flushed : b1, b1:].t() @ errT[flushed:]
+        row_loss += 0.5 * (errT**2).sum(0)  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
 
+    W = WT.t().contiguous()
     if perm is not None:
         W = W[:, torch.argsort(perm)]
     result = quantizer.result()

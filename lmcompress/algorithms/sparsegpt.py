@@ -70,21 +70,25 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, layer: str 
     One factorization and one triangular solve, without forming ``H⁻¹``: with ``J`` the order-reversing
     permutation, ``J H J = M Mᵀ`` (lower Cholesky) gives ``H = R Rᵀ`` with ``R = J M J`` upper triangular, so
     ``H⁻¹ = R⁻ᵀ R⁻¹ = Uᵀ U`` with ``U = R⁻¹`` upper triangular with a positive diagonal: the factor sought.
-    Done in float64, so the factor is exact to the working precision (on a quiet 2-core CPU this costs about as
-    much as inverting and factorizing again in float32: 0.18 s vs 0.12 s at n = 1536).
+    Works in the Hessian's dtype (float32, as the reference implementation) and holds at most three ``n × n``
+    buffers besides ``H`` at a time (0.38 GB for the 5632-wide ``down_proj`` Hessian of a 1.1B LLaMA).
 
     If the factorization fails (H numerically indefinite) the dampening is multiplied by 10 until it
     succeeds, and a warning says so. Returns the factor and the dampening fraction used.
     """
     n = hessian.shape[0]
     mean_diag = torch.mean(torch.diag(hessian)).item()
-    eye = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
     damp = percdamp
     for _ in range(8):
         try:
-            m = torch.linalg.cholesky((hessian + damp * mean_diag * eye).flip(0, 1).double())
-            u = torch.linalg.solve_triangular(m.flip(0, 1), eye.double(), upper=True)
-            return u.to(hessian.dtype), damp
+            reversed_h = hessian.flip(0, 1)  # J H J, a copy: dampening it in place leaves H untouched
+            reversed_h.diagonal().add_(damp * mean_diag)
+            m = torch.linalg.cholesky(reversed_h)
+            del reversed_h
+            r = m.flip(0, 1)  # R = J M J, upper triangular, with H + λI = R Rᵀ
+            del m
+            eye = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
+            return torch.linalg.solve_triangular(r, eye, upper=True), damp
         except torch.linalg.LinAlgError:
             new_damp = damp * 10 if damp > 0 else 1e-4
             log.warning(
@@ -141,53 +145,70 @@ def sparsegpt_prune(
     row_loss = torch.zeros(rows, dtype=torch.float32, device=W.device)
 
     inner = _inner_width(pattern.m if pattern.is_nm else 1)
+    # The sweep runs on Wᵀ: column j of W is the contiguous row j of WT, so every per-column read and
+    # rank-1 update walks memory in order (on a CPU this is what the column loop's time goes to).
+    WT = W.t().contiguous()
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
-        Wb = W[:, b0:b1]  # a view: updates inside the block land in W directly
+        WbT = WT[b0:b1]  # a view: updates inside the block land in WT directly
         Hb = Hinv[b0:b1, b0:b1]
         d = torch.diag(Hb)
-        err = torch.zeros_like(Wb)
-        block_mask = torch.zeros(Wb.shape, dtype=torch.bool, device=W.device)
+        errT = torch.zeros_like(WbT)  # row j: (w_j − q_j) / U_jj of block column j
+        block_mask = torch.zeros((rows, b1 - b0), dtype=torch.bool, device=W.device)
         if not pattern.is_nm:  # the lowest saliencies w²/U_jj² of each segment's rows in this block
-            saliency = Wb**2 / d.unsqueeze(0) ** 2
+            saliency = (WbT**2 / d.unsqueeze(1) ** 2).t().contiguous()
             for r0, r1, s_seg in bounds:
                 k = round((r1 - r0) * (b1 - b0) * s_seg)
                 block_mask[r0:r1] = lowest_k(saliency[r0:r1].reshape(1, -1), k).reshape(r1 - r0, b1 - b0)
 
+        # Mask fixed for the whole block (unstructured, no quantizer): each column's error is one multiply.
+        pruned = block_mask.t().to(W.dtype).contiguous() if not pattern.is_nm and quantizer is None else None
+        dl = d.tolist()
         flushed = 0  # errors of columns b0 .. b0+flushed-1 already applied right of the block
         pending = 0  # errors of block columns pending .. j-1 not yet applied past the current sub-block
-        for j in range(b1 - b0):
+        if pruned is not None:  # plain pruning: w − q is w where pruned, 0 where kept (both exact)
+            w_rows, e_rows, p_rows, h_rows = WbT.unbind(0), errT.unbind(0), pruned.unbind(0), Hb.unbind(0)
+            for s0 in range(0, b1 - b0, inner):
+                if s0 > 0:  # the block's rest receives the last sub-block's errors
+                    WbT[s0:] -= Hb[s0 - inner : s0, s0:].t() @ errT[s0 - inner : s0]
+                s1 = min(b1 - b0, s0 + inner)
+                for j in range(s0, s1):
+                    e = torch.mul(w_rows[j], p_rows[j], out=e_rows[j]).div_(dl[j])
+                    if j + 1 < s1:  # column j itself is left as it is: the mask zeroes it at the end
+                        WbT[j + 1 : s1].addr_(h_rows[j][j + 1 : s1], e, alpha=-1.0)
+        for j in range(b1 - b0 if pruned is None else 0):
             pos = b0 + j
             if j % inner == 0 and j > pending:  # a sub-block starts: the block's rest receives the last one's errors
-                Wb[:, j:] -= err[:, pending:j] @ Hb[pending:j, j:]
+                WbT[j:] -= Hb[pending:j, j:].t() @ errT[pending:j]
                 pending = j
             s1 = min(b1 - b0, (j // inner + 1) * inner)  # end of the sub-block: updates up to it are immediate
             end = None if quantizer is None else quantizer.group_end(pos)
             if end is not None:
                 if j > pending:  # a group starts inside a sub-block: bring the block's rest up to date first
-                    Wb[:, s1:] -= err[:, pending:j] @ Hb[pending:j, s1:]
+                    WbT[s1:] -= Hb[pending:j, s1:].t() @ errT[pending:j]
                     pending = j
                 if end > b1 and j > flushed:  # the group reaches past the block: bring those columns up to date
-                    W[:, b1:] -= err[:, flushed:j] @ Hinv[b0 + flushed : pos, b1:]
+                    WT[b1:] -= Hinv[b0 + flushed : pos, b1:].t() @ errT[flushed:j]
                     flushed = j
-                quantizer.set_group(pos, W[:, pos:end])
+                quantizer.set_group(pos, WT[pos:end].t())
             if pattern.is_nm and j % pattern.m == 0:
-                group = Wb[:, j : j + pattern.m] ** 2 / d[j : j + pattern.m].unsqueeze(0) ** 2
+                group = WbT[j : j + pattern.m].t() ** 2 / d[j : j + pattern.m].unsqueeze(0) ** 2
                 drop = torch.topk(group, pattern.m - pattern.n, dim=1, largest=False).indices
                 block_mask[:, j : j + pattern.m].scatter_(1, drop, True)
-            w = Wb[:, j]
+            w = WbT[j]
             q = w.masked_fill(block_mask[:, j], 0.0)
             if quantizer is not None:
                 q = quantizer.quantize(q, pos).masked_fill_(block_mask[:, j], 0.0)
             e = (w - q) / d[j]
             # OBS update of the sub-block's remaining columns; column j itself becomes q.
-            Wb[:, j:s1].addr_(e, Hb[j, j:s1], alpha=-1.0)
-            Wb[:, j] = q
-            err[:, j] = e
+            WbT[j:s1].addr_(Hb[j, j:s1], e, alpha=-1.0)
+            WbT[j] = q
+            errT[j] = e
         # Lazy batch update: everything right of the block receives the block's (remaining) errors at once.
-        W[:, b1:] -= err[:, flushed:] @ Hinv[b0 + flushed : b1, b1:]
-        row_loss += 0.5 * (err**2).sum(1)  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
+        WT[b1:] -= Hinv[b0 + flushed : b1, b1:].t() @ errT[flushed:]
+        row_loss += 0.5 * (errT**2).sum(0)  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
         mask[:, b0:b1] = block_mask
 
+    W = WT.t().contiguous()
     W[mask] = 0.0
     return SparseGPTResult(weight=W, mask=mask, damping=damp, loss=row_loss.sum().item(), row_loss=row_loss)

@@ -3,8 +3,9 @@
 With ``torchrun --nproc-per-node N -m lmcompress prune|quantize ...`` every process loads the model and draws
 the same calibration windows (same text, same seed), then, block by block:
 
-1. each rank runs its contiguous share of the windows (rank ``r`` of ``N`` gets windows
-   ``[⌊r·n/N⌋ .. ⌊(r+1)·n/N⌋)``, :func:`my_windows`) through the block, accumulating :class:`InputStats`;
+1. each rank runs its contiguous share of the windows (:func:`my_windows`: whole batches of windows, those one
+   process would run through a block together, where there are enough; else ``[⌊r·n/N⌋ .. ⌊(r+1)·n/N⌋)``)
+   through the block, accumulating :class:`InputStats`;
 2. the statistics are combined as one process would have them: the Hessian sums ``Σ X Xᵀ`` and the token counts
    are summed over ranks (all-reduce), so ``H = 2 Σ X Xᵀ / n`` uses the global ``n``, equal to the
    one-process value up to the order of float32 additions; Wanda's ``Σ x²`` per input is rebuilt *exactly*:
@@ -129,8 +130,17 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def shard_bounds(n: int, world_size: int) -> list[int]:
-    """``world_size + 1`` boundaries splitting ``n`` windows into contiguous shares (sizes differ by ≤ 1)."""
+def shard_bounds(n: int, world_size: int, align: int = 1) -> list[int]:
+    """``world_size + 1`` boundaries splitting ``n`` windows into contiguous shares.
+
+    With ``align`` > 1 the shares are whole runs of ``align`` windows (the last may be short), as long as
+    there are at least ``world_size`` such runs: each rank then calls a block on exactly the window batches
+    one process would (``calibration.engine.window_batch``), so activations match bit for bit. Otherwise,
+    and with ``align`` = 1, share sizes differ by at most one window.
+    """
+    units = -(-n // align)
+    if align > 1 and units >= world_size:
+        return [min(r * units // world_size * align, n) for r in range(world_size + 1)]
     return [r * n // world_size for r in range(world_size + 1)]
 
 
@@ -145,7 +155,9 @@ def my_windows(windows: torch.Tensor) -> torch.Tensor:
             f"at least {size}, or run fewer processes",
             param="nsamples",
         )
-    bounds = shard_bounds(windows.shape[0], size)
+    from lmcompress.calibration.engine import window_batch  # the engine imports this module
+
+    bounds = shard_bounds(windows.shape[0], size, align=window_batch(windows.shape[1]))
     return windows[bounds[rank] : bounds[rank + 1]]
 
 

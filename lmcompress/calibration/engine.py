@@ -46,6 +46,7 @@ class BlockInputs:
     args: tuple = ()  # other positional arguments of the current block's call
     kwargs: dict = field(default_factory=dict)  # keyword arguments (masks, positions, rotary tables)
     per_block: list[tuple[tuple, dict]] = field(default_factory=list)  # (args, kwargs) of every block
+    batch: int = 1  # windows per block call (:func:`choose_batch`); 1 until a walk has checked the family
 
     def use_block(self, i: int) -> None:
         """Make ``args`` / ``kwargs`` those that block ``i`` receives in the model's own forward."""
@@ -142,20 +143,52 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device: torc
     return BlockInputs(store[0], args, kwargs, per_block=per_block)
 
 
+WINDOW_TOKENS = 1024  # tokens per block call: enough rows for efficient matrix products, little extra memory
+
+
+def window_batch(seqlen: int) -> int:
+    """Calibration windows of ``seqlen`` tokens run through a block in one call (at least 1)."""
+    return max(1, WINDOW_TOKENS // max(seqlen, 1))
+
+
+def _call(block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+    out = block(hidden, *inputs.args, **inputs.kwargs)
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+@torch.no_grad()
+def choose_batch(block: nn.Module, inputs: BlockInputs) -> int:
+    """How many windows ``block`` may take per call: :func:`window_batch`, if two windows run together give
+    what they give one by one (the extra arguments were captured for one window and must broadcast), else 1.
+    """
+    batch = min(window_batch(inputs.hidden.shape[1]), inputs.hidden.shape[0])
+    if batch == 1:
+        return 1
+    pair = inputs.hidden[:2]
+    try:
+        together = _call(block, pair, inputs)
+    except Exception:  # a family whose block cannot broadcast window 0's masks or positions: one at a time
+        return 1
+    alone = torch.cat([_call(block, pair[i : i + 1], inputs) for i in range(2)])
+    same = together.shape == alone.shape and torch.allclose(together, alone, rtol=1e-4, atol=1e-5)
+    return batch if same else 1
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, *, keep: str = "new") -> torch.Tensor | None:
-    """Run the block on every calibration window, one window per call.
+    """Run the block on every calibration window, ``inputs.batch`` windows per call.
 
-    ``keep="new"`` returns a new tensor of outputs; ``"inplace"`` writes each window's output over its input
-    (each window is independent, so only one copy of the activations is ever alive); ``"none"`` discards
+    ``keep="new"`` returns a new tensor of outputs; ``"inplace"`` writes each call's outputs over its inputs
+    (windows are independent, so only one copy of the activations is ever alive); ``"none"`` discards
     the outputs (a pass for the hooks only).
     """
     hidden = inputs.hidden
     outs = torch.empty_like(hidden) if keep == "new" else hidden
-    for i in range(hidden.shape[0]):
-        out = block(hidden[i : i + 1], *inputs.args, **inputs.kwargs)
+    step = max(1, inputs.batch)
+    for i in range(0, hidden.shape[0], step):
+        out = _call(block, hidden[i : i + step], inputs)
         if keep != "none":
-            outs[i] = out[0] if isinstance(out, tuple | list) else out
+            outs[i : i + step] = out
     return None if keep == "none" else outs
 
 
@@ -275,6 +308,8 @@ def walk_blocks(
         inputs.use_block(i)
         home = next(block.parameters()).device
         block.to(device)
+        if i == 0:
+            inputs.batch = choose_batch(block, inputs)
         visit(i, block, inputs)
         run_block(block, inputs, keep="inplace")
         block.to(home)

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.algorithms.quant import QuantizedTensor
-from lmcompress.calibration.engine import _to, capture_block_inputs, run_block
+from lmcompress.calibration.engine import _to, capture_block_inputs, choose_batch, run_block
 from lmcompress.checkpoint.folder import json_text, write_file_atomic, write_path_atomic
 from lmcompress.checkpoint.packed import FORMAT_VERSION, PACKED_FILE, _transposed_params, pack_named
 from lmcompress.checkpoint.packing import Packed, unpack_quantized
@@ -423,6 +423,8 @@ class DiskStream:
             inputs.use_block(i)
             before = self._snapshot()
             self._load(self.block_keys[i], device)
+            if i == start:
+                inputs.batch = choose_batch(blocks[i], inputs)
             visit(i, blocks[i], inputs)
             run_block(blocks[i], inputs, keep="inplace")
             if writing:
