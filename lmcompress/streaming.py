@@ -125,6 +125,27 @@ def should_stream(
     )
 
 
+MMAP_THRESHOLD = 8 << 20  # bytes: from this size on, glibc gives each allocation its own mapping
+
+
+def return_freed_memory() -> None:
+    """Make the C allocator hand large freed buffers back to the system at once (glibc only; else nothing).
+
+    glibc serves an allocation of at least ``M_MMAP_THRESHOLD`` bytes with its own mapping, unmapped on free,
+    but raises that threshold (up to 32 MiB) whenever such a buffer is freed, after which the same sizes come
+    from the heap and can stay resident once freed. Fixing it keeps a streamed job's memory near what is alive
+    (bench/README.md, streaming: 0.2 GiB less peak on a 4-block TinyLlama-shaped model).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def build_meta_model(config, dtype: torch.dtype) -> nn.Module:
     """The model of ``config`` with every parameter on the meta device (buffers such as rotary tables are real)."""
     from accelerate import init_empty_weights
@@ -173,6 +194,7 @@ def run_streamed(
     from lmcompress.models.families import family_of, get_blocks
 
     start = time.perf_counter()
+    return_freed_memory()
     out = check_output(output, overwrite, source=model)
     source = str(Path(str(model)).expanduser())
     check_device(device)

@@ -146,13 +146,15 @@ def gptq_quantize(
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     W = weight.detach().clone().float()
-    H = hessian.detach().clone().float().to(W.device)
+    H = hessian.detach().float().to(W.device)
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise ValueError(f"Hessian of shape {tuple(H.shape)} does not fit a weight with {cols} inputs")
 
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    if dead.any():
+        H = H.clone()  # copied only when it must change
+        H[dead, dead] = 1.0
     W[:, dead] = 0.0
     if mask is not None:
         mask = mask.to(W.device)
@@ -169,10 +171,12 @@ def gptq_quantize(
     quantizer = ColumnQuantizer(spec, (rows, cols), W.device, perm=perm, static_from=static_from)
 
     Hinv, damp = inverse_hessian_cholesky(H, percdamp, layer)
+    del H
     row_loss = torch.zeros(rows, dtype=torch.float32, device=W.device)
     # The sweep runs on Wᵀ: column j of W is the contiguous row j of WT (per-column reads and rank-1 updates
     # walk memory in order).
     WT = W.t().contiguous()
+    del W
     maskT = None if mask is None else mask.t().contiguous()
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
@@ -209,7 +213,9 @@ def gptq_quantize(
         WT[b1:] -= Hinv[b0 + flushed : b1, b1:].t() @ errT[flushed:]
         row_loss += 0.5 * (errT**2).sum(0)  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
 
+    del Hinv
     W = WT.t().contiguous()
+    del WT
     if perm is not None:
         W = W[:, torch.argsort(perm)]
     result = quantizer.result()

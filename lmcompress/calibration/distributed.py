@@ -170,6 +170,8 @@ class WindowInputStats(InputStats):
         self.parts: list[torch.Tensor] = []
 
     def add(self, x: torch.Tensor) -> None:
+        if self._scaled:
+            raise RuntimeError("inputs added after the Hessian was taken")
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         part = (x * x).sum(0)

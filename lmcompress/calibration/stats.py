@@ -17,8 +17,11 @@ class InputStats:
         self.tokens = 0
         self.sq_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        self._scaled = False  # xtx has been turned into H in place (see hessian)
 
     def add(self, x: torch.Tensor) -> None:
+        if self._scaled:
+            raise RuntimeError("inputs added after the Hessian was taken")
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         self.sq_sum += (x * x).sum(0)
@@ -27,10 +30,16 @@ class InputStats:
 
     @property
     def hessian(self) -> torch.Tensor:
-        """``H = 2 X Xᵀ / n``: the Hessian of the mean squared layer reconstruction error."""
+        """``H = 2 X Xᵀ / n``: the Hessian of the mean squared layer reconstruction error.
+
+        Scaled in place on first use (``xtx`` then holds ``H``; no second ``d × d`` copy is ever made), so no
+        inputs can be added after it."""
         if self.xtx is None:
             raise RuntimeError("Hessian was not collected")
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        if not self._scaled:
+            self.xtx.mul_(2.0 / max(self.tokens, 1))
+            self._scaled = True
+        return self.xtx
 
 
 class InputRows:

@@ -434,14 +434,17 @@ def prune(
 
     def prune_block(i: int, block: nn.Module, stats: dict[str, InputStats] | None) -> None:
         layers = find_prunable(block)
+        groups = shared_inputs(layers, stats)
+        held = {g[0]: stats[g[0]] for g in groups} if stats else {}  # each group's statistic, freed once solved
+        if stats:
+            stats.clear()
 
         def solve(group: list[str]) -> list[_LayerResult]:
             full = [f"{prefix}.{i}.{name}" for name in group]
             sparsities = [targets[i] if config.layer_targets is None else config.layer_targets[f] for f in full]
             weights = [weight_matrix(layers[name]) for name in group]
-            return prune_layers(config, weights, stats and stats[group[0]], sparsities, full)
+            return prune_layers(config, weights, held.pop(group[0], None), sparsities, full)
 
-        groups = shared_inputs(layers, stats)
         # Under torch.distributed each group is solved on one rank and its result broadcast to the others.
         for group, results in zip(groups, spread(groups, solve, lambda g: solve_cost(layers, g)), strict=True):
             full = [f"{prefix}.{i}.{name}" for name in group]
