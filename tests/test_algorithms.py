@@ -210,3 +210,30 @@ def test_lowest_k_takes_exactly_k_per_row_with_ties_by_index(k):
     expected = torch.zeros_like(mask)
     expected.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], True)
     assert torch.equal(mask, expected) and (mask.sum(1) == k).all()
+
+
+def test_solves_leave_the_hessian_alone_unless_told_it_may_be_consumed():
+    """SparseGPT and GPTQ read the statistics' Hessian in place; they write over it only with consume_hessian,
+    and the result is the same either way. The factor is the upper Cholesky factor of (H + λI)⁻¹."""
+    from lmcompress.algorithms.gptq import gptq_quantize
+    from lmcompress.algorithms.quant import QuantSpec
+    from lmcompress.algorithms.sparsegpt import sparsegpt_prune
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 700, generator=gen) * torch.rand(700, generator=gen)
+    h = 2 * x.t() @ x / 512
+    w = torch.randn(40, 700, generator=gen)
+    u, _ = inverse_hessian_cholesky(h, 0.01)  # 700 columns: two chunks of the column-block solve
+    damped = h.double() + 0.01 * h.diagonal().mean().double() * torch.eye(700, dtype=torch.float64)
+    torch.testing.assert_close(u.double().t() @ u.double(), torch.linalg.inv(damped), rtol=1e-4, atol=1e-6)
+    assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
+    for solve in (
+        lambda hh, c: sparsegpt_prune(w, hh, 0.5, consume_hessian=c).weight,
+        lambda hh, c: gptq_quantize(w, hh, QuantSpec(bits=4, group_size=100), consume_hessian=c).weight,
+    ):
+        kept = h.clone()
+        first = solve(kept, False)
+        assert torch.equal(kept, h)  # untouched
+        consumed = h.clone()
+        torch.testing.assert_close(solve(consumed, True), first, rtol=0, atol=0)
+        assert not torch.equal(consumed, h)  # its memory held the factor

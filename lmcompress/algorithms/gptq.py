@@ -135,6 +135,7 @@ def gptq_quantize(
     static_groups: bool = False,
     mask: torch.Tensor | None = None,
     layer: str = "",
+    consume_hessian: bool = False,
 ) -> GPTQResult:
     """Quantize ``weight`` ([out, in]) to ``spec`` with GPTQ using Hessian ``hessian`` ([in, in]).
 
@@ -142,6 +143,7 @@ def gptq_quantize(
     error, as for a model pruned before it is quantized. Inputs that never fire (``diag H == 0``) have
     their weights set to zero. Rows are solved independently given ``H`` (grids are per row), so layers
     that read the same input may be stacked row-wise into one call and the result split again.
+    ``consume_hessian`` lets the solve overwrite ``hessian`` (a caller done with it saves an ``n × n`` copy).
     """
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
@@ -152,8 +154,10 @@ def gptq_quantize(
         raise ValueError(f"Hessian of shape {tuple(H.shape)} does not fit a weight with {cols} inputs")
 
     dead = torch.diag(H) == 0
+    own = consume_hessian or H.data_ptr() != hessian.data_ptr()  # may the solve write over H?
     if dead.any():
-        H = H.clone()  # copied only when it must change
+        H = H if own else H.clone()  # copied only when it must change
+        own = True
         H[dead, dead] = 1.0
     W[:, dead] = 0.0
     if mask is not None:
@@ -165,12 +169,13 @@ def gptq_quantize(
         perm = torch.argsort(torch.diag(H), descending=True)
         static_from = W.clone() if static_groups else None
         W, H = W[:, perm], H[perm][:, perm]
+        own = True
         mask = None if mask is None else mask[:, perm]
     else:
         static_from = W.clone() if static_groups else None
     quantizer = ColumnQuantizer(spec, (rows, cols), W.device, perm=perm, static_from=static_from)
 
-    Hinv, damp = inverse_hessian_cholesky(H, percdamp, layer)
+    Hinv, damp = inverse_hessian_cholesky(H, percdamp, layer, overwrite=own)
     del H
     row_loss = torch.zeros(rows, dtype=torch.float32, device=W.device)
     # The sweep runs on Wᵀ: column j of W is the contiguous row j of WT (per-column reads and rank-1 updates

@@ -64,14 +64,23 @@ def _inner_width(m: int) -> int:
     return m * -(-INNER // m)
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, layer: str = "") -> tuple[torch.Tensor, float]:
+FACTOR_CHUNK = 512  # columns of M⁻¹ solved per call in inverse_hessian_cholesky
+
+
+def inverse_hessian_cholesky(
+    hessian: torch.Tensor, percdamp: float, layer: str = "", *, overwrite: bool = False
+) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = percdamp · mean(diag H)``.
 
-    One factorization and one triangular solve, without forming ``H⁻¹``: with ``J`` the order-reversing
-    permutation, ``J H J = M Mᵀ`` (lower Cholesky) gives ``H = R Rᵀ`` with ``R = J M J`` upper triangular, so
-    ``H⁻¹ = R⁻ᵀ R⁻¹ = Uᵀ U`` with ``U = R⁻¹`` upper triangular with a positive diagonal: the factor sought.
-    Works in the Hessian's dtype (float32, as the reference implementation) and holds at most three ``n × n``
-    buffers besides ``H`` at a time, two at the end (0.25 GB for the 5632-wide ``down_proj`` of a 1.1B LLaMA).
+    One factorization and one triangular inverse, without forming ``H⁻¹``: with ``J`` the order-reversing
+    permutation, ``J (H + λI) J = M Mᵀ`` (lower Cholesky) gives ``H + λI = R Rᵀ`` with ``R = J M J`` upper
+    triangular, so ``(H + λI)⁻¹ = R⁻ᵀ R⁻¹ = Uᵀ U`` with ``U = R⁻¹ = J M⁻¹ J``, upper triangular with a positive
+    diagonal: the factor sought. ``M`` and ``M⁻¹`` are computed in float64 (in float32, SparseGPT 50 % of
+    SmolLM2 came out 0.5–4 % worse in perplexity and GPTQ 4-bit 9 %); ``M⁻¹`` is built a block of columns at
+    a time by block forward substitution (matrix products and small triangular solves, no copy of ``M``) and
+    written reversed into the float32 result, so besides ``H`` the memory is one float64 and one float32
+    ``n × n`` matrix (0.38 GB for the 5632-wide ``down_proj`` of a 1.1B LLaMA).
+    With ``overwrite`` the result is written over ``hessian`` itself (once ``M`` exists), saving the latter.
 
     If the factorization fails (H numerically indefinite) the dampening is multiplied by 10 until it
     succeeds, and a warning says so. Returns the factor and the dampening fraction used.
@@ -81,14 +90,28 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, layer: str 
     damp = percdamp
     for _ in range(8):
         try:
-            reversed_h = hessian.flip(0, 1)  # J H J, a copy: dampening it in place leaves H untouched
-            reversed_h.diagonal().add_(damp * mean_diag)
-            m = torch.linalg.cholesky(reversed_h)
-            del reversed_h
-            r = m.flip(0, 1)  # R = J M J, upper triangular, with H + λI = R Rᵀ
-            del m
-            u = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
-            return torch.linalg.solve_triangular(r, u, upper=True, out=u), damp  # U = R⁻¹, solved in place
+            # column-major, as LAPACK wants it: the factorization then runs in this buffer, without a copy
+            m = torch.empty((n, n), dtype=torch.float64, device=hessian.device).t()
+            for r0 in range(0, n, FACTOR_CHUNK):  # J H J, copied a slab of rows at a time
+                r1 = min(r0 + FACTOR_CHUNK, n)
+                m[r0:r1] = hessian[n - r1 : n - r0].flip(0, 1)
+            m.diagonal().add_(damp * mean_diag)
+            torch.linalg.cholesky(m, out=m)  # in place: M, lower triangular
+            u = hessian.zero_() if overwrite else torch.zeros_like(hessian)
+            for c0 in range(0, n, FACTOR_CHUNK):
+                # columns c0..c1 of M⁻¹ (zero above row c0), by block forward substitution down the rows:
+                # X_c = M_cc⁻¹, then X_r = −M_rr⁻¹ (M[r, c0:r0] X[c0:r0]) for each later row block r
+                c1 = min(c0 + FACTOR_CHUNK, n)
+                x = torch.empty((n - c0, c1 - c0), dtype=m.dtype, device=m.device)
+                for r0 in range(c0, n, FACTOR_CHUNK):
+                    r1 = min(r0 + FACTOR_CHUNK, n)
+                    if r0 == c0:
+                        rhs = torch.eye(r1 - r0, dtype=m.dtype, device=m.device)
+                    else:
+                        rhs = -(m[r0:r1, c0:r0] @ x[: r0 - c0])
+                    x[r0 - c0 : r1 - c0] = torch.linalg.solve_triangular(m[r0:r1, r0:r1], rhs, upper=False)
+                u[: n - c0, n - c1 : n - c0] = x.flip(0, 1)  # U[i, j] = M⁻¹[n−1−i, n−1−j]
+            return u, damp
         except torch.linalg.LinAlgError:
             new_damp = damp * 10 if damp > 0 else 1e-4
             log.warning(
@@ -112,6 +135,7 @@ def sparsegpt_prune(
     quantizer: JointQuantizer | None = None,
     segments: Sequence[int] | None = None,
     layer: str = "",
+    consume_hessian: bool = False,
 ) -> SparseGPTResult:
     """Prune ``weight`` ([out, in]) to ``sparsity`` (or to ``pattern``) using Hessian ``hessian`` ([in, in]).
 
@@ -122,6 +146,7 @@ def sparsegpt_prune(
     Every row is solved on its own given ``H``, so layers that read the same input can be stacked row-wise
     and pruned in one pass: ``segments`` gives their row counts (and ``sparsity`` one value per segment);
     each segment's mask is chosen within its own rows, exactly as if it were pruned alone.
+    ``consume_hessian`` lets the solve overwrite ``hessian`` (a caller done with it saves an ``n × n`` copy).
     """
     check_nm_shape(weight, pattern)
     rows = weight.shape[0]
@@ -139,12 +164,14 @@ def sparsegpt_prune(
     cols = WT.shape[0]
 
     dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter, so drop them
+    own = consume_hessian or H.data_ptr() != hessian.data_ptr()  # may the solve write over H?
     if dead.any():
-        H = H.clone()  # copied only when it must change
+        H = H if own else H.clone()  # copied only when it must change
+        own = True
         H[dead, dead] = 1.0
         WT[dead] = 0.0
 
-    Hinv, damp = inverse_hessian_cholesky(H, percdamp, layer)
+    Hinv, damp = inverse_hessian_cholesky(H, percdamp, layer, overwrite=own)
     del H
     mask = torch.zeros((rows, cols), dtype=torch.bool, device=WT.device)
     row_loss = torch.zeros(rows, dtype=torch.float32, device=WT.device)

@@ -309,6 +309,12 @@ def _shape_only(q: QuantizedTensor) -> QuantizedTensor:
     )
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """No NaN or infinity in ``t``, checked a million elements at a time (no full-size temporaries)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 class DiskStream:
     """The block stream of a model built on the meta device, reading ``source`` and writing to ``work``.
 
@@ -372,7 +378,7 @@ class DiskStream:
         names = list(dict.fromkeys(self.stored(k) for k in keys))
         for name, t in self.source.read(names).items():
             t = t.to(device=device, dtype=self.compute_dtype) if t.is_floating_point() else t.to(device)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not _all_finite(t):
                 raise UserError(f"{self.source.folder} has NaN or infinite weights in {name}; the file is damaged")
             for alias in self.aliases[name]:
                 _assign(self.model, alias, t)

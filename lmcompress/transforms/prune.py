@@ -287,9 +287,15 @@ class _LayerResult:
 
 
 def prune_layer(
-    config: PruneConfig, weight: torch.Tensor, stats: InputStats | None, sparsity: float, name: str
+    config: PruneConfig,
+    weight: torch.Tensor,
+    stats: InputStats | None,
+    sparsity: float,
+    name: str,
+    consume: bool = False,
 ) -> _LayerResult:
-    """New weight for one layer; with ``config.bits``, SparseGPT quantizes the kept weights in the same pass."""
+    """New weight for one layer; with ``config.bits``, SparseGPT quantizes the kept weights in the same pass.
+    ``consume``: ``stats`` is not used again, so SparseGPT may overwrite its Hessian."""
     pattern = config.parsed_pattern
     w = weight.float()
     if config.method == "magnitude":
@@ -308,6 +314,7 @@ def prune_layer(
             percdamp=config.percdamp,
             quantizer=quantizer,
             layer=name,
+            consume_hessian=consume,
         )
         if quantizer is None:
             return _LayerResult(res.weight, res.damping)
@@ -321,10 +328,13 @@ def prune_layers(
     stats: InputStats | None,
     sparsities: list[float],
     names: list[str],
+    consume: bool = False,
 ) -> list[_LayerResult]:
     """New weights for layers that read the same input (``stats``): SparseGPT solves them stacked row-wise in
     one pass (one inverse Hessian, one column sweep), each with its own mask budget; the rest one by one."""
     if config.method != "sparsegpt" or len(weights) == 1:
+        if len(weights) == 1:
+            return [prune_layer(config, weights[0], stats, sparsities[0], names[0], consume)]
         return [prune_layer(config, w, stats, s, n) for w, s, n in zip(weights, sparsities, names, strict=True)]
     w = torch.cat([x.float() for x in weights])
     rows = [x.shape[0] for x in weights]
@@ -340,6 +350,7 @@ def prune_layers(
         quantizer=quantizer,
         segments=rows,
         layer=" + ".join(names),
+        consume_hessian=consume,
     )
     codes = None if quantizer is None else quantizer.result().to("cpu")
     out, r0 = [], 0
@@ -443,7 +454,7 @@ def prune(
             full = [f"{prefix}.{i}.{name}" for name in group]
             sparsities = [targets[i] if config.layer_targets is None else config.layer_targets[f] for f in full]
             weights = [weight_matrix(layers[name]) for name in group]
-            return prune_layers(config, weights, held.pop(group[0], None), sparsities, full)
+            return prune_layers(config, weights, held.pop(group[0], None), sparsities, full, consume=True)
 
         # Under torch.distributed each group is solved on one rank and its result broadcast to the others.
         for group, results in zip(groups, spread(groups, solve, lambda g: solve_cost(layers, g)), strict=True):

@@ -201,6 +201,7 @@ def quantize(
                 static_groups=config.static_groups,
                 mask=mask,
                 layer=" + ".join(f"{prefix}.{i}.{name}" for name in group),
+                consume_hessian=True,  # each group's statistics serve this one solve
             )
 
         groups = shared_inputs(layers, stats)
