@@ -3,8 +3,10 @@
     python -m bench.kernels_bench [--threads 2] [--repeats 3] [--eval-windows 8]
 
 Rows: dense float32 (the source as it is), RTN 8-bit per channel (``_weight_int8pack_mm``), RTN 4-bit groups of
-32 / 64 / 128 (``_weight_int4pack_mm_for_cpu``), each quantized with ``lmcompress.transforms.quantize`` (method
-rtn, saved packed) and loaded with ``lmcompress.load(folder, kernels="auto")``. Each row is measured in a fresh
+32 / 64 / 128 (``_weight_int4pack_mm_for_cpu``), and three of them with the output head quantized too
+(``--include-head``: 8 bits per channel, on the int8 kernel; SmolLM2's tied head is its largest layer), and a
+model with 50% of every block's FFN channels removed (``shrink``, magnitude), dense and RTN int4 + head. Each
+quantized model is made with ``lmcompress.transforms.quantize`` (method rtn, saved packed) and loaded with ``lmcompress.load(folder, kernels="auto")``. Each row is measured in a fresh
 process (:func:`lmcompress.measure.speed.measure_folder`): decode tokens/s at batch 1 (64 greedy new tokens after
 a 32-token prompt, best of ``--repeats``), prefill tokens/s (one 256-token window), peak RSS of the whole run
 and RSS after it, wall and CPU time. Perplexity on the first ``--eval-windows`` WikiText-2 test windows (seqlen
@@ -27,6 +29,11 @@ ROWS = {
     "RTN int4 g32": (4, 32),
     "RTN int4 g64": (4, 64),
     "RTN int4 g128": (4, 128),
+    "RTN int8 per-channel + int8 head": (8, -1, True),
+    "RTN int4 g32 + int8 head": (4, 32, True),
+    "RTN int4 g128 + int8 head": (4, 128, True),
+    "FFN 50% removed, fp32": "shrunk",
+    "FFN 50% removed + RTN int4 g32 + int8 head": (4, 32, True, "shrunk"),
 }
 TARGETS = {8: 1.5, 4: 2.0}
 
@@ -44,23 +51,32 @@ def main() -> None:
     from bench.reference import default_model
     from lmcompress.calibration.data import eval_windows
     from lmcompress.checkpoint.load import load
-    from lmcompress.jobs import quantize_pretrained
+    from lmcompress.jobs import quantize_pretrained, structured_prune_pretrained
     from lmcompress.kernels import kernel_report
     from lmcompress.measure.perplexity import perplexity
     from lmcompress.measure.speed import measure_folder
     from lmcompress.transforms.quantize import QuantConfig
+    from lmcompress.transforms.shrink import StructureConfig
 
     source = args.model or str(default_model())
     print("machine:", machine_info(), flush=True)
     rows, base = [], None
+    shrunk = CACHE / "kernels" / "ffn50"  # 50% of every block's FFN channels removed (magnitude, no data)
+    if any("shrunk" in (v if isinstance(v, (tuple, str)) else ()) for v in map(ROWS.get, args.rows)):
+        shutil.rmtree(shrunk, ignore_errors=True)
+        shrunk.parent.mkdir(parents=True, exist_ok=True)
+        structured_prune_pretrained(source, StructureConfig("ffn", 0.5, "magnitude"), shrunk, progress=False)
     for name in args.rows:
         grid = ROWS[name]
         folder = source
-        if grid is not None:
+        if grid == "shrunk":
+            folder, grid = shrunk, None
+        elif grid is not None:
             folder = CACHE / "kernels" / name.replace(" ", "-")
             shutil.rmtree(folder, ignore_errors=True)
             folder.parent.mkdir(parents=True, exist_ok=True)
-            quantize_pretrained(source, QuantConfig("rtn", grid[0], grid[1]), folder, progress=False)
+            config = QuantConfig("rtn", grid[0], grid[1], include_head=len(grid) > 2)  # + head: 8 bits per channel
+            quantize_pretrained(shrunk if "shrunk" in grid else source, config, folder, progress=False)
         kernels = "none" if grid is None else "auto"
         speed = measure_folder(
             folder, kernels=kernels, threads=args.threads, prefill_tokens=256, context=32, new_tokens=64,

@@ -76,7 +76,7 @@ def _why_not(kind: str, source: str, config) -> str | None:
     if not any(path.glob("*.safetensors")):
         return f"{source} holds no *.safetensors files"
     if getattr(config, "include_head", False):
-        return "include_head prunes the output head, which streaming does not load"
+        return "include_head compresses the output head, which streaming does not load"
     return None
 
 

@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 from torch import nn
 from typer.testing import CliRunner
 
@@ -203,3 +204,49 @@ def test_eval_profile_reports_generation_speed(quantized_folders, tiny_folder):
     assert "decode speed-up" in format_profile(prof)
     bad = CliRunner().invoke(app, ["eval", str(quantized_folders["int4"]), "--kernels", "none"])
     assert bad.exit_code != 0 and "--kernels does not apply without --profile" in str(bad.exception) + bad.output
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantized_head_runs_on_the_int8_kernel(tmp_path, tokenizer, tied, method):
+    """``quantize --include-head``: the head is stored quantized (8 bits per channel), loads dequantized or on the
+    int8 kernel, and a tied embedding takes the head's quantized values (one tensor, stored once)."""
+    from lmcompress.checkpoint.save import save_model
+    from lmcompress.models.tiny import build_tiny_model
+
+    model = build_tiny_model("llama", tokenizer.vocab_size, max_positions=256, tie_word_embeddings=tied)
+    save_model(model, tokenizer, tmp_path / "src", {"kind": "test-model"})
+    out = tmp_path / "q"
+    args = ["quantize", str(tmp_path / "src"), "-o", str(out), "--method", method, "--bits", "4", "--group-size", "32"]
+    if method == "gptq":
+        args += ["--calib-data", "bundled:wikitext2-valid", "--nsamples", "4", "--seqlen", "64"]
+    result = CliRunner().invoke(app, [*args, "--include-head", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["config"]["include_head"] and ("lm_head" in report["layer_loss"]) == (method == "gptq")
+    head = model.lm_head.weight.detach()
+    q = rtn_quantize(head, QuantSpec(8, -1))
+    dense, _ = load(out)
+    step = q.scale.abs().max()
+    assert float((dense.lm_head.weight.detach() - head).abs().max()) <= (0.51 if method == "rtn" else 8) * float(step)
+    if method == "rtn":
+        assert torch.equal(dense.lm_head.weight, q.dequantize())  # RTN: exactly the 8-bit grid's values
+    assert (dense.lm_head.weight is dense.model.embed_tokens.weight) == tied
+    fast, _ = load(out, kernels="auto")
+    assert isinstance(fast.lm_head, Int8Linear) and "lm_head" in kernel_report(fast).swapped
+    expected_embed = dense.lm_head.weight if tied else model.model.embed_tokens.weight
+    assert torch.equal(fast.model.embed_tokens.weight, expected_embed)
+    ids = torch.randint(0, tokenizer.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = dense(ids).logits, fast(ids).logits
+    assert float((got - ref).abs().max()) < 0.05 * float(ref.abs().max())
+
+
+def test_head_options_need_include_head(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "x"
+    code = run_cli(["quantize", str(tiny_folder("llama")), "-o", str(out), "--method", "rtn", "--head-bits", "4"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--head-bits" in err and "--include-head" in err
+    assert not out.exists()
+    with pytest.raises(UserError, match="head_group_size"):
+        QuantConfig("rtn", include_head=True, head_group_size=0)

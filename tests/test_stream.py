@@ -177,11 +177,13 @@ def test_commands_that_cannot_stream_say_so(tmp_path, sharded, opts, capsys):
         )
     with pytest.raises(UserError, match=r"include_head.*offload none"):
         prune_pretrained(sharded(), PruneConfig(include_head=True), tmp_path / "h", offload="disk", **opts)
+    with pytest.raises(UserError, match=r"include_head.*offload none"):
+        quantize_pretrained(sharded(), QuantConfig("rtn", include_head=True), tmp_path / "q", offload="disk", **opts)
     assert run_cli(["shrink", "ffn", str(sharded()), "-o", str(tmp_path / "c"), "--offload", "disk", "-q"]) == 2
     assert "--offload none" in capsys.readouterr().err
     assert run_cli(["eval", str(sharded()), "--offload", "disk"]) == 2
     assert "--offload none" in capsys.readouterr().err
-    assert not any(p.name.startswith((".c.", ".s.", ".h.")) for p in tmp_path.iterdir())
+    assert not any(p.name.startswith((".c.", ".s.", ".h.", ".q.")) for p in tmp_path.iterdir())
 
 
 def test_cli_prune_streams_and_resumes(tmp_path, sharded, opts, capsys):

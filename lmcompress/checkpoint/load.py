@@ -297,12 +297,16 @@ def load(
 
         state, quantized = read_packed(path, recipe, dequantize=kernels == "none")
         if kernels != "none":  # swap before filling: the kernel layers hold codes, the others get dense weights
-            report = swap_quantized_linears(
-                model, {k: q for k, q in quantized.items() if k not in state}, kernels, device=device
-            )
+            report = swap_quantized_linears(model, quantized, kernels, device=device)
+            for name in report.swapped:  # a quantized head tied to the embeddings: its dense copy is theirs alone
+                state.pop(f"{name}.weight", None)
             flipped = {k for k, e in recipe["packed"]["tensors"].items() if e.get("transposed")}  # GPT-2 Conv1D
             state.update(
-                {k: quantized[k].dequantize().t() if k in flipped else quantized[k].dequantize() for k in report.dense}
+                {
+                    k: quantized[k].dequantize().t() if k in flipped else quantized[k].dequantize()
+                    for k in report.dense
+                    if k not in state
+                }
             )
     else:
         state = read_state_dict(path)

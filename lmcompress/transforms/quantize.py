@@ -1,8 +1,10 @@
 """Weight quantization of a whole model (RTN or GPTQ), block by block, and saving the result packed.
 
-The linear layers of the transformer blocks are quantized; embeddings, norms and the output head keep
-their dtype. The in-memory model ends up holding the dequantized weights (so it can be evaluated as is),
-and the report holds each layer's :class:`QuantizedTensor` (integer codes + grids) for packed storage.
+The linear layers of the transformer blocks are quantized; embeddings and norms keep their dtype, and so does
+the output head unless ``include_head`` asks for it too (on its own grid, ``head_bits`` / ``head_group_size``:
+8 bits per channel by default, which CPU decoding runs by the int8 kernel and which costs next to nothing).
+The in-memory model ends up holding the dequantized weights (so it can be evaluated as is), and the report
+holds each layer's :class:`QuantizedTensor` (integer codes + grids) for packed storage.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 METHODS = ("rtn", "gptq")
 
 
-def check_quant_grid(bits: int | None, group_size: int, option: str = "bits") -> None:
+def check_quant_grid(bits: int | None, group_size: int, option: str = "bits", group_option: str = "group_size") -> None:
     """UserError unless ``bits`` is in 2..8 and ``group_size`` is positive or -1 (one grid per output row)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise UserError(
@@ -36,7 +38,8 @@ def check_quant_grid(bits: int | None, group_size: int, option: str = "bits") ->
         )
     if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size <= 0 and group_size != -1):
         raise UserError(
-            f"group_size must be a positive number of inputs or -1 (per channel), got {group_size}", param="group_size"
+            f"{group_option} must be a positive number of inputs or -1 (per channel), got {group_size}",
+            param=group_option,
         )
 
 
@@ -61,6 +64,9 @@ class QuantConfig:
     percdamp: float = 0.01  # GPTQ dampening, fraction of the mean Hessian diagonal
     blocksize: int = 128  # GPTQ column block (lazy batch updates)
     keep_zeros: bool = True  # weights that are exactly zero stay exactly zero
+    include_head: bool = False  # also quantize the output head (lm_head; tied embeddings then share its values)
+    head_bits: int = 8  # the head's grid: bits ...
+    head_group_size: int = -1  # ... and group (-1: per output channel, the int8 kernel's grid)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -68,6 +74,11 @@ class QuantConfig:
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.sym, self.grid)
+
+    @property
+    def head_spec(self) -> QuantSpec:
+        """The output head's grid (``include_head``): symmetric, minmax scales."""
+        return QuantSpec(self.head_bits, self.head_group_size, True, "minmax")
 
     @property
     def needs_calibration(self) -> bool:
@@ -80,6 +91,7 @@ class QuantConfig:
                 param="method",
             )
         check_quant_grid(self.bits, self.group_size)
+        check_quant_grid(self.head_bits, self.head_group_size, "head_bits", "head_group_size")
         if self.grid not in GRIDS:
             raise UserError(f"grid {self.grid!r} is unknown: choose one of {', '.join(GRIDS)}", param="grid")
         if self.grid == "q4_0" and (self.bits != 4 or not self.sym):
@@ -218,10 +230,16 @@ def quantize(
                     damping[f] = res.damping
                 r0 = r1
 
+    last = None
     if config.method == "rtn":
         for_each_block(model, rtn_block, desc="rtn", progress=progress)
     else:
-        walk_blocks(model, calib, device, gptq_block, desc="gptq", progress=progress)
+        last = walk_blocks(model, calib, device, gptq_block, desc="gptq", progress=progress)
+    if config.include_head:
+        qt, loss = _quantize_head(model, config, last, device)
+        quantized["lm_head.weight"] = qt
+        if loss is not None:
+            layer_loss["lm_head"] = loss
 
     return QuantReport(
         config=config.to_dict(),
@@ -231,3 +249,44 @@ def quantize(
         weights=sum(q.codes.numel() for q in quantized.values()),  # codes keep their shape when streamed
         wall_time_s=time.perf_counter() - start,
     )
+
+
+@torch.no_grad()
+def _quantize_head(
+    model: nn.Module, config: QuantConfig, last: BlockInputs | None, device: torch.device
+) -> tuple[QuantizedTensor, float | None]:
+    """Quantize the output head on ``config.head_spec`` in place: RTN, or GPTQ with ``H = 2 Σ x xᵀ`` over the
+    final norm's outputs of the last block's outputs ``last`` (what the head reads). A head tied to the input
+    embeddings is one tensor: the embedding rows take the quantized values too (as llama.cpp's tied output)."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise UserError("include_head: this model has no output head", param="include_head")
+    if head.weight is model.get_input_embeddings().weight:
+        log.info("lm_head is tied to the input embeddings: the embeddings take the quantized head's values")
+    w = head.weight.detach().to(device).float()
+    if config.method == "rtn" or last is None:
+        qt, loss = rtn_quantize(w, config.head_spec), None
+        new = qt.dequantize()
+    else:
+        from lmcompress.calibration.distributed import new_input_stats, reduce_stats
+        from lmcompress.models.families import get_final_norm
+
+        norm = get_final_norm(model)
+        home = head.weight.device
+        norm.to(device)
+        stats = new_input_stats(w.shape[1], device, True)
+        for i in range(last.hidden.shape[0]):
+            stats.add(norm(last.hidden[i : i + 1].to(device)))
+        stats = reduce_stats({"lm_head": stats})["lm_head"]  # under torch.distributed: every rank's windows
+        norm.to(home)
+        res = spread(
+            [w],
+            lambda weight: gptq_quantize(
+                weight, stats.hessian, config.head_spec, blocksize=config.blocksize, percdamp=config.percdamp,
+                mask=(weight == 0) if config.keep_zeros and bool((weight == 0).any()) else None, layer="lm_head",
+                consume_hessian=True,
+            ),
+        )[0]  # fmt: skip
+        qt, new, loss = res.quantized, res.weight, res.row_loss.sum().item()
+    head.weight.data.copy_(new.to(head.weight.device, head.weight.dtype))
+    return qt.to("cpu"), loss
