@@ -6,7 +6,8 @@ Rows: dense float32 (the source as it is), RTN 8-bit per channel (``_weight_int8
 32 / 64 / 128 (``_weight_int4pack_mm_for_cpu``), and three of them with the output head quantized too
 (``--include-head``: 8 bits per channel, on the int8 kernel; SmolLM2's tied head is its largest layer), and a
 model with 50% of every block's FFN channels removed (``shrink``, magnitude), dense and RTN int4 + head. Each
-quantized model is made with ``lmcompress.transforms.quantize`` (method rtn, saved packed) and loaded with ``lmcompress.load(folder, kernels="auto")``. Each row is measured in a fresh
+quantized model is made with ``lmcompress.transforms.quantize`` (method rtn, saved packed) and loaded with
+``lmcompress.load(folder, kernels="auto")``. Each row is measured in a fresh
 process (:func:`lmcompress.measure.speed.measure_folder`): decode tokens/s at batch 1 (64 greedy new tokens after
 a 32-token prompt, best of ``--repeats``), prefill tokens/s (one 256-token window), peak RSS of the whole run
 and RSS after it, wall and CPU time. Perplexity on the first ``--eval-windows`` WikiText-2 test windows (seqlen
