@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from lmcompress.calibration.distributed import is_main, my_windows, new_input_stats, reduce_stats
 from lmcompress.calibration.offload import active_stream
 from lmcompress.calibration.stats import InputStats
-from lmcompress.models.families import get_blocks, skipped_blocks, weight_matrix
+from lmcompress.models.families import get_blocks, get_final_norm, skipped_blocks, weight_matrix
 
 # Keyword arguments a block gets that carry a KV cache; they are dropped so that blocks run stateless.
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
@@ -314,3 +314,17 @@ def walk_blocks(
         run_block(block, inputs, keep="inplace")
         block.to(home)
     return inputs
+
+
+@torch.no_grad()
+def head_input_stats(model: nn.Module, last: BlockInputs, device: torch.device | str, hessian: bool) -> InputStats:
+    """Statistics of what the output head reads: the final norm applied to the last block's outputs ``last``,
+    window by window (all-reduced over the ranks under torch.distributed)."""
+    head, norm = model.get_output_embeddings(), get_final_norm(model)
+    home = head.weight.device
+    norm.to(device)
+    stats = new_input_stats(head.weight.shape[1], torch.device(device), hessian)
+    for i in range(last.hidden.shape[0]):
+        stats.add(norm(last.hidden[i : i + 1].to(device)))
+    norm.to(home)
+    return reduce_stats({"lm_head": stats})["lm_head"]

@@ -23,8 +23,14 @@ from lmcompress.algorithms.gptq import ColumnQuantizer
 from lmcompress.algorithms.masks import Pattern
 from lmcompress.algorithms.owl import OwlAllocation
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec
-from lmcompress.calibration.distributed import new_input_stats, reduce_stats, solve_cost, spread
-from lmcompress.calibration.engine import BlockInputs, collect_input_stats, shared_inputs, walk_blocks
+from lmcompress.calibration.distributed import solve_cost, spread
+from lmcompress.calibration.engine import (
+    BlockInputs,
+    collect_input_stats,
+    head_input_stats,
+    shared_inputs,
+    walk_blocks,
+)
 from lmcompress.calibration.offload import for_each_block, read_only, track
 from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
@@ -516,14 +522,7 @@ def _prune_head(model: nn.Module, config: PruneConfig, last: BlockInputs | None,
         log.warning("lm_head is tied to the input embeddings: pruning it prunes the embeddings too")
     stats = None
     if config.method != "magnitude":
-        norm = get_final_norm(model)
-        home = head.weight.device
-        norm.to(device), head.to(device)
-        stats = new_input_stats(head.weight.shape[1], device, config.method == "sparsegpt")
-        for i in range(last.hidden.shape[0]):
-            stats.add(norm(last.hidden[i : i + 1]))
-        stats = reduce_stats({"lm_head": stats})["lm_head"]  # under torch.distributed: every rank's windows
-        norm.to(home), head.to(home)
+        stats = head_input_stats(model, last, device, config.method == "sparsegpt")
     target = config.target if config.layer_targets is None else config.layer_targets["lm_head"]
     new = spread([head.weight.data], lambda w: prune_layer(config, w, stats, target, "lm_head").weight)[0]
     head.weight.data.copy_(new.to(head.weight.dtype))

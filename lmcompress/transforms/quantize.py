@@ -20,7 +20,13 @@ from torch import nn
 from lmcompress.algorithms.gptq import GPTQResult, gptq_quantize
 from lmcompress.algorithms.quant import GRIDS, QuantizedTensor, QuantSpec, rtn_quantize, scale_storage_dtype
 from lmcompress.calibration.distributed import solve_cost, spread
-from lmcompress.calibration.engine import BlockInputs, collect_input_stats, shared_inputs, walk_blocks
+from lmcompress.calibration.engine import (
+    BlockInputs,
+    collect_input_stats,
+    head_input_stats,
+    shared_inputs,
+    walk_blocks,
+)
 from lmcompress.calibration.offload import for_each_block, track
 from lmcompress.errors import UserError
 from lmcompress.models.families import blocks_path, find_prunable, set_weight_matrix, weight_matrix
@@ -268,17 +274,7 @@ def _quantize_head(
         qt, loss = rtn_quantize(w, config.head_spec), None
         new = qt.dequantize()
     else:
-        from lmcompress.calibration.distributed import new_input_stats, reduce_stats
-        from lmcompress.models.families import get_final_norm
-
-        norm = get_final_norm(model)
-        home = head.weight.device
-        norm.to(device)
-        stats = new_input_stats(w.shape[1], device, True)
-        for i in range(last.hidden.shape[0]):
-            stats.add(norm(last.hidden[i : i + 1].to(device)))
-        stats = reduce_stats({"lm_head": stats})["lm_head"]  # under torch.distributed: every rank's windows
-        norm.to(home)
+        stats = head_input_stats(model, last, device, hessian=True)
         res = spread(
             [w],
             lambda weight: gptq_quantize(
