@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bits", type=float, default=None, help="also: a bit-width search at this average")
     parser.add_argument("--bit-levels", default="2,3,4,8")
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument(
+        "--granularity", default="block", choices=("block", "layer"), help="one level per block or layer"
+    )
     parser.add_argument("--database-inputs", default="sequential", choices=("sequential", "dense"))
     parser.add_argument("--rounds", type=int, default=1, help="database rounds (sequential inputs)")
     parser.add_argument("--max-loss", type=float, default=None, help="also: --max-loss ppl=+X (0.05 = +5%%)")
@@ -107,8 +110,10 @@ def main(argv: list[str] | None = None) -> None:
                 offspring=args.offspring,
                 database_inputs=args.database_inputs,
                 rounds=args.rounds,
+                granularity=args.granularity,
             )
-            work = CACHE / "search-db" / f"{method}-{target:g}{'-seq' if args.database_inputs == 'sequential' else ''}"
+            seq = "-seq" if args.database_inputs == "sequential" else ""
+            work = CACHE / "search-db" / f"{method}-{target:g}{seq}{'-layer' if args.granularity == 'layer' else ''}"
             model = copy.deepcopy(base)
             start = time.perf_counter()
             report = search(model, config, calib, held_out, work, progress=True)
@@ -169,7 +174,7 @@ def bits_row(args, base, calib, held_out, ppl) -> dict:
     from lmcompress.search.run import SearchConfig, search
     from lmcompress.transforms.quantize import QuantConfig, nominal_bits_per_weight, quantize
 
-    row: dict = {"method": f"gptq g{args.group_size}", "bits": args.bits}
+    row: dict = {"method": f"gptq g{args.group_size}", "bits": args.bits, "granularity": args.granularity}
     for bits in sorted({3, int(args.bits)}):
         model = copy.deepcopy(base)
         qconfig = QuantConfig(method="gptq", bits=bits, group_size=args.group_size)
@@ -187,11 +192,12 @@ def bits_row(args, base, calib, held_out, ppl) -> dict:
         generations=args.generations,
         offspring=args.offspring,
         database_inputs=args.database_inputs,
+        granularity=args.granularity,
     )
     model = copy.deepcopy(base)
     start = time.perf_counter()
     suffix = "-seq" if args.database_inputs == "sequential" else ""
-    work = CACHE / "search-db" / f"bits-g{args.group_size}{suffix}"
+    work = CACHE / "search-db" / f"bits-g{args.group_size}{suffix}-{args.granularity}"
     report = search(model, config, calib, held_out, work, progress=True)
     row["search_s"] = time.perf_counter() - start
     row["search"] = ppl(model)

@@ -22,7 +22,15 @@ from lmcompress.checkpoint.load import load
 from lmcompress.cli import app
 from lmcompress.errors import UserError
 from lmcompress.jobs import quantize_pretrained
-from lmcompress.kernels import Int4Linear, Int8Linear, kernel_for, kernel_report, swap_quantized_linears
+from lmcompress.kernels import (
+    Int4Linear,
+    Int8Linear,
+    PackedLinear,
+    cpu_ext,
+    kernel_for,
+    kernel_report,
+    swap_quantized_linears,
+)
 from lmcompress.transforms.quantize import QuantConfig
 
 BF16_TOL = 2.0**-7
@@ -49,7 +57,7 @@ def _weight(rows: int, cols: int, shift: float = 0.0) -> torch.Tensor:
 @pytest.mark.parametrize("bits,sym", [(8, True), (8, False), (4, False), (6, True)])
 def test_int8_per_channel_matches_dequantized(bits, sym):
     q = rtn_quantize(_weight(48, 80, shift=0.7), QuantSpec(bits, -1, sym))
-    assert kernel_for(q)[0] == "int8"
+    assert kernel_for(q, "aten")[0] == "int8"
     bias = torch.randn(48)
     assert _check(Int8Linear(q, bias, torch.float32), q, FP32_TOL, bias) < FP32_TOL
     _check(Int8Linear(q, bias), q, BF16_TOL, bias)
@@ -69,7 +77,7 @@ def test_int8_per_channel_matches_dequantized(bits, sym):
 )
 def test_int4_grouped_matches_dequantized(bits, group, sym, cols):
     q = rtn_quantize(_weight(32, cols, shift=0.3), QuantSpec(bits, group, sym))
-    kind, why = kernel_for(q)
+    kind, why = kernel_for(q, "aten")
     assert kind == "int4"
     assert ("padded" in why) == (cols % group != 0)  # a partial last group runs padded with zero inputs
     _check(Int4Linear(q, None, torch.float32), q, FP32_TOL)
@@ -86,13 +94,76 @@ def test_int4_op_refuses_other_group_sizes_and_we_fall_back():
         "multiples of 16": rtn_quantize(_weight(24, 64), QuantSpec(4, 32)),
     }
     for reason, q in cases.items():
-        kind, why = kernel_for(q)
+        kind, why = kernel_for(q, "aten")
         assert kind is None and reason in why
     q = rtn_quantize(_weight(32, 64), QuantSpec(4, 32))
     shuffled = QuantizedTensor(q.codes, q.scale, q.zero, q.spec, torch.randperm(64) % 2)
-    assert kernel_for(shuffled) == (None, "act-order groups (g_idx): no CPU kernel reads scattered groups")
+    for mode in ("auto", "aten"):
+        assert kernel_for(shuffled, mode) == (None, "act-order groups (g_idx): no CPU kernel reads scattered groups")
     plain = QuantizedTensor(q.codes, q.scale, q.zero, q.spec, torch.arange(64) // 32)
-    assert kernel_for(plain)[0] == "int4"  # a g_idx that is the natural order is no obstacle
+    assert kernel_for(plain, "aten")[0] == "int4"  # a g_idx that is the natural order is no obstacle
+
+
+def test_lmcompress_kernel_builds_where_it_should():
+    """On x86-64 with AVX2 (this project's machines) the kernel must build: a broken build fails here instead of
+    silently falling back to PyTorch's kernels."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("lmcompress's kernel is AVX2 code: not this machine")
+    assert cpu_ext.extension() is not None, cpu_ext.unavailable_reason()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("cols", [40, 64, 100, 576])
+def test_pack_round_trip(bits, cols):
+    codes = torch.randint(0, 2**bits, (7, cols), generator=torch.Generator().manual_seed(cols), dtype=torch.uint8)
+    packed = cpu_ext.pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (
+        7,
+        cpu_ext.padded_cols(cols, bits) * (cpu_ext.storage_bits(bits)) // 8,
+    )
+    assert torch.equal(cpu_ext.unpack(packed, bits, cols), codes)
+
+
+@pytest.mark.parametrize(
+    "bits,group,sym,cols",
+    [
+        (4, 32, True, 576),  # SmolLM2's q/k/v/gate/up shape
+        (4, 128, False, 576),  # a partial last group (4 × 128 + 64)
+        (3, 64, False, 1536),
+        (2, -1, True, 100),  # per channel, inputs not a multiple of 32
+        (5, 32, False, 96),  # 5-8 bit grouped grids: no aten kernel runs these
+        (8, 64, True, 200),
+        (8, -1, False, 70),
+        (4, 32, True, 40),  # one and a quarter units: padding inside the last group
+    ],
+)
+def test_packed_kernel_matches_dequantized(bits, group, sym, cols):
+    if cpu_ext.extension() is None:
+        pytest.skip(cpu_ext.unavailable_reason())
+    q = rtn_quantize(_weight(24, cols, shift=0.3), QuantSpec(bits, group, sym))
+    assert kernel_for(q)[0] == "packed"
+    bias = torch.randn(24)
+    layer = PackedLinear(q, bias)
+    _check(layer, q, FP32_TOL, bias)  # 15 rows: dequantized slices and one GEMM each
+    layer.slice_rows = 5  # several slices, the last one short
+    _check(layer, q, FP32_TOL, bias)
+    w = q.dequantize()
+    for rows in (1, 2, 4):  # from the codes (decode)
+        x = torch.randn(rows, cols)
+        ref, bound = x @ w.T + bias, x.abs() @ w.abs().T + 1e-6
+        assert float(((layer(x) - ref).abs() / bound).max()) <= FP32_TOL
+
+
+def test_auto_falls_back_to_aten_kernels_without_lmcompress_kernel(monkeypatch):
+    monkeypatch.setattr(cpu_ext, "_state", {"why": "no compiler (test)"})
+    q = rtn_quantize(_weight(32, 64), QuantSpec(4, 32))
+    assert kernel_for(q)[0] == "int4"
+    q8 = rtn_quantize(_weight(32, 256), QuantSpec(8, 128))
+    assert kernel_for(q8)[0] is None  # nothing else runs a grouped 8-bit grid
+    with pytest.raises(RuntimeError, match="no compiler"):
+        PackedLinear(q)
 
 
 @pytest.fixture(scope="module")
@@ -110,21 +181,26 @@ def quantized_folders(tiny_folder, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8"])
-def test_load_with_kernels_swaps_without_dense_weights(quantized_folders, kind):
+@pytest.mark.parametrize("kind,mode", [("int4", "aten"), ("int8", "aten"), ("int4", "auto"), ("int8", "auto")])
+def test_load_with_kernels_swaps_without_dense_weights(quantized_folders, kind, mode):
     dense, _ = load(quantized_folders[kind])
-    fast, _ = load(quantized_folders[kind], kernels="auto")
+    fast, _ = load(quantized_folders[kind], kernels=mode)
     report = kernel_report(fast)
     assert len(report.swapped) == 14 and not report.dense  # 2 blocks × 7 linear layers
-    assert all(d.startswith(f"{kind} kernel") for d in report.swapped.values())
-    cls = Int4Linear if kind == "int4" else Int8Linear
+    prefix, cls, tol = f"{kind} kernel", Int4Linear if kind == "int4" else Int8Linear, 0.05  # bfloat16 compute
+    if mode == "auto":  # lmcompress's own kernel, float32 throughout
+        prefix, cls, tol = "lmcompress AVX2 kernel", PackedLinear, 1e-4
+        assert report.compute_dtype == "float32"
+    assert all(d.startswith(prefix) for d in report.swapped.values()), report.swapped
     layers = [m for m in fast.modules() if isinstance(m, cls)]
     assert len(layers) == 14 and all(not hasattr(m, "weight") for m in layers)
     assert sum(p.numel() for p in fast.parameters()) < sum(p.numel() for p in dense.parameters())
     ids = torch.randint(0, dense.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref, got = dense(ids).logits, fast(ids).logits
-    assert float((got - ref).abs().max()) < 0.05 * float(ref.abs().max())  # bfloat16 compute through 2 blocks
+        assert float((got - ref).abs().max()) < tol * float(ref.abs().max())
+        out = fast(ids[:, :1], use_cache=False).logits  # one row: the decode path (from the codes)
+        assert float((out - dense(ids[:, :1]).logits).abs().max()) < tol * float(ref.abs().max())
     assert kernel_report(dense) is None  # kernels none (the default) leaves the model as before
 
 
@@ -139,6 +215,22 @@ def test_layers_no_kernel_runs_stay_dense_and_are_reported(quantized_folders):
         assert torch.equal(p, r), name
 
 
+def test_greedy_generation_identical_with_lmcompress_kernel(quantized_folders):
+    """lmcompress's kernel computes in float32 (decode from the codes, prefill from dequantized slices): greedy
+    decoding gives the dequantized model's tokens."""
+    from lmcompress.cli.generate import generate_text
+
+    if cpu_ext.extension() is None:
+        pytest.skip(cpu_ext.unavailable_reason())
+    for kind in ("int4", "int8"):
+        model, tokenizer = load(quantized_folders[kind])
+        plain = generate_text(model, tokenizer, "the history of", max_new_tokens=12)
+        fast_model, _ = load(quantized_folders[kind], kernels="auto")
+        assert any(isinstance(m, PackedLinear) for m in fast_model.modules())
+        fast = generate_text(fast_model, tokenizer, "the history of", max_new_tokens=12)
+        assert fast["token_ids"] == plain["token_ids"] and len(fast["token_ids"]) == 12
+
+
 def test_greedy_generation_identical_with_float32_kernels(quantized_folders):
     """float32 compute: the kernels agree with the dequantized matmul to float32 rounding, so greedy decoding
     gives the same tokens. The default bfloat16 compute is not bit-close (see the logits test above)."""
@@ -148,7 +240,7 @@ def test_greedy_generation_identical_with_float32_kernels(quantized_folders):
     model, tokenizer = load(quantized_folders["int4"])
     plain = generate_text(model, tokenizer, "the history of", max_new_tokens=12)
     _, quantized = read_packed(quantized_folders["int4"])
-    report = swap_quantized_linears(model, quantized, compute_dtype=torch.float32)
+    report = swap_quantized_linears(model, quantized, "aten", compute_dtype=torch.float32)
     assert len(report.swapped) == 14
     fast = generate_text(model, tokenizer, "the history of", max_new_tokens=12)
     assert fast["token_ids"] == plain["token_ids"] and len(fast["token_ids"]) == 12
@@ -163,7 +255,7 @@ def test_generate_cli(quantized_folders, tiny_folder):
     out = json.loads(result.output)
     assert out["new_tokens"] == 5 and len(out["kernels"]["swapped"]) == 14 and out["decode_tokens_per_s"] > 0
     text = runner.invoke(app, args)
-    assert text.exit_code == 0 and "14 layers int8" in text.output and "tokens/s" in text.output
+    assert text.exit_code == 0 and "14 layers lmcompress AVX2" in text.output and "tokens/s" in text.output
     sampled = runner.invoke(app, [*args, "--sample", "--temperature", "0.8", "--seed", "3", "--kernels", "none"])
     assert sampled.exit_code == 0, sampled.output
     dense = runner.invoke(app, ["generate", str(tiny_folder("llama")), "--prompt", "the", "--max-new-tokens", "2"])
@@ -173,7 +265,7 @@ def test_generate_cli(quantized_folders, tiny_folder):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--kernels", "bogus"], "--kernels must be one of auto, none"),
+        (["--kernels", "bogus"], "--kernels must be one of auto, aten, none"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
         (["--sample", "--temperature", "0"], "--temperature must be positive"),
         (["--chat"], "defines no chat_template; give the prompt without --chat"),
@@ -186,7 +278,7 @@ def test_generate_bad_input(quantized_folders, extra, message):
 
 
 def test_load_refuses_unknown_kernels(quantized_folders):
-    with pytest.raises(UserError, match="kernels must be one of auto, none"):
+    with pytest.raises(UserError, match="kernels must be one of auto, aten, none"):
         load(quantized_folders["int8"], kernels="bogus")
 
 
@@ -195,7 +287,7 @@ def test_eval_profile_reports_generation_speed(quantized_folders, tiny_folder):
 
     prof = profile_pretrained(quantized_folders["int4"], seqlen=64, repeats=1, generation=True)
     gen = prof["generation"]
-    assert "14 layers int4" in gen["model"]["kernel_summary"]
+    assert "14 layers lmcompress AVX2" in gen["model"]["kernel_summary"]
     assert gen["source"] is not None and gen["source"]["kernel_summary"] is None  # the dense source, as it is
     for side in ("model", "source"):
         assert gen[side]["decode_tokens_per_s"] > 0 and gen[side]["prefill_tokens"] == 64
@@ -208,9 +300,9 @@ def test_eval_profile_reports_generation_speed(quantized_folders, tiny_folder):
 
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_quantized_head_runs_on_the_int8_kernel(tmp_path, tokenizer, tied, method):
+def test_quantized_head_runs_on_a_kernel(tmp_path, tokenizer, tied, method):
     """``quantize --include-head``: the head is stored quantized (8 bits per channel), loads dequantized or on the
-    int8 kernel, and a tied embedding takes the head's quantized values (one tensor, stored once)."""
+    int8 / lmcompress kernel, and a tied embedding takes the head's quantized values (one tensor, stored once)."""
     from lmcompress.checkpoint.save import save_model
     from lmcompress.models.tiny import build_tiny_model
 
@@ -232,14 +324,15 @@ def test_quantized_head_runs_on_the_int8_kernel(tmp_path, tokenizer, tied, metho
     if method == "rtn":
         assert torch.equal(dense.lm_head.weight, q.dequantize())  # RTN: exactly the 8-bit grid's values
     assert (dense.lm_head.weight is dense.model.embed_tokens.weight) == tied
-    fast, _ = load(out, kernels="auto")
-    assert isinstance(fast.lm_head, Int8Linear) and "lm_head" in kernel_report(fast).swapped
-    expected_embed = dense.lm_head.weight if tied else model.model.embed_tokens.weight
-    assert torch.equal(fast.model.embed_tokens.weight, expected_embed)
-    ids = torch.randint(0, tokenizer.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref, got = dense(ids).logits, fast(ids).logits
-    assert float((got - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    for mode, cls in (("aten", Int8Linear), ("auto", PackedLinear)):
+        fast, _ = load(out, kernels=mode)
+        assert isinstance(fast.lm_head, cls) and "lm_head" in kernel_report(fast).swapped
+        expected_embed = dense.lm_head.weight if tied else model.model.embed_tokens.weight
+        assert torch.equal(fast.model.embed_tokens.weight, expected_embed)
+        ids = torch.randint(0, tokenizer.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref, got = dense(ids).logits, fast(ids).logits
+        assert float((got - ref).abs().max()) < 0.05 * float(ref.abs().max())
 
 
 def test_head_options_need_include_head(tiny_folder, tmp_path, capsys):

@@ -269,9 +269,10 @@ def load(
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` from a folder written by lmcompress, or any model plain transformers loads.
 
-    ``kernels="auto"`` runs the quantized layers of a packed folder from their codes with CPU weight-only
-    kernels (:mod:`lmcompress.kernels`; never dequantized in memory), the others dequantized as with
-    ``"none"``; ``model.lmcompress_kernels`` then reports what runs how.
+    ``kernels="auto"`` runs the quantized layers of a packed folder from their codes on CPU kernels
+    (:mod:`lmcompress.kernels`: lmcompress's AVX2 kernel where it builds, else PyTorch's weight-only ops; never
+    dequantized in memory), ``"aten"`` on PyTorch's ops only, the others dequantized as with ``"none"``;
+    ``model.lmcompress_kernels`` then reports what runs how.
     """
     from lmcompress.kernels.linear import check_mode, swap_quantized_linears
 

@@ -69,7 +69,10 @@ def evaluate(
         "dense source's).",
     ),
     kernels: str = typer.Option(
-        "auto", "--kernels", help="With --profile: run quantized layers on CPU int8/int4 kernels (auto) or not (none)."
+        "auto",
+        "--kernels",
+        help="With --profile: run quantized layers from their codes (auto: lmcompress's AVX2 kernel, else "
+        "PyTorch's; aten: PyTorch's int8/int4 ops) or dequantized (none).",
     ),
 ) -> None:
     """Perplexity and measured sparsity of a model; with --tasks also multiple choice, factoid QA and retrieval.

@@ -100,7 +100,10 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate."),
     kernels: str = typer.Option(
-        "auto", "--kernels", help="auto: run quantized layers with CPU int8/int4 kernels; none: dequantized."
+        "auto",
+        "--kernels",
+        help="auto: quantized layers run from their codes (lmcompress's AVX2 kernel, else PyTorch's int8/int4 "
+        "ops); aten: PyTorch's ops only; none: dequantized.",
     ),
     greedy: bool = typer.Option(True, "--greedy/--sample", help="Greedy decoding, or sample with --temperature."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (with --sample)."),
@@ -114,9 +117,11 @@ def generate(
 ) -> None:
     """Generate text from a model and print it with its prefill and decode speed (tokens/s, batch 1).
 
-    With --kernels auto (the default) the quantized layers of a packed folder run from their integer codes on
-    PyTorch's CPU weight-only kernels (int8 per-channel, int4 grouped), in bfloat16 compute; the layers no
-    kernel runs exactly stay dequantized, and the first line says which (docs/kernels.md).
+    With --kernels auto (the default) the quantized layers of a packed folder run from their integer codes:
+    on x86-64 with AVX2 by lmcompress's own kernel (built once at first use, float32 compute, any bit width
+    and any group size that is a multiple of 32), elsewhere on PyTorch's CPU weight-only ops (int8 per-channel,
+    int4 grouped, bfloat16 compute; --kernels aten asks for these); the layers no kernel runs exactly stay
+    dequantized, and the first line says which (docs/kernels.md).
 
     Examples:
 

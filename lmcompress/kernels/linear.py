@@ -1,8 +1,18 @@
-"""Linear layers that multiply by quantized weights with PyTorch's CPU weight-only kernels, never holding the
+"""Linear layers that multiply by quantized weights straight from their integer codes, never holding the
 dequantized matrix.
 
 A quantized weight (:class:`~lmcompress.algorithms.quant.QuantizedTensor`) stands for ``W = (q − z) · s`` with
-codes ``q``, an integer zero point ``z`` and a scale ``s`` per (output row, group of inputs). Two kernels of
+codes ``q``, an integer zero point ``z`` and a scale ``s`` per (output row, group of inputs).
+
+:class:`PackedLinear` (``kernels="auto"`` where it builds: x86-64 with AVX2)
+    lmcompress's own kernel (:mod:`lmcompress.kernels.cpu_ext`): codes of up to 4 bits packed two a byte, of 5 to
+    8 bits one a byte, a float32 scale ``s`` and offset ``t = −z · s`` per (row, group), any group size that is a
+    multiple of 32 (or one group per row), float32 activations and accumulation. Up to
+    :data:`DECODE_ROWS` input rows are multiplied from the codes directly (decode); more rows (prefill) by
+    dequantizing a slice of a few MB of rows at a time and one float32 GEMM per slice. Outputs equal the
+    dequantized float32 matmul up to summation order.
+
+Where that kernel cannot be had (another CPU, no compiler; ``kernels="aten"`` asks for these), two kernels of
 ``torch.ops.aten`` run such grids directly:
 
 ``_weight_int8pack_mm(x, w, s)`` (:class:`Int8Linear`)
@@ -36,6 +46,7 @@ There is no CPU kernel for sparsity (unstructured or 2:4): such weights run dens
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -47,7 +58,8 @@ from lmcompress.errors import UserError
 
 log = logging.getLogger(__name__)
 
-KERNEL_MODES = ("auto", "none")
+KERNEL_MODES = ("auto", "aten", "none")  # auto: lmcompress's kernel where it builds, else aten's; none: dense
+DECODE_ROWS = 4  # PackedLinear multiplies up to this many input rows from the codes; more: dequantized slices
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 REPORT_ATTR = "lmcompress_kernels"  # the KernelReport of a model whose layers were swapped
 
@@ -143,12 +155,86 @@ class Int4Linear(QuantizedLinear):
         return self._finish(y, x)
 
 
-def kernel_for(q: QuantizedTensor) -> tuple[str | None, str]:
-    """Which kernel runs ``q`` exactly (``"int8"``, ``"int4"`` or None) and a short reason / description."""
+class PackedLinear(QuantizedLinear):
+    """``y = x · (q · s + t)ᵀ + b`` with ``t = −z · s``, by lmcompress's AVX2 kernel, in float32 throughout."""
+
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
+        from lmcompress.kernels import cpu_ext
+
+        out_features, in_features = q.codes.shape
+        super().__init__(in_features, out_features, bias, torch.float32)
+        self.ext = cpu_ext.extension()
+        if self.ext is None:
+            raise RuntimeError(f"lmcompress's CPU kernel is unavailable: {cpu_ext.unavailable_reason()}")
+        self.bits = q.spec.bits
+        self.storage_bits = cpu_ext.storage_bits(q.spec.bits)
+        grouped = q.spec.groups(in_features) > 1
+        self.group = q.spec.group_size if grouped else cpu_ext.padded_cols(in_features, q.spec.bits)
+        self.register_buffer("qweight", cpu_ext.pack(q.codes, q.spec.bits), persistent=False)
+        scale = q.scale.float().clone()  # a copy: q.scale may be a view of the whole packed file read into memory
+        self.register_buffer("scales", scale, persistent=False)
+        self.register_buffer("shifts", (-q.zero.float() * scale).contiguous(), persistent=False)
+        self.slice_rows = max(16, 2**20 // max(in_features, 1))  # prefill: about 4 MB of float32 weights a slice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()
+        args = (self.qweight, self.scales, self.shifts, self.storage_bits)
+        if x2.shape[0] <= DECODE_ROWS:
+            y = self.ext.gemv(x2, *args, self.group)
+        else:  # many rows: dequantize a slice of rows at a time, one float32 GEMM each (yᵀ slices are contiguous)
+            yt = x2.new_empty(self.out_features, x2.shape[0])
+            buffer = _workspace(self.slice_rows * self.in_features)
+            for start in range(0, self.out_features, self.slice_rows):
+                stop = min(start + self.slice_rows, self.out_features)
+                w = self.ext.dequantize(*args, self.in_features, self.group, start, stop, buffer)
+                torch.mm(w, x2.t(), out=yt[start:stop])
+            y = yt.t()
+        return self._finish(y, x)
+
+
+_WORKSPACE = threading.local()  # per thread, one float32 buffer shared by every PackedLinear (a few MB)
+
+
+def _workspace(numel: int) -> torch.Tensor:
+    """A float32 buffer of at least ``numel`` elements, reused across calls: prefill dequantizes each slice of rows
+    into it instead of allocating (glibc keeps many freed few-MB blocks resident)."""
+    buffer = getattr(_WORKSPACE, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _WORKSPACE.buffer = torch.empty(numel)
+    return buffer
+
+
+def _scattered_groups(q: QuantizedTensor) -> bool:
+    """True when act-order's ``g_idx`` puts columns in groups other than ``c // group_size``."""
+    cols = q.codes.shape[1]
+    return q.g_idx is not None and not torch.equal(q.g_idx.long().cpu(), torch.arange(cols) // q.spec.width(cols))
+
+
+def _packed_fits(q: QuantizedTensor) -> str | None:
+    """Why :class:`PackedLinear` cannot run ``q`` (None when it can)."""
+    cols = q.codes.shape[1]
+    spec = q.spec
+    if _scattered_groups(q):
+        return "act-order groups (g_idx): no CPU kernel reads scattered groups"
+    if spec.groups(cols) > 1 and spec.group_size % 32:
+        return f"group size {spec.group_size}: lmcompress's kernel takes multiples of 32"
+    return None
+
+
+def kernel_for(q: QuantizedTensor, mode: str = "auto") -> tuple[str | None, str]:
+    """Which kernel runs ``q`` exactly (``"packed"``, ``"int8"``, ``"int4"`` or None) and a short description or
+    the reason none does. ``mode="auto"`` prefers lmcompress's own kernel where it builds, ``"aten"`` takes
+    PyTorch's ops only."""
     rows, cols = q.codes.shape
     spec = q.spec
     groups = spec.groups(cols)
-    if q.g_idx is not None and not torch.equal(q.g_idx.long().cpu(), torch.arange(cols) // spec.width(cols)):
+    if mode == "auto" and _packed_fits(q) is None:
+        from lmcompress.kernels import cpu_ext
+
+        if cpu_ext.extension() is not None:
+            layout = f"g{spec.group_size}" if groups > 1 else "per-channel"
+            return "packed", f"lmcompress AVX2 kernel, {spec.bits}-bit {layout}, float32"
+    if _scattered_groups(q):
         return None, "act-order groups (g_idx): no CPU kernel reads scattered groups"
     if groups == 1:
         return "int8", f"int8 kernel, {spec.bits}-bit per-channel grid"
@@ -249,19 +335,28 @@ def swap_quantized_linears(
         if not isinstance(module, (nn.Linear, Conv1D)) or not name:
             report.dense[param] = "not a linear layer's weight"
             continue
-        kind, why = kernel_for(q)
+        kind, why = kernel_for(q, mode)
         if kind is None:
             report.dense[param] = why
             continue
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-        cls = Int8Linear if kind == "int8" else Int4Linear
+        if kind == "packed":
+            layer: QuantizedLinear = PackedLinear(q.to("cpu"), bias)
+        else:
+            layer = (Int8Linear if kind == "int8" else Int4Linear)(q.to("cpu"), bias, compute_dtype)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cls(q.to("cpu"), bias, compute_dtype))
+        setattr(parent, child, layer)
         report.swapped[name] = why
+    dtypes = {"float32" if isinstance(m, PackedLinear) else report.compute_dtype for m in _swapped(model, report)}
+    report.compute_dtype = dtypes.pop() if len(dtypes) == 1 else "float32 and " + report.compute_dtype
     release_freed_memory()
     log.debug("%s", report.summary())
     return report
+
+
+def _swapped(model: nn.Module, report: KernelReport) -> list[nn.Module]:
+    return [model.get_submodule(name) for name in report.swapped]
 
 
 def release_freed_memory() -> None:
