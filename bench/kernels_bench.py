@@ -1,19 +1,19 @@
-"""CPU weight-only kernels: decode / prefill speed and memory of SmolLM2-135M dense vs RTN int8 and int4.
+"""CPU kernels: decode / prefill speed and memory of SmolLM2-135M dense vs RTN int8 and int4.
 
-    python -m bench.kernels_bench [--threads 2] [--repeats 3] [--eval-windows 8]
+    python -m bench.kernels_bench [--threads 2] [--repeats 3] [--eval-windows 8] [--kernels auto,aten]
 
-Rows: dense float32 (the source as it is), RTN 8-bit per channel (``_weight_int8pack_mm``), RTN 4-bit groups of
-32 / 64 / 128 (``_weight_int4pack_mm_for_cpu``), and three of them with the output head quantized too
-(``--include-head``: 8 bits per channel, on the int8 kernel; SmolLM2's tied head is its largest layer), and a
-model with 50% of every block's FFN channels removed (``shrink``, magnitude), dense and RTN int4 + head. Each
-quantized model is made with ``lmcompress.transforms.quantize`` (method rtn, saved packed) and loaded once per
-``--kernels`` mode: ``auto`` (lmcompress's own AVX2 kernel, float32) and ``aten`` (PyTorch's
-``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``, bfloat16 compute; rows marked ``[aten]``). Each row is
-measured in a fresh process (:func:`lmcompress.measure.speed.measure_folder`): decode tokens/s at batch 1 (64 greedy
-new tokens after a 32-token prompt, best of ``--repeats``), prefill tokens/s (one 256-token window), peak RSS of the whole run
-and RSS after it, wall and CPU time. Perplexity on the first ``--eval-windows`` WikiText-2 test windows (seqlen
-256) checks that the kernels compute the model they should. Targets (issue): int8 ≥ 1.5× and int4 ≥ 2× the dense
-decode speed.
+Rows: dense float32 (the source as it is), RTN 8-bit per channel, RTN 4-bit groups of 32 / 64 / 128, three of them
+with the output head quantized too (``--include-head``: 8 bits per channel; SmolLM2's tied head is its largest
+layer), and a model with 50% of every block's FFN channels removed (``shrink``, magnitude), dense and RTN int4 +
+head. Each quantized model is made with ``lmcompress.transforms.quantize`` (method rtn, saved packed) and loaded
+once per ``--kernels`` mode: ``auto`` (lmcompress's own AVX2 kernel, float32) and ``aten`` (PyTorch's
+``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``, bfloat16 compute; rows marked ``[aten]``). Each row
+is measured in a fresh process (:func:`lmcompress.measure.speed.measure_folder`): decode tokens/s at batch 1
+(64 greedy new tokens after a 32-token prompt, best of ``--repeats``), prefill tokens/s (one 256-token window),
+peak RSS of the whole run and RSS after it, wall and CPU time. Perplexity on the first ``--eval-windows``
+WikiText-2 test windows (seqlen 256) checks that the kernels compute the model they should. Targets (issue):
+int8 ≥ 1.5× and int4 ≥ 2× the dense decode speed. Run it without ``OMP_WAIT_POLICY=PASSIVE`` (see
+docs/kernels.md).
 """
 
 from __future__ import annotations
