@@ -1,6 +1,6 @@
 """File size of every deploy format of SmolLM2-135M against the dense fp16 folder (issue 11).
 
-    python -m bench.formats_bench [--model DIR]
+    python -m bench.formats_bench [--model DIR]       # needs compressed-tensors (pip install -e ".[export,gguf]")
 
 Writes, in ``bench/cache/formats``: the dense model as fp16 safetensors (the reference) and as float32 (what the
 source folder holds); packed RTN folders (8-bit per channel, 4-bit g32, 4-bit g128, each also with the output head
@@ -39,12 +39,13 @@ def main(argv: list[str] | None = None) -> None:
     from lmcompress.transforms.quantize import QuantConfig
 
     dense = Path(args.model) if args.model else default_model()
-    shutil.rmtree(OUT, ignore_errors=True)
-    OUT.mkdir(parents=True)
+    OUT.mkdir(parents=True, exist_ok=True)  # a rerun reuses the folders already written (their sizes are the same)
     files: dict[str, Path] = {}
     for dtype in ("float16", "float32"):
-        model, tokenizer = load_model(str(dense), dtype=dtype)
-        files[f"dense {dtype} (safetensors folder)"] = save_model(model, tokenizer, OUT / dtype, {"kind": "dense"})
+        if not (OUT / dtype).exists():
+            model, tokenizer = load_model(str(dense), dtype=dtype)
+            save_model(model, tokenizer, OUT / dtype, {"kind": "dense"})
+        files[f"dense {dtype} (safetensors folder)"] = OUT / dtype
     grids = {
         "RTN int8 per-channel": QuantConfig("rtn", 8, -1),
         "RTN int4 g32": QuantConfig("rtn", 4, 32),
@@ -56,15 +57,17 @@ def main(argv: list[str] | None = None) -> None:
     }
     for name, config in grids.items():
         folder = OUT / name.replace(" ", "-")
-        quantize_pretrained(dense, config, folder, progress=False)
+        if not folder.exists():
+            quantize_pretrained(dense, config, folder, progress=False)
         files[f"{name} (packed folder)"] = folder
     ct = OUT / "ct-int4-g64"  # compressed-tensors needs whole groups: 576 inputs are 9 groups of 64, not of 128
+    shutil.rmtree(ct, ignore_errors=True)
     export_compressed_tensors(OUT / "RTN-int4-g64", ct)
     files["RTN int4 g64, compressed-tensors export (vLLM)"] = ct
     for qtype in ("f16", "q8_0"):
-        export_gguf(dense, OUT / f"dense-{qtype}.gguf", qtype=qtype)
+        export_gguf(dense, OUT / f"dense-{qtype}.gguf", qtype=qtype, overwrite=True)
         files[f"GGUF {qtype}"] = OUT / f"dense-{qtype}.gguf"
-    export_gguf(OUT / "RTN-int4-g32-q4_0-grid", OUT / "q4_0.gguf", embed_type="q8_0")
+    export_gguf(OUT / "RTN-int4-g32-q4_0-grid", OUT / "q4_0.gguf", embed_type="q8_0", overwrite=True)
     files["GGUF Q4_0 from lmcompress codes (Q8_0 embeddings)"] = OUT / "q4_0.gguf"
 
     reference = size(files["dense float16 (safetensors folder)"])

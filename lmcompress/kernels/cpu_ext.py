@@ -94,19 +94,13 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = codes.shape
     width = storage_bits(bits)
     per_word = 32 // width
-    padded = padded_cols(cols, bits)
-    out = torch.empty(rows, padded * width // 8, dtype=torch.uint8)
-    shifts = (torch.arange(per_word, dtype=torch.int64) * width)[:, None]
-    step = max(1, 2**20 // padded)  # rows at a time: the int64 temporaries stay a few MB (an LM head has 49k rows)
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        full = torch.zeros(stop - start, padded, dtype=torch.int64)
-        full[:, :cols] = codes[start:stop].to(torch.int64)
-        blocks = full.reshape(stop - start, -1, per_word, 8)  # [row, block, i, l]: column 8i + l of the block
-        words = (blocks << shifts).sum(2)  # [row, block, l]: the fields do not overlap, so the sum is an OR
-        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
-        out[start:stop] = words.reshape(stop - start, -1).view(torch.uint8)
-    return out
+    full = torch.zeros(rows, padded_cols(cols, bits), dtype=torch.uint8)
+    full[:, :cols] = codes
+    fields = full.reshape(rows, -1, per_word, 8)  # [row, block, i, l]: column 8i + l of the block
+    if width == 4:  # byte j of word l holds fields 2j (low nibble) and 2j + 1 (high nibble)
+        fields = fields[:, :, 0::2] | (fields[:, :, 1::2] << 4)
+    # little-endian words: the bytes of word l are its fields j = 0..3 in order
+    return fields.transpose(2, 3).reshape(rows, -1).contiguous()
 
 
 def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
