@@ -98,8 +98,10 @@ def test_int4_op_refuses_other_group_sizes_and_we_fall_back():
         assert kind is None and reason in why
     q = rtn_quantize(_weight(32, 64), QuantSpec(4, 32))
     shuffled = QuantizedTensor(q.codes, q.scale, q.zero, q.spec, torch.randperm(64) % 2)
-    for mode in ("auto", "aten"):
-        assert kernel_for(shuffled, mode) == (None, "act-order groups (g_idx): no CPU kernel reads scattered groups")
+    assert kernel_for(shuffled, "aten") == (
+        None,
+        "act-order groups (g_idx): PyTorch's kernels read no scattered groups",
+    )
     plain = QuantizedTensor(q.codes, q.scale, q.zero, q.spec, torch.arange(64) // 32)
     assert kernel_for(plain, "aten")[0] == "int4"  # a g_idx that is the natural order is no obstacle
 
@@ -154,6 +156,31 @@ def test_packed_kernel_matches_dequantized(bits, group, sym, cols):
         x = torch.randn(rows, cols)
         ref, bound = x @ w.T + bias, x.abs() @ w.abs().T + 1e-6
         assert float(((layer(x) - ref).abs() / bound).max()) <= FP32_TOL
+
+
+def test_packed_kernel_runs_act_order_groups():
+    """GPTQ act-order without static groups scatters each group's columns (``g_idx``): lmcompress's kernel sorts the
+    inputs by group once (codes permuted at load, ``x[:, perm]`` per call) and runs them like any grouped grid."""
+    if cpu_ext.extension() is None:
+        pytest.skip(cpu_ext.unavailable_reason())
+    cols, g = 96, 32
+    order = torch.randperm(cols, generator=torch.Generator().manual_seed(3))  # activation order
+    g_idx = torch.empty(cols, dtype=torch.int32)
+    g_idx[order] = (torch.arange(cols) // g).to(torch.int32)  # group k: the k-th run of 32 columns in that order
+    w = _weight(16, cols)
+    base = rtn_quantize(w[:, order], QuantSpec(4, g, False))  # quantize in activation order, then scatter back
+    codes = torch.empty_like(base.codes)
+    codes[:, order] = base.codes
+    q = QuantizedTensor(codes, base.scale, base.zero, base.spec, g_idx)
+    kind, why = kernel_for(q)
+    assert kind == "packed" and "act-order" in why
+    layer = PackedLinear(q)
+    _check(layer, q, FP32_TOL)
+    x = torch.randn(1, cols)
+    assert float(((layer(x) - x @ q.dequantize().T).abs() / (x.abs() @ q.dequantize().abs().T)).max()) <= FP32_TOL
+    sizes = torch.tensor([0] * 40 + [1] * 24 + [2] * 32, dtype=torch.int32)  # groups of 40, 24 and 32 columns
+    uneven = QuantizedTensor(codes, base.scale, base.zero, base.spec, sizes[torch.randperm(cols)])
+    assert kernel_for(uneven)[0] is None and "unequal" in kernel_for(uneven)[1]
 
 
 def test_auto_falls_back_to_aten_kernels_without_lmcompress_kernel(monkeypatch):

@@ -7,7 +7,8 @@ codes ``q``, an integer zero point ``z`` and a scale ``s`` per (output row, grou
 :class:`PackedLinear` (``kernels="auto"`` where it builds: x86-64 with AVX2)
     lmcompress's own kernel (:mod:`lmcompress.kernels.cpu_ext`): codes of up to 4 bits packed two a byte, of 5 to
     8 bits one a byte, a float32 scale ``s`` and offset ``t = −z · s`` per (row, group), any group size that is a
-    multiple of 32 (or one group per row), float32 activations and accumulation. Up to
+    multiple of 32 (or one group per row; act-order groups are made contiguous by permuting the inputs), float32
+    activations and accumulation. Up to
     :data:`DECODE_ROWS` input rows are multiplied from the codes directly (decode); more rows (prefill) by
     dequantizing a slice of a few MB of rows at a time and one float32 GEMM per slice. Outputs equal the
     dequantized float32 matmul up to summation order.
@@ -38,7 +39,8 @@ float32 matmul to about ``2⁻⁷ · (|x| · |W|ᵀ)`` (bfloat16 keeps 8 signifi
 ``compute_dtype=torch.float32`` for outputs within float32 rounding (slow).
 
 Layers the kernels cannot run exactly stay ``nn.Linear`` holding the dequantized weight, and
-:class:`KernelReport` says why: grouped grids of 5 to 8 bits (the int8 kernel has one scale per row),
+:class:`KernelReport` says why: for lmcompress's kernel, group sizes that are not a multiple of 32 and act-order
+groups of unequal sizes; for PyTorch's, grouped grids of 5 to 8 bits (the int8 kernel has one scale per row),
 act-order groups (``g_idx``), int4 group sizes other than 32/64/128/256, ``out`` not a multiple of 16.
 There is no CPU kernel for sparsity (unstructured or 2:4): such weights run dense on CPU.
 """
@@ -170,7 +172,12 @@ class PackedLinear(QuantizedLinear):
         self.storage_bits = cpu_ext.storage_bits(q.spec.bits)
         grouped = q.spec.groups(in_features) > 1
         self.group = q.spec.group_size if grouped else cpu_ext.padded_cols(in_features, q.spec.bits)
-        self.register_buffer("qweight", cpu_ext.pack(q.codes, q.spec.bits), persistent=False)
+        codes, perm = q.codes, None
+        if _scattered_groups(q):  # act-order: inputs sorted by group make every group a run of consecutive columns
+            perm = torch.argsort(q.g_idx.long().cpu(), stable=True)
+            codes = codes[:, perm]
+        self.register_buffer("perm", perm, persistent=False)  # x[:, perm] meets the permuted codes
+        self.register_buffer("qweight", cpu_ext.pack(codes, q.spec.bits), persistent=False)
         scale = q.scale.float().clone()  # a copy: q.scale may be a view of the whole packed file read into memory
         self.register_buffer("scales", scale, persistent=False)
         self.register_buffer("shifts", (-q.zero.float() * scale).contiguous(), persistent=False)
@@ -178,6 +185,8 @@ class PackedLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
         args = (self.qweight, self.scales, self.shifts, self.storage_bits)
         if x2.shape[0] <= DECODE_ROWS:
             y = self.ext.gemv(x2, *args, self.group)
@@ -214,8 +223,10 @@ def _packed_fits(q: QuantizedTensor) -> str | None:
     """Why :class:`PackedLinear` cannot run ``q`` (None when it can)."""
     cols = q.codes.shape[1]
     spec = q.spec
-    if _scattered_groups(q):
-        return "act-order groups (g_idx): no CPU kernel reads scattered groups"
+    if _scattered_groups(q):  # sorted by group, act-order's groups must be runs of group_size columns
+        in_order = torch.sort(q.g_idx.long().cpu()).values
+        if not torch.equal(in_order, torch.arange(cols) // spec.width(cols)):
+            return "act-order groups (g_idx) of unequal sizes: no CPU kernel runs them"
     if spec.groups(cols) > 1 and spec.group_size % 32:
         return f"group size {spec.group_size}: lmcompress's kernel takes multiples of 32"
     return None
@@ -225,17 +236,28 @@ def kernel_for(q: QuantizedTensor, mode: str = "auto") -> tuple[str | None, str]
     """Which kernel runs ``q`` exactly (``"packed"``, ``"int8"``, ``"int4"`` or None) and a short description or
     the reason none does. ``mode="auto"`` prefers lmcompress's own kernel where it builds, ``"aten"`` takes
     PyTorch's ops only."""
+    spec = q.spec
+    groups = spec.groups(q.codes.shape[1])
+    packed_why = None
+    if mode == "auto":
+        from lmcompress.kernels import cpu_ext
+
+        packed_why = _packed_fits(q) if cpu_ext.extension() is not None else None
+        if cpu_ext.extension() is not None and packed_why is None:
+            layout = f"g{spec.group_size}" if groups > 1 else "per-channel"
+            act = ", act-order (inputs permuted)" if _scattered_groups(q) else ""
+            return "packed", f"lmcompress AVX2 kernel, {spec.bits}-bit {layout}{act}, float32"
+    kind, why = _aten_kernel_for(q)
+    return (kind, why) if kind is not None or packed_why is None else (None, packed_why)
+
+
+def _aten_kernel_for(q: QuantizedTensor) -> tuple[str | None, str]:
+    """:func:`kernel_for` among PyTorch's ops: ``"int8"``, ``"int4"`` or None with the reason."""
     rows, cols = q.codes.shape
     spec = q.spec
     groups = spec.groups(cols)
-    if mode == "auto" and _packed_fits(q) is None:
-        from lmcompress.kernels import cpu_ext
-
-        if cpu_ext.extension() is not None:
-            layout = f"g{spec.group_size}" if groups > 1 else "per-channel"
-            return "packed", f"lmcompress AVX2 kernel, {spec.bits}-bit {layout}, float32"
     if _scattered_groups(q):
-        return None, "act-order groups (g_idx): no CPU kernel reads scattered groups"
+        return None, "act-order groups (g_idx): PyTorch's kernels read no scattered groups"
     if groups == 1:
         return "int8", f"int8 kernel, {spec.bits}-bit per-channel grid"
     if spec.bits > 4:
