@@ -19,7 +19,7 @@ VERBS = {
     "drop-experts": "Keep K experts in every mixture-of-experts layer.",
     "factorize": "Replace linear layers by low-rank factors (SVD).",
     "eval": "Perplexity, sparsity, multiple choice, QA and retrieval.",
-    "generate": "Generate text; quantized layers run from their codes on CPU kernels.",
+    "generate": "Generate text; quantized layers run on CPU kernels.",
     "sweep": "Prune and evaluate a grid of methods × sparsities.",
     "search": "Find per-block sparsity or bits under a budget (EvoPress).",
     "report": "Markdown/HTML report and plots of a sweep or a search.",
