@@ -1,10 +1,10 @@
 """lmcompress's own CPU kernel for quantized linear layers: float32 activations, AVX2 + FMA, built at first use.
 
-PyTorch's weight-only CPU kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) have fast paths for
-AVX-512 and for bfloat16 activations; on AVX2 machines they decode slower than they need to and round activations
-to bfloat16. ``csrc/qmatmul.cpp`` multiplies float32 activations by ``W = q · s + t`` (codes ``q``, scale ``s`` and
-offset ``t = −z · s`` per row and group) straight from 4- or 8-bit codes, so a layer reads ½ or 1 byte per weight
-and computes in float32: outputs equal the dequantized float32 matmul up to summation order.
+PyTorch's weight-only CPU kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are fast only with
+bfloat16 activations, and on the AVX2 machine measured (no AVX-512) slower than they need to be (docs/kernels.md).
+``csrc/qmatmul.cpp`` multiplies float32 activations by ``W = q · s + t`` (codes ``q``, scale ``s`` and offset
+``t = −z · s`` per row and group) straight from 4- or 8-bit codes, so a layer reads ½ or 1 byte per weight and
+computes in float32: outputs equal the dequantized float32 matmul up to summation order.
 
 :func:`extension` compiles it once with ``torch.utils.cpp_extension`` (needs a C++ compiler and ``ninja``; the
 build is cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and returns None, with
