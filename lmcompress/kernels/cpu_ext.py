@@ -49,6 +49,8 @@ def extension():
         try:
             from torch.utils.cpp_extension import _get_build_directory, load
 
+            _put_ninja_on_path()
+
             digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
             name = f"lmcompress_qmatmul_{digest}"
             if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
@@ -70,6 +72,18 @@ def extension():
         _state["why"] = why
         log.info("lmcompress CPU kernel unavailable: %s", why)
     return _state.get("ext")
+
+
+def _put_ninja_on_path() -> None:
+    """torch.utils.cpp_extension runs ``ninja`` from PATH; the ``ninja`` package's binary is not on it when a
+    virtual environment's ``lmcompress`` is run without activating the environment."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    folder = str(getattr(ninja, "BIN_DIR", ""))
+    if folder and folder not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([folder, os.environ.get("PATH", "")])
 
 
 def storage_bits(bits: int) -> int:
