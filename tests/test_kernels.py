@@ -236,6 +236,7 @@ def test_layers_no_kernel_runs_stay_dense_and_are_reported(quantized_folders):
     model, _ = load(quantized_folders["g16"], kernels="auto")
     report = kernel_report(model)
     assert not report.swapped and len(report.dense) == 14
+    assert report.compute_dtype == "bfloat16"  # nothing swapped: the report keeps the requested compute dtype
     assert all("group size 16" in why for why in report.dense.values())
     assert "14 quantized layers dense" in report.summary()
     for (name, p), (_, r) in zip(model.named_parameters(), dense.named_parameters(), strict=True):

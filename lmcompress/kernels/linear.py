@@ -238,17 +238,20 @@ def kernel_for(q: QuantizedTensor, mode: str = "auto") -> tuple[str | None, str]
     PyTorch's ops only."""
     spec = q.spec
     groups = spec.groups(q.codes.shape[1])
-    packed_why = None
+    packed_why = None  # why lmcompress's kernel cannot run q, where that kernel is available
     if mode == "auto":
         from lmcompress.kernels import cpu_ext
 
-        packed_why = _packed_fits(q) if cpu_ext.extension() is not None else None
-        if cpu_ext.extension() is not None and packed_why is None:
-            layout = f"g{spec.group_size}" if groups > 1 else "per-channel"
-            act = ", act-order (inputs permuted)" if _scattered_groups(q) else ""
-            return "packed", f"lmcompress AVX2 kernel, {spec.bits}-bit {layout}{act}, float32"
+        if cpu_ext.extension() is not None:
+            packed_why = _packed_fits(q)
+            if packed_why is None:
+                layout = f"g{spec.group_size}" if groups > 1 else "per-channel"
+                act = ", act-order (inputs permuted)" if _scattered_groups(q) else ""
+                return "packed", f"lmcompress AVX2 kernel, {spec.bits}-bit {layout}{act}, float32"
     kind, why = _aten_kernel_for(q)
-    return (kind, why) if kind is not None or packed_why is None else (None, packed_why)
+    if kind is None and packed_why is not None:
+        return None, packed_why  # the reason of the kernel that would otherwise have run it
+    return kind, why
 
 
 def _aten_kernel_for(q: QuantizedTensor) -> tuple[str | None, str]:
@@ -371,7 +374,10 @@ def swap_quantized_linears(
         setattr(parent, child, layer)
         report.swapped[name] = why
     dtypes = {"float32" if isinstance(m, PackedLinear) else report.compute_dtype for m in _swapped(model, report)}
-    report.compute_dtype = dtypes.pop() if len(dtypes) == 1 else "float32 and " + report.compute_dtype
+    if len(dtypes) == 1:
+        report.compute_dtype = dtypes.pop()
+    elif dtypes:
+        report.compute_dtype = "float32 and " + report.compute_dtype
     release_freed_memory()
     log.debug("%s", report.summary())
     return report
