@@ -101,15 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--venv", default=str(VENV))
+    parser.add_argument(
+        "--seeds", default="0", help="calibration draws, e.g. 0,1,2: one row each and their mean perplexity per tool"
+    )
     args = parser.parse_args(argv)
 
-    from safetensors.torch import save_file
-
     from bench.reference import default_model
-    from lmcompress.calibration.data import draw, eval_windows, windows_hash
-    from lmcompress.checkpoint.load import load_model
-    from lmcompress.measure.perplexity import perplexity
-    from lmcompress.transforms.prune import measure_sparsity
 
     llmc_python = Path(args.venv) / "bin" / "python"
     if not llmc_python.is_file():
@@ -122,34 +119,20 @@ def main(argv: list[str] | None = None) -> None:
     valid = str(wikitext("valid"))
     rows = []
     for name in args.models.split(","):
-        folder = folders[name]
-        base, tokenizer = load_model(str(folder))
-        ids, _ = draw(tokenizer, valid, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-        ids_file = OUT / f"{name}-ids.safetensors"
-        save_file({"ids": ids.contiguous()}, str(ids_file))
-        test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), args.eval_seqlen)
-        test = test[: args.eval_windows]
-        row: dict = {"model": name, "dense": perplexity(base, test, progress=False).perplexity}
-        del base
-
-        ours = OUT / f"{name}-lmcompress"
-        cmd = [sys.executable, "-m", "lmcompress", "prune", str(folder), "--method", "sparsegpt", "--sparsity", "0.5",
-               "--calib-data", valid, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0",
-               "-o", str(ours), "--overwrite", "--quiet"]  # fmt: skip
-        row["lmcompress_s"], _ = run_timed(cmd, env)
-        recipe = json.loads((ours / "lmcompress.json").read_text())
-        if recipe["calibration"]["sha256"] != windows_hash(ids):  # both tools must see the very same tokens
-            sys.exit(f"lmcompress drew other windows than {ids_file}: {recipe['calibration']}")
-        theirs = OUT / f"{name}-llmcompressor"
-        cmd = [str(llmc_python), "-c", LLMC_SCRIPT, str(folder), str(ids_file), str(theirs), str(args.threads)]
-        row["llmcompressor_s"], _ = run_timed(cmd, env, marker="SAVED_AT")
-        row["time_ratio"] = row["lmcompress_s"] / row["llmcompressor_s"]
-        for tool, out in (("lmcompress", ours), ("llmcompressor", theirs)):
-            model, _ = load_model(str(out))
-            row[f"{tool}_ppl"] = perplexity(model, test, progress=False).perplexity
-            row[f"{tool}_sparsity"] = measure_sparsity(model)[0]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for seed in (int(x) for x in args.seeds.split(",")):
+            rows.append(one_run(args, name, folders[name], seed, valid, llmc_python, env))
+            print(json.dumps(rows[-1]), flush=True)
+    seeds = args.seeds.split(",")
+    if len(seeds) > 1:  # the mean over calibration draws: one draw's difference is within run-to-run noise
+        for name in args.models.split(","):
+            mine = [r for r in rows if r["model"] == name and "seed" in r]
+            mean = {"model": name, "seed": "mean"}
+            for k in ("lmcompress_s", "llmcompressor_s", "lmcompress_ppl", "llmcompressor_ppl", "dense"):
+                mean[k] = sum(r[k] for r in mine) / len(mine)
+            mean["time_ratio"] = mean["lmcompress_s"] / mean["llmcompressor_s"]
+            mean["ppl_ratio"] = mean["lmcompress_ppl"] / mean["llmcompressor_ppl"]
+            mean["lmcompress_better_draws"] = sum(r["lmcompress_ppl"] <= r["llmcompressor_ppl"] for r in mine)
+            rows.append(mean)
     info = machine_info()
     print(
         f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, torch {info['torch']}, "
@@ -158,6 +141,43 @@ def main(argv: list[str] | None = None) -> None:
     )
     print_table(rows, "SparseGPT 50%: whole-process wall time (launch → saved) and perplexity")
     save_results("llmcompressor", {"args": vars(args), "rows": rows, "machine": info})
+
+
+def one_run(args, name: str, folder: Path, seed: int, valid: str, llmc_python: Path, env: dict) -> dict:
+    """Both tools on calibration draw ``seed`` of ``name``: wall times, perplexity and sparsity of both outputs."""
+    from safetensors.torch import save_file
+
+    from lmcompress.calibration.data import draw, eval_windows, windows_hash
+    from lmcompress.checkpoint.load import load_model
+    from lmcompress.measure.perplexity import perplexity
+    from lmcompress.transforms.prune import measure_sparsity
+
+    base, tokenizer = load_model(str(folder))
+    ids, _ = draw(tokenizer, valid, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed)
+    ids_file = OUT / f"{name}-ids.safetensors"
+    save_file({"ids": ids.contiguous()}, str(ids_file))
+    test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), args.eval_seqlen)
+    test = test[: args.eval_windows]
+    row: dict = {"model": name, "seed": seed, "dense": perplexity(base, test, progress=False).perplexity}
+    del base
+
+    ours = OUT / f"{name}-lmcompress"
+    cmd = [sys.executable, "-m", "lmcompress", "prune", str(folder), "--method", "sparsegpt", "--sparsity", "0.5",
+           "--calib-data", valid, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(seed),
+           "-o", str(ours), "--overwrite", "--quiet"]  # fmt: skip
+    row["lmcompress_s"], _ = run_timed(cmd, env)
+    recipe = json.loads((ours / "lmcompress.json").read_text())
+    if recipe["calibration"]["sha256"] != windows_hash(ids):  # both tools must see the very same tokens
+        sys.exit(f"lmcompress drew other windows than {ids_file}: {recipe['calibration']}")
+    theirs = OUT / f"{name}-llmcompressor"
+    cmd = [str(llmc_python), "-c", LLMC_SCRIPT, str(folder), str(ids_file), str(theirs), str(args.threads)]
+    row["llmcompressor_s"], _ = run_timed(cmd, env, marker="SAVED_AT")
+    row["time_ratio"] = row["lmcompress_s"] / row["llmcompressor_s"]
+    for tool, out in (("lmcompress", ours), ("llmcompressor", theirs)):
+        model, _ = load_model(str(out))
+        row[f"{tool}_ppl"] = perplexity(model, test, progress=False).perplexity
+        row[f"{tool}_sparsity"] = measure_sparsity(model)[0]
+    return row
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="database rounds (sequential inputs)")
     parser.add_argument("--max-loss", type=float, default=None, help="also: --max-loss ppl=+X (0.05 = +5%%)")
     parser.add_argument("--max-loss-generations", type=int, default=10, help="generations of each bisection step")
+    parser.add_argument("--time-limit", type=float, default=None, help="minutes per search (ends a generation)")
+    parser.add_argument("--sensitivity-span", type=int, default=None, help="levels each way [3 block, 1 layer; 0 off]")
+    parser.add_argument("--tag", default="", help="write bench/results/search-TAG.json (runs side by side)")
     args = parser.parse_args(argv)
 
     from transformers.utils import logging as hf_logging
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
                 database_inputs=args.database_inputs,
                 rounds=args.rounds,
                 granularity=args.granularity,
+                time_limit_s=None if args.time_limit is None else args.time_limit * 60,
+                sensitivity_span=args.sensitivity_span,
             )
             seq = "-seq" if args.database_inputs == "sequential" else ""
             work = CACHE / "search-db" / f"{method}-{target:g}{seq}{'-layer' if args.granularity == 'layer' else ''}"
@@ -136,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                 row[f"db-{name}"] = ppl(candidate)
             row["kl_search"] = report.fitness
             row["kl_db_uniform"], row["kl_db_owl"] = report.baselines["uniform"], report.baselines["owl"]
+            row["kl_additive"], row["generations_run"] = report.baselines.get("additive"), len(report.history)
             best = min(row["uniform"], row["owl"])
             row["search/best"] = row["search"] / best
             row["search/uniform"] = row["search"] / row["uniform"]
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.threads} threads; dense perplexity {dense:.3f}"
     )
     print_table(rows, "search vs uniform and OWL (WikiText-2 test perplexity)")
-    save_results("search", {"args": vars(args), "dense": dense, "rows": rows})
+    save_results(f"search-{args.tag}" if args.tag else "search", {"args": vars(args), "dense": dense, "rows": rows})
 
 
 def write_report(report, name: str) -> str:
@@ -193,6 +199,8 @@ def bits_row(args, base, calib, held_out, ppl) -> dict:
         offspring=args.offspring,
         database_inputs=args.database_inputs,
         granularity=args.granularity,
+        time_limit_s=None if args.time_limit is None else args.time_limit * 60,
+        sensitivity_span=args.sensitivity_span,
     )
     model = copy.deepcopy(base)
     start = time.perf_counter()
@@ -204,6 +212,15 @@ def bits_row(args, base, calib, held_out, ppl) -> dict:
     row["achieved_bits"] = report.achieved
     row["allocation"] = report.allocation
     row["kl_search"], row["kl_db_uniform"] = report.fitness, report.baselines["uniform"]
+    row["kl_additive"], row["generations_run"] = report.baselines.get("additive"), len(report.history)
+    if "additive" in report.baseline_allocations:  # the sensitivity pass's start, assembled from the database
+        from lmcompress.search.database import LevelDatabase
+
+        db, index = LevelDatabase.open(report.database), {b: k for k, b in enumerate(report.levels)}
+        candidate = copy.deepcopy(base)
+        alloc = report.baseline_allocations["additive"]
+        db.apply(candidate, {layer: index[b] for unit, b in zip(report.units, alloc, strict=True) for layer in unit})
+        row["db-additive"] = ppl(candidate)
     row["search/uniform3"] = row["search"] / row["uniform3"]
     return row
 
@@ -213,17 +230,21 @@ def max_loss_row(args, base, calib, held_out, ppl, dense: float) -> dict:
     loss on the held-out calibration windows, and the perplexity it really has on the test text."""
     from lmcompress.search.run import SearchConfig, search_max_loss
 
-    config = SearchConfig(target=0.5, method="sparsegpt", levels=args.levels, generations=args.max_loss_generations,
-                          offspring=args.offspring)  # fmt: skip
+    levels = [float(x) for x in args.levels.split(":")] if ":" in args.levels else [0.5]
+    config = SearchConfig(target=levels[0], method="sparsegpt", levels=args.levels,
+                          generations=args.max_loss_generations, offspring=args.offspring,
+                          database_inputs=args.database_inputs, granularity=args.granularity,
+                          sensitivity_span=args.sensitivity_span)  # fmt: skip
     model = copy.deepcopy(base)
     start = time.perf_counter()
-    work = CACHE / "search-db" / "sparsegpt-maxloss"
+    work = CACHE / "search-db" / f"sparsegpt-maxloss-{args.database_inputs}"
     report = search_max_loss(model, config, calib, held_out, work, max_loss=args.max_loss, progress=True)
     row = {"method": "sparsegpt max-loss", "max_loss": args.max_loss, "search_s": time.perf_counter() - start}
     row["sparsity"] = report.achieved
     row["search"] = ppl(model)
     row["test_increase"] = row["search"] / dense - 1
     row["bisection"] = report.bisection
+    row["database_inputs"] = args.database_inputs
     return row
 
 

@@ -8,7 +8,14 @@ import random
 
 import pytest
 
-from lmcompress.algorithms.evolution import LevelSpace, SearchState, evolve, mutate, nearest_feasible
+from lmcompress.algorithms.evolution import (
+    LevelSpace,
+    SearchState,
+    additive_descent,
+    evolve,
+    mutate,
+    nearest_feasible,
+)
 
 SPARSITIES = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
@@ -116,3 +123,36 @@ def test_a_generation_with_no_room_to_move_keeps_the_parent():
     state = SearchState([6, 6], 1.0)
     gen = evolve(space, lambda levels, stage: 0.0, state, seed=0)
     assert not gen.improved and state.levels == [6, 6] and gen.evaluations == 0 and state.generation == 1
+
+
+def test_additive_descent_reaches_the_optimum_of_a_convex_additive_model_and_keeps_the_budget():
+    sizes = [100] * 6  # equal units: every exchange is a pair switch, so the greedy is exact for convex terms
+    weights = [5.0, 1.0, 3.0, 0.5, 2.0, 0.2]
+    space = sparsity_space(sizes, 0.6)
+    start = [SPARSITIES.index(0.6)] * len(sizes)
+    fitness = _separable_fitness(weights)
+    delta = [
+        [fitness([*start[:u], lv, *start[u + 1 :]], 0) - fitness(start, 0) for lv in range(len(SPARSITIES))]
+        for u in range(len(sizes))
+    ]
+    path = additive_descent(space, start, delta)
+    assert path and all(space.feasible(p) for p in path)
+    values = [fitness(p, 0) for p in [start, *path]]
+    assert all(b < a for a, b in itertools.pairwise(values))  # every step lowers the (here exact) model
+    best = min(
+        (c for c in itertools.product(range(len(SPARSITIES)), repeat=len(sizes)) if space.feasible(c)),
+        key=lambda c: fitness(c, 0),
+    )
+    assert values[-1] == pytest.approx(fitness(best, 0))  # convex per unit, equal-size pairs: the optimum
+
+
+def test_additive_descent_never_enters_unmeasured_levels():
+    space = sparsity_space([100] * 4, 0.6)
+    start = [SPARSITIES.index(0.6)] * 4
+    delta = [[None] * len(SPARSITIES) for _ in start]
+    for u, lv in enumerate(start):  # only one level each way measured; unit 0 gains a lot from going down
+        delta[u][lv], delta[u][lv - 1], delta[u][lv + 1] = 0.0, (-10.0 if u == 0 else 1.0), 0.5
+    path = additive_descent(space, start, delta)
+    assert path and all(abs(a - b) <= 1 for p in path for a, b in zip(p, start, strict=True))
+    assert path[-1][0] == start[0] - 1
+    assert additive_descent(space, start, [[None] * len(SPARSITIES)] * 4) == []

@@ -127,7 +127,11 @@ def test_cli_search_writes_model_recipe_and_history(tiny_folder, tmp_path, calib
     recipe = json.loads((out / "lmcompress.json").read_text())
     history = json.loads((out / "search.json").read_text())
     assert recipe["kind"] == "search" and recipe["achieved"] == pytest.approx(0.5)
-    assert len(history["history"]) == 2 and set(history["baselines"]) == {"uniform", "owl"}
+    assert len(history["history"]) == 2 and {"uniform", "owl"} <= set(history["baselines"]) <= {
+        "uniform",
+        "owl",
+        "additive",
+    }
     assert not any(p.name.endswith(".search-work") for p in tmp_path.iterdir())  # cleaned up
     model, _ = lmcompress.load(out)
     sparsity, _ = measure_sparsity(model)
@@ -364,3 +368,54 @@ def test_rounds_need_sequential_inputs():
         SearchConfig(rounds=2, database_inputs="dense").validate()
     with pytest.raises(UserError, match="rounds"):
         SearchConfig(rounds=0).validate()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_prefix_cache_gives_the_full_forward_from_any_block(family, tokenizer, calib):
+    from lmcompress.models.families import get_blocks
+    from lmcompress.search.fitness import KLFitness, PrefixCache, log_probs
+
+    dense = build_tiny_model(family, tokenizer.vocab_size)
+    windows = calib[:2, :32]
+    base = copy.deepcopy(dense)
+    with torch.no_grad():
+        for p in get_blocks(base)[0].parameters():
+            p.mul_(0.9)
+    prefix = PrefixCache(base, windows)
+    assert prefix.usable
+    fitness = KLFitness(dense, windows)
+    for start in range(1, len(get_blocks(base))):
+        model = copy.deepcopy(base)
+        with torch.no_grad():  # a candidate that differs from the base from block `start` on
+            for p in get_blocks(model)[start].parameters():
+                p.mul_(0.5)
+        for i in range(2):
+            expected = log_probs(model, windows[i : i + 1])[0]
+            torch.testing.assert_close(prefix.log_probs(model, i, start), expected, rtol=1e-4, atol=1e-4)
+        assert fitness(model, 2, prefix=prefix, start=start) == pytest.approx(fitness(model, 2), rel=1e-4)
+
+
+def test_sensitivity_pass_matches_direct_scores_and_seeds_the_search(base, calib, tmp_path):
+    model = copy.deepcopy(base)
+    config = SearchConfig(target=0.6, granularity="layer", generations=0, sensitivity_span=1, **FAST)
+    cand = run_module.prepare(model, config, calib[:4], calib[4:6], tmp_path / "work", progress=False)
+    start = cand.place([0.6] * len(cand.units), "uniform")
+    delta = cand.sensitivity(start, 1, progress=False)
+    reference = cand.score(start, 0)
+    for u in (0, len(cand.units) - 1):  # the first and the last layer: prefix reads from block 0 and block 1
+        for k in (start[u] - 1, start[u] + 1):
+            child = list(start)
+            child[u] = k
+            assert delta[u][k] == pytest.approx(cand.score(child, 0) - reference, abs=1e-5)
+        assert delta[u][start[u]] == 0.0 and delta[u][start[u] + 2] is None
+    report = search(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "work2", progress=False)
+    if "additive" in report.baselines:
+        assert report.fitness == pytest.approx(min(report.baselines.values()))
+        assert len(report.baseline_allocations["additive"]) == len(report.units)
+
+
+def test_a_negative_sensitivity_span_is_refused(base, calib, tmp_path):
+    with pytest.raises(UserError, match="sensitivity span"):
+        search(copy.deepcopy(base), SearchConfig(target=0.6, sensitivity_span=-1, **FAST), calib[:4], calib[4:6],
+               tmp_path / "w", progress=False)  # fmt: skip
+    assert not (tmp_path / "w").exists()

@@ -185,3 +185,51 @@ def nearest_feasible(space: LevelSpace, target: Sequence[float], values: Sequenc
     if not space.feasible(levels):
         raise ValueError("cannot place these targets on the budget with the given levels")
     return levels
+
+
+def additive_descent(
+    space: LevelSpace, start: Sequence[int], delta: Sequence[Sequence[float | None]], max_steps: int | None = None
+) -> list[list[int]]:
+    """Greedy level switches under an additive model of the fitness, from ``start``; the allocation after each.
+
+    ``delta[u][l]`` is the fitness change measured with unit ``u`` alone at level ``l`` and every other unit at
+    ``start`` (0 at ``start[u]``; ``None`` where not measured, a level the descent never enters). The model
+    predicts ``f(levels) ≈ f(start) + Σ_u delta[u][levels[u]]``. Each step applies the level switch (one unit one
+    level up, another one down, the total kept within the budget) that lowers the prediction most, and the
+    descent stops when none lowers it. Units interact, so the prediction is only a guide: callers score points
+    of the path with the real fitness.
+    """
+    levels = list(start)
+    cost = space.cost
+    total = space.total(levels)
+    path: list[list[int]] = []
+    for _ in range(max_steps if max_steps is not None else space.units * space.levels):
+        ups, downs = [], []  # (change of the prediction, change of the cost, unit)
+        for u, lv in enumerate(levels):
+            here = delta[u][lv]
+            if here is None:
+                continue
+            if lv + 1 < space.levels and delta[u][lv + 1] is not None:
+                ups.append((delta[u][lv + 1] - here, cost[u][lv + 1] - cost[u][lv], u))
+            if lv > 0 and delta[u][lv - 1] is not None:
+                downs.append((delta[u][lv - 1] - here, cost[u][lv - 1] - cost[u][lv], u))
+        best = None
+        lo, hi = space.budget - space.slack - 1e-6, space.budget + 1e-6
+        for gain_a, cost_a, a in ups:
+            for gain_b, cost_b, b in downs:
+                gain = gain_a + gain_b
+                if (
+                    a != b
+                    and gain < -1e-12
+                    and (best is None or gain < best[0])
+                    and lo <= total + cost_a + cost_b <= hi
+                ):
+                    best = (gain, a, b, cost_a + cost_b)
+        if best is None:
+            break
+        _, a, b, change = best
+        levels[a] += 1
+        levels[b] -= 1
+        total += change
+        path.append(list(levels))
+    return path

@@ -76,7 +76,7 @@ def search(
     group_size: int = typer.Option(128, "--group-size", help="bits: inputs sharing one scale; -1: per channel."),
     granularity: str = typer.Option("block", "--granularity", help="One level per block, or per layer."),
     generations: int = typer.Option(
-        None, "--generations", help="Evolution generations [default: 20 on a CPU, 50 on a GPU]."
+        None, "--generations", help="Evolution generations [default: 15 on a CPU, 50 on a GPU]."
     ),
     offspring: int = typer.Option(16, "--offspring", help="Mutants scored per generation."),
     survivors: str = typer.Option("4,1", "--survivors", help="Kept after each selection stage (ends in 1)."),
@@ -95,6 +95,12 @@ def search(
         "--rounds",
         help="Sequential inputs: split the generations into this many rounds, each after the first rebuilding the "
         "database along the best allocation so far (one database build each).",
+    ),
+    sensitivity_span: int = typer.Option(
+        None,
+        "--sensitivity-span",
+        help="Before the evolution, score every unit moved alone up to this many levels each way and start from "
+        "greedy switches under the additive model this gives, if it scores better [3 per block, 1 per layer; 0: off].",
     ),
     max_loss: str = typer.Option(
         None, "--max-loss", help="ppl=+5%: the largest sparsity (on the level grid) within that perplexity loss."
@@ -123,8 +129,9 @@ def search(
 
     Every layer is pruned once at every level (a database on disk); candidates are assembled from it and scored
     by the KL divergence of their next-token distribution to the dense model's on held-out calibration windows.
-    The search starts from the better of uniform and OWL at the same budget and never ends worse than it. A
-    killed search, run again with the same settings, continues from its last finished generation.
+    The search starts from the best of uniform, OWL and a sensitivity pass's additive allocation at the same
+    budget and never ends worse than it. A killed search, run again with the same settings, continues from its
+    last finished generation.
 
     Examples:
 
@@ -139,7 +146,7 @@ def search(
       lmcompress search ./llama --tune owl --budget sparsity=0.7 --trials 40 -o llama-owl-tuned
     """
     cpu = not str(device).startswith("cuda")  # sized so that a 135M model takes about half an hour on 2 cores
-    generations = generations if generations is not None else (20 if cpu else 50)
+    generations = generations if generations is not None else (15 if cpu else 50)
     ctx.params["nsamples"] = nsamples if nsamples is not None else (32 if cpu else 128)
     ctx.params["seqlen"] = seqlen if seqlen is not None or not cpu else 256
     kind, value = parse_budget(budget)
@@ -158,6 +165,7 @@ def search(
         fitness=fitness,
         database_inputs=database_inputs,
         rounds=rounds,
+        sensitivity_span=sensitivity_span,
         seed=seed,
     )
     report = search_pretrained(

@@ -11,7 +11,8 @@ SEARCH_FILE = "search.json"
 
 
 def plot_history(report: dict) -> bytes:
-    """Best fitness after each generation, with uniform's and OWL's fitness at the same budget as lines."""
+    """Best fitness after each generation, with the starts' fitness at the same budget (uniform, OWL, the
+    sensitivity pass's additive start) as lines."""
     from matplotlib.figure import Figure
 
     from lmcompress.measure.render import png
@@ -24,7 +25,7 @@ def plot_history(report: dict) -> bytes:
         points.insert(at + 1, (r["generation"], r["fitness"]))
         ax.axvline(r["generation"], color="tab:gray", linewidth=0.8, alpha=0.6)
     ax.plot(*zip(*points, strict=True), marker=".", label="search (best so far)")
-    for (name, value), style in zip(report["baselines"].items(), ("--", ":"), strict=False):
+    for (name, value), style in zip(report["baselines"].items(), ("--", ":", "-."), strict=False):
         ax.axhline(value, color="black", linestyle=style, linewidth=1, label=f"{name} ({value:.4g})")
     ax.set_xlabel("generation")
     ax.set_ylabel("KL divergence to the dense model (lower is better)")
@@ -46,7 +47,7 @@ def plot_allocation(report: dict) -> bytes:
     fig = Figure(figsize=(max(6.4, 0.18 * len(alloc)), 4.0))
     ax = fig.subplots()
     ax.bar(xs, alloc, color="tab:blue", alpha=0.8, label="search")
-    for name, style in (("owl", "tab:orange"), ("uniform", "black")):
+    for name, style in (("owl", "tab:orange"), ("additive", "tab:green"), ("uniform", "black")):
         values = report.get("baseline_allocations", {}).get(name)
         if values:
             ax.step(xs, values, where="mid", color=style, linewidth=1.2, label=name)
@@ -81,13 +82,17 @@ def write_search_report(folder: str | Path) -> dict:
         ("search-fitness.png", "fitness per generation", plot_history(report)),
         ("search-allocation.png", "chosen sparsity per unit", plot_allocation(report)),
     ]
-    best = min(baselines, key=baselines.get)
+    rules = {k: v for k, v in baselines.items() if k != "additive"} or baselines  # the hand-set rules
+    best = min(rules, key=rules.get)
     gain = 1 - report["fitness"] / baselines[best] if baselines[best] > 0 else 0.0
     what = "average sparsity" if report["config"].get("kind", "sparsity") == "sparsity" else "bits per weight"
     sentence = (
         f"After {len(history)} generations the search's KL divergence is {report['fitness']:.4g}, "
-        f"{gain:.1%} below the better baseline ({best}, {baselines[best]:.4g}), at {what} {report['achieved']:.4f}."
+        f"{gain:.1%} below the better hand-set rule ({best}, {baselines[best]:.4g}), at {what} "
+        f"{report['achieved']:.4f}."
     )
+    if "additive" in baselines:
+        sentence += f" The sensitivity pass's additive start scored {baselines['additive']:.4g}."
     rows = [[name, f"{value:.4g}"] for name, value in baselines.items()] + [["search", f"{report['fitness']:.4g}"]]
     blocks: list[tuple] = [("h1", "lmcompress search report"), ("p", sentence), ("table", ["allocation", "KL"], rows)]
     for name, caption, png in images:

@@ -7,9 +7,11 @@
    sparsity counted by parameters, met exactly (level switches pair units of equal size), or
    ``target × Σ weights`` bits, met from below within one level step.
 3. The baselines are scored first, on the same windows: uniform (every unit at the target) and, for sparsity,
-   OWL (its block sparsities placed on the level grid at the same budget). The better one seeds the evolutionary
-   search of :mod:`lmcompress.algorithms.evolution`, whose state is saved after every generation so that a
-   killed run continues from its last finished generation.
+   OWL (its block sparsities placed on the level grid at the same budget). From the better one, every unit is
+   moved alone to each level within ``sensitivity_span`` of its own and scored (the *sensitivity* pass); greedy
+   level switches under the additive model these changes make give a third start, ``additive``. The best of
+   the starts seeds the evolutionary search of :mod:`lmcompress.algorithms.evolution`, whose state is saved
+   after every generation so that a killed run continues from its last finished generation.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmcompress.algorithms.evolution import LevelSpace, SearchState, evolve, nearest_feasible
+from lmcompress.algorithms.evolution import LevelSpace, SearchState, additive_descent, evolve, nearest_feasible
 from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.errors import UserError
 from lmcompress.models.families import prunable_layers, set_weight_matrix, weight_matrix
 from lmcompress.search.database import LevelDatabase, build_database, pruner, quantizer
-from lmcompress.search.fitness import make_fitness
+from lmcompress.search.fitness import PrefixCache, make_fitness
 from lmcompress.transforms.prune import PruneConfig, owl_pass
 
 KINDS = ("sparsity", "bits")
@@ -96,6 +98,13 @@ class SearchConfig:
     owl_lambda: float = 0.08
     database_inputs: str = "sequential"  # sequential: along the uniform model's inputs; dense: EvoPress's
     rounds: int = 1  # sequential inputs: rebuild the database along the best allocation so far, this many times − 1
+    sensitivity_span: int | None = None  # levels each way of the sensitivity pass; None: 3 (blocks), 1 (layers); 0: off
+
+    @property
+    def span(self) -> int:
+        if self.sensitivity_span is not None:
+            return self.sensitivity_span
+        return 3 if self.granularity == "block" else 1
 
     def validate(self) -> list[float]:
         if self.kind not in KINDS:
@@ -122,6 +131,10 @@ class SearchConfig:
             raise UserError(f"unknown database inputs {self.database_inputs!r}: choose {' or '.join(DATABASE_INPUTS)}")
         if self.fitness not in ("kl", "ppl"):
             raise UserError(f"unknown fitness {self.fitness!r}: choose kl or ppl")
+        if self.sensitivity_span is not None and self.sensitivity_span < 0:
+            raise UserError(
+                f"the sensitivity span must be ≥ 0 levels (0: no sensitivity pass), got {self.sensitivity_span}"
+            )
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise UserError(f"the time limit must be positive, got {self.time_limit_s:g} s")
         if self.kind == "sparsity":
@@ -260,16 +273,54 @@ class Candidates:
     def assignment(self, unit_levels) -> dict[str, int]:
         return {layer: lv for unit, lv in zip(self.units, unit_levels, strict=True) for layer in unit}
 
-    def score(self, unit_levels, stage: int) -> float:
-        """Fitness of the candidate on stage ``stage``'s windows (the model then holds the candidate).
+    def score(self, unit_levels, stage: int, *, windows: int | None = None, prefix=None, start: int = 0) -> float:
+        """Fitness of the candidate on stage ``stage``'s windows (or the first ``windows``); the model then holds it.
 
         Only the layers whose level differs from what the model holds are read from the database: a mutant
-        changes a few units, so scoring costs its forward passes, not a reload of the whole model.
+        changes a few units, so scoring costs its forward passes, not a reload of the whole model. ``prefix`` and
+        ``start``: the candidate equals ``prefix``'s base before block ``start`` (see ``PrefixCache``).
         """
         wanted = self.assignment(unit_levels)
         self.db.apply(self.model, {layer: k for layer, k in wanted.items() if self.applied.get(layer) != k})
         self.applied = wanted
-        return self.fitness(self.model, self.config.stage_windows[stage])
+        n = self.config.stage_windows[stage] if windows is None else windows
+        if prefix is None:
+            return self.fitness(self.model, n)
+        return self.fitness(self.model, n, prefix=prefix, start=start)
+
+    def sensitivity(self, base: list[int], span: int, *, progress: bool = True) -> list[list[float | None]]:
+        """``delta[u][l]``: the fitness change (first stage's windows) of moving unit ``u`` alone from ``base``
+        to level ``l``, for levels within ``span`` of its own (``None`` elsewhere). Blocks before the unit's
+        first are read from a :class:`PrefixCache` of ``base``."""
+        n = self.config.stage_windows[0]
+        reference = self.score(base, 0, windows=n)
+        prefix = PrefixCache(self.model, self.fitness.windows[:n], device=self.fitness.device)
+        first = [min(self.db.block_of[layer] for layer in unit) for unit in self.units]
+        delta: list[list[float | None]] = [[None] * len(self.levels) for _ in self.units]
+        jobs = []
+        for u, lv in enumerate(base):
+            delta[u][lv] = 0.0
+            jobs += [(u, k) for k in range(max(0, lv - span), min(len(self.levels), lv + span + 1)) if k != lv]
+        for u, k in tqdm(jobs, desc="search: sensitivity", disable=not progress, unit="cand", leave=False):
+            child = list(base)
+            child[u] = k
+            delta[u][k] = self.score(child, 0, windows=n, prefix=prefix, start=first[u]) - reference
+        return delta
+
+    def additive_start(self, base: list[int], stage: int, *, progress: bool = True) -> tuple[list[int], float] | None:
+        """The best point (real fitness on stage ``stage``) of the additive descent from ``base``, or None when the
+        sensitivity pass is off or finds no switch that helps. Four points of the path are scored: a quarter,
+        half, three quarters and all of it (units interact, so the whole path may overshoot)."""
+        if self.config.span <= 0:
+            return None
+        delta = self.sensitivity(base, self.config.span, progress=progress)
+        path = additive_descent(self.space, base, delta)
+        if not path:
+            return None
+        points = sorted({max(0, round(f * len(path)) - 1) for f in (0.25, 0.5, 0.75, 1.0)})
+        scored = [(self.score(path[i], stage), i) for i in points]
+        fitness, i = min(scored)
+        return path[i], fitness
 
     def place(self, targets: list[float], what: str) -> list[int]:
         """Per-unit targets (e.g. OWL's) on the level grid, on the budget."""
@@ -359,6 +410,10 @@ def search(
             starts["owl"] = cand.place([block_targets[db.block_of[u[0]]] for u in units], "OWL")
         baselines = {name: cand.score(lv, final_stage) for name, lv in starts.items()}
         best = min(baselines, key=baselines.get)
+        additive = cand.additive_start(starts[best], final_stage, progress=progress)
+        if additive is not None:
+            starts["additive"], baselines["additive"] = additive
+            best = min(baselines, key=baselines.get)
         baselines["allocations"] = {name: [levels[k] for k in lv] for name, lv in starts.items()}
         state = SearchState(list(starts[best]), baselines[best])
         _save_state(work, state, key, baselines, round_starts)
