@@ -139,6 +139,11 @@ def test_cli_search_writes_model_recipe_and_history(tiny_folder, tmp_path, calib
     with pytest.raises(SystemExit) as exit_info:  # bad budget: clear error, nothing written
         main(["search", str(src), "--budget", "sparsity=0.99", "--levels", "0.3:0.7:0.1", "-o", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and not (tmp_path / "x").exists()
+    before = {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()}
+    with pytest.raises(SystemExit) as exit_info:  # a negative sensitivity span: refused, nothing written
+        main(["search", str(src), "--sensitivity-span", "-1", "-o", str(tmp_path / "y")])
+    assert exit_info.value.code == 2 and not (tmp_path / "y").exists()
+    assert {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()} == before  # the source untouched
 
     # The chosen allocation applied by `prune --allocation`: every layer at the level the search gave it.
     again = tmp_path / "again"

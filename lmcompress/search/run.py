@@ -273,8 +273,8 @@ class Candidates:
     def assignment(self, unit_levels) -> dict[str, int]:
         return {layer: lv for unit, lv in zip(self.units, unit_levels, strict=True) for layer in unit}
 
-    def score(self, unit_levels, stage: int, *, windows: int | None = None, prefix=None, start: int = 0) -> float:
-        """Fitness of the candidate on stage ``stage``'s windows (or the first ``windows``); the model then holds it.
+    def score(self, unit_levels, stage: int, *, prefix: PrefixCache | None = None, start: int = 0) -> float:
+        """Fitness of the candidate on stage ``stage``'s windows (the model then holds the candidate).
 
         Only the layers whose level differs from what the model holds are read from the database: a mutant
         changes a few units, so scoring costs its forward passes, not a reload of the whole model. ``prefix`` and
@@ -283,18 +283,15 @@ class Candidates:
         wanted = self.assignment(unit_levels)
         self.db.apply(self.model, {layer: k for layer, k in wanted.items() if self.applied.get(layer) != k})
         self.applied = wanted
-        n = self.config.stage_windows[stage] if windows is None else windows
-        if prefix is None:
-            return self.fitness(self.model, n)
-        return self.fitness(self.model, n, prefix=prefix, start=start)
+        return self.fitness(self.model, self.config.stage_windows[stage], prefix=prefix, start=start)
 
     def sensitivity(self, base: list[int], span: int, *, progress: bool = True) -> list[list[float | None]]:
         """``delta[u][l]``: the fitness change (first stage's windows) of moving unit ``u`` alone from ``base``
         to level ``l``, for levels within ``span`` of its own (``None`` elsewhere). Blocks before the unit's
         first are read from a :class:`PrefixCache` of ``base``."""
-        n = self.config.stage_windows[0]
-        reference = self.score(base, 0, windows=n)
-        prefix = PrefixCache(self.model, self.fitness.windows[:n], device=self.fitness.device)
+        reference = self.score(base, 0)
+        windows = self.fitness.windows[: self.config.stage_windows[0]]
+        prefix = PrefixCache(self.model, windows, device=self.fitness.device)
         first = [min(self.db.block_of[layer] for layer in unit) for unit in self.units]
         delta: list[list[float | None]] = [[None] * len(self.levels) for _ in self.units]
         jobs = []
@@ -304,7 +301,7 @@ class Candidates:
         for u, k in tqdm(jobs, desc="search: sensitivity", disable=not progress, unit="cand", leave=False):
             child = list(base)
             child[u] = k
-            delta[u][k] = self.score(child, 0, windows=n, prefix=prefix, start=first[u]) - reference
+            delta[u][k] = self.score(child, 0, prefix=prefix, start=first[u]) - reference
         return delta
 
     def additive_start(self, base: list[int], stage: int, *, progress: bool = True) -> tuple[list[int], float] | None:
