@@ -34,6 +34,12 @@ from lmcompress.calibration.data import draw, eval_windows
 BASELINES = CACHE / "search-baselines.json"  # perplexity of uniform / OWL sequential pruning, by settings
 
 
+def _stages(args) -> dict:
+    """The selection stages asked for: fitness windows and survivors per stage."""
+    ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
+    return {"stage_windows": ints(args.stage_windows), "survivors": ints(args.survivors)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="HF causal-LM folder [default: SmolLM2-135M-Instruct]")
@@ -60,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-loss-generations", type=int, default=10, help="generations of each bisection step")
     parser.add_argument("--time-limit", type=float, default=None, help="minutes per search (ends a generation)")
     parser.add_argument("--sensitivity-span", type=int, default=None, help="levels each way [3 block, 1 layer; 0 off]")
+    parser.add_argument("--stage-windows", default="2,8", help="fitness windows per selection stage (ends at 1 kept)")
+    parser.add_argument("--survivors", default="4,1", help="kept after each selection stage")
     parser.add_argument("--tag", default="", help="write bench/results/search-TAG.json (runs side by side)")
     args = parser.parse_args(argv)
 
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                 granularity=args.granularity,
                 time_limit_s=None if args.time_limit is None else args.time_limit * 60,
                 sensitivity_span=args.sensitivity_span,
+                **_stages(args),
             )
             seq = "-seq" if args.database_inputs == "sequential" else ""
             work = CACHE / "search-db" / f"{method}-{target:g}{seq}{'-layer' if args.granularity == 'layer' else ''}"
@@ -201,6 +210,7 @@ def bits_row(args, base, calib, held_out, ppl) -> dict:
         granularity=args.granularity,
         time_limit_s=None if args.time_limit is None else args.time_limit * 60,
         sensitivity_span=args.sensitivity_span,
+        **_stages(args),
     )
     model = copy.deepcopy(base)
     start = time.perf_counter()
@@ -234,7 +244,7 @@ def max_loss_row(args, base, calib, held_out, ppl, dense: float) -> dict:
     config = SearchConfig(target=levels[0], method="sparsegpt", levels=args.levels,
                           generations=args.max_loss_generations, offspring=args.offspring,
                           database_inputs=args.database_inputs, granularity=args.granularity,
-                          sensitivity_span=args.sensitivity_span)  # fmt: skip
+                          sensitivity_span=args.sensitivity_span, **_stages(args))  # fmt: skip
     model = copy.deepcopy(base)
     start = time.perf_counter()
     work = CACHE / "search-db" / f"sparsegpt-maxloss-{args.database_inputs}"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lmcompress.algorithms.units import UnitStats
-from lmcompress.calibration.engine import capture_block_inputs, collect, collect_input_stats
-from lmcompress.calibration.stats import InputRows
+from lmcompress.calibration.engine import capture_block_inputs, collect, collect_input_stats, run_block, walk_blocks
+from lmcompress.calibration.stats import GRAM_SLAB, InputRows, add_gram_
 from lmcompress.jobs import (
     drop_experts_pretrained,
     factorize_pretrained,
@@ -18,7 +18,7 @@ from lmcompress.jobs import (
     quantize_pretrained,
     structured_prune_pretrained,
 )
-from lmcompress.models.families import get_blocks
+from lmcompress.models.families import get_blocks, get_final_norm
 from lmcompress.models.tiny import build_tiny_model
 from lmcompress.transforms.experts import ExpertConfig
 from lmcompress.transforms.factorize import FactorizeConfig
@@ -47,6 +47,63 @@ def test_input_stats_shared_between_layers_that_read_one_tensor_and_equal_direct
     assert s.tokens == calib.numel()
     torch.testing.assert_close(s.sq_sum, (x * x).sum(0))
     torch.testing.assert_close(s.hessian, 2 * x.t() @ x / x.shape[0])
+
+
+@pytest.mark.parametrize("width", [7, 256, 576, 1000])
+def test_gram_from_upper_slabs_equals_the_full_product_and_stays_symmetric(width):
+    torch.manual_seed(0)
+    xtx = torch.zeros(width, width)
+    parts = [torch.randn(33, width), torch.randn(20, width)]
+    for x in parts:  # accumulated over calls, as a statistic is
+        add_gram_(xtx, x)
+    x = torch.cat(parts)
+    torch.testing.assert_close(xtx, x.t() @ x, rtol=1e-5, atol=1e-4)
+    if width > GRAM_SLAB:  # the lower triangle is a copy of the upper one (one plain product: equal up to rounding)
+        assert torch.equal(xtx, xtx.t())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_collect_stops_the_forward_once_every_module_has_its_input_and_sums_stay_exact(family, calib):
+    block, inputs = _block0(family, calib)
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    names += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] if family == "llama" else ["mlp.gate"]
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}  # a plain pass, every input kept
+    handles = [block.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0])) for n in names]
+    run_block(block, inputs, keep="none")
+    for h in handles:
+        h.remove()
+    last = block.get_submodule(names[-1])
+    finished = []  # the last module's forward completes for the probe window only, then the block stops at its input
+    handle = last.register_forward_hook(lambda *_: finished.append(1))
+    stats = collect_input_stats(block, inputs, names, hessian=True)
+    handle.remove()
+    assert inputs.hidden.shape[0] > 1 and finished == [1]
+    for n in names:
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[n]]).float()
+        assert stats[n].tokens == x.shape[0] == calib.numel()
+        torch.testing.assert_close(stats[n].sq_sum, (x * x).sum(0))
+        torch.testing.assert_close(stats[n].hessian, 2 * x.t() @ x / x.shape[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("last_outputs", [True, False])
+def test_walk_runs_the_last_block_again_only_when_its_outputs_are_read(last_outputs, calib):
+    model = build_tiny_model("llama", 320, max_positions=256, num_hidden_layers=3)
+    blocks = get_blocks(model)
+    calls = [0] * len(blocks)
+    for i, b in enumerate(blocks):
+        b.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    after_visit: list[int] = []
+    last = walk_blocks(
+        model, calib, CPU, lambda i, _b, _in: after_visit.append(calls[i]), progress=False, last_outputs=last_outputs
+    )
+    runs_after = [calls[i] - after_visit[i] for i in range(len(blocks))]
+    assert runs_after[:-1] == [runs_after[0]] * (len(blocks) - 1) and runs_after[0] > 0
+    assert runs_after[-1] == (runs_after[0] if last_outputs else 0)
+    if last_outputs:  # the returned hidden states are the model's own last-block outputs (HF's last: normed)
+        hidden = model(calib, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(get_final_norm(model)(last.hidden), hidden, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()

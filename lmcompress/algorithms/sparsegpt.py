@@ -190,22 +190,23 @@ def sparsegpt_prune(
                 k = round((r1 - r0) * (b1 - b0) * s_seg)
                 block_mask[r0:r1] = lowest_k(saliency[r0:r1].reshape(1, -1), k).reshape(r1 - r0, b1 - b0)
 
-        # Mask fixed for the whole block (unstructured, no quantizer): each column's error is one multiply.
-        pruned = block_mask.t().to(WT.dtype).contiguous() if not pattern.is_nm and quantizer is None else None
-        dl = d.tolist()
+        # Mask fixed for the whole block (unstructured, no quantizer): each column's error is one division,
+        # by U_jj where the weight is pruned and by +inf (giving an exact 0) where it is kept.
+        fixed = not pattern.is_nm and quantizer is None
+        divisor = torch.where(block_mask.t(), d.unsqueeze(1), torch.inf).contiguous() if fixed else None
         flushed = 0  # errors of columns b0 .. b0+flushed-1 already applied right of the block
         pending = 0  # errors of block columns pending .. j-1 not yet applied past the current sub-block
-        if pruned is not None:  # plain pruning: w − q is w where pruned, 0 where kept (both exact)
-            w_rows, e_rows, p_rows, h_rows = WbT.unbind(0), errT.unbind(0), pruned.unbind(0), Hb.unbind(0)
+        if divisor is not None:  # plain pruning: w − q is w where pruned, 0 where kept (both exact)
+            w_rows, e_rows, v_rows, h_rows = WbT.unbind(0), errT.unbind(0), divisor.unbind(0), Hb.unbind(0)
             for s0 in range(0, b1 - b0, inner):
                 if s0 > 0:  # the block's rest receives the last sub-block's errors
                     WbT[s0:] -= Hb[s0 - inner : s0, s0:].t() @ errT[s0 - inner : s0]
                 s1 = min(b1 - b0, s0 + inner)
                 for j in range(s0, s1):
-                    e = torch.mul(w_rows[j], p_rows[j], out=e_rows[j]).div_(dl[j])
+                    e = torch.div(w_rows[j], v_rows[j], out=e_rows[j])
                     if j + 1 < s1:  # column j itself is left as it is: the mask zeroes it at the end
                         WbT[j + 1 : s1].addr_(h_rows[j][j + 1 : s1], e, alpha=-1.0)
-        for j in range(b1 - b0 if pruned is None else 0):
+        for j in range(b1 - b0 if divisor is None else 0):
             pos = b0 + j
             if j % inner == 0 and j > pending:  # a sub-block starts: the block's rest receives the last one's errors
                 WbT[j:] -= Hb[pending:j, j:].t() @ errT[pending:j]

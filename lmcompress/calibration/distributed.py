@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmcompress.calibration.stats import InputStats
+from lmcompress.calibration.stats import InputStats, add_gram_
 from lmcompress.errors import UserError
 from lmcompress.models.families import weight_matrix
 
@@ -178,7 +178,7 @@ class WindowInputStats(InputStats):
         self.parts.append(part)
         self.sq_sum += part
         if self.xtx is not None:
-            self.xtx.addmm_(x.t(), x)
+            add_gram_(self.xtx, x)
 
 
 def new_input_stats(in_features: int, device: torch.device, hessian: bool) -> InputStats:

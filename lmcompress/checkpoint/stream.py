@@ -410,7 +410,7 @@ class DiskStream:
             self._restore(i, self.work.read_record(i))
         return self.work.done
 
-    def walk(self, model: nn.Module, input_ids, device, visit, *, desc: str, progress: bool):
+    def walk(self, model: nn.Module, input_ids, device, visit, *, desc: str, progress: bool, last_outputs: bool = True):
         writing = not self.read_only
         start = self._begin() if writing else 0
         if start >= self.n:
@@ -432,9 +432,11 @@ class DiskStream:
             if i == start:
                 inputs.batch = choose_batch(blocks[i], inputs)
             visit(i, blocks[i], inputs)
-            run_block(blocks[i], inputs, keep="inplace")
+            wanted = last_outputs or i + 1 < self.n  # the last block's outputs: only if the caller reads them
+            if wanted:
+                run_block(blocks[i], inputs, keep="inplace")
             if writing:
-                self._finish(i, before, inputs.hidden)
+                self._finish(i, before, inputs.hidden if wanted else None)
             self._free(self.block_keys[i])
         return inputs
 

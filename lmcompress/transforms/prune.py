@@ -484,7 +484,9 @@ def prune(
             stats = collect_input_stats(block, inputs, list(find_prunable(block)), config.method == "sparsegpt")
             prune_block(i, block, stats)
 
-        last = walk_blocks(model, calib, device, visit, desc=config.method, progress=progress)
+        last = walk_blocks(
+            model, calib, device, visit, desc=config.method, progress=progress, last_outputs=config.include_head
+        )
 
     if config.include_head:
         layer_sparsity.update(_prune_head(model, config, last, device))

@@ -240,7 +240,9 @@ def quantize(
     if config.method == "rtn":
         for_each_block(model, rtn_block, desc="rtn", progress=progress)
     else:
-        last = walk_blocks(model, calib, device, gptq_block, desc="gptq", progress=progress)
+        last = walk_blocks(
+            model, calib, device, gptq_block, desc="gptq", progress=progress, last_outputs=config.include_head
+        )
     if config.include_head:
         qt, loss = _quantize_head(model, config, last, device)
         quantized["lm_head.weight"] = qt
