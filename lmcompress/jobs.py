@@ -25,7 +25,7 @@ from torch import nn
 
 from lmcompress import __version__
 from lmcompress.calibration import distributed
-from lmcompress.calibration.data import draw
+from lmcompress.calibration.data import check_text_source, draw
 from lmcompress.checkpoint.folder import check_output, json_text, read_recipe
 from lmcompress.checkpoint.load import load_config, load_model, resolve_source, source_dtype
 from lmcompress.checkpoint.save import save_model, save_quantized
@@ -156,6 +156,8 @@ def open_job(
     recipe_of_source = read_recipe(resolved) if Path(str(resolved)).is_dir() else None
     if check_source is not None:
         check_source(load_config(resolved, trust_remote_code), recipe_of_source)
+    if needs_calibration:
+        check_text_source(calib_data)  # a wrong path fails now, not after the model has loaded
     net, tokenizer = load_model(resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if check_model is not None:
         check_model(net)

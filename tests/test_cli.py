@@ -171,6 +171,19 @@ def test_bad_input_gives_clear_error_and_writes_nothing(tmp_path, tiny_folder, c
     assert digest(src) == before
 
 
+def test_a_missing_calibration_file_is_refused_before_the_model_loads(tmp_path, tiny_folder, capsys, monkeypatch):
+    import lmcompress.jobs
+
+    def no_loading(*_a, **_k):
+        raise AssertionError("the model was loaded before the calibration source was checked")
+
+    monkeypatch.setattr(lmcompress.jobs, "load_model", no_loading)
+    argv = ["prune", str(tiny_folder("llama")), "-o", str(tmp_path / "o"), "--calib-data", str(tmp_path / "x.txt")]
+    assert run([*argv, "-q"]) == 2
+    assert "neither an existing file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_pickle_checkpoints_are_refused(tmp_path, tiny_folder, capsys):
     folder = tmp_path / "pickled"
     folder.mkdir()

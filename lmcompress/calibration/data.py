@@ -46,6 +46,7 @@ def load_text(source: str, role: str = "eval") -> TextSource:
     if source in BUNDLED:
         text = resources.files("lmcompress.assets").joinpath(BUNDLED[source]).read_text(encoding="utf-8")
         return TextSource(text, source)
+    check_text_source(source)
     path = Path(source).expanduser()
     if path.is_file():
         try:
@@ -55,10 +56,21 @@ def load_text(source: str, role: str = "eval") -> TextSource:
         if not text.strip():
             raise UserError(f"text file {path} is empty; give a file with text in it")
         return TextSource(text, f"file:{path.resolve()}")
+    return _load_hf(source, role)
+
+
+def check_text_source(source: str) -> None:
+    """Refuse a data source :func:`load_text` cannot load, without reading it (a job checks this before it
+    loads the model): a path that is not a file, or a name that is neither a file nor a known dataset."""
+    if source in BUNDLED:
+        return
+    path = Path(source).expanduser()
+    if path.is_file():
+        return
     if path.exists():
         raise UserError(f"{path} is not a file; give a text file or a dataset name")
     if source in HF_SHORTCUTS or source.startswith("hf:"):
-        return _load_hf(source, role)
+        return
     raise UserError(
         f"data source {source!r} is neither an existing file nor a known dataset; give a text file path, "
         f"one of {', '.join(HF_SHORTCUTS)}, or hf:DATASET[:CONFIG][@SPLIT]"

@@ -166,10 +166,15 @@ def check_loading_info(info: dict, source: str, *, bare: bool = False) -> None:
 
 
 def check_finite(model: nn.Module, source: str | Path) -> None:
-    """Refuse a model with NaN or infinite parameters (naming them): every method and metric would be garbage."""
+    """Refuse a model with NaN or infinite parameters (naming them): every method and metric would be garbage.
+
+    A sum is NaN or infinite whenever one of its terms is, so one reduction per tensor clears it; only a
+    tensor whose sum is not finite (a bad weight, or a float64 overflow) is checked element by element."""
     bad = []
     for name, p in model.named_parameters():
-        if p.is_floating_point() and p.numel() and not bool(torch.isfinite(p).all()):
+        if not p.is_floating_point() or not p.numel() or bool(torch.isfinite(p.sum(dtype=torch.float64))):
+            continue
+        if not bool(torch.isfinite(p).all()):
             bad.append(f"{name} ({int((~torch.isfinite(p)).sum())} of {p.numel()})")
     if bad:
         raise UserError(
