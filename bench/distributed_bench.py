@@ -1,6 +1,7 @@
 """One process against ``torchrun --nproc-per-node 2``: SparseGPT 50% on SmolLM2-135M-Instruct (issue 12).
 
     python -m bench.distributed_bench                  # SmolLM2-135M-Instruct, 16 × 256 calibration tokens
+    python -m bench.distributed_bench --method wanda   # masks must be identical: no float solve in between
     python -m bench.distributed_bench --model DIR --nsamples 32 --seqlen 512 --procs 4
 
 Both runs are the CLI itself in a fresh process (``python -m lmcompress prune ...``, and the same under
@@ -89,13 +90,14 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=2, help="processes of the torchrun run (= threads of the other)")
     p.add_argument("--eval-windows", type=int, default=40, help="WikiText-2 test windows for perplexity")
     p.add_argument("--no-baseline", action="store_true", help="skip the third run (one process, one thread)")
+    p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
     args = p.parse_args()
     model = str(args.model or default_model())
     prune = [
         "prune",
         model,
         "--method",
-        "sparsegpt",
+        args.method,
         "--sparsity",
         "0.5",
         "--calib-data",
@@ -137,9 +139,10 @@ def main() -> None:
         agreement = [_compare(label, a, b) for label, a, b in pairs]
     info = machine_info()
     print(f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; torch {info['torch']}")
-    print_table(rows, f"SparseGPT 50%, {args.nsamples}×{args.seqlen} calibration tokens: 1 process vs torchrun")
+    print_table(rows, f"{args.method} 50%, {args.nsamples}×{args.seqlen} calibration tokens: 1 process vs torchrun")
     print_table(agreement, "Pruning masks that differ between two outputs")
-    path = save_results("distributed", {"args": vars(args), "model": model, "runs": rows, "agreement": agreement})
+    name = "distributed" if args.method == "sparsegpt" else f"distributed-{args.method}"
+    path = save_results(name, {"args": vars(args), "model": model, "runs": rows, "agreement": agreement})
     print(f"results: {path}")
 
 
