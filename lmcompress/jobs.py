@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from lmcompress import __version__
-from lmcompress.calibration import distributed
+from lmcompress.calibration import distributed, phases
 from lmcompress.calibration.data import check_text_source, draw
+from lmcompress.calibration.phases import phase
 from lmcompress.checkpoint.folder import check_output, json_text, read_recipe
 from lmcompress.checkpoint.load import load_config, load_model, resolve_source, source_dtype
 from lmcompress.checkpoint.save import save_model, save_quantized
@@ -122,6 +123,7 @@ class Job:
         }
         if surgery:
             recipe["surgery"] = surgery
+        recipe["timings_s"] = phases.seconds()  # where the time went, up to here (calibration.phases)
         recipe["wall_time_s"] = self.elapsed()
         return recipe
 
@@ -158,13 +160,17 @@ def open_job(
         check_source(load_config(resolved, trust_remote_code), recipe_of_source)
     if needs_calibration:
         check_text_source(calib_data)  # a wrong path fails now, not after the model has loaded
-    net, tokenizer = load_model(resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    with phase("load"):
+        net, tokenizer = load_model(
+            resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        )
     if check_model is not None:
         check_model(net)
     length = resolve_seqlen(net, seqlen)  # checked even when unused: a wrong --seqlen is an error
     calib, calib_info = None, None
     if needs_calibration:
-        calib, calib_info = draw(tokenizer, calib_data, nsamples=nsamples, seqlen=length, seed=seed)
+        with phase("calibration text"):
+            calib, calib_info = draw(tokenizer, calib_data, nsamples=nsamples, seqlen=length, seed=seed)
     surgery = list((recipe_of_source or {}).get("surgery") or [])
     return Job(str(resolved), net, tokenizer, calib, calib_info, device, dtype, surgery, start)
 
@@ -202,6 +208,7 @@ def run_job(
     ``storage``, dense or packed, is then how the output is stored).
     """
     config.validate()
+    phases.reset()
     distributed.refuse_unsupported(kind)  # under torchrun: prune and quantize split their work, others refuse
     options["device"] = distributed.init_from_env(options.get("device", "cpu"))  # cuda:LOCAL_RANK with NCCL
     from lmcompress.streaming import run_streamed, should_stream
@@ -238,7 +245,7 @@ def run_job(
         check_model=check_model,
         **options,
     )
-    with distributed.session():  # several processes: windows and layer solves shared out
+    with distributed.session(), phase("transform (rest)"):  # several processes: windows and solves shared out
         report = transform(job.model, config, job.calib, device=job.device, progress=progress and distributed.is_main())
     recipe = job.recipe(kind, {**fields(report), f"{kind}_time_s": report.wall_time_s, **distributed.recipe_fields()})
     if not distributed.is_main():  # rank 0 writes the output; the others wait for it

@@ -184,8 +184,10 @@ def run_streamed(
     blocks :class:`~lmcompress.checkpoint.stream.DiskStream` reads and writes, the same recipe and folder."""
     from transformers import AutoTokenizer
 
+    from lmcompress.calibration import phases
     from lmcompress.calibration.data import draw
     from lmcompress.calibration.offload import STREAM_ATTR
+    from lmcompress.calibration.phases import phase
     from lmcompress.checkpoint.folder import RECIPE_FILE, check_output, json_text, save_atomic
     from lmcompress.checkpoint.load import drop_foreign_auto_map, load_config, parse_dtype, source_dtype
     from lmcompress.checkpoint.packed import MARKER
@@ -194,6 +196,7 @@ def run_streamed(
     from lmcompress.models.families import family_of, get_blocks
 
     start = time.perf_counter()
+    phases.reset()
     return_freed_memory()
     out = check_output(output, overwrite, source=model)
     source = str(Path(str(model)).expanduser())
@@ -214,7 +217,8 @@ def run_streamed(
     length = resolve_seqlen(net, seqlen)
     calib, calib_info = None, None
     if config.needs_calibration:
-        calib, calib_info = draw(tokenizer, calib_data, nsamples=nsamples, seqlen=length, seed=seed)
+        with phase("calibration text"):
+            calib, calib_info = draw(tokenizer, calib_data, nsamples=nsamples, seqlen=length, seed=seed)
     settings = {
         "kind": kind,
         "config": config.to_dict(),
@@ -230,7 +234,8 @@ def run_streamed(
     work = WorkFolder.open(out, settings, blocks, resume=resume, overwrite=overwrite)
     stream = DiskStream(net, shards, work, compute_dtype=compute, save_dtype=save_dtype, storage=storage)
     setattr(net, STREAM_ATTR, stream)
-    report = transform(net, config, calib, device=device, progress=progress)
+    with phase("transform (rest)"):
+        report = transform(net, config, calib, device=device, progress=progress)
     job = Job(source, net, tokenizer, calib, calib_info, device, dtype, [], start)
     recipe = job.recipe(kind, {**fields(report), f"{kind}_time_s": report.wall_time_s})
     extras = extra_files(report) if extra_files is not None else {}

@@ -128,6 +128,39 @@ def test_unit_stats_and_moe_rows_come_from_the_same_collector(calib):
     torch.testing.assert_close(unit.mean, moe_in.double().mean(0).float())
 
 
+def test_phases_are_exclusive_and_add_up(monkeypatch):
+    from lmcompress.calibration import phases
+
+    clock = iter([0.0, 1.0, 3.0, 6.0, 10.0, 15.0])  # enter a, enter b, leave b, enter c, leave c, leave a
+    monkeypatch.setattr(phases.time, "perf_counter", lambda: next(clock))
+    phases.reset()
+    with phases.phase("a"):
+        with phases.phase("b"):
+            pass
+        with phases.phase("c"):
+            pass
+    assert phases.seconds() == {"a": 1.0 + 3.0 + 5.0, "b": 2.0, "c": 4.0}
+
+
+def test_a_job_recipe_says_where_its_time_went(tmp_path, tiny_folder):
+    out = tmp_path / "o"
+    prune_pretrained(
+        str(tiny_folder("llama")),
+        PruneConfig(method="sparsegpt", sparsity=0.5),
+        out,
+        calib_data="bundled:wikitext2-valid",
+        nsamples=4,
+        seqlen=32,
+        progress=False,
+    )
+    recipe = json.loads((out / "lmcompress.json").read_text())
+    timings = recipe["timings_s"]
+    assert {"load", "calibration text", "capture", "statistics", "solves", "block outputs"} <= set(timings)
+    assert all(v >= 0 for v in timings.values())
+    assert sum(timings.values()) <= recipe["wall_time_s"] + 0.01
+    assert sum(timings.values()) >= 0.5 * recipe["wall_time_s"]  # the phases cover the job, not a corner of it
+
+
 def test_owl_pass_is_the_same_for_unstructured_and_structured_pruning(calib):
     model = build_tiny_model("llama", 320, max_positions=256, num_hidden_layers=3)
     pruned = prune(
@@ -174,3 +207,5 @@ def test_every_job_reports_transform_time_and_whole_job_time_the_same_way(kind, 
     assert recipe["kind"] == kind
     assert recipe[f"{kind}_time_s"] == report.wall_time_s  # the transformation alone
     assert 0 < report.wall_time_s < recipe["wall_time_s"]  # the whole job also loaded the model and the text
+    assert {"load", "transform (rest)"} <= set(recipe["timings_s"])
+    assert sum(recipe["timings_s"].values()) <= recipe["wall_time_s"] + 0.01

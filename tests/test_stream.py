@@ -51,7 +51,7 @@ def opts(tmp_path, calib_text) -> dict:
 
 def _recipe(folder: Path) -> dict:
     recipe = json.loads((folder / "lmcompress.json").read_text())
-    return {k: v for k, v in recipe.items() if not k.endswith("time_s")}
+    return {k: v for k, v in recipe.items() if not k.endswith(("time_s", "timings_s"))}
 
 
 def _same_model(a: Path, b: Path) -> None:
@@ -87,6 +87,8 @@ def test_streamed_equals_in_memory(tmp_path, sharded, opts, name):
     _same_model(tmp_path / "mem", tmp_path / "disk")
     assert _digest(source) == before  # the source shards are only read
     assert not WorkFolder.path_for(tmp_path / "disk").exists()  # the work folder became the output
+    timings = json.loads((tmp_path / "disk" / "lmcompress.json").read_text())["timings_s"]
+    assert {"shard I/O", "solves"} <= set(timings)  # the streamed job's phases, reading and writing apart
     packed = (tmp_path / "disk" / "model.packed.safetensors").is_file()
     assert packed == (tmp_path / "mem" / "model.packed.safetensors").is_file()
     if not packed:  # dense: one shard per block plus one for embeddings, norm and head, with an index

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from lmcompress.calibration.distributed import is_main, my_windows, new_input_stats, reduce_stats
 from lmcompress.calibration.offload import active_stream
+from lmcompress.calibration.phases import phase
 from lmcompress.calibration.stats import InputStats
 from lmcompress.models.families import get_blocks, get_final_norm, skipped_blocks, weight_matrix
 
@@ -124,7 +125,7 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device: torc
         if row_index > 0 or i == last:
             raise _Captured
 
-    with _outside_blocks_on(model, blocks, device):
+    with phase("capture"), _outside_blocks_on(model, blocks, device):
         for row_index, row in enumerate(input_ids):
             for tuple_output in (False, True):  # blocks returning a tensor, or a tuple read as block(...)[0]
                 try:
@@ -270,7 +271,7 @@ def collect(
         step = max(1, inputs.batch)
         for i in range(0, inputs.hidden.shape[0], step):
             fired.clear()
-            with suppress(_Captured):
+            with phase("statistics"), suppress(_Captured):
                 _call(block, inputs.hidden[i : i + step], inputs)
     finally:
         for h in handles:
@@ -331,9 +332,11 @@ def walk_blocks(
         block.to(device)
         if i == 0:
             inputs.batch = choose_batch(block, inputs)
-        visit(i, block, inputs)
+        with phase("solves"):  # the visit's own work; its statistics pass counts as "statistics"
+            visit(i, block, inputs)
         if last_outputs or i + 1 < len(blocks):
-            run_block(block, inputs, keep="inplace")
+            with phase("block outputs"):
+                run_block(block, inputs, keep="inplace")
         block.to(home)
     return inputs
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.calibration.engine import _to, capture_block_inputs, choose_batch, run_block
+from lmcompress.calibration.phases import phase
 from lmcompress.checkpoint.folder import json_text, write_file_atomic, write_path_atomic
 from lmcompress.checkpoint.packed import FORMAT_VERSION, PACKED_FILE, _transposed_params, pack_named
 from lmcompress.checkpoint.packing import Packed, unpack_quantized
@@ -428,15 +429,19 @@ class DiskStream:
         for i in tqdm(range(start, self.n), desc=desc, disable=not progress, unit="block", initial=start, total=self.n):
             inputs.use_block(i)
             before = self._snapshot()
-            self._load(self.block_keys[i], device)
+            with phase("shard I/O"):
+                self._load(self.block_keys[i], device)
             if i == start:
                 inputs.batch = choose_batch(blocks[i], inputs)
-            visit(i, blocks[i], inputs)
+            with phase("solves"):
+                visit(i, blocks[i], inputs)
             wanted = last_outputs or i + 1 < self.n  # the last block's outputs: only if the caller reads them
             if wanted:
-                run_block(blocks[i], inputs, keep="inplace")
+                with phase("block outputs"):
+                    run_block(blocks[i], inputs, keep="inplace")
             if writing:
-                self._finish(i, before, inputs.hidden if wanted else None)
+                with phase("shard I/O"):
+                    self._finish(i, before, inputs.hidden if wanted else None)
             self._free(self.block_keys[i])
         return inputs
 
@@ -445,9 +450,12 @@ class DiskStream:
         blocks = get_blocks(model)
         for i in tqdm(range(start, self.n), desc=desc, disable=not progress, unit="block", initial=start, total=self.n):
             before = self._snapshot()
-            self._load(self.block_keys[i], torch.device("cpu"))
-            fn(i, blocks[i])
-            self._finish(i, before, None)
+            with phase("shard I/O"):
+                self._load(self.block_keys[i], torch.device("cpu"))
+            with phase("solves"):
+                fn(i, blocks[i])
+            with phase("shard I/O"):
+                self._finish(i, before, None)
             self._free(self.block_keys[i])
 
     # -- writing ----------------------------------------------------------------------------------------------
