@@ -139,7 +139,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.threads} threads; {args.nsamples}×{args.seqlen} calibration tokens; perplexity on "
         f"{args.eval_windows}×{args.eval_seqlen} WikiText-2 test tokens"
     )
-    print_table(rows, "SparseGPT 50%: whole-process wall time (launch → saved) and perplexity")
+    print_table(
+        [{k: v for k, v in r.items() if k != "lmcompress_phases"} for r in rows],
+        "SparseGPT 50%: whole-process wall time (launch → saved) and perplexity",
+    )
+    phased = [r for r in rows if r.get("lmcompress_phases")]
+    print_table(
+        [{"model": r["model"], "seed": r["seed"], **r["lmcompress_phases"]} for r in phased],
+        "lmcompress: where the seconds went (recipe timings_s; the remainder is Python imports and the save)",
+    )
     save_results("llmcompressor", {"args": vars(args), "rows": rows, "machine": info})
 
 
@@ -169,6 +177,8 @@ def one_run(args, name: str, folder: Path, seed: int, valid: str, llmc_python: P
     recipe = json.loads((ours / "lmcompress.json").read_text())
     if recipe["calibration"]["sha256"] != windows_hash(ids):  # both tools must see the very same tokens
         sys.exit(f"lmcompress drew other windows than {ids_file}: {recipe['calibration']}")
+    phases = recipe.get("timings_s") or {}  # where lmcompress's time went; the rest of the process: imports, save
+    row["lmcompress_phases"] = {**phases, "imports and save": row["lmcompress_s"] - sum(phases.values())}
     theirs = OUT / f"{name}-llmcompressor"
     cmd = [str(llmc_python), "-c", LLMC_SCRIPT, str(folder), str(ids_file), str(theirs), str(args.threads)]
     row["llmcompressor_s"], _ = run_timed(cmd, env, marker="SAVED_AT")
