@@ -521,17 +521,25 @@ def test_joint_prune_with_a_partial_last_group(tmp_path, tiny_folder, calib_file
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
-def test_nm_pattern_that_does_not_fit_the_widths_fails_before_calibration(tmp_path, tiny_folder, method, capsys):
-    """Checked right after loading: the calibration file does not exist, so any later check would name it."""
+def test_nm_pattern_that_does_not_fit_the_widths_fails_before_calibration(
+    tmp_path, tiny_folder, method, capsys, monkeypatch
+):
+    """Checked right after loading, before any calibration text is read (drawing windows would fail the test)."""
+    import lmcompress.jobs
+
+    def no_drawing(*_a, **_k):
+        raise AssertionError("calibration windows were drawn before the pattern was checked")
+
+    monkeypatch.setattr(lmcompress.jobs, "draw", no_drawing)
     out = tmp_path / "out"
     argv = ["prune", str(tiny_folder("llama")), "--method", method, "--pattern", "3:12"]
     argv += ["--blocksize", "120"] if method == "sparsegpt" else []  # other methods refuse SparseGPT's options
-    argv += ["--calib-data", "no-such-file.txt"] if method != "magnitude" else []  # magnitude reads no data
+    argv += ["--calib-data", "bundled:wikitext2-valid"] if method != "magnitude" else []  # magnitude reads no data
     assert run([*argv, "-o", str(out), "-q"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "pattern 3:12 needs input widths that are multiples of 12" in err and "14 of the 14 layers" in err
     assert "128 inputs: model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj)" in err and "--pattern 2:4" in err
-    assert "blocksize" not in err and "no-such-file" not in err and not out.exists()
+    assert "blocksize" not in err and not out.exists()
 
 
 def test_nm_width_check_in_the_api(model_of, calib):
