@@ -16,6 +16,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -25,10 +26,10 @@ from torch import nn
 
 from lmcompress import __version__
 from lmcompress.calibration import distributed, phases
-from lmcompress.calibration.data import check_text_source, draw
+from lmcompress.calibration.data import check_text_source, draw, tokenized_source
 from lmcompress.calibration.phases import phase
 from lmcompress.checkpoint.folder import check_output, json_text, read_recipe
-from lmcompress.checkpoint.load import load_config, load_model, resolve_source, source_dtype
+from lmcompress.checkpoint.load import is_gguf, load_config, load_model, resolve_source, source_dtype
 from lmcompress.checkpoint.save import save_model, save_quantized
 from lmcompress.errors import UserError
 from lmcompress.models.families import context_length
@@ -158,8 +159,10 @@ def open_job(
     recipe_of_source = read_recipe(resolved) if Path(str(resolved)).is_dir() else None
     if check_source is not None:
         check_source(load_config(resolved, trust_remote_code), recipe_of_source)
+    prepared = None
     if needs_calibration:
         check_text_source(calib_data)  # a wrong path fails now, not after the model has loaded
+        prepared = _tokenize_meanwhile(resolved, calib_data, trust_remote_code)
     with phase("load"):
         net, tokenizer = load_model(
             resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
@@ -170,9 +173,39 @@ def open_job(
     calib, calib_info = None, None
     if needs_calibration:
         with phase("calibration text"):
-            calib, calib_info = draw(tokenizer, calib_data, nsamples=nsamples, seqlen=length, seed=seed)
+            ready = _result_or_none(prepared)
+            calib, calib_info = draw(tokenizer, calib_data, nsamples=nsamples, seqlen=length, seed=seed, prepared=ready)
     surgery = list((recipe_of_source or {}).get("surgery") or [])
     return Job(str(resolved), net, tokenizer, calib, calib_info, device, dtype, surgery, start)
+
+
+def _tokenize_meanwhile(source: str, calib_data: str, trust_remote_code: bool) -> Future | None:
+    """Tokenize the calibration text in a thread while the model loads (the tokenizer's Rust code releases
+    the GIL): a plain model folder's own tokenizer, loaded once more for it. None where that does not apply."""
+    folder = Path(str(source))
+    if not folder.is_dir() or is_gguf(str(source)) or not (folder / "tokenizer.json").is_file():
+        return None
+
+    def work():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        return tokenized_source(tokenizer, calib_data)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="lmcompress-tokenize")
+    future = pool.submit(work)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _result_or_none(future: Future | None):
+    """The thread's tokenized text, or None (then the text is tokenized here, where errors are reported)."""
+    if future is None:
+        return None
+    try:
+        return future.result()
+    except Exception:
+        return None
 
 
 R = TypeVar("R")
@@ -298,6 +331,7 @@ def prune_pretrained(
             "outlier_ratios": report.outlier_ratios,
             "owl_lambda_effective": report.owl_lambda_effective,
             "damping_raised": report.damping,
+            "in_block_fallback": report.in_block_fallback,
             **joint,
         }
 
@@ -336,6 +370,7 @@ def quantize_pretrained(
             "nominal_bits_per_weight": report.nominal_bits_per_weight,
             "layer_loss": report.layer_loss,
             "damping_raised": report.damping,
+            "in_block_fallback": report.in_block_fallback,
         }
 
     return run_job(

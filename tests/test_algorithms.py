@@ -212,6 +212,20 @@ def test_lowest_k_takes_exactly_k_per_row_with_ties_by_index(k):
     assert torch.equal(mask, expected) and (mask.sum(1) == k).all()
 
 
+def test_kth_smallest_on_cpu_equals_torch_kthvalue():
+    """The CPU threshold (NumPy's selection) is the very value ``torch.kthvalue`` gives, on one long row (a
+    SparseGPT block's saliencies) and on many rows with ties (Wanda's per-row comparison)."""
+    from lmcompress.algorithms.masks import kth_smallest
+
+    g = torch.Generator().manual_seed(0)
+    long = torch.randn(1, 50_000, generator=g) ** 2
+    ties = torch.randint(0, 5, (64, 300), generator=g).float()
+    for scores in (long, ties):
+        for k in (1, scores.shape[1] // 3, scores.shape[1] // 2, scores.shape[1]):
+            expected = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+            assert torch.equal(kth_smallest(scores, k), expected)
+
+
 def test_solves_leave_the_hessian_alone_unless_told_it_may_be_consumed():
     """SparseGPT and GPTQ read the statistics' Hessian in place; they write over it only with consume_hessian,
     and the result is the same either way. The factor is the upper Cholesky factor of (H + λI)⁻¹."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lmcompress.checkpoint.load import load_model
 from lmcompress.cli import main
 
 
@@ -146,6 +147,9 @@ def bad_cases(src: str, tmp: Path, calib_file: Path) -> list[tuple[list[str], st
             "--method 'obs' is unknown: choose one of the pruning methods",
         ),
         (["prune", src, "--allocation", "owl", "--pattern", "2:4", "-o", out, *base], "use it with --pattern"),
+        (["prune", src, "--in-block", "both", "-o", out, *base], "must be one of sequential, parallel"),
+        (["prune", src, "--method", "magnitude", "--in-block", "parallel", "-o", out, "-q"], "reads no calibration"),
+        (["quantize", src, "--method", "rtn", "--in-block", "parallel", "-o", out, "-q"], "GPTQ options"),
         (["prune", src, "-o", out, "--calib-data", str(empty), "-q"], "is empty"),
         (["prune", src, "-o", out, "--calib-data", str(tmp / "missing.txt"), "-q"], "neither an existing file"),
         (["prune", src, "-o", out, "--calib-data", str(calib_file), "--seqlen", "100000", "-q"], "longer than"),
@@ -155,6 +159,22 @@ def bad_cases(src: str, tmp: Path, calib_file: Path) -> list[tuple[list[str], st
         (["eval", str(tmp / "nope"), "--ppl-data", str(calib_file)], "does not exist"),
         (["eval", src, "--ppl-data", str(empty)], "is empty"),
     ]
+
+
+def test_in_block_order_from_the_cli_is_recorded_and_changes_the_result(tmp_path, tiny_folder, calib_file):
+    src = tiny_folder("llama")
+    base = ["--calib-data", str(calib_file), "--nsamples", "4", "--seqlen", "32", "-q"]
+    weights = {}
+    for verb, method in (("prune", "sparsegpt"), ("quantize", "gptq")):
+        for order in ("sequential", "parallel"):
+            out = tmp_path / f"{verb}-{order}"
+            assert run([verb, str(src), "--method", method, "--in-block", order, "-o", str(out), *base]) == 0
+            recipe = json.loads((out / "lmcompress.json").read_text())
+            settings = recipe["quantization"] if verb == "quantize" else recipe
+            assert settings["in_block"] == order and recipe["in_block_fallback"] == {}
+            weights[verb, order] = load_model(str(out))[0].model.layers[0].mlp.down_proj.weight
+        # down_proj reads what gate/up give: their compression changes its inputs in the sequential order only
+        assert not torch.equal(weights[verb, "sequential"], weights[verb, "parallel"])
 
 
 def test_bad_input_gives_clear_error_and_writes_nothing(tmp_path, tiny_folder, calib_file, capsys):

@@ -150,7 +150,9 @@ def test_sparsegpt_same_masks_close_weights(two_ranks, one_rank):
 
 def test_gptq_codes_match(two_ranks, one_rank):
     """GPTQ within summation-order tolerance: a code on a rounding boundary may flip, and the error it feeds
-    forward can flip a later one, so a few codes differ by a step or two (85 of 73,728 when measured)."""
+    forward can flip a later one, so a few codes differ by a step or two. In the sequential order inside a
+    block a flipped code also changes the inputs of the block's later layers, so flips spread further
+    (85 of 73,728 in the parallel order, 966 in the sequential one, when measured)."""
     _model, out, _ = two_ranks
     _, qa = read_packed(one_rank / "gptq")
     _, qb = read_packed(out / "gptq")
@@ -164,4 +166,4 @@ def test_gptq_codes_match(two_ranks, one_rank):
         step = qa[key].scale.abs().max()
         torch.testing.assert_close(qb[key].dequantize(), qa[key].dequantize(), rtol=0, atol=float(step) * 2.001)
     print(f"{differ} of {total} codes differ")
-    assert differ / total < 5e-3, f"{differ} of {total} codes differ"
+    assert differ / total < 3e-2, f"{differ} of {total} codes differ"

@@ -189,34 +189,57 @@ def test_arguments_shared_by_blocks_are_stored_once(model_of, windows):
 # ------------------------------------------------------------------------------- prune, quantize, evaluate
 
 
-def _wanda_by_hand(model: nn.Module, ids: torch.Tensor, sparsity: float) -> None:
-    """Sequential Wanda with the model's own forward: block i's input norms measured after pruning blocks < i."""
+def _wanda_by_hand(model: nn.Module, ids: torch.Tensor, sparsity: float, in_block: str = "parallel") -> None:
+    """Sequential Wanda with the model's own forward: block i's input norms measured after pruning blocks < i;
+    ``in_block="sequential"``: each layer's input norms measured after pruning the layers its block runs before
+    it (one whole-model forward per layer)."""
     for block in get_blocks(model):
-        layers = find_prunable(block)
-        norms = {name: torch.zeros(weight_matrix(m).shape[1], dtype=torch.float64) for name, m in layers.items()}
-
-        def hook(name, norms=norms):
-            def fn(_m, args, _out) -> None:  # returns None: the layer's output is left alone
-                norms[name] += args[0].detach().double().pow(2).flatten(0, -2).sum(0)
-
-            return fn
-
-        handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
+        everything = find_prunable(block)
+        if in_block == "parallel":
+            _wanda_layers_by_hand(model, everything, ids, sparsity)
+            continue
+        order: list[str] = []
+        note = [lambda _m, _a, n=n, order=order: order.append(n) for n in everything]
+        handles = [m.register_forward_pre_hook(f) for m, f in zip(everything.values(), note, strict=True)]
         with torch.no_grad():
-            model(ids, use_cache=False)
+            model(ids[:1], use_cache=False)
         for h in handles:
             h.remove()
-        for name, m in layers.items():
-            m.weight.data[wanda_mask(weight_matrix(m), norms[name], sparsity)] = 0  # the mask marks removals
+        for name in dict.fromkeys(order):
+            _wanda_layers_by_hand(model, {name: everything[name]}, ids, sparsity)
 
 
+def _wanda_layers_by_hand(model: nn.Module, layers: dict[str, nn.Module], ids: torch.Tensor, sparsity: float) -> None:
+    """Wanda on ``layers``, their input norms measured by one forward of the whole model."""
+    norms = {name: torch.zeros(weight_matrix(m).shape[1], dtype=torch.float64) for name, m in layers.items()}
+
+    def hook(name, norms=norms):
+        def fn(_m, args, _out) -> None:  # returns None: the layer's output is left alone
+            norms[name] += args[0].detach().double().pow(2).flatten(0, -2).sum(0)
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    for name, m in layers.items():
+        m.weight.data[wanda_mask(weight_matrix(m), norms[name], sparsity)] = 0  # the mask marks removals
+
+
+@pytest.mark.parametrize("in_block", ["sequential", "parallel"])
 @pytest.mark.parametrize("family", GENERIC)
-def test_wanda_matches_pruning_by_hand(family, model_of, windows):
+def test_wanda_matches_pruning_by_hand(family, in_block, model_of, windows):
+    """Both orders inside a block, against the model's own forward: "sequential" (the one-pass engine, each
+    layer seeing the layers pruned before it) and "parallel" (every layer of a block seeing its dense inputs)."""
     model, reference = model_of(family), model_of(family)
-    _, report = lmcompress.prune(model, PruneConfig(method="wanda", sparsity=0.5), windows, progress=False)
+    config = PruneConfig(method="wanda", sparsity=0.5, in_block=in_block)
+    _, report = lmcompress.prune(model, config, windows, progress=False)
     assert report.sparsity == pytest.approx(0.5, abs=0.01)
     assert all(s == pytest.approx(0.5, abs=0.01) for s in report.layer_sparsity.values())
-    _wanda_by_hand(reference, windows, 0.5)
+    assert report.in_block_fallback == {}  # every generic family's blocks compress in the order asked
+    _wanda_by_hand(reference, windows, 0.5, in_block)
     for (name, layer), ref in zip(
         ((n, m) for b in get_blocks(model) for n, m in find_prunable(b).items()),
         (m for b in get_blocks(reference) for m in find_prunable(b).values()),

@@ -343,8 +343,8 @@ def test_rounds_rebuild_the_database_along_the_parent_and_resume(base, calib, tm
     parent = straight.rounds[0]["parent"]
     layer_targets = {layer: lv for unit, lv in zip(straight.units, parent, strict=True) for layer in unit}
     sequential = copy.deepcopy(base)
-    prune(sequential, PruneConfig(method="sparsegpt", allocation="layers", layer_targets=layer_targets), calib[:4],
-          progress=False)  # fmt: skip
+    order = PruneConfig(method="sparsegpt", allocation="layers", layer_targets=layer_targets, in_block="parallel")
+    prune(sequential, order, calib[:4], progress=False)  # the database's order: each block's layers from its inputs
     from lmcompress.search.fitness import KLFitness
 
     fit = KLFitness(base, calib[4:6])

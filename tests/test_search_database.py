@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def test_sequential_database_reference_candidate_is_sequential_pruning(tmp_path,
     db = build_database(model, pruner(config), calib, LEVELS, tmp_path / "db", reference=reference, progress=False)
     db.apply(model, reference)
     sequential = copy.deepcopy(dense)
-    prune(sequential, config, calib, progress=False)
+    prune(sequential, replace(config, in_block="parallel"), calib, progress=False)  # the database's order
     dense_db = build_database(dense, pruner(config), calib, LEVELS, tmp_path / "dense", progress=False)
     dense_db.apply(dense, reference)
     gap = 0.0

@@ -107,13 +107,16 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
 
 
-def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """``nsamples`` windows of ``seqlen`` tokens at random positions of the tokenized text (seeded)."""
+def calibration_windows(
+    tokenizer, text: str, nsamples: int, seqlen: int, seed: int = 0, *, ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at random positions of the tokenized text (seeded); ``ids``:
+    the text already tokenized by ``tokenizer``."""
     if nsamples <= 0 or seqlen <= 0:
         raise UserError(
             f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}", param=("nsamples", "seqlen")
         )
-    ids = _tokenize(tokenizer, text)
+    ids = _tokenize(tokenizer, text) if ids is None else ids
     if ids.numel() < seqlen + 1:
         raise UserError(
             f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
@@ -139,10 +142,25 @@ def windows_hash(windows: torch.Tensor) -> str:
     return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
-def draw(tokenizer, source: str, *, nsamples: int = 128, seqlen: int = 2048, seed: int = 0):
-    """Calibration windows ``[nsamples, seqlen]`` and a description of them for the recipe."""
+def tokenized_source(tokenizer, source: str) -> tuple[TextSource, torch.Tensor]:
+    """The calibration text of ``source`` and its token ids (what :func:`draw` cuts windows from)."""
     text = load_text(source, role="calib")
-    windows = calibration_windows(tokenizer, text.text, nsamples, seqlen, seed)
+    return text, _tokenize(tokenizer, text.text)
+
+
+def draw(
+    tokenizer,
+    source: str,
+    *,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    prepared: tuple[TextSource, torch.Tensor] | None = None,
+):
+    """Calibration windows ``[nsamples, seqlen]`` and a description of them for the recipe; ``prepared``: what
+    :func:`tokenized_source` gives for ``source`` with this tokenizer (tokenized meanwhile elsewhere)."""
+    text, ids = prepared if prepared is not None else (load_text(source, role="calib"), None)
+    windows = calibration_windows(tokenizer, text.text, nsamples, seqlen, seed, ids=ids)
     info = {
         "source": text.description,
         "nsamples": nsamples,

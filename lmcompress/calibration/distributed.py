@@ -267,6 +267,16 @@ def spread(items: Sequence[T], solve: Callable[[T], R], cost: Callable[[T], floa
     return [_broadcast(mine.get(k), owner[k]) for k in range(len(items))]
 
 
+def solve_on(k: int, solve: Callable[[], R]) -> R:
+    """``solve()`` computed on rank ``k mod world size`` (the k-th of a sequence of solves that must run one
+    after another) and broadcast to the others; computed here outside an active session."""
+    if not _active:
+        return solve()
+    rank, size = world()
+    src = k % size
+    return _broadcast(solve() if rank == src else None, src)
+
+
 def _broadcast(obj: R | None, src: int) -> R:
     """``obj`` from rank ``src`` on every rank: its structure pickled, its tensors broadcast one by one."""
     rank = dist.get_rank()

@@ -420,6 +420,7 @@ class DiskStream:
         self._load(side, torch.device("cpu"))
         try:
             inputs = capture_block_inputs(model, input_ids, device)
+            inputs.windows = input_ids.shape[0]
         finally:
             self._free(side)
         inputs.per_block = _to(inputs.per_block, device)
@@ -434,9 +435,9 @@ class DiskStream:
             if i == start:
                 inputs.batch = choose_batch(blocks[i], inputs)
             with phase("solves"):
-                visit(i, blocks[i], inputs)
+                done = visit(i, blocks[i], inputs)  # True: the visit wrote the block's outputs itself
             wanted = last_outputs or i + 1 < self.n  # the last block's outputs: only if the caller reads them
-            if wanted:
+            if wanted and not done:
                 with phase("block outputs"):
                     run_block(blocks[i], inputs, keep="inplace")
             if writing:

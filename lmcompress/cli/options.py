@@ -28,6 +28,14 @@ OFFLOAD_NONE = typer.Option(
 RESUME = typer.Option(
     False, "--resume", help="Continue a killed streamed run from its last finished block (same settings)."
 )
+IN_BLOCK = typer.Option(
+    "sequential",
+    "--in-block",
+    help="Order of the layers inside a block. sequential: each group (q/k/v, o, gate/up, down) is solved when "
+    "the block's forward reaches it, so it sees the outputs of the layers compressed before it (GPTQ's \"true "
+    "sequential\"; one forward per block). parallel: every layer sees the block's uncompressed inputs (the "
+    "SparseGPT and Wanda papers' order; two forwards per block; what `lmcompress search` assumes).",
+)
 CALIB_SOURCES = "text file, wikitext2, c4, ptb, hf:NAME[:CONFIG][@SPLIT] or bundled:wikitext2-valid"
 
 

@@ -11,7 +11,9 @@ from lmcompress.jobs import prune_pretrained
 from lmcompress.transforms.prune import PruneConfig, read_allocation
 
 # The options of weight pruning itself, and those only kept for the deprecated `prune --structure ...`.
-WEIGHT = ("method", "sparsity", "pattern", "percdamp", "blocksize", "include_head", "bits", "group_size", "sym")
+WEIGHT = (
+    "method", "sparsity", "pattern", "percdamp", "blocksize", "include_head", "bits", "group_size", "sym", "in_block"
+)  # fmt: skip
 SHRINK = ("ratio", "criterion", "correction")
 EXPERTS = ("keep", "criterion", "iterative")
 DEPRECATED_HELP = "ffn, heads or experts: deprecated spellings of `lmcompress shrink` and `lmcompress drop-experts`."
@@ -40,6 +42,7 @@ def prune(
     percdamp: float = typer.Option(0.01, "--percdamp", help="SparseGPT: dampening (fraction of mean diag H)."),
     blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT: column block size."),
     include_head: bool = typer.Option(False, "--include-head", help="Also prune the output head (lm_head)."),
+    in_block: str = options.IN_BLOCK,
     bits: int = typer.Option(None, "--bits", help="SparseGPT: also quantize the kept weights (joint, saved packed)."),
     group_size: int = typer.Option(128, "--group-size", help="With --bits: inputs per grid; -1: per channel."),
     sym: bool = typer.Option(True, "--sym/--asym", help="With --bits: symmetric or asymmetric grid."),
@@ -120,9 +123,10 @@ def prune(
         group_size=group_size,
         sym=sym,
         layer_targets=layer_targets,
+        in_block=in_block,
     )
     if not config.needs_calibration:
-        options.refuse(ctx, options.CALIBRATION, f"to --method {method}: it reads no calibration data")
+        options.refuse(ctx, (*options.CALIBRATION, "in_block"), f"to --method {method}: it reads no calibration data")
     report = prune_pretrained(
         model,
         config,

@@ -54,6 +54,7 @@ def quantize(
     seed: int = options.CALIB_SEED,
     percdamp: float = typer.Option(0.01, "--percdamp", help="GPTQ dampening (fraction of mean diag H)."),
     blocksize: int = typer.Option(128, "--blocksize", help="GPTQ column block size (lazy updates)."),
+    in_block: str = options.IN_BLOCK,
     device: str = options.DEVICE,
     dtype: str = options.DTYPE,
     overwrite: bool = options.OVERWRITE,
@@ -82,7 +83,9 @@ def quantize(
     """
     if method == "rtn":
         options.refuse(
-            ctx, ("act_order", "static_groups", "percdamp", "blocksize"), "to --method rtn: they are GPTQ options"
+            ctx,
+            ("act_order", "static_groups", "percdamp", "blocksize", "in_block"),
+            "to --method rtn: they are GPTQ options",
         )
         options.refuse(ctx, options.CALIBRATION, "to --method rtn: it reads no calibration data")
     if not include_head:
@@ -101,6 +104,7 @@ def quantize(
         include_head=include_head,
         head_bits=head_bits,
         head_group_size=head_group_size,
+        in_block=in_block,
     )
     report = quantize_pretrained(
         model,

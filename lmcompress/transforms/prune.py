@@ -23,10 +23,12 @@ from lmcompress.algorithms.gptq import ColumnQuantizer
 from lmcompress.algorithms.masks import Pattern
 from lmcompress.algorithms.owl import OwlAllocation
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec
-from lmcompress.calibration.distributed import solve_cost, spread
+from lmcompress.calibration.distributed import new_input_stats, solve_cost, spread
 from lmcompress.calibration.engine import (
+    IN_BLOCK,
     BlockInputs,
     collect_input_stats,
+    compress_block,
     head_input_stats,
     shared_inputs,
     walk_blocks,
@@ -72,6 +74,10 @@ class PruneConfig:
     sym: bool = True  # joint mode: symmetric grid
     # allocation "layers": the target sparsity of every pruned layer by full name (e.g. a search's choice)
     layer_targets: dict[str, float] | None = None
+    # Wanda / SparseGPT: "sequential" compresses the layers of a block in the order the block runs them, each
+    # group seeing the outputs of those already compressed (one forward per block); "parallel" gives every
+    # layer of a block the uncompressed block's inputs (the papers' order; two forwards per block)
+    in_block: str = "sequential"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,6 +107,8 @@ class PruneConfig:
                 f"method {self.method!r} is unknown: choose one of the pruning methods {', '.join(METHODS)}",
                 param="method",
             )
+        if self.in_block not in IN_BLOCK:
+            raise UserError(f"in_block must be one of {', '.join(IN_BLOCK)}, got {self.in_block!r}", param="in_block")
         if self.allocation not in ALLOCATIONS:
             raise UserError(
                 f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}", param="allocation"
@@ -278,6 +286,8 @@ class PruneReport:
     quantized: dict[str, QuantizedTensor] | None = None
     mask_sparsity: float | None = None
     owl_lambda_effective: float | None = None  # OWL: λ after shrinking so that no block leaves [0, 0.99]
+    # in_block sequential: why blocks fell back to the parallel order (reason → number of blocks), if any did
+    in_block_fallback: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Everything but the tensors, JSON-ready."""
@@ -449,44 +459,72 @@ def prune(
     zeros: dict[str, int] = {}  # zeros of each pruned layer after pruning
     track(model, layer_sparsity=layer_sparsity, damping=damping, pruned=pruned, zeros=zeros, quantized=quantized)
 
-    def prune_block(i: int, block: nn.Module, stats: dict[str, InputStats] | None) -> None:
-        layers = find_prunable(block)
-        groups = shared_inputs(layers, stats)
-        held = {g[0]: stats[g[0]] for g in groups} if stats else {}  # each group's statistic, freed once solved
-        if stats:
-            stats.clear()
+    fallback: dict[str, int] = {}
 
-        def solve(group: list[str]) -> list[_LayerResult]:
+    def solver(i: int, layers: dict[str, nn.Module]):
+        def solve(group: list[str], stat: InputStats | None) -> list[_LayerResult]:
             full = [f"{prefix}.{i}.{name}" for name in group]
             sparsities = [targets[i] if config.layer_targets is None else config.layer_targets[f] for f in full]
             weights = [weight_matrix(layers[name]) for name in group]
-            return prune_layers(config, weights, held.pop(group[0], None), sparsities, full, consume=True)
+            return prune_layers(config, weights, stat, sparsities, full, consume=True)
 
-        # Under torch.distributed each group is solved on one rank and its result broadcast to the others.
-        for group, results in zip(groups, spread(groups, solve, lambda g: solve_cost(layers, g)), strict=True):
-            full = [f"{prefix}.{i}.{name}" for name in group]
-            for name, f, res in zip(group, full, results, strict=True):
+        return solve
+
+    def applier(i: int, layers: dict[str, nn.Module]):
+        def apply(group: list[str], results: list[_LayerResult]) -> None:
+            for name, res in zip(group, results, strict=True):
+                f = f"{prefix}.{i}.{name}"
                 set_weight_matrix(layers[name], res.weight)
                 if res.damping is not None and res.damping > config.percdamp:
                     damping[f] = res.damping
                 if res.quantized is not None:
                     quantized[f"{f}.weight"] = res.quantized
                     pruned[f] = res.pruned
+
+        return apply
+
+    def measure(i: int, layers: dict[str, nn.Module]) -> None:
         layer_sparsity.update({f"{prefix}.{i}.{n}": s for n, s in _measure(layers).items()})
         zeros.update({f"{prefix}.{i}.{n}": int((weight_matrix(m) == 0).sum()) for n, m in layers.items()})
 
     if config.method == "magnitude":
-        for_each_block(model, lambda i, block: prune_block(i, block, None), desc="magnitude", progress=progress)
+
+        def magnitude_block(i: int, block: nn.Module) -> None:
+            layers = find_prunable(block)
+            solve, apply = solver(i, layers), applier(i, layers)
+            groups = shared_inputs(layers, None)
+            results = spread(groups, lambda g: solve(g, None), lambda g: solve_cost(layers, g))
+            for group, result in zip(groups, results, strict=True):
+                apply(group, result)
+            measure(i, layers)
+
+        for_each_block(model, magnitude_block, desc="magnitude", progress=progress)
         last = None
     else:
+        hessian = config.method == "sparsegpt"
 
-        def visit(i: int, block: nn.Module, inputs: BlockInputs) -> None:
-            stats = collect_input_stats(block, inputs, list(find_prunable(block)), config.method == "sparsegpt")
-            prune_block(i, block, stats)
+        def visit(i: int, block: nn.Module, inputs: BlockInputs) -> bool:
+            layers = find_prunable(block)
+            done, why = compress_block(
+                block,
+                inputs,
+                list(layers),
+                lambda _n, m: new_input_stats(weight_matrix(m).shape[1], inputs.hidden.device, hessian),
+                solver(i, layers),
+                applier(i, layers),
+                lambda g: solve_cost(layers, g),
+                in_block=config.in_block,
+            )
+            if why is not None:
+                fallback[why] = fallback.get(why, 0) + 1
+            measure(i, layers)
+            return done
 
         last = walk_blocks(
             model, calib, device, visit, desc=config.method, progress=progress, last_outputs=config.include_head
         )
+        for why, n in fallback.items():
+            log.warning("%d blocks compressed in the parallel order: %s", n, why)
 
     if config.include_head:
         layer_sparsity.update(_prune_head(model, config, last, device))
@@ -505,6 +543,7 @@ def prune(
         quantized=quantized,
         mask_sparsity=None if quantized is None else sum(pruned.values()) / max(total, 1),
         owl_lambda_effective=owl_lambda,
+        in_block_fallback=fallback,
     )
 
 

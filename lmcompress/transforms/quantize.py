@@ -19,15 +19,16 @@ from torch import nn
 
 from lmcompress.algorithms.gptq import GPTQResult, gptq_quantize
 from lmcompress.algorithms.quant import GRIDS, QuantizedTensor, QuantSpec, rtn_quantize, scale_storage_dtype
-from lmcompress.calibration.distributed import solve_cost, spread
+from lmcompress.calibration.distributed import new_input_stats, solve_cost, spread
 from lmcompress.calibration.engine import (
+    IN_BLOCK,
     BlockInputs,
-    collect_input_stats,
+    compress_block,
     head_input_stats,
-    shared_inputs,
     walk_blocks,
 )
 from lmcompress.calibration.offload import for_each_block, track
+from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
 from lmcompress.models.families import blocks_path, find_prunable, set_weight_matrix, weight_matrix
 
@@ -73,6 +74,10 @@ class QuantConfig:
     include_head: bool = False  # also quantize the output head (lm_head; tied embeddings then share its values)
     head_bits: int = 8  # the head's grid: bits ...
     head_group_size: int = -1  # ... and group (-1: per output channel, the int8 kernel's grid)
+    # GPTQ: "sequential" quantizes the layers of a block in the order the block runs them, each group seeing
+    # the outputs of those already quantized (GPTQ's "true sequential"; one forward per block); "parallel"
+    # gives every layer of a block the unquantized block's inputs (two forwards per block)
+    in_block: str = "sequential"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,6 +111,8 @@ class QuantConfig:
                 f"{'sym' if self.sym else 'asym'} was asked: use bits 4 with sym, or grid minmax",
                 param=("grid", "bits", "sym"),
             )
+        if self.in_block not in IN_BLOCK:
+            raise UserError(f"in_block must be one of {', '.join(IN_BLOCK)}, got {self.in_block!r}", param="in_block")
         if self.method == "rtn" and (self.act_order or self.static_groups):
             raise UserError(
                 "act_order and static_groups are GPTQ options; use them with method gptq",
@@ -134,6 +141,8 @@ class QuantReport:
     damping: dict[str, float] = field(default_factory=dict)  # layers that needed more than percdamp
     weights: int = 0  # number of quantized weights
     wall_time_s: float = 0.0
+    # in_block sequential: why blocks fell back to the parallel order (reason → number of blocks), if any did
+    in_block_fallback: dict[str, int] = field(default_factory=dict)
 
     @property
     def nominal_bits_per_weight(self) -> float:
@@ -199,19 +208,20 @@ def quantize(
             qt = rtn_quantize(weight_matrix(module).to(device).float(), spec)
             store(i, name, module, qt.dequantize(), qt)
 
-    @torch.no_grad()
-    def gptq_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
-        layers = find_prunable(block)
-        stats = collect_input_stats(block, inputs, list(layers), hessian=True)
+    fallback: dict[str, int] = {}
 
-        def solve(group: list[str]) -> GPTQResult:  # layers reading one input: one stacked solve
+    @torch.no_grad()
+    def gptq_block(i: int, block: nn.Module, inputs: BlockInputs) -> bool:
+        layers = find_prunable(block)
+
+        def solve(group: list[str], stat: InputStats) -> GPTQResult:  # layers reading one input: one solve
             w = torch.cat([weight_matrix(layers[name]).float() for name in group])
             mask = (w == 0) if config.keep_zeros else None
             if mask is not None and not mask.any():
                 mask = None
             return gptq_quantize(
                 w,
-                stats[group[0]].hessian,
+                stat.hessian,
                 spec,
                 blocksize=config.blocksize,
                 percdamp=config.percdamp,
@@ -222,19 +232,30 @@ def quantize(
                 consume_hessian=True,  # each group's statistics serve this one solve
             )
 
-        groups = shared_inputs(layers, stats)
-        # Under torch.distributed each group is solved on one rank and its result broadcast to the others.
-        for group, res in zip(groups, spread(groups, solve, lambda g: solve_cost(layers, g)), strict=True):
-            weights = [weight_matrix(layers[name]) for name in group]
-            full = [f"{prefix}.{i}.{name}" for name in group]
+        def apply(group: list[str], res: GPTQResult) -> None:
             r0 = 0
-            for name, f, part in zip(group, full, weights, strict=True):
-                r1 = r0 + part.shape[0]
+            for name in group:
+                r1 = r0 + weight_matrix(layers[name]).shape[0]
+                f = f"{prefix}.{i}.{name}"
                 store(i, name, layers[name], res.weight[r0:r1], res.quantized.rows(r0, r1))
                 layer_loss[f] = res.row_loss[r0:r1].sum().item()
                 if res.damping > config.percdamp:
                     damping[f] = res.damping
                 r0 = r1
+
+        done, why = compress_block(
+            block,
+            inputs,
+            list(layers),
+            lambda _n, m: new_input_stats(weight_matrix(m).shape[1], inputs.hidden.device, True),
+            solve,
+            apply,
+            lambda g: solve_cost(layers, g),
+            in_block=config.in_block,
+        )
+        if why is not None:
+            fallback[why] = fallback.get(why, 0) + 1
+        return done
 
     last = None
     if config.method == "rtn":
@@ -256,6 +277,7 @@ def quantize(
         damping=damping,
         weights=sum(q.codes.numel() for q in quantized.values()),  # codes keep their shape when streamed
         wall_time_s=time.perf_counter() - start,
+        in_block_fallback=fallback,
     )
 
 
