@@ -296,15 +296,14 @@ class _Routed(torch.nn.Module):
 @torch.no_grad()
 def test_calls_that_reach_different_layers_stop_with_a_clear_error():
     from lmcompress.calibration.engine import BlockInputs, compress_block
-    from lmcompress.calibration.stats import InputStats
 
     hidden = torch.randn(4, 3, 4)
     hidden[:, 0, 0] = torch.tensor([1.0, 1.0, -1.0, 1.0])  # the third call does not reach ``b``
     block = _Routed()
     with pytest.raises(RuntimeError, match="in-block parallel"):
         compress_block(
-            block, BlockInputs(hidden, batch=1), ["a", "b"], lambda _n, m: InputStats(4, CPU, False),
-            lambda _g, _s: None, lambda _g, _r: None, lambda _g: 1.0,
+            block, BlockInputs(hidden, batch=1), ["a", "b"], lambda _g, _s: None, lambda _g, _r: None,
+            lambda _g: 1.0, hessian=False,
         )  # fmt: skip
 
 
@@ -314,7 +313,6 @@ def test_a_failing_solve_inside_the_turns_reaches_the_caller_and_leaves_no_threa
 
     import lmcompress.calibration.engine as engine
     from lmcompress.calibration.engine import compress_block
-    from lmcompress.calibration.stats import InputStats
 
     block, inputs = _block0("llama", calib)
     inputs.batch = 2  # four calls
@@ -330,8 +328,7 @@ def test_a_failing_solve_inside_the_turns_reaches_the_caller_and_leaves_no_threa
     before = threading.active_count()
     with pytest.raises(ValueError, match="no solution"):
         compress_block(
-            block, inputs, names, lambda _n, m: InputStats(m.weight.shape[1], CPU, False), solve,
-            lambda _g, _r: None, lambda _g: 1.0,
+            block, inputs, names, solve, lambda _g, _r: None, lambda _g: 1.0, hessian=False,
         )  # fmt: skip
     assert solved == [names[:3], names[3:]] and threading.active_count() == before
     assert engine.IN_BLOCK == ("sequential", "parallel")

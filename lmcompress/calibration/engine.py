@@ -320,8 +320,8 @@ IN_BLOCK = ("sequential", "parallel")
 ONE_PASS_ELEMENTS = 2**28  # the most activation elements one call on every window may hold (1 GiB of float32)
 
 
-def one_pass_refusal(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module], calls: dict) -> str | None:
-    """Why the calls of ``block`` on every calibration window cannot pause together at each group's first
+def one_pass_refusal(inputs: BlockInputs, modules: dict[str, nn.Module], calls: dict) -> str | None:
+    """Why the block's calls on every calibration window cannot pause together at each group's first
     layer (None if they can): all their activations are then alive at once. Decided from the model, the
     windows and the family only, never from the machine, so every machine and number of ranks gives one order."""
     if any(calls.get(n) != 1 for n in modules):
@@ -339,16 +339,16 @@ def compress_block(
     block: nn.Module,
     inputs: BlockInputs,
     names: list[str],
-    new: Callable[[str, nn.Module], S],
-    solve: Callable[[list[str], S], R],
+    solve: Callable[[list[str], InputStats], R],
     apply: Callable[[list[str], R], None],
     cost: Callable[[list[str]], float],
     *,
+    hessian: bool,
     in_block: str = "sequential",
 ) -> tuple[bool, str | None]:
-    """Compress the layers ``names`` of ``block``: group the layers reading one input, collect each group's
-    statistic (``new``), ``solve`` it (on one rank, broadcast under torch.distributed) and ``apply`` the result
-    on every rank. Returns ``(outputs_done, why_parallel)``.
+    """Compress the linear layers ``names`` of ``block``: group the layers reading one input, collect each
+    group's :class:`InputStats` (``Σ x xᵀ`` too with ``hessian``), ``solve`` it (on one rank, broadcast under
+    torch.distributed) and ``apply`` the result on every rank. Returns ``(outputs_done, why_parallel)``.
 
     ``in_block="sequential"`` (GPTQ's "true sequential" order): the block's calls (``inputs.batch`` windows
     each) take turns (:class:`_Turns`) and wait for one another at each group's first layer; once all have
@@ -360,10 +360,15 @@ def compress_block(
     and the caller runs the compressed block for its outputs.
     """
     modules = {n: block.get_submodule(n) for n in names}
+    device = inputs.hidden.device
+
+    def new(_name: str, module: nn.Module) -> InputStats:
+        return new_input_stats(weight_matrix(module).shape[1], device, hessian)
+
     why = "in_block=parallel"
     if in_block == "sequential":
         keys, calls = _probe(block, inputs, modules)
-        why = one_pass_refusal(block, inputs, modules, calls)
+        why = one_pass_refusal(inputs, modules, calls)
     if why is not None:
         stats = reduce_stats(collect(block, inputs, names, new))
         groups = shared_inputs(names, stats)
@@ -378,8 +383,9 @@ def compress_block(
         by_key.setdefault(keys[name], []).append(name)
     groups = list(by_key.values())
     n, step = inputs.hidden.shape[0], max(1, inputs.batch)
-    calls = [(i, min(i + step, n)) for i in range(0, n, step)]  # the windows of each block call
-    made: dict[int, S] = {}
+    spans = [(i, min(i + step, n)) for i in range(0, n, step)]  # the windows of each block call
+    made: dict[int, InputStats] = {}
+    solved: set[int] = set()
 
     def hook(k: int, group: list[str]):
         def fn(_m, args) -> None:
@@ -394,18 +400,17 @@ def compress_block(
                     stat = reduce_stats({group[0]: made.pop(k)})[group[0]]
                 with phase("solves"):
                     apply(group, solve_on(k, lambda: solve(group, stat)))
+                solved.add(k)
 
             turns.meet(k, solve_group)
 
         return fn
 
-    out = torch.empty_like(inputs.hidden)
+    def run(c: int) -> None:  # a call's outputs replace its own inputs only, once its forward is done
+        i, j = spans[c]
+        inputs.hidden[i:j] = _call(block, inputs.hidden[i:j], inputs)
 
-    def run(c: int) -> None:
-        i, j = calls[c]
-        out[i:j] = _call(block, inputs.hidden[i:j], inputs)
-
-    turns = _Turns(len(calls))
+    turns = _Turns(len(spans))
     handles = [modules[g[0]].register_forward_pre_hook(hook(k, g)) for k, g in enumerate(groups)]
     try:
         with phase("block outputs"):
@@ -413,9 +418,9 @@ def compress_block(
     finally:
         for h in handles:
             h.remove()
-    if made:
-        raise RuntimeError(f"layers {[groups[k][0] for k in made]} were not reached by every call of the block")
-    inputs.hidden.copy_(out)
+    if len(solved) < len(groups):
+        missed = [g[0] for k, g in enumerate(groups) if k not in solved]
+        raise RuntimeError(f"layers {missed} were not reached by the block's calls: use --in-block parallel")
     return True, None
 
 

@@ -23,7 +23,7 @@ from lmcompress.algorithms.gptq import ColumnQuantizer
 from lmcompress.algorithms.masks import Pattern
 from lmcompress.algorithms.owl import OwlAllocation
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec
-from lmcompress.calibration.distributed import new_input_stats, solve_cost, spread
+from lmcompress.calibration.distributed import solve_cost, spread
 from lmcompress.calibration.engine import (
     IN_BLOCK,
     BlockInputs,
@@ -509,10 +509,10 @@ def prune(
                 block,
                 inputs,
                 list(layers),
-                lambda _n, m: new_input_stats(weight_matrix(m).shape[1], inputs.hidden.device, hessian),
                 solver(i, layers),
                 applier(i, layers),
                 lambda g: solve_cost(layers, g),
+                hessian=hessian,
                 in_block=config.in_block,
             )
             if why is not None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from lmcompress.algorithms.gptq import GPTQResult, gptq_quantize
 from lmcompress.algorithms.quant import GRIDS, QuantizedTensor, QuantSpec, rtn_quantize, scale_storage_dtype
-from lmcompress.calibration.distributed import new_input_stats, solve_cost, spread
+from lmcompress.calibration.distributed import solve_cost, spread
 from lmcompress.calibration.engine import (
     IN_BLOCK,
     BlockInputs,
@@ -247,10 +247,10 @@ def quantize(
             block,
             inputs,
             list(layers),
-            lambda _n, m: new_input_stats(weight_matrix(m).shape[1], inputs.hidden.device, True),
             solve,
             apply,
             lambda g: solve_cost(layers, g),
+            hessian=True,
             in_block=config.in_block,
         )
         if why is not None:
