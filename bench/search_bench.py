@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sensitivity-span", type=int, default=None, help="levels each way [3 block, 1 layer; 0 off]")
     parser.add_argument("--stage-windows", default="2,8", help="fitness windows per selection stage (ends at 1 kept)")
     parser.add_argument("--survivors", default="4,1", help="kept after each selection stage")
+    parser.add_argument("--start", default=None, help="an earlier search.json to start from as well (--start)")
     parser.add_argument("--tag", default="", help="write bench/results/search-TAG.json (runs side by side)")
     args = parser.parse_args(argv)
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from lmcompress.checkpoint.load import load_model
     from lmcompress.measure.perplexity import perplexity
-    from lmcompress.search.run import SearchConfig, search
+    from lmcompress.search.run import SearchConfig, read_start, search
     from lmcompress.transforms.prune import PruneConfig, prune
 
     torch.set_num_threads(args.threads)
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         for target in (float(t) for t in args.targets.split(",")):
             row = {"method": method, "sparsity": target}
             for allocation in ("uniform", "owl"):
-                data = f"n{args.nsamples}x{args.seqlen} test{args.eval_windows}x{args.eval_seqlen}"
+                # prune's defaults are part of what was measured (the in-block order changed in session 8)
+                data = f"n{args.nsamples}x{args.seqlen} test{args.eval_windows}x{args.eval_seqlen} in-block sequential"
                 key = f"{method} {target:g} {allocation} {data}"
                 if key not in baselines:  # sequential pruning is deterministic: a rerun reuses what it measured
                     model = copy.deepcopy(base)
@@ -124,10 +126,11 @@ def main(argv: list[str] | None = None) -> None:
                 granularity=args.granularity,
                 time_limit_s=None if args.time_limit is None else args.time_limit * 60,
                 sensitivity_span=args.sensitivity_span,
+                start=None if args.start is None else read_start(args.start, "sparsity"),
                 **_stages(args),
             )
             seq = "-seq" if args.database_inputs == "sequential" else ""
-            work = CACHE / "search-db" / f"{method}-{target:g}{seq}{'-layer' if args.granularity == 'layer' else ''}"
+            work = CACHE / "search-db" / f"{method}-{target:g}{seq}"  # block and layer searches share the database
             model = copy.deepcopy(base)
             start = time.perf_counter()
             report = search(model, config, calib, held_out, work, progress=True)
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             row["kl_search"] = report.fitness
             row["kl_db_uniform"], row["kl_db_owl"] = report.baselines["uniform"], report.baselines["owl"]
             row["kl_additive"], row["generations_run"] = report.baselines.get("additive"), len(report.history)
+            row["kl_start"] = report.baselines.get("start")
             best = min(row["uniform"], row["owl"])
             row["search/best"] = row["search"] / best
             row["search/uniform"] = row["search"] / row["uniform"]

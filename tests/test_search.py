@@ -424,3 +424,53 @@ def test_a_negative_sensitivity_span_is_refused(base, calib, tmp_path):
         search(copy.deepcopy(base), SearchConfig(target=0.6, sensitivity_span=-1, **FAST), calib[:4], calib[4:6],
                tmp_path / "w", progress=False)  # fmt: skip
     assert not (tmp_path / "w").exists()
+
+
+def test_a_block_search_refined_per_layer_starts_from_its_allocation(base, calib, tmp_path):
+    blocks = search(
+        copy.deepcopy(base), SearchConfig(target=0.6, generations=3, **FAST), calib[:4], calib[4:6], tmp_path / "w",
+        progress=False,
+    )  # fmt: skip
+    config = SearchConfig(
+        target=0.6, granularity="layer", generations=2, sensitivity_span=0, start=blocks.layer_levels, **FAST
+    )
+    layers = search(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "w", progress=False)
+    # every layer starts at its block's level, scored as the block search scored it (same database, same windows)
+    assert dict(zip([u[0] for u in layers.units], layers.baseline_allocations["start"], strict=True)) == (
+        blocks.layer_levels
+    )
+    assert layers.baselines["start"] == pytest.approx(blocks.fitness, rel=1e-6)
+    assert layers.fitness <= min(layers.baselines.values()) + 1e-12
+    assert layers.achieved == pytest.approx(0.6, abs=1e-9)
+    assert layers.config["start"] == blocks.layer_levels  # recorded (and part of the resume key)
+
+
+def test_start_files_that_do_not_fit_are_refused(tiny_folder, tmp_path, capsys):
+    import json
+
+    from lmcompress.cli import main
+
+    src = str(tiny_folder("llama"))
+    layers = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    cases = [
+        ({"config": {"kind": "bits"}, "layer_levels": {layers[0]: 3.0}}, "holds bits levels"),
+        ({layers[0]: 0.5}, "layers missing"),
+        ({"model.layers.9.mlp.up_proj": 0.5}, "layers this model lacks"),
+        ([0.5, 0.7], "JSON object of layer name"),
+        ({}, "JSON object of layer name"),
+    ]
+    for k, (content, message) in enumerate(cases):
+        path = tmp_path / f"start{k}.json"
+        path.write_text(json.dumps(content))
+        out = tmp_path / f"out{k}"
+        data = ["--calib-data", "bundled:wikitext2-valid"]
+        argv = ["search", src, "--start", str(path), "--levels", "0.3:0.7:0.1", *data]
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--nsamples", "2", "--seqlen", "32", "--fitness-windows", "8", "--generations", "0", "-q",
+                  "-o", str(out)])  # fmt: skip
+        err = " ".join(capsys.readouterr().err.split())
+        assert exit_info.value.code == 2 and re.search(message, err), (content, err)
+        assert not out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", src, "--start", str(tmp_path / "nope"), "-o", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err

@@ -64,7 +64,7 @@ def _inner_width(m: int) -> int:
     return m * -(-INNER // m)
 
 
-FACTOR_CHUNK = 512  # columns of M⁻¹ solved per call in inverse_hessian_cholesky
+FACTOR_CHUNK = 256  # rows and columns of the blocks of M⁻¹ in inverse_hessian_cholesky
 
 
 def inverse_hessian_cholesky(
@@ -76,11 +76,12 @@ def inverse_hessian_cholesky(
     permutation, ``J (H + λI) J = M Mᵀ`` (lower Cholesky) gives ``H + λI = R Rᵀ`` with ``R = J M J`` upper
     triangular, so ``(H + λI)⁻¹ = R⁻ᵀ R⁻¹ = Uᵀ U`` with ``U = R⁻¹ = J M⁻¹ J``, upper triangular with a positive
     diagonal: the factor sought. ``M`` and ``M⁻¹`` are computed in float64 (in float32, SparseGPT 50 % of
-    SmolLM2 came out 0.5–4 % worse in perplexity and GPTQ 4-bit 9 %); ``M⁻¹`` is built a block of columns at
-    a time by block forward substitution (matrix products and small triangular solves, no copy of ``M``) and
-    written reversed into the float32 result, so besides ``H`` the memory is one float64 and one float32
-    ``n × n`` matrix (0.38 GB for the 5632-wide ``down_proj`` of a 1.1B LLaMA).
-    With ``overwrite`` the result is written over ``hessian`` itself (once ``M`` exists), saving the latter.
+    SmolLM2 came out 0.5–4 % worse in perplexity and GPTQ 4-bit 9 %). ``M⁻¹`` is built a block column at a
+    time by block forward substitution, ``X_cc = M_cc⁻¹`` and ``X_rc = −M_rr⁻¹ (M[r, c:r] X[c:r, c])`` for the
+    later row blocks ``r``, with the small diagonal blocks' inverses ``M_rr⁻¹`` taken once, so the sweep is
+    matrix products only; each block column is written reversed into the float32 result. Besides ``H`` the
+    memory is one float64 and one float32 ``n × n`` matrix (0.38 GB for the 5632-wide ``down_proj`` of a 1.1B
+    LLaMA). With ``overwrite`` the result is written over ``hessian`` itself (once ``M`` exists), saving the latter.
 
     If the factorization fails (H numerically indefinite) the dampening is multiplied by 10 until it
     succeeds, and a warning says so. Returns the factor and the dampening fraction used.
@@ -88,28 +89,26 @@ def inverse_hessian_cholesky(
     n = hessian.shape[0]
     mean_diag = torch.mean(torch.diag(hessian)).item()
     damp = percdamp
+    f64 = {"dtype": torch.float64, "device": hessian.device}
+    blocks = [(a, min(a + FACTOR_CHUNK, n)) for a in range(0, n, FACTOR_CHUNK)]
     for _ in range(8):
         try:
-            # column-major, as LAPACK wants it: the factorization then runs in this buffer, without a copy
-            m = torch.empty((n, n), dtype=torch.float64, device=hessian.device).t()
-            for r0 in range(0, n, FACTOR_CHUNK):  # J H J, copied a slab of rows at a time
-                r1 = min(r0 + FACTOR_CHUNK, n)
-                m[r0:r1] = hessian[n - r1 : n - r0].flip(0, 1)
+            # J H J, copied a slab of rows at a time into a row-major buffer; it is symmetric, so the buffer read
+            # column-major (as LAPACK wants it: the factorization then runs in place) is the same matrix
+            buf = torch.empty((n, n), **f64)
+            for r0, r1 in blocks:
+                buf[r0:r1] = hessian[n - r1 : n - r0].flip(0, 1)
+            m = buf.t()
             m.diagonal().add_(damp * mean_diag)
             torch.linalg.cholesky(m, out=m)  # in place: M, lower triangular
             u = hessian.zero_() if overwrite else torch.zeros_like(hessian)
-            for c0 in range(0, n, FACTOR_CHUNK):
-                # columns c0..c1 of M⁻¹ (zero above row c0), by block forward substitution down the rows:
-                # X_c = M_cc⁻¹, then X_r = −M_rr⁻¹ (M[r, c0:r0] X[c0:r0]) for each later row block r
-                c1 = min(c0 + FACTOR_CHUNK, n)
-                x = torch.empty((n - c0, c1 - c0), dtype=m.dtype, device=m.device)
-                for r0 in range(c0, n, FACTOR_CHUNK):
-                    r1 = min(r0 + FACTOR_CHUNK, n)
-                    if r0 == c0:
-                        rhs = torch.eye(r1 - r0, dtype=m.dtype, device=m.device)
-                    else:
-                        rhs = -(m[r0:r1, c0:r0] @ x[: r0 - c0])
-                    x[r0 - c0 : r1 - c0] = torch.linalg.solve_triangular(m[r0:r1, r0:r1], rhs, upper=False)
+            inv = [torch.linalg.solve_triangular(m[a:b, a:b], torch.eye(b - a, **f64), upper=False) for a, b in blocks]
+            for i, (c0, c1) in enumerate(blocks):
+                x = torch.empty((n - c0, c1 - c0), **f64)  # block column c of M⁻¹, from its diagonal block down
+                x[: c1 - c0] = inv[i]
+                for j in range(i + 1, len(blocks)):
+                    r0, r1 = blocks[j]
+                    x[r0 - c0 : r1 - c0] = inv[j] @ (m[r0:r1, c0:r0] @ x[: r0 - c0]).neg_()
                 u[: n - c0, n - c1 : n - c0] = x.flip(0, 1)  # U[i, j] = M⁻¹[n−1−i, n−1−j]
             return u, damp
         except torch.linalg.LinAlgError:

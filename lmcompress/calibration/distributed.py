@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmcompress.calibration.stats import InputStats, add_gram_
+from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
 from lmcompress.models.families import weight_matrix
 
@@ -177,8 +177,7 @@ class WindowInputStats(InputStats):
         part = (x * x).sum(0)
         self.parts.append(part)
         self.sq_sum += part
-        if self.xtx is not None:
-            add_gram_(self.xtx, x)
+        self._add_gram(x)
 
 
 def new_input_stats(in_features: int, device: torch.device, hessian: bool) -> InputStats:

@@ -12,23 +12,29 @@ import torch
 GRAM_SLAB = 256  # features per row slab in add_gram_; narrower inputs take one plain product
 
 
-def add_gram_(xtx: torch.Tensor, x: torch.Tensor) -> None:
-    """``xtx += xᵀ x`` for ``x`` ``[tokens, d]``, computing only the upper triangle's row slabs.
+def _slabs(d: int) -> list[tuple[int, int]]:
+    """Equal row slabs of at most GRAM_SLAB features (one slab for narrower inputs)."""
+    step = d if d <= GRAM_SLAB else -(-d // -(-d // GRAM_SLAB))
+    return [(a, min(a + step, d)) for a in range(0, d, step)]
 
-    The Gram matrix is symmetric, so row slab ``i`` (features ``a..b``) is computed from column ``a`` on and
-    its part right of the slab is copied, transposed, below it. With ``k`` slabs that is ``(k + 1) / 2k`` of
-    the full product's work (9/16 for a 2048-wide input), and ``xtx`` stays whole and symmetric after every call.
+
+def add_gram_(xtx: torch.Tensor, x: torch.Tensor) -> None:
+    """``xtx += xᵀ x`` on and above the diagonal's row slabs, for ``x`` ``[tokens, d]``.
+
+    The Gram matrix is symmetric, so row slab ``i`` (features ``a..b``) is computed from column ``a`` on only:
+    with ``k`` slabs that is ``(k + 1) / 2k`` of the full product's work (9/16 for a 2048-wide input). The part
+    below the slabs is left as it was; :func:`fill_lower_` copies it from above once all inputs are in.
     """
-    d = x.shape[1]
-    if d <= GRAM_SLAB:
-        xtx.addmm_(x.t(), x)
-        return
-    step = -(-d // -(-d // GRAM_SLAB))  # equal slabs of at most GRAM_SLAB features
-    for a in range(0, d, step):
-        b = min(a + step, d)
+    for a, b in _slabs(x.shape[1]):
         xtx[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
-        if b < d:
+
+
+def fill_lower_(xtx: torch.Tensor) -> torch.Tensor:
+    """Make ``xtx`` whole and symmetric after :func:`add_gram_`: each slab's part right of it, transposed, below it."""
+    for a, b in _slabs(xtx.shape[0]):
+        if b < xtx.shape[0]:
             xtx[b:, a:b] = xtx[a:b, b:].t()
+    return xtx
 
 
 class InputStats:
@@ -37,8 +43,21 @@ class InputStats:
     def __init__(self, in_features: int, device: torch.device, hessian: bool) -> None:
         self.tokens = 0
         self.sq_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        self._gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        self._whole = True  # _gram's part below the slabs is up to date (see add_gram_)
         self._scaled = False  # xtx has been turned into H in place (see hessian)
+
+    @property
+    def xtx(self) -> torch.Tensor | None:
+        """``Σ x xᵀ`` over the tokens so far, whole and symmetric (None when not collected)."""
+        if self._gram is not None and not self._whole:
+            fill_lower_(self._gram)
+            self._whole = True
+        return self._gram
+
+    @xtx.setter
+    def xtx(self, value: torch.Tensor | None) -> None:
+        self._gram, self._whole = value, True
 
     def add(self, x: torch.Tensor) -> None:
         if self._scaled:
@@ -46,8 +65,12 @@ class InputStats:
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         self.sq_sum += (x * x).sum(0)
-        if self.xtx is not None:
-            add_gram_(self.xtx, x)
+        self._add_gram(x)
+
+    def _add_gram(self, x: torch.Tensor) -> None:
+        if self._gram is not None:
+            add_gram_(self._gram, x)
+            self._whole = False
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -55,12 +78,13 @@ class InputStats:
 
         Scaled in place on first use (``xtx`` then holds ``H``; no second ``d × d`` copy is ever made), so no
         inputs can be added after it."""
-        if self.xtx is None:
+        xtx = self.xtx
+        if xtx is None:
             raise RuntimeError("Hessian was not collected")
         if not self._scaled:
-            self.xtx.mul_(2.0 / max(self.tokens, 1))
+            xtx.mul_(2.0 / max(self.tokens, 1))
             self._scaled = True
-        return self.xtx
+        return xtx
 
 
 class InputRows:

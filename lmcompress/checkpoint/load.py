@@ -168,11 +168,11 @@ def check_loading_info(info: dict, source: str, *, bare: bool = False) -> None:
 def check_finite(model: nn.Module, source: str | Path) -> None:
     """Refuse a model with NaN or infinite parameters (naming them): every method and metric would be garbage.
 
-    A sum is NaN or infinite whenever one of its terms is, so one reduction per tensor clears it; only a
-    tensor whose sum is not finite (a bad weight, or a float64 overflow) is checked element by element."""
+    A sum is NaN or infinite whenever one of its terms is, so one float32 reduction per tensor clears it; only
+    a tensor whose sum is not finite (a bad weight, or a float32 overflow) is checked element by element."""
     bad = []
     for name, p in model.named_parameters():
-        if not p.is_floating_point() or not p.numel() or bool(torch.isfinite(p.sum(dtype=torch.float64))):
+        if not p.is_floating_point() or not p.numel() or bool(torch.isfinite(p.sum(dtype=torch.float32))):
             continue
         if not bool(torch.isfinite(p).all()):
             bad.append(f"{name} ({int((~torch.isfinite(p)).sum())} of {p.numel()})")

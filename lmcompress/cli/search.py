@@ -10,7 +10,7 @@ from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.errors import UserError
 from lmcompress.jobs import search_pretrained
-from lmcompress.search.run import SearchConfig
+from lmcompress.search.run import SearchConfig, read_start
 
 
 def parse_budget(text: str) -> tuple[str, float]:
@@ -102,6 +102,12 @@ def search(
         help="Before the evolution, score every unit moved alone up to this many levels each way and start from "
         "greedy switches under the additive model this gives, if it scores better [3 per block, 1 per layer; 0: off].",
     ),
+    start: str = typer.Option(
+        None,
+        "--start",
+        help="Also start from this allocation: an earlier search's search.json (or output folder) of the same "
+        "budget kind, e.g. a per-block search to refine with --granularity layer; placed on this budget.",
+    ),
     max_loss: str = typer.Option(
         None, "--max-loss", help="ppl=+5%: the largest sparsity (on the level grid) within that perplexity loss."
     ),
@@ -129,8 +135,8 @@ def search(
 
     Every layer is pruned once at every level (a database on disk); candidates are assembled from it and scored
     by the KL divergence of their next-token distribution to the dense model's on held-out calibration windows.
-    The search starts from the best of uniform, OWL and a sensitivity pass's additive allocation at the same
-    budget and never ends worse than it. A killed search, run again with the same settings, continues from its
+    The search starts from the best of uniform, OWL (and --start) and a sensitivity pass's additive allocation at
+    the same budget and never ends worse than it. A killed search, run again with the same settings, continues from its
     last finished generation.
 
     Examples:
@@ -138,6 +144,8 @@ def search(
       lmcompress search ./smollm2 --budget sparsity=0.7 --method sparsegpt --calib-data wikitext2 -o smol-evo70
 
       lmcompress search ./llama --budget sparsity=0.5 --granularity layer --time-limit 30m -o llama-evo50
+
+      lmcompress search ./smollm2 --granularity layer --start smol-evo70 --calib-data wikitext2 -o smol-evo70-layers
 
       lmcompress search ./llama --budget bits=3.0 --levels 2,3,4,8 --group-size 128 -o llama-mixed3
 
@@ -167,6 +175,7 @@ def search(
         rounds=rounds,
         sensitivity_span=sensitivity_span,
         seed=seed,
+        start=read_start(start, kind) if start is not None else None,
     )
     report = search_pretrained(
         model,

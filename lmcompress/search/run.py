@@ -71,6 +71,31 @@ def parse_levels(text: str, kind: str = "sparsity") -> list[float]:
     return values
 
 
+def read_start(path: str | Path, kind: str) -> dict[str, float]:
+    """Per-layer levels to start a search from: an earlier search's ``search.json`` (or its output folder) of the
+    same kind, or a JSON object ``{"layer name": level, ...}``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "search.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"start file {path} does not exist", param="start") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"start file {path} is not readable JSON ({exc})", param="start") from None
+    if isinstance(data, dict) and "layer_levels" in data:
+        found = (data.get("config") or {}).get("kind") if isinstance(data.get("config"), dict) else None
+        if found != kind:
+            raise UserError(f"{path} holds {found or 'unknown'} levels; this search's budget is {kind}", param="start")
+        data = data["layer_levels"]
+    ok = isinstance(data, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data.values())
+    if not ok or not data:
+        raise UserError(
+            f"start file {path} must be a search.json or a JSON object of layer name → {kind}", param="start"
+        )
+    return {str(k): float(v) for k, v in data.items()}
+
+
 @dataclass
 class SearchConfig:
     """What to search: ``target`` average ``kind`` (sparsity, or bits per weight with grids) over ``levels``.
@@ -99,6 +124,7 @@ class SearchConfig:
     database_inputs: str = "sequential"  # sequential: along the uniform model's inputs; dense: EvoPress's
     rounds: int = 1  # sequential inputs: rebuild the database along the best allocation so far, this many times − 1
     sensitivity_span: int | None = None  # levels each way of the sensitivity pass; None: 3 (blocks), 1 (layers); 0: off
+    start: dict[str, float] | None = None  # layer → level: an extra start (e.g. a per-block search's, to refine)
 
     @property
     def span(self) -> int:
@@ -137,6 +163,8 @@ class SearchConfig:
             )
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise UserError(f"the time limit must be positive, got {self.time_limit_s:g} s")
+        if self.start is not None and not self.start:
+            raise UserError("the start allocation is empty: give an earlier search's search.json")
         if self.kind == "sparsity":
             PruneConfig(method=self.method, sparsity=self.target)  # its checks apply too
             return levels
@@ -354,7 +382,7 @@ def prepare(
         nearest = min(range(len(levels)), key=lambda k: (abs(levels[k] - config.target), k))
         reference = dict.fromkeys(prunable_layers(model), nearest)
     fields = ("kind", "method", "levels", "group_size", "sym", "database_inputs")
-    db_key = json.dumps({k: settings[k] for k in fields} | data | {"reference": reference})
+    db_key = json.dumps({k: settings[k] for k in fields} | {"levels": levels} | data | {"reference": reference})
     # what decides the trajectory (how long to run does not)
     key = json.dumps({k: v for k, v in settings.items() if k not in ("generations", "time_limit_s")} | data)
     if config.kind == "sparsity":
@@ -391,6 +419,8 @@ def search(
     """
     start = time.perf_counter()
     work = Path(work)
+    if config.start is not None:  # before the database is built
+        check_start(list(prunable_layers(model)), config.start)
     cand = prepare(model, config, calib, fitness_windows, work, device=device, progress=progress)
     levels, db, units, space, key = cand.levels, cand.db, cand.units, cand.space, cand.key
     final_stage = len(config.stage_windows) - 1
@@ -405,6 +435,8 @@ def search(
             )
             block_targets = owl.sparsities
             starts["owl"] = cand.place([block_targets[db.block_of[u[0]]] for u in units], "OWL")
+        if config.start is not None:
+            starts["start"] = cand.place(_unit_targets(db, units, config.start), "start")
         baselines = {name: cand.score(lv, final_stage) for name, lv in starts.items()}
         best = min(baselines, key=baselines.get)
         additive = cand.additive_start(starts[best], final_stage, progress=progress)
@@ -474,6 +506,27 @@ def search(
             for r in round_starts
         ],
     )
+
+
+def check_start(layers, start: dict[str, float]) -> None:
+    """Refuse a start allocation whose layers are not exactly ``layers``."""
+    missing = [layer for layer in layers if layer not in start]
+    unknown = sorted(set(start) - set(layers))
+    if missing or unknown:
+        parts = [f"{len(missing)} layers missing (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(unknown)} layers this model lacks (e.g. {unknown[0]})"] if unknown else []
+        raise UserError(
+            f"the start allocation does not fit this model: {'; '.join(parts)}. Give a search.json searched on "
+            "this model",
+            param="start",
+        )
+
+
+def _unit_targets(db: LevelDatabase, units: list[list[str]], start: dict[str, float]) -> list[float]:
+    """Each unit's level in ``start`` (layer → level), averaged over its layers by their sizes."""
+    check_start(db.layers, start)
+    size = db.sizes
+    return [sum(start[layer] * size[layer] for layer in unit) / sum(size[layer] for layer in unit) for unit in units]
 
 
 def _keep_dense_weights(model: nn.Module, path: Path) -> None:
