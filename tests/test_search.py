@@ -133,6 +133,15 @@ def test_cli_search_writes_model_recipe_and_history(tiny_folder, tmp_path, calib
         "additive",
     }
     assert not any(p.name.endswith(".search-work") for p in tmp_path.iterdir())  # cleaned up
+    # refine per layer from that output folder: its allocation is one of the starts, scored like the others
+    refined = tmp_path / "evo-layers"
+    argv = [*args[:-1], str(refined), "--granularity", "layer", "--start", str(out), "--sensitivity-span", "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code in (0, None)
+    layers = json.loads((refined / "search.json").read_text())
+    assert layers["config"]["start"] == history["layer_levels"] and "start" in layers["baselines"]
+    assert layers["fitness"] <= min(v for k, v in layers["baselines"].items() if k != "allocations") + 1e-12
     model, _ = lmcompress.load(out)
     sparsity, _ = measure_sparsity(model)
     assert sparsity == pytest.approx(0.5, abs=0.01)
