@@ -453,6 +453,19 @@ def test_a_block_search_refined_per_layer_starts_from_its_allocation(base, calib
     assert layers.achieved == pytest.approx(0.6, abs=1e-9)
     assert layers.config["start"] == blocks.layer_levels  # recorded (and part of the resume key)
 
+    import json
+
+    from lmcompress.measure.search_report import layer_grid, write_search_report
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "search.json").write_text(json.dumps(layers.to_dict()))
+    blocks_, kinds, cells = layer_grid(json.loads((out / "search.json").read_text()))
+    assert len(blocks_) * len(kinds) == len(cells) == len(layers.units)  # every layer in one cell of the map
+    assert cells[(0, kinds[0])] == layers.allocation[0]
+    sentence = write_search_report(out)["sentences"][0]
+    assert "hand-set rule (start" not in sentence and "given start" in sentence  # a start is not a rule
+
 
 def test_start_files_that_do_not_fit_are_refused(tiny_folder, tmp_path, capsys):
     import json

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from lmcompress.errors import UserError
@@ -36,30 +37,73 @@ def plot_history(report: dict) -> bytes:
     return png(fig)
 
 
+_BLOCK_INDEX = re.compile(r"\.(\d+)\.(.+)$")
+
+
+def layer_grid(report: dict) -> tuple[list[int], list[str], dict[tuple[int, str], float]] | None:
+    """For a per-layer search, the chosen level of each (block index, layer name within the block), or ``None``
+    when the units are not single layers named ``<blocks>.<index>.<name>`` (then the bar chart is drawn)."""
+    if report["config"].get("granularity") != "layer":
+        return None
+    cells: dict[tuple[int, str], float] = {}
+    for names, level in zip(report["units"], report["allocation"], strict=True):
+        found = _BLOCK_INDEX.search(names[0]) if len(names) == 1 else None
+        if found is None:
+            return None
+        cells[(int(found[1]), found[2])] = level
+    blocks = sorted({b for b, _ in cells})
+    kinds = list(dict.fromkeys(k for _, k in cells))  # model order of the first block that has each
+    return blocks, kinds, cells
+
+
 def plot_allocation(report: dict) -> bytes:
-    """Level of each unit: the search's choice as bars, OWL's and uniform's allocation as lines."""
+    """Level of each unit: per block as bars with OWL's, uniform's and the starts' allocations as lines; per
+    layer as a map of blocks (columns) by layer names (rows), which stays readable for hundreds of layers."""
     from matplotlib.figure import Figure
 
     from lmcompress.measure.render import png
 
+    kind = report["config"].get("kind", "sparsity")
+    label = "sparsity" if kind == "sparsity" else "bits per weight"
+    grid = layer_grid(report)
+    if grid is not None:
+        blocks, kinds, cells = grid
+        values = [[cells.get((b, k), float("nan")) for b in blocks] for k in kinds]
+        fig = Figure(figsize=(max(6.4, 0.32 * len(blocks) + 2.5), 1.2 + 0.4 * len(kinds)))
+        ax = fig.subplots()
+        image = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
+        ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
+        for row, line in enumerate(values):  # the level in each cell, so no colour has to be read off the bar
+            for col, value in enumerate(line):
+                if value == value:
+                    text = f"{value:.2f}".lstrip("0") if kind == "sparsity" else f"{value:g}"
+                    r, g, b, _ = image.cmap(image.norm(value))
+                    ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"  # readable on its cell
+                    ax.text(col, row, text, ha="center", va="center", fontsize=5.5, color=ink)
+        fig.colorbar(image, ax=ax, label=label, fraction=0.03, pad=0.01)
+        ax.set_xlabel("block")
+        ax.set_title(
+            f"chosen {label} per layer (average {report['achieved']:.3f}; target {report['config']['target']:g})"
+        )
+        return png(fig)
+
     alloc = report["allocation"]
     xs = list(range(len(alloc)))
-    fig = Figure(figsize=(max(6.4, 0.18 * len(alloc)), 4.0))
+    fig = Figure(figsize=(min(max(6.4, 0.18 * len(alloc)), 24.0), 4.0))
     ax = fig.subplots()
     ax.bar(xs, alloc, color="tab:blue", alpha=0.8, label="search")
-    for name, style in (("owl", "tab:orange"), ("additive", "tab:green"), ("uniform", "black")):
+    lines = (("owl", "tab:orange"), ("additive", "tab:green"), ("start", "tab:purple"), ("uniform", "black"))
+    for name, style in lines:
         values = report.get("baseline_allocations", {}).get(name)
         if values:
             ax.step(xs, values, where="mid", color=style, linewidth=1.2, label=name)
     unit = "block" if report["config"]["granularity"] == "block" else "layer"
     ax.set_xlabel(f"{unit} (model order)")
-    kind = report["config"].get("kind", "sparsity")
-    ax.set_ylabel("sparsity" if kind == "sparsity" else "bits per weight")
+    ax.set_ylabel(label)
     if kind == "sparsity":
         ax.set_ylim(0, 1)
-    ax.set_title(
-        f"chosen {'sparsity' if kind == 'sparsity' else 'bit width'} per {unit} (average {report['achieved']:.3f})"
-    )
+    ax.set_title(f"chosen {label} per {unit} (average {report['achieved']:.3f})")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return png(fig)
@@ -82,7 +126,8 @@ def write_search_report(folder: str | Path) -> dict:
         ("search-fitness.png", "fitness per generation", plot_history(report)),
         ("search-allocation.png", "chosen sparsity per unit", plot_allocation(report)),
     ]
-    rules = {k: v for k, v in baselines.items() if k != "additive"} or baselines  # the hand-set rules
+    starts = ("additive", "start")  # found by the sensitivity pass or given by the user: not hand-set rules
+    rules = {k: v for k, v in baselines.items() if k not in starts} or baselines
     best = min(rules, key=rules.get)
     gain = 1 - report["fitness"] / baselines[best] if baselines[best] > 0 else 0.0
     what = "average sparsity" if report["config"].get("kind", "sparsity") == "sparsity" else "bits per weight"
@@ -93,6 +138,8 @@ def write_search_report(folder: str | Path) -> dict:
     )
     if "additive" in baselines:
         sentence += f" The sensitivity pass's additive start scored {baselines['additive']:.4g}."
+    if "start" in baselines:
+        sentence += f" The given start (`--start`) scored {baselines['start']:.4g}."
     rows = [[name, f"{value:.4g}"] for name, value in baselines.items()] + [["search", f"{report['fitness']:.4g}"]]
     blocks: list[tuple] = [("h1", "lmcompress search report"), ("p", sentence), ("table", ["allocation", "KL"], rows)]
     for name, caption, png in images:
