@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def plot_allocation(report: dict) -> bytes:
         ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
         for row, line in enumerate(values):  # the level in each cell, so no colour has to be read off the bar
             for col, value in enumerate(line):
-                if value == value:
+                if not math.isnan(value):  # a layer name this block lacks
                     text = f"{value:.2f}".lstrip("0") if kind == "sparsity" else f"{value:g}"
                     r, g, b, _ = image.cmap(image.norm(value))
                     ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"  # readable on its cell
