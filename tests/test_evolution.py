@@ -38,6 +38,29 @@ def test_level_switches_keep_the_budget_exactly_and_the_levels_in_range():
     assert len(set(levels)) > 1  # it did move
 
 
+def test_switches_between_units_of_different_sizes_move_weights_between_them_and_keep_the_budget():
+    # a LLaMA block's layers in units of a k_proj: q and o 3, k and v 1, gate, up and down 8 (SmolLM2's ratios)
+    sizes = [3, 1, 1, 3, 8, 8, 8] * 3
+    space = sparsity_space([110 * n for n in sizes], 0.7)
+    levels = [SPARSITIES.index(0.7)] * len(sizes)
+    rng = random.Random(0)
+    mlp_share = set()
+    for _ in range(300):
+        levels = mutate(space, levels, rng)
+        assert space.total(levels) == pytest.approx(space.budget, abs=1e-6)
+        mlp_share.add(round(sum(space.cost[u][lv] for u, lv in enumerate(levels) if sizes[u] == 8), 6))
+    assert len(mlp_share) > 3  # the MLP layers' total changes: weights moved to and from attention
+
+
+def test_a_unit_no_others_can_balance_never_moves():
+    space = sparsity_space([100, 100, 37], 0.6)  # a step of the 37-weight unit is no sum of the others' steps
+    levels = [SPARSITIES.index(0.6)] * 3
+    rng = random.Random(0)
+    for _ in range(200):
+        levels = mutate(space, levels, rng)
+        assert levels[2] == SPARSITIES.index(0.6) and space.feasible(levels)
+
+
 def test_a_budget_outside_the_levels_is_refused():
     with pytest.raises(ValueError, match="outside"):
         sparsity_space([10, 10], 0.95)

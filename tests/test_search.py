@@ -467,6 +467,15 @@ def test_a_block_search_refined_per_layer_starts_from_its_allocation(base, calib
     assert "hand-set rule (start" not in sentence and "given start" in sentence  # a start is not a rule
 
 
+def test_searches_with_other_fitness_windows_share_the_level_database(base, calib, tmp_path):
+    config = SearchConfig(target=0.6, generations=1, **FAST)
+    first = search(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "w", progress=False)
+    second = search(copy.deepcopy(base), config, calib[:4], calib[6:8], tmp_path / "w", progress=False)
+    assert first.database == second.database  # built once: it depends on the calibration windows only
+    assert len(list((tmp_path / "w").glob("database-*"))) == 1
+    assert len(list((tmp_path / "w").glob("state-*.json"))) == 2  # each fitness its own trajectory
+
+
 def test_start_files_that_do_not_fit_are_refused(tiny_folder, tmp_path, capsys):
     import json
 

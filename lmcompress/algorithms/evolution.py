@@ -5,10 +5,13 @@ assigns a level index to every unit; its *cost* is ``Σ_u cost[u][level_u]`` (we
 and the search looks for the candidate of lowest fitness (e.g. KL divergence to the dense model) whose cost
 stays on the budget.
 
-Mutation (the level switch): move one unit one level up and another one level down, chosen so that the total
-cost does not leave the budget. For sparsity the two units are of the same size, so the total is unchanged
-exactly; for bit widths whose steps differ (2→3 is one bit, 4→8 four) a move is kept only when the total stays
-within ``[budget − slack, budget]``.
+Mutation (the level switch): move one unit one level, then move other units one level the other way until the
+total cost is back within ``[budget − slack, budget]``. Between units of the same size this is EvoPress's switch
+(one up, one down, the total unchanged exactly). Between units of different sizes (the layers of a block: in
+SmolLM2 an MLP projection is 8 times a k_proj and q_proj 3 times) a step of a large unit is balanced by several
+steps of smaller ones, so a sparsity budget is still kept exactly when the sizes are commensurate, and weights can
+move between attention and MLP. For bit widths whose steps differ (2→3 is one bit, 4→8 four) the slack allows a
+total a little under the budget.
 
 Selection in steps: each generation makes ``offspring`` mutants of the parent, scores them all on a few tokens,
 keeps the best ``survivors[0]``, scores those on more tokens, and so on; the parent is replaced only when the
@@ -58,26 +61,50 @@ class LevelSpace:
     def total(self, levels: Sequence[int]) -> float:
         return sum(self.cost[u][lv] for u, lv in enumerate(levels))
 
+    @property
+    def tolerance(self) -> float:
+        """Float rounding allowed on a total (relative, so that a 70B model's sums compare as a tiny one's)."""
+        return 1e-6 + 1e-12 * abs(self.budget)
+
     def feasible(self, levels: Sequence[int]) -> bool:
         total = self.total(levels)
-        return self.budget - self.slack - 1e-6 <= total <= self.budget + 1e-6
+        return self.budget - self.slack - self.tolerance <= total <= self.budget + self.tolerance
 
 
 def mutate(space: LevelSpace, levels: Sequence[int], rng: random.Random, tries: int = 1000) -> list[int]:
-    """One level switch: unit ``a`` one level up, unit ``b`` one level down, the total kept on budget.
+    """One level switch: a random unit one level up or down, then other units one level the other way (drawn at
+    random among those whose step does not carry the total past the budget's far side) until the total is back
+    on the budget. At least one unit always moves each way.
 
     Returns a new list; raises ``ValueError`` when no feasible switch is found in ``tries`` draws (e.g. every
     unit already at an end of the level range).
     """
-    n = space.units
+    n, cost = space.units, space.cost
+    lo, hi = space.budget - space.slack - space.tolerance, space.budget + space.tolerance
     for _ in range(tries):
-        a, b = rng.randrange(n), rng.randrange(n)
-        if a == b or levels[a] + 1 >= space.levels or levels[b] == 0:
+        a, way = rng.randrange(n), rng.choice((1, -1))  # +1: compress unit a more (its cost falls)
+        if not 0 <= levels[a] + way < space.levels:
             continue
         child = list(levels)
-        child[a] += 1
-        child[b] -= 1
-        if space.feasible(child):
+        child[a] += way
+        total = space.total(child)
+        moved = {a}
+        while len(moved) == 1 or not lo <= total <= hi:
+            options = []  # (unit, cost change) of a step the other way that does not overshoot the budget
+            for u in range(n):
+                lv = child[u] - way
+                if u in moved or not 0 <= lv < space.levels:
+                    continue
+                change = cost[u][lv] - cost[u][child[u]]
+                if (way > 0 and total + change <= hi) or (way < 0 and total + change >= lo):
+                    options.append((u, change))
+            if not options:
+                break
+            u, change = options[rng.randrange(len(options))]
+            child[u] -= way
+            total += change
+            moved.add(u)
+        else:
             return child
     raise ValueError("no budget-preserving level switch found: the levels leave no room to move")
 
@@ -179,7 +206,7 @@ def nearest_feasible(space: LevelSpace, target: Sequence[float], values: Sequenc
             break
         _, u = min(moves)
         levels[u] += 1 if up else -1
-        if not up and space.total(levels) > space.budget + 1e-6:  # overshot upward: undo and stop
+        if not up and space.total(levels) > space.budget + space.tolerance:  # overshot upward: undo and stop
             levels[u] += 1
             break
     if not space.feasible(levels):
@@ -214,7 +241,7 @@ def additive_descent(
             if lv > 0 and delta[u][lv - 1] is not None:
                 downs.append((delta[u][lv - 1] - here, cost[u][lv - 1] - cost[u][lv], u))
         best = None
-        lo, hi = space.budget - space.slack - 1e-6, space.budget + 1e-6
+        lo, hi = space.budget - space.slack - space.tolerance, space.budget + space.tolerance
         for gain_a, cost_a, a in ups:
             for gain_b, cost_b, b in downs:
                 gain = gain_a + gain_b

@@ -382,7 +382,10 @@ def prepare(
         nearest = min(range(len(levels)), key=lambda k: (abs(levels[k] - config.target), k))
         reference = dict.fromkeys(prunable_layers(model), nearest)
     fields = ("kind", "method", "levels", "group_size", "sym", "database_inputs")
-    db_key = json.dumps({k: settings[k] for k in fields} | {"levels": levels} | data | {"reference": reference})
+    # the database depends on the calibration windows only: searches that differ in fitness windows share it
+    db_key = json.dumps(
+        {k: settings[k] for k in fields} | {"levels": levels, "calib": data["calib"], "reference": reference}
+    )
     # what decides the trajectory (how long to run does not)
     key = json.dumps({k: v for k, v in settings.items() if k not in ("generations", "time_limit_s")} | data)
     if config.kind == "sparsity":
