@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="database rounds (sequential inputs)")
     parser.add_argument("--max-loss", type=float, default=None, help="also: --max-loss ppl=+X (0.05 = +5%%)")
     parser.add_argument("--max-loss-generations", type=int, default=10, help="generations of each bisection step")
+    parser.add_argument("--max-loss-confidence", type=float, default=0.9, help="upper bound's confidence (0.5: none)")
     parser.add_argument("--time-limit", type=float, default=None, help="minutes per search (ends a generation)")
     parser.add_argument("--sensitivity-span", type=int, default=None, help="levels each way [3 block, 1 layer; 0 off]")
     parser.add_argument("--stage-windows", default="2,8", help="fitness windows per selection stage (ends at 1 kept)")
@@ -252,8 +253,10 @@ def max_loss_row(args, base, calib, held_out, ppl, dense: float) -> dict:
     model = copy.deepcopy(base)
     start = time.perf_counter()
     work = CACHE / "search-db" / f"sparsegpt-maxloss-{args.database_inputs}"
-    report = search_max_loss(model, config, calib, held_out, work, max_loss=args.max_loss, progress=True)
+    report = search_max_loss(model, config, calib, held_out, work, max_loss=args.max_loss,
+                             confidence=args.max_loss_confidence, progress=True)  # fmt: skip
     row = {"method": "sparsegpt max-loss", "max_loss": args.max_loss, "search_s": time.perf_counter() - start}
+    row["confidence"] = args.max_loss_confidence
     row["sparsity"] = report.achieved
     row["search"] = ppl(model)
     row["test_increase"] = row["search"] / dense - 1

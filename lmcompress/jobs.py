@@ -529,6 +529,7 @@ def search_pretrained(
     fitness_windows: int = 16,
     keep_database: bool = False,
     max_loss: float | None = None,
+    max_loss_confidence: float = 0.9,
     tune: str | None = None,
     trials: int = 40,
     progress: bool = True,
@@ -544,9 +545,10 @@ def search_pretrained(
     folder (zeros stored), bit-width searches a packed one (each layer's codes at its chosen width).
 
     ``max_loss`` (0.05 = +5% perplexity) looks for the largest average sparsity within that loss instead of
-    meeting ``config.target``; ``tune="owl"`` tunes OWL's M and λ with Optuna (``trials`` trials) instead of
-    searching per-unit levels.
+    meeting ``config.target`` (the loss's upper bound at ``max_loss_confidence`` over the held-out windows);
+    ``tune="owl"`` tunes OWL's M and λ with Optuna (``trials`` trials) instead of searching per-unit levels.
     """
+    from lmcompress.measure.perplexity import check_confidence
     from lmcompress.search.run import search_max_loss
     from lmcompress.search.tune import tune_owl
 
@@ -555,6 +557,8 @@ def search_pretrained(
         raise UserError(f"unknown tuning {tune!r}: only owl can be tuned")
     if tune and max_loss is not None:
         raise UserError("choose one of tuning OWL and a maximum loss, not both")
+    if max_loss is not None:
+        check_confidence(max_loss_confidence)
     if fitness_windows < max(config.stage_windows):
         raise UserError(
             f"fitness_windows ({fitness_windows}) must be at least the largest stage ({max(config.stage_windows)})"
@@ -566,7 +570,17 @@ def search_pretrained(
         if tune == "owl":
             return tune_owl(net, cfg, calib, held_out, work, trials=trials, device=device, progress=progress)
         if max_loss is not None:
-            return search_max_loss(net, cfg, calib, held_out, work, max_loss=max_loss, device=device, progress=progress)
+            return search_max_loss(
+                net,
+                cfg,
+                calib,
+                held_out,
+                work,
+                max_loss=max_loss,
+                confidence=max_loss_confidence,
+                device=device,
+                progress=progress,
+            )
         return search(net, cfg, calib, held_out, work, device=device, progress=progress)
 
     def fields(report: SearchReport) -> dict:
@@ -575,6 +589,7 @@ def search_pretrained(
             "method": config.method,
             "budget": {config.kind: report.config["target"]},
             "max_loss": max_loss,
+            "max_loss_confidence": max_loss_confidence if max_loss is not None else None,
             "tuned": report.tuned,
             "achieved": report.achieved,
             "layer_levels": report.layer_levels,

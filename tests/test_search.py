@@ -505,3 +505,106 @@ def test_start_files_that_do_not_fit_are_refused(tiny_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["search", src, "--start", str(tmp_path / "nope"), "-o", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_children_scored_from_the_parents_cache_match_full_forwards(base, calib, tmp_path):
+    import random
+
+    from lmcompress.algorithms.evolution import mutate_many
+
+    model = copy.deepcopy(base)
+    config = SearchConfig(target=0.6, granularity="layer", generations=0, sensitivity_span=0, **FAST)
+    cand = run_module.prepare(model, config, calib[:4], calib[4:7], tmp_path / "work", progress=False)
+    parent = cand.place([0.6] * len(cand.units), "uniform")
+    rng = random.Random(0)
+    # one window cached (the memory cap), the other scored by the full forward
+    scorer = run_module.ParentScorer(cand, max_bytes=1)
+    scorer.follow(parent)
+    assert scorer.prefix is not None and scorer.prefix.cached == 1
+    for _ in range(3):  # children of the parent; then the last one becomes the parent through its capture
+        for stage in (0, 1):
+            child = mutate_many(cand.space, parent, rng, 2)
+            assert scorer(child, stage) == pytest.approx(cand.score(child, stage), rel=1e-5)
+        assert scorer.pending is not None and scorer.pending[0] == child
+        parent = child
+        scorer.follow(parent)
+        assert scorer.base == parent
+        cand.hold(parent)
+        fresh = run_module.PrefixCache(cand.model, scorer.prefix.windows)
+        for b, hidden in enumerate(scorer.prefix.hidden):
+            torch.testing.assert_close(hidden[0], fresh.hidden[b][0], rtol=0, atol=0)
+
+
+def test_the_parents_cache_leaves_the_search_unchanged(base, calib, tmp_path, monkeypatch):
+    config = SearchConfig(target=0.6, granularity="layer", generations=5, sensitivity_span=0, **FAST)
+    calls = {"prefix": 0, "rebased": 0}
+    for name in calls:
+        method = getattr(run_module.PrefixCache, "log_probs" if name == "prefix" else name)
+
+        def counted(self, *args, _method=method, _name=name, **kwargs):
+            calls[_name] += 1
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(run_module.PrefixCache, "log_probs" if name == "prefix" else name, counted)
+    cached = search(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "a", progress=False)
+    assert calls["prefix"] > 0 and calls["rebased"] > 0  # children ran from the cache; a child became the parent
+    monkeypatch.undo()
+    monkeypatch.setattr(run_module.ParentScorer, "follow", lambda self, parent: None)  # every child in full
+    full = search(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "b", progress=False)
+    assert cached.allocation == full.allocation
+    assert [h["improved"] for h in cached.history] == [h["improved"] for h in full.history]
+    assert cached.fitness == pytest.approx(full.fitness, rel=1e-6)
+
+
+def test_loss_upper_bound_matches_a_direct_computation():
+    import math
+
+    from lmcompress.measure.perplexity import increase_upper_bound
+
+    dense = [3.0, 3.2, 2.9, 3.1]
+    pruned = [3.05, 3.30, 2.93, 3.12]
+    d = [a - b for a, b in zip(pruned, dense, strict=True)]
+    mean = sum(d) / 4
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 3)
+    assert increase_upper_bound(pruned, dense, 0.5) == pytest.approx(math.exp(mean) - 1)
+    assert increase_upper_bound(pruned, dense, 0.95) == pytest.approx(math.exp(mean + 1.6448536 * sd / 2) - 1)
+    assert increase_upper_bound(pruned, dense, 0.99) > increase_upper_bound(pruned, dense, 0.9)
+    for bad in (0.4, 1.0):
+        with pytest.raises(UserError, match="confidence"):
+            increase_upper_bound(pruned, dense, bad)
+
+
+def test_window_nlls_average_to_the_perplexity(base, calib):
+    import math
+
+    from lmcompress.measure.perplexity import perplexity
+
+    result = perplexity(base, calib[:5], progress=False, batch_size=2)
+    assert len(result.window_nll) == 5
+    assert math.exp(sum(result.window_nll) / 5) == pytest.approx(result.perplexity, rel=1e-5)
+
+
+def test_cli_max_loss_reports_each_step_with_its_bound(tiny_folder, tmp_path, calib_text, capsys):
+    import json
+
+    from lmcompress.cli import main
+
+    data = tmp_path / "calib.txt"
+    data.write_text(calib_text[:20000])
+    common = [str(tiny_folder("llama")), "--max-loss", "ppl=+5%", "--method", "wanda", "--levels", "0.1:0.7:0.1",
+              "--generations", "1", "--offspring", "2", "--survivors", "1,1", "--stage-windows", "1,2",
+              "--fitness-windows", "3", "--calib-data", str(data), "--nsamples", "4", "--seqlen", "32",
+              "-q"]  # fmt: skip
+    with pytest.raises(SystemExit) as bad:
+        main(["search", *common, "--max-loss-confidence", "1.5", "-o", str(tmp_path / "bad")])
+    assert bad.value.code not in (0, None) and not (tmp_path / "bad").exists()
+    assert "confidence" in capsys.readouterr().err
+    out = tmp_path / "within"
+    with pytest.raises(SystemExit) as ok:
+        main(["search", *common, "--max-loss-confidence", "0.95", "-o", str(out)])
+    assert ok.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "at confidence 0.95" in printed
+    steps = json.loads((out / "search.json").read_text())["bisection"]
+    assert all(s["upper_bound"] >= s["increase"] - 1e-12 and s["within"] == (s["upper_bound"] <= 0.05) for s in steps)
+    assert json.loads((out / "lmcompress.json").read_text())["max_loss_confidence"] == 0.95

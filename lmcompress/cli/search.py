@@ -111,6 +111,12 @@ def search(
     max_loss: str = typer.Option(
         None, "--max-loss", help="ppl=+5%: the largest sparsity (on the level grid) within that perplexity loss."
     ),
+    max_loss_confidence: float = typer.Option(
+        0.9,
+        "--max-loss-confidence",
+        help="--max-loss: a sparsity passes when the loss's one-sided upper bound at this confidence, over the "
+        "held-out windows, is within it (0.5: the point estimate; more --fitness-windows tighten the bound).",
+    ),
     tune: str = typer.Option(None, "--tune", help="owl: tune OWL's M and λ with Optuna instead of per-unit levels."),
     trials: int = typer.Option(40, "--trials", help="--tune: number of Optuna trials."),
     keep_database: bool = typer.Option(False, "--keep-database", help="Keep the level database and search state."),
@@ -184,6 +190,7 @@ def search(
         fitness_windows=fitness_windows,
         keep_database=keep_database,
         max_loss=parse_max_loss(max_loss),
+        max_loss_confidence=max_loss_confidence,
         tune=tune,
         trials=trials,
         **options.job_options(ctx.params),
@@ -203,6 +210,7 @@ def search(
         verdict = "within" if step["within"] else "over"
         typer.echo(
             f"  sparsity {step['sparsity']:g}: perplexity {step['perplexity']:.4g} "
-            f"(dense {step['dense_perplexity']:.4g}) {verdict} the allowed loss"
+            f"(dense {step['dense_perplexity']:.4g}: {step['increase']:+.1%}, up to {step['upper_bound']:+.1%} at "
+            f"confidence {step['confidence']:g}) {verdict} the allowed loss"
         )
     typer.echo("per unit: " + " ".join(f"{s:g}" for s in report.allocation))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ class PerplexityResult:
     tokens: int  # number of predicted tokens
     seqlen: int
     windows: int
+    window_nll: list[float] = field(default_factory=list)  # mean NLL of each window, in order
 
 
 @torch.no_grad()
@@ -50,6 +52,7 @@ def perplexity(
     home = next(model.parameters()).device
     model.to(device)
     total, count = 0.0, 0
+    per_window: list[float] = []
     try:
         bar = tqdm(total=windows.shape[0], desc="perplexity", disable=not progress, unit="window")
         for start in range(0, windows.shape[0], batch_size):
@@ -58,14 +61,39 @@ def perplexity(
             where = f"windows {start}..{start + ids.shape[0] - 1}"
             if not bool(torch.isfinite(logits).all()):
                 raise UserError(f"the model's logits are NaN or infinite on {where}: {_NONFINITE_HINT}")
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            token_nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+            nll = token_nll.sum()
             if not math.isfinite(nll.item()):
                 raise UserError(f"the loss is NaN or infinite on {where}: {_NONFINITE_HINT}")
             total += nll.item()
+            per_window += token_nll.view(ids.shape[0], -1).mean(1).tolist()
             count += ids[:, 1:].numel()
             bar.update(ids.shape[0])
         bar.close()
     finally:
         model.to(home)
     mean = total / count
-    return PerplexityResult(math.exp(mean), mean, count, windows.shape[1], windows.shape[0])
+    return PerplexityResult(math.exp(mean), mean, count, windows.shape[1], windows.shape[0], per_window)
+
+
+def check_confidence(confidence: float) -> None:
+    """Refuse a confidence outside ``[0.5, 1)``."""
+    if not 0.5 <= confidence < 1:
+        raise UserError(f"the confidence must be in [0.5, 1) (0.5: the point estimate), got {confidence}")
+
+
+def increase_upper_bound(nll: list[float], reference_nll: list[float], confidence: float) -> float:
+    """One-sided upper confidence bound of the perplexity increase ``ppl / ppl_ref − 1`` on the same windows.
+
+    With equal-length windows, ``log(ppl / ppl_ref) = mean_i d_i``, ``d_i = nll_i − ref_i`` (per-window mean NLLs).
+    Treating the windows as a sample, the bound is ``exp(mean d + z · sd(d) / √n) − 1`` with ``z`` the normal
+    quantile at ``confidence`` (0.5 gives the point estimate; one window has no spread, so it gives that too).
+    """
+    if len(nll) != len(reference_nll) or not nll:
+        raise ValueError("need the same, non-empty windows for both models")
+    check_confidence(confidence)
+    d = [a - b for a, b in zip(nll, reference_nll, strict=True)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+    return math.exp(mean + NormalDist().inv_cdf(confidence) * sd / math.sqrt(n)) - 1

@@ -301,17 +301,36 @@ class Candidates:
     def assignment(self, unit_levels) -> dict[str, int]:
         return {layer: lv for unit, lv in zip(self.units, unit_levels, strict=True) for layer in unit}
 
-    def score(self, unit_levels, stage: int, *, prefix: PrefixCache | None = None, start: int = 0) -> float:
-        """Fitness of the candidate on stage ``stage``'s windows (the model then holds the candidate).
-
-        Only the layers whose level differs from what the model holds are read from the database: a mutant
-        changes a few units, so scoring costs its forward passes, not a reload of the whole model. ``prefix`` and
-        ``start``: the candidate equals ``prefix``'s base before block ``start`` (see ``PrefixCache``).
-        """
+    def hold(self, unit_levels) -> None:
+        """Make the model hold this candidate. Only the layers whose level differs from what the model holds are
+        read from the database: a mutant changes a few units, so this costs little next to its forward passes."""
         wanted = self.assignment(unit_levels)
         self.db.apply(self.model, {layer: k for layer, k in wanted.items() if self.applied.get(layer) != k})
         self.applied = wanted
-        return self.fitness(self.model, self.config.stage_windows[stage], prefix=prefix, start=start)
+
+    def score(
+        self,
+        unit_levels,
+        stage: int,
+        *,
+        prefix: PrefixCache | None = None,
+        start: int = 0,
+        capture: list | None = None,
+    ) -> float:
+        """Fitness of the candidate on stage ``stage``'s windows (the model then holds the candidate).
+
+        ``prefix`` and ``start``: the candidate equals ``prefix``'s base before block ``start``; ``capture``
+        collects its hidden states (see ``PrefixCache``).
+        """
+        self.hold(unit_levels)
+        n = self.config.stage_windows[stage]
+        return self.fitness(self.model, n, prefix=prefix, start=start, capture=capture)
+
+    def first_block(self, unit_levels, base) -> int:
+        """The first block in which two candidates differ (the last block when they are equal)."""
+        blocks = [self.db.block_of[layer] for u, unit in enumerate(self.units) if unit_levels[u] != base[u]
+                  for layer in unit]  # fmt: skip
+        return min(blocks, default=max(self.db.block_of.values()))
 
     def sensitivity(self, base: list[int], span: int, *, progress: bool = True) -> list[list[float | None]]:
         """``delta[u][l]``: the fitness change (first stage's windows) of moving unit ``u`` alone from ``base``
@@ -350,6 +369,54 @@ class Candidates:
     def place(self, targets: list[float], what: str) -> list[int]:
         """Per-unit targets (e.g. OWL's) on the level grid, on the budget."""
         return _on_budget(self.space, targets, self.levels, what)
+
+
+PREFIX_CACHE_BYTES = 1 << 30  # the parent's hidden states kept for the evolution (windows beyond it run in full)
+
+
+class ParentScorer:
+    """``fitness(levels, stage)`` for :func:`evolve` that runs only the blocks where a child differs from its parent.
+
+    The hidden states entering every block of the parent on the final stage's windows are kept in a
+    :class:`PrefixCache` (up to ``PREFIX_CACHE_BYTES``); a child whose first changed unit sits in block ``b`` runs
+    blocks ``b…`` only, with the same fitness as a full forward. The final stage's scoring captures the child's
+    hidden states, so a child that becomes the parent is cached without another forward. Call :meth:`follow`
+    with the parent before each generation.
+    """
+
+    def __init__(self, cand: Candidates, max_bytes: int = PREFIX_CACHE_BYTES) -> None:
+        self.cand, self.max_bytes = cand, max_bytes
+        self.final = len(cand.config.stage_windows) - 1
+        self.base: list[int] | None = None
+        self.prefix: PrefixCache | None = None
+        self.pending: tuple[list[int], int, list] | None = None  # the last final-stage child, its start, its capture
+        self.enabled = True
+
+    def follow(self, parent: list[int]) -> None:
+        """Cache ``parent`` (from the last captured child when that is the parent, else by one full forward)."""
+        if not self.enabled or parent == self.base:
+            return
+        if self.prefix is not None and self.pending is not None and self.pending[0] == parent:
+            _, start, captured = self.pending
+            self.prefix = self.prefix.rebased(start, captured)
+        else:
+            self.cand.hold(parent)
+            fitness = self.cand.fitness
+            windows = fitness.windows[: self.cand.config.stage_windows[self.final]]
+            self.prefix = PrefixCache(self.cand.model, windows, device=fitness.device, max_bytes=self.max_bytes)
+            if not self.prefix.usable:  # a family whose forward cannot skip blocks: full forwards from now on
+                self.enabled, self.prefix = False, None
+        self.base, self.pending = list(parent), None
+
+    def __call__(self, levels: list[int], stage: int) -> float:
+        if self.prefix is None or self.base is None:
+            return self.cand.score(levels, stage)
+        start = self.cand.first_block(levels, self.base)
+        capture: list | None = [] if stage == self.final else None
+        score = self.cand.score(levels, stage, prefix=self.prefix, start=start, capture=capture)
+        if capture is not None:
+            self.pending = (list(levels), start, capture)
+        return score
 
 
 def prepare(
@@ -451,6 +518,7 @@ def search(
         _save_state(work, state, key, baselines, round_starts)
     per_round = -(-config.generations // config.rounds)  # generations of each round (the last may be shorter)
     bar = tqdm(total=config.generations, initial=state.generation, desc="search", disable=not progress, unit="gen")
+    scorer: ParentScorer | None = None
     while state.generation < config.generations:
         if config.time_limit_s is not None and time.perf_counter() - start > config.time_limit_s:
             break
@@ -467,9 +535,12 @@ def search(
                 state.fitness = round_starts[-1]["fitness"] = cand.score(state.levels, final_stage)
                 _save_state(work, state, key, baselines, round_starts)
             bar.set_description("search")
+        if scorer is None or scorer.cand is not cand:
+            scorer = ParentScorer(cand)
+        scorer.follow(state.levels)
         evolve(
             space,
-            cand.score,
+            scorer,
             state,
             offspring=config.offspring,
             survivors=config.survivors,
@@ -592,6 +663,7 @@ def search_max_loss(
     work: str | Path,
     *,
     max_loss: float,
+    confidence: float = 0.9,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> SearchReport:
@@ -599,21 +671,25 @@ def search_max_loss(
 
     Bisection over the budget: at each tried sparsity a search (``config.generations`` generations) finds the
     best allocation, and its perplexity on the held-out windows is compared with the dense model's on the same
-    windows; the quality is assumed to fall as sparsity grows. Every step shares one level database and keeps
-    its own search state, so a killed run resumes. The report's ``bisection`` lists every step.
+    windows: a sparsity passes when the upper bound of the increase at ``confidence`` (over the windows, see
+    :func:`increase_upper_bound`; 0.5: the point estimate) is within ``max_loss``. The quality is assumed to fall
+    as sparsity grows. Every step shares one level database and keeps its own search state, so a killed run
+    resumes. The report's ``bisection`` lists every step.
     """
     from dataclasses import replace
 
-    from lmcompress.measure.perplexity import perplexity
+    from lmcompress.measure.perplexity import check_confidence, increase_upper_bound, perplexity
 
     if config.kind != "sparsity":
         raise UserError("max_loss searches the largest sparsity: use it with a sparsity search")
     if not 0 < max_loss < 10:
         raise UserError(f"the allowed perplexity increase must be a positive fraction (0.05 = +5%), got {max_loss}")
     levels = config.validate()
+    check_confidence(confidence)
     work = Path(work)
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    dense_ppl = perplexity(model, fitness_windows, device=device, progress=False).perplexity
+    dense = perplexity(model, fitness_windows, device=device, progress=False)
+    dense_ppl = dense.perplexity
     steps: list[dict] = []
     lo, hi = -1, len(levels)  # levels[lo] is known to pass (−1: dense), levels[hi] to fail (len: beyond the grid)
     best: SearchReport | None = None
@@ -623,9 +699,20 @@ def search_max_loss(
         report = search(
             model, replace(config, target=levels[mid]), calib, fitness_windows, work, device=device, progress=progress
         )
-        ppl = perplexity(model, fitness_windows, device=device, progress=False).perplexity
-        ok = ppl <= dense_ppl * (1 + max_loss)
-        steps.append({"sparsity": levels[mid], "perplexity": ppl, "dense_perplexity": dense_ppl, "within": ok})
+        result = perplexity(model, fitness_windows, device=device, progress=False)
+        upper = increase_upper_bound(result.window_nll, dense.window_nll, confidence)
+        ok = upper <= max_loss
+        steps.append(
+            {
+                "sparsity": levels[mid],
+                "perplexity": result.perplexity,
+                "dense_perplexity": dense_ppl,
+                "increase": result.perplexity / dense_ppl - 1,
+                "upper_bound": upper,
+                "confidence": confidence,
+                "within": ok,
+            }
+        )
         # sequential databases differ per budget: keep only the one the final model needs (dense ones are shared)
         if ok:
             old, lo, best = best, mid, report
@@ -638,8 +725,10 @@ def search_max_loss(
     if best is None:
         model.load_state_dict(dense_state)
         raise UserError(
-            f"even the lowest level ({levels[0]:g}) costs more than +{max_loss:.1%} perplexity "
-            f"({steps[-1]['perplexity']:.3g} against dense {dense_ppl:.3g}); allow more loss or add lower levels"
+            f"even the lowest level ({levels[0]:g}) may cost more than +{max_loss:.1%} perplexity "
+            f"({steps[-1]['perplexity']:.3g} against dense {dense_ppl:.3g}, up to "
+            f"+{steps[-1]['upper_bound']:.1%} at confidence {confidence:g}); allow more loss, a lower confidence "
+            "or add lower levels"
         )
     model.load_state_dict(dense_state)
     final = search(
