@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where blocks, candidates and perplexity run (cuda)")
     parser.add_argument("--bits", type=float, default=None, help="also: a bit-width search at this average")
     parser.add_argument("--bit-levels", default="2,3,4,8")
     parser.add_argument("--group-size", type=int, default=128)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     test = test[: args.eval_windows]
 
     def ppl(model) -> float:
-        return perplexity(model, test, progress=False).perplexity
+        return perplexity(model, test, device=args.device, progress=False).perplexity
 
     dense = ppl(base)
     print(f"dense: WikiText-2 test perplexity {dense:.3f} ({test.numel()} tokens)", flush=True)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                 if key not in baselines:  # sequential pruning is deterministic: a rerun reuses what it measured
                     model = copy.deepcopy(base)
                     config = PruneConfig(method=method, sparsity=target, allocation=allocation)
-                    prune(model, config, calib, progress=False)
+                    prune(model, config, calib, device=args.device, progress=False)
                     baselines[key] = ppl(model)
                     BASELINES.write_text(json.dumps(baselines, indent=1))
                 row[allocation] = baselines[key]
@@ -134,13 +135,13 @@ def main(argv: list[str] | None = None) -> None:
             work = CACHE / "search-db" / f"{method}-{target:g}{seq}"  # block and layer searches share the database
             model = copy.deepcopy(base)
             start = time.perf_counter()
-            report = search(model, config, calib, held_out, work, progress=True)
+            report = search(model, config, calib, held_out, work, device=args.device, progress=True)
             row["search_s"] = time.perf_counter() - start
             row["search"] = ppl(model)
             row["report"] = write_report(report, f"{method}-{target:g}-{args.database_inputs}")
             sequential = copy.deepcopy(base)  # the same allocation by ordinary sequential pruning (prune --allocation)
             config = PruneConfig(method=method, allocation="layers", layer_targets=report.layer_levels)
-            prune(sequential, config, calib, progress=False)
+            prune(sequential, config, calib, device=args.device, progress=False)
             row["search-sequential"] = ppl(sequential)
             for name, alloc in report.baseline_allocations.items():
                 from lmcompress.search.database import LevelDatabase
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     info = machine_info()
     print(
         f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, torch {info['torch']}, "
-        f"{args.threads} threads; dense perplexity {dense:.3f}"
+        f"{args.threads} threads; device {args.device}{' (' + info['cuda'] + ')' if info['cuda'] else ''}; "
+        f"dense perplexity {dense:.3f}"
     )
     print_table(rows, "search vs uniform and OWL (WikiText-2 test perplexity)")
     save_results(f"search-{args.tag}" if args.tag else "search", {"args": vars(args), "dense": dense, "rows": rows})
@@ -198,7 +200,7 @@ def bits_row(args, base, calib, held_out, ppl) -> dict:
     for bits in sorted({3, int(args.bits)}):
         model = copy.deepcopy(base)
         qconfig = QuantConfig(method="gptq", bits=bits, group_size=args.group_size)
-        report = quantize(model, qconfig, calib, progress=False)
+        report = quantize(model, qconfig, calib, device=args.device, progress=False)
         row[f"uniform{bits}"] = ppl(model)
         row[f"uniform{bits}_bits_per_weight"] = nominal_bits_per_weight(report.quantized)
         print(f"gptq uniform {bits}-bit: {row[f'uniform{bits}']:.3f} "
@@ -221,7 +223,7 @@ def bits_row(args, base, calib, held_out, ppl) -> dict:
     start = time.perf_counter()
     suffix = "-seq" if args.database_inputs == "sequential" else ""
     work = CACHE / "search-db" / f"bits-g{args.group_size}{suffix}-{args.granularity}"
-    report = search(model, config, calib, held_out, work, progress=True)
+    report = search(model, config, calib, held_out, work, device=args.device, progress=True)
     row["search_s"] = time.perf_counter() - start
     row["search"] = ppl(model)
     row["achieved_bits"] = report.achieved
@@ -254,7 +256,7 @@ def max_loss_row(args, base, calib, held_out, ppl, dense: float) -> dict:
     start = time.perf_counter()
     work = CACHE / "search-db" / f"sparsegpt-maxloss-{args.database_inputs}"
     report = search_max_loss(model, config, calib, held_out, work, max_loss=args.max_loss,
-                             confidence=args.max_loss_confidence, progress=True)  # fmt: skip
+                             confidence=args.max_loss_confidence, device=args.device, progress=True)  # fmt: skip
     row = {"method": "sparsegpt max-loss", "max_loss": args.max_loss, "search_s": time.perf_counter() - start}
     row["confidence"] = args.max_loss_confidence
     row["sparsity"] = report.achieved

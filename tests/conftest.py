@@ -17,7 +17,7 @@ from lmcompress.models.tiny import TINY_CONFIGS, build_tiny_model, build_tokeniz
 FAMILIES = sorted(TINY_CONFIGS)
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
-torch.set_num_threads(int(os.environ.get("LMCOMPRESS_TEST_THREADS", "1")))  # TEMP 1 while helpers share cores
+torch.set_num_threads(int(os.environ.get("LMCOMPRESS_TEST_THREADS", "1")))  # tiny models: threads only contend
 
 
 @pytest.fixture(scope="session")

@@ -25,12 +25,13 @@ from lmcompress.models.families import get_blocks, skipped_blocks
 
 @torch.no_grad()
 def log_probs(model: nn.Module, windows: torch.Tensor, *, device: str | torch.device = "cpu", batch_size: int = 4):
-    """``log softmax(logits)`` of every position but the last, ``[n, seqlen − 1, vocab]``, fp32."""
+    """``log softmax(logits)`` of every position but the last, ``[n, seqlen − 1, vocab]``, fp32, on ``device``
+    (the model must be there)."""
     out = []
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size].to(device)
         logits = model(ids, use_cache=False).logits[:, :-1].float()
-        out.append(F.log_softmax(logits, dim=-1).cpu())
+        out.append(F.log_softmax(logits, dim=-1))
     return torch.cat(out)
 
 
@@ -194,11 +195,16 @@ class _WindowFitness:
 
 
 class KLFitness(_WindowFitness):
-    """Mean per-token KL(dense ‖ candidate) on the first ``n`` of the held-out ``windows``."""
+    """Mean per-token KL(dense ‖ candidate) on the first ``n`` of the held-out ``windows``.
+
+    The dense log-probabilities are kept in fp16 on ``device`` (``windows × seqlen × vocab`` halves), where the
+    candidate's are computed."""
 
     def __init__(self, dense: nn.Module, windows: torch.Tensor, *, device: str | torch.device = "cpu") -> None:
         super().__init__(windows, device=device)
-        self.reference = log_probs(dense, windows, device=device).to(torch.float16)
+        self.reference = torch.cat(
+            [log_probs(dense, windows[i : i + 4], device=device).half() for i in range(0, windows.shape[0], 4)]
+        )
 
     def window_sum(self, i: int, q: torch.Tensor) -> float:
         p = self.reference[i].float()
@@ -209,7 +215,7 @@ class NLLFitness(_WindowFitness):
     """Mean per-token negative log-likelihood of the first ``n`` ``windows`` (log of their perplexity)."""
 
     def window_sum(self, i: int, q: torch.Tensor) -> float:
-        ids = self.windows[i, 1:]
+        ids = self.windows[i, 1:].to(q.device)
         return -q.gather(1, ids.unsqueeze(1)).sum().item()
 
 

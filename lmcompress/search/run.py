@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -472,6 +474,20 @@ def prepare(
     return Candidates(config, levels, db, units, space, key, model, fitness)
 
 
+@contextmanager
+def model_on(model: nn.Module, device: str | torch.device) -> Iterator[None]:
+    """The whole model on ``device`` while a search scores candidates on it, then back where it was.
+
+    A search runs every candidate through the whole model, so the model must fit on the device; the level
+    database stays on disk and each layer's weights are copied in when a candidate changes it."""
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
+
+
 def search(
     model: nn.Module,
     config: SearchConfig,
@@ -487,6 +503,20 @@ def search(
     ``work`` keeps the level database and the search state between runs: with the same settings a second
     call continues from the last finished generation.
     """
+    with model_on(model, device):
+        return _search(model, config, calib, fitness_windows, work, device=device, progress=progress)
+
+
+def _search(
+    model: nn.Module,
+    config: SearchConfig,
+    calib: torch.Tensor,
+    fitness_windows: torch.Tensor,
+    work: str | Path,
+    *,
+    device: str | torch.device,
+    progress: bool,
+) -> SearchReport:
     start = time.perf_counter()
     work = Path(work)
     if config.start is not None:  # before the database is built

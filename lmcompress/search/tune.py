@@ -22,7 +22,7 @@ from lmcompress.algorithms.wanda import wanda_scores
 from lmcompress.calibration.engine import BlockInputs, collect_input_stats, walk_blocks
 from lmcompress.errors import UserError
 from lmcompress.models.families import find_prunable, weight_matrix
-from lmcompress.search.run import SearchConfig, SearchReport, prepare
+from lmcompress.search.run import SearchConfig, SearchReport, model_on, prepare
 
 M_RANGE = (2.0, 12.0)
 LAMBDA_RANGE = (0.0, 0.25)
@@ -64,6 +64,21 @@ def tune_owl(
     progress: bool = True,
 ) -> SearchReport:
     """Find the M and λ whose OWL allocation scores best; on return the model holds it (from the database)."""
+    with model_on(model, device):
+        return _tune_owl(model, config, calib, fitness_windows, work, trials=trials, device=device, progress=progress)
+
+
+def _tune_owl(
+    model: nn.Module,
+    config: SearchConfig,
+    calib: torch.Tensor,
+    fitness_windows: torch.Tensor,
+    work: str | Path,
+    *,
+    trials: int,
+    device: str | torch.device,
+    progress: bool,
+) -> SearchReport:
     import optuna
 
     if config.kind != "sparsity":

@@ -565,7 +565,8 @@ def _prune_head(model: nn.Module, config: PruneConfig, last: BlockInputs | None,
     if config.method != "magnitude":
         stats = head_input_stats(model, last, device, config.method == "sparsegpt")
     target = config.target if config.layer_targets is None else config.layer_targets["lm_head"]
-    new = spread([head.weight.data], lambda w: prune_layer(config, w, stats, target, "lm_head").weight)[0]
+    weight = head.weight.data.to(device)  # solved where its statistics are
+    new = spread([weight], lambda w: prune_layer(config, w, stats, target, "lm_head").weight)[0]
     head.weight.data.copy_(new.to(head.weight.dtype))
     return {"lm_head": (head.weight == 0).float().mean().item()}
 
