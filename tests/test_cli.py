@@ -234,3 +234,35 @@ def test_help_teaches():
     assert run(["--help"]) == 0
     for verb in VERBS:
         assert run([verb, "--help"]) == 0, verb
+
+
+def test_help_needs_no_torch():
+    """`lmcompress VERB --help` answers without importing torch or transformers (a quarter second, not three)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom lmcompress.cli import main\n"
+        "try:\n    main(['prune', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_help_lists_the_choices_the_code_accepts():
+    """The choice lists written out in the shrink and drop-experts help are the algorithms' own."""
+    import typer
+
+    from lmcompress.algorithms.routing import CRITERIA as EXPERT_CRITERIA
+    from lmcompress.algorithms.units import CORRECTIONS, CRITERIA
+    from lmcompress.cli import app
+
+    group = typer.main.get_command(app)
+
+    def option_help(verb: str, name: str) -> str:
+        return next(p.help for p in group.commands[verb].params if p.name == name)
+
+    assert " | ".join(CRITERIA) in option_help("shrink", "criterion")
+    assert " | ".join(CORRECTIONS) in option_help("shrink", "correction")
+    assert " | ".join(EXPERT_CRITERIA) in option_help("drop-experts", "criterion")

@@ -66,15 +66,16 @@ app = typer.Typer(
 
 @app.callback()
 def _main(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more detail.")) -> None:
-    from lmcompress.calibration import distributed
-
-    distributed.refuse_unsupported(ctx.invoked_subcommand or "")  # under torchrun only prune and quantize run
     level = logging.DEBUG if verbose else logging.INFO
-    if distributed.launched() and os.environ.get("RANK", "0") != "0":  # only rank 0 prints (errors still show)
-        level, sys.stdout = logging.WARNING, open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
-        from transformers.utils import logging as hf_logging
+    if "WORLD_SIZE" in os.environ:  # maybe under torchrun (checked here so that --help need not import torch)
+        from lmcompress.calibration import distributed
 
-        hf_logging.disable_progress_bar()  # transformers' loading bars go to stderr
+        distributed.refuse_unsupported(ctx.invoked_subcommand or "")  # under torchrun only prune and quantize run
+        if distributed.launched() and os.environ.get("RANK", "0") != "0":  # only rank 0 prints (errors still show)
+            level, sys.stdout = logging.WARNING, open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # transformers' loading bars go to stderr
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

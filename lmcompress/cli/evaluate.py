@@ -7,8 +7,6 @@ import typer
 from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.errors import UserError
-from lmcompress.measure.encoder import format_encoder_result
-from lmcompress.measure.evaluate import evaluate_pretrained
 
 
 def parse_lengths(text: str | None) -> list[int] | None:
@@ -91,6 +89,9 @@ def evaluate(
 
         lmcompress eval llama-ffn30 --ppl-data bundled:wikitext2-test --profile
     """
+    from lmcompress.measure.encoder import format_encoder_result
+    from lmcompress.measure.evaluate import evaluate_pretrained
+
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     from lmcompress.streaming import refuse_streaming

@@ -6,7 +6,6 @@ import typer
 
 from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
-from lmcompress.transforms.experts import CRITERIA
 
 
 def run_drop_experts(ctx: typer.Context, model: str, output: str, **kw) -> None:
@@ -46,7 +45,8 @@ def drop_experts(
     criterion: str = typer.Option(
         "reconstruction",
         "--criterion",
-        help=f"How experts are scored: {' | '.join(CRITERIA)} (reconstruction: least change of the layer output).",
+        help="How experts are scored: frequency | router-weight | reconstruction (reconstruction: least change of "
+        "the layer output).",
     ),
     iterative: bool = typer.Option(False, "--iterative", help="Drop --step experts at a time, re-scoring the rest."),
     step: int = typer.Option(1, "--step", help="With --iterative: experts dropped per round."),

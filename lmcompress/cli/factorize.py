@@ -6,8 +6,6 @@ import typer
 
 from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
-from lmcompress.jobs import factorize_pretrained
-from lmcompress.transforms.factorize import FactorizeConfig
 
 
 @app.command()
@@ -60,6 +58,9 @@ def factorize(
 
         lmcompress factorize ./opt --rank-policy rank:64 -o opt-r64
     """
+    from lmcompress.jobs import factorize_pretrained
+    from lmcompress.transforms.factorize import FactorizeConfig
+
     if not activation_aware:
         options.refuse(ctx, ("whitening", "damp", *options.CALIBRATION), "without --activation-aware")
     elif whitening != "cholesky":

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-import torch
 import typer
 
 from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class _Clock:
@@ -40,6 +43,7 @@ def generate_text(
     """Generate from ``prompt`` with ``transformers``' ``generate`` (batch 1); returns the text, the new token ids
     and prefill / decode tokens per second (wall and CPU time). Prefill ends when the first logits arrive;
     decode is every later step (``new − 1`` tokens)."""
+    import torch
     from transformers import LogitsProcessorList
 
     if max_new_tokens < 1:
@@ -129,6 +133,8 @@ def generate(
 
         lmcompress generate smollm-rtn4 --prompt "Write a haiku" --chat --sample --temperature 0.7 --seed 1
     """
+    import torch
+
     from lmcompress.checkpoint.load import load
     from lmcompress.kernels.linear import check_mode, kernel_report
 

@@ -7,7 +7,6 @@ import json
 import typer
 
 from lmcompress.checkpoint.folder import json_text
-from lmcompress.checkpoint.inspect import KINDS, folder_info
 from lmcompress.cli import app, options
 
 
@@ -39,6 +38,8 @@ def info(
 
         lmcompress info llama-ffn30 --profile --json
     """
+    from lmcompress.checkpoint.inspect import KINDS, folder_info
+
     if not profile:
         options.refuse(ctx, ("seqlen",), "without --profile")
     result = folder_info(folder)

@@ -7,8 +7,6 @@ import typer
 from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.errors import UserError
-from lmcompress.jobs import prune_pretrained
-from lmcompress.transforms.prune import PruneConfig, read_allocation
 
 # The options of weight pruning itself, and those only kept for the deprecated `prune --structure ...`.
 WEIGHT = (
@@ -85,6 +83,9 @@ def prune(
 
         lmcompress prune ./llama --method sparsegpt --allocation llama-evo70/search.json -o llama-evo70-again
     """
+    from lmcompress.jobs import prune_pretrained
+    from lmcompress.transforms.prune import PruneConfig, read_allocation
+
     if structure is not None:
         _deprecated_structure(ctx, structure, locals())
         return

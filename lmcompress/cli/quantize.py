@@ -6,8 +6,6 @@ import typer
 
 from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
-from lmcompress.jobs import quantize_pretrained
-from lmcompress.transforms.quantize import QuantConfig
 
 
 @app.command()
@@ -81,6 +79,9 @@ def quantize(
 
         lmcompress quantize ./llama --method gptq --bits 4 --group-size 32 --grid q4_0 -o llama-q4_0   # for GGUF
     """
+    from lmcompress.jobs import quantize_pretrained
+    from lmcompress.transforms.quantize import QuantConfig
+
     if method == "rtn":
         options.refuse(
             ctx,

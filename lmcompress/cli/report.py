@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from lmcompress.cli import app
-from lmcompress.measure.report import write_report
 
 
 @app.command()
@@ -27,6 +26,8 @@ def report(
 
         lmcompress report results/llama --tolerance 0.02
     """
+    from lmcompress.measure.report import write_report
+
     out = write_report(results, tolerance=tolerance)
     for sentence in out["sentences"]:
         typer.echo(sentence)

@@ -9,8 +9,6 @@ import typer
 from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.errors import UserError
-from lmcompress.jobs import search_pretrained
-from lmcompress.search.run import SearchConfig, read_start
 
 
 def parse_budget(text: str) -> tuple[str, float]:
@@ -159,6 +157,9 @@ def search(
 
       lmcompress search ./llama --tune owl --budget sparsity=0.7 --trials 40 -o llama-owl-tuned
     """
+    from lmcompress.jobs import search_pretrained
+    from lmcompress.search.run import SearchConfig, read_start
+
     cpu = not str(device).startswith("cuda")  # sized so that a 135M model takes about half an hour on 2 cores
     generations = generations if generations is not None else (15 if cpu else 50)
     ctx.params["nsamples"] = nsamples if nsamples is not None else (32 if cpu else 128)

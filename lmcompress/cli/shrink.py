@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from lmcompress.algorithms.units import CORRECTIONS, CRITERIA
 from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.errors import UserError
@@ -65,10 +64,10 @@ def shrink(
     criterion: str = typer.Option(
         "wanda",
         "--criterion",
-        help=f"How units are scored: {' | '.join(CRITERIA)} (magnitude needs no calibration data).",
+        help="How units are scored: wanda | magnitude | fluctuation (magnitude needs no calibration data).",
     ),
     correction: str = typer.Option(
-        "none", "--correction", help=f"Refit the layer reading the kept units: {' | '.join(CORRECTIONS)}."
+        "none", "--correction", help="Refit the layer reading the kept units: none | bias | lstsq."
     ),
     allocation: str = typer.Option("uniform", "--allocation", help="uniform, or owl (ratio per block by outliers)."),
     owl_m: float = typer.Option(5.0, "--owl-m", help="With --allocation owl: outlier threshold M (× mean score)."),

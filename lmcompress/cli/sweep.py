@@ -7,7 +7,6 @@ import typer
 from lmcompress.checkpoint.folder import json_text
 from lmcompress.cli import app, options
 from lmcompress.cli.evaluate import parse_lengths
-from lmcompress.measure.sweep import SweepConfig, parse_sparsities, run_sweep
 
 
 @app.command()
@@ -55,6 +54,8 @@ def sweep(
 
         lmcompress sweep ./llama --methods magnitude,wanda --pattern 2:4,4:8 --tasks mc:arc_easy --limit 200 -o res/nm
     """
+    from lmcompress.measure.sweep import SweepConfig, parse_sparsities, run_sweep
+
     method_list = {m.strip() for m in methods.split(",")}
     if "owl" not in {a.strip() for a in allocation.split(",")}:
         options.refuse(ctx, ("owl_m", "owl_lambda"), "without owl in --allocation")

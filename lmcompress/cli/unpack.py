@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from lmcompress.checkpoint.save import unpack_folder
 from lmcompress.cli import app, options
 
 
@@ -23,5 +22,7 @@ def unpack(
     Examples: lmcompress unpack llama-sgpt50-packed -o llama-sgpt50-dense;
     lmcompress unpack SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2
     """
+    from lmcompress.checkpoint.save import unpack_folder
+
     out = unpack_folder(folder, output, overwrite=overwrite)
     typer.echo(f"unpacked {folder} → {out}")
