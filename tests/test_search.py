@@ -539,13 +539,13 @@ def test_the_parents_cache_leaves_the_search_unchanged(base, calib, tmp_path, mo
     config = SearchConfig(target=0.6, granularity="layer", generations=5, sensitivity_span=0, **FAST)
     calls = {"prefix": 0, "rebased": 0}
     for name in calls:
-        method = getattr(run_module.PrefixCache, "log_probs" if name == "prefix" else name)
+        method = getattr(run_module.PrefixCache, "logits" if name == "prefix" else name)
 
         def counted(self, *args, _method=method, _name=name, **kwargs):
             calls[_name] += 1
             return _method(self, *args, **kwargs)
 
-        monkeypatch.setattr(run_module.PrefixCache, "log_probs" if name == "prefix" else name, counted)
+        monkeypatch.setattr(run_module.PrefixCache, "logits" if name == "prefix" else name, counted)
     cached = search(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "a", progress=False)
     assert calls["prefix"] > 0 and calls["rebased"] > 0  # children ran from the cache; a child became the parent
     monkeypatch.undo()

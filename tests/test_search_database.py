@@ -66,15 +66,18 @@ def test_sequential_database_reference_candidate_is_sequential_pruning(tmp_path,
     assert gap > 1e-3  # the dense-input database does differ from sequential pruning after the first block
 
 
-def test_kl_fitness_matches_a_direct_computation(tokenizer, calib):
-    dense = build_tiny_model("llama", tokenizer.vocab_size)
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # a linear head; a head that caps its logits (Gemma 2)
+def test_kl_fitness_matches_a_direct_computation(tokenizer, calib, family):
+    dense = build_tiny_model(family, tokenizer.vocab_size)
     other = copy.deepcopy(dense)
     torch.manual_seed(0)
     with torch.no_grad():
-        for p in other.parameters():
+        for p in other.model.layers.parameters():  # the blocks: a search never changes the embeddings or the head
             p.add_(0.05 * torch.randn_like(p))
     windows = calib[:3, :32]
     fit = KLFitness(dense, windows)
+    # a linear head: the dense side is kept as tokens × hidden, not tokens × vocab; else as log-probabilities
+    assert (fit.reference is None) == (family == "llama")
     with torch.no_grad():
         p = F.log_softmax(dense(windows).logits[:, :-1].float(), -1)
         q = F.log_softmax(other(windows).logits[:, :-1].float(), -1)
@@ -83,3 +86,8 @@ def test_kl_fitness_matches_a_direct_computation(tokenizer, calib):
     assert fit(dense) < 1e-3  # fp16 reference: zero up to rounding
     expected_one = F.kl_div(q[:1], p[:1], log_target=True, reduction="sum").item() / p.shape[1]
     assert abs(fit(other, 1) - expected_one) < 1e-3 * max(expected_one, 1e-3)
+    if fit.reference is None:  # read through the dense head: a candidate with another head is refused
+        with torch.no_grad():
+            other.lm_head.weight.add_(0.01)
+        with pytest.raises(ValueError, match="output head differs"):
+            fit(other)
