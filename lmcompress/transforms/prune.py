@@ -484,8 +484,10 @@ def prune(
         return apply
 
     def measure(i: int, layers: dict[str, nn.Module]) -> None:
-        layer_sparsity.update({f"{prefix}.{i}.{n}": s for n, s in _measure(layers).items()})
-        zeros.update({f"{prefix}.{i}.{n}": int((weight_matrix(m) == 0).sum()) for n, m in layers.items()})
+        for n, m in layers.items():  # one counting pass per weight
+            w = weight_matrix(m)
+            zeros[f"{prefix}.{i}.{n}"] = count = int(torch.count_nonzero(w == 0))
+            layer_sparsity[f"{prefix}.{i}.{n}"] = count / w.numel()
 
     if config.method == "magnitude":
 
