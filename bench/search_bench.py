@@ -230,6 +230,7 @@ def bits_row(args, base, calib, held_out, ppl) -> dict:
     row["allocation"] = report.allocation
     row["kl_search"], row["kl_db_uniform"] = report.fitness, report.baselines["uniform"]
     row["kl_additive"], row["generations_run"] = report.baselines.get("additive"), len(report.history)
+    row["report"] = write_report(report, f"bits-{args.bits:g}-{args.granularity}")  # search.json and its plots
     if "additive" in report.baseline_allocations:  # the sensitivity pass's start, assembled from the database
         from lmcompress.search.database import LevelDatabase
 
