@@ -561,7 +561,9 @@ def search_pretrained(
         check_confidence(max_loss_confidence)
     if fitness_windows < max(config.stage_windows):
         raise UserError(
-            f"fitness_windows ({fitness_windows}) must be at least the largest stage ({max(config.stage_windows)})"
+            f"fitness_windows ({fitness_windows}) must be at least the largest stage ({max(config.stage_windows)}) "
+            "of stage_windows",
+            param=("fitness_windows", "stage_windows"),
         )
     work = Path(output).expanduser().parent / f".{Path(output).name}.search-work"
 

@@ -82,7 +82,7 @@ def test_bad_settings_are_refused():
     assert parse_levels("0.3:0.5:0.1") == [0.3, 0.4, 0.5]
 
 
-def test_cli_search_writes_model_recipe_and_history(tiny_folder, tmp_path, calib_text):
+def test_cli_search_writes_model_recipe_and_history(tiny_folder, tmp_path, calib_text, capsys):
     import json
 
     import lmcompress
@@ -152,6 +152,10 @@ def test_cli_search_writes_model_recipe_and_history(tiny_folder, tmp_path, calib
     with pytest.raises(SystemExit) as exit_info:  # a negative sensitivity span: refused, nothing written
         main(["search", str(src), "--sensitivity-span", "-1", "-o", str(tmp_path / "y")])
     assert exit_info.value.code == 2 and not (tmp_path / "y").exists()
+    with pytest.raises(SystemExit) as exit_info:  # too few held-out windows for the last stage: named by its flags
+        main(["search", str(src), "--fitness-windows", "4", "--stage-windows", "2,8", "-o", str(tmp_path / "z")])
+    assert exit_info.value.code == 2 and not (tmp_path / "z").exists()
+    assert "--fitness-windows (4)" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()} == before  # the source untouched
 
     # The chosen allocation applied by `prune --allocation`: every layer at the level the search gave it.

@@ -37,12 +37,7 @@ def logits(model: nn.Module, windows: torch.Tensor, *, device: str | torch.devic
 
 def log_probs(model: nn.Module, windows: torch.Tensor, *, device: str | torch.device = "cpu", batch_size: int = 4):
     """``log softmax(logits)`` of every position but the last, ``[n, seqlen − 1, vocab]``, fp32, on ``device``."""
-    return torch.cat(
-        [
-            F.log_softmax(logits(model, windows[a : a + batch_size], device=device), dim=-1)
-            for a in range(0, windows.shape[0], batch_size)
-        ]
-    )
+    return F.log_softmax(logits(model, windows, device=device, batch_size=batch_size), dim=-1)
 
 
 def logsumexp(x: torch.Tensor, chunk: int = 16) -> torch.Tensor:
