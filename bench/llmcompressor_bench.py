@@ -4,7 +4,8 @@
     python -m bench.llmcompressor_bench --models smollm2 --nsamples 16 --seqlen 256 --threads 2
 
 Each tool runs in its own process, timed from the launch to the end of saving (imports, loading, calibration,
-pruning and writing all count):
+pruning and writing all count; lmcompress to its process's exit, llm-compressor to the line it prints once saved,
+before its interpreter's teardown). Both write a new folder (the outputs of the previous run are deleted first):
 
 - lmcompress: ``python -m lmcompress prune MODEL --method sparsegpt --sparsity 0.5`` on ``--nsamples`` windows
   of ``--seqlen`` WikiText-2 valid tokens;
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -170,16 +172,18 @@ def one_run(args, name: str, folder: Path, seed: int, valid: str, llmc_python: P
     del base
 
     ours = OUT / f"{name}-lmcompress"
+    theirs = OUT / f"{name}-llmcompressor"
+    for output in (ours, theirs):  # each tool writes a new folder, as on a first run (neither overwrites in place)
+        shutil.rmtree(output, ignore_errors=True)
     cmd = [sys.executable, "-m", "lmcompress", "prune", str(folder), "--method", "sparsegpt", "--sparsity", "0.5",
            "--calib-data", valid, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(seed),
-           "-o", str(ours), "--overwrite", "--quiet"]  # fmt: skip
+           "-o", str(ours), "--quiet"]  # fmt: skip
     row["lmcompress_s"], _ = run_timed(cmd, env)
     recipe = json.loads((ours / "lmcompress.json").read_text())
     if recipe["calibration"]["sha256"] != windows_hash(ids):  # both tools must see the very same tokens
         sys.exit(f"lmcompress drew other windows than {ids_file}: {recipe['calibration']}")
     phases = recipe.get("timings_s") or {}  # where lmcompress's time went; the rest of the process: imports, save
     row["lmcompress_phases"] = {**phases, "imports and save": row["lmcompress_s"] - sum(phases.values())}
-    theirs = OUT / f"{name}-llmcompressor"
     cmd = [str(llmc_python), "-c", LLMC_SCRIPT, str(folder), str(ids_file), str(theirs), str(args.threads)]
     row["llmcompressor_s"], _ = run_timed(cmd, env, marker="SAVED_AT")
     row["time_ratio"] = row["lmcompress_s"] / row["llmcompressor_s"]

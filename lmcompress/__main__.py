@@ -1,3 +1,3 @@
-from lmcompress.cli import main
+from lmcompress.cli import run
 
-main()
+run()

@@ -163,6 +163,22 @@ def test_inverse_hessian_factor_is_the_upper_cholesky_of_the_damped_inverse():
     assert torch.allclose(u, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("n", [1, 100, 128, 300])
+def test_upper_cholesky_factors_in_place_from_the_last_column(n):
+    """``A = R Rᵀ`` with R upper triangular, positive diagonal, for sizes below, at and across panel
+    boundaries; it equals LAPACK's factor of the reversed matrix, reversed back (the factor is unique)."""
+    from lmcompress.algorithms.sparsegpt import upper_cholesky_
+
+    x = correlated_inputs(2 * n + 10, n).double()
+    a = x.t() @ x + 1e-3 * torch.eye(n, dtype=torch.float64)
+    r = upper_cholesky_(a.clone(), panel=64)
+    assert torch.equal(r, r.triu()) and bool((r.diagonal() > 0).all())
+    assert torch.allclose(r @ r.t(), a, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(r, torch.linalg.cholesky(a.flip(0, 1)).flip(0, 1), rtol=1e-8, atol=1e-10)
+    with pytest.raises(torch.linalg.LinAlgError):
+        upper_cholesky_(-a.clone(), panel=64)
+
+
 def test_failed_cholesky_raises_dampening_and_says_so(caplog):
     h = torch.diag(torch.tensor([1.0, 1.0, -1.5, 1.0]))  # indefinite: plain 1% dampening is not enough
     with caplog.at_level(logging.WARNING):

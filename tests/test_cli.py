@@ -250,6 +250,26 @@ def test_help_needs_no_torch():
     assert out.strip().splitlines()[-1] == "[]"
 
 
+def test_the_process_entry_exits_quickly_but_completely(tmp_path):
+    """``python -m lmcompress`` skips the interpreter's teardown, yet keeps the exit status, what was printed
+    (to a pipe, so buffered) and what exit handlers do (the torch.distributed process group is closed in one)."""
+    import subprocess
+    import sys
+
+    def entry(body: str) -> subprocess.CompletedProcess:
+        code = f"import atexit, sys\nimport lmcompress.cli as cli\n{body}\ncli.run()\nprint('not reached')"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+    done = entry("atexit.register(lambda: print('handler ran'))\ncli.main = lambda: print('x' * 100_000, end='')")
+    assert done.returncode == 0 and done.stdout == "x" * 100_000 + "handler ran\n"
+    message = entry("cli.main = lambda: sys.exit('stopped: why')")
+    assert message.returncode == 1 and message.stderr.strip() == "stopped: why" and message.stdout == ""
+    bad = subprocess.run(
+        [sys.executable, "-m", "lmcompress", "info", str(tmp_path / "missing")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "error:" in bad.stderr and "missing" in bad.stderr
+
+
 def test_help_lists_the_choices_the_code_accepts():
     """The choice lists written out in the shrink and drop-experts help are the algorithms' own."""
     import typer

@@ -193,16 +193,16 @@ def gptq_quantize(
         for j in range(b1 - b0):
             pos = b0 + j
             if j % INNER == 0 and j > pending:  # a sub-block starts: the block's rest receives the last one's errors
-                WbT[j:] -= Hb[pending:j, j:].t() @ errT[pending:j]
+                WbT[j:].addmm_(Hb[pending:j, j:].t(), errT[pending:j], alpha=-1.0)
                 pending = j
             s1 = min(b1 - b0, (j // INNER + 1) * INNER)  # end of the sub-block: updates up to it are immediate
             end = quantizer.group_end(pos)
             if end is not None:
                 if j > pending:  # a group starts inside a sub-block: bring the block's rest up to date first
-                    WbT[s1:] -= Hb[pending:j, s1:].t() @ errT[pending:j]
+                    WbT[s1:].addmm_(Hb[pending:j, s1:].t(), errT[pending:j], alpha=-1.0)
                     pending = j
                 if end > b1 and j > flushed:  # the group reaches past the block: bring those columns up to date
-                    WT[b1:] -= Hinv[b0 + flushed : pos, b1:].t() @ errT[flushed:j]
+                    WT[b1:].addmm_(Hinv[b0 + flushed : pos, b1:].t(), errT[flushed:j], alpha=-1.0)
                     flushed = j
                 group = WT[pos:end].t()
                 if maskT is not None:
@@ -215,7 +215,7 @@ def gptq_quantize(
             WbT[j:s1].addr_(Hb[j, j:s1], e, alpha=-1.0)
             WbT[j] = q
         # Lazy batch update: everything right of the block receives the block's (remaining) errors at once.
-        WT[b1:] -= Hinv[b0 + flushed : b1, b1:].t() @ errT[flushed:]
+        WT[b1:].addmm_(Hinv[b0 + flushed : b1, b1:].t(), errT[flushed:], alpha=-1.0)
         row_loss += 0.5 * (errT**2).sum(0)  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
 
     del Hinv

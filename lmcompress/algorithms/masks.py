@@ -92,6 +92,9 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     scores = scores.float()
     threshold = kth_smallest(scores, k)
+    at_most = scores <= threshold
+    if bool((torch.count_nonzero(at_most, dim=1) == k).all()):  # no row has a tie at its threshold
+        return at_most
     mask = scores < threshold
     need = k - mask.sum(1, keepdim=True)
     tie = scores == threshold
