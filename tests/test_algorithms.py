@@ -179,6 +179,33 @@ def test_upper_cholesky_factors_in_place_from_the_last_column(n):
         upper_cholesky_(-a.clone(), panel=64)
 
 
+def test_sparsegpt_sweep_restores_the_thread_count():
+    """The column sweep runs its small operations on one CPU thread; the caller's thread count comes back,
+    also when the solve fails inside the sweep."""
+    from lmcompress.algorithms.sparsegpt import sparsegpt_prune
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = correlated_inputs(300, 64)
+        h = 2 * x.t() @ x / 300
+        sparsegpt_prune(torch.randn(16, 64), h, 0.5, blocksize=32)
+        assert torch.get_num_threads() == 2
+
+        class Broken:
+            def group_end(self, pos):
+                return pos + 8 if pos % 8 == 0 else None
+
+            def set_group(self, pos, weights):
+                raise RuntimeError("grid failed")
+
+        with pytest.raises(RuntimeError, match="grid failed"):
+            sparsegpt_prune(torch.randn(16, 64), h, 0.5, blocksize=32, quantizer=Broken())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_failed_cholesky_raises_dampening_and_says_so(caplog):
     h = torch.diag(torch.tensor([1.0, 1.0, -1.5, 1.0]))  # indefinite: plain 1% dampening is not enough
     with caplog.at_level(logging.WARNING):

@@ -202,69 +202,80 @@ def sparsegpt_prune(
     row_loss = torch.zeros(rows, dtype=torch.float32, device=WT.device)
 
     inner = _inner_width(pattern.m if pattern.is_nm else 1)
-    for b0 in range(0, cols, blocksize):
-        b1 = min(b0 + blocksize, cols)
-        WbT = WT[b0:b1]  # a view: updates inside the block land in WT directly
-        Hb = Hinv[b0:b1, b0:b1]
-        d = torch.diag(Hb)
-        errT = torch.zeros_like(WbT)  # row j: (w_j − q_j) / U_jj of block column j
-        block_mask = torch.zeros((rows, b1 - b0), dtype=torch.bool, device=WT.device)
-        if not pattern.is_nm:  # the lowest saliencies w²/U_jj² of each segment's rows in this block
-            saliency = (WbT**2 / d.unsqueeze(1) ** 2).t().contiguous()
-            for r0, r1, s_seg in bounds:
-                k = round((r1 - r0) * (b1 - b0) * s_seg)
-                block_mask[r0:r1] = lowest_k(saliency[r0:r1].reshape(1, -1), k).reshape(r1 - r0, b1 - b0)
+    # The sweep inside a block is thousands of small operations: on a CPU they run on one thread (waking a
+    # second thread for each costs more than it saves); the lazy update at the block's end uses them all.
+    threads = torch.get_num_threads()
+    sweep_threads = 1 if WT.device.type == "cpu" else threads
+    try:
+        for b0 in range(0, cols, blocksize):
+            torch.set_num_threads(sweep_threads)
+            b1 = min(b0 + blocksize, cols)
+            WbT = WT[b0:b1]  # a view: updates inside the block land in WT directly
+            Hb = Hinv[b0:b1, b0:b1]
+            d = torch.diag(Hb)
+            errT = torch.zeros_like(WbT)  # row j: (w_j − q_j) / U_jj of block column j
+            block_mask = torch.zeros((rows, b1 - b0), dtype=torch.bool, device=WT.device)
+            if not pattern.is_nm:  # the lowest saliencies w²/U_jj² of each segment's rows in this block
+                saliency = (WbT**2 / d.unsqueeze(1) ** 2).t().contiguous()
+                for r0, r1, s_seg in bounds:
+                    k = round((r1 - r0) * (b1 - b0) * s_seg)
+                    block_mask[r0:r1] = lowest_k(saliency[r0:r1].reshape(1, -1), k).reshape(r1 - r0, b1 - b0)
 
-        # Mask fixed for the whole block (unstructured, no quantizer): each column's error is one division,
-        # by U_jj where the weight is pruned and by +inf (giving an exact 0) where it is kept.
-        fixed = not pattern.is_nm and quantizer is None
-        pruned_t = block_mask.t().contiguous().float() if fixed else None  # [width, rows]: 1 where pruned
-        divisor = d.unsqueeze(1) / pruned_t if fixed else None  # U_jj / 1 = U_jj, U_jj / 0 = +inf
-        flushed = 0  # errors of columns b0 .. b0+flushed-1 already applied right of the block
-        pending = 0  # errors of block columns pending .. j-1 not yet applied past the current sub-block
-        if divisor is not None:  # plain pruning: w − q is w where pruned, 0 where kept (both exact)
-            w_rows, e_rows, v_rows, h_rows = WbT.unbind(0), errT.unbind(0), divisor.unbind(0), Hb.unbind(0)
-            for s0 in range(0, b1 - b0, inner):
-                if s0 > 0:  # the block's rest receives the last sub-block's errors
-                    WbT[s0:].addmm_(Hb[s0 - inner : s0, s0:].t(), errT[s0 - inner : s0], alpha=-1.0)
-                s1 = min(b1 - b0, s0 + inner)
-                for j in range(s0, s1):
-                    e = torch.div(w_rows[j], v_rows[j], out=e_rows[j])
-                    if j + 1 < s1:  # column j itself is left as it is: zeroed where pruned once the block is done
-                        WbT[j + 1 : s1].addr_(h_rows[j][j + 1 : s1], e, alpha=-1.0)
-            WbT.addcmul_(WbT, pruned_t, value=-1.0)  # w − w·1 = 0 exactly where pruned, w − w·0 = w where kept
-        for j in range(b1 - b0 if divisor is None else 0):
-            pos = b0 + j
-            if j % inner == 0 and j > pending:  # a sub-block starts: the block's rest receives the last one's errors
-                WbT[j:].addmm_(Hb[pending:j, j:].t(), errT[pending:j], alpha=-1.0)
-                pending = j
-            s1 = min(b1 - b0, (j // inner + 1) * inner)  # end of the sub-block: updates up to it are immediate
-            end = None if quantizer is None else quantizer.group_end(pos)
-            if end is not None:
-                if j > pending:  # a group starts inside a sub-block: bring the block's rest up to date first
-                    WbT[s1:].addmm_(Hb[pending:j, s1:].t(), errT[pending:j], alpha=-1.0)
+            # Mask fixed for the whole block (unstructured, no quantizer): each column's error is one division,
+            # by U_jj where the weight is pruned and by +inf (giving an exact 0) where it is kept.
+            fixed = not pattern.is_nm and quantizer is None
+            pruned_t = block_mask.t().contiguous().float() if fixed else None  # [width, rows]: 1 where pruned
+            divisor = d.unsqueeze(1) / pruned_t if fixed else None  # U_jj / 1 = U_jj, U_jj / 0 = +inf
+            flushed = 0  # errors of columns b0 .. b0+flushed-1 already applied right of the block
+            pending = 0  # errors of block columns pending .. j-1 not yet applied past the current sub-block
+            if divisor is not None:  # plain pruning: w − q is w where pruned, 0 where kept (both exact)
+                w_rows, e_rows, v_rows, h_rows = WbT.unbind(0), errT.unbind(0), divisor.unbind(0), Hb.unbind(0)
+                for s0 in range(0, b1 - b0, inner):
+                    if s0 > 0:  # the block's rest receives the last sub-block's errors
+                        WbT[s0:].addmm_(Hb[s0 - inner : s0, s0:].t(), errT[s0 - inner : s0], alpha=-1.0)
+                    s1 = min(b1 - b0, s0 + inner)
+                    for j in range(s0, s1):
+                        e = torch.div(w_rows[j], v_rows[j], out=e_rows[j])
+                        if j + 1 < s1:  # column j itself is left as it is: zeroed where pruned once the block is done
+                            WbT[j + 1 : s1].addr_(h_rows[j][j + 1 : s1], e, alpha=-1.0)
+                WbT.addcmul_(WbT, pruned_t, value=-1.0)  # w − w·1 = 0 exactly where pruned, w − w·0 = w where kept
+            for j in range(b1 - b0 if divisor is None else 0):
+                pos = b0 + j
+                if (
+                    j % inner == 0 and j > pending
+                ):  # a sub-block starts: the block's rest receives the last one's errors
+                    WbT[j:].addmm_(Hb[pending:j, j:].t(), errT[pending:j], alpha=-1.0)
                     pending = j
-                if end > b1 and j > flushed:  # the group reaches past the block: bring those columns up to date
-                    WT[b1:].addmm_(Hinv[b0 + flushed : pos, b1:].t(), errT[flushed:j], alpha=-1.0)
-                    flushed = j
-                quantizer.set_group(pos, WT[pos:end].t())
-            if pattern.is_nm and j % pattern.m == 0:
-                group = WbT[j : j + pattern.m].t() ** 2 / d[j : j + pattern.m].unsqueeze(0) ** 2
-                drop = torch.topk(group, pattern.m - pattern.n, dim=1, largest=False).indices
-                block_mask[:, j : j + pattern.m].scatter_(1, drop, True)
-            w = WbT[j]
-            q = w.masked_fill(block_mask[:, j], 0.0)
-            if quantizer is not None:
-                q = quantizer.quantize(q, pos).masked_fill_(block_mask[:, j], 0.0)
-            e = (w - q) / d[j]
-            # OBS update of the sub-block's remaining columns; column j itself becomes q.
-            WbT[j:s1].addr_(Hb[j, j:s1], e, alpha=-1.0)
-            WbT[j] = q
-            errT[j] = e
-        # Lazy batch update: everything right of the block receives the block's (remaining) errors at once.
-        WT[b1:].addmm_(Hinv[b0 + flushed : b1, b1:].t(), errT[flushed:], alpha=-1.0)
-        row_loss += 0.5 * (errT**2).sum(0)  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
-        mask[:, b0:b1] = block_mask
+                s1 = min(b1 - b0, (j // inner + 1) * inner)  # end of the sub-block: updates up to it are immediate
+                end = None if quantizer is None else quantizer.group_end(pos)
+                if end is not None:
+                    if j > pending:  # a group starts inside a sub-block: bring the block's rest up to date first
+                        WbT[s1:].addmm_(Hb[pending:j, s1:].t(), errT[pending:j], alpha=-1.0)
+                        pending = j
+                    if end > b1 and j > flushed:  # the group reaches past the block: bring those columns up to date
+                        WT[b1:].addmm_(Hinv[b0 + flushed : pos, b1:].t(), errT[flushed:j], alpha=-1.0)
+                        flushed = j
+                    quantizer.set_group(pos, WT[pos:end].t())
+                if pattern.is_nm and j % pattern.m == 0:
+                    group = WbT[j : j + pattern.m].t() ** 2 / d[j : j + pattern.m].unsqueeze(0) ** 2
+                    drop = torch.topk(group, pattern.m - pattern.n, dim=1, largest=False).indices
+                    block_mask[:, j : j + pattern.m].scatter_(1, drop, True)
+                w = WbT[j]
+                q = w.masked_fill(block_mask[:, j], 0.0)
+                if quantizer is not None:
+                    q = quantizer.quantize(q, pos).masked_fill_(block_mask[:, j], 0.0)
+                e = (w - q) / d[j]
+                # OBS update of the sub-block's remaining columns; column j itself becomes q.
+                WbT[j:s1].addr_(Hb[j, j:s1], e, alpha=-1.0)
+                WbT[j] = q
+                errT[j] = e
+            torch.set_num_threads(threads)
+            # Lazy batch update: everything right of the block receives the block's (remaining) errors at once.
+            WT[b1:].addmm_(Hinv[b0 + flushed : b1, b1:].t(), errT[flushed:], alpha=-1.0)
+            row_loss += 0.5 * (errT**2).sum(0)  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
+            mask[:, b0:b1] = block_mask
+    finally:
+        torch.set_num_threads(threads)
 
     del Hinv
     W = WT.t().contiguous()  # pruned entries are exactly zero: set as each column (or block) was finished
