@@ -180,8 +180,10 @@ def test_upper_cholesky_factors_in_place_from_the_last_column(n):
 
 
 def test_sparsegpt_sweep_restores_the_thread_count():
-    """The column sweep runs its small operations on one CPU thread; the caller's thread count comes back,
-    also when the solve fails inside the sweep."""
+    """The column sweeps (SparseGPT, GPTQ) run their small operations on one CPU thread; the caller's thread
+    count comes back, also when the solve fails inside the sweep."""
+    from lmcompress.algorithms.gptq import gptq_quantize
+    from lmcompress.algorithms.quant import QuantSpec
     from lmcompress.algorithms.sparsegpt import sparsegpt_prune
 
     before = torch.get_num_threads()
@@ -190,6 +192,8 @@ def test_sparsegpt_sweep_restores_the_thread_count():
         x = correlated_inputs(300, 64)
         h = 2 * x.t() @ x / 300
         sparsegpt_prune(torch.randn(16, 64), h, 0.5, blocksize=32)
+        assert torch.get_num_threads() == 2
+        gptq_quantize(torch.randn(16, 64), h, QuantSpec(bits=4, group_size=16), blocksize=32)
         assert torch.get_num_threads() == 2
 
         class Broken:

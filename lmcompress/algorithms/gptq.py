@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, grid_params, q4_0_step
-from lmcompress.algorithms.sparsegpt import INNER, inverse_hessian_cholesky
+from lmcompress.algorithms.sparsegpt import INNER, catch_up_for_group, inverse_hessian_cholesky, sweep_threads
 
 
 class ColumnQuantizer:
@@ -184,36 +184,33 @@ def gptq_quantize(
     del W
     maskT = None if mask is None else mask.t().contiguous()
     for b0 in range(0, cols, blocksize):
-        b1 = min(b0 + blocksize, cols)
-        WbT = WT[b0:b1]  # a view: updates inside the block land in WT directly
-        Hb = Hinv[b0:b1, b0:b1]
-        errT = torch.zeros_like(WbT)  # row j: (w_j − q_j) / U_jj of block column j
-        flushed = 0  # errors of columns b0 .. b0+flushed-1 already applied right of the block
-        pending = 0  # errors of block columns pending .. j-1 not yet applied past the current sub-block
-        for j in range(b1 - b0):
-            pos = b0 + j
-            if j % INNER == 0 and j > pending:  # a sub-block starts: the block's rest receives the last one's errors
-                WbT[j:].addmm_(Hb[pending:j, j:].t(), errT[pending:j], alpha=-1.0)
-                pending = j
-            s1 = min(b1 - b0, (j // INNER + 1) * INNER)  # end of the sub-block: updates up to it are immediate
-            end = quantizer.group_end(pos)
-            if end is not None:
-                if j > pending:  # a group starts inside a sub-block: bring the block's rest up to date first
-                    WbT[s1:].addmm_(Hb[pending:j, s1:].t(), errT[pending:j], alpha=-1.0)
+        with sweep_threads(WT.device):  # the block's many small operations; the lazy update below uses all threads
+            b1 = min(b0 + blocksize, cols)
+            WbT = WT[b0:b1]  # a view: updates inside the block land in WT directly
+            Hb = Hinv[b0:b1, b0:b1]
+            errT = torch.zeros_like(WbT)  # row j: (w_j − q_j) / U_jj of block column j
+            flushed = 0  # errors of columns b0 .. b0+flushed-1 already applied right of the block
+            pending = 0  # errors of block columns pending .. j-1 not yet applied past the current sub-block
+            for j in range(b1 - b0):
+                pos = b0 + j
+                # a sub-block starts: the block's rest receives the last one's errors
+                if j % INNER == 0 and j > pending:
+                    WbT[j:].addmm_(Hb[pending:j, j:].t(), errT[pending:j], alpha=-1.0)
                     pending = j
-                if end > b1 and j > flushed:  # the group reaches past the block: bring those columns up to date
-                    WT[b1:].addmm_(Hinv[b0 + flushed : pos, b1:].t(), errT[flushed:j], alpha=-1.0)
-                    flushed = j
-                group = WT[pos:end].t()
-                if maskT is not None:
-                    group = group.masked_fill(maskT[pos:end].t(), 0.0)
-                quantizer.set_group(pos, group)
-            w = WbT[j]
-            column = w if maskT is None else w.masked_fill(maskT[pos], 0.0)
-            q = quantizer.quantize(column, pos)
-            e = torch.sub(w, q, out=errT[j]).div_(Hb[j, j])
-            WbT[j:s1].addr_(Hb[j, j:s1], e, alpha=-1.0)
-            WbT[j] = q
+                s1 = min(b1 - b0, (j // INNER + 1) * INNER)  # end of the sub-block: updates up to it are immediate
+                end = quantizer.group_end(pos)
+                if end is not None:
+                    pending, flushed = catch_up_for_group(WT, Hinv, errT, b0, b1, j, s1, end, pending, flushed)
+                    group = WT[pos:end].t()
+                    if maskT is not None:
+                        group = group.masked_fill(maskT[pos:end].t(), 0.0)
+                    quantizer.set_group(pos, group)
+                w = WbT[j]
+                column = w if maskT is None else w.masked_fill(maskT[pos], 0.0)
+                q = quantizer.quantize(column, pos)
+                e = torch.sub(w, q, out=errT[j]).div_(Hb[j, j])
+                WbT[j:s1].addr_(Hb[j, j:s1], e, alpha=-1.0)
+                WbT[j] = q
         # Lazy batch update: everything right of the block receives the block's (remaining) errors at once.
         WT[b1:].addmm_(Hinv[b0 + flushed : b1, b1:].t(), errT[flushed:], alpha=-1.0)
         row_loss += 0.5 * (errT**2).sum(0)  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
