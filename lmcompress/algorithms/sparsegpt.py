@@ -70,12 +70,10 @@ def sweep_threads(device: torch.device) -> Iterator[None]:
     """Run a column sweep's operations on one thread on a CPU, and restore the thread count after.
 
     Inside a block of columns the sweep is thousands of small operations (one rank-1 update per column):
-    waking a second thread for each costs more than it saves where threads sleep between operations. At two
-    threads with ``OMP_WAIT_POLICY=PASSIVE`` one SmolLM2 block's SparseGPT solves took 403–433 ms, against
-    277–310 ms this way, and GPTQ 4-bit's 615–650 against 365–379 ms; in a worker thread (where the engine
-    solves) SparseGPT's went from 437–468 to 304–387 ms with the default policy too. Where the threads spin (the
-    default policy, main thread, idle machine) it costs 5–10 %. The lazy updates between blocks are large matrix
-    products and run outside, on all threads.
+    waking a second thread for each costs more than it saves where threads sleep between operations or run in
+    a worker thread, as the engine's solves do (SmolLM2 at two threads: 1.4–1.7× faster this way); where they
+    spin in the main thread it costs 5–10 % (bench/README.md). The lazy updates between blocks are large
+    matrix products and run outside, on all threads.
     """
     threads = torch.get_num_threads()
     if torch.device(device).type != "cpu" or threads == 1:
