@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache"
 RESULTS = ROOT / "results"
+MODEL_HELP = "smollm2 (default: SmolLM2-135M-Instruct), qwen1.5b (Qwen2.5-Coder-1.5B-Instruct) or a local HF folder"
 
 
 def _find_wikitext() -> Path:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import machine_info, print_table, save_results, wikitext
+from bench.common import MODEL_HELP, machine_info, print_table, save_results, wikitext
 
 
 def _run(argv: list[str], threads: int) -> tuple[float, float]:
@@ -81,10 +81,10 @@ def _perplexity(folder: Path, seqlen: int, windows: int, threads: int) -> float:
 
 
 def main() -> None:
-    from bench.reference import default_model
+    from bench.reference import resolve_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--procs", type=int, default=2, help="processes of the torchrun run (= threads of the other)")
@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the third run (one process, one thread)")
     p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
     args = p.parse_args()
-    model = str(args.model or default_model())
+    model = str(resolve_model(args.model))
     prune = [
         "prune",
         model,

@@ -16,7 +16,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from bench.common import CACHE, machine_info, print_table, save_results
+from bench.common import CACHE, MODEL_HELP, machine_info, print_table, save_results
 
 OUT = CACHE / "formats"
 
@@ -27,10 +27,10 @@ def size(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="dense HF folder (default SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     args = parser.parse_args(argv)
 
-    from bench.reference import default_model
+    from bench.reference import resolve_model
     from lmcompress.checkpoint.export import export_compressed_tensors
     from lmcompress.checkpoint.gguf_export import export_gguf
     from lmcompress.checkpoint.load import load_model
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     from lmcompress.jobs import quantize_pretrained
     from lmcompress.transforms.quantize import QuantConfig
 
-    dense = Path(args.model) if args.model else default_model()
+    dense = resolve_model(args.model)
     OUT.mkdir(parents=True, exist_ok=True)  # a rerun reuses the folders already written (their sizes are the same)
     files: dict[str, Path] = {}
     for dtype in ("float16", "float32"):

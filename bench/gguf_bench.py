@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import CACHE, machine_info, print_table, save_results, wikitext
-from bench.reference import default_model
+from bench.common import CACHE, MODEL_HELP, machine_info, print_table, save_results, wikitext
+from bench.reference import resolve_model
 
 OUT = CACHE / "gguf"
 
@@ -115,7 +115,7 @@ def same_blocks(ours: Path, theirs: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="dense HF folder (default SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--quantized", default=None, help="GPTQ 4-bit g32 sym folder of --model (default: made here)")
     parser.add_argument("--grid", default="q4_0", choices=("q4_0", "minmax"), help="GPTQ's grid (quantize --grid)")
     parser.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows")
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     from lmcompress.jobs import quantize_pretrained
     from lmcompress.transforms.quantize import QuantConfig
 
-    dense = Path(args.model) if args.model else default_model()
+    dense = resolve_model(args.model)
     OUT.mkdir(parents=True, exist_ok=True)
     act = "-act-static" if args.act_order else ""
     tag = f"{args.grid}-{args.nsamples}x{args.calib_seqlen}{act}-d{args.percdamp:g}"

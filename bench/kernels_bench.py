@@ -23,7 +23,7 @@ import shutil
 
 import torch
 
-from bench.common import CACHE, machine_info, print_table, save_results, wikitext
+from bench.common import CACHE, MODEL_HELP, machine_info, print_table, save_results, wikitext
 
 ROWS = {
     "dense fp32": None,
@@ -71,7 +71,7 @@ def measure_row(args, name: str, folder, kernels: str, test_text: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None, help="local HF causal-LM folder [default: SmolLM2-135M-Instruct]")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eval-windows", type=int, default=8)
@@ -82,12 +82,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from bench.reference import default_model
+    from bench.reference import resolve_model
     from lmcompress.jobs import quantize_pretrained, structured_prune_pretrained
     from lmcompress.transforms.quantize import QuantConfig
     from lmcompress.transforms.shrink import StructureConfig
 
-    source = args.model or str(default_model())
+    source = str(resolve_model(args.model))
     print("machine:", machine_info(), flush=True)
     rows, base = [], None
     test_text = wikitext("test").read_text(encoding="utf-8")

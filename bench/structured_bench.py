@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from bench.common import machine_info, print_table, save_results, wikitext
-from bench.reference import default_model
+from bench.common import MODEL_HELP, machine_info, print_table, save_results, wikitext
+from bench.reference import resolve_model
 from lmcompress.calibration.data import draw, eval_windows
 from lmcompress.checkpoint.load import load
 from lmcompress.measure.perplexity import perplexity
@@ -76,7 +76,7 @@ def speed_only(dense, rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None, help="model folder [default: SmolLM2-135M-Instruct]")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--quick", action="store_true", help="ratio 0.3 only, 32 eval windows")
     parser.add_argument("--windows", type=int, default=128, help="first N test windows for perplexity; 0: all")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (timings are taken with these)")
@@ -86,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    folder = args.model or default_model()
+    folder = resolve_model(args.model)
     dense, tokenizer = load(folder)
     if args.speed_only:
         speed_only(dense, args.rounds)
