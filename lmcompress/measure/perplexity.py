@@ -1,4 +1,5 @@
-"""Perplexity, measured the way the SparseGPT/Wanda papers do: non-overlapping windows, mean token NLL."""
+"""Perplexity, measured the way the SparseGPT/Wanda papers do: non-overlapping windows, mean token NLL, with a
+95% interval over windows."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.errors import UserError
+from lmcompress.measure.intervals import exp_interval, mean_interval
 
 _NONFINITE_HINT = (
     "the model is numerically broken (damaged weights, or an overflow in float16/bfloat16: try dtype float32)"
@@ -26,6 +28,7 @@ class PerplexityResult:
     seqlen: int
     windows: int
     window_nll: list[float] = field(default_factory=list)  # mean NLL of each window, in order
+    perplexity_ci: tuple[float, float] | None = None  # 95% interval (see perplexity_interval); None: one window
 
 
 @torch.no_grad()
@@ -41,6 +44,7 @@ def perplexity(
 
     Windows are run ``batch_size`` at a time (they have no padding, so batching does not change the result).
     Non-finite logits or loss are an error (naming the window), never a perplexity of NaN.
+    ``perplexity_ci``: :func:`perplexity_interval` of the per-window NLLs.
     """
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
         raise UserError(
@@ -73,7 +77,15 @@ def perplexity(
     finally:
         model.to(home)
     mean = total / count
-    return PerplexityResult(math.exp(mean), mean, count, windows.shape[1], windows.shape[0], per_window)
+    ci = perplexity_interval(per_window)
+    return PerplexityResult(math.exp(mean), mean, count, windows.shape[1], windows.shape[0], per_window, ci)
+
+
+def perplexity_interval(window_nll: list[float]) -> tuple[float, float] | None:
+    """95% interval of the perplexity from the mean NLL of each (equal-length) window: the Student-t interval
+    of the mean of the window NLLs (windows as the sample; their mean is the mean token NLL), then ``exp`` of
+    both ends. ``None`` for a single window (no spread to estimate)."""
+    return exp_interval(mean_interval(window_nll))
 
 
 def check_confidence(confidence: float) -> None:
