@@ -97,6 +97,12 @@ def print_table(rows: list[dict], title: str = "") -> None:
     print()
 
 
+def results_name(base: str, model: str | Path) -> str:
+    """``base`` for the default SmolLM2 folder, else ``base-FOLDER`` (``prune_bench-qwen1.5b``): one file per model."""
+    folder = Path(model).name
+    return base if folder == "smollm2" else f"{base}-{folder}"
+
+
 def save_results(name: str, payload: dict) -> Path:
     """Write ``bench/results/<name>.json`` with the machine description; returns the path."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import CACHE, MODEL_HELP, machine_info, print_table, save_results, wikitext
+from bench.common import CACHE, MODEL_HELP, machine_info, print_table, results_name, save_results, wikitext
 from bench.reference import resolve_model
 
 OUT = CACHE / "gguf"
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
           f"max {summary['from_codes']['max_rel_error']:.2e}{took}")  # fmt: skip
     print(f"RTN q4_0 grid vs llama.cpp's Q4_0, byte for byte: {identity}")
     results = {"rows": rows, "windows": len(wins), "seqlen": args.seqlen, "identity": identity, "gptq": vars(args)}
-    print(f"results: {save_results('gguf_bench', results | {'gptq_seconds': gptq_s})}")
+    print(f"results: {save_results(results_name('gguf_bench', dense), results | {'gptq_seconds': gptq_s})}")
 
 
 if __name__ == "__main__":

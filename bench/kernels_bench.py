@@ -23,7 +23,7 @@ import shutil
 
 import torch
 
-from bench.common import CACHE, MODEL_HELP, machine_info, print_table, save_results, wikitext
+from bench.common import CACHE, MODEL_HELP, machine_info, print_table, results_name, save_results, wikitext
 
 ROWS = {
     "dense fp32": None,
@@ -124,7 +124,7 @@ def main() -> None:
     print_table([{k: v for k, v in r.items() if k != "kernels"} for r in rows], title)
     for r in rows:
         print(f"{r['model']}: {r['kernels']}")
-    path = save_results("kernels", {"args": vars(args), "rows": rows})
+    path = save_results(results_name("kernels", source), {"args": vars(args), "rows": rows})
     print(f"saved {path}")
 
 

@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         [{"model": r["model"], "seed": r["seed"], **r["lmcompress_phases"]} for r in phased],
         "lmcompress: where the seconds went (recipe timings_s; the remainder is Python imports and the save)",
     )
-    save_results("llmcompressor", {"args": vars(args), "rows": rows, "machine": info})
+    name = "llmcompressor" if args.models == "smollm2,llama110m" else f"llmcompressor-{args.models.replace(',', '-')}"
+    save_results(name, {"args": vars(args), "rows": rows, "machine": info})
 
 
 def one_run(args, name: str, folder: Path, seed: int, valid: str, llmc_python: Path, env: dict) -> dict:

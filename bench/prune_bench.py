@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import MODEL_HELP, machine_info, peak_rss_mb, print_table, save_results, wikitext
+from bench.common import MODEL_HELP, machine_info, peak_rss_mb, print_table, results_name, save_results, wikitext
 from lmcompress.calibration.data import draw
 
 GRID = [
@@ -158,6 +158,7 @@ def main() -> None:
     for method, target, pattern, allocation in tqdm(grid, desc="prune runs"):
         extra = ["--one", "--method", method, "--pattern", pattern, "--allocation", allocation]
         rows.append(_child(args, [*extra, "--sparsity", str(target or 0.5)]))
+        save_results(results_name("prune_bench", args.model), {"rows": rows, "cost": cost, "args": vars(args)})
         tqdm.write(json.dumps({k: rows[-1][k] for k in ("method", "pattern", "allocation", "ppl", "prune_s")}))
     dense = rows[0]["ppl"]
     table = [
@@ -185,7 +186,9 @@ def main() -> None:
     checks = ordering_checks(rows)
     for line in checks:
         print(line)
-    path = save_results("prune_bench", {"rows": rows, "cost": cost, "checks": checks, "args": vars(args)})
+    path = save_results(
+        results_name("prune_bench", args.model), {"rows": rows, "cost": cost, "checks": checks, "args": vars(args)}
+    )
     print(f"total wall time {time.perf_counter() - start:.0f}s; results in {path}")
 
 

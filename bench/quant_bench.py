@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import MODEL_HELP, machine_info, print_table, save_results, wikitext
+from bench.common import MODEL_HELP, machine_info, print_table, results_name, save_results, wikitext
 from lmcompress.calibration.data import draw
 
 
@@ -148,6 +148,8 @@ def main() -> None:
             }
         )
         print(f"{name}: ppl {ppl:.3f}, {min(times):.2f}s", flush=True)
+        partial = {"args": vars(args), "calibration": calib_info, "rows": results}
+        save_results(results_name("quant_bench", args.model), partial)  # kept if a long run is cut short
 
     by = {r["name"]: r for r in results}
     print_table(
@@ -170,7 +172,8 @@ def main() -> None:
     info = machine_info()
     print(info)
     path = save_results(
-        "quant_bench", {"args": vars(args), "calibration": calib_info, "rows": results, "checks": checks}
+        results_name("quant_bench", args.model),
+        {"args": vars(args), "calibration": calib_info, "rows": results, "checks": checks},
     )
     print(f"results: {path}")
 
