@@ -3,17 +3,17 @@
     python -m bench.gguf_bench                           # SmolLM2-135M-Instruct, 4 windows of 512 tokens
     python -m bench.gguf_bench --nsamples 128 --calib-seqlen 512 --act-order --windows 8
 
-Files (in ``bench/cache/gguf``): the dense model exported as f16; llama.cpp's ``llama_model_quantize`` Q4_0 of
-that f16 file (its round-to-nearest blocks); lmcompress RTN 4-bit g32 on the ``q4_0`` grid of the same fp16
-weights (the model loaded as fp16), exported from its codes, which must be llama.cpp's file block for block (the
-bench compares the bytes of every Q4_0 tensor); and lmcompress GPTQ 4-bit g32 on ``--grid`` (default q4_0;
-``--nsamples`` windows of ``--calib-seqlen`` WikiText-2 valid tokens, optional ``--act-order``) exported from its
-codes as Q4_0 (``--quantized DIR`` takes an existing GPTQ folder instead). The exports take the embedding type
-llama.cpp chose for its own file, so that only the block weights differ. Each is loaded with ``llama_cpp.Llama``
-(``--threads``, default 1) and scored on the first ``--windows`` non-overlapping windows of WikiText-2
-``test.txt``: perplexity from llama.cpp's logits, prompt tokens/s, and generation tokens/s (64 greedy tokens).
-The source folders are scored the same way by ``lmcompress.load`` in PyTorch, and the largest logit difference
-on the first window is printed per file.
+Files (in ``bench/cache/gguf``; ``bench/cache/gguf-qwen1.5b`` for ``--model qwen1.5b``): the dense model exported as
+f16; llama.cpp's ``llama_model_quantize`` Q4_0 of that f16 file (its round-to-nearest blocks); lmcompress RTN 4-bit
+g32 on the ``q4_0`` grid of the same fp16 weights (the model loaded as fp16), exported from its codes, which must be
+llama.cpp's file block for block (the bench compares the bytes of every Q4_0 tensor); and lmcompress GPTQ 4-bit g32
+on ``--grid`` (default q4_0; ``--nsamples`` windows of ``--calib-seqlen`` WikiText-2 valid tokens, optional
+``--act-order``) exported from its codes as Q4_0 (``--quantized DIR`` takes an existing GPTQ folder instead). The
+exports take the embedding type llama.cpp chose for its own file, so that only the block weights differ. Each is loaded
+with ``llama_cpp.Llama`` (``--threads``, default 1) and scored on the first ``--windows`` non-overlapping windows of
+WikiText-2 ``test.txt``: perplexity from llama.cpp's logits, prompt tokens/s, and generation tokens/s (64 greedy
+tokens). The source folders are scored the same way by ``lmcompress.load`` in PyTorch, and the largest logit
+difference on the first window is printed per file.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ import torch
 
 from bench.common import CACHE, MODEL_HELP, machine_info, print_table, results_name, save_results, wikitext
 from bench.reference import resolve_model
-
-OUT = CACHE / "gguf"
 
 
 def windows(tokenizer, n: int, seqlen: int) -> list[list[int]]:
@@ -136,10 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     from lmcompress.transforms.quantize import QuantConfig
 
     dense = resolve_model(args.model)
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = CACHE / results_name("gguf", dense)  # bench/cache/gguf for SmolLM2, gguf-qwen1.5b, ...: files per model
+    out.mkdir(parents=True, exist_ok=True)
     act = "-act-static" if args.act_order else ""
     tag = f"{args.grid}-{args.nsamples}x{args.calib_seqlen}{act}-d{args.percdamp:g}"
-    quantized = Path(args.quantized) if args.quantized else OUT / f"gptq4-g32-{tag}"
+    quantized = Path(args.quantized) if args.quantized else out / f"gptq4-g32-{tag}"
     gptq_s = None
     if not quantized.exists():
         t = time.perf_counter()
@@ -152,12 +151,12 @@ def main(argv: list[str] | None = None) -> None:
             seqlen=args.calib_seqlen, progress=False,
         )  # fmt: skip
         gptq_s = time.perf_counter() - t
-    rtn = OUT / "rtn4-g32-q4_0-fp16"
+    rtn = out / "rtn4-g32-q4_0-fp16"
     if not rtn.exists():  # the fp16 weights llama.cpp reads from the f16 file
         config = QuantConfig(method="rtn", bits=4, group_size=32, grid="q4_0")
         quantize_pretrained(dense, config, rtn, dtype="float16", progress=False)
-    f16, theirs = OUT / "dense-f16.gguf", OUT / "llamacpp-q4_0.gguf"
-    ours, ours_rtn = OUT / f"gptq-{tag}.gguf", OUT / "rtn-q4_0.gguf"
+    f16, theirs = out / "dense-f16.gguf", out / "llamacpp-q4_0.gguf"
+    ours, ours_rtn = out / f"gptq-{tag}.gguf", out / "rtn-q4_0.gguf"
     export_gguf(dense, f16, qtype="f16", overwrite=True)
     llama_cpp_quantize(f16, theirs, args.threads)
     embd = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(theirs)).tensors}["token_embd.weight"]

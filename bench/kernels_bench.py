@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from pathlib import Path
 
 import torch
 
@@ -91,7 +92,8 @@ def main() -> None:
     print("machine:", machine_info(), flush=True)
     rows, base = [], None
     test_text = wikitext("test").read_text(encoding="utf-8")
-    shrunk = CACHE / "kernels" / "ffn50"  # 50% of every block's FFN channels removed (magnitude, no data)
+    work = CACHE / results_name("kernels", source)  # bench/cache/kernels for SmolLM2, kernels-qwen1.5b, ...
+    shrunk = work / "ffn50"  # 50% of every block's FFN channels removed (magnitude, no data)
     if any("shrunk" in (v if isinstance(v, (tuple, str)) else ()) for v in map(ROWS.get, args.rows)):
         shutil.rmtree(shrunk, ignore_errors=True)
         shrunk.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +104,7 @@ def main() -> None:
         if grid == "shrunk":
             folder, grid = shrunk, None
         elif grid is not None:
-            folder = CACHE / "kernels" / name.replace(" ", "-")
+            folder = work / name.replace(" ", "-")
             shutil.rmtree(folder, ignore_errors=True)
             folder.parent.mkdir(parents=True, exist_ok=True)
             config = QuantConfig("rtn", grid[0], grid[1], include_head=len(grid) > 2)  # + head: 8 bits per channel
@@ -120,7 +122,7 @@ def main() -> None:
                 row["target"] = f"≥{target}× decode: {'met' if row['decode ×'] >= target else 'NOT met'}"
             rows.append(row)
             print(row, flush=True)
-    title = f"CPU kernels, SmolLM2-135M, batch 1, {args.threads} threads (best of {args.repeats})"
+    title = f"CPU kernels, {Path(source).name}, batch 1, {args.threads} threads (best of {args.repeats})"
     print_table([{k: v for k, v in r.items() if k != "kernels"} for r in rows], title)
     for r in rows:
         print(f"{r['model']}: {r['kernels']}")
