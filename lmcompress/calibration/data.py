@@ -107,34 +107,133 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
 
 
+def wants_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts every text it encodes with its BOS token (LLaMA, Gemma, OPT's ``</s>``;
+    not GPT-2, Qwen2, SmolLM2): its model was trained with BOS first, so every window should start with it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", verbose=False)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def _bos_setting(tokenizer, bos: bool | None) -> bool:
+    """``bos`` as given, or the tokenizer's own habit (:func:`wants_bos`) for ``None``."""
+    if bos is None:
+        return wants_bos(tokenizer)
+    if bos and getattr(tokenizer, "bos_token_id", None) is None:
+        raise UserError("windows starting with BOS need a tokenizer with a BOS token; this one has none")
+    return bool(bos)
+
+
+def _stream(tokenizer, ids: torch.Tensor, bos: bool) -> torch.Tensor:
+    """The token stream windows are cut from: the text's ids without the BOS the tokenizer put in front."""
+    if bos and ids.numel() and int(ids[0]) == tokenizer.bos_token_id:
+        return ids[1:]
+    return ids
+
+
+def check_token_ids(ids: torch.Tensor | list[int], vocab_size: int | None) -> None:
+    """Refuse token ids the model has no embedding row for (a tokenizer that does not belong to the model)."""
+    if vocab_size is None or not len(ids):
+        return
+    top = int(max(ids)) if isinstance(ids, list) else int(ids.max())
+    if top >= vocab_size:
+        raise UserError(
+            f"the tokenizer gives token id {top}, but the model's embedding has only {vocab_size} rows: the "
+            "tokenizer does not belong to this model; use the tokenizer saved with the model"
+        )
+
+
+def embedding_rows(model) -> int | None:
+    """How many token ids ``model`` can embed (its input embedding's rows), None if it has no such layer."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(emb, "num_embeddings", None)
+
+
+def _with_bos(tokenizer, rows: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.full((rows.shape[0], 1), tokenizer.bos_token_id, dtype=rows.dtype), rows], 1)
+
+
 def calibration_windows(
-    tokenizer, text: str, nsamples: int, seqlen: int, seed: int = 0, *, ids: torch.Tensor | None = None
+    tokenizer,
+    text: str,
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+    *,
+    ids: torch.Tensor | None = None,
+    bos: bool | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """``nsamples`` windows of ``seqlen`` tokens at random positions of the tokenized text (seeded); ``ids``:
-    the text already tokenized by ``tokenizer``."""
+    the text already tokenized by ``tokenizer``.
+
+    ``bos`` (default: :func:`wants_bos`): every window is the BOS token followed by ``seqlen − 1`` tokens of
+    the text. ``vocab_size``: the model's embedding rows, checked against every token id of the text.
+    """
+    check_window_request(nsamples, seqlen)
+    bos = _bos_setting(tokenizer, bos)
+    ids = _tokenize(tokenizer, text) if ids is None else ids
+    check_token_ids(ids, vocab_size)
+    stream, width = _stream(tokenizer, ids, bos), seqlen - int(bos)
+    if width < 1:
+        raise UserError("seqlen must be at least 2 when windows start with BOS", param="seqlen")
+    if stream.numel() < width + 1:
+        raise UserError(
+            f"calibration text has {stream.numel()} tokens, fewer than one window of {seqlen}; "
+            "give more text or a smaller seqlen",
+            param="seqlen",
+        )
+    positions = stream.numel() - width + 1
+    if nsamples > positions:
+        raise UserError(
+            f"nsamples {nsamples} is more than the {positions} different windows of {seqlen} tokens the calibration "
+            "text has; give more text or fewer nsamples",
+            param="nsamples",
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, positions, (nsamples,), generator=gen)
+    rows = torch.stack([stream[s : s + width] for s in starts.tolist()])
+    return _with_bos(tokenizer, rows) if bos else rows
+
+
+def check_window_request(nsamples: int, seqlen: int) -> None:
+    """Refuse non-positive window counts, and more windows than memory can hold, before anything is allocated
+    (the ids alone take 8 bytes a token; calibration then keeps hidden states of every window)."""
     if nsamples <= 0 or seqlen <= 0:
         raise UserError(
             f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}", param=("nsamples", "seqlen")
         )
-    ids = _tokenize(tokenizer, text) if ids is None else ids
-    if ids.numel() < seqlen + 1:
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if nsamples * seqlen * 8 > available // 4:
         raise UserError(
-            f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
-            "give more text or a smaller seqlen",
-            param="seqlen",
+            f"nsamples × seqlen = {nsamples * seqlen:,} tokens do not fit this machine's memory "
+            f"({available / 2**30:.1f} GiB available); a few hundred windows are plenty for calibration",
+            param=("nsamples", "seqlen"),
         )
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
-def eval_windows(tokenizer, text: str, seqlen: int) -> torch.Tensor:
-    """Non-overlapping windows of ``seqlen`` tokens over the whole tokenized text (the tail is dropped)."""
+def eval_windows(
+    tokenizer, text: str, seqlen: int, *, bos: bool | None = None, vocab_size: int | None = None
+) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens over the whole tokenized text (the tail is dropped).
+
+    ``bos`` (default: :func:`wants_bos`): each window is the BOS token followed by the next ``seqlen − 1``
+    tokens of the text (as llama.cpp's perplexity does), so every text token is predicted once, always with
+    BOS first. ``vocab_size``: the model's embedding rows, checked against every token id of the text.
+    """
+    bos = _bos_setting(tokenizer, bos)
     ids = _tokenize(tokenizer, text)
-    n = ids.numel() // seqlen
+    check_token_ids(ids, vocab_size)
+    stream, width = _stream(tokenizer, ids, bos), seqlen - int(bos)
+    n = stream.numel() // width if width > 0 else 0
     if n == 0:
         raise UserError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    return ids[: n * seqlen].reshape(n, seqlen)
+    rows = stream[: n * width].reshape(n, width)
+    return _with_bos(tokenizer, rows) if bos else rows
 
 
 def windows_hash(windows: torch.Tensor) -> str:
@@ -156,16 +255,22 @@ def draw(
     seqlen: int = 2048,
     seed: int = 0,
     prepared: tuple[TextSource, torch.Tensor] | None = None,
+    bos: bool | None = None,
+    vocab_size: int | None = None,
 ):
     """Calibration windows ``[nsamples, seqlen]`` and a description of them for the recipe; ``prepared``: what
-    :func:`tokenized_source` gives for ``source`` with this tokenizer (tokenized meanwhile elsewhere)."""
+    :func:`tokenized_source` gives for ``source`` with this tokenizer (tokenized meanwhile elsewhere). ``bos``,
+    ``vocab_size``: see :func:`calibration_windows`; the recipe records whether windows start with BOS."""
+    check_window_request(nsamples, seqlen)
+    bos = _bos_setting(tokenizer, bos)
     text, ids = prepared if prepared is not None else (load_text(source, role="calib"), None)
-    windows = calibration_windows(tokenizer, text.text, nsamples, seqlen, seed, ids=ids)
+    windows = calibration_windows(tokenizer, text.text, nsamples, seqlen, seed, ids=ids, bos=bos, vocab_size=vocab_size)
     info = {
         "source": text.description,
         "nsamples": nsamples,
         "seqlen": seqlen,
         "seed": seed,
+        "bos": bos,
         "sha256": windows_hash(windows),
     }
     return windows, info

@@ -57,7 +57,20 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     quiet: bool = options.QUIET,
     reference: str = typer.Option(
-        None, "--reference", help="Encoders: dense model to compare sentence embeddings with [default: recipe source]."
+        None,
+        "--reference",
+        help="Dense model to compare with: causal LMs get KL divergence, top-1 agreement and the change in the right "
+        "token's probability on the perplexity windows; encoders get sentence-embedding similarity [encoders: "
+        "default the recipe's source].",
+    ),
+    agreement: bool = typer.Option(
+        False, "--agreement", help="Causal LMs: agreement with the recipe's source model (as --reference SOURCE)."
+    ),
+    bos: bool = typer.Option(
+        None,
+        "--bos/--no-bos",
+        help="Start every perplexity window with the BOS token [default: where the tokenizer adds one, as LLaMA "
+        "and Gemma do].",
     ),
     pooling: str = typer.Option(None, "--pooling", help="Encoders: sentence embedding pooling, mean | cls | pooler."),
     profile: bool = typer.Option(
@@ -77,13 +90,16 @@ def evaluate(
 
     Loads any folder lmcompress wrote (dense, packed, quantized, resized or factorized) or a plain Hugging
     Face model. Perplexity is exp of the mean next-token loss over non-overlapping windows of --seqlen
-    tokens; multiple choice picks the answer with the highest log-likelihood; qa checks greedy answers
-    against the references; retrieval asks for a value hidden in a long prompt. Encoders get masked-LM
-    perplexity and embedding similarity to a dense --reference.
+    tokens (each window starts with BOS where the tokenizer wants one), with a 95% interval over windows;
+    --reference (or --agreement) adds the KL divergence to the dense model's next-token distribution, top-1
+    agreement and the change in the right token's probability, on the same windows. Multiple choice picks
+    the answer with the highest log-likelihood; qa checks greedy answers
+    against the references; retrieval asks for a value hidden in a long prompt; every score has a 95% interval
+    over examples. Encoders get masked-LM perplexity and embedding similarity to a dense --reference.
 
     Examples:
 
-        lmcompress eval opt-sgpt50 --ppl-data wikitext2 --json
+        lmcompress eval opt-sgpt50 --ppl-data wikitext2 --reference facebook/opt-125m --json
 
         lmcompress eval opt-sgpt50 --tasks ppl:test.txt,mc:arc_easy,qa:triviaqa,retrieval --limit 200 --shots 5
 
@@ -128,6 +144,8 @@ def evaluate(
         progress=options.show_progress(quiet),
         reference=reference,
         pooling=pooling,
+        agreement=agreement,
+        bos=bos,
     )
     if profile:
         from lmcompress.measure.profile import profile_pretrained
@@ -140,17 +158,41 @@ def evaluate(
         typer.echo(json_text(result))
     elif result.get("model_kind") == "encoder":
         typer.echo(format_encoder_result(result))
-    elif "metrics" in result:
-        typer.echo(f"{model}: sparsity {result['sparsity']:.2%}")
-        for key, value in result["metrics"].items():
-            better = "higher" if result["higher_is_better"][key] else "lower"
-            typer.echo(f"  {key:40s} {value:10.4f}  ({better} is better)")
     else:
-        typer.echo(
-            f"{model}: perplexity {result['perplexity']:.3f} on {result['tokens']} tokens "
-            f"({result['windows']} windows of {result['seqlen']}), sparsity {result['sparsity']:.2%}"
-        )
+        typer.echo(format_result(str(model), result))
     if profile and not as_json:
         from lmcompress.measure.profile import format_profile
 
         typer.echo(format_profile(result["profile"]))
+
+
+def _ci(interval, digits: int = 4) -> str:
+    return f"[{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]" if interval else "(one window: no interval)"
+
+
+def format_result(model: str, result: dict) -> str:
+    """eval's text output for a causal LM: perplexity or task metrics with their 95% intervals, and agreement."""
+    lines = []
+    if "metrics" in result:
+        lines.append(f"{model}: sparsity {result['sparsity']:.2%}; 95% intervals in brackets")
+        intervals = result.get("intervals", {})
+        for key, value in result["metrics"].items():
+            better = "higher" if result["higher_is_better"][key] else "lower"
+            ci = f"[{intervals[key][0]:.4f}, {intervals[key][1]:.4f}]" if key in intervals else ""
+            lines.append(f"  {key:40s} {value:10.4f} {ci:>22s}  ({better} is better)")
+    else:
+        bos = ", each starting with BOS" if result.get("bos") else ""
+        lines.append(
+            f"{model}: perplexity {result['perplexity']:.3f} {_ci(result.get('perplexity_ci'), 3)} (95%) on "
+            f"{result['tokens']} tokens ({result['windows']} windows of {result['seqlen']}{bos}), "
+            f"sparsity {result['sparsity']:.2%}"
+        )
+        if result.get("agreement"):
+            a = result["agreement"]
+            lines.append(
+                f"  against {result['reference']}: KL mean {a['kl_mean']:.5f} {_ci(a['kl_mean_ci'], 5)}, median "
+                f"{a['kl_median']:.5f}, p99 {a['kl_p99']:.4f} nats/token; top-1 agreement "
+                f"{a['top1_agreement']:.2%}; mean change in the right token's probability {a['delta_p_mean']:+.4f} "
+                f"{_ci(a['delta_p_mean_ci'])}"
+            )
+    return "\n".join(lines)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from lmcompress.calibration.data import eval_windows, load_text
+from lmcompress.calibration.data import embedding_rows, eval_windows, load_text, wants_bos
 from lmcompress.checkpoint.folder import read_recipe
 from lmcompress.checkpoint.load import load_model
 from lmcompress.errors import UserError
 from lmcompress.jobs import check_device, resolve_seqlen
 from lmcompress.measure.perplexity import perplexity
-from lmcompress.models.families import is_encoder
+from lmcompress.models.families import context_length, is_encoder
 from lmcompress.transforms.prune import measure_sparsity
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ def evaluate_pretrained(
     progress: bool = True,
     reference: str | None = None,
     pooling: str | None = None,
+    agreement: bool = False,
+    bos: bool | None = None,
 ) -> dict:
     """Perplexity of a model (dense or compressed) and the sparsity measured in its weights.
 
@@ -45,12 +47,34 @@ def evaluate_pretrained(
 
     Encoders (BERT-style) get MLM perplexity (if they have the head) and, against ``reference`` (or the
     recipe's local source model), sentence-embedding cosine similarity: see ``lmcompress.measure.encoder``.
+
+    Causal LMs, with ``reference`` (or ``agreement``: against the recipe's source model, which must exist
+    here), also get ``agreement`` with that dense model on the perplexity windows: see
+    ``lmcompress.measure.agreement``. Windows start with BOS where the tokenizer wants it (``bos``: force it
+    either way); the result says which (``bos``). Perplexity comes with its 95% interval (``perplexity_ci``).
     """
     check_device(device)
     net, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    ctx = context_length(net.config)
+    if ctx is not None and ctx < 2:
+        raise UserError(
+            f"the model's context is {ctx} token: perplexity needs windows of at least 2 tokens (one to predict "
+            "from, one predicted), so this model cannot be evaluated"
+        )
     seqlen = resolve_seqlen(net, seqlen, minimum=2)
+    encoder = is_encoder(net.config)
+    if pooling is not None and not encoder:
+        raise UserError("pooling applies to encoders (sentence embeddings); this model is a causal LM", param="pooling")
+    if encoder and (agreement or bos is not None):
+        raise UserError(
+            "agreement and bos apply to causal LMs; an encoder is compared by sentence embeddings (reference)",
+            param=("agreement", "bos"),
+        )
+    ref_net, ref_path = None, None
+    if not encoder and (reference is not None or agreement):
+        ref_net, ref_path = load_reference(model, reference, tokenizer, dtype, trust_remote_code, allow_pickle)
     if tasks or harness or limit is not None:  # lmcompress.measure.tasks; ppl_data, if given, is one more task
-        if is_encoder(net.config):
+        if encoder:
             raise UserError(
                 "tasks, harness and limit evaluate causal LMs; for encoders use ppl_data only",
                 param=("tasks", "harness", "limit", "ppl_data"),
@@ -71,10 +95,12 @@ def evaluate_pretrained(
             retrieval_lengths=retrieval_lengths,
             device=device,
             progress=progress,
+            reference_model=ref_net,
+            bos=bos,
         )
     else:
         text = load_text(ppl_data or "wikitext2", role="eval")
-        if is_encoder(net.config):
+        if encoder:
             from lmcompress.measure.encoder import evaluate_encoder_folder
 
             enc = evaluate_encoder_folder(
@@ -93,16 +119,56 @@ def evaluate_pretrained(
             )
             result = {"data": text.description, "perplexity": (enc["mlm"] or {}).get("perplexity"), **enc}
         else:
-            ppl = perplexity(net, eval_windows(tokenizer, text.text, seqlen), device=device, progress=progress)
-            result = {
-                "data": text.description,
-                "perplexity": ppl.perplexity,
-                "nll": ppl.nll,
-                "tokens": ppl.tokens,
-                "windows": ppl.windows,
-                "seqlen": ppl.seqlen,
-            }
+            result = _perplexity_and_agreement(net, tokenizer, ref_net, text, seqlen, bos, device, progress)
+    if ref_path is not None:
+        result["reference"] = ref_path
     # What every evaluation reports: the zeros measured in the weights, and the recipe of an lmcompress folder.
     sparsity, per_layer = measure_sparsity(net)
     recipe = read_recipe(model) if Path(str(model)).is_dir() else None
     return {"model": str(model), **result, "sparsity": sparsity, "layer_sparsity": per_layer, "recipe": recipe}
+
+
+def _perplexity_and_agreement(net, tokenizer, ref_net, text, seqlen: int, bos, device: str, progress: bool) -> dict:
+    """Perplexity (with its interval) on the windows of ``text`` and, with a reference, agreement on the same."""
+    from lmcompress.measure.agreement import agreement
+
+    bos = wants_bos(tokenizer) if bos is None else bos
+    windows = eval_windows(tokenizer, text.text, seqlen, bos=bos, vocab_size=embedding_rows(net))
+    ppl = perplexity(net, windows, device=device, progress=progress)
+    result = {
+        "data": text.description,
+        "perplexity": ppl.perplexity,
+        "perplexity_ci": list(ppl.perplexity_ci) if ppl.perplexity_ci else None,
+        "nll": ppl.nll,
+        "tokens": ppl.tokens,
+        "windows": ppl.windows,
+        "seqlen": ppl.seqlen,
+        "bos": bos,
+    }
+    if ref_net is not None:
+        result["agreement"] = agreement(net, ref_net, windows, device=device, progress=progress)
+    return result
+
+
+def load_reference(model, reference: str | None, tokenizer, dtype: str, trust_remote_code: bool, allow_pickle: bool):
+    """The dense model to measure agreement against: ``reference``, else the recipe's source model (which must
+    exist on this machine); ``(model, path)``. Its tokenizer must have the same vocabulary."""
+    from lmcompress.measure.agreement import check_same_vocabulary
+    from lmcompress.measure.encoder import reference_for
+
+    path = reference_for(model, reference)
+    if path is None:
+        recipe = read_recipe(model) if Path(str(model)).is_dir() else None
+        source = (recipe or {}).get("source_model")
+        where = f"its recipe names {source}, which is not a model folder here" if source else "it has no recipe"
+        raise UserError(
+            f"agreement needs the dense model {model} came from, and {where}; give it with --reference DENSE_MODEL",
+            param="reference",
+        )
+    ref_net, ref_tokenizer = load_model(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
+    if is_encoder(ref_net.config):
+        raise UserError(f"reference {path} is an encoder; give the causal LM the model was compressed from")
+    check_same_vocabulary(tokenizer, ref_tokenizer)
+    return ref_net, str(path)

@@ -2,8 +2,8 @@
 any number of models (dense, then every point of a sweep).
 
 A task's result is a dict of numbers; ``run_tasks`` also returns them flattened as ``"task/metric"`` with the
-direction of each (perplexity: lower is better) and the headline metric of each task, which is what
-``sweep`` records and ``report`` plots.
+direction of each (perplexity: lower is better), the headline metric of each task, which is what
+``sweep`` records and ``report`` plots, and the 95% interval of each metric that has one (``intervals``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmcompress.calibration.data import eval_windows, load_text
+from lmcompress.calibration.data import embedding_rows, eval_windows, load_text, wants_bos
 from lmcompress.errors import UserError
 from lmcompress.measure.perplexity import perplexity
 from lmcompress.measure.tasks import retrieval
@@ -78,6 +78,7 @@ class Task:
     data: str  # what was loaded
     metrics: dict[str, bool]  # metric -> higher is better; the first one is the headline
     run: Callable[[LM], dict]
+    windows: object = None  # ppl: the token windows (agreement with a reference is measured on them)
 
 
 _LABELS = {"ppl": "perplexity", "mc": "multiple choice", "qa": "factoid QA", "retrieval": "retrieval"}
@@ -117,8 +118,11 @@ def prepare_tasks(
     shots: int = 0,
     seed: int = 0,
     retrieval_lengths: list[int] | None = None,
+    bos: bool | None = None,
+    vocab_size: int | None = None,
 ) -> list[Task]:
-    """Load every task's data once (text windows, examples, generated retrieval prompts)."""
+    """Load every task's data once (text windows, examples, generated retrieval prompts). ``bos`` and
+    ``vocab_size``: how perplexity windows are cut and checked (see ``calibration.data.eval_windows``)."""
     if limit is not None and limit <= 0:
         raise UserError(f"limit must be positive, got {limit}", param="limit")
     if shots < 0:
@@ -133,22 +137,28 @@ def prepare_tasks(
         several_ppl = sum(s.kind == "ppl" for s in specs) > 1
         named = ":" in name and (spec.kind != "ppl" or several_ppl)
         label = _LABELS[spec.kind] + (f" ({name.split(':', 1)[1]})" if named else "")
-        tasks.append(_prepare(spec, name, label, tokenizer, seqlen, max_length, limit, shots, seed, retrieval_lengths))
+        window_options = {"bos": bos, "vocab_size": vocab_size}
+        tasks.append(
+            _prepare(
+                spec, name, label, tokenizer, seqlen, max_length, limit, shots, seed, retrieval_lengths, window_options
+            )
+        )
     return tasks
 
 
-def _prepare(spec, name, label, tokenizer, seqlen, max_length, limit, shots, seed, retrieval_lengths) -> Task:
+def _prepare(spec, name, label, tokenizer, seqlen, max_length, limit, shots, seed, retrieval_lengths, window_options):
     metrics = dict(_METRICS[spec.kind])
     if spec.kind == "ppl":
         text = load_text(spec.source, role="eval")
-        windows = eval_windows(tokenizer, text.text, seqlen)
+        bos = wants_bos(tokenizer) if window_options["bos"] is None else window_options["bos"]
+        windows = eval_windows(tokenizer, text.text, seqlen, bos=bos, vocab_size=window_options["vocab_size"])
         if limit is not None:
             windows = windows[:limit]
 
         def run(lm: LM) -> dict:
-            return asdict(perplexity(lm.model, windows, device=lm.device, progress=lm.progress))
+            return asdict(perplexity(lm.model, windows, device=lm.device, progress=lm.progress)) | {"bos": bos}
 
-        return Task(name, "ppl", label, text.description, metrics, run)
+        return Task(name, "ppl", label, text.description, metrics, run, windows)
     if spec.kind in ("mc", "qa"):
         examples, pool, desc = load_examples(spec.kind, spec.source, limit=limit, shots=shots)
         if spec.kind == "mc":
@@ -184,6 +194,7 @@ def run_tasks(lm: LM, tasks: list[Task], harness: Callable[[], dict] | None = No
     results: dict[str, dict] = {}
     metrics: dict[str, float] = {}
     directions: dict[str, bool] = {}
+    intervals: dict[str, list[float]] = {}
     headline: list[str] = []
     labels: dict[str, str] = {}
     for task in tasks:
@@ -195,10 +206,13 @@ def run_tasks(lm: LM, tasks: list[Task], harness: Callable[[], dict] | None = No
         for i, (metric, higher) in enumerate(task.metrics.items()):
             key = f"{task.name}/{metric}"
             metrics[key], directions[key] = float(result[metric]), higher
+            if result.get(f"{metric}_ci") is not None:
+                intervals[key] = [float(v) for v in result[f"{metric}_ci"]]
             labels[key] = task.label if metric == "perplexity" else f"{task.label} {_WORDS.get(metric, metric)}"
             if i == 0:
                 headline.append(key)
-    out = {"tasks": results, "metrics": metrics, "higher_is_better": directions, "headline": headline}
+    out = {"tasks": results, "metrics": metrics, "higher_is_better": directions, "headline": headline,
+           "intervals": intervals}  # fmt: skip
     if harness is not None:
         h = harness()
         out["harness"] = h
@@ -230,10 +244,14 @@ def evaluate_model(
     retrieval_lengths: list[int] | None = None,
     device: str = "cpu",
     progress: bool = True,
+    reference_model=None,
+    bos: bool | None = None,
 ) -> dict:
     """Every requested task on a loaded model. ``ppl_data`` adds a ``ppl:`` task in front (the old
     ``--ppl-data`` option); the first perplexity task's numbers are also given at the top level
-    (``perplexity``, ``nll``, ``tokens``, ``windows``, ``seqlen``, ``data``) as ``eval`` always did."""
+    (``perplexity``, ``perplexity_ci``, ``nll``, ``tokens``, ``windows``, ``seqlen``, ``bos``, ``data``) as
+    ``eval`` always did. With ``reference_model`` (the dense model), ``agreement`` with it on the first
+    perplexity task's windows too (``lmcompress.measure.agreement``; its numbers also in ``metrics``)."""
     specs = parse_tasks(tasks) if isinstance(tasks, str) else list(tasks or [])
     if ppl_data:
         specs.insert(0, TaskSpec("ppl", ppl_data))
@@ -250,7 +268,14 @@ def evaluate_model(
         shots=shots,
         seed=seed,
         retrieval_lengths=retrieval_lengths,
+        bos=bos,
+        vocab_size=embedding_rows(model),
     )
+    first_ppl = next((t for t in prepared if t.kind == "ppl"), None)
+    if reference_model is not None and first_ppl is None:
+        raise UserError(
+            "agreement with a reference is measured on perplexity windows: add a ppl task", param="reference"
+        )
     run_harness = None
     if names:
         from lmcompress.measure.tasks.harness import _import_lm_eval
@@ -261,11 +286,35 @@ def evaluate_model(
             model, tokenizer, names, shots=shots, limit=limit, batch_size=batch_size, device=device
         )
     out = run_tasks(lm, prepared, harness=run_harness)
-    first_ppl = next((t for t in prepared if t.kind == "ppl"), None)
     top = {}
     if first_ppl is not None:
         r = out["tasks"][first_ppl.name]
-        top = {k: r[k] for k in ("perplexity", "nll", "tokens", "windows", "seqlen")}
+        top = {k: r[k] for k in ("perplexity", "perplexity_ci", "nll", "tokens", "windows", "seqlen", "bos")}
         top["data"] = r["data"]
+        if reference_model is not None:
+            top["agreement"] = _agreement_metrics(out, model, reference_model, first_ppl, lm)
     settings = {"tasks": [str(s) for s in specs], "harness": names, "limit": limit, "shots": shots, "seed": seed}
     return {**top, **out, "settings": settings}
+
+
+_AGREEMENT_LABELS = {
+    "kl_mean": "KL divergence to the reference (mean, nats)",
+    "kl_median": "KL divergence to the reference (median)",
+    "kl_p99": "KL divergence to the reference (99th percentile)",
+    "top1_agreement": "top-1 agreement with the reference",
+    "delta_p_mean": "change in the probability of the right token",
+}
+
+
+def _agreement_metrics(out: dict, model, reference, task: Task, lm: LM) -> dict:
+    """Agreement with ``reference`` on ``task``'s windows, also folded into ``out``'s flat views."""
+    from lmcompress.measure.agreement import HIGHER_IS_BETTER, agreement
+
+    result = agreement(model, reference, task.windows, device=lm.device, progress=lm.progress)
+    for metric, higher in HIGHER_IS_BETTER.items():
+        key = f"agreement/{metric}"
+        out["metrics"][key], out["higher_is_better"][key] = result[metric], higher
+        out["labels"][key] = _AGREEMENT_LABELS[metric]
+        if result.get(f"{metric}_ci") is not None:
+            out["intervals"][key] = result[f"{metric}_ci"]
+    return result

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmcompress.calibration.data import check_token_ids, embedding_rows
 from lmcompress.errors import UserError
 from lmcompress.models.families import context_length
 
@@ -36,10 +37,14 @@ class LM:
         self.progress = progress
         self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.prefix_id or 0)
+        self.vocab_size = embedding_rows(model)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` with the tokenizer's own special tokens (e.g. a LLaMA BOS)."""
-        return self.tokenizer(text, verbose=False)["input_ids"]
+        """Token ids of ``text`` with the tokenizer's own special tokens (e.g. a LLaMA BOS), checked against
+        the model's embedding."""
+        ids = self.tokenizer(text, verbose=False)["input_ids"]
+        check_token_ids(ids, self.vocab_size)
+        return ids
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Context and continuation ids, split from the tokenization of the joined string.

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from lmcompress.errors import UserError
+from lmcompress.measure.intervals import wilson_interval
 
 
 @dataclass
@@ -21,6 +22,8 @@ class MCExample:
     def validate(self, where: str) -> None:
         if len(self.choices) < 2:
             raise UserError(f"{where}: a multiple-choice example needs at least 2 choices, got {len(self.choices)}")
+        if isinstance(self.label, bool) or not isinstance(self.label, int):
+            raise UserError(f"{where}: label {self.label!r} is not a whole number (the index of the correct choice)")
         if not 0 <= self.label < len(self.choices):
             raise UserError(f"{where}: label {self.label} is not an index into its {len(self.choices)} choices")
 
@@ -48,7 +51,8 @@ def _stderr(p: float, n: int) -> float:
 
 
 def evaluate_mc(lm, examples: list[MCExample]) -> dict:
-    """``acc`` and length-normalized ``acc_norm`` (with their standard errors) over ``examples``."""
+    """``acc`` and length-normalized ``acc_norm`` over ``examples``, with their standard errors and 95% Wilson
+    intervals (``acc_ci``, ``acc_norm_ci``: the examples as a sample)."""
     if not examples:
         raise UserError("the multiple-choice task has no examples")
     scores = choice_scores(lm, examples)
@@ -65,6 +69,8 @@ def evaluate_mc(lm, examples: list[MCExample]) -> dict:
         "acc_norm": acc_norm,
         "acc_stderr": _stderr(acc, n),
         "acc_norm_stderr": _stderr(acc_norm, n),
+        "acc_ci": list(wilson_interval(sum(hits), n)),
+        "acc_norm_ci": list(wilson_interval(sum(norm_hits), n)),
         "chance": chance,
         "n": n,
     }

@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from lmcompress.errors import UserError
+from lmcompress.measure.intervals import mean_interval, wilson_interval
 
 
 @dataclass
@@ -95,6 +96,7 @@ def evaluate_qa(
     """Exact match and F1 (means over examples, each the max over aliases) of greedy one-line answers.
 
     Shots come from ``shot_pool`` (e.g. a train split) or, when it is ``None``, from the other examples.
+    95% intervals over examples: Wilson for ``em`` (``em_ci``), Student-t for the graded ``f1`` (``f1_ci``).
     """
     if not examples:
         raise UserError("the QA task has no examples")
@@ -109,6 +111,8 @@ def evaluate_qa(
     return {
         "em": sum(em) / n,
         "f1": sum(f1) / n,
+        "em_ci": list(wilson_interval(sum(em), n)),
+        "f1_ci": _listed(mean_interval(f1)),
         "n": n,
         "shots": shots,
         "samples": [
@@ -116,3 +120,7 @@ def evaluate_qa(
             for ex, p, e in list(zip(examples, predictions, em, strict=True))[:5]
         ],
     }
+
+
+def _listed(interval: tuple[float, float] | None) -> list[float] | None:
+    return None if interval is None else list(interval)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmcompress.errors import UserError
+from lmcompress.measure.intervals import mean_interval, wilson_interval
 
 KINDS = ("kv", "passage")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -184,7 +185,8 @@ def first_word(text: str) -> str:
 
 
 def evaluate_retrieval(lm, examples: list[RetrievalExample], *, max_new_tokens: int = 8) -> dict:
-    """Accuracy of greedy answers (overall, by context length, by depth) and the teacher-forced value_prob."""
+    """Accuracy of greedy answers (overall, by context length, by depth) and the teacher-forced value_prob,
+    with 95% intervals over examples (``acc_ci``: Wilson; ``value_prob_ci``: Student-t, None for one example)."""
     if not examples:
         raise UserError("the retrieval task has no examples")
     answers = lm.generate([ex.prompt for ex in examples], max_new_tokens=max_new_tokens, desc="retrieval")
@@ -202,6 +204,8 @@ def evaluate_retrieval(lm, examples: list[RetrievalExample], *, max_new_tokens: 
     return {
         "acc": sum(hits) / n,
         "value_prob": sum(probs) / n,
+        "acc_ci": list(wilson_interval(sum(hits), n)),
+        "value_prob_ci": None if n < 2 else list(mean_interval(probs)),
         "n": n,
         "by_length": by("length"),
         "by_depth": by("depth"),

@@ -49,7 +49,11 @@ def mc_from_record(rec: dict, where: str = "record") -> MCExample:
         label = choices.index(label)
     if label is None:
         raise UserError(f"{where}: a multiple-choice record needs 'label' (index of the correct choice)")
-    ex = MCExample(context, list(choices), int(label))
+    if isinstance(label, str):
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int):  # 1.5, 1.0, [1]: not an index
+        raise UserError(f"{where}: label {label!r} is not a whole number (the index of the correct choice)")
+    ex = MCExample(context, list(choices), label)
     ex.validate(where)
     return ex
 
@@ -70,6 +74,11 @@ def qa_from_record(rec: dict, where: str = "record") -> QAExample:
 
 def read_jsonl(path: Path, text: str | None = None) -> list[dict]:
     """The records of a JSONL file; blank lines are skipped, a bad line is reported with its number."""
+    return [rec for _, rec in numbered_records(path, text)]
+
+
+def numbered_records(path: Path, text: str | None = None) -> list[tuple[int, dict]]:
+    """``(line number, record)`` for every non-blank line of a JSONL file (see :func:`read_jsonl`)."""
     if text is None:
         try:
             text = path.read_text(encoding="utf-8")
@@ -85,7 +94,7 @@ def read_jsonl(path: Path, text: str | None = None) -> list[dict]:
             raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
         if not isinstance(rec, dict):
             raise UserError(f"{path}:{number}: each line must be a JSON object")
-        records.append(rec)
+        records.append((number, rec))
     if not records:
         raise UserError(f"{path} holds no records")
     return records
@@ -211,11 +220,11 @@ def load_examples(kind: str, source: str, *, limit: int | None = None, shots: in
     convert = mc_from_record if kind == "mc" else qa_from_record
     if source in BUNDLED:
         text = resources.files("lmcompress.assets").joinpath(BUNDLED[source]).read_text(encoding="utf-8")
-        records = read_jsonl(Path(source), text)
+        records = numbered_records(Path(source), text)
         desc = source
     elif Path(source).expanduser().is_file():
         path = Path(source).expanduser()
-        records = read_jsonl(path)
+        records = numbered_records(path)
         desc = f"file:{path.resolve()}"
     elif source in HF_TASKS:
         spec = HF_TASKS[source]
@@ -232,7 +241,7 @@ def load_examples(kind: str, source: str, *, limit: int | None = None, shots: in
             f"{kind} task {source!r} is neither an existing JSONL file nor a known dataset; give a .jsonl path, "
             f"one of {', '.join(b for b in BUNDLED if kind in b)}, or one of: {names}"
         )
-    examples = [convert(r, f"{desc}:{i + 1}") for i, r in enumerate(records)]
+    examples = [convert(r, f"{desc}:{number}") for number, r in records]
     if limit is not None:
         # shots come from the records past the limit when there are enough of them (never the question itself)
         rest = examples[limit:]
