@@ -42,7 +42,7 @@ def test_grid_skips_owl_with_nm_and_collapses_nm_sparsity():
         "wanda-owl-unstructured-0.300",
         "wanda-owl-unstructured-0.600",
     ]
-    with pytest.raises(UserError, match="unknown pruning method"):
+    with pytest.raises(UserError, match="unknown method 'obs' in methods"):
         SweepConfig(methods=["obs"]).validate()
 
 

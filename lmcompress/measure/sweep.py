@@ -1,11 +1,15 @@
-"""Sparsity sweeps: method × allocation × pattern × sparsity, every point pruned from one dense copy in memory
-and evaluated on the same tasks; each result is written as soon as it exists, and a rerun skips what is done.
+"""Sweeps: a grid of compressions of one dense model, each made from a copy in memory, saved once to measure its
+size on disk, and evaluated on the same tasks; each result is written as soon as it exists, and a rerun skips
+what is done. Three kinds of axes: pruning (method × allocation × pattern × sparsity), quantization (RTN / GPTQ
+× bits) and structured shrinking (FFN channels / attention heads × allocation × ratio).
 
 Layout of a results folder::
 
     RESULTS_DIR/sweep.json          settings that shape every number (model, tasks, calibration...) + the grid
     RESULTS_DIR/points/dense.json   the dense baseline, evaluated once
-    RESULTS_DIR/points/<id>.json    one file per grid point, e.g. wanda-owl-unstructured-0.600.json
+    RESULTS_DIR/points/<id>.json    one file per grid point, e.g. wanda-owl-unstructured-0.600.json,
+                                    gptq-4bit-g128.json, ffn-uniform-0.300.json
+    RESULTS_DIR/sweep.lock          while a sweep runs: its PID and host (a second sweep is refused)
 
 Every file is written to a temporary name and renamed, so a killed sweep leaves only finished points.
 """
@@ -16,7 +20,10 @@ import copy
 import hashlib
 import json
 import logging
+import math
+import os
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,38 +32,81 @@ import torch
 from tqdm.auto import tqdm
 
 from lmcompress.algorithms.masks import Pattern
-from lmcompress.checkpoint.folder import check_not_nested, check_writable, json_text, write_file_atomic
+from lmcompress.checkpoint.folder import (
+    _pid_alive,
+    check_not_nested,
+    check_writable,
+    json_text,
+    write_file_atomic,
+)
 from lmcompress.errors import UserError
 from lmcompress.transforms.prune import METHODS, PruneConfig
+from lmcompress.transforms.quantize import QuantConfig, check_quant_grid
+from lmcompress.transforms.shrink import StructureConfig
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
 POINTS = "points"
 DENSE_ID = "dense"
+LOCK_FILE = "sweep.lock"
+SIZES = ".sizes"  # folders saved to measure each point's size on disk, removed after
 
 
-def parse_sparsities(text: str) -> list[float]:
-    """``"0.1:0.9:0.1"`` (start:stop:step, stop included) or ``"0.3,0.5,0.7"`` → sorted fractions in (0, 1)."""
+MAX_POINTS = 1000  # a grid larger than this is a mistake (each point is a compression plus an evaluation)
+QUANT_METHODS = ("rtn", "gptq")
+SHRINK_METHODS = ("ffn", "heads")  # structured: FFN channels, or KV groups of attention heads
+ALL_METHODS = (*METHODS, *QUANT_METHODS, *SHRINK_METHODS)
+
+
+def _too_many(n: int, what: str) -> UserError:
+    return UserError(
+        f"{what} would give {n:,} sweep points; a sweep compresses and evaluates every point, so at most "
+        f"{MAX_POINTS:,} are accepted: use a larger step or fewer values",
+        param=what.split()[0],
+    )
+
+
+def parse_levels(text: str, name: str = "sparsities") -> list[float]:
+    """``"0.1:0.9:0.1"`` (start:stop:step, stop included) or ``"0.3,0.5,0.7"`` → sorted fractions in (0, 1).
+
+    The number of values is counted before any is made: more than :data:`MAX_POINTS` is an error."""
     text = text.strip()
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0 or stop < start:
+            if not (step > 0 and stop >= start and math.isfinite(start) and math.isfinite(stop)):
                 raise ValueError
-            n = round((stop - start) / step) + 1
-            values = [round(start + i * step, 6) for i in range(n) if start + i * step <= stop + 1e-9]
+            n = math.floor((stop - start) / step + 1e-9) + 1
+            if n > MAX_POINTS:
+                raise _too_many(n, f"{name} {text!r}")
+            values = [round(start + i * step, 6) for i in range(n)]
         else:
             values = [round(float(x), 6) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(
-            f"sparsities {text!r}: write START:STOP:STEP (e.g. 0.1:0.9:0.1) or a list (e.g. 0.3,0.5,0.7)",
-            param="sparsities",
+            f"{name} {text!r}: write START:STOP:STEP (e.g. 0.1:0.9:0.1) or a list (e.g. 0.3,0.5,0.7)", param=name
         ) from None
     bad = [v for v in values if not 0.0 < v < 1.0]
     if not values or bad:
-        raise UserError(f"sparsities must be fractions strictly between 0 and 1, got {values}", param="sparsities")
+        raise UserError(f"{name} must be fractions strictly between 0 and 1, got {values}", param=name)
     return sorted(set(values))
+
+
+def parse_sparsities(text: str) -> list[float]:
+    """Sparsity levels, as :func:`parse_levels` reads them."""
+    return parse_levels(text, "sparsities")
+
+
+def parse_bits(text: str) -> list[int]:
+    """``"8,4,3"`` → the bit widths, largest first (each checked to be an integer from 2 to 8)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"bits {text!r}: write a list of integers, e.g. 8,4,3", param="bits") from None
+    if not values:
+        raise UserError("bits needs at least one bit width, e.g. 8,4,3", param="bits")
+    return sorted(set(values), reverse=True)
 
 
 def _split(text: str | list[str]) -> list[str]:
@@ -66,24 +116,45 @@ def _split(text: str | list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class Point:
+    """One grid point. Pruning: ``allocation``, ``pattern``, ``sparsity``; quantization: ``bits``,
+    ``group_size``; structured (``ffn`` / ``heads``): ``allocation``, ``ratio`` (fraction of units removed)."""
+
     method: str
-    allocation: str
-    pattern: str
-    sparsity: float
+    allocation: str | None = None
+    pattern: str | None = None
+    sparsity: float | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    ratio: float | None = None
+
+    @property
+    def kind(self) -> str:
+        return "quant" if self.method in QUANT_METHODS else "shrink" if self.method in SHRINK_METHODS else "prune"
 
     @property
     def id(self) -> str:
+        if self.kind == "quant":
+            return f"{self.method}-{self.bits}bit-{'channel' if self.group_size == -1 else f'g{self.group_size}'}"
+        if self.kind == "shrink":
+            return f"{self.method}-{self.allocation}-{self.ratio:.3f}"
         return f"{self.method}-{self.allocation}-{self.pattern.replace(':', 'of')}-{self.sparsity:.3f}"
 
 
 @dataclass
 class SweepConfig:
-    """Everything a sweep needs besides the model. Grid axes are lists; the rest are shared by every point."""
+    """Everything a sweep needs besides the model. Grid axes are lists; the rest are shared by every point.
+
+    ``methods`` mixes three kinds, each with its own axes: pruning (magnitude, wanda, sparsegpt) over
+    ``allocations`` × ``patterns`` × ``sparsities``; quantization (rtn, gptq) over ``bits`` at ``group_size``;
+    structured shrinking (ffn, heads) over ``allocations`` × ``ratios``."""
 
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     allocations: list[str] = field(default_factory=lambda: ["uniform"])
     sparsities: list[float] = field(default_factory=lambda: parse_sparsities("0.1:0.9:0.1"))
     patterns: list[str] = field(default_factory=lambda: ["unstructured"])
+    bits: list[int] = field(default_factory=lambda: [8, 4, 3])
+    group_size: int = 128
+    ratios: list[float] = field(default_factory=lambda: parse_levels("0.1:0.5:0.1", "ratios"))
     tasks: str = "ppl:wikitext2"
     harness: str | None = None
     limit: int | None = None
@@ -100,38 +171,63 @@ class SweepConfig:
     blocksize: int = 128
     dtype: str = "float32"
     batch_size: int = 16
+    agreement: bool = True  # KL / top-1 agreement against the dense model on the first ppl task's windows
+
+    def kinds(self) -> set[str]:
+        return {Point(m).kind for m in _split(self.methods)}
+
+    def count(self) -> int:
+        """How many points :meth:`points` will make (an upper bound), counted without making them."""
+        m = _split(self.methods)
+        nm = sum(Pattern.parse(p).is_nm for p in self.patterns)
+        per_prune = len(self.allocations) * ((len(self.patterns) - nm) * len(self.sparsities) + nm)
+        return (
+            sum(x in METHODS for x in m) * per_prune
+            + sum(x in QUANT_METHODS for x in m) * len(self.bits)
+            + sum(x in SHRINK_METHODS for x in m) * len(self.allocations) * len(self.ratios)
+        )
 
     def points(self) -> list[Point]:
         """The grid, invalid combinations (OWL with N:M) left out with a warning, duplicates removed."""
-        out: list[Point] = []
+        if self.count() > MAX_POINTS:
+            raise _too_many(self.count(), "methods × axes")
+        out: dict[Point, None] = {}
         for method in self.methods:
-            for allocation in self.allocations:
-                for pattern in self.patterns:
-                    nm = Pattern.parse(pattern).is_nm
-                    if nm and allocation == "owl":
-                        log.warning(
-                            "skipping %s with OWL and pattern %s: OWL needs unstructured sparsity", method, pattern
-                        )
-                        continue
-                    levels = [Pattern.parse(pattern).sparsity] if nm else self.sparsities
-                    for s in levels:
-                        p = Point(method, allocation, str(Pattern.parse(pattern)), round(s, 6))
-                        if p not in out:
-                            out.append(p)
+            kind = Point(method).kind
+            if kind == "quant":
+                out.update((Point(method, bits=b, group_size=self.group_size), None) for b in self.bits)
+            elif kind == "shrink":
+                out.update((Point(method, a, ratio=r), None) for a in self.allocations for r in self.ratios)
+            else:
+                out.update(dict.fromkeys(self._prune_points(method)))
         if not out:
             raise UserError(
                 "the sweep grid is empty: check methods, allocations and patterns",
                 param=("methods", "allocations", "patterns"),
             )
+        return list(out)
+
+    def _prune_points(self, method: str) -> list[Point]:
+        out = []
+        for allocation in self.allocations:
+            for pattern in self.patterns:
+                nm = Pattern.parse(pattern).is_nm
+                if nm and allocation == "owl":
+                    log.warning("skipping %s with OWL and pattern %s: OWL needs unstructured sparsity", method, pattern)
+                    continue
+                levels = [Pattern.parse(pattern).sparsity] if nm else self.sparsities
+                out += [Point(method, allocation, str(Pattern.parse(pattern)), round(s, 6)) for s in levels]
         return out
 
     def validate(self) -> None:
         self.methods, self.allocations = _split(self.methods), _split(self.allocations)
         self.patterns = _split(self.patterns)
         for m in self.methods:
-            if m not in METHODS:
+            if m not in ALL_METHODS:
                 raise UserError(
-                    f"unknown pruning method {m!r} in methods: choose from {', '.join(METHODS)}", param="methods"
+                    f"unknown method {m!r} in methods: choose pruning ({', '.join(METHODS)}), quantization "
+                    f"({', '.join(QUANT_METHODS)}) or structured ({', '.join(SHRINK_METHODS)})",
+                    param="methods",
                 )
         for a in self.allocations:
             if a not in ("uniform", "owl"):
@@ -149,14 +245,40 @@ class SweepConfig:
                 "methods, allocations and patterns each need at least one value",
                 param=("methods", "allocations", "patterns"),
             )
+        self._validate_numbers()
+        for p in self.points():  # every point is a valid transform config (raises UserError otherwise)
+            self.transform_config(p)
+
+    def _validate_numbers(self) -> None:
         if self.nsamples <= 0:
             raise UserError(f"nsamples must be positive, got {self.nsamples}", param="nsamples")
         if self.seqlen is not None and self.seqlen < 2:
             raise UserError(
                 f"seqlen must be at least 2 (one to predict from, one predicted), got {self.seqlen}", param="seqlen"
             )
-        for p in self.points():  # every point is a valid PruneConfig (raises UserError otherwise)
-            self.prune_config(p)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise UserError(f"batch_size must be a positive integer, got {self.batch_size}", param="batch_size")
+        if "quant" in self.kinds():
+            if not self.bits:
+                raise UserError("bits needs at least one bit width, e.g. 8,4,3", param="bits")
+            for b in self.bits:
+                check_quant_grid(b, self.group_size)
+        if "shrink" in self.kinds() and (not self.ratios or any(not 0 < r < 1 for r in self.ratios)):
+            raise UserError(f"ratios must be fractions strictly between 0 and 1, got {self.ratios}", param="ratios")
+        if "prune" in self.kinds() and not self.sparsities:
+            raise UserError("sparsities needs at least one value", param="sparsities")
+
+    def transform_config(self, p: Point) -> PruneConfig | QuantConfig | StructureConfig:
+        """The config of the transform that makes point ``p`` (validated when built)."""
+        if p.kind == "quant":
+            return QuantConfig(
+                method=p.method, bits=p.bits, group_size=p.group_size, percdamp=self.percdamp, blocksize=self.blocksize
+            )
+        if p.kind == "shrink":
+            return StructureConfig(
+                structure=p.method, ratio=p.ratio, allocation=p.allocation, owl_m=self.owl_m, owl_lambda=self.owl_lambda
+            )
+        return self.prune_config(p)
 
     def prune_config(self, p: Point) -> PruneConfig:
         nm = Pattern.parse(p.pattern).is_nm
@@ -174,7 +296,7 @@ class SweepConfig:
     def settings(self, model: str) -> dict:
         """What shapes every number of the sweep (not the grid, not batch size): reruns must match it."""
         s = asdict(self)
-        for key in ("methods", "allocations", "sparsities", "patterns", "batch_size"):
+        for key in ("methods", "allocations", "sparsities", "patterns", "bits", "group_size", "ratios", "batch_size"):
             s.pop(key)
         model_path = Path(str(model)).expanduser()
         s["model"] = str(model_path.resolve()) if model_path.exists() else str(model)
@@ -201,6 +323,9 @@ def _read_json(path: Path, what: str) -> dict:
     return value
 
 
+POINT_KEYS = {"id": str, "method": str, "metrics": dict, "higher_is_better": dict}
+
+
 def read_sweep_file(path: Path) -> dict:
     """``sweep.json``, checked to have the shape this module writes: ``settings`` object, ``grid`` of points."""
     what = "the results folder is damaged: delete it, or overwrite it to start the sweep again"
@@ -215,59 +340,163 @@ def read_sweep_file(path: Path) -> dict:
     return record
 
 
-def _prepare_folder(out: Path, settings: dict, grid: list[Point], overwrite: bool) -> dict[str, dict]:
-    """Create or check the results folder; the finished points that match ``settings`` (id → result)."""
+# ---------------------------------------------------------------------------------------------- the folder
+
+
+def _lock_holder(path: Path) -> str | None:
+    """Who holds the lock file ``path`` (``"PID 123 on host"``), or ``None`` when it is stale (its process,
+    on this machine, is gone) or was just removed."""
+    try:
+        holder = json.loads(path.read_text())
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"an unreadable lock ({path})"
+    if host == socket.gethostname() and not _pid_alive(pid):
+        return None
+    return f"PID {pid} on {host}"
+
+
+def _refuse_if_locked(out: Path) -> None:
+    holder = _lock_holder(out / LOCK_FILE)
+    if holder is not None:
+        raise UserError(
+            f"another sweep ({holder}) is running into {out}: two sweeps into one folder would compute the same "
+            f"points twice. Wait for it to finish and run again (finished points are kept), or use another "
+            f"output. If no such sweep runs, delete {out / LOCK_FILE}",
+            param="output",
+        )
+
+
+def acquire_lock(out: Path) -> Path:
+    """Create ``out/sweep.lock`` (this process's PID and host) atomically, taking over a stale one; a live one
+    is a :class:`UserError` (a second sweep into the same folder is refused, not queued)."""
+    path = out / LOCK_FILE
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _refuse_if_locked(out)
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+        return path
+    _refuse_if_locked(out)
+    raise UserError(f"cannot take the lock {path}; delete it if no sweep runs into {out}")
+
+
+def release_lock(path: Path) -> None:
+    """Remove the lock file if this process holds it."""
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+@dataclass
+class FolderPlan:
+    """What :func:`check_folder` found: finished points to keep, the grid of earlier runs, whether to discard."""
+
+    done: dict[str, dict]
+    known: list[dict]
+    discard: bool
+
+
+def check_folder(out: Path, settings: dict, overwrite: bool) -> FolderPlan:
+    """Check the results folder without writing to it: the finished points that match ``settings``."""
     sweep_file = out / SWEEP_FILE
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder", param="output")
-    if out.exists() and not sweep_file.is_file() and any(out.iterdir()):
+    if out.is_dir():
+        _refuse_if_locked(out)
+    if out.exists() and not sweep_file.is_file() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise UserError(
             f"output {out} is a non-empty folder that holds no sweep; choose a new or empty folder", param="output"
         )
     if not out.parent.exists():
         raise UserError(f"the parent folder of output ({out.parent}) does not exist", param="output")
     check_writable(out if out.is_dir() else out.parent, SWEEP_FILE)
-    known: list[dict] = []  # the grid of earlier runs with the same settings
-    old = None
-    if sweep_file.is_file():
-        try:
-            old = read_sweep_file(sweep_file)
-        except UserError:
-            if not overwrite:
-                raise
-            log.warning("%s is damaged; overwrite: starting the sweep again", sweep_file)
-            shutil.rmtree(out / POINTS, ignore_errors=True)
-    if old is not None:
-        finished = [f for f in (out / POINTS).glob("*.json") if not f.name.startswith(".")]
-        if old.get("settings") == settings:
-            known = old.get("grid", [])
-        elif finished and not overwrite:
-            diff = sorted(
-                k for k in set(settings) | set(old.get("settings", {})) if old["settings"].get(k) != settings.get(k)
-            )
-            details = "; ".join(f"{k}: {old['settings'].get(k)!r} → {settings.get(k)!r}" for k in diff)
-            raise UserError(
-                f"{out} holds a sweep made with other settings ({details}). Its points cannot be mixed with "
-                "these: use a new output, or pass overwrite to discard the old points",
-                param=("output", "overwrite"),
-            )
-        else:  # --overwrite, or a run that stopped before its first point (bad task file, missing lm-eval...)
-            shutil.rmtree(out / POINTS, ignore_errors=True)
+    if not sweep_file.is_file():
+        return FolderPlan({}, [], False)
     try:
-        (out / POINTS).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
+        old = read_sweep_file(sweep_file)
+    except UserError:
+        if not overwrite:
+            raise
+        log.warning("%s is damaged; overwrite: starting the sweep again", sweep_file)
+        return FolderPlan({}, [], True)
+    finished = [f for f in (out / POINTS).glob("*.json") if not f.name.startswith(".")]
+    if old.get("settings") == settings:
+        return FolderPlan(load_points(out, settings_hash(settings)), old.get("grid", []), False)
+    if finished and not overwrite:
+        diff = sorted(k for k in set(settings) | set(old["settings"]) if old["settings"].get(k) != settings.get(k))
+        details = "; ".join(f"{k}: {old['settings'].get(k)!r} → {settings.get(k)!r}" for k in diff)
         raise UserError(
-            f"cannot create {out / POINTS} ({exc.strerror or exc}); choose a writable output folder"
-        ) from None
-    ids = [p.id for p in grid]
-    merged = known + [asdict(p) for p in grid if p.id not in {Point(**k).id for k in known}]
-    record = {"settings": settings, "settings_hash": settings_hash(settings), "grid": merged, "last_grid": ids}
-    write_json_atomic(sweep_file, record)
-    return load_points(out, settings_hash(settings))
+            f"{out} holds a sweep made with other settings ({details}). Its points cannot be mixed with "
+            "these: use a new output, or pass overwrite to discard the old points",
+            param=("output", "overwrite"),
+        )
+    return FolderPlan({}, [], True)  # overwrite, or a run that stopped before its first point
+
+
+def open_folder(out: Path, settings: dict, grid: list[Point], plan: FolderPlan) -> tuple[Path, dict[str, dict]]:
+    """Create the folder, take its lock, apply ``plan`` and write ``sweep.json``; ``(lock, finished points)``.
+
+    The finished points are read again under the lock: what another sweep finished meanwhile is not redone."""
+    try:
+        out.mkdir(exist_ok=True)
+        lock = acquire_lock(out)
+    except OSError as exc:
+        raise UserError(f"cannot create {out} ({exc.strerror or exc}); choose a writable output folder") from None
+    try:
+        if plan.discard:
+            shutil.rmtree(out / POINTS, ignore_errors=True)
+        shutil.rmtree(out / SIZES, ignore_errors=True)  # measuring folders of a killed run
+        (out / POINTS).mkdir(exist_ok=True)
+        ids = [p.id for p in grid]
+        known_ids = {Point(**k).id for k in plan.known}
+        merged = plan.known + [asdict(p) for p in grid if p.id not in known_ids]
+        record = {"settings": settings, "settings_hash": settings_hash(settings), "grid": merged, "last_grid": ids}
+        write_json_atomic(out / SWEEP_FILE, record)
+        return lock, load_points(out, settings_hash(settings))
+    except OSError as exc:
+        release_lock(lock)
+        raise UserError(f"cannot write into {out} ({exc.strerror or exc}); choose a writable output folder") from None
+    except BaseException:
+        release_lock(lock)
+        raise
+
+
+def check_point(path: Path, record: dict) -> None:
+    """A :class:`UserError` naming ``path`` and what is wrong when a point lacks a key the report reads."""
+    fix = "delete it and rerun the sweep to redo that point"
+    for key, kind in POINT_KEYS.items():
+        if not isinstance(record.get(key), kind):
+            got = "missing" if key not in record else f"a {type(record[key]).__name__}, not a {kind.__name__}"
+            raise UserError(f"{path}: '{key}' is {got}; {fix}")
+    bad = [k for k, v in record["metrics"].items() if isinstance(v, bool) or not isinstance(v, int | float)]
+    if bad:
+        raise UserError(f"{path}: metric {bad[0]!r} is not a number; {fix}")
+    undirected = [k for k in record["metrics"] if not isinstance(record["higher_is_better"].get(k), bool)]
+    if undirected:
+        raise UserError(f"{path}: 'higher_is_better' has no true/false for metric {undirected[0]!r}; {fix}")
+    if record["id"] != DENSE_ID:
+        try:
+            point = Point(**{k: record.get(k) for k in Point.__dataclass_fields__})
+            point.id  # noqa: B018  (every field the id needs is there)
+        except (TypeError, AttributeError, ValueError):
+            raise UserError(f"{path}: its method and levels do not describe a sweep point; {fix}") from None
+        level = record.get({"quant": "bits", "shrink": "ratio"}.get(point.kind, "sparsity"))
+        if isinstance(level, bool) or not isinstance(level, int | float):
+            raise UserError(f"{path}: its level ({point.kind}) is missing or not a number; {fix}")
 
 
 def load_points(out: Path, expected_hash: str | None = None) -> dict[str, dict]:
-    """Finished points of a results folder (id → result); a point from other settings is an error."""
+    """Finished points of a results folder (id → result); a point from other settings, or one that is not
+    shaped as this module writes it, is an error naming its file."""
     done = {}
     for path in sorted((out / POINTS).glob("*.json")):
         if path.name.startswith("."):
@@ -280,6 +509,7 @@ def load_points(out: Path, expected_hash: str | None = None) -> dict[str, dict]:
                 f"{path} was made with other settings than {out / SWEEP_FILE}; delete it or use overwrite",
                 param="overwrite",
             )
+        check_point(path, result)
         done[result["id"]] = result
     return done
 
@@ -288,6 +518,202 @@ def _evaluate(lm, tasks, harness) -> dict:
     from lmcompress.measure.tasks import run_tasks
 
     return run_tasks(lm, tasks, harness=harness)
+
+
+def check_shrink_points(model, points: list[Point]) -> None:
+    """Refuse, before any work, structured points that ``model``'s family or sizes cannot take."""
+    from lmcompress.models.layouts import structure_layout
+    from lmcompress.transforms.shrink import _n_remove, _unit_count
+
+    for p in points:
+        if p.kind != "shrink":
+            continue
+        layout = structure_layout(model.config, p.method)
+        if p.method == "heads" and layout.heads == "uniform" and p.allocation != "uniform":
+            raise UserError(
+                f"{model.config.model_type} models read their head count from the config in forward, so heads "
+                "can only be removed with one ratio for all blocks: use allocation uniform for heads",
+                param="allocations",
+            )
+        _n_remove(p.ratio, _unit_count(model, layout, p.method), p.method, f" (point {p.id})")
+
+
+def _transform(target, config: SweepConfig, p: Point, calib, device: str) -> tuple[dict, dict | None, object]:
+    """Compress ``target`` in place as point ``p`` says: ``(what the point records, quantized codes, report)``."""
+    from lmcompress.transforms.prune import prune
+    from lmcompress.transforms.quantize import quantize
+    from lmcompress.transforms.shrink import structured_prune
+
+    cfg = config.transform_config(p)
+    if p.kind == "quant":
+        report = quantize(target, cfg, calib, device=device, progress=False)
+        info = {
+            "nominal_bits_per_weight": report.nominal_bits_per_weight,
+            "damping_raised": report.damping,
+            "time_s": report.wall_time_s,
+        }
+        return {"quantize": info}, report.quantized, report
+    if p.kind == "shrink":
+        report = structured_prune(target, cfg, calib, device=device, progress=False)
+        info = {
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+            "ffn_widths": report.ffn_widths,
+            "kv_heads": report.kv_heads,
+            "time_s": report.wall_time_s,
+        }
+        return {"shrink": info}, None, report
+    report = prune(target, cfg, calib, device=device, progress=False)
+    info = {
+        "achieved_sparsity": report.sparsity,
+        "block_targets": report.block_targets,
+        "outlier_ratios": report.outlier_ratios,
+        "owl_lambda_effective": report.owl_lambda_effective,
+        "layer_sparsity": report.layer_sparsity,
+        "damping_raised": report.damping,
+        "time_s": report.wall_time_s,
+    }
+    return {"prune": info}, None, report
+
+
+def size_on_disk(target, kind: str, report, quantized: dict | None, folder: Path) -> dict:
+    """Save ``target`` as its verb would (pruned: packed; quantized: packed codes; structured and dense: plain
+    safetensors) in the source's dtype into ``folder``, measure it with ``lmcompress info``'s
+    :func:`~lmcompress.checkpoint.inspect.folder_info`, and remove it. Bytes of the weight files."""
+    from lmcompress.checkpoint.inspect import folder_info
+    from lmcompress.checkpoint.load import source_dtype
+    from lmcompress.checkpoint.packed import save_packed
+    from lmcompress.checkpoint.save import save_model
+
+    dtype = source_dtype(target.config)
+    recipe: dict = {"kind": f"sweep-{kind}"}
+    folder.parent.mkdir(exist_ok=True)
+    try:
+        if kind in ("prune", "quant"):
+            save_packed(target, None, folder, recipe, quantized=quantized, dtype=dtype)
+        else:
+            surgery = getattr(report, "surgery", None) or []
+            save_model(target, None, folder, {**recipe, **({"surgery": surgery} if surgery else {})}, dtype=dtype)
+        info = folder_info(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "weights_bytes": info["weights_bytes"],
+        "linear_bytes": info["linear"]["bytes"],
+        "params": info["params"],
+        "bits_per_param": info["bits_per_param"],
+        "storage": info["storage"],
+    }
+
+
+@dataclass
+class _Prepared:
+    """What every point shares: the dense model, tokenizer, tasks and calibration windows."""
+
+    net: object
+    tokenizer: object
+    tasks: list
+    calib: object
+    common: dict
+    lm_args: dict
+    windows: object = None  # the windows of the first ppl task, for the agreement with the dense model
+
+
+def _prepare(resolved: str, config: SweepConfig, specs, todo: list, device: str, flags: dict) -> _Prepared:
+    """Load the dense model and everything its points share; checks the structured points against it."""
+    from lmcompress.calibration.data import draw
+    from lmcompress.checkpoint.load import load_model
+    from lmcompress.jobs import resolve_seqlen, versions
+    from lmcompress.measure.tasks import LM, prepare_tasks
+
+    net, tokenizer = load_model(resolved, dtype=config.dtype, **flags)
+    check_shrink_points(net, [p for p in todo if p is not None])
+    seqlen = resolve_seqlen(net, config.seqlen)
+    lm_args = dict(device=device, batch_size=config.batch_size, progress=False)
+    max_length = LM(net, tokenizer, **lm_args).max_length
+    tasks = prepare_tasks(
+        specs,
+        tokenizer,
+        seqlen=seqlen,
+        max_length=max_length,
+        limit=config.limit,
+        shots=config.shots,
+        seed=config.eval_seed,
+        retrieval_lengths=config.retrieval_lengths,
+    )
+    calib, calib_info = None, None
+    if any(p is not None and config.transform_config(p).needs_calibration for p in todo):
+        calib, calib_info = draw(
+            tokenizer, config.calib_data, nsamples=config.nsamples, seqlen=seqlen, seed=config.seed
+        )
+    common = {"seqlen": seqlen, "calibration": calib_info, "versions": versions()}
+    windows = agreement_windows(specs, tokenizer, seqlen, config.limit) if config.agreement else None
+    return _Prepared(net, tokenizer, tasks, calib, common, lm_args, windows)
+
+
+def agreement_windows(specs, tokenizer, seqlen: int, limit: int | None):
+    """The windows the first ``ppl`` task scores (as :func:`~lmcompress.measure.tasks.prepare_tasks` cuts them),
+    or ``None`` when there is no ``ppl`` task (then no agreement is measured)."""
+    from lmcompress.calibration.data import eval_windows, load_text
+
+    spec = next((s for s in specs if s.kind == "ppl"), None)
+    if spec is None:
+        log.warning("no ppl task: the agreement with the dense model (KL, top-1) is not measured")
+        return None
+    windows = eval_windows(tokenizer, load_text(spec.source, role="eval").text, seqlen)
+    return windows[:limit] if limit is not None else windows
+
+
+AGREEMENT_METRICS = {"kl_mean": "KL divergence from dense (mean, nats)", "top1_agreement": "top-1 agreement with dense"}
+
+
+def add_agreement(record: dict, found: dict | None) -> None:
+    """Put the agreement with dense into ``record``: all of it under ``agreement``, the mean KL and the top-1
+    agreement also as metrics (``agreement/kl_mean``, ``agreement/top1_agreement``). ``found`` ``None``: the
+    dense point itself (KL 0, agreement 1, exactly)."""
+    from lmcompress.measure.agreement import HIGHER_IS_BETTER, KEYS
+
+    if found is None:
+        found = {**{k: 0.0 for k in KEYS}, "top1_agreement": 1.0}
+    record["agreement"] = found
+    for key, label in AGREEMENT_METRICS.items():
+        record["metrics"][f"agreement/{key}"] = float(found[key])
+        record["higher_is_better"][f"agreement/{key}"] = HIGHER_IS_BETTER[key]
+        record.setdefault("labels", {})[f"agreement/{key}"] = label
+
+
+def _run_point(p: Point | None, config: SweepConfig, ready: _Prepared, out: Path, device: str) -> dict:
+    """Compress (a copy of the dense model), measure the size on disk, evaluate: the point's record."""
+    from lmcompress.measure.tasks import LM
+
+    start = time.perf_counter()
+    pid = p.id if p else DENSE_ID
+    record: dict = {"id": pid}
+    quantized, report = None, None
+    if p is None:
+        target, kind = ready.net, "dense"
+        record.update(method="dense", allocation=None, pattern=None, sparsity=0.0)
+    else:
+        target, kind = copy.deepcopy(ready.net), p.kind
+        record.update({k: v for k, v in asdict(p).items() if v is not None}, kind=kind)
+        info, quantized, report = _transform(target, config, p, ready.calib, device)
+        record.update(info)
+    record["size"] = size_on_disk(target, kind, report, quantized, out / SIZES / pid)
+    harness = None
+    if config.harness:
+        from lmcompress.measure.tasks.harness import run_harness
+
+        names, opts = _split(config.harness), dict(shots=config.shots, limit=config.limit, device=device)
+        harness = lambda t=target: run_harness(t, ready.tokenizer, names, batch_size=config.batch_size, **opts)  # noqa: E731
+    eval_start = time.perf_counter()
+    record.update(_evaluate(LM(target, ready.tokenizer, **ready.lm_args), ready.tasks, harness))
+    if ready.windows is not None:
+        from lmcompress.measure.agreement import agreement
+
+        found = None if p is None else agreement(target, ready.net, ready.windows, device=device)
+        add_agreement(record, found)
+    record.update(ready.common, eval_time_s=time.perf_counter() - eval_start, wall_time_s=time.perf_counter() - start)
+    return record
 
 
 def run_sweep(
@@ -303,12 +729,13 @@ def run_sweep(
 ) -> dict:
     """Run every grid point not already in ``output``; returns ``{"ran": [...], "skipped": [...], "output"}``.
 
-    The dense model is loaded once and never modified: each point prunes a deep copy of it.
+    The dense model is loaded once and never modified: each point compresses a deep copy of it. Nothing is
+    written before the model has loaded and every option is checked; while the sweep runs, ``sweep.lock``
+    holds its PID and a second sweep into the same folder is refused.
     """
-    from lmcompress.calibration.data import draw
-    from lmcompress.checkpoint.load import load_model, resolve_source
-    from lmcompress.jobs import check_device, resolve_seqlen, versions
-    from lmcompress.measure.tasks import LM, parse_tasks, prepare_tasks
+    from lmcompress.checkpoint.load import resolve_source
+    from lmcompress.jobs import check_device
+    from lmcompress.measure.tasks import parse_tasks
 
     config.validate()
     specs = parse_tasks(config.tasks) if config.tasks else []
@@ -326,82 +753,36 @@ def run_sweep(
     check_not_nested(out, resolved, "output")
     settings = config.settings(resolved)
     grid = config.points()
-    done = _prepare_folder(out, settings, grid, overwrite)
+    plan = check_folder(out, settings, overwrite)
+    todo = [p for p in [None, *grid] if (p.id if p else DENSE_ID) not in plan.done]
+    if not todo:
+        lock, _ = open_folder(out, settings, grid, plan)  # records the grid of this run
+        release_lock(lock)
+        return {"ran": [], "skipped": [p.id for p in grid] + [DENSE_ID], "output": str(out)}
+    flags = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
+    ready = _prepare(resolved, config, specs, todo, device, flags)
+    lock, done = open_folder(out, settings, grid, plan)
+    try:
+        return _run_points(out, grid, done, config, ready, device, settings_hash(settings), progress)
+    finally:
+        shutil.rmtree(out / SIZES, ignore_errors=True)
+        release_lock(lock)
+
+
+def _run_points(out, grid, done, config, ready, device, hash_: str, progress: bool) -> dict:
     todo = [p for p in [None, *grid] if (p.id if p else DENSE_ID) not in done]
     skipped = [p.id for p in grid if p.id in done] + ([DENSE_ID] if DENSE_ID in done else [])
     if skipped:
         log.info("%d of %d points already done in %s; running %d", len(skipped), len(grid) + 1, out, len(todo))
-    if not todo:
-        return {"ran": [], "skipped": skipped, "output": str(out)}
-
-    net, tokenizer = load_model(
-        resolved, dtype=config.dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
-    )
-    seqlen = resolve_seqlen(net, config.seqlen)
-    lm_args = dict(device=device, batch_size=config.batch_size, progress=False)
-    max_length = LM(net, tokenizer, **lm_args).max_length
-    tasks = prepare_tasks(
-        specs,
-        tokenizer,
-        seqlen=seqlen,
-        max_length=max_length,
-        limit=config.limit,
-        shots=config.shots,
-        seed=config.eval_seed,
-        retrieval_lengths=config.retrieval_lengths,
-    )
-    calib, calib_info = None, None
-    if any(p is not None and config.prune_config(p).needs_calibration for p in todo):
-        calib, calib_info = draw(
-            tokenizer, config.calib_data, nsamples=config.nsamples, seqlen=seqlen, seed=config.seed
-        )
-    common = {
-        "settings_hash": settings_hash(settings),
-        "seqlen": seqlen,
-        "calibration": calib_info,
-        "versions": versions(),
-    }
-
     ran = []
     bar = tqdm(todo, desc="sweep", unit="point", disable=not progress)
     for p in bar:
         pid = p.id if p else DENSE_ID
         bar.set_postfix_str(pid)
-        start = time.perf_counter()
-        record: dict = {"id": pid}
-        if p is None:
-            target = net
-            record.update(method="dense", allocation=None, pattern=None, sparsity=0.0)
-        else:
-            from lmcompress.transforms.prune import prune
-
-            target = copy.deepcopy(net)
-            report = prune(target, config.prune_config(p), calib, device=device, progress=False)
-            record.update(asdict(p))
-            record["prune"] = {
-                "achieved_sparsity": report.sparsity,
-                "block_targets": report.block_targets,
-                "outlier_ratios": report.outlier_ratios,
-                "owl_lambda_effective": report.owl_lambda_effective,
-                "layer_sparsity": report.layer_sparsity,
-                "damping_raised": report.damping,
-                "time_s": report.wall_time_s,
-            }
-        harness = None
-        if config.harness:
-            from lmcompress.measure.tasks.harness import run_harness
-
-            harness = lambda t=target, names=_split(config.harness): run_harness(  # noqa: E731
-                t, tokenizer, names, shots=config.shots, limit=config.limit, batch_size=config.batch_size, device=device
-            )
-        eval_start = time.perf_counter()
-        result = _evaluate(LM(target, tokenizer, **lm_args), tasks, harness)
-        record.update(result)
-        record.update(common, eval_time_s=time.perf_counter() - eval_start, wall_time_s=time.perf_counter() - start)
+        record = _run_point(p, config, ready, out, device)
+        record["settings_hash"] = hash_
         write_json_atomic(out / POINTS / f"{pid}.json", record)
         ran.append(pid)
-        if target is not net:
-            del target
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return {"ran": ran, "skipped": skipped, "output": str(out)}
