@@ -13,7 +13,6 @@ returned report's ``wall_time_s`` are the transformation alone.
 from __future__ import annotations
 
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +33,7 @@ from lmcompress.checkpoint.save import save_model, save_quantized
 from lmcompress.errors import UserError
 from lmcompress.models.families import context_length
 from lmcompress.models.layouts import MOE_LAYOUTS, head_shape, structure_layout
-from lmcompress.search.run import SearchConfig, SearchReport, search
+from lmcompress.search.run import SearchConfig, SearchReport
 from lmcompress.transforms.experts import ExpertConfig, ExpertReport, drop_experts
 from lmcompress.transforms.factorize import FactorizeConfig, FactorizeReport, factorize
 from lmcompress.transforms.prune import PruneConfig, PruneReport, prune
@@ -526,92 +525,39 @@ def search_pretrained(
     config: SearchConfig,
     output: str | Path,
     *,
-    fitness_windows: int = 16,
-    keep_database: bool = False,
-    max_loss: float | None = None,
-    max_loss_confidence: float = 0.9,
-    tune: str | None = None,
-    trials: int = 40,
     progress: bool = True,
     nsamples: int = 128,
     **options,
 ) -> SearchReport:
-    """Search per-layer (or per-block) levels under ``config``'s budget and save the chosen model.
+    """Search per-layer (or per-block) levels as ``config`` asks and save the chosen model.
 
-    ``nsamples`` windows give the statistics the level database is built from, ``fitness_windows`` more
+    ``nsamples`` windows give the statistics the level database is built from, ``config.held_out`` more
     (drawn with them, never used for statistics) score the candidates. The database and the search state live
-    in a hidden work folder beside ``output`` until the end (kept with ``keep_database``): a killed search run
-    again with the same settings continues from its last finished generation. Sparsity searches save a dense
-    folder (zeros stored), bit-width searches a packed one (each layer's codes at its chosen width).
-
-    ``max_loss`` (0.05 = +5% perplexity) looks for the largest average sparsity within that loss instead of
-    meeting ``config.target`` (the loss's upper bound at ``max_loss_confidence`` over the held-out windows);
-    ``tune="owl"`` tunes OWL's M and λ with Optuna (``trials`` trials) instead of searching per-unit levels.
+    in a hidden work folder beside ``output``, held by this process, until the end (kept with
+    ``config.keep_database``): a killed search run again with the same settings continues from its last finished
+    generation (:mod:`lmcompress.search.work`). Sparsity searches save a dense folder (zeros stored), bit-width
+    searches a packed one (each layer's codes at its chosen width). ``config.max_loss`` and ``config.tune`` pick
+    the other searches (:func:`lmcompress.search.run.run_search`).
     """
-    from lmcompress.measure.perplexity import check_confidence
-    from lmcompress.search.run import search_max_loss
-    from lmcompress.search.tune import tune_owl
+    from lmcompress.search.run import run_search
+    from lmcompress.search.work import held_work, recipe_fields, split_windows
 
-    config.validate()
-    if tune not in (None, "owl"):
-        raise UserError(f"unknown tuning {tune!r}: only owl can be tuned")
-    if tune and max_loss is not None:
-        raise UserError("choose one of tuning OWL and a maximum loss, not both")
-    if max_loss is not None:
-        check_confidence(max_loss_confidence)
-    if fitness_windows < max(config.stage_windows):
-        raise UserError(
-            f"fitness_windows ({fitness_windows}) must be at least the largest stage ({max(config.stage_windows)}) "
-            "of stage_windows",
-            param=("fitness_windows", "stage_windows"),
+    with held_work(output, keep=config.keep_database) as work:
+
+        def transform(net, cfg, windows, *, device, progress):
+            calib, held_out = split_windows(windows, nsamples)
+            return run_search(net, cfg, calib, held_out, work, device=device, progress=progress)
+
+        return run_job(
+            "search",
+            model,
+            config,
+            output,
+            transform,
+            fields=lambda r: recipe_fields(config, r),
+            save_as=lambda r: "quantized" if r.quantized is not None else "dense",
+            progress=progress,
+            extra_files=lambda r: {"search.json": json_text(r.to_dict()) + "\n"},
+            nsamples=nsamples + config.held_out,
+            **options,
         )
-    work = Path(output).expanduser().parent / f".{Path(output).name}.search-work"
-
-    def transform(net, cfg, windows, *, device, progress):
-        calib, held_out = windows[:nsamples], windows[nsamples:]
-        if tune == "owl":
-            return tune_owl(net, cfg, calib, held_out, work, trials=trials, device=device, progress=progress)
-        if max_loss is not None:
-            return search_max_loss(
-                net,
-                cfg,
-                calib,
-                held_out,
-                work,
-                max_loss=max_loss,
-                confidence=max_loss_confidence,
-                device=device,
-                progress=progress,
-            )
-        return search(net, cfg, calib, held_out, work, device=device, progress=progress)
-
-    def fields(report: SearchReport) -> dict:
-        return {
-            "search": config.to_dict(),
-            "method": config.method,
-            "budget": {config.kind: report.config["target"]},
-            "max_loss": max_loss,
-            "max_loss_confidence": max_loss_confidence if max_loss is not None else None,
-            "tuned": report.tuned,
-            "achieved": report.achieved,
-            "layer_levels": report.layer_levels,
-            "fitness": {"kind": config.fitness, "value": report.fitness, "baselines": report.baselines},
-            "fitness_windows": fitness_windows,
-        }
-
-    report = run_job(
-        "search",
-        model,
-        config,
-        output,
-        transform,
-        fields=fields,
-        save_as=lambda r: "quantized" if r.quantized is not None else "dense",
-        progress=progress,
-        extra_files=lambda r: {"search.json": json_text(r.to_dict()) + "\n"},
-        nsamples=nsamples + fitness_windows,
-        **options,
-    )
-    if not keep_database:
-        shutil.rmtree(work, ignore_errors=True)
-    return report

@@ -11,7 +11,8 @@ import torch
 
 from lmcompress.errors import UserError
 from lmcompress.models.tiny import build_tiny_model
-from lmcompress.search import run as run_module
+from lmcompress.search import loop as loop_module
+from lmcompress.search import score as score_module
 from lmcompress.search.run import SearchConfig, parse_levels, search
 from lmcompress.transforms.prune import measure_sparsity
 
@@ -55,8 +56,8 @@ def test_a_killed_search_resumes_to_the_same_allocation(base, calib, tmp_path, m
     )
     shutil.rmtree(partial.database)  # the database is rebuilt identically if lost
     calls = []
-    real = run_module.evolve
-    monkeypatch.setattr(run_module, "evolve", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = loop_module.evolve
+    monkeypatch.setattr(loop_module, "evolve", lambda *a, **k: calls.append(1) or real(*a, **k))
     resumed = search(
         copy.deepcopy(base),
         SearchConfig(target=0.6, generations=6, **FAST),
@@ -250,13 +251,13 @@ def test_bits_search_stays_under_the_budget_and_saves_packed_codes(tiny_folder, 
         offspring=3,
         survivors=(2, 1),
         stage_windows=(1, 2),
+        fitness_windows=2,
     )
     out = tmp_path / "mixed"
     report = search_pretrained(
         tiny_folder("llama"),
         config,
         out,
-        fitness_windows=2,
         calib_data=str(data),
         nsamples=4,
         seqlen=32,
@@ -278,9 +279,8 @@ def test_bits_search_stays_under_the_budget_and_saves_packed_codes(tiny_folder, 
     with pytest.raises(UserError, match="cannot be met"):
         search_pretrained(
             tiny_folder("llama"),
-            SearchConfig(target=2.1, kind="bits", method="rtn", group_size=16),
+            SearchConfig(target=2.1, kind="bits", method="rtn", group_size=16, fitness_windows=8),
             tmp_path / "no",
-            fitness_windows=8,
             calib_data=str(data),
             nsamples=4,
             seqlen=32,
@@ -363,7 +363,7 @@ def test_rounds_rebuild_the_database_along_the_parent_and_resume(base, calib, tm
     fit = KLFitness(base, calib[4:6])
     assert straight.rounds[0]["fitness"] == pytest.approx(fit(sequential, FAST["stage_windows"][-1]), rel=1e-4)
 
-    real = run_module.evolve
+    real = loop_module.evolve
     calls = []
 
     def dies_in_round_two(*a, **k):
@@ -372,10 +372,10 @@ def test_rounds_rebuild_the_database_along_the_parent_and_resume(base, calib, tm
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(run_module, "evolve", dies_in_round_two)
+    monkeypatch.setattr(loop_module, "evolve", dies_in_round_two)
     with pytest.raises(KeyboardInterrupt):
         search(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "b", progress=False)
-    monkeypatch.setattr(run_module, "evolve", real)
+    monkeypatch.setattr(loop_module, "evolve", real)
     resumed = search(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "b", progress=False)
     assert resumed.allocation == straight.allocation and resumed.fitness == pytest.approx(straight.fitness)
     assert resumed.rounds == straight.rounds
@@ -416,7 +416,7 @@ def test_prefix_cache_gives_the_full_forward_from_any_block(family, tokenizer, c
 def test_sensitivity_pass_matches_direct_scores_and_seeds_the_search(base, calib, tmp_path):
     model = copy.deepcopy(base)
     config = SearchConfig(target=0.6, granularity="layer", generations=0, sensitivity_span=1, **FAST)
-    cand = run_module.prepare(model, config, calib[:4], calib[4:6], tmp_path / "work", progress=False)
+    cand = score_module.prepare(model, config, calib[:4], calib[4:6], tmp_path / "work", progress=False)
     start = cand.place([0.6] * len(cand.units), "uniform")
     delta = cand.sensitivity(start, 1, progress=False)
     reference = cand.score(start, 0)
@@ -518,11 +518,11 @@ def test_children_scored_from_the_parents_cache_match_full_forwards(base, calib,
 
     model = copy.deepcopy(base)
     config = SearchConfig(target=0.6, granularity="layer", generations=0, sensitivity_span=0, **FAST)
-    cand = run_module.prepare(model, config, calib[:4], calib[4:7], tmp_path / "work", progress=False)
+    cand = score_module.prepare(model, config, calib[:4], calib[4:7], tmp_path / "work", progress=False)
     parent = cand.place([0.6] * len(cand.units), "uniform")
     rng = random.Random(0)
     # one window cached (the memory cap), the other scored by the full forward
-    scorer = run_module.ParentScorer(cand, max_bytes=1)
+    scorer = score_module.ParentScorer(cand, max_bytes=1)
     scorer.follow(parent)
     assert scorer.prefix is not None and scorer.prefix.cached == 1
     for _ in range(3):  # children of the parent; then the last one becomes the parent through its capture
@@ -534,7 +534,7 @@ def test_children_scored_from_the_parents_cache_match_full_forwards(base, calib,
         scorer.follow(parent)
         assert scorer.base == parent
         cand.hold(parent)
-        fresh = run_module.PrefixCache(cand.model, scorer.prefix.windows)
+        fresh = score_module.PrefixCache(cand.model, scorer.prefix.windows)
         for b, hidden in enumerate(scorer.prefix.hidden):
             torch.testing.assert_close(hidden[0], fresh.hidden[b][0], rtol=0, atol=0)
 
@@ -543,17 +543,17 @@ def test_the_parents_cache_leaves_the_search_unchanged(base, calib, tmp_path, mo
     config = SearchConfig(target=0.6, granularity="layer", generations=5, sensitivity_span=0, **FAST)
     calls = {"prefix": 0, "rebased": 0}
     for name in calls:
-        method = getattr(run_module.PrefixCache, "logits" if name == "prefix" else name)
+        method = getattr(score_module.PrefixCache, "logits" if name == "prefix" else name)
 
         def counted(self, *args, _method=method, _name=name, **kwargs):
             calls[_name] += 1
             return _method(self, *args, **kwargs)
 
-        monkeypatch.setattr(run_module.PrefixCache, "logits" if name == "prefix" else name, counted)
+        monkeypatch.setattr(score_module.PrefixCache, "logits" if name == "prefix" else name, counted)
     cached = search(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "a", progress=False)
     assert calls["prefix"] > 0 and calls["rebased"] > 0  # children ran from the cache; a child became the parent
     monkeypatch.undo()
-    monkeypatch.setattr(run_module.ParentScorer, "follow", lambda self, parent: None)  # every child in full
+    monkeypatch.setattr(score_module.ParentScorer, "follow", lambda self, parent: None)  # every child in full
     full = search(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "b", progress=False)
     assert cached.allocation == full.allocation
     assert [h["improved"] for h in cached.history] == [h["improved"] for h in full.history]

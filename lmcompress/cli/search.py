@@ -55,6 +55,26 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
+# options that only one mode of the search reads: given in another mode they would do nothing
+EVOLUTION = ("generations", "offspring", "survivors", "rounds", "sensitivity_span", "start", "time_limit")
+
+
+def _refuse_ignored(ctx: typer.Context, *, tune: str | None, max_loss: str | None, budget: str) -> None:
+    """Refuse options the chosen mode would ignore (the rule of every verb)."""
+    if tune is None:
+        options.refuse(ctx, ("trials",), "without --tune owl")
+    else:
+        options.refuse(ctx, EVOLUTION, "with --tune owl: it tunes OWL's M and λ, it does not evolve per-unit levels")
+    if max_loss is None:
+        options.refuse(ctx, ("max_loss_confidence",), "without --max-loss")
+    else:
+        options.refuse(
+            ctx, ("budget",), "with --max-loss: it finds the largest sparsity itself (bound it with --levels)"
+        )
+    if parse_budget(budget)[0] == "sparsity":
+        options.refuse(ctx, ("group_size",), "to a sparsity budget: only bit-width levels have quantization grids")
+
+
 @app.command()
 def search(
     ctx: typer.Context,
@@ -160,11 +180,13 @@ def search(
     from lmcompress.jobs import search_pretrained
     from lmcompress.search.run import SearchConfig, read_start
 
+    _refuse_ignored(ctx, tune=tune, max_loss=max_loss, budget=budget)
     cpu = not str(device).startswith("cuda")  # sized so that a 135M model takes about half an hour on 2 cores
     generations = generations if generations is not None else (15 if cpu else 50)
     ctx.params["nsamples"] = nsamples if nsamples is not None else (32 if cpu else 128)
     ctx.params["seqlen"] = seqlen if seqlen is not None or not cpu else 256
     kind, value = parse_budget(budget)
+    loss = parse_max_loss(max_loss)
     config = SearchConfig(
         target=value,
         kind=kind,
@@ -183,19 +205,14 @@ def search(
         sensitivity_span=sensitivity_span,
         seed=seed,
         start=read_start(start, kind) if start is not None else None,
-    )
-    report = search_pretrained(
-        model,
-        config,
-        output,
         fitness_windows=fitness_windows,
-        keep_database=keep_database,
-        max_loss=parse_max_loss(max_loss),
+        max_loss=loss,
         max_loss_confidence=max_loss_confidence,
         tune=tune,
         trials=trials,
-        **options.job_options(ctx.params),
+        keep_database=keep_database,
     )
+    report = search_pretrained(model, config, output, **options.job_options(ctx.params))
     if as_json:
         typer.echo(json_text(report.to_dict()))
         return

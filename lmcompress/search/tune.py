@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,7 +23,9 @@ from lmcompress.algorithms.wanda import wanda_scores
 from lmcompress.calibration.engine import BlockInputs, collect_input_stats, walk_blocks
 from lmcompress.errors import UserError
 from lmcompress.models.families import find_prunable, weight_matrix
-from lmcompress.search.run import SearchConfig, SearchReport, model_on, prepare
+from lmcompress.search.config import SearchConfig, SearchReport
+from lmcompress.search.loop import model_on
+from lmcompress.search.score import prepare
 
 M_RANGE = (2.0, 12.0)
 LAMBDA_RANGE = (0.0, 0.25)
@@ -59,13 +62,16 @@ def tune_owl(
     fitness_windows: torch.Tensor,
     work: str | Path,
     *,
-    trials: int = 40,
+    trials: int | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> SearchReport:
-    """Find the M and λ whose OWL allocation scores best; on return the model holds it (from the database)."""
+    """Find the M and λ whose OWL allocation scores best in ``trials`` trials (default: ``config.trials``); on
+    return the model holds it (from the database)."""
+    if trials is not None and trials != config.trials:
+        config = replace(config, trials=trials)
     with model_on(model, device):
-        return _tune_owl(model, config, calib, fitness_windows, work, trials=trials, device=device, progress=progress)
+        return _tune_owl(model, config, calib, fitness_windows, work, device=device, progress=progress)
 
 
 def _tune_owl(
@@ -75,7 +81,6 @@ def _tune_owl(
     fitness_windows: torch.Tensor,
     work: str | Path,
     *,
-    trials: int,
     device: str | torch.device,
     progress: bool,
 ) -> SearchReport:
@@ -83,8 +88,7 @@ def _tune_owl(
 
     if config.kind != "sparsity":
         raise UserError("tuning OWL needs a sparsity budget (budget sparsity=F)")
-    if trials < 1:
-        raise UserError(f"trials must be at least 1, got {trials}")
+    trials = config.trials
     start = time.perf_counter()
     work = Path(work)
     cand = prepare(model, config, calib, fitness_windows, work, device=device, progress=progress)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -35,6 +34,7 @@ from lmcompress.calibration.engine import (
 )
 from lmcompress.calibration.offload import for_each_block, read_only, track
 from lmcompress.calibration.stats import InputStats
+from lmcompress.checkpoint.allocation import read_layer_levels
 from lmcompress.errors import UserError
 from lmcompress.models.families import (
     blocks_path,
@@ -241,33 +241,8 @@ def _check_layer_names(prunable: set[str], given: set[str]) -> None:
 def read_allocation(path: str | Path) -> dict[str, float]:
     """Per-layer sparsities from a file: a search's ``search.json`` (or its output folder), or a JSON object
     ``{"layer name": sparsity, ...}``, or the recipe (``lmcompress.json``) of a run given such a file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "search.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"allocation file {path} does not exist", param="allocation") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"allocation file {path} is not readable JSON ({exc})", param="allocation") from None
-    if isinstance(data, dict) and "layer_levels" in data:
-        kind = (data.get("config") or {}).get("kind", "sparsity") if isinstance(data.get("config"), dict) else None
-        if kind != "sparsity":
-            raise UserError(
-                f"{path} holds {kind or 'unknown'} levels, not sparsities: a bit-width search "
-                "(`lmcompress search --budget bits=...`) writes the quantized model itself",
-                param="allocation",
-            )
-        data = data["layer_levels"]
-    elif isinstance(data, dict) and isinstance(data.get("layer_targets"), dict):
-        data = data["layer_targets"]
-    ok = isinstance(data, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data.values())
-    if not ok:
-        raise UserError(
-            f"allocation file {path} must be a search.json or a JSON object of layer name → sparsity",
-            param="allocation",
-        )
-    return {str(k): float(v) for k, v in data.items()}
+    hint = ": a bit-width search (`lmcompress search --budget bits=...`) writes the quantized model itself"
+    return read_layer_levels(path, "sparsity", what="allocation", hint=hint)
 
 
 @dataclass

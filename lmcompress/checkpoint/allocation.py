@@ -1,0 +1,75 @@
+"""Per-layer levels from a file: the one reader of what ``lmcompress search`` chose (``search.json``), what a
+run given such a file recorded (its recipe's ``layer_targets``), or a plain JSON object of layer name → level."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from lmcompress.checkpoint.folder import RECIPE_FILE
+from lmcompress.errors import UserError
+
+SEARCH_FILE = "search.json"
+_NAMES = {"sparsity": "sparsities", "bits": "bit widths"}
+
+
+def read_layer_levels(
+    path: str | Path, kind: str = "sparsity", *, what: str = "allocation", hint: str = ""
+) -> dict[str, float]:
+    """``{"layer name": level}`` from ``path``: a search's ``search.json``, an output folder (its ``search.json``,
+    else its recipe), a recipe (``lmcompress.json``) whose ``layer_targets`` or ``layer_levels`` it holds, or a
+    JSON object of layer name → level. The levels must be of ``kind`` (sparsity or bits).
+
+    ``what`` names the file in errors (and is the parameter at fault); ``hint`` follows a wrong-kind error.
+    """
+    path = _file_of(Path(path).expanduser())
+    data = _read_json(path, what)
+    if isinstance(data, dict) and "layer_levels" in data:
+        found = _kind_of(data)
+        if found != kind:
+            raise UserError(f"{path} holds {found or 'unknown'} levels, not {_NAMES.get(kind, kind)}{hint}", param=what)
+        data = data["layer_levels"]
+    elif isinstance(data, dict) and isinstance(data.get("layer_targets"), dict):
+        data = data["layer_targets"]
+    ok = isinstance(data, dict) and all(_number(v) for v in data.values())
+    if not ok or not data:
+        raise UserError(
+            f"{what} file {path} must be a search.json or a non-empty JSON object of layer name → {kind} "
+            "(finite numbers)",
+            param=what,
+        )
+    return {str(k): float(v) for k, v in data.items()}
+
+
+def _file_of(path: Path) -> Path:
+    """A folder's ``search.json``, or its recipe when it has no ``search.json`` but a recipe."""
+    if not path.is_dir():
+        return path
+    if not (path / SEARCH_FILE).exists() and (path / RECIPE_FILE).is_file():
+        return path / RECIPE_FILE
+    return path / SEARCH_FILE
+
+
+def _read_json(path: Path, what: str):
+    if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+        raise UserError(f"{what} file {path} is not a regular file", param=what)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} does not exist", param=what) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UserError(f"{what} file {path} is not readable JSON ({exc})", param=what) from None
+
+
+def _kind_of(data: dict) -> str | None:
+    """The budget kind of a ``search.json`` (its ``config``) or a search's recipe (its ``search``)."""
+    for key in ("config", "search"):
+        config = data.get(key)
+        if isinstance(config, dict):
+            return config.get("kind", "sparsity") if isinstance(config.get("kind", "sparsity"), str) else None
+    return None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

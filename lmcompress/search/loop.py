@@ -1,0 +1,224 @@
+"""The search itself: per-unit compression levels under a budget, scored by KL divergence to the dense model.
+
+1. Every prunable layer is compressed once at every level (a sparsity, or a bit width) from the dense model's
+   calibration statistics (:mod:`lmcompress.search.database`).
+2. Units are layers or whole blocks, costed and scored as :mod:`lmcompress.search.score` says.
+3. The baselines are scored first, on the same windows: uniform (every unit at the target) and, for sparsity,
+   OWL (its block sparsities placed on the level grid at the same budget). From the better one, every unit is
+   moved alone to each level within ``sensitivity_span`` of its own and scored (the *sensitivity* pass); greedy
+   level switches under the additive model these changes make give a third start, ``additive``. The best of
+   the starts seeds the evolutionary search of :mod:`lmcompress.algorithms.evolution`, whose state is saved
+   after every generation (:mod:`lmcompress.search.state`) so that a killed run continues from its last
+   finished generation.
+
+The rest of the search lives beside this loop: level grids (``levels``), the config and report (``config``),
+the work folder's state files (``state``) and keys (``keys``), candidate scoring (``score``), the max-loss
+bisection (``max_loss``), OWL tuning (``tune``), the whole job's work folder (``work``) and the driver that
+picks one of them (``run``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmcompress.algorithms.evolution import SearchState, evolve
+from lmcompress.errors import UserError
+from lmcompress.models.families import prunable_layers
+from lmcompress.search.config import SearchConfig, SearchReport
+from lmcompress.search.score import Candidates, ParentScorer, prepare
+from lmcompress.search.state import DENSE_FILE, keep_dense_weights, load_state, restore_dense_weights, save_state
+from lmcompress.transforms.prune import owl_pass
+
+
+@contextmanager
+def model_on(model: nn.Module, device: str | torch.device) -> Iterator[None]:
+    """The whole model on ``device`` while a search scores candidates on it, then back where it was.
+
+    A search runs every candidate through the whole model, so the model must fit on the device; the level
+    database stays on disk and each layer's weights are copied in when a candidate changes it."""
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
+
+
+def search(
+    model: nn.Module,
+    config: SearchConfig,
+    calib: torch.Tensor,
+    fitness_windows: torch.Tensor,
+    work: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> SearchReport:
+    """Search per-unit levels for ``model``; on return the model holds the chosen allocation.
+
+    ``work`` keeps the level database and the search state between runs: with the same settings a second
+    call continues from the last finished generation.
+    """
+    with model_on(model, device):
+        return _search(model, config, calib, fitness_windows, Path(work), device=device, progress=progress)
+
+
+def _search(model, config, calib, fitness_windows, work: Path, *, device, progress: bool) -> SearchReport:
+    start = time.perf_counter()
+    if len(fitness_windows) < max(config.stage_windows):
+        raise UserError(
+            f"{len(fitness_windows)} fitness windows are fewer than the largest stage of stage_windows "
+            f"({max(config.stage_windows)}); draw more held-out windows or use smaller stages",
+            param="stage_windows",
+        )
+    if config.start is not None:  # before the database is built
+        check_start(list(prunable_layers(model)), config.start)
+    cand = prepare(model, config, calib, fitness_windows, work, device=device, progress=progress)
+    state, baselines, round_starts = load_state(work, cand.key)
+    if config.rounds > 1:  # later rounds rebuild the database from the dense weights, kept here meanwhile
+        keep_dense_weights(model, work / DENSE_FILE)
+    if state is None:  # a fresh search: score the baselines (the model is still dense here), seed from the best
+        state, baselines = _seed(cand, calib, device, progress)
+        save_state(work, state, cand.key, baselines, round_starts)
+    run = _Run(model, calib, fitness_windows, work, device, progress, state, baselines, round_starts)
+    cand = run.evolve(cand, start)
+    return _report(cand, model, state, baselines, round_starts, time.perf_counter() - start)
+
+
+def _seed(cand: Candidates, calib: torch.Tensor, device, progress: bool) -> tuple[SearchState, dict]:
+    """The starts (uniform, OWL, ``config.start``, the sensitivity pass's additive one) scored on the final
+    stage's windows, and the state seeded from the best of them."""
+    config, db, units, levels = cand.config, cand.db, cand.units, cand.levels
+    final_stage = len(config.stage_windows) - 1
+    starts = {"uniform": cand.place([config.target] * len(units), "uniform")}
+    if config.kind == "sparsity":
+        _, owl = owl_pass(
+            cand.model, calib, torch.device(device), config.target, config.owl_m, config.owl_lambda, progress=progress
+        )
+        starts["owl"] = cand.place([owl.sparsities[db.block_of[u[0]]] for u in units], "OWL")
+    if config.start is not None:
+        starts["start"] = cand.place(_unit_targets(db, units, config.start), "start")
+    baselines = {name: cand.score(lv, final_stage) for name, lv in starts.items()}
+    best = min(baselines, key=baselines.get)
+    additive = cand.additive_start(starts[best], final_stage, progress=progress)
+    if additive is not None:
+        starts["additive"], baselines["additive"] = additive
+        best = min(baselines, key=baselines.get)
+    baselines["allocations"] = {name: [levels[k] for k in lv] for name, lv in starts.items()}
+    return SearchState(list(starts[best]), baselines[best]), baselines
+
+
+class _Run:
+    """The generations of one search, in rounds: each round after the first rebuilds the level database along
+    the best allocation so far. The state is saved after every generation."""
+
+    def __init__(self, model, calib, fitness_windows, work, device, progress, state, baselines, round_starts):
+        self.model, self.calib, self.fitness_windows, self.work = model, calib, fitness_windows, work
+        self.device, self.progress = device, progress
+        self.state, self.baselines, self.round_starts = state, baselines, round_starts
+
+    def evolve(self, cand: Candidates, start: float) -> Candidates:
+        """Run the generations left (or up to the time limit); the candidates of the last round."""
+        config, state = cand.config, self.state
+        per_round = -(-config.generations // config.rounds)  # generations of each round (the last may be shorter)
+        bar = tqdm(total=config.generations, initial=state.generation, desc="search", disable=not self.progress,
+                   unit="gen")  # fmt: skip
+        scorer: ParentScorer | None = None
+        while state.generation < config.generations:
+            if config.time_limit_s is not None and time.perf_counter() - start > config.time_limit_s:
+                break
+            r = state.generation // per_round
+            if r > 0 and cand.round != r:  # a new round (or a resumed one): the database along the parent's inputs
+                bar.set_description(f"search: round {r + 1} database")
+                cand = self.next_round(cand, r)
+                bar.set_description("search")
+            if scorer is None or scorer.cand is not cand:
+                scorer = ParentScorer(cand)
+            scorer.follow(state.levels)
+            evolve(cand.space, scorer, state, offspring=config.offspring, survivors=config.survivors,
+                   max_switches=config.max_switches, seed=config.seed)  # fmt: skip
+            save_state(self.work, state, cand.key, self.baselines, self.round_starts)
+            bar.update(1)
+            bar.set_postfix(best=f"{state.fitness:.4f}")
+        bar.close()
+        return cand
+
+    def next_round(self, cand: Candidates, r: int) -> Candidates:
+        """Round ``r``'s candidates: the model made dense again, the database built along the round's parent."""
+        state, round_starts = self.state, self.round_starts
+        fresh = len(round_starts) < r
+        if fresh:
+            round_starts.append({"generation": state.generation, "levels": list(state.levels)})
+        restore_dense_weights(self.model, self.work / DENSE_FILE)
+        previous = cand.db.folder
+        reference = cand.assignment(round_starts[r - 1]["levels"])
+        nxt = prepare(self.model, cand.config, self.calib, self.fitness_windows, self.work, device=self.device,
+                      progress=self.progress, reference=reference, fitness=cand.fitness)  # fmt: skip
+        nxt.round = r
+        if previous != nxt.db.folder and r > 1:  # the round before's database is no longer needed (round 1's stays)
+            shutil.rmtree(previous, ignore_errors=True)
+        if fresh:  # the parent rescored: on this database it is its sequential version
+            round_starts[-1]["fitness_before"] = state.fitness
+            state.fitness = round_starts[-1]["fitness"] = nxt.score(state.levels, len(cand.config.stage_windows) - 1)
+            save_state(self.work, state, nxt.key, self.baselines, round_starts)
+        return nxt
+
+
+def _report(cand: Candidates, model, state: SearchState, baselines, round_starts, seconds: float) -> SearchReport:
+    """Put the best allocation into the model and describe it."""
+    config, db, levels = cand.config, cand.db, cand.levels
+    chosen = cand.assignment(state.levels)
+    db.apply(model, chosen)
+    weights = sum(db.sizes.values())
+    spent = cand.space.total(state.levels)
+    quantized = None
+    if db.quantized:
+        quantized = {f"{layer}.weight": db.codes(layer, k) for layer, k in chosen.items()}
+    return SearchReport(
+        config=config.to_dict(),
+        levels=levels,
+        units=cand.units,
+        allocation=[levels[lv] for lv in state.levels],
+        layer_levels={layer: levels[k] for layer, k in chosen.items()},
+        achieved=1.0 - spent / weights if config.kind == "sparsity" else spent / weights,
+        fitness=state.fitness,
+        baselines={k: float(v) for k, v in baselines.items() if k != "allocations"},
+        baseline_allocations=baselines["allocations"],
+        history=state.history,
+        wall_time_s=seconds,
+        quantized=quantized,
+        database=str(db.folder),
+        rounds=[
+            {k: v for k, v in r.items() if k != "levels"} | {"parent": [levels[k] for k in r["levels"]]}
+            for r in round_starts
+        ],
+    )
+
+
+def check_start(layers, start: dict[str, float]) -> None:
+    """Refuse a start allocation whose layers are not exactly ``layers``."""
+    missing = [layer for layer in layers if layer not in start]
+    unknown = sorted(set(start) - set(layers))
+    if missing or unknown:
+        parts = [f"{len(missing)} layers missing (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(unknown)} layers this model lacks (e.g. {unknown[0]})"] if unknown else []
+        raise UserError(
+            f"the start allocation does not fit this model: {'; '.join(parts)}. Give a search.json searched on "
+            "this model",
+            param="start",
+        )
+
+
+def _unit_targets(db, units: list[list[str]], start: dict[str, float]) -> list[float]:
+    """Each unit's level in ``start`` (layer → level), averaged over its layers by their sizes."""
+    check_start(db.layers, start)
+    size = db.sizes
+    return [sum(start[layer] * size[layer] for layer in unit) / sum(size[layer] for layer in unit) for unit in units]
