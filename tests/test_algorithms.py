@@ -16,7 +16,7 @@ from lmcompress.algorithms import (
     sparsegpt_prune,
     wanda_mask,
 )
-from lmcompress.algorithms.sparsegpt import inverse_hessian_cholesky
+from lmcompress.algorithms.obs import inverse_hessian_cholesky
 
 
 def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -167,7 +167,7 @@ def test_inverse_hessian_factor_is_the_upper_cholesky_of_the_damped_inverse():
 def test_upper_cholesky_factors_in_place_from_the_last_column(n):
     """``A = R Rᵀ`` with R upper triangular, positive diagonal, for sizes below, at and across panel
     boundaries; it equals LAPACK's factor of the reversed matrix, reversed back (the factor is unique)."""
-    from lmcompress.algorithms.sparsegpt import upper_cholesky_
+    from lmcompress.algorithms.obs import upper_cholesky_
 
     x = correlated_inputs(2 * n + 10, n).double()
     a = x.t() @ x + 1e-3 * torch.eye(n, dtype=torch.float64)

@@ -1,19 +1,17 @@
 """GPTQ (Frantar et al., 2023): one-shot weight quantization with second-order error compensation.
 
-For a layer ``y = W x`` with calibration inputs ``X``, GPTQ minimizes ``||WX − ŴX||²`` (Hessian
-``H = 2 X Xᵀ``) row-wise, quantizing one input column at a time. Let ``U`` be the upper Cholesky factor of
-``H⁻¹`` (``H⁻¹ = UᵀU``). After column ``j`` is rounded to ``q``, its scaled error ``e = (w_j − q) / U_jj``
-is spread onto the columns not yet quantized as ``W[:, j:] −= e · U[j, j:]``: row ``j`` of ``U`` is the
-OBS update with the inverse Hessian of the remaining columns already folded in (``U_jj²`` is the
-``[H_F⁻¹]_jj`` of the columns ``F = j, j+1, …`` still free). Column ``j`` costs ``½ Σ (w_j − q)² / U_jj²``
-of loss. Updates inside a sub-block of ``INNER`` columns are applied immediately, the rest of the block of
-``blocksize`` columns receives a sub-block's errors at once, and the rest of the matrix a block's errors at
-once (lazy batch updates: only the order of the arithmetic changes).
+GPTQ minimizes the layer-wise loss ``||WX − ŴX||²`` (Hessian ``H = 2 X Xᵀ``) row-wise, quantizing one input
+column at a time with :mod:`lmcompress.algorithms.obs`'s sweep. With ``U`` the upper Cholesky factor of
+``H⁻¹`` (``H⁻¹ = UᵀU``), column ``j`` is rounded to ``q`` on its group's grid, and its scaled error
+``e = (w_j − q) / U_jj`` is spread onto the columns not yet quantized as ``W[:, j:] −= e · U[j, j:]``: row
+``j`` of ``U`` is the OBS update with the inverse Hessian of the remaining columns already folded in
+(``U_jj²`` is the ``[H_F⁻¹]_jj`` of the columns ``F = j, j+1, …`` still free). Column ``j`` costs
+``½ Σ (w_j − q)² / U_jj²`` of loss.
 
 Options: act-order processes columns by decreasing ``diag H`` (the inputs with the most energy first);
 grouped grids are chosen when their group starts, on the already-updated weights (a group that reaches
-past the current block first receives the block's pending updates). A ``group_size`` that does not divide
-the width leaves a shorter last group with its own grid. With act-order the groups are formed in processing
+past the current sub-block or block first receives the pending lazy updates). A ``group_size`` that does not
+divide the width leaves a shorter last group with its own grid. With act-order the groups are formed in processing
 order, so ``QuantizedTensor.g_idx`` records each column's group (the shorter group is then the last
 ``in mod g`` columns processed, the lowest-energy inputs), or, with ``static_groups``, fixed up front on the
 original weights in natural column order (``g_idx = c // g``, the shorter group the last ``in mod g`` inputs).
@@ -30,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmcompress.algorithms.obs import INNER, Block, Sweep, inverse_hessian_cholesky, usable_hessian
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, grid_params, q4_0_step
-from lmcompress.algorithms.sparsegpt import INNER, catch_up_for_group, inverse_hessian_cholesky, sweep_threads
 
 
 class ColumnQuantizer:
@@ -148,77 +146,60 @@ def gptq_quantize(
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     W = weight.detach().clone().float()
-    H = hessian.detach().float().to(W.device)
     rows, cols = W.shape
-    if H.shape != (cols, cols):
-        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not fit a weight with {cols} inputs")
-
-    dead = torch.diag(H) == 0
-    own = consume_hessian or H.data_ptr() != hessian.data_ptr()  # may the solve write over H?
-    if dead.any():
-        H = H if own else H.clone()  # copied only when it must change
-        own = True
-        H[dead, dead] = 1.0
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not fit a weight with {cols} inputs")
+    H, dead, own = usable_hessian(hessian, W.device, consume_hessian)
     W[:, dead] = 0.0
     if mask is not None:
         mask = mask.to(W.device)
         W[mask] = 0.0
 
     perm = None
-    if act_order:
+    static_from = W.clone() if static_groups else None  # static grids: from the weights in natural order
+    if act_order:  # columns by decreasing diag H
         perm = torch.argsort(torch.diag(H), descending=True)
-        static_from = W.clone() if static_groups else None
         W, H = W[:, perm], H[perm][:, perm]
         own = True
         mask = None if mask is None else mask[:, perm]
-    else:
-        static_from = W.clone() if static_groups else None
     quantizer = ColumnQuantizer(spec, (rows, cols), W.device, perm=perm, static_from=static_from)
 
     Hinv, damp = inverse_hessian_cholesky(H, percdamp, layer, overwrite=own)
     del H
-    row_loss = torch.zeros(rows, dtype=torch.float32, device=W.device)
-    # The sweep runs on Wᵀ: column j of W is the contiguous row j of WT (per-column reads and rank-1 updates
-    # walk memory in order).
-    WT = W.t().contiguous()
+    WT = W.t().contiguous()  # Wᵀ: column j of W is the contiguous row j
     del W
     maskT = None if mask is None else mask.t().contiguous()
-    for b0 in range(0, cols, blocksize):
-        with sweep_threads(WT.device):  # the block's many small operations; the lazy update below uses all threads
-            b1 = min(b0 + blocksize, cols)
-            WbT = WT[b0:b1]  # a view: updates inside the block land in WT directly
-            Hb = Hinv[b0:b1, b0:b1]
-            errT = torch.zeros_like(WbT)  # row j: (w_j − q_j) / U_jj of block column j
-            flushed = 0  # errors of columns b0 .. b0+flushed-1 already applied right of the block
-            pending = 0  # errors of block columns pending .. j-1 not yet applied past the current sub-block
-            for j in range(b1 - b0):
-                pos = b0 + j
-                # a sub-block starts: the block's rest receives the last one's errors
-                if j % INNER == 0 and j > pending:
-                    WbT[j:].addmm_(Hb[pending:j, j:].t(), errT[pending:j], alpha=-1.0)
-                    pending = j
-                s1 = min(b1 - b0, (j // INNER + 1) * INNER)  # end of the sub-block: updates up to it are immediate
-                end = quantizer.group_end(pos)
-                if end is not None:
-                    pending, flushed = catch_up_for_group(WT, Hinv, errT, b0, b1, j, s1, end, pending, flushed)
-                    group = WT[pos:end].t()
-                    if maskT is not None:
-                        group = group.masked_fill(maskT[pos:end].t(), 0.0)
-                    quantizer.set_group(pos, group)
-                w = WbT[j]
-                column = w if maskT is None else w.masked_fill(maskT[pos], 0.0)
-                q = quantizer.quantize(column, pos)
-                e = torch.sub(w, q, out=errT[j]).div_(Hb[j, j])
-                WbT[j:s1].addr_(Hb[j, j:s1], e, alpha=-1.0)
-                WbT[j] = q
-        # Lazy batch update: everything right of the block receives the block's (remaining) errors at once.
-        WT[b1:].addmm_(Hinv[b0 + flushed : b1, b1:].t(), errT[flushed:], alpha=-1.0)
-        row_loss += 0.5 * (errT**2).sum(0)  # ½ Σ (w − q)² / U_jj², with err = (w − q) / U_jj
-
+    sweep = Sweep(WT, Hinv, blocksize, INNER)
+    for b0 in sweep.starts():
+        with sweep.block(b0) as block:
+            _sweep_block(block, quantizer, maskT)
     del Hinv
     W = WT.t().contiguous()
     del WT
     if perm is not None:
         W = W[:, torch.argsort(perm)]
-    result = quantizer.result()
-    return GPTQResult(weight=W, quantized=result, loss=row_loss.sum().item(), damping=damp, row_loss=row_loss)
+    row_loss = sweep.row_loss
+    return GPTQResult(
+        weight=W, quantized=quantizer.result(), loss=row_loss.sum().item(), damping=damp, row_loss=row_loss
+    )
+
+
+def _sweep_block(block: Block, quantizer: ColumnQuantizer, maskT: torch.Tensor | None) -> None:
+    """Quantize the block's columns in order, each onto its group's grid (set when the group starts, from the
+    up-to-date weights); weights under ``maskT`` ([cols, rows], True = pruned) are held at zero."""
+    WbT, Ub = block.W, block.U
+    for j, s1 in block.columns():
+        pos = block.b0 + j
+        end = quantizer.group_end(pos)
+        if end is not None:
+            block.catch_up(j, s1, end)
+            group = block.WT[pos:end].t()
+            if maskT is not None:
+                group = group.masked_fill(maskT[pos:end].t(), 0.0)
+            quantizer.set_group(pos, group)
+        w = WbT[j]
+        column = w if maskT is None else w.masked_fill(maskT[pos], 0.0)
+        q = quantizer.quantize(column, pos)
+        e = torch.sub(w, q, out=block.err[j]).div_(Ub[j, j])  # (w_j − q) / U_jj
+        WbT[j:s1].addr_(Ub[j, j:s1], e, alpha=-1.0)  # W[:, j:s1] −= e · U[j, j:s1]; the rest lazily
+        WbT[j] = q
