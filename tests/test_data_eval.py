@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_cli
 
 from lmcompress import UserError, perplexity
 from lmcompress.calibration.data import calibration_windows, eval_windows, load_text, windows_hash
+from lmcompress.checkpoint.save import save_model
 from lmcompress.models.tiny import build_tiny_model
 
 
@@ -65,3 +69,59 @@ def test_bundled_samples_have_attribution():
     readme = resources.files("lmcompress.assets").joinpath("README.md").read_text()
     assert "CC" in readme or "Creative Commons" in readme
     assert len(load_text("bundled:wikitext2-test").text) > 50000
+
+
+# ------------------------------------------------------------------------------------------------------------
+# eval from the CLI: intervals, agreement with the dense model, refused options
+
+
+def _perturbed(tokenizer, tmp_path, source):
+    """A dense tiny LLaMA at tmp_path/dense and a perturbed copy whose recipe names ``source`` as its source."""
+    dense = build_tiny_model("llama", tokenizer.vocab_size, max_positions=256)
+    save_model(dense, tokenizer, tmp_path / "dense", {"kind": "test-model"})
+    other = copy.deepcopy(dense)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(other, tokenizer, tmp_path / "other", {"kind": "prune", "source_model": str(source)})
+    return tmp_path / "dense", tmp_path / "other"
+
+
+def _eval_json(argv, capsys) -> dict:
+    capsys.readouterr()
+    assert run_cli(["eval", *argv, "--ppl-data", "bundled:wikitext2-test", "--seqlen", "64", "--json", "-q"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_reports_the_interval_and_agreement_with_the_recipe_source(tokenizer, tmp_path, capsys):
+    dense, other = _perturbed(tokenizer, tmp_path, tmp_path / "dense")
+    res = _eval_json([str(other), "--agreement"], capsys)
+    lo, hi = res["perplexity_ci"]
+    assert lo < res["perplexity"] < hi and res["bos"] is False
+    a = res["agreement"]
+    assert res["reference"] == str(dense) and a["kl_mean"] > 0 and 0 <= a["top1_agreement"] <= 1
+    assert a["windows"] == res["windows"] and a["tokens"] == res["tokens"]
+    same = _eval_json([str(dense), "--reference", str(dense)], capsys)["agreement"]
+    assert same["kl_mean"] == pytest.approx(0, abs=1e-6) and same["top1_agreement"] == 1.0
+    assert run_cli(["eval", str(other), "--ppl-data", "bundled:wikitext2-test", "--seqlen", "64", "--agreement"]) == 0
+    out = capsys.readouterr().out
+    assert "KL mean" in out and "top-1 agreement" in out and "(95%)" in out
+
+
+def test_agreement_without_a_local_source_is_a_clear_error(tokenizer, tmp_path, capsys):
+    _, other = _perturbed(tokenizer, tmp_path, tmp_path / "gone")
+    capsys.readouterr()
+    assert run_cli(["eval", str(other), "--ppl-data", "bundled:wikitext2-test", "--seqlen", "64", "--agreement"]) == 2
+    assert "--reference" in capsys.readouterr().err
+
+
+def test_eval_refuses_pooling_on_a_decoder_and_a_one_token_context(tokenizer, tmp_path, capsys):
+    dense, _ = _perturbed(tokenizer, tmp_path, tmp_path / "dense")
+    argv = ["eval", str(dense), "--ppl-data", "bundled:wikitext2-test", "--seqlen", "64"]
+    assert run_cli([*argv, "--pooling", "mean"]) == 2
+    assert "pooling" in capsys.readouterr().err
+    save_model(build_tiny_model("llama", tokenizer.vocab_size, max_positions=1), tokenizer, tmp_path / "one", {})
+    for extra in ([], ["--seqlen", "2"]):
+        assert run_cli(["eval", str(tmp_path / "one"), "--ppl-data", "bundled:wikitext2-test", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "cannot be evaluated" in err and "seqlen 1" not in err

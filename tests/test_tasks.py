@@ -275,6 +275,14 @@ def test_jsonl_schema_and_bad_files(tmp_path):
     assert mc_from_record({"context": "C:", "choices": ["x", "y"], "label": 0}).context == "C:"
     with pytest.raises(UserError, match="label 5"):
         mc_from_record({"question": "Q", "choices": ["x", "y"], "label": 5})
+    for label in (1.5, 1.0, True, [1]):
+        with pytest.raises(UserError, match="not a whole number"):
+            mc_from_record({"question": "Q", "choices": ["x", "y"], "label": label})
+    halves = tmp_path / "mc.jsonl"
+    ok = json.dumps({"question": "Q", "choices": ["x", "y"], "label": 1})
+    halves.write_text(f"{ok}\n\n{ok}\n" + json.dumps({"question": "Q", "choices": ["x", "y"], "label": 1.5}) + "\n")
+    with pytest.raises(UserError, match=r"mc\.jsonl:4: label 1\.5"):  # the file's line, blank lines counted
+        load_examples("mc", str(halves))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q", "answers": ["a"]}\n{not json}\n')
     with pytest.raises(UserError, match=r"bad\.jsonl:2"):
@@ -423,6 +431,11 @@ def test_eval_tasks_cli_end_to_end(tiny_folder, capsys):
     assert result["higher_is_better"]["ppl:wikitext2-test/perplexity"] is False
     assert result["tasks"]["mc:mc-demo"]["n"] == 3 and 0 <= result["metrics"]["mc:mc-demo/acc"] <= 1
     assert result["tasks"]["retrieval"]["n"] == 3
+    for key, value in result["metrics"].items():  # every task score comes with its 95% interval
+        if key.endswith(("/perplexity", "/acc", "/acc_norm", "/em", "/f1")):
+            lo, hi = result["intervals"][key]
+            assert lo <= value <= hi, key
+    assert result["perplexity_ci"] == result["intervals"]["ppl:wikitext2-test/perplexity"]
     # the old --ppl-data path keeps its shape, and adds the ppl task in front of --tasks
     assert (
         run(
@@ -454,3 +467,17 @@ def test_eval_tasks_cli_end_to_end(tiny_folder, capsys):
     ):
         assert run(argv) == 2, argv
         assert msg in capsys.readouterr().err
+
+
+def test_task_intervals_are_wilson_for_hits_and_t_for_graded_scores():
+    from lmcompress.measure.intervals import mean_interval, wilson_interval
+
+    class Stub:  # answers "a0" to the first two questions only
+        def generate(self, prompts, **kw):
+            return ["a0" if i < 2 else "zzz" for i in range(len(prompts))]
+
+    examples = [QAExample(f"q{i}", ["a0" if i < 2 else f"b{i}"]) for i in range(8)]
+    res = evaluate_qa(Stub(), examples)
+    assert res["em"] == 0.25 and res["em_ci"] == pytest.approx(list(wilson_interval(2, 8)))
+    assert res["f1_ci"] == pytest.approx(list(mean_interval([1, 1, 0, 0, 0, 0, 0, 0])))
+    assert res["em_ci"][0] > 0 and res["em_ci"][1] < 0.7
