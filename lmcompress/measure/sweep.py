@@ -72,21 +72,22 @@ def parse_levels(text: str, name: str = "sparsities") -> list[float]:
 
     The number of values is counted before any is made: more than :data:`MAX_POINTS` is an error."""
     text = text.strip()
+    n = 0
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
             if not (step > 0 and stop >= start and math.isfinite(start) and math.isfinite(stop)):
                 raise ValueError
             n = math.floor((stop - start) / step + 1e-9) + 1
-            if n > MAX_POINTS:
-                raise _too_many(n, f"{name} {text!r}")
-            values = [round(start + i * step, 6) for i in range(n)]
+            values = [] if n > MAX_POINTS else [round(start + i * step, 6) for i in range(n)]
         else:
             values = [round(float(x), 6) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(
             f"{name} {text!r}: write START:STOP:STEP (e.g. 0.1:0.9:0.1) or a list (e.g. 0.3,0.5,0.7)", param=name
         ) from None
+    if n > MAX_POINTS:
+        raise _too_many(n, f"{name} {text!r}")
     bad = [v for v in values if not 0.0 < v < 1.0]
     if not values or bad:
         raise UserError(f"{name} must be fractions strictly between 0 and 1, got {values}", param=name)
@@ -489,9 +490,9 @@ def check_point(path: Path, record: dict) -> None:
             point.id  # noqa: B018  (every field the id needs is there)
         except (TypeError, AttributeError, ValueError):
             raise UserError(f"{path}: its method and levels do not describe a sweep point; {fix}") from None
-        level = record.get({"quant": "bits", "shrink": "ratio"}.get(point.kind, "sparsity"))
-        if isinstance(level, bool) or not isinstance(level, int | float):
-            raise UserError(f"{path}: its level ({point.kind}) is missing or not a number; {fix}")
+        key = {"quant": "bits", "shrink": "ratio"}.get(point.kind, "sparsity")
+        if isinstance(record.get(key), bool) or not isinstance(record.get(key), int | float):
+            raise UserError(f"{path}: '{key}' (the level of this {point.kind} point) is missing or not a number; {fix}")
 
 
 def load_points(out: Path, expected_hash: str | None = None) -> dict[str, dict]:
