@@ -612,3 +612,254 @@ def test_cli_max_loss_reports_each_step_with_its_bound(tiny_folder, tmp_path, ca
     steps = json.loads((out / "search.json").read_text())["bisection"]
     assert all(s["upper_bound"] >= s["increase"] - 1e-12 and s["within"] == (s["upper_bound"] <= 0.05) for s in steps)
     assert json.loads((out / "lmcompress.json").read_text())["max_loss_confidence"] == 0.95
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bad input: each a clear error with nothing written (issue 31, section 5)
+
+CLI_FAST = ["--method", "wanda", "--levels", "0.3:0.7:0.1", "--generations", "1", "--offspring", "2",
+            "--survivors", "1,1", "--stage-windows", "1,2", "--fitness-windows", "2", "--nsamples", "4",
+            "--seqlen", "32", "-q"]  # fmt: skip
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    from lmcompress.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code or 0, " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize(
+    ("fields", "message", "param"),
+    [
+        ({"kind": "flops"}, "unknown budget kind", "kind"),
+        ({"granularity": "row"}, "granularity", "granularity"),
+        ({"fitness_windows": 4}, r"fitness_windows \(4\)", "fitness_windows"),
+        ({"tune": "wanda"}, "only owl can be tuned", "tune"),
+        ({"tune": "owl", "max_loss": 0.05}, "not both", "tune"),
+        ({"kind": "bits", "method": "gptq", "target": 4.0, "max_loss": 0.05}, "sparsity search", "max_loss"),
+        ({"max_loss": -0.1}, "positive fraction", "max_loss"),
+        ({"max_loss": 0.05, "max_loss_confidence": 1.5}, "confidence", None),
+        ({"trials": 0}, "trials", "trials"),
+        ({"survivors": (4, 2)}, "last stage keeps 1", "stage_windows"),
+        ({"kind": "bits", "method": "rtn", "target": 4.0, "group_size": 0}, "group_size", "group_size"),
+        ({"levels": "0:0.9:0.0001"}, "at most 100", None),
+    ],
+)
+def test_a_config_checks_itself_when_built_and_names_the_field(fields, message, param):
+    with pytest.raises(UserError, match=message) as info:
+        SearchConfig(**fields)
+    assert info.value.param == param
+
+
+def test_a_changed_config_is_checked_again_and_max_loss_leaves_the_target_alone():
+    import dataclasses
+
+    config = SearchConfig(target=0.5, levels="0.3:0.7:0.1")
+    with pytest.raises(UserError, match="outside the levels"):
+        dataclasses.replace(config, target=0.9)
+    # a max-loss search chooses the sparsity itself: the target is not a budget then, so it is not checked
+    within = SearchConfig(levels="0.1:0.5:0.1", max_loss=0.05)
+    assert within.max_loss == 0.05 and within.validate() == parse_levels("0.1:0.5:0.1")
+    assert SearchConfig().held_out == 16 and SearchConfig(stage_windows=(2, 32)).held_out == 32
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--trials", "5"], "--trials does not apply without --tune owl"),
+        (["--group-size", "64"], "--group-size does not apply to a sparsity budget"),
+        (["--tune", "owl", "--offspring", "3"], "does not apply with --tune owl"),
+        (["--max-loss", "ppl=+5%", "--budget", "sparsity=0.5"], "--budget does not apply with --max-loss"),
+        (["--max-loss-confidence", "0.95"], "--max-loss-confidence does not apply without --max-loss"),
+    ],
+)
+def test_options_the_search_would_ignore_are_refused(extra, message, tiny_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = _cli(["search", str(tiny_folder("llama")), *extra, "-o", str(out)], capsys)
+    assert code == 2 and message in err, err
+    assert sorted(tmp_path.iterdir()) == []  # no output, no work folder
+
+
+def test_tuned_owl_is_placed_on_the_levels_given(base, calib, tmp_path):
+    from lmcompress.search.tune import tune_owl
+
+    config = SearchConfig(target=0.6, levels="0.3,0.6,0.9", **{k: v for k, v in FAST.items() if k != "levels"})
+    report = tune_owl(copy.deepcopy(base), config, calib[:4], calib[4:6], tmp_path / "t", trials=2, progress=False)
+    assert report.levels == [0.3, 0.6, 0.9] and set(report.allocation) <= {0.3, 0.6, 0.9}  # --levels is used
+    assert report.achieved == pytest.approx(0.6, abs=1e-9)
+
+
+def _full_safetensors(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
+
+
+def _full_os(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize(
+    ("target", "writer"),
+    [
+        ("lmcompress.search.database.save_file", _full_safetensors),
+        ("lmcompress.search.state.write_file_atomic", _full_os),
+    ],
+)
+def test_a_full_disk_is_a_clear_error_and_removes_the_work_folder(
+    target, writer, tiny_folder, tmp_path, calib_text, capsys, monkeypatch
+):
+    data = tmp_path / "calib.txt"
+    data.write_text(calib_text[:20000])
+    monkeypatch.setattr(target, writer)
+    out = tmp_path / "out"
+    code, err = _cli(
+        ["search", str(tiny_folder("llama")), *CLI_FAST, "--calib-data", str(data), "-o", str(out)], capsys
+    )
+    assert code == 2 and "the disk is full" in err and "was removed" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]  # no output, no .out.search-work
+
+
+def test_a_second_search_into_the_same_output_is_refused_while_the_first_runs(tiny_folder, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from lmcompress.search.work import LOCK_FILE, held_work, work_folder
+
+    out = tmp_path / "out"
+    work = work_folder(out)
+    work.mkdir()
+    (work / "state-x.json").write_text("{}")  # the first search's state
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (work / LOCK_FILE).write_text(f"{other.pid}\n")
+        code, err = _cli(["search", str(tiny_folder("llama")), *CLI_FAST, "-o", str(out)], capsys)
+        assert code == 2 and f"another search (process {other.pid})" in err, err
+        assert (work / "state-x.json").is_file() and (work / LOCK_FILE).read_text().strip() == str(other.pid)
+        assert not out.exists()
+    finally:
+        other.kill()
+        other.wait()
+    with held_work(out, keep=True) as held:  # the holder is gone: its lock is taken over, its state kept
+        assert held == work and (work / LOCK_FILE).read_text().strip() == str(os.getpid())
+    assert (work / "state-x.json").is_file() and not (work / LOCK_FILE).exists()
+    with held_work(tmp_path / "other") as held:  # nothing done: nothing left behind
+        assert held.is_dir()
+    assert not work_folder(tmp_path / "other").exists()
+
+
+DAMAGED = [
+    ('{"config": {"kind": "sparsity"}, "layer_le', "not readable JSON"),
+    ('{"model.layers.0.mlp.down_proj": NaN}', "finite numbers"),
+    ('{"config": {"kind": "sparsity"}, "layer_levels": {"model.layers.0.mlp.down_proj": "0.5"}}', "finite numbers"),
+    ("[0.5]", "JSON object of layer name"),
+    ("\udcff", "not readable JSON"),
+]
+
+
+def test_a_damaged_allocation_file_is_refused_by_search_and_prune(tiny_folder, tmp_path, capsys):
+    import os
+
+    src = str(tiny_folder("llama"))
+    cases = [*DAMAGED, (None, "not a regular file")]
+    for k, (content, message) in enumerate(cases):
+        path = tmp_path / f"damaged{k}.json"
+        if content is None:
+            os.mkfifo(path)  # reading it would block forever
+        else:
+            path.write_bytes(content.encode("utf-8", "surrogateescape"))
+        for verb, flag in (("search", "--start"), ("prune", "--allocation")):
+            out = tmp_path / f"{verb}{k}"
+            code, err = _cli([verb, src, flag, str(path), "--method", "wanda", "-q", "-o", str(out)], capsys)
+            assert code == 2 and message in err, (verb, content, err)
+            assert not out.exists() and not work_folder_exists(tmp_path)
+
+
+def work_folder_exists(folder) -> bool:
+    return any(p.name.endswith(".search-work") for p in folder.iterdir())
+
+
+def test_the_one_reader_takes_search_files_output_folders_and_recipes(tmp_path):
+    import json
+
+    from lmcompress.checkpoint.allocation import read_layer_levels
+    from lmcompress.search.run import read_start
+    from lmcompress.transforms.prune import read_allocation
+
+    levels = {"a.0.q": 0.5, "a.0.k": 0.7}
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "search.json").write_text(
+        json.dumps({"config": {"kind": "sparsity"}, "layer_levels": levels})
+    )
+    (tmp_path / "pruned").mkdir()
+    (tmp_path / "pruned" / "lmcompress.json").write_text(json.dumps({"kind": "prune", "layer_targets": levels}))
+    recipe = {"kind": "search", "search": {"kind": "bits"}, "layer_levels": {"a.0.q": 3.0}}
+    (tmp_path / "bits.json").write_text(json.dumps(recipe))
+    for path in (tmp_path / "search", tmp_path / "search" / "search.json", tmp_path / "pruned"):
+        assert read_allocation(path) == read_start(path, "sparsity") == levels
+    assert read_layer_levels(tmp_path / "bits.json", "bits") == {"a.0.q": 3.0}
+    with pytest.raises(UserError, match="holds bits levels, not sparsities") as info:
+        read_allocation(tmp_path / "bits.json")
+    assert info.value.param == "allocation"
+    with pytest.raises(UserError, match="holds sparsity levels, not bit widths") as info:
+        read_start(tmp_path / "search", "bits")
+    assert info.value.param == "start"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(history=[{"generation": 1}]), "'history'"),
+        (lambda r: r.update(baselines={"uniform": "low"}), "'baselines'"),
+        (lambda r: r.update(units=r["units"][:-1]), "'units'"),
+        (lambda r: r.update(config=None), "'config'"),
+        (lambda r: r["config"].update(granularity="row"), "granularity"),
+        (lambda r: r.update(fitness=None), "'fitness'"),
+        (lambda r: r.update(rounds=[{"generation": "x"}]), "'rounds'"),
+    ],
+)
+def test_report_on_a_damaged_search_json_is_a_clear_error(change, message, tmp_path, capsys):
+    import json
+
+    good = {
+        "config": {"kind": "sparsity", "granularity": "block", "target": 0.5},
+        "levels": [0.3, 0.5, 0.7],
+        "units": [["m.layers.0.q"], ["m.layers.1.q"]],
+        "allocation": [0.3, 0.7],
+        "achieved": 0.5,
+        "fitness": 0.1,
+        "baselines": {"uniform": 0.2},
+        "history": [{"generation": 1, "fitness": 0.1}],
+    }
+    out = tmp_path / "out"
+    out.mkdir()
+    damaged = copy.deepcopy(good)
+    change(damaged)
+    (out / "search.json").write_text(json.dumps(damaged))
+    code, err = _cli(["report", str(out)], capsys)
+    assert code == 2 and "is not a search result" in err and message in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["search.json"]  # nothing written
+
+
+def test_held_out_windows_repeating_calibration_windows_are_refused(tiny_folder, tmp_path, capsys):
+    from lmcompress.search.work import split_windows
+
+    windows = torch.arange(24).reshape(6, 4)
+    calib, held_out = split_windows(windows, 4)
+    assert torch.equal(calib, windows[:4]) and torch.equal(held_out, windows[4:])
+    with pytest.raises(UserError, match=r"1 of the 2 held-out .* at least \(nsamples \+ fitness_windows\) × seqlen"):
+        split_windows(torch.cat([windows[:5], windows[1:2]]), 4)
+    text = tmp_path / "nine.txt"
+    text.write_text("the cat sat on the mat and the dog")  # a few tokens: every window is cut from the same ones
+    out = tmp_path / "out"
+    argv = ["search", str(tiny_folder("llama")), *CLI_FAST[:-5], "--nsamples", "3", "--seqlen", "4", "-q"]
+    code, err = _cli([*argv, "--calib-data", str(text), "-o", str(out)], capsys)
+    assert code == 2 and "tokens" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nine.txt"]

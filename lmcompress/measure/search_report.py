@@ -110,17 +110,74 @@ def plot_allocation(report: dict) -> bytes:
     return png(fig)
 
 
+def read_search_result(path: Path) -> dict:
+    """A ``search.json``, checked to hold every field the report reads with the right types (a damaged file
+    is a :class:`UserError` naming the first bad field, never a traceback from inside a plot)."""
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a regular file; rerun `lmcompress search`")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UserError(f"{path} is not a search result ({exc}); rerun `lmcompress search`") from None
+    problem = _problem(report)
+    if problem:
+        raise UserError(f"{path} is not a search result ({problem}); rerun `lmcompress search`")
+    return report
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _numbers(values) -> bool:
+    return isinstance(values, list) and all(_number(v) for v in values)
+
+
+def _problem(report) -> str | None:
+    """What is wrong with a parsed ``search.json``, or None."""
+    if not isinstance(report, dict):
+        return f"a JSON {type(report).__name__}, not an object"
+    config, baselines, units = report.get("config"), report.get("baselines"), report.get("units")
+    if not isinstance(config, dict) or not _number(config.get("target")):
+        return "'config' must be an object with a numeric 'target'"
+    if config.get("granularity") not in ("layer", "block") or config.get("kind", "sparsity") not in (
+        "sparsity",
+        "bits",
+    ):
+        return "'config' must name its granularity (layer or block) and kind (sparsity or bits)"
+    if not isinstance(baselines, dict) or not baselines or not all(_number(v) for v in baselines.values()):
+        return "'baselines' must be an object of finite numbers"
+    if not (_number(report.get("fitness")) and _number(report.get("achieved"))):
+        return "'fitness' and 'achieved' must be numbers"
+    if not _points(report.get("history")) or not _points(report.get("rounds", [])):
+        return "'history' and 'rounds' must be lists of objects with numeric 'generation' and 'fitness'"
+    if not _numbers(report.get("allocation")):
+        return "'allocation' must be a list of numbers"
+    names = isinstance(units, list) and all(
+        isinstance(u, list) and u and all(isinstance(n, str) for n in u) for u in units
+    )
+    if not names or len(units) != len(report["allocation"]):
+        return "'units' must hold one list of layer names per allocated unit"
+    others = report.get("baseline_allocations", {})
+    if not isinstance(others, dict) or not all(_numbers(v) for v in others.values()):
+        return "'baseline_allocations' must map names to lists of numbers"
+    return None
+
+
+def _points(rows) -> bool:
+    return isinstance(rows, list) and all(
+        isinstance(r, dict) and _number(r.get("generation")) and _number(r.get("fitness")) for r in rows
+    )
+
+
 def write_search_report(folder: str | Path) -> dict:
     """report.md, report.html and two plots for a folder written by ``lmcompress search``."""
     from lmcompress.checkpoint.folder import write_file_atomic
     from lmcompress.measure.render import render_html, render_md
 
     out = Path(folder).expanduser()
-    try:
-        report = json.loads((out / SEARCH_FILE).read_text())
-        history, baselines = report["history"], report["baselines"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{out / SEARCH_FILE} is not a search result ({exc}); rerun `lmcompress search`") from None
+    report = read_search_result(out / SEARCH_FILE)
+    history, baselines = report["history"], report["baselines"]
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     images = [
