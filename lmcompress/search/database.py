@@ -148,89 +148,100 @@ def build_database(
     index), each block's statistics are taken from the outputs of the earlier blocks at their reference
     levels (sequential inputs); without it, from the dense model's.
     """
-    compress, needs_data, hessian = compressor
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    prefix = blocks_path(model)
-    layers: list[str] = []
-    sizes: dict[str, int] = {}
-    block_of: dict[str, int] = {}
-    cost: dict[str, list[float]] = {}
-    quantized = False
-    originals: dict[nn.Module, torch.Tensor] = {}  # the dense weights of the block that holds reference levels
-
-    def restore() -> None:
-        for module, w in originals.items():
-            set_weight_matrix(module, w)
-        originals.clear()
-
-    def visit(i: int, block: nn.Module, inputs: BlockInputs | None) -> None:
-        nonlocal quantized
-        restore()  # the previous block's outputs are computed: it goes back to dense
-        modules = find_prunable(block)
-        stats = collect_input_stats(block, inputs, list(modules), hessian) if needs_data else None
-        for name, module in modules.items():
-            full = f"{prefix}.{i}.{name}"
-            layers.append(full)
-            sizes[full] = weight_matrix(module).numel()
-            block_of[full] = i
-            cost[full] = []
-        results: dict[str, list] = {}  # layer → (new, codes) per level
-        for group in shared_inputs(modules, stats):
-            weights = [weight_matrix(modules[name]).float() for name in group]
-            full = [f"{prefix}.{i}.{name}" for name in group]
-            by_level = compress(weights, stats and stats[group[0]], list(levels), full)
-            for j, f in enumerate(full):
-                results[f] = [by_level[k][j] for k in range(len(levels))]
-        for k, level in enumerate(levels):
-            tensors, meta = {}, {}
-            for name, module in modules.items():
-                full = f"{prefix}.{i}.{name}"
-                w = weight_matrix(module)
-                new, qt = results[full][k]
-                if qt is None:
-                    tensors[full] = new.to(w.dtype).contiguous().cpu()
-                    cost[full].append(w.numel() * (1.0 - level))  # nominal: equal-sized layers cost the same
-                else:
-                    quantized = True
-                    tensors.update(
-                        {
-                            f"{full}.codes": qt.codes.cpu().contiguous(),
-                            f"{full}.scale": qt.scale.cpu().contiguous(),
-                            f"{full}.zero": qt.zero.cpu().contiguous(),
-                        }
-                    )
-                    meta = {
-                        "bits": str(qt.spec.bits),
-                        "group_size": str(qt.spec.group_size),
-                        "sym": "1" if qt.spec.sym else "0",
-                    }
-                    cost[full].append(nominal_bits_per_weight({full: qt}) * qt.codes.numel())
-            save_file(tensors, str(folder / f"b{i:03d}-l{k:02d}.safetensors"), metadata=meta or None)
-        if reference is not None and needs_data:  # the next block sees this one at its reference levels
-            for name, module in modules.items():
-                full = f"{prefix}.{i}.{name}"
-                originals[module] = weight_matrix(module).detach().clone()
-                set_weight_matrix(module, results[full][reference[full]][0])
-
-    if not needs_data:  # magnitude / RTN: no inputs, so the reference changes nothing
+    builder = _Builder(compressor, list(levels), folder, blocks_path(model), reference)
+    if not builder.needs_data:  # magnitude / RTN: no inputs, so the reference changes nothing
         for i, block in enumerate(get_blocks(model)):
-            visit(i, block, None)
+            builder.visit(i, block, None)
     else:
         try:
-            walk_blocks(model, calib, torch.device(device), visit, desc="level database", progress=progress)
+            walk_blocks(model, calib, torch.device(device), builder.visit, desc="level database", progress=progress)
         finally:
-            restore()
-    meta = {
-        "levels": list(levels),
-        "layers": layers,
-        "sizes": sizes,
-        "block_of": block_of,
-        "cost": cost,
-        "quantized": quantized,
-    }
-    (folder / INDEX).write_text(json.dumps(meta, indent=1) + "\n")
-    return LevelDatabase(folder, list(levels), layers, sizes, block_of, cost, quantized)
+            builder.restore()
+    return builder.finish()
+
+
+class _Builder:
+    """The level database, one block at a time: every layer compressed at every level, one file per level."""
+
+    def __init__(self, compressor, levels: list[float], folder: Path, prefix: str, reference: dict | None) -> None:
+        self.compress, self.needs_data, self.hessian = compressor
+        self.levels, self.folder, self.prefix, self.reference = levels, folder, prefix, reference
+        self.layers: list[str] = []
+        self.sizes: dict[str, int] = {}
+        self.block_of: dict[str, int] = {}
+        self.cost: dict[str, list[float]] = {}
+        self.quantized = False
+        self.originals: dict[nn.Module, torch.Tensor] = {}  # the dense weights of the block at reference levels
+
+    def restore(self) -> None:
+        for module, w in self.originals.items():
+            set_weight_matrix(module, w)
+        self.originals.clear()
+
+    def visit(self, i: int, block: nn.Module, inputs: BlockInputs | None) -> None:
+        self.restore()  # the previous block's outputs are computed: it goes back to dense
+        modules = {f"{self.prefix}.{i}.{name}": m for name, m in find_prunable(block).items()}
+        for full, module in modules.items():
+            self.layers.append(full)
+            self.sizes[full] = weight_matrix(module).numel()
+            self.block_of[full] = i
+            self.cost[full] = []
+        results = self._compress(block, inputs, i)
+        for k in range(len(self.levels)):
+            self._write(i, k, modules, results)
+        if self.reference is not None and self.needs_data:  # the next block sees this one at its reference levels
+            for full, module in modules.items():
+                self.originals[module] = weight_matrix(module).detach().clone()
+                set_weight_matrix(module, results[full][self.reference[full]][0])
+
+    def _compress(self, block: nn.Module, inputs: BlockInputs | None, i: int) -> dict[str, list]:
+        """Layer → (new weight, codes or None) at each level."""
+        modules = find_prunable(block)
+        stats = collect_input_stats(block, inputs, list(modules), self.hessian) if self.needs_data else None
+        results: dict[str, list] = {}
+        for group in shared_inputs(modules, stats):
+            weights = [weight_matrix(modules[name]).float() for name in group]
+            full = [f"{self.prefix}.{i}.{name}" for name in group]
+            by_level = self.compress(weights, stats and stats[group[0]], list(self.levels), full)
+            for j, f in enumerate(full):
+                results[f] = [by_level[k][j] for k in range(len(self.levels))]
+        return results
+
+    def _write(self, i: int, k: int, modules: dict[str, nn.Module], results: dict[str, list]) -> None:
+        """Block ``i``'s layers at level ``k``: one file, and each layer's cost at that level."""
+        tensors, meta = {}, {}
+        for full, module in modules.items():
+            w = weight_matrix(module)
+            new, qt = results[full][k]
+            if qt is None:
+                tensors[full] = new.to(w.dtype).contiguous().cpu()
+                self.cost[full].append(w.numel() * (1.0 - self.levels[k]))  # nominal: equal sizes cost the same
+                continue
+            self.quantized = True
+            for part in ("codes", "scale", "zero"):
+                tensors[f"{full}.{part}"] = getattr(qt, part).cpu().contiguous()
+            meta = {
+                "bits": str(qt.spec.bits),
+                "group_size": str(qt.spec.group_size),
+                "sym": "1" if qt.spec.sym else "0",
+            }
+            self.cost[full].append(nominal_bits_per_weight({full: qt}) * qt.codes.numel())
+        save_file(tensors, str(self.folder / f"b{i:03d}-l{k:02d}.safetensors"), metadata=meta or None)
+
+    def finish(self) -> LevelDatabase:
+        """Write the index and open the database."""
+        meta = {
+            "levels": list(self.levels),
+            "layers": self.layers,
+            "sizes": self.sizes,
+            "block_of": self.block_of,
+            "cost": self.cost,
+            "quantized": self.quantized,
+        }
+        (self.folder / INDEX).write_text(json.dumps(meta, indent=1) + "\n")
+        return LevelDatabase(self.folder, *meta.values())
 
 
 def prune_from_reference_inputs(

@@ -84,11 +84,8 @@ def _tune_owl(
     device: str | torch.device,
     progress: bool,
 ) -> SearchReport:
-    import optuna
-
     if config.kind != "sparsity":
         raise UserError("tuning OWL needs a sparsity budget (budget sparsity=F)")
-    trials = config.trials
     start = time.perf_counter()
     work = Path(work)
     cand = prepare(model, config, calib, fitness_windows, work, device=device, progress=progress)
@@ -100,20 +97,44 @@ def _tune_owl(
         blocks = owl_allocation(ratios_at(profile, m), config.target, lam).sparsities
         return cand.place([blocks[b] for b in block_of], "OWL")
 
-    uniform = cand.place([config.target] * len(cand.units), "uniform")
-    default = allocation(config.owl_m, config.owl_lambda)
-    baselines = {"uniform": cand.score(uniform, final), "owl": cand.score(default, final)}
+    starts = {"uniform": cand.place([config.target] * len(cand.units), "uniform")}
+    starts["owl"] = allocation(config.owl_m, config.owl_lambda)
+    baselines = {name: cand.score(levels, final) for name, levels in starts.items()}
+    study = _study(cand, work, lambda m, lam: cand.score(allocation(m, lam), final), progress)
+    best = study.best_params
+    levels = allocation(best["m"], best["lambda"])
+    chosen = cand.assignment(levels)
+    cand.db.apply(model, chosen)
+    return SearchReport(
+        config={**config.to_dict(), "tune": "owl", "trials": config.trials},
+        levels=cand.levels,
+        units=cand.units,
+        allocation=[cand.levels[k] for k in levels],
+        layer_levels={layer: cand.levels[k] for layer, k in chosen.items()},
+        achieved=1.0 - cand.space.total(levels) / sum(cand.db.sizes.values()),
+        fitness=study.best_value,
+        baselines=baselines,
+        baseline_allocations={name: [cand.levels[k] for k in lv] for name, lv in starts.items()},
+        history=_history(study),
+        wall_time_s=time.perf_counter() - start,
+        tuned={"owl_m": best["m"], "owl_lambda": best["lambda"]},
+    )
+
+
+def _study(cand, work: Path, score, progress: bool):
+    """The Optuna study of this search's key in ``work`` (resumed when it exists), run up to ``config.trials``
+    complete trials; the first trial is OWL's default M and λ."""
+    import optuna
+
+    config = cand.config
 
     def objective(trial) -> float:
-        m = trial.suggest_float("m", *M_RANGE)
-        lam = trial.suggest_float("lambda", *LAMBDA_RANGE)
-        return cand.score(allocation(m, lam), final)
+        return score(trial.suggest_float("m", *M_RANGE), trial.suggest_float("lambda", *LAMBDA_RANGE))
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.WARNING)
-    name = hashlib.sha256(cand.key.encode()).hexdigest()[:16]
     study = optuna.create_study(
-        study_name=name,
+        study_name=hashlib.sha256(cand.key.encode()).hexdigest()[:16],
         storage=f"sqlite:///{work / 'optuna.db'}",
         load_if_exists=True,
         direction="minimize",
@@ -121,36 +142,22 @@ def _tune_owl(
     )
     study.enqueue_trial({"m": config.owl_m, "lambda": config.owl_lambda}, skip_if_exists=True)
     done = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
-    if done < trials:
-        study.optimize(objective, n_trials=trials - done, show_progress_bar=progress)
-    best = study.best_params
-    levels = allocation(best["m"], best["lambda"])
-    cand.db.apply(model, cand.assignment(levels))
+    if done < config.trials:
+        study.optimize(objective, n_trials=config.trials - done, show_progress_bar=progress)
+    return study
+
+
+def _history(study) -> list[dict]:
+    """Every complete trial: its own fitness and the best so far (as a search's history is)."""
+    import optuna
+
     history = [
         {"generation": t.number + 1, "fitness": t.value, "m": t.params["m"], "lambda": t.params["lambda"]}
         for t in study.trials
         if t.state == optuna.trial.TrialState.COMPLETE
     ]
     running = float("inf")
-    for h in history:  # best so far, as the search's history is
+    for h in history:
         running = min(running, h["fitness"])
         h["trial_fitness"], h["fitness"] = h["fitness"], running
-    weights = sum(cand.db.sizes.values())
-    chosen = cand.assignment(levels)
-    return SearchReport(
-        config={**config.to_dict(), "tune": "owl", "trials": trials},
-        levels=cand.levels,
-        units=cand.units,
-        allocation=[cand.levels[k] for k in levels],
-        layer_levels={layer: cand.levels[k] for layer, k in chosen.items()},
-        achieved=1.0 - cand.space.total(levels) / weights,
-        fitness=study.best_value,
-        baselines=baselines,
-        baseline_allocations={
-            "uniform": [cand.levels[k] for k in uniform],
-            "owl": [cand.levels[k] for k in default],
-        },
-        history=history,
-        wall_time_s=time.perf_counter() - start,
-        tuned={"owl_m": best["m"], "owl_lambda": best["lambda"]},
-    )
+    return history
