@@ -1,8 +1,14 @@
 """What every whole-model job shares: check the inputs, load the source, draw calibration windows, describe it.
 
-``prune_pretrained``, ``quantize_pretrained``, ``structured_prune_pretrained``, ``drop_experts_pretrained`` and
-``factorize_pretrained`` are each one call of :func:`run_job`: :func:`open_job` → one in-place transformation →
-``job.recipe(...)`` → save.
+``prune_pretrained``, ``quantize_pretrained``, ``structured_prune_pretrained``, ``drop_experts_pretrained``,
+``factorize_pretrained`` and ``search_pretrained`` are each one call of :func:`run_job`: checks →
+:func:`open_job` → one in-place transformation → ``job.recipe(...)`` → save. Its :class:`JobOptions`
+(``lmcompress.job_options``) are the same for every kind of job.
+
+How the model's blocks are held and walked is the job's *placement*, chosen once before any work: in memory
+(:class:`InMemory`), in memory on every rank of a ``torchrun`` launch with the windows and solves shared out
+(:class:`Distributed`, ``calibration.distributed``), or streamed from disk block by block
+(:class:`lmcompress.streaming.Streamed`, ``--offload disk``). The transformation is the same code in all three.
 
 Times, the same for every kind of job: the recipe's ``wall_time_s`` is the whole job (checks, loading, drawing
 the calibration windows and the transformation, up to the save that writes the recipe); its ``<kind>_time_s``
@@ -12,28 +18,30 @@ returned report's ``wall_time_s`` are the transformation alone.
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
 
 from lmcompress import __version__
 from lmcompress.calibration import distributed, phases
-from lmcompress.calibration.data import check_text_source, draw, tokenized_source
+from lmcompress.calibration.data import check_text_source, draw, embedding_rows, tokenized_source
 from lmcompress.calibration.phases import phase
 from lmcompress.checkpoint.folder import check_output, json_text, read_recipe
 from lmcompress.checkpoint.load import is_gguf, load_config, load_model, resolve_source, source_dtype
 from lmcompress.checkpoint.save import save_model, save_quantized
 from lmcompress.errors import UserError
-from lmcompress.models.families import context_length
+from lmcompress.job_options import JobOptions
 from lmcompress.models.layouts import MOE_LAYOUTS, head_shape, structure_layout
+from lmcompress.runtime import check_device, resolve_seqlen, versions
 from lmcompress.search.run import SearchConfig, SearchReport
+from lmcompress.streaming import Streamed, should_stream
 from lmcompress.transforms.experts import ExpertConfig, ExpertReport, drop_experts
 from lmcompress.transforms.factorize import FactorizeConfig, FactorizeReport, factorize
 from lmcompress.transforms.prune import PruneConfig, PruneReport, prune
@@ -44,50 +52,6 @@ from lmcompress.transforms.shrink import (
     _n_remove,
     structured_prune,
 )
-
-
-def resolve_seqlen(model: nn.Module, seqlen: int | None, minimum: int = 1) -> int:
-    """``seqlen`` checked against the model's context; ``None`` means min(2048, context). Perplexity needs
-    ``minimum=2``: a window of one token predicts nothing."""
-    ctx = context_length(model.config)
-    if seqlen is None:
-        return min(2048, ctx or 2048)
-    if seqlen < minimum:
-        need = "at least 2 (one token to predict from, one predicted)" if minimum == 2 else f"at least {minimum}"
-        raise UserError(f"seqlen must be {need}, got {seqlen}", param="seqlen")
-    if ctx is not None and seqlen > ctx:
-        raise UserError(
-            f"seqlen {seqlen} is longer than the model's context of {ctx} tokens; use seqlen {ctx}", param="seqlen"
-        )
-    return seqlen
-
-
-def versions() -> dict:
-    import transformers
-
-    return {
-        "lmcompress": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def check_device(device: str) -> None:
-    """Accept only ``cpu``, ``cuda`` and ``cuda:N`` of a GPU that exists: other torch devices (meta, mps, xpu...)
-    would pass ``torch.device`` and fail deep inside a job."""
-    text = str(device).strip().lower()
-    if text == "cpu":
-        return
-    if text != "cuda" and not (text.startswith("cuda:") and text[5:].isdigit()):
-        raise UserError(f"unsupported device {device!r}: use cpu, cuda or cuda:N", param="device")
-    if not torch.cuda.is_available():
-        raise UserError(f"device {device} was asked for but no CUDA GPU is available; use cpu", param="device")
-    count = torch.cuda.device_count()
-    if text != "cuda" and int(text[5:]) >= count:
-        raise UserError(
-            f"device {device}: there is no such GPU ({count} available: cuda:0..cuda:{count - 1})", param="device"
-        )
 
 
 @dataclass
@@ -103,6 +67,8 @@ class Job:
     dtype: str
     source_surgery: list[dict] = field(default_factory=list)  # shape records of a resized source, kept
     start: float = field(default_factory=time.perf_counter)
+    output: Path | None = None  # the checked output folder (written only at the end)
+    overwrite: bool = False
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -128,54 +94,141 @@ class Job:
         return recipe
 
 
+class Placement(Protocol):
+    """How a job holds its model and walks its blocks: :class:`InMemory`, :class:`Distributed` or
+    :class:`lmcompress.streaming.Streamed`."""
+
+    name: str
+    shows_progress: bool  # whether this process draws progress bars
+
+    def load(self, source: str, *, dtype: str, trust_remote_code: bool, allow_pickle: bool) -> tuple: ...
+
+    def attach(self, job: Job, kind: str, config, *, resume: bool) -> None: ...
+
+    def running(self) -> AbstractContextManager: ...
+
+    def recipe_fields(self) -> dict: ...
+
+    def save(self, job: Job, recipe: dict, *, how: str, report, extra_files: Callable | None) -> None: ...
+
+
+class InMemory:
+    """The whole model loaded in memory; each block visits the compute device while it is worked on."""
+
+    name = "memory"
+    shows_progress = True
+
+    def load(self, source: str, *, dtype: str, trust_remote_code: bool, allow_pickle: bool) -> tuple:
+        with phase("load"):
+            return load_model(source, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+    def attach(self, job: Job, kind: str, config, *, resume: bool) -> None:
+        pass
+
+    def running(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def recipe_fields(self) -> dict:
+        return {}
+
+    def save(self, job: Job, recipe: dict, *, how: str, report, extra_files: Callable | None) -> None:
+        """Save the model ``how`` says: ``dense``, ``packed`` or ``quantized`` (the report's codes)."""
+        save = {"overwrite": job.overwrite, "dtype": source_dtype(job.model.config)}
+        if extra_files is not None:
+            save["extra_files"] = extra_files(report)
+        if how == "quantized":
+            save_quantized(job.model, job.tokenizer, job.output, recipe, report.quantized, **save)
+        elif how == "packed":
+            from lmcompress.checkpoint.packed import save_packed
+
+            save_packed(job.model, job.tokenizer, job.output, recipe, **save)
+        else:
+            save_model(job.model, job.tokenizer, job.output, recipe, **save)
+
+
+class Distributed(InMemory):
+    """Every rank of a ``torchrun`` launch holds the model; the windows and the layer solves are shared out
+    (``calibration.distributed``). Rank 0 alone draws progress and writes the output; the others wait for it."""
+
+    name = "distributed"
+
+    @property
+    def shows_progress(self) -> bool:
+        return distributed.is_main()
+
+    def running(self) -> AbstractContextManager:
+        return distributed.session()
+
+    def recipe_fields(self) -> dict:
+        return distributed.recipe_fields()
+
+    def save(self, job: Job, recipe: dict, *, how: str, report, extra_files: Callable | None) -> None:
+        if distributed.is_main():
+            super().save(job, recipe, how=how, report=report, extra_files=extra_files)
+        distributed.barrier()
+
+
+def choose_placement(kind: str, source: str, config, options: JobOptions, storage: str) -> Placement:
+    """Where the job's model lives: streamed from disk (``offload``, ``resume``, or a model too big for memory),
+    shared over the ranks of a process group, or in memory. Refuses what cannot be done before any work."""
+    flags = {"dtype": options.dtype, "trust_remote_code": options.trust_remote_code}
+    streams = should_stream(kind, source, config, offload=options.offload, resume=options.resume, **flags)
+    several = distributed.world()[1] > 1
+    if streams and several:
+        raise UserError(
+            "streaming from disk (offload disk, resume) does not run under torch.distributed yet: run it as "
+            "one process, or load the model whole (offload none) under torchrun",
+            param=("offload", "resume"),
+        )
+    if streams:
+        return Streamed(storage)
+    return Distributed() if several else InMemory()
+
+
 def open_job(
-    model: str | Path,
-    output: str | Path,
+    source: str,
+    output: Path,
+    options: JobOptions,
     *,
     needs_calibration: bool,
-    calib_data: str = "c4",
-    nsamples: int = 128,
-    seqlen: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    dtype: str = "float32",
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
+    placement: Placement | None = None,
     check_source: Callable[[object, dict | None], None] | None = None,
     check_model: Callable[[nn.Module], None] | None = None,
+    start: float | None = None,
 ) -> Job:
-    """Check everything that can be checked before any work, then load the source and draw the windows.
+    """Check what can be checked before the weights, then load the ``source`` (resolved) and draw the windows.
 
     ``check_source(config, recipe)`` sees the source's config (and ``lmcompress.json``, if it has one) before its
-    weights are loaded, ``check_model`` the loaded model before calibration text is read. The output folder
-    is only checked here; the caller saves into it at the end.
+    weights are loaded, ``check_model`` the loaded model before calibration text is read. ``output`` has been
+    checked (:func:`lmcompress.checkpoint.folder.check_output`); the job saves into it at the end.
     """
-    start = time.perf_counter()
-    check_output(output, overwrite, source=model)
-    resolved = resolve_source(model, allow_pickle)
-    check_device(device)
-    recipe_of_source = read_recipe(resolved) if Path(str(resolved)).is_dir() else None
+    placement = placement or InMemory()
+    check_device(options.device)
+    recipe_of_source = read_recipe(source) if Path(str(source)).is_dir() else None
     if check_source is not None:
-        check_source(load_config(resolved, trust_remote_code), recipe_of_source)
+        check_source(load_config(source, options.trust_remote_code), recipe_of_source)
     prepared = None
     if needs_calibration:
-        check_text_source(calib_data)  # a wrong path fails now, not after the model has loaded
-        prepared = _tokenize_meanwhile(resolved, calib_data, trust_remote_code)
-    with phase("load"):
-        net, tokenizer = load_model(
-            resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
-        )
+        check_text_source(options.calib_data)  # a wrong path fails now, not after the model has loaded
+        prepared = _tokenize_meanwhile(source, options.calib_data, options.trust_remote_code)
+    net, tokenizer = placement.load(
+        source, dtype=options.dtype, trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle
+    )
     if check_model is not None:
         check_model(net)
-    length = resolve_seqlen(net, seqlen)  # checked even when unused: a wrong --seqlen is an error
+    length = resolve_seqlen(net, options.seqlen)  # checked even when unused: a wrong --seqlen is an error
     calib, calib_info = None, None
     if needs_calibration:
         with phase("calibration text"):
             ready = _result_or_none(prepared)
-            calib, calib_info = draw(tokenizer, calib_data, nsamples=nsamples, seqlen=length, seed=seed, prepared=ready)
+            calib, calib_info = draw(
+                tokenizer, options.calib_data, nsamples=options.nsamples, seqlen=length, seed=options.seed,
+                prepared=ready, vocab_size=embedding_rows(net),
+            )  # fmt: skip
     surgery = list((recipe_of_source or {}).get("surgery") or [])
-    return Job(str(resolved), net, tokenizer, calib, calib_info, device, dtype, surgery, start)
+    begun = time.perf_counter() if start is None else start
+    o = options
+    return Job(str(source), net, tokenizer, calib, calib_info, o.device, o.dtype, surgery, begun, output, o.overwrite)
 
 
 def _tokenize_meanwhile(source: str, calib_data: str, trust_remote_code: bool) -> Future | None:
@@ -217,85 +270,54 @@ def run_job(
     output: str | Path,
     transform: Callable[..., R],
     *,
-    fields: Callable[[R], dict],
+    fields: Callable[[R], dict] | None = None,
     save_as: str | Callable[[R], str] = "dense",
-    progress: bool = True,
     check_source: Callable[[object, dict | None], None] | None = None,
     check_model: Callable[[nn.Module], None] | None = None,
     extra_files: Callable[[R], dict[str, str]] | None = None,
-    offload: str = "auto",
-    resume: bool = False,
     storage: str = "dense",
     **options,
 ) -> R:
-    """The one skeleton of every whole job: validate ``config``, :func:`open_job`, transform, recipe, save.
+    """The one pipeline of every whole job: check, :func:`open_job`, transform, recipe, save.
 
     ``transform(model, config, calib, device=..., progress=...)`` changes the model in place and returns its
-    report; ``fields(report)`` is what the recipe says was done. The recipe also gets ``<kind>_time_s``, the
-    report's ``wall_time_s`` (the transform alone), and ``wall_time_s``, the whole job from the first check
-    to the save. ``save_as`` (a string, or a function of the report): ``dense`` (plain ``from_pretrained``
-    loads it), ``packed`` (sparse layout, see docs/storage.md) or ``quantized`` (the report's ``quantized``
-    codes). ``extra_files(report)`` (name → text) are saved in the same folder. ``options`` and the two checks go
-    to :func:`open_job`. ``offload`` / ``resume``: stream the weights from disk (:mod:`lmcompress.streaming`;
-    ``storage``, dense or packed, is then how the output is stored).
+    report; ``fields(report)`` is what the recipe says was done (default: ``report.recipe_fields()``). The recipe
+    also gets ``<kind>_time_s``, the report's ``wall_time_s`` (the transform alone), and ``wall_time_s``, the
+    whole job from the first check to the save. ``save_as`` (a string, or a function of the report): ``dense``
+    (plain ``from_pretrained`` loads it), ``packed`` (sparse layout, see docs/storage.md) or ``quantized`` (the
+    report's ``quantized`` codes). ``extra_files(report)`` (name → text) are saved in the same folder.
+    ``options`` are :class:`JobOptions` fields by name; the two checks go to :func:`open_job`. The placement
+    (:func:`choose_placement`) decides where the model lives; a streamed one stores its output as ``storage``
+    (dense or packed).
     """
+    start = time.perf_counter()
+    opts = JobOptions.of(options)
     config.validate()
     phases.reset()
     distributed.refuse_unsupported(kind)  # under torchrun: prune and quantize split their work, others refuse
-    options["device"] = distributed.init_from_env(options.get("device", "cpu"))  # cuda:LOCAL_RANK with NCCL
-    from lmcompress.streaming import run_streamed, should_stream
-
-    check_output(output, options.get("overwrite", False), source=model)  # errors in the order open_job gives them
-    source = resolve_source(model, options.get("allow_pickle", False))
-    flags = {"dtype": options.get("dtype", "float32"), "trust_remote_code": options.get("trust_remote_code", False)}
-    if should_stream(kind, source, config, offload=offload, resume=resume, **flags):
-        if distributed.active():
-            raise UserError(
-                "streaming from disk (offload disk, resume) does not run under torch.distributed yet: run it as "
-                "one process, or load the model whole (offload none) under torchrun",
-                param=("offload", "resume"),
-            )
-        return run_streamed(
-            kind,
-            source,
-            config,
-            output,
-            transform,
-            fields=fields,
-            storage=storage,
-            progress=progress,
-            check_model=check_model,
-            extra_files=extra_files,
-            resume=resume,
-            **options,
-        )
+    opts = replace(opts, device=distributed.init_from_env(opts.device))  # cuda:LOCAL_RANK with NCCL
+    out = check_output(output, opts.overwrite, source=model)
+    source = resolve_source(model, opts.allow_pickle)
+    placement = choose_placement(kind, source, config, opts, storage)
     job = open_job(
-        model,
-        output,
+        source,
+        out,
+        opts,
         needs_calibration=config.needs_calibration,
+        placement=placement,
         check_source=check_source,
         check_model=check_model,
-        **options,
+        start=start,
     )
-    with distributed.session(), phase("transform (rest)"):  # several processes: windows and solves shared out
-        report = transform(job.model, config, job.calib, device=job.device, progress=progress and distributed.is_main())
-    recipe = job.recipe(kind, {**fields(report), f"{kind}_time_s": report.wall_time_s, **distributed.recipe_fields()})
-    if not distributed.is_main():  # rank 0 writes the output; the others wait for it
-        distributed.barrier()
-        return report
+    placement.attach(job, kind, config, resume=opts.resume)
+    with placement.running(), phase("transform (rest)"):
+        report = transform(
+            job.model, config, job.calib, device=job.device, progress=opts.progress and placement.shows_progress
+        )
+    said = fields(report) if fields is not None else report.recipe_fields()
+    recipe = job.recipe(kind, {**said, f"{kind}_time_s": report.wall_time_s, **placement.recipe_fields()})
     how = save_as(report) if callable(save_as) else save_as
-    save = {"overwrite": options.get("overwrite", False), "dtype": source_dtype(job.model.config)}
-    if extra_files is not None:
-        save["extra_files"] = extra_files(report)
-    if how == "quantized":
-        save_quantized(job.model, job.tokenizer, output, recipe, report.quantized, **save)
-    elif how == "packed":
-        from lmcompress.checkpoint.packed import save_packed
-
-        save_packed(job.model, job.tokenizer, output, recipe, **save)
-    else:
-        save_model(job.model, job.tokenizer, output, recipe, **save)
-    distributed.barrier()
+    placement.save(job, recipe, how=how, report=report, extra_files=extra_files)
     return report
 
 
@@ -542,6 +564,7 @@ def search_pretrained(
     from lmcompress.search.run import run_search
     from lmcompress.search.work import held_work, recipe_fields, split_windows
 
+    check_output(output, options.get("overwrite", False), source=model)  # before its work folder is made beside it
     with held_work(output, keep=config.keep_database) as work:
 
         def transform(net, cfg, windows, *, device, progress):

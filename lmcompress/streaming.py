@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,9 +21,16 @@ import torch
 from torch import nn
 
 from lmcompress import __version__
+from lmcompress.calibration.offload import STREAM_ATTR
+from lmcompress.checkpoint.folder import RECIPE_FILE, json_text, read_recipe, save_atomic
+from lmcompress.checkpoint.gguf import is_gguf
+from lmcompress.checkpoint.load import drop_foreign_auto_map, load_config, parse_dtype, source_dtype
+from lmcompress.checkpoint.packed import MARKER
+from lmcompress.checkpoint.stream import DiskStream, SourceShards, WorkFolder
 from lmcompress.errors import UserError
+from lmcompress.job_options import check_offload
+from lmcompress.models.families import family_of, get_blocks
 
-OFFLOADS = ("auto", "none", "disk")
 HEADROOM = 1.25  # loading whole takes about the weights plus this share for copies, activations and Python
 STREAMABLE = {"prune": "prune", "quantize": "quantize"}
 VERBS = {"structured": "shrink", "experts": "drop-experts", "factorize": "factorize", "search": "search"}
@@ -43,13 +49,6 @@ def available_memory() -> int:
     return 1 << 62  # unknown: assume it fits
 
 
-def check_offload(offload: str) -> str:
-    text = str(offload).strip().lower()
-    if text not in OFFLOADS:
-        raise UserError(f"unknown offload {offload!r}: choose one of {', '.join(OFFLOADS)}", param="offload")
-    return text
-
-
 def refuse_streaming(what: str, offload: str = "none", resume: bool = False) -> None:
     """A UserError when a command that holds the whole model is asked to stream (``offload disk``, ``resume``)."""
     if check_offload(offload) == "disk" or resume:
@@ -62,9 +61,6 @@ def refuse_streaming(what: str, offload: str = "none", resume: bool = False) -> 
 
 def _why_not(kind: str, source: str, config) -> str | None:
     """Why this job cannot stream (``None`` if it can)."""
-    from lmcompress.checkpoint.folder import read_recipe
-    from lmcompress.checkpoint.gguf import is_gguf
-
     if kind not in STREAMABLE:
         return f"lmcompress {VERBS.get(kind, kind)} cannot stream: it needs the whole model in memory"
     path = Path(source)
@@ -85,10 +81,6 @@ def should_stream(
 ) -> bool:
     """Whether this job streams, or a UserError: ``disk`` (or ``resume``) where it cannot stream, ``none`` (or
     ``auto`` where it cannot stream) for a model that does not fit in the available memory."""
-    from lmcompress.checkpoint.load import load_config, parse_dtype
-    from lmcompress.checkpoint.stream import SourceShards
-    from lmcompress.models.families import family_of
-
     offload = check_offload(offload)
     if kind not in STREAMABLE:
         refuse_streaming(f"lmcompress {VERBS.get(kind, kind)}", offload, resume)
@@ -157,113 +149,96 @@ def build_meta_model(config, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def run_streamed(
-    kind: str,
-    model: str | Path,
-    config,
-    output: str | Path,
-    transform: Callable,
-    *,
-    fields: Callable,
-    storage: str,
-    progress: bool = True,
-    check_model: Callable[[nn.Module], None] | None = None,
-    extra_files: Callable | None = None,
-    resume: bool = False,
-    calib_data: str = "c4",
-    nsamples: int = 128,
-    seqlen: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    dtype: str = "float32",
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-):
-    """:func:`lmcompress.jobs.run_job` with the weights streamed: the same transform on a meta model whose
-    blocks :class:`~lmcompress.checkpoint.stream.DiskStream` reads and writes, the same recipe and folder."""
-    from transformers import AutoTokenizer
+class Streamed:
+    """A job's model streamed from disk: built on the meta device, its blocks read, compressed and written one at
+    a time by a :class:`~lmcompress.checkpoint.stream.DiskStream`; the output folder is the work folder's blocks
+    with the config, tokenizer and recipe that ``lmcompress.jobs.run_job`` would have saved."""
 
-    from lmcompress.calibration import phases
-    from lmcompress.calibration.data import draw
-    from lmcompress.calibration.offload import STREAM_ATTR
-    from lmcompress.calibration.phases import phase
-    from lmcompress.checkpoint.folder import RECIPE_FILE, check_output, json_text, save_atomic
-    from lmcompress.checkpoint.load import drop_foreign_auto_map, load_config, parse_dtype, source_dtype
-    from lmcompress.checkpoint.packed import MARKER
-    from lmcompress.checkpoint.stream import DiskStream, SourceShards, WorkFolder
-    from lmcompress.jobs import Job, check_device, resolve_seqlen
-    from lmcompress.models.families import family_of, get_blocks
+    name = "disk"
+    shows_progress = True
 
-    start = time.perf_counter()
-    phases.reset()
-    return_freed_memory()
-    out = check_output(output, overwrite, source=model)
-    source = str(Path(str(model)).expanduser())
-    check_device(device)
-    cfg = load_config(source, trust_remote_code)
-    family_of(cfg)
-    compute = parse_dtype(dtype)
-    shards = SourceShards(Path(source))
-    net = build_meta_model(cfg, compute)
-    save_dtype = source_dtype(net.config) or compute  # as run_job saves the loaded model
-    drop_foreign_auto_map(net, source, trust_remote_code)
-    if check_model is not None:
-        check_model(net)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise UserError(f"could not load the tokenizer of {source!r}: {exc}") from None
-    length = resolve_seqlen(net, seqlen)
-    calib, calib_info = None, None
-    if config.needs_calibration:
-        with phase("calibration text"):
-            calib, calib_info = draw(tokenizer, calib_data, nsamples=nsamples, seqlen=length, seed=seed)
-    settings = {
-        "kind": kind,
-        "config": config.to_dict(),
-        "storage": storage,
-        "source": str(Path(source).resolve()),
-        "source_files": shards.fingerprint(),
-        "calibration": calib_info,
-        "dtype": dtype,
-        "device": device,
-        "lmcompress_version": __version__,
-    }
-    blocks = len(get_blocks(net))
-    work = WorkFolder.open(out, settings, blocks, resume=resume, overwrite=overwrite)
-    stream = DiskStream(net, shards, work, compute_dtype=compute, save_dtype=save_dtype, storage=storage)
-    setattr(net, STREAM_ATTR, stream)
-    with phase("transform (rest)"):
-        report = transform(net, config, calib, device=device, progress=progress)
-    job = Job(source, net, tokenizer, calib, calib_info, device, dtype, [], start)
-    recipe = job.recipe(kind, {**fields(report), f"{kind}_time_s": report.wall_time_s})
-    extras = extra_files(report) if extra_files is not None else {}
+    def __init__(self, storage: str) -> None:
+        self.storage = storage  # dense or packed: how the output's weights are stored
+        self.stream: DiskStream | None = None
+        self.work: WorkFolder | None = None
 
-    def write(tmp: Path) -> None:
-        index = stream.finish(tmp)
-        net.config.save_pretrained(tmp)
-        cfg_json = json.loads((tmp / "config.json").read_text())
-        cfg_json["dtype"] = str(save_dtype).removeprefix("torch.")
-        full = recipe
-        if index is not None:
-            cfg_json["quantization_config"] = {"quant_method": MARKER}
-            full = {**recipe, "storage": "packed", "packed": index}
-        (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
-        with contextlib.suppress(Exception):  # as from_pretrained would have read it; not worth failing the save
-            from transformers import GenerationConfig
+    def load(self, source: str, *, dtype: str, trust_remote_code: bool, allow_pickle: bool):
+        """The meta model of ``source``'s config, its tokenizer, and the dtype its weights are saved in."""
+        from transformers import AutoTokenizer
 
-            generation = (
-                GenerationConfig.from_pretrained(source)
-                if (Path(source) / "generation_config.json").is_file()
-                else net.generation_config
-            )
-            generation.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / RECIPE_FILE).write_text(json_text(full) + "\n")
-        for name, text in extras.items():
-            (tmp / name).write_text(text)
+        return_freed_memory()
+        cfg = load_config(source, trust_remote_code)
+        family_of(cfg)
+        compute = parse_dtype(dtype)
+        self.shards = SourceShards(Path(source))
+        net = build_meta_model(cfg, compute)
+        drop_foreign_auto_map(net, source, trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            raise UserError(f"could not load the tokenizer of {source!r}: {exc}") from None
+        self.compute, self.save_dtype = compute, source_dtype(net.config) or compute  # as in-memory jobs save
+        return net, tokenizer
 
-    save_atomic(out, write, overwrite=overwrite)
-    work.remove()
-    return report
+    def attach(self, job, kind: str, config, *, resume: bool) -> None:
+        """Open the work folder of ``job.output`` (continued with ``resume`` when the run's settings are the same)
+        and give the model its stream."""
+        settings = {
+            "kind": kind,
+            "config": config.to_dict(),
+            "storage": self.storage,
+            "source": str(Path(job.source).resolve()),
+            "source_files": self.shards.fingerprint(),
+            "calibration": job.calib_info,
+            "dtype": job.dtype,
+            "device": job.device,
+            "lmcompress_version": __version__,
+        }
+        blocks = len(get_blocks(job.model))
+        self.work = WorkFolder.open(job.output, settings, blocks, resume=resume, overwrite=job.overwrite)
+        self.stream = DiskStream(
+            job.model, self.shards, self.work, compute_dtype=self.compute, save_dtype=self.save_dtype,
+            storage=self.storage,
+        )  # fmt: skip
+        setattr(job.model, STREAM_ATTR, self.stream)
+
+    def running(self):
+        return contextlib.nullcontext()
+
+    def recipe_fields(self) -> dict:
+        return {}
+
+    def save(self, job, recipe: dict, *, how: str, report, extra_files: Callable | None) -> None:
+        """Write the output: the streamed blocks (stored as ``self.storage``; ``how`` is not used), config,
+        generation config, tokenizer, recipe and ``extra_files(report)``, renamed into place; then drop the work
+        folder."""
+        del how
+        net, tokenizer, stream, source = job.model, job.tokenizer, self.stream, job.source
+        extras = extra_files(report) if extra_files is not None else {}
+
+        def write(tmp: Path) -> None:
+            index = stream.write_output(tmp)
+            net.config.save_pretrained(tmp)
+            cfg_json = json.loads((tmp / "config.json").read_text())
+            cfg_json["dtype"] = str(self.save_dtype).removeprefix("torch.")
+            full = recipe
+            if index is not None:
+                cfg_json["quantization_config"] = {"quant_method": MARKER}
+                full = {**recipe, "storage": "packed", "packed": index}
+            (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
+            with contextlib.suppress(Exception):  # as from_pretrained would have read it; not worth failing the save
+                from transformers import GenerationConfig
+
+                generation = (
+                    GenerationConfig.from_pretrained(source)
+                    if (Path(source) / "generation_config.json").is_file()
+                    else net.generation_config
+                )
+                generation.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / RECIPE_FILE).write_text(json_text(full) + "\n")
+            for name, text in extras.items():
+                (tmp / name).write_text(text)
+
+        save_atomic(job.output, write, overwrite=job.overwrite)
+        self.work.remove()

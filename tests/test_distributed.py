@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from lmcompress.calibration.distributed import owners, shard_bounds
 from lmcompress.checkpoint.packed import read_packed
 
-# 7 windows of 256 tokens: batches of 4 (calibration.engine.window_batch), so the ranks get [0, 4) and [4, 7)
+# 7 windows of 256 tokens: batches of 4 (calibration.batching.window_batch), so the ranks get [0, 4) and [4, 7)
 CALIB = ["--calib-data", "bundled:wikitext2-valid", "--nsamples", "7", "--seqlen", "256", "--quiet"]
 RUNS = {  # output name → CLI arguments after the model folder (7 windows: shares of 3 and 4)
     "wanda": ["prune", "--method", "wanda", "--sparsity", "0.5", *CALIB],

@@ -250,9 +250,9 @@ def _sparsegpt_by_hand(model, ids: torch.Tensor, sparsity: float) -> None:
 def test_sequential_order_is_layer_by_layer_pruning_with_several_calls_taking_turns(calib, monkeypatch):
     """``in_block="sequential"`` equals pruning each layer after the layers its block runs before it, with the
     block's windows split over four calls that take turns (2 windows each), and runs each block once."""
-    import lmcompress.calibration.engine as engine
+    import lmcompress.calibration.batching as batching
 
-    monkeypatch.setattr(engine, "WINDOW_TOKENS", 2 * calib.shape[1])
+    monkeypatch.setattr(batching, "WINDOW_TOKENS", 2 * calib.shape[1])
     model = build_tiny_model("llama", 320, max_positions=256)
     reference = copy.deepcopy(model)
     windows_run: list[int] = []  # windows per call of block 0
@@ -273,11 +273,11 @@ def test_sequential_order_is_layer_by_layer_pruning_with_several_calls_taking_tu
 def test_sequential_falls_back_to_parallel_where_it_cannot_pause_every_call(calib, monkeypatch):
     """Too many activations for one pass, or experts that not every call reaches: the parallel order, said in
     the report, with exactly the parallel order's result."""
-    import lmcompress.calibration.engine as engine
+    import lmcompress.calibration.compress as compress
 
     model = build_tiny_model("llama", 320, max_positions=256)
     parallel = copy.deepcopy(model)
-    monkeypatch.setattr(engine, "ONE_PASS_ELEMENTS", 1000)
+    monkeypatch.setattr(compress, "ONE_PASS_ELEMENTS", 1000)
     report = prune(model, PruneConfig(method="sparsegpt", sparsity=0.5), calib, progress=False)
     (why, blocks), *rest = report.in_block_fallback.items()
     assert not rest and blocks == len(get_blocks(model)) and "do not fit one call" in why
@@ -303,7 +303,8 @@ class _Routed(torch.nn.Module):
 
 @torch.no_grad()
 def test_calls_that_reach_different_layers_stop_with_a_clear_error():
-    from lmcompress.calibration.engine import BlockInputs, compress_block
+    from lmcompress.calibration.compress import compress_block
+    from lmcompress.calibration.engine import BlockInputs
 
     hidden = torch.randn(4, 3, 4)
     hidden[:, 0, 0] = torch.tensor([1.0, 1.0, -1.0, 1.0])  # the third call does not reach ``b``
@@ -319,8 +320,8 @@ def test_calls_that_reach_different_layers_stop_with_a_clear_error():
 def test_a_failing_solve_inside_the_turns_reaches_the_caller_and_leaves_no_thread(calib, monkeypatch):
     import threading
 
-    import lmcompress.calibration.engine as engine
-    from lmcompress.calibration.engine import compress_block
+    import lmcompress.calibration.compress as compress
+    from lmcompress.calibration.compress import compress_block
 
     block, inputs = _block0("llama", calib)
     inputs.batch = 2  # four calls
@@ -339,4 +340,4 @@ def test_a_failing_solve_inside_the_turns_reaches_the_caller_and_leaves_no_threa
             block, inputs, names, solve, lambda _g, _r: None, lambda _g: 1.0, hessian=False,
         )  # fmt: skip
     assert solved == [names[:3], names[3:]] and threading.active_count() == before
-    assert engine.IN_BLOCK == ("sequential", "parallel")
+    assert compress.IN_BLOCK == ("sequential", "parallel")

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmcompress.calibration.batching import window_batch
 from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
 from lmcompress.models.families import weight_matrix
@@ -135,7 +136,7 @@ def shard_bounds(n: int, world_size: int, align: int = 1) -> list[int]:
 
     With ``align`` > 1 the shares are whole runs of ``align`` windows (the last may be short), as long as
     there are at least ``world_size`` such runs: each rank then calls a block on exactly the window batches
-    one process would (``calibration.engine.window_batch``), so activations match bit for bit. Otherwise,
+    one process would (``calibration.batching.window_batch``), so activations match bit for bit. Otherwise,
     and with ``align`` = 1, share sizes differ by at most one window.
     """
     units = -(-n // align)
@@ -155,8 +156,6 @@ def my_windows(windows: torch.Tensor) -> torch.Tensor:
             f"at least {size}, or run fewer processes",
             param="nsamples",
         )
-    from lmcompress.calibration.engine import window_batch  # the engine imports this module
-
     bounds = shard_bounds(windows.shape[0], size, align=window_batch(windows.shape[1]))
     return windows[bounds[rank] : bounds[rank + 1]]
 

@@ -9,9 +9,8 @@ run the windows, feed what they see to objects with an ``add(x)`` (``calibration
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
@@ -19,15 +18,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmcompress.calibration.distributed import (
-    is_main,
-    my_windows,
-    new_input_stats,
-    reduce_stats,
-    solve_on,
-    spread,
-)
-from lmcompress.calibration.offload import active_stream
+from lmcompress.calibration.batching import window_batch
+from lmcompress.calibration.distributed import is_main, my_windows, new_input_stats, reduce_stats
+from lmcompress.calibration.offload import BlockSource, block_source
 from lmcompress.calibration.phases import phase
 from lmcompress.calibration.stats import InputStats
 from lmcompress.models.families import get_blocks, get_final_norm, skipped_blocks, weight_matrix
@@ -153,15 +146,8 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device: torc
     return BlockInputs(store[0], args, kwargs, per_block=per_block)
 
 
-WINDOW_TOKENS = 1024  # tokens per block call: enough rows for efficient matrix products, little extra memory
-
-
-def window_batch(seqlen: int) -> int:
-    """Calibration windows of ``seqlen`` tokens run through a block in one call (at least 1)."""
-    return max(1, WINDOW_TOKENS // max(seqlen, 1))
-
-
-def _call(block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+def call_block(block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+    """One call of ``block`` on ``hidden`` (some windows) with the extra arguments it gets in the model; its output."""
     out = block(hidden, *inputs.args, **inputs.kwargs)
     return out[0] if isinstance(out, tuple | list) else out
 
@@ -176,10 +162,10 @@ def choose_batch(block: nn.Module, inputs: BlockInputs) -> int:
         return 1
     pair = inputs.hidden[:2]
     try:
-        together = _call(block, pair, inputs)
+        together = call_block(block, pair, inputs)
     except Exception:  # a family whose block cannot broadcast window 0's masks or positions: one at a time
         return 1
-    alone = torch.cat([_call(block, pair[i : i + 1], inputs) for i in range(2)])
+    alone = torch.cat([call_block(block, pair[i : i + 1], inputs) for i in range(2)])
     same = together.shape == alone.shape and torch.allclose(together, alone, rtol=1e-4, atol=1e-5)
     return batch if same else 1
 
@@ -196,7 +182,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, *, keep: str = "new") -> to
     outs = torch.empty_like(hidden) if keep == "new" else hidden
     step = max(1, inputs.batch)
     for i in range(0, hidden.shape[0], step):
-        out = _call(block, hidden[i : i + step], inputs)
+        out = call_block(block, hidden[i : i + step], inputs)
         if keep != "none":
             outs[i : i + step] = out
     return None if keep == "none" else outs
@@ -213,7 +199,7 @@ R = TypeVar("R")
 
 
 @torch.no_grad()
-def _probe(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module]) -> tuple[dict, dict[str, int]]:
+def probe_inputs(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module]) -> tuple[dict, dict[str, int]]:
     """Run window 0 through ``block`` and note what each module reads: a key per input tensor (modules with
     equal keys read the same tensor) and how often each module ran; ``keys`` is in order of first call."""
     keys: dict[str, tuple] = {}
@@ -256,7 +242,7 @@ def collect(
     modules = {n: block.get_submodule(n) for n in names}
     shared = len(modules) > 1 and not output  # outputs are each module's own
 
-    keys, calls = _probe(block, inputs, modules) if shared else ({}, {})
+    keys, calls = probe_inputs(block, inputs, modules) if shared else ({}, {})
     owner_of_key: dict[tuple, str] = {}
     stats: dict[str, S] = {}
     for name in names:
@@ -288,7 +274,7 @@ def collect(
         for i in range(0, inputs.hidden.shape[0], step):
             fired.clear()
             with phase("statistics"), suppress(_Captured):
-                _call(block, inputs.hidden[i : i + step], inputs)
+                call_block(block, inputs.hidden[i : i + step], inputs)
     finally:
         for h in handles:
             h.remove()
@@ -316,245 +302,80 @@ def shared_inputs(names: Iterable[str], stats: dict[str, object] | None) -> list
     return list(groups.values())
 
 
-IN_BLOCK = ("sequential", "parallel")
-ONE_PASS_ELEMENTS = 2**28  # the most activation elements one call on every window may hold (1 GiB of float32)
+def _io(source: BlockSource):
+    """The phase a source's reading and writing count to (none for a model in memory)."""
+    return phase(source.io_phase) if source.io_phase else nullcontext()
 
 
-def one_pass_refusal(inputs: BlockInputs, modules: dict[str, nn.Module], calls: dict) -> str | None:
-    """Why the block's calls on every calibration window cannot pause together at each group's first
-    layer (None if they can): all their activations are then alive at once. Decided from the model, the
-    windows and the family only, never from the machine, so every machine and number of ranks gives one order."""
-    if any(calls.get(n) != 1 for n in modules):
-        return "a layer runs other than once per call (experts not routed to, or a layer called twice)"
-    windows = max(inputs.windows, inputs.hidden.shape[0])
-    seqlen, hidden = inputs.hidden.shape[1], inputs.hidden.shape[-1]
-    widest = max(max(weight_matrix(m).shape) for m in modules.values())
-    attention = max(1, hidden // 64) * seqlen  # per token: scores of up to hidden/64 heads
-    if windows * seqlen * max(widest, attention) > ONE_PASS_ELEMENTS:
-        return f"{windows} × {seqlen} tokens do not fit one call ({ONE_PASS_ELEMENTS:,} activation elements)"
-    return None
-
-
-def compress_block(
-    block: nn.Module,
-    inputs: BlockInputs,
-    names: list[str],
-    solve: Callable[[list[str], InputStats], R],
-    apply: Callable[[list[str], R], None],
-    cost: Callable[[list[str]], float],
-    *,
-    hessian: bool,
-    in_block: str = "sequential",
-) -> tuple[bool, str | None]:
-    """Compress the linear layers ``names`` of ``block``: group the layers reading one input, collect each
-    group's :class:`InputStats` (``Σ x xᵀ`` too with ``hessian``), ``solve`` it (on one rank, broadcast under
-    torch.distributed) and ``apply`` the result on every rank. Returns ``(outputs_done, why_parallel)``.
-
-    ``in_block="sequential"`` (GPTQ's "true sequential" order): the block's calls (``inputs.batch`` windows
-    each) take turns (:class:`_Turns`) and wait for one another at each group's first layer; once all have
-    added their inputs there, the group is solved, so later groups (o after q/k/v, down after gate/up) see the
-    outputs of the layers already compressed, and the calls' results are the compressed block's outputs: one
-    forward per block, written over ``inputs.hidden`` (``outputs_done``).
-    Where that cannot be done (:func:`one_pass_refusal`, returned as ``why_parallel``) and with ``"parallel"``
-    (the SparseGPT and Wanda papers' order): one statistics pass through the unchanged block, then every group,
-    and the caller runs the compressed block for its outputs.
-    """
-    modules = {n: block.get_submodule(n) for n in names}
-    device = inputs.hidden.device
-
-    def new(_name: str, module: nn.Module) -> InputStats:
-        return new_input_stats(weight_matrix(module).shape[1], device, hessian)
-
-    why = "in_block=parallel"
-    if in_block == "sequential":
-        keys, calls = _probe(block, inputs, modules)
-        why = one_pass_refusal(inputs, modules, calls)
-    if why is not None:
-        stats = reduce_stats(collect(block, inputs, names, new))
-        groups = shared_inputs(names, stats)
-        held = {g[0]: stats[g[0]] for g in groups}  # each group's statistic, freed once solved
-        stats.clear()
-        for group, result in zip(groups, spread(groups, lambda g: solve(g, held.pop(g[0])), cost), strict=True):
-            apply(group, result)
-        return False, None if in_block == "parallel" else why
-
-    by_key: dict[tuple, list[str]] = {}
-    for name in keys:  # first-call order: each group in the order its layers run
-        by_key.setdefault(keys[name], []).append(name)
-    groups = list(by_key.values())
-    n, step = inputs.hidden.shape[0], max(1, inputs.batch)
-    spans = [(i, min(i + step, n)) for i in range(0, n, step)]  # the windows of each block call
-    made: dict[int, InputStats] = {}
-    solved: set[int] = set()
-
-    def hook(k: int, group: list[str]):
-        def fn(_m, args) -> None:
-            c = turns.current()
-            with phase("statistics"):
-                if c == 0:
-                    made[k] = new(group[0], modules[group[0]])
-                made[k].add(args[0].detach())
-
-            def solve_group() -> None:  # the last call has added its inputs: every window's are in
-                with phase("statistics"):
-                    stat = reduce_stats({group[0]: made.pop(k)})[group[0]]
-                with phase("solves"):
-                    apply(group, solve_on(k, lambda: solve(group, stat)))
-                solved.add(k)
-
-            turns.meet(k, solve_group)
-
-        return fn
-
-    def run(c: int) -> None:  # a call's outputs replace its own inputs only, once its forward is done
-        i, j = spans[c]
-        inputs.hidden[i:j] = _call(block, inputs.hidden[i:j], inputs)
-
-    turns = _Turns(len(spans))
-    handles = [modules[g[0]].register_forward_pre_hook(hook(k, g)) for k, g in enumerate(groups)]
-    try:
-        with phase("block outputs"):
-            turns.run(run)
-    finally:
-        for h in handles:
-            h.remove()
-    if len(solved) < len(groups):
-        missed = [g[0] for k, g in enumerate(groups) if k not in solved]
-        raise RuntimeError(f"layers {missed} were not reached by the block's calls: use --in-block parallel")
-    return True, None
-
-
-class _Turns:
-    """Run ``task(c)`` for ``c = 0 … count−1``, each in its own thread but strictly one at a time, so that
-    every block call can pause at a layer until all calls have reached it (:meth:`meet`) and then go on.
-
-    The turn passes 0 → 1 → … → count−1 → 0 …: a call that meets hands the turn to the next one; the last
-    call to arrive first runs the work given to :meth:`meet` (the layer's solve), then hands the turn back to
-    call 0. Each call keeps its own working set (a few windows), as in a plain loop over calls. Threads serve
-    only as resumable frames: no two ever compute at once, so the order of every sum is fixed.
-    """
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-        self.turn = 0
-        self.met: list[list[int]] = [[] for _ in range(count)]  # the meetings (group numbers) each call reached
-        self.error: BaseException | None = None
-        self.cond = threading.Condition()
-        self.local = threading.local()
-
-    def current(self) -> int:
-        return self.local.c
-
-    def _wait_for(self, c: int) -> None:
-        while self.turn != c and self.error is None:
-            self.cond.wait()
-        if self.error is not None:
-            raise _Abandoned
-
-    def _pass(self, to: int) -> None:
-        self.turn = to
-        self.cond.notify_all()
-
-    def meet(self, k: int, last: Callable[[], None]) -> None:
-        c = self.local.c
-        with self.cond:
-            self.met[c].append(k)
-            if self.met[c] != self.met[0][: len(self.met[c])]:
-                raise _OutOfStep
-            if c == self.count - 1:
-                last()
-                self._pass(0)
-            else:
-                self._pass(c + 1)
-            if self.count > 1:
-                self._wait_for(c)
-
-    def run(self, task: Callable[[int], None]) -> None:
-        if self.count == 1:  # nothing to take turns with: run here
-            self.local.c = 0
-            task(0)
-            return
-
-        def body(c: int) -> None:
-            self.local.c = c
-            try:
-                with self.cond:
-                    self._wait_for(c)
-                    with torch.no_grad():
-                        task(c)
-                    if self.met[c] != self.met[0]:
-                        raise _OutOfStep
-                    self._pass(c + 1)
-            except _Abandoned:
-                pass
-            except BaseException as exc:  # handed to the caller; the other calls give up
-                with self.cond:
-                    self.error = self.error or exc
-                    self.cond.notify_all()
-
-        threads = [threading.Thread(target=body, args=(c,), daemon=True) for c in range(self.count)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if self.error is not None:
-            raise self.error
-
-
-class _Abandoned(Exception):
-    """Raised in a waiting call once another has failed."""
-
-
-class _OutOfStep(RuntimeError):
-    def __init__(self) -> None:
-        super().__init__(
-            "the calls of a block reached its layers differently (a layer that runs for some windows only, such "
-            "as a routed expert): compress this model with in_block parallel (--in-block parallel)"
-        )
+def _blocks_bar(start: int, n: int, desc: str, progress: bool):
+    return tqdm(range(start, n), desc=desc, disable=not (progress and is_main()), unit="block", initial=start, total=n)
 
 
 def walk_blocks(
     model: nn.Module,
     input_ids: torch.Tensor,
     device: torch.device,
-    visit: Callable[[int, nn.Module, BlockInputs], None],
+    visit: Callable[[int, nn.Module, BlockInputs], bool | None],
     *,
     desc: str = "blocks",
     progress: bool = True,
     last_outputs: bool = True,
-) -> BlockInputs:
+) -> BlockInputs | None:
     """Call ``visit(i, block, inputs)`` for each block in order, then pass its (possibly changed) outputs on.
 
     ``visit`` may modify the block (prune it); the next block then sees the modified block's outputs,
     as in the sequential procedure of SparseGPT and Wanda. A visit that returns True has itself written the
-    block's outputs over ``inputs.hidden`` (:func:`compress_block`'s one pass), and the block is not run
-    again. Returns the last block's outputs (under
-    ``calibration.distributed``, those of this rank's windows); with ``last_outputs=False`` nobody reads
-    them, so the last block is not run again after its visit (the return value then holds its inputs).
-    A model streamed from disk (``calibration.offload``) is walked by its stream, which reads and writes
-    each block around ``visit``.
+    block's outputs over ``inputs.hidden`` (``calibration.compress.compress_block``'s one pass), and the block
+    is not run again. Returns the last block's outputs (under ``calibration.distributed``, those of this rank's
+    windows); with ``last_outputs=False`` nobody reads them, so the last block is not run again after its visit
+    (the return value then holds its inputs). The model's :class:`~lmcompress.calibration.offload.BlockSource`
+    (memory, or a stream from disk) loads, finishes and frees each block around the visit; a resumed stream
+    starts after its last finished block (``None`` when every block is already done).
     """
-    stream = active_stream(model)
-    if stream is not None:
-        return stream.walk(model, input_ids, device, visit, desc=desc, progress=progress, last_outputs=last_outputs)
+    source = block_source(model)
     blocks = get_blocks(model)
-    inputs = capture_block_inputs(model, my_windows(input_ids), device)  # this rank's share under distributed
+    start = source.begin()
+    if start >= len(blocks):
+        return None
+    with source.capturing():
+        inputs = capture_block_inputs(model, my_windows(input_ids), device)  # this rank's share under distributed
     inputs.windows = input_ids.shape[0]
     inputs.per_block = _to(inputs.per_block, device)  # tensors shared between blocks stay shared
-    for i in tqdm(range(len(blocks)), desc=desc, disable=not (progress and is_main()), unit="block"):
-        block = blocks[i]
+    if start:
+        inputs.hidden = source.resumed_inputs(start, device)
+    for i in _blocks_bar(start, len(blocks), desc, progress):
         inputs.use_block(i)
-        home = next(block.parameters()).device
-        block.to(device)
-        if i == 0:
-            inputs.batch = choose_batch(block, inputs)
+        with _io(source):
+            source.load(i, device)
+        if i == start:
+            inputs.batch = choose_batch(blocks[i], inputs)
         with phase("solves"):  # the visit's own work; its statistics pass counts as "statistics"
-            done = visit(i, block, inputs)
-        if not done and (last_outputs or i + 1 < len(blocks)):
+            done = visit(i, blocks[i], inputs)
+        wanted = last_outputs or i + 1 < len(blocks)  # the last block's outputs: only if the caller reads them
+        if wanted and not done:
             with phase("block outputs"):
-                run_block(block, inputs, keep="inplace")
-        block.to(home)
+                run_block(blocks[i], inputs, keep="inplace")
+        with _io(source):
+            source.finish(i, inputs.hidden if wanted else None)
+        source.free(i)
     return inputs
+
+
+def for_each_block(
+    model: nn.Module, fn: Callable[[int, nn.Module], None], *, desc: str = "blocks", progress: bool = True
+) -> None:
+    """Call ``fn(i, block)`` on every block in order, without calibration data (magnitude pruning, RTN); the
+    blocks stay where they are kept (``fn`` moves what it computes on)."""
+    source = block_source(model)
+    blocks = get_blocks(model)
+    for i in _blocks_bar(source.begin(), len(blocks), desc, progress):
+        with _io(source):
+            source.load(i, None)
+        with phase("solves"):
+            fn(i, blocks[i])
+        with _io(source):
+            source.finish(i, None)
+        source.free(i)
 
 
 @torch.no_grad()

@@ -93,7 +93,7 @@ def export_compressed_tensors(folder: str | Path, output: str | Path, *, overwri
     )
 
     from lmcompress.checkpoint.load import load
-    from lmcompress.transforms.prune import measure_sparsity
+    from lmcompress.models.sparsity import measure_sparsity
 
     model, tokenizer = load(folder, dtype="float32")
     dtype = source_dtype(model.config) or torch.float32

@@ -1,11 +1,12 @@
 """Weights that stay on disk: a model on the meta device whose blocks are read, compressed and written one at a time.
 
 :class:`SourceShards` reads named tensors out of a folder's (sharded) ``*.safetensors`` files with
-``safe_open``, never the whole checkpoint. :class:`DiskStream` is the block stream of
-:mod:`lmcompress.calibration.offload`: for each block it reads the block's tensors into the meta model, lets the
-transform work on it, writes the finished block to the work folder (a dense shard, or the block's packed parts)
-and returns its tensors to the meta device. Memory then holds one block, one block of activations and, while
-the calibration inputs are captured, the embeddings, whatever the model's size.
+``safe_open``, never the whole checkpoint. :class:`DiskStream` is the block source
+(:class:`lmcompress.calibration.offload.BlockSource`) of such a model: the walkers ask it to read a block's
+tensors into the meta model before the work, to write the finished block to the work folder (a dense shard, or
+the block's packed parts) and to return its tensors to the meta device; it only reads and writes. Memory then
+holds one block, one block of activations and, while the calibration inputs are captured, the embeddings,
+whatever the model's size.
 
 :class:`WorkFolder` is the hidden sibling ``.NAME.partial`` of the output. It holds the finished blocks, each
 block's share of the report, the current block inputs and ``state.json`` (the run's settings and how many blocks
@@ -22,16 +23,14 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lmcompress.algorithms.quant import QuantizedTensor
-from lmcompress.calibration.engine import _to, capture_block_inputs, choose_batch, run_block
-from lmcompress.calibration.phases import phase
 from lmcompress.checkpoint.folder import json_text, write_file_atomic, write_path_atomic
 from lmcompress.checkpoint.packed import FORMAT_VERSION, PACKED_FILE, _transposed_params, pack_named
 from lmcompress.checkpoint.packing import Packed, unpack_quantized
@@ -337,8 +336,10 @@ class DiskStream:
         self.model, self.source, self.work = model, source, work
         self.compute_dtype, self.save_dtype, self.storage = compute_dtype, save_dtype, storage
         self.read_only = False
+        self.io_phase = "shard I/O"  # the walkers time load and finish as this phase
         self.tracked: dict[str, dict] = {}
         self._written = False
+        self._before: dict[str, set] = {}  # the tracked names before the block being worked on
         self.prefix = blocks_path(model)
         self.n = len(get_blocks(model))
         model.tie_weights()
@@ -397,13 +398,16 @@ class DiskStream:
         name = next((n for n, m in self.model.named_modules() if m is head), None) if head is not None else None
         return [k for k in self.rest_keys if name is None or not k.startswith(f"{name}.")]
 
-    # -- the walks ------------------------------------------------------------------------------------------
+    # -- the block source the walkers use (calibration.offload.BlockSource) ----------------------------------------
 
     def track(self, **dicts: dict | None) -> None:
         self.tracked.update({k: v for k, v in dicts.items() if v is not None})
 
-    def _begin(self) -> int:
-        """The first block this writing pass works on; the report shares of the finished ones restored."""
+    def begin(self) -> int:
+        """The first block this pass works on. A writing pass (one per model) restores the report shares of the
+        blocks a killed run finished and starts after them; a read-only pass starts at block 0."""
+        if self.read_only:
+            return 0
         if self._written:
             raise RuntimeError("a streamed model is written by one pass over its blocks")
         self._written = True
@@ -411,53 +415,31 @@ class DiskStream:
             self._restore(i, self.work.read_record(i))
         return self.work.done
 
-    def walk(self, model: nn.Module, input_ids, device, visit, *, desc: str, progress: bool, last_outputs: bool = True):
-        writing = not self.read_only
-        start = self._begin() if writing else 0
-        if start >= self.n:
-            return None
+    @contextmanager
+    def capturing(self) -> Iterator[None]:
+        """The tensors outside the blocks that the forward up to block 0 reads, on the CPU while inside."""
         side = self._input_side_keys()
         self._load(side, torch.device("cpu"))
         try:
-            inputs = capture_block_inputs(model, input_ids, device)
-            inputs.windows = input_ids.shape[0]
+            yield
         finally:
             self._free(side)
-        inputs.per_block = _to(inputs.per_block, device)
-        if start:
-            inputs.hidden = self.work.read_hidden(start, device)
-        blocks = get_blocks(model)
-        for i in tqdm(range(start, self.n), desc=desc, disable=not progress, unit="block", initial=start, total=self.n):
-            inputs.use_block(i)
-            before = self._snapshot()
-            with phase("shard I/O"):
-                self._load(self.block_keys[i], device)
-            if i == start:
-                inputs.batch = choose_batch(blocks[i], inputs)
-            with phase("solves"):
-                done = visit(i, blocks[i], inputs)  # True: the visit wrote the block's outputs itself
-            wanted = last_outputs or i + 1 < self.n  # the last block's outputs: only if the caller reads them
-            if wanted and not done:
-                with phase("block outputs"):
-                    run_block(blocks[i], inputs, keep="inplace")
-            if writing:
-                with phase("shard I/O"):
-                    self._finish(i, before, inputs.hidden if wanted else None)
-            self._free(self.block_keys[i])
-        return inputs
 
-    def for_each(self, model: nn.Module, fn: Callable[[int, nn.Module], None], *, desc: str, progress: bool) -> None:
-        start = self._begin()
-        blocks = get_blocks(model)
-        for i in tqdm(range(start, self.n), desc=desc, disable=not progress, unit="block", initial=start, total=self.n):
-            before = self._snapshot()
-            with phase("shard I/O"):
-                self._load(self.block_keys[i], torch.device("cpu"))
-            with phase("solves"):
-                fn(i, blocks[i])
-            with phase("shard I/O"):
-                self._finish(i, before, None)
-            self._free(self.block_keys[i])
+    def resumed_inputs(self, i: int, device: torch.device) -> torch.Tensor:
+        return self.work.read_hidden(i, device)
+
+    def load(self, i: int, device: torch.device | None) -> None:
+        """Read block ``i`` from the source shards onto ``device`` (the CPU for ``None``)."""
+        self._before = self._snapshot()
+        self._load(self.block_keys[i], device or torch.device("cpu"))
+
+    def finish(self, i: int, hidden: torch.Tensor | None) -> None:
+        """Write block ``i`` and the next block's inputs ``hidden`` to the work folder (not in a read-only pass)."""
+        if not self.read_only:
+            self._finish(i, self._before, hidden)
+
+    def free(self, i: int) -> None:
+        self._free(self.block_keys[i])
 
     # -- writing ----------------------------------------------------------------------------------------------
 
@@ -543,7 +525,7 @@ class DiskStream:
             return f"model-{j + 1:05d}-of-{self.n + 1:05d}.safetensors"
         return f"part-{j:05d}.packed.safetensors"
 
-    def finish(self, folder: Path) -> dict | None:
+    def write_output(self, folder: Path) -> dict | None:
         """Write the tensors outside the blocks, then put the weights into ``folder`` (the output being written):
         the dense shards and their index are moved there, packed parts joined into one file. Returns the packed
         index (``None`` for dense storage)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from lmcompress.errors import UserError
+from lmcompress.job_options import names as job_option_names
 
 DEVICE = typer.Option("cpu", "--device", help="Where to compute: cpu, cuda or cuda:N.")
 DTYPE = typer.Option("float32", "--dtype", help="Dtype to load and compute in: float32, bfloat16 or float16.")
@@ -105,21 +106,11 @@ def show_progress(quiet: bool) -> bool:
     return not quiet
 
 
-JOB_KEYS = (
-    "calib_data",
-    "nsamples",
-    "seqlen",
-    "seed",
-    "device",
-    "dtype",
-    "overwrite",
-    "trust_remote_code",
-    "allow_pickle",
-    "offload",
-    "resume",
-)
+# The options every whole job takes (lmcompress.job_options.JobOptions, whose defaults are the library's), by name.
+JOB_KEYS = tuple(k for k in job_option_names() if k != "progress")
 
 
 def job_options(values: dict) -> dict:
-    """The options every whole job takes (:func:`lmcompress.jobs.open_job`), from a verb's parameter values."""
+    """The options every whole job takes (:class:`lmcompress.job_options.JobOptions`), from a verb's parameter
+    values; ``progress`` from ``--quiet``."""
     return {k: values[k] for k in JOB_KEYS if k in values} | {"progress": show_progress(values.get("quiet", False))}

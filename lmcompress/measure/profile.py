@@ -217,7 +217,7 @@ def profile_pretrained(
     (:func:`generation_profile`), under ``"generation"``."""
     from lmcompress.checkpoint.folder import read_recipe
     from lmcompress.checkpoint.load import load_model
-    from lmcompress.jobs import resolve_seqlen
+    from lmcompress.runtime import resolve_seqlen
 
     net, _ = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     seqlen = resolve_seqlen(net, seqlen)  # within the model's context, or it times positions it has not got

@@ -22,17 +22,17 @@ from lmcompress.algorithms.gptq import ColumnQuantizer
 from lmcompress.algorithms.masks import Pattern
 from lmcompress.algorithms.owl import OwlAllocation
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec
+from lmcompress.calibration.compress import IN_BLOCK, compress_block
 from lmcompress.calibration.distributed import solve_cost, spread
 from lmcompress.calibration.engine import (
-    IN_BLOCK,
     BlockInputs,
     collect_input_stats,
-    compress_block,
+    for_each_block,
     head_input_stats,
     shared_inputs,
     walk_blocks,
 )
-from lmcompress.calibration.offload import for_each_block, read_only, track
+from lmcompress.calibration.offload import read_only, track
 from lmcompress.calibration.stats import InputStats
 from lmcompress.checkpoint.allocation import read_layer_levels
 from lmcompress.errors import UserError
@@ -45,6 +45,7 @@ from lmcompress.models.families import (
     set_weight_matrix,
     weight_matrix,
 )
+from lmcompress.models.sparsity import measure_sparsity  # noqa: F401  (public here: lmcompress.measure_sparsity)
 from lmcompress.transforms.quantize import check_quant_grid
 
 log = logging.getLogger(__name__)
@@ -355,10 +356,6 @@ def prune_layers(
     return out
 
 
-def _measure(modules: dict[str, nn.Module]) -> dict[str, float]:
-    return {n: (weight_matrix(m) == 0).float().mean().item() for n, m in modules.items()}
-
-
 def owl_pass(
     model: nn.Module,
     calib: torch.Tensor,
@@ -546,12 +543,3 @@ def _prune_head(model: nn.Module, config: PruneConfig, last: BlockInputs | None,
     new = spread([weight], lambda w: prune_layer(config, w, stats, target, "lm_head").weight)[0]
     head.weight.data.copy_(new.to(head.weight.dtype))
     return {"lm_head": (head.weight == 0).float().mean().item()}
-
-
-def measure_sparsity(model: nn.Module) -> tuple[float, dict[str, float]]:
-    """Fraction of zeros over the prunable layers of the blocks, overall and per layer."""
-    modules = _pruned_modules(model, PruneConfig())
-    per_layer = _measure(modules)
-    total = sum(weight_matrix(m).numel() for m in modules.values())
-    zeros = sum(per_layer[n] * weight_matrix(m).numel() for n, m in modules.items())
-    return zeros / max(total, 1), per_layer

@@ -19,15 +19,10 @@ from torch import nn
 
 from lmcompress.algorithms.gptq import GPTQResult, gptq_quantize
 from lmcompress.algorithms.quant import GRIDS, QuantizedTensor, QuantSpec, rtn_quantize, scale_storage_dtype
+from lmcompress.calibration.compress import IN_BLOCK, compress_block
 from lmcompress.calibration.distributed import solve_cost, spread
-from lmcompress.calibration.engine import (
-    IN_BLOCK,
-    BlockInputs,
-    compress_block,
-    head_input_stats,
-    walk_blocks,
-)
-from lmcompress.calibration.offload import for_each_block, track
+from lmcompress.calibration.engine import BlockInputs, for_each_block, head_input_stats, walk_blocks
+from lmcompress.calibration.offload import track
 from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
 from lmcompress.models.families import blocks_path, find_prunable, set_weight_matrix, weight_matrix
