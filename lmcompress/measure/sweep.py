@@ -581,6 +581,8 @@ def size_on_disk(target, kind: str, report, quantized: dict | None, folder: Path
     """Save ``target`` as its verb would (pruned: packed; quantized: packed codes; structured and dense: plain
     safetensors) in the source's dtype into ``folder``, measure it with ``lmcompress info``'s
     :func:`~lmcompress.checkpoint.inspect.folder_info`, and remove it. Bytes of the weight files."""
+    from transformers.utils import logging as hf_logging
+
     from lmcompress.checkpoint.inspect import folder_info
     from lmcompress.checkpoint.load import source_dtype
     from lmcompress.checkpoint.packed import save_packed
@@ -589,6 +591,8 @@ def size_on_disk(target, kind: str, report, quantized: dict | None, folder: Path
     dtype = source_dtype(target.config)
     recipe: dict = {"kind": f"sweep-{kind}"}
     folder.parent.mkdir(exist_ok=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar under the sweep's own
     try:
         if kind in ("prune", "quant"):
             save_packed(target, None, folder, recipe, quantized=quantized, dtype=dtype)
@@ -598,6 +602,8 @@ def size_on_disk(target, kind: str, report, quantized: dict | None, folder: Path
         info = folder_info(folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        if bars:
+            hf_logging.enable_progress_bar()
     return {
         "weights_bytes": info["weights_bytes"],
         "linear_bytes": info["linear"]["bytes"],
