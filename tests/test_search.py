@@ -863,3 +863,13 @@ def test_held_out_windows_repeating_calibration_windows_are_refused(tiny_folder,
     code, err = _cli([*argv, "--calib-data", str(text), "-o", str(out)], capsys)
     assert code == 2 and "tokens" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nine.txt"]
+
+
+def test_no_work_folder_is_made_inside_the_source_or_for_a_missing_parent(tiny_folder, tmp_path, capsys):
+    src = tiny_folder("llama")
+    before = sorted(p.name for p in src.iterdir())
+    code, err = _cli(["search", str(src), *CLI_FAST, "-o", str(src / "out")], capsys)
+    assert code == 2 and "inside the source model folder" in err, err
+    assert sorted(p.name for p in src.iterdir()) == before  # not even a work folder for a moment
+    code, err = _cli(["search", str(src), *CLI_FAST, "-o", str(tmp_path / "no" / "out")], capsys)
+    assert code == 2 and "does not exist" in err and not (tmp_path / "no").exists(), err

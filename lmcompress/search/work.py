@@ -62,7 +62,9 @@ def held_work(output: str | Path, *, keep: bool = False) -> Iterator[Path]:
 def _take(work: Path, output: str | Path) -> None:
     """Create ``work/lock`` holding this PID, or refuse when a live process holds it."""
     try:
-        work.mkdir(parents=True, exist_ok=True)
+        work.mkdir(exist_ok=True)
+    except FileNotFoundError:
+        raise UserError(f"the parent folder of output ({work.parent}) does not exist", param="output") from None
     except OSError as exc:
         raise UserError(f"cannot create the search's work folder {work} ({exc.strerror or exc})") from None
     lock = work / LOCK_FILE
