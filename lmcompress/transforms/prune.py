@@ -35,7 +35,6 @@ from lmcompress.calibration.engine import (
 from lmcompress.calibration.offload import read_only, track
 from lmcompress.calibration.stats import InputStats
 from lmcompress.checkpoint.allocation import read_layer_levels
-from lmcompress.checkpoint.allocation import read_layer_levels
 from lmcompress.errors import UserError
 from lmcompress.models.families import (
     blocks_path,
