@@ -169,8 +169,14 @@ def usable_hessian(
 
 
 class Block:
-    """Columns ``b0:b1`` of a :class:`Sweep`: ``W`` (a view of ``Wᵀ``'s rows, so updates land in the whole),
-    ``U`` (the diagonal block of the factor), ``err`` (row ``j``: ``(w_j − q_j) / U_jj``, written by the method)."""
+    """Columns ``b0:b1`` of a :class:`Sweep`: ``W`` (rows ``b0:b1`` of ``Wᵀ``, a view, so updates land in the
+    whole), ``U`` (the diagonal block of the factor) and ``err``.
+
+    For each column ``j`` that :meth:`columns` yields, with its sub-block end ``s1``, the method chooses
+    ``q_j``, stores ``err[j] = e = (w_j − q_j) / U_jj``, applies ``W[j:s1] −= U[j, j:s1] ⊗ e`` (``Wᵀ``'s
+    layout) and sets ``W[j] = q_j`` (at the latest when the block ends); the block and the sweep apply the rest
+    of each update lazily.
+    """
 
     def __init__(self, WT: torch.Tensor, factor: torch.Tensor, b0: int, b1: int, inner: int) -> None:
         self.WT, self.factor, self.b0, self.b1, self.inner = WT, factor, b0, b1, inner
