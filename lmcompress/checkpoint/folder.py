@@ -63,10 +63,10 @@ def check_not_nested(output: str | Path, source: str | Path | None, what: str = 
     """Refuse an output that is the source folder, lies inside it, or contains it (``--overwrite`` would delete it)."""
     if source is None:
         return
-    src = Path(str(source)).expanduser()
-    if not src.exists():  # a hub id
+    src = _expand(source)
+    if not _exists(src) or not src.exists():  # a hub id (or a broken link, which the loader names)
         return
-    src, out = src.resolve(), Path(output).expanduser().resolve()
+    src, out = _resolve(src), _resolve(_expand(output))
     if out == src:
         raise UserError(f"{what} {output} is the source model folder; lmcompress never modifies its input")
     if src.is_relative_to(out):
@@ -88,20 +88,58 @@ def check_writable(folder: Path, name: str) -> None:
         probe.mkdir()
         probe.rmdir()
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise UserError(f"the output name {name!r} is too long for the file system; choose a shorter one") from None
         raise UserError(f"cannot write to {folder} ({exc.strerror or exc}); choose a writable output folder") from None
 
 
+def _expand(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded; ``~nouser`` is a :class:`UserError`."""
+    try:
+        return Path(str(path)).expanduser()
+    except RuntimeError:
+        raise UserError(f"cannot expand {path}: no such user's home folder; give the full path") from None
+
+
+def _resolve(path: Path) -> Path:
+    """``path.resolve()``, with a symbolic link loop a :class:`UserError`."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:
+        raise UserError(f"cannot use the path {path}: {exc}; fix the symbolic link") from None
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, with a name too long for the file system (or another OS refusal) a :class:`UserError`."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            return False
+        raise UserError(f"cannot use the path {path}: {exc.strerror or exc}; choose a shorter or valid path") from None
+    return path.exists() or path.is_symlink()
+
+
 def check_output(output: str | Path, overwrite: bool, source: str | Path | None = None) -> Path:
-    """Refuse an output folder that exists (unless ``overwrite``), is or holds or lies in the source model, or
-    whose parent folder is missing or not writable."""
-    out = Path(output).expanduser()
+    """Refuse an output folder that exists (unless ``overwrite``), is or holds or lies in the source model, is or
+    holds the current folder, or whose parent folder is missing or not writable."""
+    out = _expand(output)
     check_not_nested(out, source)
-    if out.exists() and not overwrite:
+    exists = _exists(out)
+    if exists and Path.cwd().resolve().is_relative_to(_resolve(out)):
+        raise UserError(
+            f"output {output} is the current folder or holds it: replacing it would delete the folder you work in; "
+            "choose another output",
+            param="output",
+        )
+    if exists and not overwrite:
         raise UserError(
             f"output folder {out} already exists; choose another output or pass overwrite",
             param=("output", "overwrite"),
         )
-    if out.exists() and not out.is_dir():
+    if exists and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder")
     if not out.parent.is_dir():
         raise UserError(f"the parent folder of output ({out.parent}) does not exist", param="output")
@@ -162,19 +200,47 @@ def _temp_name(target: Path, kind: str = "tmp") -> Path:
     return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _write_error(target: Path, exc: OSError) -> UserError:
-    reason = exc.strerror or str(exc)
-    hint = " (the disk is full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+def _write_error(target: Path, exc: Exception) -> UserError:
+    """The error for a failed write: an ``OSError``, or a library's own error around one (safetensors raises
+    ``SafetensorError: Error while serializing: IoError(Os { code: 28, kind: StorageFull ...})``)."""
+    reason = getattr(exc, "strerror", None) or str(exc)
+    code = getattr(exc, "errno", None)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or any(w in str(exc) for w in ("StorageFull", "No space left"))
+    hint = " (the disk is full)" if full else ""
     return UserError(
         f"could not write {target}: {reason}{hint}; nothing was written: free space or choose another output folder"
     )
 
 
+def _is_write_error(exc: Exception) -> bool:
+    """Whether ``exc`` is a failed write: an ``OSError`` or a ``SafetensorError`` (which wraps the OS's error)."""
+    return isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"
+
+
+def _replace(out: Path, tmp: Path) -> None:
+    """Move ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed once ``tmp`` is in place. An
+    ``out`` that is a symbolic link is replaced as a link (its target is left alone)."""
+    if not (out.exists() or out.is_symlink()):
+        tmp.rename(out)
+        return
+    old = _temp_name(out, "old")
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    if old.is_symlink() or not old.is_dir():
+        old.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_atomic(out_dir: str | Path, write: Callable[[Path], None], *, overwrite: bool) -> Path:
     """Call ``write(tmp_folder)`` then rename the folder into place; nothing half-written is ever left.
 
-    An ``OSError`` while writing (a full disk, a read-only folder) becomes a :class:`UserError`; the temporary
-    folder is removed and an existing output (``overwrite``) is kept as it was.
+    An ``OSError`` or ``SafetensorError`` while writing (a full disk, a read-only folder) becomes a
+    :class:`UserError`; the temporary folder is removed and an existing output (``overwrite``) is kept as it was.
     """
     out = check_output(out_dir, overwrite)
     clean_stale(out)
@@ -185,20 +251,12 @@ def save_atomic(out_dir: str | Path, write: Callable[[Path], None], *, overwrite
         raise _write_error(out, exc) from None
     try:
         write(tmp)
-        if out.exists():
-            old = _temp_name(out, "old")
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except OSError as exc:
+        _replace(out, tmp)
+    except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(out, exc) from None
+        if _is_write_error(exc):
+            raise _write_error(out, exc) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -220,8 +278,10 @@ def write_path_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as exc:
-        raise _write_error(path, exc) from None
+    except Exception as exc:
+        if _is_write_error(exc):
+            raise _write_error(path, exc) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

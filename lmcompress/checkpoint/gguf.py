@@ -11,7 +11,9 @@ inputs of a row holds ``w = d·q + m`` with ``q ∈ {0..15}`` and one scale ``d`
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 from pathlib import Path
 
 import torch
@@ -30,9 +32,12 @@ def is_gguf(source: str | Path) -> bool:
 
 def check_gguf(path: str | Path) -> Path:
     """``path`` as an existing GGUF file; clear errors for a missing file, a wrong magic or missing packages."""
-    file = Path(str(path)).expanduser()
-    if not file.is_file():
+    from lmcompress.checkpoint.checks import expand, regular_file
+
+    file = expand(path)
+    if not file.exists():
         raise UserError(f"GGUF file {file} does not exist; give the path of a .gguf model file")
+    regular_file(file, "GGUF file")
     with file.open("rb") as fh:
         if fh.read(4) != b"GGUF":
             raise UserError(f"{file} does not start with the GGUF magic bytes: it is not a GGUF model file")
@@ -46,7 +51,44 @@ def check_gguf(path: str | Path) -> Path:
         raise UserError(
             f"loading the GGUF file {file.name} needs the {' and '.join(missing)} package(s): {INSTALL_HINT}"
         )
+    st = file.stat()
+    check_gguf_layout(str(file.resolve()), st.st_size, st.st_mtime_ns)
     return file
+
+
+@functools.lru_cache(maxsize=8)
+def check_gguf_layout(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, str, int, int, int], ...]:
+    """``(name, type, elements, bytes, dimensions)`` of every tensor of the GGUF file ``path``, after checking that
+    its header parses and that the tensors' data fill the file exactly: they lie inside it, do not overlap, and
+    end where it ends (up to the alignment padding). A truncated file, or a header whose tensor count lies (the
+    data would then be read from the wrong offsets, as garbage), is a :class:`UserError`. ``size`` and
+    ``mtime_ns`` key the cache: the parse is not free on a large file."""
+    from gguf import GGUFReader
+
+    damaged = f"{path} is not a readable GGUF file"
+    try:
+        reader = GGUFReader(path)
+        spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in reader.tensors)
+        alignment = int(getattr(reader, "alignment", 32))
+        tensors = tuple(
+            (t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes), len(t.shape)) for t in reader.tensors
+        )
+    except Exception as exc:  # the reader fails with IndexError, ValueError, struct errors... on damaged headers
+        raise UserError(f"{damaged} ({type(exc).__name__}: {exc}); it is truncated or corrupted") from None
+    if not spans:
+        raise UserError(f"{damaged}: it holds no tensors")
+    for (_, end, name), (start, _, _) in itertools.pairwise(spans):
+        if end > start:
+            raise UserError(f"{damaged}: the data of tensor {name} overlaps the next one; the file is corrupted")
+    end, last = spans[-1][1], spans[-1][2]
+    if end > size:
+        raise UserError(f"{damaged}: tensor {last} ends at byte {end} but the file has {size}; it is truncated")
+    if size - end >= max(alignment, 1):
+        raise UserError(
+            f"{damaged}: its {len(spans)} tensors end at byte {end} but the file has {size} bytes; the tensor count "
+            "in its header does not match its contents (corrupted)"
+        )
+    return tensors
 
 
 def gguf_config(path: str | Path):
@@ -60,6 +102,9 @@ def gguf_config(path: str | Path):
         raise UserError(f"could not read the model config from {file}: {exc}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    from lmcompress.checkpoint.checks import check_config_sizes
+
+    check_config_sizes(config, file)
     return config
 
 
@@ -77,7 +122,9 @@ def load_gguf(
         hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
+        loaded, loading = AutoModelForCausalLM.from_pretrained(
+            str(file.parent), gguf_file=file.name, dtype=dtype, output_loading_info=True
+        )
     except UserError:
         raise
     except Exception as exc:
@@ -85,6 +132,10 @@ def load_gguf(
     finally:
         if bars and not progress:
             hf_logging.enable_progress_bar()
+    from lmcompress.checkpoint.checks import check_finite, check_loading_info
+
+    check_loading_info(loading, str(file))  # transformers fills a tensor the file lacks with random values
+    check_finite(loaded, file)
     state = loaded.state_dict()
     del loaded
     try:
@@ -107,12 +158,16 @@ def load_gguf(
 
 def tensor_types(path: str | Path) -> dict[str, int]:
     """How many tensors of the GGUF file are stored in each type (``{"Q4_1": 210, "F32": 61, ...}``)."""
-    from gguf import GGUFReader
-
+    file = check_gguf(path)
     counts: dict[str, int] = {}
-    for tensor in GGUFReader(str(path)).tensors:
-        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    for _, kind, *_ in _layout(file):
+        counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+def _layout(file: Path) -> tuple[tuple[str, str, int, int, int], ...]:
+    st = file.stat()
+    return check_gguf_layout(str(file.resolve()), st.st_size, st.st_mtime_ns)
 
 
 def _sha256(path: Path) -> str:
@@ -153,20 +208,16 @@ def gguf_info(path: str | Path) -> dict:
     ``linear`` covers the 2-D weights of the blocks (``blk.*``); ``embeddings`` the token table and output head;
     quantized types are counted with their block scales and minimums (as stored).
     """
-    from gguf import GGUFReader
-
     file = check_gguf(path)
-    tensors = GGUFReader(str(file)).tensors
     by_kind = {"values": 0, "masks": 0, "indices": 0, "codes": 0, "scales": 0, "embeddings": 0, "other": 0}
     layouts: dict[str, int] = {}
     params = lin_params = lin_bytes = dense_equiv = 0
-    for t in tensors:
-        numel, nbytes, kind_name = int(t.n_elements), int(t.n_bytes), t.tensor_type.name
+    for name, kind_name, numel, nbytes, ndim in _layout(file):
         params += numel
         dense_equiv += 4 * numel
-        if t.name.startswith(("token_embd", "output.")):
+        if name.startswith(("token_embd", "output.")):
             by_kind["embeddings"] += nbytes
-        elif t.name.startswith("blk.") and len(t.shape) == 2:
+        elif name.startswith("blk.") and ndim == 2:
             lin_params += numel
             lin_bytes += nbytes
             by_kind["values" if kind_name in _FLOAT_TYPES else "codes"] += nbytes

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lmcompress.checkpoint.folder import read_recipe
-from lmcompress.checkpoint.packed import PACKED_FILE, _index_of, _read_parts, strip_marker
+from lmcompress.checkpoint.checks import regular_file, safetensors_header
+from lmcompress.checkpoint.folder import RECIPE_FILE, read_recipe
+from lmcompress.checkpoint.packed import _index_of, _read_parts, packed_path, strip_marker
 from lmcompress.errors import UserError
 
 
@@ -21,27 +21,15 @@ def packed_file_layout(path: str | Path) -> tuple[int, dict[str, int]]:
     says (truncated, or bytes appended): sizes are then never reported for a damaged file.
     """
     path = Path(path)
-    file_size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise UserError(f"{path} is not a safetensors file (too short); the file is truncated or corrupted")
-        n = int.from_bytes(head, "little")
-        if 8 + n > file_size:
-            raise UserError(f"{path} has a corrupted safetensors header; the file is truncated or corrupted")
-        try:
-            header = json.loads(f.read(n))
-            sizes, data_end = {}, 0
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                start, end = (int(x) for x in info["data_offsets"])
-                if not 0 <= start <= end:
-                    raise ValueError(key)
-                sizes[key] = end - start
-                data_end = max(data_end, end)
-        except Exception:
-            raise UserError(f"{path} has a corrupted safetensors header; the file is truncated or corrupted") from None
+    file_size = regular_file(path, "weight file").st_size
+    header, data_start = safetensors_header(path)
+    n = data_start - 8
+    sizes, data_end = {}, 0
+    for key, info in header.items():
+        if key != "__metadata__":
+            start, end = (int(x) for x in info["data_offsets"])
+            sizes[key] = end - start
+            data_end = max(data_end, end)
     if 8 + n + data_end != file_size:
         raise UserError(
             f"{path} is {file_size} bytes but its header describes {8 + n + data_end}; "
@@ -51,7 +39,27 @@ def packed_file_layout(path: str | Path) -> tuple[int, dict[str, int]]:
 
 
 def logical_numel(entry: dict) -> int:
-    return math.prod(entry.get("shape", []))
+    shape = entry.get("shape", [])
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise UserError(f"a tensor of the packed index has the shape {shape!r}; the folder is damaged")
+    return math.prod(shape)
+
+
+def check_index_shapes(folder: Path, index: dict, sizes_of: dict[str, int]) -> None:
+    """Every tensor of a packed index must be one the config's model has, with its number of elements: a damaged
+    shape would otherwise be reported as a model of 10¹⁸ parameters (loading refuses it the same way)."""
+    for name, entry in index["tensors"].items():
+        if not isinstance(entry, dict):
+            raise UserError(f"{folder} is damaged: the {RECIPE_FILE} index entry of {name} is not an object")
+        if entry.get("layout") == "alias":
+            continue
+        if name not in sizes_of:
+            raise UserError(f"{folder} is damaged: its {RECIPE_FILE} lists {name}, which its config's model lacks")
+        if logical_numel(entry) != sizes_of[name]:
+            raise UserError(
+                f"{folder} is damaged: its {RECIPE_FILE} gives {name} the shape {entry.get('shape')}, which does "
+                f"not fit the model its config describes ({sizes_of[name]} elements)"
+            )
 
 
 KINDS = ("values", "masks", "indices", "codes", "scales", "embeddings", "other", "header")
@@ -97,9 +105,10 @@ _RECIPE_SUMMARY = (
 )
 
 
-def _roles(folder: Path, recipe: dict | None) -> tuple[set[str], set[str]]:
-    """``(embeddings, linear weights)``: parameter names of embedding tables / output head, and of the
-    other ``nn.Linear`` / ``Conv1D`` layers, from a weightless (meta) model built from the config."""
+def _roles(folder: Path, recipe: dict | None) -> tuple[set[str], set[str], dict[str, int]]:
+    """``(embeddings, linear weights, sizes)``: parameter names of embedding tables / output head, and of the
+    other ``nn.Linear`` / ``Conv1D`` layers, and the element count of every tensor, from a weightless (meta)
+    model built from the config."""
     from lmcompress.checkpoint.load import auto_model_class, load_config
     from lmcompress.models.families import is_prunable
     from lmcompress.models.surgery import apply_surgery
@@ -123,7 +132,7 @@ def _roles(folder: Path, recipe: dict | None) -> tuple[set[str], set[str]]:
             embeddings.add(weight)
         elif is_prunable(module):
             linear.add(weight)
-    return embeddings, linear
+    return embeddings, linear, {k: v.numel() for k, v in model.state_dict().items()}
 
 
 def group_split(cols: int, group_size: int) -> str:
@@ -177,7 +186,7 @@ def folder_info(folder: str | Path) -> dict:
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} is not a model folder (no config.json)")
     recipe = read_recipe(folder)
-    embeddings, linear = _roles(folder, recipe)
+    embeddings, linear, sizes_of = _roles(folder, recipe)
     by_kind = dict.fromkeys(KINDS, 0)
     layouts: dict[str, int] = {}
     params = lin_params = lin_bytes = lin_nonzero = dense_equiv = 0
@@ -185,9 +194,11 @@ def folder_info(folder: str | Path) -> dict:
     partial: dict[str, str] = {}  # quantized layers whose last group is shorter: name -> "576 = 4×128 + 64"
     if recipe and recipe.get("storage") == "packed":
         index = _index_of(folder, recipe)
-        header, sizes = packed_file_layout(folder / index.get("file", PACKED_FILE))
+        weights = packed_path(folder, index)
+        header, sizes = packed_file_layout(weights)
+        check_index_shapes(folder, index, sizes_of)
         check_health(folder, index)
-        weight_files = [folder / index.get("file", PACKED_FILE)]
+        weight_files = [weights]
         by_kind["header"] = header
         for name, entry in index["tensors"].items():
             if entry.get("layout") == "alias":

@@ -10,6 +10,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmcompress.checkpoint.checks import (
+    check_config_sizes,
+    check_finite,
+    check_fits_in_memory,
+    check_integer_weights,
+    check_loading_info,
+    check_state_dtypes,
+    expand,
+    tokenizer_error,
+    weight_files,
+)
 from lmcompress.checkpoint.folder import RECIPE_FILE, read_recipe
 from lmcompress.checkpoint.gguf import check_gguf, gguf_config, is_gguf, load_gguf
 from lmcompress.errors import UserError
@@ -46,37 +57,68 @@ def _check_local_folder(path: Path, allow_pickle: bool) -> None:
             )
         if not pickles:
             raise UserError(f"{path} holds no weight files (*.safetensors)")
+    weight_files(path)  # headers checked: no FIFO, no header length beyond the file
+
+
+def _missing_path(text: str, path: Path) -> UserError | None:
+    """The error for a source that names a local path that is not there (a broken link or a link loop
+    included), or None when ``text`` may be a hub id."""
+    if path.is_symlink():
+        return UserError(f"model path {text} is a symbolic link to nothing (broken, or a loop); fix the link")
+    looks_local = text.startswith(("/", "./", "../", "~", ".")) or not _HUB_ID.match(text)
+    first = Path(text).parts[0] if Path(text).parts else ""
+    if looks_local or ("/" in text and Path(first).is_dir()):  # "work/dense" with a local folder "work"
+        return UserError(f"model path {text} does not exist; give an existing model folder or a hub id (org/name)")
+    return None
 
 
 def resolve_source(source: str | Path, allow_pickle: bool = False) -> str:
     """A local model folder (checked), a ``.gguf`` file or a hub id; anything path-like that does not exist is an
     error."""
     text = str(source)
-    path = Path(text).expanduser()
+    path = expand(text)
     if is_gguf(text):  # llama.cpp file: loaded dequantized (lmcompress.checkpoint.gguf)
         return str(check_gguf(path))
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name too long, a loop...
+        raise UserError(f"model path {text} cannot be used ({exc.strerror or exc})") from None
+    if exists:
         _check_local_folder(path, allow_pickle)
         return str(path)
-    if text.startswith(("/", "./", "../", "~", ".")) or not _HUB_ID.match(text):
-        raise UserError(f"model path {text} does not exist; give an existing model folder or a hub id (org/name)")
+    error = _missing_path(text, path)
+    if error is not None:
+        raise error
     return text
 
 
 def load_config(source: str, trust_remote_code: bool = False):
+    """The transformers config of ``source``, its sizes checked against what this machine can hold."""
     from transformers import AutoConfig
 
     if is_gguf(source):
-        return gguf_config(source)
-    try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        if "trust_remote_code" in str(exc):
-            raise UserError(
-                f"{source} needs custom code from its repository; pass trust_remote_code if you trust it",
-                param="trust_remote_code",
-            ) from None
-        raise UserError(f"could not load the config of {source!r}: {exc}") from None
+        config = gguf_config(source)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            raise _config_error(source, exc) from None
+    check_config_sizes(config, source)
+    return config
+
+
+def _config_error(source: str, exc: Exception) -> UserError:
+    if "trust_remote_code" in str(exc):
+        return UserError(
+            f"{source} needs custom code from its repository; pass trust_remote_code if you trust it",
+            param="trust_remote_code",
+        )
+    if not Path(source).exists() and any(w in str(exc).lower() for w in ("connect", "offline", "resolve", "network")):
+        return UserError(
+            f"{source} is not a local folder, and the Hugging Face hub could not be reached to fetch it: check the "
+            "name (a local path must exist) or your network"
+        )
+    return UserError(f"could not load the config of {source!r}: {exc}")
 
 
 def auto_model_class(config):
@@ -116,10 +158,24 @@ def load_model(
     recipe = read_recipe(resolved) if Path(resolved).is_dir() else None
     if recipe and (recipe.get("storage") == "packed" or recipe.get("surgery")):
         return load(resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    check_fits_in_memory(config, resolved, parse_dtype(dtype))
+    model = _from_pretrained(resolved, config, dtype, trust_remote_code, allow_pickle)
+    drop_foreign_auto_map(model, resolved, trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise tokenizer_error(resolved, exc) from None
+    model.eval()
+    return model, tokenizer
+
+
+def _from_pretrained(source: str, config, dtype: str, trust_remote_code: bool, allow_pickle: bool) -> nn.Module:
+    """``from_pretrained`` with every tensor checked: none missing or unexpected, none stored as integers where the
+    model has float weights, none NaN or infinite."""
     auto_class = auto_model_class(config)
     try:
         model, loading = auto_class.from_pretrained(
-            resolved,
+            source,
             dtype=parse_dtype(dtype),
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
@@ -128,59 +184,12 @@ def load_model(
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"could not load model {resolved!r}: {exc}") from None
-    check_loading_info(loading, resolved, bare=auto_class.__name__ == "AutoModel")
-    check_finite(model, resolved)
-    drop_foreign_auto_map(model, resolved, trust_remote_code)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise UserError(f"could not load the tokenizer of {resolved!r}: {exc}") from None
-    model.eval()
-    return model, tokenizer
-
-
-def check_loading_info(info: dict, source: str, *, bare: bool = False) -> None:
-    """Refuse a checkpoint whose tensors do not match its model class: transformers fills missing tensors with
-    random values and drops unexpected ones with a mere log line. Tied weights are not reported missing.
-
-    ``bare``: the encoder was loaded without its head (no Auto class for it), so the head's tensors are
-    unexpected by design and only logged.
-    """
-    missing = sorted(info.get("missing_keys") or [])
-    unexpected = sorted(info.get("unexpected_keys") or [])
-    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or [])
-    if bare and unexpected:
-        log.info("not loaded with the bare encoder: %s", ", ".join(unexpected[:5]))
-        unexpected = []
-    if missing or unexpected or mismatched:
-        parts = [
-            f"{label} {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
-            if keys
-        ]
-        raise UserError(
-            f"the weights of {source} do not match its config.json: {'; '.join(parts)}. transformers would "
-            "fill missing tensors with random values; the checkpoint is incomplete or does not belong to this config"
-        )
-
-
-def check_finite(model: nn.Module, source: str | Path) -> None:
-    """Refuse a model with NaN or infinite parameters (naming them): every method and metric would be garbage.
-
-    A sum is NaN or infinite whenever one of its terms is, so one float32 reduction per tensor clears it; only
-    a tensor whose sum is not finite (a bad weight, or a float32 overflow) is checked element by element."""
-    bad = []
-    for name, p in model.named_parameters():
-        if not p.is_floating_point() or not p.numel() or bool(torch.isfinite(p.sum(dtype=torch.float32))):
-            continue
-        if not bool(torch.isfinite(p).all()):
-            bad.append(f"{name} ({int((~torch.isfinite(p)).sum())} of {p.numel()})")
-    if bad:
-        raise UserError(
-            f"{source} has NaN or infinite weights in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
-            "the checkpoint is damaged (or overflowed when converted: try dtype float32)"
-        )
+        raise UserError(f"could not load model {source!r}: {exc}") from None
+    check_loading_info(loading, source, bare=auto_class.__name__ == "AutoModel")
+    if Path(source).is_dir():
+        check_integer_weights(model, weight_files(Path(source)))
+    check_finite(model, source)
+    return model
 
 
 def drop_foreign_auto_map(model: nn.Module, source: str, trust_remote_code: bool) -> None:
@@ -230,7 +239,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of the (possibly sharded) ``*.safetensors`` files of ``folder``."""
     from safetensors.torch import load_file
 
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         raise UserError(f"{folder} holds no *.safetensors weight files")
     state: dict[str, torch.Tensor] = {}
@@ -245,6 +254,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def fill(model: nn.Module, state: dict[str, torch.Tensor], folder: Path) -> nn.Module:
     """Load ``state`` into ``model`` strictly (tied weights excepted), with an error naming what does not fit."""
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    check_state_dtypes(model, state, folder)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
@@ -282,7 +292,7 @@ def load(
     from lmcompress.kernels.linear import check_mode, swap_quantized_linears
 
     check_mode(kernels)
-    path = Path(str(folder)).expanduser()
+    path = expand(folder)
     if not needs_lmcompress(path):
         model, tokenizer = load_model(
             folder, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
@@ -297,6 +307,7 @@ def load(
     from lmcompress.checkpoint.packed import strip_marker
 
     strip_marker(config)  # the marker that stops plain from_pretrained on packed and resized folders
+    check_fits_in_memory(config, path, parse_dtype(dtype))
     model = build_skeleton(config, parse_dtype(dtype), recipe.get("surgery"))
     if recipe.get("storage") == "packed":
         from lmcompress.checkpoint.packed import read_packed  # packed layouts (bitmask, N:M, int-packed)
@@ -325,7 +336,7 @@ def load(
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise UserError(f"could not load the tokenizer of {path}: {exc}") from None
+        raise tokenizer_error(path, exc) from None
     model = model.to(device)
     if kernels != "none" and torch.device(device).type == "cuda":
         from lmcompress.kernels.sparse import sparsify_semi_structured

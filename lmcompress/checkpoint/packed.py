@@ -212,16 +212,35 @@ def _index_of(folder: Path, recipe: dict | None) -> dict:
             f"{folder} uses packed format {index.get('format')!r}; this lmcompress reads format {FORMAT_VERSION}: "
             "upgrade lmcompress"
         )
+    packed_path(folder, index)
     return index
+
+
+def packed_path(folder: Path, index: dict) -> Path:
+    """The packed weights file the index names: a plain file name inside ``folder`` (no path, no ``..``, no link
+    out of the folder), a regular file (a FIFO would block the reader forever)."""
+    from lmcompress.checkpoint.checks import regular_file
+
+    name = index.get("file", PACKED_FILE)
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise UserError(
+            f"{folder / RECIPE_FILE} names the packed file {name!r}, which is not a file name inside the folder; "
+            "the folder is damaged or was edited"
+        )
+    path = folder / name
+    if not (path.exists() or path.is_symlink()):
+        raise UserError(f"{path} is missing; the packed folder is incomplete")
+    if path.resolve().parent != folder.resolve():
+        raise UserError(f"{path} is a link out of {folder}; the folder is damaged or was edited")
+    regular_file(path, "packed weights file")
+    return path
 
 
 def _read_parts(folder: Path, index: dict) -> dict[str, torch.Tensor]:
     """Every tensor of the packed file, checked against the index (keys, dtypes, shapes, sha256)."""
     from safetensors import safe_open
 
-    path = folder / index.get("file", PACKED_FILE)
-    if not path.is_file():
-        raise UserError(f"{path} is missing; the packed folder is incomplete")
+    path = packed_path(folder, index)
     expected = {
         part["key"]: part
         for entry in index["tensors"].values()
