@@ -64,11 +64,12 @@ def label(row: dict) -> str:
 
 
 def run_row(row: dict, base, calib: torch.Tensor):
-    """Apply one configuration to a fresh copy of ``base``: (model, job seconds, nominal bits/weight)."""
+    """Apply one configuration to a fresh copy of ``base`` (a model, or a callable that loads one: a 1.5 B model
+    and its copy would not both fit in memory): (model, job seconds, nominal bits/weight)."""
     from lmcompress.transforms.prune import PruneConfig, prune
     from lmcompress.transforms.quantize import QuantConfig, nominal_bits_per_weight, quantize
 
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base) if isinstance(base, torch.nn.Module) else base()
     bits = None
     start = time.perf_counter()
     if row["kind"] == "quantize":
@@ -104,6 +105,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (min) for the timed rows")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate on the first N test windows only")
+    parser.add_argument("--copy-limit", type=float, default=0.5, help="billions of parameters above which each "
+                        "row reloads the model from disk instead of copying it in memory")  # fmt: skip
     parser.add_argument("--grid", choices=("full", "core"), default="full", help="core: RTN and GPTQ at 3/4 bits")
     args = parser.parse_args()
 
@@ -121,6 +124,9 @@ def main() -> None:
     args.model = str(resolve_model(args.model))
     base, tokenizer = load_model(args.model)
     widths = sorted({weight_matrix(m).shape[1] for b in get_blocks(base) for m in find_prunable(b).values()})
+    if sum(p.numel() for p in base.parameters()) > args.copy_limit * 1e9:  # reload each row instead of a copy
+        del base
+        base = lambda: load_model(args.model)[0]  # noqa: E731
     calib, calib_info = draw(tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=args.seqlen)
     test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), args.seqlen)
     test = test[: args.eval_windows]
