@@ -16,9 +16,12 @@ def report(
 ) -> None:
     """Write RESULTS/report.md, a self-contained RESULTS/report.html and PNG plots from a sweep or a search.
 
-    Per method and metric: the essential sparsity (largest sparsity within --tolerance of dense) and the
-    knee (where the curve bends down fastest), said in words. For a search: its fitness per generation
-    against uniform and OWL, and the sparsity it chose for every block or layer.
+    Per method and metric: the essential sparsity (largest sparsity, or ratio removed, within --tolerance of
+    dense; for quantization the lowest bit width) and the knee (where the curve bends down fastest), said in
+    words. Every metric is plotted against the level and against the size on disk of every point, with 95%
+    intervals where the sweep recorded them, and the report says which differences are within the noise
+    (perplexity: paired over the shared windows). For a search: its fitness per generation against uniform
+    and OWL, and the sparsity it chose for every block or layer.
 
     Examples:
 
@@ -31,4 +34,7 @@ def report(
     out = write_report(results, tolerance=tolerance)
     for sentence in out["sentences"]:
         typer.echo(sentence)
+    within = [s for s in out.get("noise", []) if "less than the noise" in s]
+    if within:
+        typer.echo(f"{len(within)} comparisons differ by less than the noise (see the report), e.g. {within[0]}")
     typer.echo(f"wrote {out['markdown']}, {out['html']} and {len(out['plots'])} plots")

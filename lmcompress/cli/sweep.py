@@ -58,6 +58,12 @@ def sweep(
     percdamp: float = typer.Option(0.01, "--percdamp", help="SparseGPT / GPTQ dampening."),
     blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT / GPTQ column block size."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per forward pass when scoring choices."),
+    agreement: bool = typer.Option(
+        True,
+        "--agreement/--no-agreement",
+        help="KL divergence and top-1 agreement against the dense model on the first ppl task's windows (one more "
+        "dense forward per window and point).",
+    ),
     device: str = options.DEVICE,
     dtype: str = options.DTYPE,
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard points made with other settings."),
@@ -116,6 +122,7 @@ def sweep(
         blocksize=blocksize,
         dtype=dtype,
         batch_size=batch_size,
+        agreement=agreement,
     )
     result = run_sweep(
         model,

@@ -542,7 +542,7 @@ def _level_text(p: dict) -> str:
 
 def _achieved(p: dict) -> str:
     """What the point achieved: measured sparsity, nominal bits per weight, or parameters kept."""
-    info = p.get(f"{kind_of(p)}" if kind_of(p) != "quant" else "quantize")
+    info = p.get({"prune": "prune", "shrink": "shrink", "quant": "quantize"}[kind_of(p)])
     if not isinstance(info, dict):
         return "–"
     if kind_of(p) == "quant":
