@@ -169,7 +169,7 @@ def interval(record: dict, key: str) -> tuple[float, float] | None:
     """The 95% interval the sweep recorded for metric ``key`` of ``record`` (``task/metric`` looks for
     ``metric_ci`` in the task's result, ``agreement/...`` in the agreement), or ``None``."""
     task, _, metric = key.rpartition("/")
-    source = record.get("agreement") if task == "agreement" else record.get("tasks", {}).get(task)
+    source = record.get("agreement") if task == "agreement" else _task_result(record, task)
     ci = source.get(f"{metric}_ci") if isinstance(source, dict) else None
     ok = isinstance(ci, list | tuple) and len(ci) == 2 and all(isinstance(v, int | float) for v in ci)
     return (float(ci[0]), float(ci[1])) if ok else None
@@ -319,9 +319,14 @@ def paired_ratio(a: list[float], b: list[float]) -> tuple[float, tuple[float, fl
     return math.exp(sum(diff) / len(diff)), exp_interval(mean_interval(diff))
 
 
+def _task_result(record: dict, task: str) -> dict | None:
+    tasks = record.get("tasks")
+    result = tasks.get(task) if isinstance(tasks, dict) else None
+    return result if isinstance(result, dict) else None
+
+
 def _window_nll(record: dict, key: str) -> list[float] | None:
-    task = key.rpartition("/")[0]
-    values = record.get("tasks", {}).get(task, {}).get("window_nll") if isinstance(record.get("tasks"), dict) else None
+    values = (_task_result(record, key.rpartition("/")[0]) or {}).get("window_nll")
     return values if isinstance(values, list) and all(isinstance(v, int | float) for v in values) else None
 
 
