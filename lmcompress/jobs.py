@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -332,8 +332,9 @@ def prune_pretrained(
 ) -> PruneReport:
     """Load ``model``, prune it as ``config`` says, and save it with its recipe to ``output``.
 
-    ``options`` are those of :func:`lmcompress.jobs.open_job` (``calib_data``, ``nsamples``, ``seqlen``, ``seed``,
-    ``device``, ``dtype``, ``overwrite``, ``trust_remote_code``, ``allow_pickle``). Every input is checked before
+    ``options`` are :class:`~lmcompress.job_options.JobOptions` by name (``calib_data``, ``nsamples``, ``seqlen``,
+    ``seed``, ``device``, ``dtype``, ``overwrite``, ``trust_remote_code``, ``allow_pickle``, ``offload``,
+    ``resume``). Every input is checked before
     any work; the result is written to a temporary folder and renamed into place at the end, and the source
     model is never written to. ``save_format``: ``dense`` (loads with plain ``from_pretrained``) or ``packed``
     (zeros stored as a bitmask / N:M layout: a smaller file that loads with ``lmcompress.load``; see
@@ -341,20 +342,6 @@ def prune_pretrained(
     """
     if save_format not in ("dense", "packed"):
         raise UserError(f"unknown save_format {save_format!r}: choose dense or packed", param="save_format")
-
-    def fields(report: PruneReport) -> dict:
-        joint = {} if report.quantized is None else {"mask_sparsity": report.mask_sparsity}
-        return {
-            **config.to_dict(),
-            "achieved_sparsity": report.sparsity,
-            "block_targets": report.block_targets,
-            "layer_sparsity": report.layer_sparsity,
-            "outlier_ratios": report.outlier_ratios,
-            "owl_lambda_effective": report.owl_lambda_effective,
-            "damping_raised": report.damping,
-            "in_block_fallback": report.in_block_fallback,
-            **joint,
-        }
 
     def save_as(report: PruneReport) -> str:  # joint prune + quantize (--bits): store the codes packed
         return "quantized" if report.quantized is not None else save_format
@@ -365,7 +352,6 @@ def prune_pretrained(
         config,
         output,
         prune,
-        fields=fields,
         save_as=save_as,
         progress=progress,
         check_model=config.check_model,
@@ -382,25 +368,12 @@ def quantize_pretrained(
     ``options`` as for :func:`prune_pretrained`. Inputs are checked before any work; nothing is written unless
     the whole job succeeds, and the source model is never written to.
     """
-
-    def fields(report: QuantReport) -> dict:
-        return {
-            "quantization": config.to_dict(),
-            "quantized_layers": len(report.quantized),
-            "quantized_weights": report.weights,
-            "nominal_bits_per_weight": report.nominal_bits_per_weight,
-            "layer_loss": report.layer_loss,
-            "damping_raised": report.damping,
-            "in_block_fallback": report.in_block_fallback,
-        }
-
     return run_job(
         "quantize",
         model,
         config,
         output,
         quantize,
-        fields=fields,
         save_as="quantized",
         progress=progress,
         storage="packed",
@@ -413,7 +386,7 @@ def structured_prune_pretrained(
 ) -> StructureReport:
     """Load ``model``, remove FFN channels / heads as ``config`` says, and save it with its recipe to ``output``.
 
-    ``options`` are those of :func:`lmcompress.jobs.open_job`. Everything that can be checked is checked before
+    ``options`` are :class:`JobOptions` by name. Everything that can be checked is checked before
     the model is loaded; the result is written to a temporary folder and renamed into place, and the source is
     never written to.
     """
@@ -438,28 +411,12 @@ def structured_prune_pretrained(
                 units = getattr(cfg, layout.ffn_width, None) or 4 * cfg.hidden_size
             _n_remove(config.ratio, units, s)
 
-    def fields(report: StructureReport) -> dict:
-        return {
-            **config.to_dict(),
-            "uniform": report.uniform,
-            "ffn_widths": report.ffn_widths,
-            "heads": report.heads,
-            "kv_heads": report.kv_heads,
-            "block_ratios": report.block_ratios,
-            "removed_units": report.removed,
-            "outlier_ratios": report.outlier_ratios,
-            "params_before": report.params_before,
-            "params_after": report.params_after,
-            "surgery": report.surgery,
-        }
-
     return run_job(
         "structured",
         model,
         config,
         output,
         structured_prune,
-        fields=fields,
         progress=progress,
         check_source=check_source,
         **options,
@@ -471,28 +428,14 @@ def drop_experts_pretrained(
 ) -> ExpertReport:
     """Load ``model``, drop experts as ``config`` says, save to ``output`` (loads with plain ``from_pretrained``).
 
-    ``options`` are those of :func:`lmcompress.jobs.open_job`; a bad ``--keep`` fails before weights are loaded.
+    ``options`` are :class:`JobOptions` by name; a bad ``--keep`` fails before weights are loaded.
     """
-
-    def fields(report: ExpertReport) -> dict:
-        return {
-            **config.to_dict(),
-            "experts_before": report.experts_before,
-            "experts_after": report.experts_after,
-            "kept_experts": report.kept,
-            "expert_scores": report.scores,
-            "relative_error": report.relative_error,
-            "params_before": report.params_before,
-            "params_after": report.params_after,
-        }
-
     return run_job(
         "experts",
         model,
         config,
         output,
         drop_experts,
-        fields=fields,
         progress=progress,
         check_source=lambda cfg, _recipe: config.check_model(cfg),
         **options,
@@ -513,29 +456,15 @@ def factorize_pretrained(
 ) -> FactorizeReport:
     """Load ``model``, factorize it as ``config`` says, and save it (loads with ``lmcompress.load``).
 
-    ``options`` are those of :func:`lmcompress.jobs.open_job`. A resized source keeps its surgery records (they
+    ``options`` are :class:`JobOptions` by name. A resized source keeps its surgery records (they
     rebuild the layers that the low-rank records then replace).
     """
-
-    def fields(report: FactorizeReport) -> dict:
-        return {
-            **config.to_dict(),
-            "threshold": report.threshold,
-            "layers": {k: asdict(v) for k, v in report.layers.items()},
-            "params_before": report.params_before,
-            "params_after": report.params_after,
-            "linear_params_before": report.linear_params_before,
-            "linear_params_after": report.linear_params_after,
-            "surgery": report.surgery,
-        }
-
     return run_job(
         "factorize",
         model,
         config,
         output,
         factorize,
-        fields=fields,
         progress=progress,
         check_source=lambda cfg, _recipe: _refuse_moe(cfg),
         **options,

@@ -5,20 +5,25 @@ from __future__ import annotations
 import typer
 
 from lmcompress.errors import UserError
+from lmcompress.job_options import JobOptions
 from lmcompress.job_options import names as job_option_names
 
-DEVICE = typer.Option("cpu", "--device", help="Where to compute: cpu, cuda or cuda:N.")
-DTYPE = typer.Option("float32", "--dtype", help="Dtype to load and compute in: float32, bfloat16 or float16.")
-SEQLEN = typer.Option(None, "--seqlen", help="Tokens per window [default: min(2048, model context)].")
-TRUST = typer.Option(False, "--trust-remote-code", help="Allow running code from the model's repository.")
-PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints you trust.")
+JOB = JobOptions()  # the library's defaults, which the shared options below take as theirs
+
+DEVICE = typer.Option(JOB.device, "--device", help="Where to compute: cpu, cuda or cuda:N.")
+DTYPE = typer.Option(JOB.dtype, "--dtype", help="Dtype to load and compute in: float32, bfloat16 or float16.")
+SEQLEN = typer.Option(JOB.seqlen, "--seqlen", help="Tokens per window [default: min(2048, model context)].")
+TRUST = typer.Option(
+    JOB.trust_remote_code, "--trust-remote-code", help="Allow running code from the model's repository."
+)
+PICKLE = typer.Option(JOB.allow_pickle, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints you trust.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
-NSAMPLES = typer.Option(128, "--nsamples", help="Number of calibration windows.")
-CALIB_SEED = typer.Option(0, "--seed", help="Seed for drawing calibration windows.")
-OVERWRITE = typer.Option(False, "--overwrite", help="Replace --output if it exists.")
+NSAMPLES = typer.Option(JOB.nsamples, "--nsamples", help="Number of calibration windows.")
+CALIB_SEED = typer.Option(JOB.seed, "--seed", help="Seed for drawing calibration windows.")
+OVERWRITE = typer.Option(JOB.overwrite, "--overwrite", help="Replace --output if it exists.")
 JSON = typer.Option(False, "--json", help="Print the report as JSON.")
 OFFLOAD = typer.Option(
-    "auto",
+    JOB.offload,
     "--offload",
     help="none: load the whole model; disk: stream it block by block from its safetensors shards (memory: about "
     "one block); auto: disk when the model would not fit in available memory.",
@@ -27,7 +32,7 @@ OFFLOAD_NONE = typer.Option(
     "none", "--offload", help="none (this command holds the whole model in memory; only prune and quantize stream)."
 )
 RESUME = typer.Option(
-    False, "--resume", help="Continue a killed streamed run from its last finished block (same settings)."
+    JOB.resume, "--resume", help="Continue a killed streamed run from its last finished block (same settings)."
 )
 IN_BLOCK = typer.Option(
     "sequential",
@@ -42,7 +47,7 @@ CALIB_SOURCES = "text file, wikitext2, c4, ptb, hf:NAME[:CONFIG][@SPLIT] or bund
 
 def calib_data(what: str = "Calibration text") -> typer.models.OptionInfo:
     """The ``--calib-data`` option (default c4), its help starting with ``what``."""
-    return typer.Option("c4", "--calib-data", help=f"{what}: {CALIB_SOURCES}.")
+    return typer.Option(JOB.calib_data, "--calib-data", help=f"{what}: {CALIB_SOURCES}.")
 
 
 # The options that only matter when a job draws calibration windows.

@@ -103,6 +103,19 @@ class ExpertReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def recipe_fields(self) -> dict:
+        """What the recipe (``lmcompress.json``) says this run did: its config's fields, then the experts kept."""
+        return {
+            **self.config,
+            "experts_before": self.experts_before,
+            "experts_after": self.experts_after,
+            "kept_experts": self.kept,
+            "expert_scores": self.scores,
+            "relative_error": self.relative_error,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+        }
+
 
 def _router_logits(router: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = router(x)

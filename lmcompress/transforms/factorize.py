@@ -123,6 +123,19 @@ class FactorizeReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def recipe_fields(self) -> dict:
+        """What the recipe (``lmcompress.json``) says this run did: its config's fields, then each layer's rank."""
+        return {
+            **self.config,
+            "threshold": self.threshold,
+            "layers": {k: asdict(v) for k, v in self.layers.items()},
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "linear_params_before": self.linear_params_before,
+            "linear_params_after": self.linear_params_after,
+            "surgery": self.surgery,
+        }
+
 
 def _scale(stats: InputStats | None, config: FactorizeConfig) -> torch.Tensor | None:
     if stats is None:

@@ -22,14 +22,12 @@ from lmcompress.algorithms.gptq import ColumnQuantizer
 from lmcompress.algorithms.masks import Pattern
 from lmcompress.algorithms.owl import OwlAllocation
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec
-from lmcompress.calibration.compress import IN_BLOCK, compress_block
-from lmcompress.calibration.distributed import solve_cost, spread
+from lmcompress.calibration.compress import IN_BLOCK
+from lmcompress.calibration.distributed import spread
 from lmcompress.calibration.engine import (
     BlockInputs,
     collect_input_stats,
-    for_each_block,
     head_input_stats,
-    shared_inputs,
     walk_blocks,
 )
 from lmcompress.calibration.offload import read_only, track
@@ -46,6 +44,7 @@ from lmcompress.models.families import (
     weight_matrix,
 )
 from lmcompress.models.sparsity import measure_sparsity  # noqa: F401  (public here: lmcompress.measure_sparsity)
+from lmcompress.transforms.layerwise import compress_layers
 from lmcompress.transforms.quantize import check_quant_grid
 
 log = logging.getLogger(__name__)
@@ -269,6 +268,21 @@ class PruneReport:
         """Everything but the tensors, JSON-ready."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "quantized"}
 
+    def recipe_fields(self) -> dict:
+        """What the recipe (``lmcompress.json``) says this run did: its config's fields, then the results."""
+        joint = {} if self.quantized is None else {"mask_sparsity": self.mask_sparsity}
+        return {
+            **self.config,
+            "achieved_sparsity": self.sparsity,
+            "block_targets": self.block_targets,
+            "layer_sparsity": self.layer_sparsity,
+            "outlier_ratios": self.outlier_ratios,
+            "owl_lambda_effective": self.owl_lambda_effective,
+            "damping_raised": self.damping,
+            "in_block_fallback": self.in_block_fallback,
+            **joint,
+        }
+
 
 @dataclass
 class _LayerResult:
@@ -386,6 +400,68 @@ def owl_pass(
     return ratios, owl_allocation(ratios, target, owl_lambda)
 
 
+def block_targets(
+    model: nn.Module, config: PruneConfig, calib: torch.Tensor | None, device: torch.device, progress: bool
+) -> tuple[list[float], list[float] | None, float | None]:
+    """Each block's target sparsity, with OWL's outlier ratios and effective λ (``None`` without OWL): the
+    config's target everywhere, OWL's allocation, or (per-layer targets) each block's layers weighted by size."""
+    blocks, prefix = get_blocks(model), blocks_path(model)
+    if config.allocation == "owl":
+        ratios, owl = owl_pass(model, calib, device, config.target, config.owl_m, config.owl_lambda, progress=progress)
+        log.info("OWL block sparsities: %s", ", ".join(f"{s:.3f}" for s in owl.sparsities))
+        return owl.sparsities, ratios, owl.lam
+    if config.layer_targets is None:
+        return [config.target] * len(blocks), None, None
+    targets = []
+    for i, block in enumerate(blocks):
+        sizes = {f"{prefix}.{i}.{n}": weight_matrix(m).numel() for n, m in find_prunable(block).items()}
+        removed = sum(config.layer_targets[n] * k for n, k in sizes.items())
+        targets.append(removed / max(sum(sizes.values()), 1))
+    return targets, None, None
+
+
+class _Pruner:
+    """Pruning as a :class:`~lmcompress.transforms.layerwise.LayerSolver`: masks (and, joint, codes) per group,
+    and the report's dictionaries, filled block by block (registered with a stream by ``track``)."""
+
+    def __init__(self, config: PruneConfig, prefix: str, targets: list[float]) -> None:
+        self.config, self.prefix, self.targets = config, prefix, targets
+        self.layer_sparsity: dict[str, float] = {}
+        self.damping: dict[str, float] = {}
+        self.quantized: dict[str, QuantizedTensor] | None = None if config.bits is None else {}
+        self.pruned: dict[str, int] = {}  # joint mode: weights the masks removed, per layer
+        self.zeros: dict[str, int] = {}  # zeros of each pruned layer after pruning
+
+    def dicts(self) -> dict[str, dict | None]:
+        return {
+            "layer_sparsity": self.layer_sparsity, "damping": self.damping, "pruned": self.pruned,
+            "zeros": self.zeros, "quantized": self.quantized,
+        }  # fmt: skip
+
+    def solve(self, i: int, layers: dict[str, nn.Module], group: list[str], stats: InputStats | None):
+        full = [f"{self.prefix}.{i}.{name}" for name in group]
+        targets = self.config.layer_targets
+        sparsities = [self.targets[i] if targets is None else targets[f] for f in full]
+        weights = [weight_matrix(layers[name]) for name in group]
+        return prune_layers(self.config, weights, stats, sparsities, full, consume=True)
+
+    def apply(self, i: int, layers: dict[str, nn.Module], group: list[str], results: list[_LayerResult]) -> None:
+        for name, res in zip(group, results, strict=True):
+            f = f"{self.prefix}.{i}.{name}"
+            set_weight_matrix(layers[name], res.weight)
+            if res.damping is not None and res.damping > self.config.percdamp:
+                self.damping[f] = res.damping
+            if res.quantized is not None:
+                self.quantized[f"{f}.weight"] = res.quantized
+                self.pruned[f] = res.pruned
+
+    def block_done(self, i: int, layers: dict[str, nn.Module]) -> None:
+        for n, m in layers.items():  # one counting pass per weight
+            w = weight_matrix(m)
+            self.zeros[f"{self.prefix}.{i}.{n}"] = count = int(torch.count_nonzero(w == 0))
+            self.layer_sparsity[f"{self.prefix}.{i}.{n}"] = count / w.numel()
+
+
 def prune(
     model: nn.Module,
     config: PruneConfig,
@@ -406,116 +482,40 @@ def prune(
     device = torch.device(device)
     if config.needs_calibration and (calib is None or calib.numel() == 0):
         raise UserError(f"{config.method} with {config.allocation} allocation needs calibration data")
-    blocks = get_blocks(model)
-    prefix = blocks_path(model)
     config.check_model(model)
     model.eval()
 
-    ratios = owl_lambda = None
-    targets = [config.target] * len(blocks)
-    if config.allocation == "owl":
-        ratios, owl = owl_pass(model, calib, device, config.target, config.owl_m, config.owl_lambda, progress=progress)
-        targets, owl_lambda = owl.sparsities, owl.lam
-        log.info("OWL block sparsities: %s", ", ".join(f"{s:.3f}" for s in targets))
-    elif config.layer_targets is not None:  # each block's target: its layers' sparsities weighted by size
-        targets = []
-        for i, block in enumerate(blocks):
-            sizes = {f"{prefix}.{i}.{n}": weight_matrix(m).numel() for n, m in find_prunable(block).items()}
-            removed = sum(config.layer_targets[n] * k for n, k in sizes.items())
-            targets.append(removed / max(sum(sizes.values()), 1))
-
-    layer_sparsity: dict[str, float] = {}
-    damping: dict[str, float] = {}
-    quantized: dict[str, QuantizedTensor] | None = None if config.bits is None else {}
-    pruned: dict[str, int] = {}  # joint mode: weights the masks removed, per layer
-    zeros: dict[str, int] = {}  # zeros of each pruned layer after pruning
-    track(model, layer_sparsity=layer_sparsity, damping=damping, pruned=pruned, zeros=zeros, quantized=quantized)
-
-    fallback: dict[str, int] = {}
-
-    def solver(i: int, layers: dict[str, nn.Module]):
-        def solve(group: list[str], stat: InputStats | None) -> list[_LayerResult]:
-            full = [f"{prefix}.{i}.{name}" for name in group]
-            sparsities = [targets[i] if config.layer_targets is None else config.layer_targets[f] for f in full]
-            weights = [weight_matrix(layers[name]) for name in group]
-            return prune_layers(config, weights, stat, sparsities, full, consume=True)
-
-        return solve
-
-    def applier(i: int, layers: dict[str, nn.Module]):
-        def apply(group: list[str], results: list[_LayerResult]) -> None:
-            for name, res in zip(group, results, strict=True):
-                f = f"{prefix}.{i}.{name}"
-                set_weight_matrix(layers[name], res.weight)
-                if res.damping is not None and res.damping > config.percdamp:
-                    damping[f] = res.damping
-                if res.quantized is not None:
-                    quantized[f"{f}.weight"] = res.quantized
-                    pruned[f] = res.pruned
-
-        return apply
-
-    def measure(i: int, layers: dict[str, nn.Module]) -> None:
-        for n, m in layers.items():  # one counting pass per weight
-            w = weight_matrix(m)
-            zeros[f"{prefix}.{i}.{n}"] = count = int(torch.count_nonzero(w == 0))
-            layer_sparsity[f"{prefix}.{i}.{n}"] = count / w.numel()
-
-    if config.method == "magnitude":
-
-        def magnitude_block(i: int, block: nn.Module) -> None:
-            layers = find_prunable(block)
-            solve, apply = solver(i, layers), applier(i, layers)
-            groups = shared_inputs(layers, None)
-            results = spread(groups, lambda g: solve(g, None), lambda g: solve_cost(layers, g))
-            for group, result in zip(groups, results, strict=True):
-                apply(group, result)
-            measure(i, layers)
-
-        for_each_block(model, magnitude_block, desc="magnitude", progress=progress)
-        last = None
-    else:
-        hessian = config.method == "sparsegpt"
-
-        def visit(i: int, block: nn.Module, inputs: BlockInputs) -> bool:
-            layers = find_prunable(block)
-            done, why = compress_block(
-                block,
-                inputs,
-                list(layers),
-                solver(i, layers),
-                applier(i, layers),
-                lambda g: solve_cost(layers, g),
-                hessian=hessian,
-                in_block=config.in_block,
-            )
-            if why is not None:
-                fallback[why] = fallback.get(why, 0) + 1
-            measure(i, layers)
-            return done
-
-        last = walk_blocks(
-            model, calib, device, visit, desc=config.method, progress=progress, last_outputs=config.include_head
-        )
-        for why, n in fallback.items():
-            log.warning("%d blocks compressed in the parallel order: %s", n, why)
-
+    targets, ratios, owl_lambda = block_targets(model, config, calib, device, progress)
+    pruner = _Pruner(config, blocks_path(model), targets)
+    track(model, **pruner.dicts())
+    last, fallback = compress_layers(
+        model,
+        pruner,
+        None if config.method == "magnitude" else calib,
+        device,
+        hessian=config.method == "sparsegpt",
+        in_block=config.in_block,
+        last_outputs=config.include_head,
+        desc=config.method,
+        progress=progress,
+    )
     if config.include_head:
-        layer_sparsity.update(_prune_head(model, config, last, device))
-        zeros["lm_head"] = int((model.get_output_embeddings().weight == 0).sum())
+        pruner.layer_sparsity.update(_prune_head(model, config, last, device))
+        pruner.zeros["lm_head"] = int((model.get_output_embeddings().weight == 0).sum())
 
     # counted block by block: a streamed model's blocks are back on disk (numel reads only the shapes)
     total = sum(weight_matrix(m).numel() for m in _pruned_modules(model, config).values())
+    quantized = pruner.quantized
     return PruneReport(
         config=config.to_dict(),
         block_targets=targets,
-        layer_sparsity=layer_sparsity,
-        sparsity=sum(zeros.values()) / max(total, 1),
+        layer_sparsity=pruner.layer_sparsity,
+        sparsity=sum(pruner.zeros.values()) / max(total, 1),
         outlier_ratios=ratios,
-        damping=damping,
+        damping=pruner.damping,
         wall_time_s=time.perf_counter() - start,
         quantized=quantized,
-        mask_sparsity=None if quantized is None else sum(pruned.values()) / max(total, 1),
+        mask_sparsity=None if quantized is None else sum(pruner.pruned.values()) / max(total, 1),
         owl_lambda_effective=owl_lambda,
         in_block_fallback=fallback,
     )

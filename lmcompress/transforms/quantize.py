@@ -19,13 +19,14 @@ from torch import nn
 
 from lmcompress.algorithms.gptq import GPTQResult, gptq_quantize
 from lmcompress.algorithms.quant import GRIDS, QuantizedTensor, QuantSpec, rtn_quantize, scale_storage_dtype
-from lmcompress.calibration.compress import IN_BLOCK, compress_block
-from lmcompress.calibration.distributed import solve_cost, spread
-from lmcompress.calibration.engine import BlockInputs, for_each_block, head_input_stats, walk_blocks
+from lmcompress.calibration.compress import IN_BLOCK
+from lmcompress.calibration.distributed import spread
+from lmcompress.calibration.engine import BlockInputs, head_input_stats
 from lmcompress.calibration.offload import track
 from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
-from lmcompress.models.families import blocks_path, find_prunable, set_weight_matrix, weight_matrix
+from lmcompress.models.families import blocks_path, set_weight_matrix, weight_matrix
+from lmcompress.transforms.layerwise import compress_layers
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,18 @@ class QuantReport:
         out["nominal_bits_per_weight"] = self.nominal_bits_per_weight
         return out
 
+    def recipe_fields(self) -> dict:
+        """What the recipe (``lmcompress.json``) says this run did: the config under ``quantization``, the results."""
+        return {
+            "quantization": self.config,
+            "quantized_layers": len(self.quantized),
+            "quantized_weights": self.weights,
+            "nominal_bits_per_weight": self.nominal_bits_per_weight,
+            "layer_loss": self.layer_loss,
+            "damping_raised": self.damping,
+            "in_block_fallback": self.in_block_fallback,
+        }
+
 
 def nominal_bits_per_weight(quantized: dict[str, QuantizedTensor]) -> float:
     """Code bits plus each group's scale (in the dtype packed storage keeps it in: fp16 when that is exact, else
@@ -164,6 +177,61 @@ def nominal_bits_per_weight(quantized: dict[str, QuantizedTensor]) -> float:
         bits += q.codes.numel() * q.spec.bits + q.scale.numel() * per_group + g_idx
         weights += q.codes.numel()
     return bits / max(weights, 1)
+
+
+class _Quantizer:
+    """Quantization as a :class:`~lmcompress.transforms.layerwise.LayerSolver`: RTN layer by layer, or GPTQ on
+    the layers reading one input stacked; the report's dictionaries filled block by block (``track``)."""
+
+    def __init__(self, config: QuantConfig, prefix: str, device: torch.device) -> None:
+        self.config, self.prefix, self.device, self.spec = config, prefix, device, config.spec
+        self.quantized: dict[str, QuantizedTensor] = {}
+        self.layer_loss: dict[str, float] = {}
+        self.damping: dict[str, float] = {}
+
+    def solve(
+        self, i: int, layers: dict[str, nn.Module], group: list[str], stats: InputStats | None
+    ) -> GPTQResult | QuantizedTensor:
+        if stats is None:  # RTN: one layer, from its weights alone
+            return rtn_quantize(weight_matrix(layers[group[0]]).to(self.device).float(), self.spec)
+        config = self.config
+        w = torch.cat([weight_matrix(layers[name]).float() for name in group])
+        mask = (w == 0) if config.keep_zeros else None
+        if mask is not None and not mask.any():
+            mask = None
+        return gptq_quantize(
+            w,
+            stats.hessian,
+            self.spec,
+            blocksize=config.blocksize,
+            percdamp=config.percdamp,
+            act_order=config.act_order,
+            static_groups=config.static_groups,
+            mask=mask,
+            layer=" + ".join(f"{self.prefix}.{i}.{name}" for name in group),
+            consume_hessian=True,  # each group's statistics serve this one solve
+        )
+
+    def apply(self, i: int, layers: dict[str, nn.Module], group: list[str], res: GPTQResult | QuantizedTensor) -> None:
+        if isinstance(res, QuantizedTensor):
+            self._store(i, group[0], layers[group[0]], res.dequantize(), res)
+            return
+        r0 = 0
+        for name in group:
+            r1 = r0 + weight_matrix(layers[name]).shape[0]
+            f = f"{self.prefix}.{i}.{name}"
+            self._store(i, name, layers[name], res.weight[r0:r1], res.quantized.rows(r0, r1))
+            self.layer_loss[f] = res.row_loss[r0:r1].sum().item()
+            if res.damping > self.config.percdamp:
+                self.damping[f] = res.damping
+            r0 = r1
+
+    def _store(self, i: int, name: str, module: nn.Module, new: torch.Tensor, qt: QuantizedTensor) -> None:
+        set_weight_matrix(module, new)
+        self.quantized[f"{self.prefix}.{i}.{name}.weight"] = qt.to("cpu")
+
+    def block_done(self, i: int, layers: dict[str, nn.Module]) -> None:
+        pass
 
 
 def quantize(
@@ -184,81 +252,22 @@ def quantize(
     if config.needs_calibration and (calib is None or calib.numel() == 0):
         raise UserError("GPTQ needs calibration data (give calib_data); RTN does not", param="calib_data")
     device = torch.device(device)
-    prefix = blocks_path(model)
-    spec = config.spec
     model.eval()
 
-    quantized: dict[str, QuantizedTensor] = {}
-    layer_loss: dict[str, float] = {}
-    damping: dict[str, float] = {}
-    track(model, quantized=quantized, layer_loss=layer_loss, damping=damping)
-
-    def store(i: int, name: str, module: nn.Module, new: torch.Tensor, qt: QuantizedTensor) -> None:
-        set_weight_matrix(module, new)
-        quantized[f"{prefix}.{i}.{name}.weight"] = qt.to("cpu")
-
-    @torch.no_grad()
-    def rtn_block(i: int, block: nn.Module) -> None:
-        for name, module in find_prunable(block).items():
-            qt = rtn_quantize(weight_matrix(module).to(device).float(), spec)
-            store(i, name, module, qt.dequantize(), qt)
-
-    fallback: dict[str, int] = {}
-
-    @torch.no_grad()
-    def gptq_block(i: int, block: nn.Module, inputs: BlockInputs) -> bool:
-        layers = find_prunable(block)
-
-        def solve(group: list[str], stat: InputStats) -> GPTQResult:  # layers reading one input: one solve
-            w = torch.cat([weight_matrix(layers[name]).float() for name in group])
-            mask = (w == 0) if config.keep_zeros else None
-            if mask is not None and not mask.any():
-                mask = None
-            return gptq_quantize(
-                w,
-                stat.hessian,
-                spec,
-                blocksize=config.blocksize,
-                percdamp=config.percdamp,
-                act_order=config.act_order,
-                static_groups=config.static_groups,
-                mask=mask,
-                layer=" + ".join(f"{prefix}.{i}.{name}" for name in group),
-                consume_hessian=True,  # each group's statistics serve this one solve
-            )
-
-        def apply(group: list[str], res: GPTQResult) -> None:
-            r0 = 0
-            for name in group:
-                r1 = r0 + weight_matrix(layers[name]).shape[0]
-                f = f"{prefix}.{i}.{name}"
-                store(i, name, layers[name], res.weight[r0:r1], res.quantized.rows(r0, r1))
-                layer_loss[f] = res.row_loss[r0:r1].sum().item()
-                if res.damping > config.percdamp:
-                    damping[f] = res.damping
-                r0 = r1
-
-        done, why = compress_block(
-            block,
-            inputs,
-            list(layers),
-            solve,
-            apply,
-            lambda g: solve_cost(layers, g),
-            hessian=True,
-            in_block=config.in_block,
-        )
-        if why is not None:
-            fallback[why] = fallback.get(why, 0) + 1
-        return done
-
-    last = None
-    if config.method == "rtn":
-        for_each_block(model, rtn_block, desc="rtn", progress=progress)
-    else:
-        last = walk_blocks(
-            model, calib, device, gptq_block, desc="gptq", progress=progress, last_outputs=config.include_head
-        )
+    quantizer = _Quantizer(config, blocks_path(model), device)
+    quantized, layer_loss = quantizer.quantized, quantizer.layer_loss
+    track(model, quantized=quantized, layer_loss=layer_loss, damping=quantizer.damping)
+    last, fallback = compress_layers(
+        model,
+        quantizer,
+        calib if config.method == "gptq" else None,
+        device,
+        hessian=True,
+        in_block=config.in_block,
+        last_outputs=config.include_head,
+        desc=config.method,
+        progress=progress,
+    )
     if config.include_head:
         qt, loss = _quantize_head(model, config, last, device)
         quantized["lm_head.weight"] = qt
@@ -269,7 +278,7 @@ def quantize(
         config=config.to_dict(),
         quantized=quantized,
         layer_loss=layer_loss,
-        damping=damping,
+        damping=quantizer.damping,
         weights=sum(q.codes.numel() for q in quantized.values()),  # codes keep their shape when streamed
         wall_time_s=time.perf_counter() - start,
         in_block_fallback=fallback,

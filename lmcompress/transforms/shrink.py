@@ -117,6 +117,22 @@ class StructureReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def recipe_fields(self) -> dict:
+        """What the recipe (``lmcompress.json``) says this run did: its config's fields, then the new shapes."""
+        return {
+            **self.config,
+            "uniform": self.uniform,
+            "ffn_widths": self.ffn_widths,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "block_ratios": self.block_ratios,
+            "removed_units": self.removed,
+            "outlier_ratios": self.outlier_ratios,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "surgery": self.surgery,
+        }
+
 
 # --------------------------------------------------------------------------------------------------- surgery
 
