@@ -124,5 +124,19 @@ def test_readme_layout_names_every_room():
     assert not missing, f"README.md's Layout does not name {missing}"
 
 
+def test_ci_runs_the_readme_installs_and_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    steps = [
+        part.strip()
+        for block in blocks(ROOT / "README.md", "bash")
+        for line in block.splitlines()
+        for part in line.split("&&")
+        if part.strip().startswith(("pip install", "python -m pytest"))
+    ]
+    assert len(steps) >= 3  # the demo's install, the test install, the test command
+    for step in steps:
+        assert ("python -m " + step if step.startswith("pip ") else step) in ci, step
+
+
 def test_readme_stays_a_map():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 160  # reference material goes to docs/
