@@ -84,11 +84,24 @@ def compress_block(
         for group, result in zip(groups, spread(groups, lambda g: solve(g, held.pop(g[0])), cost), strict=True):
             apply(group, result)
         return False, None if in_block == "parallel" else why
-
     by_key: dict[tuple, list[str]] = {}
     for name in keys:  # first-call order: each group in the order its layers run
         by_key.setdefault(keys[name], []).append(name)
-    groups = list(by_key.values())
+    _one_pass(block, inputs, modules, list(by_key.values()), new, solve, apply)
+    return True, None
+
+
+def _one_pass(
+    block: nn.Module,
+    inputs: BlockInputs,
+    modules: dict[str, nn.Module],
+    groups: list[list[str]],
+    new: Callable[[str, nn.Module], InputStats],
+    solve: Callable[[list[str], InputStats], R],
+    apply: Callable[[list[str], R], None],
+) -> None:
+    """The sequential order: the block's calls take turns; at each group's first layer they all add their inputs,
+    the last one to arrive solves the group, and each call's outputs replace its inputs once its forward is done."""
     n, step = inputs.hidden.shape[0], max(1, inputs.batch)
     spans = [(i, min(i + step, n)) for i in range(0, n, step)]  # the windows of each block call
     made: dict[int, InputStats] = {}
@@ -128,4 +141,3 @@ def compress_block(
     if len(solved) < len(groups):
         missed = [g[0] for k, g in enumerate(groups) if k not in solved]
         raise RuntimeError(f"layers {missed} were not reached by the block's calls: use --in-block parallel")
-    return True, None

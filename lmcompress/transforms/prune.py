@@ -124,31 +124,9 @@ class PruneConfig:
                 param="allocation",
             )
         if self.layer_targets is not None:
-            if pattern.is_nm:
-                raise UserError("a per-layer allocation needs pattern unstructured", param="pattern")
-            if not self.layer_targets:
-                raise UserError("the allocation file names no layers", param="allocation")
-            bad = {k: v for k, v in self.layer_targets.items() if not 0.0 <= v < 1.0}
-            if bad:
-                name, value = next(iter(bad.items()))
-                raise UserError(
-                    f"per-layer sparsities must be fractions in [0, 1): {len(bad)} are not (e.g. {name}: {value})",
-                    param="allocation",
-                )
-            self.sparsity = sum(self.layer_targets.values()) / len(self.layer_targets)  # nominal (by layers)
+            self._check_layer_targets(pattern)
         if pattern.is_nm:
-            if self.sparsity is not None and abs(self.sparsity - pattern.sparsity) > 1e-9:
-                raise UserError(
-                    f"sparsity {self.sparsity} contradicts pattern {pattern}, which means {pattern.sparsity:g} "
-                    "of the weights removed; leave sparsity out with an N:M pattern",
-                    param="sparsity",
-                )
-            self.sparsity = pattern.sparsity
-            if self.allocation == "owl":
-                raise UserError(
-                    "OWL allocation varies the removed fraction per block; use it with pattern unstructured",
-                    param="pattern",
-                )
+            self._check_nm(pattern)
         if self.sparsity is None:
             raise UserError("give sparsity (a fraction in [0, 1)) or an N:M pattern", param=("sparsity", "pattern"))
         if not 0.0 <= self.sparsity < 1.0:
@@ -169,18 +147,52 @@ class PruneConfig:
                 param="blocksize",
             )
         if self.bits is not None:
-            if self.method != "sparsegpt":
-                raise UserError(
-                    f"bits (joint pruning + quantization) works only with method sparsegpt, not {self.method}; "
-                    "to quantize a model pruned another way, quantize the pruned model (`lmcompress quantize`)",
-                    param=("bits", "method"),
-                )
-            check_quant_grid(self.bits, self.group_size)
-            if self.include_head:
-                raise UserError(
-                    "include_head cannot be combined with bits: the output head is not quantized",
-                    param=("include_head", "bits"),
-                )
+            self._check_joint()
+
+    def _check_layer_targets(self, pattern: Pattern) -> None:
+        """Per-layer sparsities: unstructured, at least one, each in [0, 1); ``sparsity`` becomes their mean."""
+        if pattern.is_nm:
+            raise UserError("a per-layer allocation needs pattern unstructured", param="pattern")
+        if not self.layer_targets:
+            raise UserError("the allocation file names no layers", param="allocation")
+        bad = {k: v for k, v in self.layer_targets.items() if not 0.0 <= v < 1.0}
+        if bad:
+            name, value = next(iter(bad.items()))
+            raise UserError(
+                f"per-layer sparsities must be fractions in [0, 1): {len(bad)} are not (e.g. {name}: {value})",
+                param="allocation",
+            )
+        self.sparsity = sum(self.layer_targets.values()) / len(self.layer_targets)  # nominal (by layers)
+
+    def _check_nm(self, pattern: Pattern) -> None:
+        """An N:M pattern implies the sparsity (N/M removed) and one fraction in every block (no OWL)."""
+        if self.sparsity is not None and abs(self.sparsity - pattern.sparsity) > 1e-9:
+            raise UserError(
+                f"sparsity {self.sparsity} contradicts pattern {pattern}, which means {pattern.sparsity:g} "
+                "of the weights removed; leave sparsity out with an N:M pattern",
+                param="sparsity",
+            )
+        self.sparsity = pattern.sparsity
+        if self.allocation == "owl":
+            raise UserError(
+                "OWL allocation varies the removed fraction per block; use it with pattern unstructured",
+                param="pattern",
+            )
+
+    def _check_joint(self) -> None:
+        """Joint pruning + quantization (``bits``): SparseGPT only, a valid grid, not the output head."""
+        if self.method != "sparsegpt":
+            raise UserError(
+                f"bits (joint pruning + quantization) works only with method sparsegpt, not {self.method}; "
+                "to quantize a model pruned another way, quantize the pruned model (`lmcompress quantize`)",
+                param=("bits", "method"),
+            )
+        check_quant_grid(self.bits, self.group_size)
+        if self.include_head:
+            raise UserError(
+                "include_head cannot be combined with bits: the output head is not quantized",
+                param=("include_head", "bits"),
+            )
 
     def check_model(self, model: nn.Module) -> None:
         """UserError, naming the layers, unless an N:M pattern's M divides the input width of every layer pruned.
