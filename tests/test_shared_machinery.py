@@ -11,6 +11,8 @@ import torch
 from lmcompress.algorithms.units import UnitStats
 from lmcompress.calibration.engine import capture_block_inputs, collect, collect_input_stats, run_block, walk_blocks
 from lmcompress.calibration.stats import GRAM_SLAB, InputRows, InputStats, add_gram_, fill_lower_
+from lmcompress.checkpoint.folder import json_text
+from lmcompress.errors import UserError
 from lmcompress.jobs import (
     drop_experts_pretrained,
     factorize_pretrained,
@@ -217,6 +219,81 @@ def test_every_job_reports_transform_time_and_whole_job_time_the_same_way(kind, 
     assert 0 < report.wall_time_s < recipe["wall_time_s"]  # the whole job also loaded the model and the text
     assert {"load", "transform (rest)"} <= set(recipe["timings_s"])
     assert sum(recipe["timings_s"].values()) <= recipe["wall_time_s"] + 0.01
+    said = json.loads(json_text(report.recipe_fields()))  # the report says what the recipe records
+    said.pop("surgery", None)  # the recipe puts a resized source's records first
+    assert said and {k: recipe[k] for k in said} == said
+
+
+def test_job_options_check_themselves_and_are_the_clis_job_keys():
+    from lmcompress.cli.options import JOB_KEYS
+    from lmcompress.job_options import JobOptions, names
+
+    assert set(JOB_KEYS) | {"progress"} == set(names())
+    assert JobOptions(offload=" Disk ").offload == "disk"
+    for bad in ({"offload": "tape"}, {"nsamples": 0}, {"seqlen": 0}, {"nsamples": True}):
+        with pytest.raises(UserError) as caught:
+            JobOptions(**bad)
+        assert caught.value.params == tuple(bad)
+    with pytest.raises(TypeError, match="nsample"):
+        JobOptions.of({"nsample": 4})
+
+
+def test_a_job_refuses_bad_options_before_writing_anything(tiny_folder, tmp_path):
+    with pytest.raises(UserError, match="nsamples"):
+        prune_pretrained(tiny_folder("llama"), PruneConfig("magnitude", 0.5), tmp_path / "o", nsamples=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_placements_in_memory_shared_over_ranks_or_streamed(tiny_folder, monkeypatch):
+    """One process: in memory or streamed; several ranks: shared, and streaming is refused before any work."""
+    import lmcompress.jobs as jobs
+    from lmcompress.calibration import distributed
+    from lmcompress.job_options import JobOptions
+    from lmcompress.streaming import Streamed
+
+    source, config = str(tiny_folder("llama")), PruneConfig("wanda", 0.5)
+
+    def placement(offload: str):
+        return jobs.choose_placement("prune", source, config, JobOptions(offload=offload), "dense")
+
+    assert isinstance(placement("disk"), Streamed) and type(placement("none")) is jobs.InMemory
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    assert type(placement("none")) is jobs.Distributed
+    with pytest.raises(UserError, match=r"torch\.distributed"):
+        placement("disk")
+
+
+@torch.no_grad()
+def test_the_walker_asks_the_block_source_to_load_finish_and_free_each_block(calib):
+    """The one loop over the blocks: load, visit, outputs, finish (with the next inputs unless unread), free."""
+    from lmcompress.calibration.offload import STREAM_ATTR, InMemory
+
+    model = build_tiny_model("llama", 320, max_positions=256)
+    plain = copy.deepcopy(model)
+    calls: list[tuple] = []
+
+    class Recording(InMemory):
+        def load(self, i, device):
+            calls.append(("load", i))
+            super().load(i, device)
+
+        def finish(self, i, hidden):
+            calls.append(("finish", i, hidden is None))
+
+        def free(self, i):
+            calls.append(("free", i))
+            super().free(i)
+
+    setattr(model, STREAM_ATTR, Recording(model))
+    n = len(get_blocks(model))
+    for last_outputs in (True, False):
+        calls.clear()
+        walked = walk_blocks(model, calib, CPU, lambda *_: None, progress=False, last_outputs=last_outputs)
+        unread = [not last_outputs and i == n - 1 for i in range(n)]
+        assert calls == [c for i in range(n) for c in (("load", i), ("finish", i, unread[i]), ("free", i))]
+    reference = walk_blocks(plain, calib, CPU, lambda *_: None, progress=False)
+    walked = walk_blocks(model, calib, CPU, lambda *_: None, progress=False)
+    assert torch.equal(walked.hidden, reference.hidden)
 
 
 # ------------------------------------------------------------------ the order of the layers inside a block
