@@ -43,10 +43,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     # (lmcompress/checkpoint/reference.py; its importers: demo.py, bench/reference.py and three test files).
     ("lmcompress.models.reference", "lmcompress.checkpoint.folder"): "move to checkpoint/reference.py",
     ("lmcompress.models.reference", "lmcompress.checkpoint.save"): "move to checkpoint/reference.py",
-    # check_device / resolve_seqlen / versions now live in lmcompress.runtime; jobs re-exports them until these
-    # two files (being edited for issue 31) import them from there.
-    ("lmcompress.measure.evaluate", "lmcompress.jobs"): "import from lmcompress.runtime",
-    ("lmcompress.measure.sweep", "lmcompress.jobs"): "import from lmcompress.runtime",
 }
 
 # The CLI registers its verbs by importing their modules, which take ``app`` from the package: a circle by design.

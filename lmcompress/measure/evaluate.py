@@ -9,9 +9,9 @@ from lmcompress.calibration.data import embedding_rows, eval_windows, load_text,
 from lmcompress.checkpoint.folder import read_recipe
 from lmcompress.checkpoint.load import load_model
 from lmcompress.errors import UserError
-from lmcompress.jobs import check_device, resolve_seqlen
 from lmcompress.measure.perplexity import perplexity
 from lmcompress.models.families import context_length, is_encoder
+from lmcompress.runtime import check_device, resolve_seqlen
 from lmcompress.transforms.prune import measure_sparsity
 
 log = logging.getLogger(__name__)

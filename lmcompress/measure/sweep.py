@@ -630,8 +630,8 @@ def _prepare(resolved: str, config: SweepConfig, specs, todo: list, device: str,
     """Load the dense model and everything its points share; checks the structured points against it."""
     from lmcompress.calibration.data import draw
     from lmcompress.checkpoint.load import load_model
-    from lmcompress.jobs import resolve_seqlen, versions
     from lmcompress.measure.tasks import LM, prepare_tasks
+    from lmcompress.runtime import resolve_seqlen, versions
 
     net, tokenizer = load_model(resolved, dtype=config.dtype, **flags)
     check_shrink_points(net, [p for p in todo if p is not None])
@@ -741,8 +741,8 @@ def run_sweep(
     holds its PID and a second sweep into the same folder is refused.
     """
     from lmcompress.checkpoint.load import resolve_source
-    from lmcompress.jobs import check_device
     from lmcompress.measure.tasks import parse_tasks
+    from lmcompress.runtime import check_device
 
     config.validate()
     specs = parse_tasks(config.tasks) if config.tasks else []
