@@ -7,8 +7,9 @@ from collections.abc import Mapping
 
 
 def _word(name: str) -> re.Pattern:
-    """``name`` as a word of its own: not part of an identifier, a flag, a quoted string or a path."""
-    return re.compile(rf"(?<![\w\-/\\.'\"]){re.escape(name)}(?![\w\-/\\'\"]|\.\w)")
+    """``name`` as a word of its own: not part of an identifier, a flag, a quoted string, a path or a package's
+    extra (``lmcompress[harness]``)."""
+    return re.compile(rf"(?<![\w\-/\\.'\"\[]){re.escape(name)}(?![\w\-/\\'\"\]]|\.\w)")
 
 
 class UserError(ValueError):

@@ -155,7 +155,7 @@ def test_integer_tensors_for_float_weights_are_refused(tmp_path, tiny_folder, ca
     name = "model.layers.0.self_attn.q_proj.weight"
     state[name] = state[name].view(torch.int32)  # the float bytes, read as I32
     save_file(state, src / "model.safetensors", metadata={"format": "pt"})
-    for offload in ("none", "auto"):
+    for offload in ("none", "auto", "disk"):
         assert run(["prune", str(src), *MAGNITUDE, "--offload", offload, "-o", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert "float weights as integers" in err and name in err
@@ -374,3 +374,97 @@ def test_full_disk_errno_from_the_os_still_maps(tmp_path):
 
     with pytest.raises(UserError, match="disk is full"):
         save_atomic(tmp_path / "out", full, overwrite=False)
+
+
+# generate ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--threads", "100000"], "CPU cores"),
+        (["--threads", "0"], "CPU cores"),
+        (["--device", "meta"], "unsupported --device 'meta'"),
+        (["--seed", str(2**64)], "--seed"),
+        (["--max-new-tokens", "300"], "exceeds the model's context of"),
+    ],
+)
+def test_generate_refuses_bad_options(tiny_folder, capsys, extra, expected):
+    assert run(["generate", str(tiny_folder("llama")), "-p", "the cat sat", *extra]) == 2
+    captured = capsys.readouterr()
+    assert expected in captured.err + captured.out
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context(tiny_folder, capsys):
+    prompt = "the cat sat on the mat " * 60
+    assert run(["generate", str(tiny_folder("llama")), "-p", prompt, "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "exceeds the model's context" in err and "--max-new-tokens" in err
+
+
+def test_generate_refuses_a_prompt_of_invalid_utf8(tiny_folder, capsys):
+    prompt = b"\xff\xfe abc".decode("utf-8", "surrogateescape")  # what Python makes of such argv bytes
+    assert run(["generate", str(tiny_folder("llama")), "-p", prompt, "--max-new-tokens", "2"]) == 2
+    assert "not valid UTF-8" in capsys.readouterr().err
+
+
+def test_hostile_chat_template_is_a_clear_error(tmp_path, tiny_folder, capsys):
+    src = copy_model(tiny_folder, tmp_path / "model")
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    marker = tmp_path / "ran"
+    config["chat_template"] = (
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}{{ cycler.__init__.__globals__.os.system('touch "
+        + str(marker)
+        + "') }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    assert run(["generate", str(src), "-p", "hi", "--chat", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "chat_template cannot be applied" in err and "SecurityError" in err
+    assert not marker.exists()
+
+
+def test_generate_and_export_take_the_flags_their_messages_name(tmp_path, tiny_folder, capsys):
+    src = copy_model(tiny_folder, tmp_path / "model")
+    torch.save(load_file(src / "model.safetensors"), src / "pytorch_model.bin")
+    (src / "model.safetensors").unlink()
+    for argv in (
+        ["generate", str(src), "-p", "hi", "--max-new-tokens", "2"],
+        ["export", str(src), "--format", "gguf", "--type", "f32", "-o", str(tmp_path / "m.gguf")],
+    ):
+        assert run(argv) == 2
+        err = capsys.readouterr().err
+        assert "--allow-pickle" in err and "allow_pickle" not in err, err
+    assert run(["info", str(src), "--profile"]) == 2
+    err = capsys.readouterr().err
+    assert "only pickle checkpoints" in err and "allow_pickle" not in err
+    assert run(["generate", str(src), "-p", "hi", "--max-new-tokens", "2", "--allow-pickle"]) == 0
+    argv = ["export", str(src), "--format", "gguf", "--type", "f32", "-o", str(tmp_path / "m.gguf")]
+    assert run([*argv, "--allow-pickle"]) == 0
+    assert run(["info", str(src), "--allow-pickle"]) == 2  # only with --profile
+    assert "--allow-pickle does not apply without --profile" in capsys.readouterr().err
+
+
+def test_package_extras_in_messages_are_not_renamed_as_flags():
+    error = UserError("harness needs lm-eval: pip install 'lmcompress[harness]'", param="harness")
+    assert str(error.renamed({"harness": "--harness"})) == "--harness needs lm-eval: pip install 'lmcompress[harness]'"
+
+
+def test_full_disk_while_streaming_names_the_kept_work_folder(tmp_path, tiny_folder, capsys, monkeypatch):
+    import lmcompress.checkpoint.stream as stream
+
+    def full(path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stream, "write_safetensors", full)
+    argv = ["prune", str(tiny_folder("llama")), *MAGNITUDE, "--offload", "disk", "-o", str(tmp_path / "out")]
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert "disk is full" in err and ".out.partial" in err and "--resume" in err
+    assert "nothing was written" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial"]
+    assert not [p for p in (tmp_path / ".out.partial").iterdir() if ".tmp-" in p.name], "a half-written block is left"
+    monkeypatch.undo()
+    assert run([*argv, "--resume"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

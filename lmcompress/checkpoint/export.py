@@ -71,7 +71,14 @@ def _check_grid(quantized: dict) -> None:
         )
 
 
-def export_compressed_tensors(folder: str | Path, output: str | Path, *, overwrite: bool = False) -> dict:
+def export_compressed_tensors(
+    folder: str | Path,
+    output: str | Path,
+    *,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> dict:
     """Write ``folder`` (a quantized lmcompress folder) as a compressed-tensors ``pack-quantized`` folder."""
     from lmcompress.checkpoint.packed import read_packed
 
@@ -95,7 +102,7 @@ def export_compressed_tensors(folder: str | Path, output: str | Path, *, overwri
     from lmcompress.checkpoint.load import load
     from lmcompress.models.sparsity import measure_sparsity
 
-    model, tokenizer = load(folder, dtype="float32")
+    model, tokenizer = load(folder, dtype="float32", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     dtype = source_dtype(model.config) or torch.float32
     sparsity, _ = measure_sparsity(model)
     if not quantized:

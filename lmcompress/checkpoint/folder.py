@@ -207,9 +207,25 @@ def _write_error(target: Path, exc: Exception) -> UserError:
     code = getattr(exc, "errno", None)
     full = code in (errno.ENOSPC, errno.EDQUOT) or any(w in str(exc) for w in ("StorageFull", "No space left"))
     hint = " (the disk is full)" if full else ""
+    work = _work_folder(target)
+    if work is not None:  # a streamed run keeps its finished blocks to resume from: say so, not "nothing written"
+        return UserError(
+            f"could not write {target}: {reason}{hint}; the blocks finished so far are kept in {work}: free space "
+            f"and rerun the same command with resume to continue, or delete {work}",
+            param="resume",
+        )
     return UserError(
         f"could not write {target}: {reason}{hint}; nothing was written: free space or choose another output folder"
     )
+
+
+def _work_folder(target: Path) -> Path | None:
+    """The work folder ``.NAME.partial`` of a streamed run that ``target`` lies in or is the output of, if any."""
+    for folder in (target, *target.parents):
+        if folder.name.startswith(".") and folder.name.endswith(".partial"):
+            return folder
+    sibling = target.parent / f".{target.name}.partial"
+    return sibling if sibling.is_dir() else None
 
 
 def _is_write_error(exc: Exception) -> bool:

@@ -378,28 +378,30 @@ def _quiet_gguf():
 # the export
 
 
-def _read_source(source: str | Path, recipe: dict | None):
+def _read_source(
+    source: str | Path, recipe: dict | None, *, trust_remote_code: bool = False, allow_pickle: bool = False
+):
     """``(config, tokenizer, state, quantized)``: float32 tensors by HF name and the exact codes of quantized ones."""
     from transformers import AutoTokenizer
 
-    from lmcompress.checkpoint.load import load, load_config, resolve_source
+    from lmcompress.checkpoint.load import load, load_config, resolve_source, tokenizer_error
 
     path = Path(str(source)).expanduser()
     if recipe and recipe.get("storage") == "packed":
         from lmcompress.checkpoint.packed import read_packed, strip_marker
 
-        config = load_config(str(path))
+        config = load_config(str(path), trust_remote_code)
         strip_marker(config)
         gguf_family(config)  # refuse before reading the weights
         state, quantized = read_packed(path, recipe)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except Exception as exc:
-            raise UserError(f"could not load the tokenizer of {path}: {exc}") from None
+            raise tokenizer_error(path, exc) from None
         return config, tokenizer, {k: v.float() for k, v in state.items()}, quantized
-    config = load_config(resolve_source(source))
+    config = load_config(resolve_source(source, allow_pickle), trust_remote_code)
     gguf_family(config)
-    model, tokenizer = load(source, dtype="float32")
+    model, tokenizer = load(source, dtype="float32", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     return model.config, tokenizer, {k: v.detach().float() for k, v in model.state_dict().items()}, {}
 
 
@@ -410,6 +412,8 @@ def export_gguf(
     qtype: str = "auto",
     embed_type: str = "auto",
     overwrite: bool = False,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> dict:
     """Write ``source`` (an lmcompress folder, a plain folder or a hub id) as the GGUF file ``output``.
 
@@ -436,7 +440,9 @@ def export_gguf(
             f"{source} has resized or factorized layers (surgery): llama.cpp's graphs expect the original shapes; "
             "GGUF export takes pruned and quantized models only"
         )
-    config, tokenizer, state, quantized = _read_source(source, recipe)
+    config, tokenizer, state, quantized = _read_source(
+        source, recipe, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     family = gguf_family(config)
     warnings: list[str] = []
     _check_config(config, warnings)

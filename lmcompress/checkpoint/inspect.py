@@ -105,7 +105,9 @@ _RECIPE_SUMMARY = (
 )
 
 
-def _roles(folder: Path, recipe: dict | None) -> tuple[set[str], set[str], dict[str, int]]:
+def _roles(
+    folder: Path, recipe: dict | None, trust_remote_code: bool = False
+) -> tuple[set[str], set[str], dict[str, int]]:
     """``(embeddings, linear weights, sizes)``: parameter names of embedding tables / output head, and of the
     other ``nn.Linear`` / ``Conv1D`` layers, and the element count of every tensor, from a weightless (meta)
     model built from the config."""
@@ -113,7 +115,7 @@ def _roles(folder: Path, recipe: dict | None) -> tuple[set[str], set[str], dict[
     from lmcompress.models.families import is_prunable
     from lmcompress.models.surgery import apply_surgery
 
-    config = load_config(str(folder))
+    config = load_config(str(folder), trust_remote_code)
     strip_marker(config)
     try:
         cls = auto_model_class(config)
@@ -122,7 +124,7 @@ def _roles(folder: Path, recipe: dict | None) -> tuple[set[str], set[str], dict[
 
         cls = transformers.AutoModelForCausalLM
     with torch.device("meta"):
-        model = cls.from_config(config)
+        model = cls.from_config(config, trust_remote_code=trust_remote_code)
     apply_surgery(model, (recipe or {}).get("surgery") or [])
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embeddings, linear = set(), set()
@@ -167,7 +169,7 @@ def check_health(folder: Path, index: dict) -> None:
         raise UserError(f"{folder} is damaged: {exc}") from None
 
 
-def folder_info(folder: str | Path) -> dict:
+def folder_info(folder: str | Path, *, trust_remote_code: bool = False) -> dict:
     """Size on disk by tensor kind, bits per weight and sparsity of a packed or plain safetensors folder.
 
     ``by_kind`` sums exactly to ``weights_bytes``, the size of the weight files (``header`` is the
@@ -186,7 +188,7 @@ def folder_info(folder: str | Path) -> dict:
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} is not a model folder (no config.json)")
     recipe = read_recipe(folder)
-    embeddings, linear, sizes_of = _roles(folder, recipe)
+    embeddings, linear, sizes_of = _roles(folder, recipe, trust_remote_code)
     by_kind = dict.fromkeys(KINDS, 0)
     layouts: dict[str, int] = {}
     params = lin_params = lin_bytes = lin_nonzero = dense_equiv = 0
@@ -236,7 +238,11 @@ def folder_info(folder: str | Path) -> dict:
 
         weight_files = sorted(folder.glob("*.safetensors"))
         if not weight_files:
-            raise UserError(f"{folder} holds no *.safetensors weight files")
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+            kind = (
+                f" (only pickle checkpoints: {', '.join(pickles[:3])}; info reads safetensors only)" if pickles else ""
+            )
+            raise UserError(f"{folder} holds no *.safetensors weight files{kind}")
         for path in weight_files:
             header, sizes = packed_file_layout(path)
             by_kind["header"] += header

@@ -18,6 +18,7 @@ from lmcompress.checkpoint.checks import (
     check_loading_info,
     check_state_dtypes,
     expand,
+    regular_file,
     tokenizer_error,
     weight_files,
 )
@@ -57,7 +58,8 @@ def _check_local_folder(path: Path, allow_pickle: bool) -> None:
             )
         if not pickles:
             raise UserError(f"{path} holds no weight files (*.safetensors)")
-    weight_files(path)  # headers checked: no FIFO, no header length beyond the file
+    for f in path.glob("*.safetensors"):
+        regular_file(f, "weight file")  # a FIFO would block every reader
 
 
 def _missing_path(text: str, path: Path) -> UserError | None:
@@ -159,6 +161,8 @@ def load_model(
     if recipe and (recipe.get("storage") == "packed" or recipe.get("surgery")):
         return load(resolved, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     check_fits_in_memory(config, resolved, parse_dtype(dtype))
+    if Path(resolved).is_dir():
+        weight_files(Path(resolved))  # headers checked before transformers reads them
     model = _from_pretrained(resolved, config, dtype, trust_remote_code, allow_pickle)
     drop_foreign_auto_map(model, resolved, trust_remote_code)
     try:

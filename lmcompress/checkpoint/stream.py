@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lmcompress.algorithms.quant import QuantizedTensor
+from lmcompress.checkpoint.checks import safetensors_header
 from lmcompress.checkpoint.folder import json_text, write_file_atomic, write_path_atomic
 from lmcompress.checkpoint.packed import FORMAT_VERSION, PACKED_FILE, _transposed_params, pack_named
 from lmcompress.checkpoint.packing import Packed, unpack_quantized
@@ -56,17 +57,9 @@ _DTYPES = {
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the offset its data starts at (8 + header length)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise UserError(f"{path} is not a safetensors file (truncated); the folder is damaged")
-        (length,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path} has an unreadable safetensors header; the file is damaged") from None
-    return header, 8 + length
+    """The JSON header of a safetensors file and the offset its data starts at (8 + header length), checked
+    (:func:`lmcompress.checkpoint.checks.safetensors_header`: a regular file, a length that fits in it)."""
+    return safetensors_header(path)
 
 
 def write_safetensors(
@@ -369,6 +362,10 @@ class DiskStream:
                 "use offload none to load it whole",
                 param="offload",
             )
+        floats = [n for n, p in self.model.named_parameters() if p.is_floating_point() and n in stored]
+        ints = [n for n in floats if not _DTYPES.get(self.source.info[n]["dtype"], torch.uint8).is_floating_point]
+        if ints:  # integer bit patterns would be cast into weights
+            raise UserError(f"{self.source.folder} stores float weights as integers: {ints[:5]}; the file is damaged")
 
     def stored(self, key: str) -> str:
         """The name ``key`` (or a name tied to it) has in the source files."""

@@ -28,6 +28,8 @@ def export(
         help="gguf: type of the token embeddings and output head (auto: --type if q8_0 or a float, else f16).",
     ),
     overwrite: bool = options.OVERWRITE,
+    trust_remote_code: bool = options.TRUST,
+    allow_pickle: bool = options.PICKLE,
     as_json: bool = typer.Option(False, "--json", help="Print the export summary as JSON."),
 ) -> None:
     """Export a compressed model: compressed-tensors (vLLM, transformers) or GGUF (llama.cpp).
@@ -55,7 +57,10 @@ def export(
     if fmt == "gguf":
         from lmcompress.checkpoint.gguf_export import export_gguf
 
-        summary = export_gguf(folder, output, qtype=qtype, embed_type=embed_type, overwrite=overwrite)
+        summary = export_gguf(
+            folder, output, qtype=qtype, embed_type=embed_type, overwrite=overwrite,
+            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        )  # fmt: skip
         if as_json:
             typer.echo(json_text(summary))
             return
@@ -82,7 +87,9 @@ def export(
 
     if qtype != "auto" or embed_type != "auto":
         raise UserError("--type and --embed-type apply to --format gguf only")
-    summary = export_compressed_tensors(folder, output, overwrite=overwrite)
+    summary = export_compressed_tensors(
+        folder, output, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     if as_json:
         typer.echo(json_text(summary))
     else:

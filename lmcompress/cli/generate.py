@@ -28,6 +28,48 @@ class _Clock:
         return scores
 
 
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """The token ids ``[1, n]`` of ``prompt`` (wrapped in the tokenizer's chat template with ``chat``). A prompt
+    that is not valid UTF-8, or a chat template that fails (jinja's sandbox refuses what could run code), is a
+    :class:`UserError`."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("the prompt is not valid UTF-8 text; give it as UTF-8", param="prompt") from None
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("this tokenizer defines no chat_template; give the prompt without chat", param="chat")
+        try:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )["input_ids"]
+        except Exception as exc:  # jinja2 TemplateError / SecurityError, or a template rendering nonsense
+            raise UserError(
+                f"the tokenizer's chat_template cannot be applied ({type(exc).__name__}: {exc}); fix it "
+                "(tokenizer_config.json) or give the prompt without chat",
+                param="chat",
+            ) from None
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise UserError("the prompt is empty after tokenization: give some text", param="prompt")
+    return ids
+
+
+def check_context(config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt that, with the tokens to generate, does not fit in the model's context: the positions
+    past it were never trained (transformers would only warn)."""
+    from lmcompress.models.families import context_length
+
+    context = context_length(config)
+    if context and prompt_tokens + max_new_tokens > context:
+        raise UserError(
+            f"the prompt is {prompt_tokens} tokens; with {max_new_tokens} new tokens that exceeds the model's context "
+            f"of {context}: shorten the prompt or lower max_new_tokens",
+            param=("prompt", "max_new_tokens"),
+        )
+
+
 def generate_text(
     model,
     tokenizer,
@@ -50,16 +92,8 @@ def generate_text(
         raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}", param="max_new_tokens")
     if sample and not temperature > 0:
         raise UserError(f"temperature must be positive, got {temperature}", param="temperature")
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError("this tokenizer defines no chat_template; give the prompt without chat", param="chat")
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-    else:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    if ids.shape[1] == 0:
-        raise UserError("the prompt is empty after tokenization: give some text", param="prompt")
+    ids = encode_prompt(tokenizer, prompt, chat)
+    check_context(model.config, int(ids.shape[1]), max_new_tokens)
     ids = ids.to(device)
     clock = _Clock()
     kwargs = {"do_sample": True, "temperature": temperature} if sample else {"do_sample": False}
@@ -111,12 +145,13 @@ def generate(
     ),
     greedy: bool = typer.Option(True, "--greedy/--sample", help="Greedy decoding, or sample with --temperature."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (with --sample)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for sampling."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for sampling."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
     device: str = options.DEVICE,
     dtype: str = options.DTYPE,
     threads: int = typer.Option(None, "--threads", help="Torch CPU threads [default: torch's choice]."),
     trust_remote_code: bool = options.TRUST,
+    allow_pickle: bool = options.PICKLE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Generate text from a model and print it with its prefill and decode speed (tokens/s, batch 1).
@@ -136,14 +171,18 @@ def generate(
     import torch
 
     from lmcompress.checkpoint.load import load
+    from lmcompress.jobs import check_device
     from lmcompress.kernels.linear import check_mode, kernel_report
+    from lmcompress.measure.speed import check_threads
 
     check_mode(kernels)
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be positive, got {threads}")
+    check_device(device)
+    if check_threads(threads) is not None:
         torch.set_num_threads(threads)
-    net, tokenizer = load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, kernels=kernels)
+    net, tokenizer = load(
+        model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        kernels=kernels,
+    )  # fmt: skip
     report = kernel_report(net)
     result = generate_text(
         net, tokenizer, prompt, max_new_tokens=max_new_tokens, sample=not greedy, temperature=temperature,

@@ -26,6 +26,10 @@ def info(
         "recipe's dense source when that is a local folder.",
     ),
     seqlen: int = typer.Option(256, "--seqlen", help="With --profile: tokens in the timed forward window."),
+    trust_remote_code: bool = options.TRUST,
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="With --profile: allow loading pickle (.bin) checkpoints you trust."
+    ),
 ) -> None:
     """Size on disk by tensor kind, bits per weight, measured sparsity and the recipe of a model folder.
 
@@ -41,12 +45,14 @@ def info(
     from lmcompress.checkpoint.inspect import KINDS, folder_info
 
     if not profile:
-        options.refuse(ctx, ("seqlen",), "without --profile")
-    result = folder_info(folder)
+        options.refuse(ctx, ("seqlen", "allow_pickle"), "without --profile")
+    result = folder_info(folder, trust_remote_code=trust_remote_code)
     if profile:
         from lmcompress.measure.profile import profile_pretrained
 
-        result["profile"] = profile_pretrained(folder, seqlen=seqlen)
+        result["profile"] = profile_pretrained(
+            folder, seqlen=seqlen, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        )
     if as_json:
         typer.echo(json_text(result))
         return

@@ -19,7 +19,7 @@ TRUST = typer.Option(
 PICKLE = typer.Option(JOB.allow_pickle, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints you trust.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 NSAMPLES = typer.Option(JOB.nsamples, "--nsamples", help="Number of calibration windows.")
-CALIB_SEED = typer.Option(JOB.seed, "--seed", help="Seed for drawing calibration windows.")
+CALIB_SEED = typer.Option(JOB.seed, "--seed", min=0, max=2**32 - 1, help="Seed for drawing calibration windows.")
 OVERWRITE = typer.Option(JOB.overwrite, "--overwrite", help="Replace --output if it exists.")
 JSON = typer.Option(False, "--json", help="Print the report as JSON.")
 OFFLOAD = typer.Option(

@@ -138,6 +138,19 @@ def measure_folder(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def check_threads(threads: int | None) -> int | None:
+    """``threads`` if it is between 1 and this machine's CPU count (None stays None): more threads than cores
+    only contend, and a huge number exhausts memory creating them."""
+    if threads is None:
+        return None
+    cores = os.cpu_count() or 1
+    if not 1 <= threads <= cores:
+        raise UserError(
+            f"threads must be between 1 and this machine's {cores} CPU cores, got {threads}", param="threads"
+        )
+    return threads
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lmcompress.measure.speed", description=__doc__)
     parser.add_argument("folder")
@@ -150,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(check_threads(args.threads))
     from lmcompress.checkpoint.load import load
     from lmcompress.kernels.linear import kernel_report
 
