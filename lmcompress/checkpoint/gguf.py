@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import math
+import struct
 from pathlib import Path
 
 import torch
@@ -62,19 +64,14 @@ def check_gguf_layout(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, s
     its header parses and that the tensors' data fill the file exactly: they lie inside it, do not overlap, and
     end where it ends (up to the alignment padding). A truncated file, or a header whose tensor count lies (the
     data would then be read from the wrong offsets, as garbage), is a :class:`UserError`. ``size`` and
-    ``mtime_ns`` key the cache: the parse is not free on a large file."""
-    from gguf import GGUFReader
-
+    ``mtime_ns`` key the cache."""
     damaged = f"{path} is not a readable GGUF file"
     try:
-        reader = GGUFReader(path)
-        spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in reader.tensors)
-        alignment = int(getattr(reader, "alignment", 32))
-        tensors = tuple(
-            (t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes), len(t.shape)) for t in reader.tensors
-        )
-    except Exception as exc:  # the reader fails with IndexError, ValueError, struct errors... on damaged headers
-        raise UserError(f"{damaged} ({type(exc).__name__}: {exc}); it is truncated or corrupted") from None
+        infos, alignment = _tensor_infos(path)
+    except (ValueError, KeyError, struct.error, UnicodeDecodeError) as exc:
+        raise UserError(f"{damaged} ({exc}); it is truncated or corrupted") from None
+    spans = sorted((offset, offset + nbytes, name) for name, _, _, nbytes, _, offset in infos)
+    tensors = tuple(info[:5] for info in infos)
     if not spans:
         raise UserError(f"{damaged}: it holds no tensors")
     for (_, end, name), (start, _, _) in itertools.pairwise(spans):
@@ -89,6 +86,92 @@ def check_gguf_layout(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, s
             "in its header does not match its contents (corrupted)"
         )
     return tensors
+
+
+# value types of GGUF metadata: struct format of the fixed-size ones (8: string, 9: array)
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_MAX_DIMS = 4
+
+
+class _Cursor:
+    """Little-endian reads from a byte buffer that fail (ValueError) past its end."""
+
+    def __init__(self, data) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, fmt: str):
+        size = struct.calcsize("<" + fmt)
+        if self.pos + size > len(self.data):
+            raise ValueError(f"the header runs past the end of the file at byte {self.pos}")
+        (value,) = struct.unpack_from("<" + fmt, self.data, self.pos)
+        self.pos += size
+        return value
+
+    def skip(self, n: int) -> None:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ValueError(f"the header runs past the end of the file at byte {self.pos}")
+        self.pos += n
+
+    def string(self) -> str:
+        n = self.take("Q")
+        start = self.pos
+        self.skip(n)
+        return bytes(self.data[start : self.pos]).decode("utf-8")
+
+    def value(self, kind: int):
+        """One metadata value (arrays are skipped: None)."""
+        if kind in _SCALARS:
+            return self.take(_SCALARS[kind])
+        if kind == 8:
+            return self.string()
+        if kind != 9:
+            raise ValueError(f"unknown metadata value type {kind}")
+        item, count = self.take("I"), self.take("Q")
+        if item in _SCALARS:
+            self.skip(count * struct.calcsize("<" + _SCALARS[item]))
+        else:
+            for _ in range(count):
+                self.value(item)
+        return None
+
+
+def _tensor_infos(path: str) -> tuple[list[tuple[str, str, int, int, int, int]], int]:
+    """``([(name, type, elements, bytes, dimensions, absolute data offset)], alignment)`` of a GGUF file, read
+    from its header alone (the ``gguf`` package's reader also maps every metadata array, seconds on a large
+    vocabulary). Raises ValueError on anything that does not parse."""
+    import mmap
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        cur = _Cursor(data)
+        cur.skip(4)  # the magic, checked by check_gguf
+        version, n_tensors, n_kv = cur.take("I"), cur.take("Q"), cur.take("Q")
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is not supported")
+        alignment = 32
+        for _ in range(n_kv):
+            key, kind = cur.string(), cur.take("I")
+            value = cur.value(kind)
+            if key == "general.alignment" and isinstance(value, int) and value > 0:
+                alignment = value
+        raw = []
+        for _ in range(n_tensors):
+            name, ndim = cur.string(), cur.take("I")
+            if ndim > _MAX_DIMS:
+                raise ValueError(f"tensor {name!r} has {ndim} dimensions")
+            dims = [cur.take("Q") for _ in range(ndim)]
+            kind = GGMLQuantizationType(cur.take("I"))
+            raw.append((name, kind, dims, cur.take("Q")))
+        start = -(-cur.pos // alignment) * alignment
+    infos = []
+    for name, kind, dims, offset in raw:
+        block, type_size = GGML_QUANT_SIZES[kind]
+        numel = math.prod(dims)
+        if numel % block:
+            raise ValueError(f"tensor {name!r} of {numel} elements does not split into {kind.name} blocks")
+        infos.append((name, kind.name, numel, numel // block * type_size, len(dims), start + offset))
+    return infos, alignment
 
 
 def gguf_config(path: str | Path):
