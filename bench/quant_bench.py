@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (min) for the timed rows")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate on the first N test windows only")
+    parser.add_argument("--methods", default=None, help="comma-separated: only these quantizers' rows (rtn, gptq)")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense row (measured elsewhere)")
     parser.add_argument("--copy-limit", type=float, default=0.5, help="billions of parameters above which each "
                         "row reloads the model from disk instead of copying it in memory")  # fmt: skip
     parser.add_argument("--grid", choices=("full", "core"), default="full", help="core: RTN and GPTQ at 3/4 bits")
@@ -136,6 +138,10 @@ def main() -> None:
     timed = {t.replace("g128", f"g{args.group_size}") for t in timed}
     table, results = [], []
     for row in rows_to_run(args.group_size, args.grid):
+        if args.methods and row["kind"] == "quantize" and row["method"] not in args.methods.split(","):
+            continue
+        if args.no_dense and row["kind"] == "dense":
+            continue
         name = label(row)
         model, seconds, bits = run_row(row, base, calib)
         ppl = perplexity(model, test, progress=False).perplexity
@@ -165,8 +171,10 @@ def main() -> None:
         f"calibration {args.nsamples}×{args.seqlen} tokens of valid.txt",
     )
     g = f"g{args.group_size}"
-    checks = {"gptq_vs_rtn_3bit_g": by[f"GPTQ 3-bit {g}"]["ppl"] / by[f"RTN 3-bit {g}"]["ppl"]}
-    if args.grid == "full":
+    checks = {}
+    if f"GPTQ 3-bit {g}" in by and f"RTN 3-bit {g}" in by:
+        checks["gptq_vs_rtn_3bit_g"] = by[f"GPTQ 3-bit {g}"]["ppl"] / by[f"RTN 3-bit {g}"]["ppl"]
+    if args.grid == "full" and not args.methods:
         checks |= {
             "gptq_vs_rtn_3bit_per_channel": by["GPTQ 3-bit per-channel"]["ppl"] / by["RTN 3-bit per-channel"]["ppl"],
             "gptq_time_over_sparsegpt_time": by[f"GPTQ 4-bit {g}"]["time_s"] / by["SparseGPT 50%"]["time_s"],
