@@ -122,6 +122,13 @@ def test_readme_layout_names_every_room():
     modules = [p.stem for p in package.glob("*.py") if not p.stem.startswith("__")]
     missing = [r for r in rooms if f"lmcompress/{r}/" not in layout] + [m for m in modules if f"{m}.py" not in layout]
     assert not missing, f"README.md's Layout does not name {missing}"
+    from test_layering import LAYERS  # the Layout lists the rooms bottom up, as the layer order declares them
+
+    def line(name: str) -> int:
+        return next(i for i, text in enumerate(layout.splitlines()) if re.match(rf"lmcompress/{name}(/|\.py)", text))
+
+    order = [line(name) for layer in LAYERS for name in layer if name and name != "__main__"]
+    assert order == sorted(order), "README.md's Layout lists the rooms out of tests/test_layering.py's order"
 
 
 def test_ci_runs_the_readme_installs_and_test_command():
