@@ -21,7 +21,6 @@ from bench.common import (
     machine_info,
     peak_rss_mb,
     print_table,
-    results_name,
     save_results,
     wikitext,
 )
@@ -66,7 +65,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model = ensure_reference_model() if args.model == "reference" else resolve_model(args.model)
-    name = "sweep_bench" if args.model == "reference" else results_name("sweep_bench", model)
+    # the reference model keeps the old results name; SmolLM2 gets its own (results_name gives it the bare one)
+    name = "sweep_bench" if args.model == "reference" else f"sweep_bench-{Path(model).name}"
     out = RESULTS / name
     if out.exists() and not args.resume:
         shutil.rmtree(out)
