@@ -468,3 +468,48 @@ def test_full_disk_while_streaming_names_the_kept_work_folder(tmp_path, tiny_fol
     monkeypatch.undo()
     assert run([*argv, "--resume"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("verb", ["prune", "quantize", "unpack", "factorize", "shrink"])
+def test_safetensors_full_disk_error_in_every_saving_verb(tmp_path, tiny_folder, capsys, monkeypatch, verb):
+    import safetensors.torch
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    src = tiny_folder("llama")
+    if verb == "unpack":
+        src = packed_copy(tiny_folder, tmp_path / "packed")
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)  # packed folders
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)  # dense folders
+    out = str(tmp_path / "out")
+    argv = {
+        "prune": ["prune", str(src), *MAGNITUDE, "-o", out],
+        "quantize": ["quantize", str(src), "--method", "rtn", "--bits", "4", "-q", "-o", out],
+        "unpack": ["unpack", str(src), "-o", out],
+        "factorize": ["factorize", str(src), "--rank-policy", "rank:8", "-o", out],
+        "shrink": ["shrink", "ffn", str(src), "--criterion", "magnitude", "-o", out],
+    }[verb]
+    assert run(argv) == 2
+    assert "disk is full" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["packed"] if verb == "unpack" else [])
+
+
+@pytest.mark.parametrize("name", ["x" * 300, "~nouser-lmcompress-test/x"])
+def test_odd_paths_in_every_reading_verb_are_user_errors(tmp_path, tiny_folder, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    src = str(tiny_folder("llama"))
+    for argv in (
+        ["info", name],
+        ["info", f"{name}.gguf"],
+        ["unpack", f"{name}.gguf", "-o", "out"],
+        ["generate", name, "-p", "hi"],
+        ["export", src, "--format", "gguf", "-o", f"{name}.gguf"],
+        ["export", src, "-o", name],
+    ):
+        assert run(argv) == 2, argv
+        assert "error:" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@ tensor names and dtypes, finite weights. Each failure is a :class:`UserError` na
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -32,6 +33,20 @@ def expand(path: str | Path) -> Path:
         return Path(str(path)).expanduser()
     except RuntimeError:
         raise UserError(f"cannot expand {path}: no such user's home folder; give the full path") from None
+
+
+def path_exists(path: Path) -> bool:
+    """Whether ``path`` exists (a link to nothing does not); a name the file system refuses (too long...) is a
+    :class:`UserError`, not an OSError."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return False
+        raise UserError(f"cannot use the path {path}: {exc.strerror or exc}; choose a shorter or valid path") from None
+    return True
 
 
 def regular_file(path: Path, what: str = "file") -> os.stat_result:

@@ -34,10 +34,10 @@ def is_gguf(source: str | Path) -> bool:
 
 def check_gguf(path: str | Path) -> Path:
     """``path`` as an existing GGUF file; clear errors for a missing file, a wrong magic or missing packages."""
-    from lmcompress.checkpoint.checks import expand, regular_file
+    from lmcompress.checkpoint.checks import expand, path_exists, regular_file
 
     file = expand(path)
-    if not file.exists():
+    if not path_exists(file):
         raise UserError(f"GGUF file {file} does not exist; give the path of a .gguf model file")
     regular_file(file, "GGUF file")
     with file.open("rb") as fh:

@@ -204,13 +204,16 @@ def _encode(name: str, ref: torch.Tensor, q: QuantizedTensor | None, kind: str) 
 
 
 def _check_output(output: str | Path, overwrite: bool, source: str | Path) -> Path:
-    out = Path(output).expanduser()
+    from lmcompress.checkpoint.checks import expand, path_exists
+
+    out = expand(output)
     if out.suffix.lower() != ".gguf":
         raise UserError(f"GGUF output {out} must be a file name ending in .gguf", param="output")
     check_not_nested(out, source)
+    exists = path_exists(out)
     if out.is_dir():
         raise UserError(f"output {out} is a folder; give the path of the .gguf file to write", param="output")
-    if out.exists() and not overwrite:
+    if exists and not overwrite:
         raise UserError(
             f"output file {out} already exists; choose another output or pass overwrite", param=("output", "overwrite")
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmcompress.checkpoint.checks import regular_file, safetensors_header
+from lmcompress.checkpoint.checks import expand, path_exists, regular_file, safetensors_header
 from lmcompress.checkpoint.folder import RECIPE_FILE, read_recipe
 from lmcompress.checkpoint.packed import _index_of, _read_parts, packed_path, strip_marker
 from lmcompress.errors import UserError
@@ -184,7 +184,9 @@ def folder_info(folder: str | Path, *, trust_remote_code: bool = False) -> dict:
 
     if is_gguf(folder):  # a llama.cpp file: its own tensor types and sizes
         return gguf_info(folder)
-    folder = Path(folder)
+    folder = expand(folder)
+    if not path_exists(folder):
+        raise UserError(f"{folder} does not exist; give a model folder or a .gguf file")
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} is not a model folder (no config.json)")
     recipe = read_recipe(folder)

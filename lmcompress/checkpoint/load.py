@@ -18,6 +18,7 @@ from lmcompress.checkpoint.checks import (
     check_loading_info,
     check_state_dtypes,
     expand,
+    path_exists,
     regular_file,
     tokenizer_error,
     weight_files,
@@ -297,6 +298,7 @@ def load(
 
     check_mode(kernels)
     path = expand(folder)
+    path_exists(path)  # a name the file system refuses is an error here, not an OSError below
     if not needs_lmcompress(path):
         model, tokenizer = load_model(
             folder, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
