@@ -8,6 +8,10 @@ available memory (``MemAvailable``). Only pruning and quantization stream; the o
 A streamed job is resumable: its work folder ``.OUTPUT.partial`` beside the output keeps the finished blocks, and
 ``resume`` continues a killed run from its last finished block (only with the same settings), giving the same
 files as an uninterrupted run. Without ``resume`` an existing work folder is an error (``overwrite`` starts over).
+
+:class:`Streamed` is the placement :func:`lmcompress.jobs.run_job` gives such a job: it loads a meta model and its
+tokenizer, attaches the :class:`~lmcompress.checkpoint.stream.DiskStream` the block walkers read and write through,
+and saves the output from the work folder; checks, calibration windows and recipe are the in-memory job's.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no busy-waiting threads when processes share the cores
 
@@ -63,8 +64,16 @@ def run_cli(argv: list[str]) -> int:
     try:
         main(argv)
     except SystemExit as exc:
-        return exc.code or 0
+        return int(exc.code or 0)
     return 0
+
+
+@pytest.fixture
+def calib_file(tmp_path, calib_text) -> Path:
+    """A calibration text file: the first 20,000 characters of the bundled WikiText-2 validation slice."""
+    path = tmp_path / "calib.txt"
+    path.write_text(calib_text[:20000])
+    return path
 
 
 def random_ids(vocab: int) -> torch.Tensor:
