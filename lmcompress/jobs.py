@@ -100,6 +100,7 @@ class Placement(Protocol):
 
     name: str
     shows_progress: bool  # whether this process draws progress bars
+    tokenize_meanwhile: bool  # tokenize the calibration text in a thread while the model loads
 
     def load(self, source: str, *, dtype: str, trust_remote_code: bool, allow_pickle: bool) -> tuple: ...
 
@@ -117,6 +118,7 @@ class InMemory:
 
     name = "memory"
     shows_progress = True
+    tokenize_meanwhile = True  # loading takes long enough to hide the tokenizing
 
     def load(self, source: str, *, dtype: str, trust_remote_code: bool, allow_pickle: bool) -> tuple:
         with phase("load"):
@@ -210,7 +212,8 @@ def open_job(
     prepared = None
     if needs_calibration:
         check_text_source(options.calib_data)  # a wrong path fails now, not after the model has loaded
-        prepared = _tokenize_meanwhile(source, options.calib_data, options.trust_remote_code)
+        if placement.tokenize_meanwhile:
+            prepared = _tokenize_meanwhile(source, options.calib_data, options.trust_remote_code)
     net, tokenizer = placement.load(
         source, dtype=options.dtype, trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle
     )

@@ -160,6 +160,7 @@ class Streamed:
 
     name = "disk"
     shows_progress = True
+    tokenize_meanwhile = False  # a meta model builds at once; a second tokenizer would only add to peak memory
 
     def __init__(self, storage: str) -> None:
         self.storage = storage  # dense or packed: how the output's weights are stored
