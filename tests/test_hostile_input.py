@@ -216,7 +216,7 @@ def test_header_length_beyond_the_file_is_refused(tmp_path, tiny_folder, capsys)
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        ({"num_hidden_layers": 10**7}, "memory and free disk together"),
+        ({"num_hidden_layers": 10**7}, "weight files hold only"),
         ({"hidden_size": 10**6, "intermediate_size": 4 * 10**6}, "blocks of at least"),
     ],
 )

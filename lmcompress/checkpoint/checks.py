@@ -182,28 +182,51 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
+def _stored_bytes(source: str | Path) -> int | None:
+    """Bytes of the weight files of a local source (a folder's ``*.safetensors`` and pickles, or a ``.gguf``
+    file); None for a hub id."""
+    path = Path(str(source))
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return None
+    suffixes = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in suffixes and f.is_file())
+
+
+MIN_BITS_PER_WEIGHT = 0.5  # fewer than any lmcompress layout stores (a 2-bit 1:16 N:M weight takes ~0.4 + 0.1)
+
+
 def check_config_sizes(config, source: str | Path, *, itemsize: int = 2) -> None:
-    """Refuse a config whose sizes this machine cannot hold, before anything is built from it: one block
-    (``itemsize`` bytes per weight) larger than its memory, or the whole model larger than memory and free disk
-    together (a config with 10⁷ layers or a hidden size of 10⁶ is damaged, not a model to stream)."""
+    """Refuse a config that cannot describe this checkpoint on this machine, before anything is built from it:
+    one block (``itemsize`` bytes per weight) larger than the machine's memory, or more weights than the
+    weight files could hold at 1/16 byte each (a hub model: more than memory and free disk together). A config
+    with 10⁷ layers or a hidden size of 10⁶ is damaged; building it would never end."""
     per_block, total = estimate_params(config)
     ram = physical_memory()
-    place = Path(str(source)) if Path(str(source)).exists() else Path.cwd()
-    try:
-        disk = shutil.disk_usage(place if place.is_dir() else place.parent).free
-    except OSError:
-        disk = 0
     what = f"the config of {source} describes"
     if per_block * itemsize > ram:
         raise UserError(
             f"{what} blocks of at least {per_block:,} weights ({_gib(per_block * itemsize)} each), more than this "
             f"machine's memory ({_gib(ram)}); check its sizes (hidden_size, intermediate_size): it is damaged"
         )
-    if total * itemsize > ram + disk:
+    stored = _stored_bytes(source)
+    if stored is not None and total * MIN_BITS_PER_WEIGHT / 8 > max(stored, 1 << 20):
         raise UserError(
-            f"{what} at least {total:,} weights ({_gib(total * itemsize)}), more than this machine's memory and free "
-            f"disk together ({_gib(ram + disk)}); check its sizes (num_hidden_layers, hidden_size): it is damaged"
+            f"{what} at least {total:,} weights, but its weight files hold only {stored:,} bytes (under "
+            f"{MIN_BITS_PER_WEIGHT} bit per weight); check its sizes (num_hidden_layers, hidden_size): the config "
+            "does not belong to these weights or is damaged"
         )
+    if stored is None:
+        try:
+            disk = shutil.disk_usage(Path.cwd()).free
+        except OSError:
+            disk = 0
+        if total * itemsize > ram + disk:
+            raise UserError(
+                f"{what} at least {total:,} weights ({_gib(total * itemsize)}), more than this machine's memory "
+                f"and free disk together ({_gib(ram + disk)}): it cannot be downloaded and loaded here"
+            )
 
 
 def check_fits_in_memory(config, source: str | Path, dtype: torch.dtype) -> None:
