@@ -1,0 +1,176 @@
+"""Weight-and-activation quantization (W8A8 int8, FP8 E4M3), simulated as the exported checkpoint computes it.
+
+Every scale is symmetric (no zero point) and follows compressed-tensors' convention, so that the simulated
+model equals the one transformers / vLLM load from a compressed-tensors export:
+
+* **int8**: ``s = max|x| / 127.5`` over the scaled set (an output row of a weight; one token of an
+  activation), code ``q = round(clamp(x / s, −128, 127))`` (round half to even), value ``q·s``. The largest
+  magnitude lands on ±127.5, so a positive extreme is clipped to ``127·s`` and a negative one rounds to −128.
+  (vLLM's own dynamic per-token kernel divides by 127 instead: ``divisor=127`` reproduces it.)
+* **FP8 E4M3** (``torch.float8_e4m3fn``: 4 exponent bits, 3 mantissa bits, no infinities, largest finite
+  ±448, smallest normal 2⁻⁶, subnormals down to 2⁻⁹): ``s = max|x| / 448``, value ``fp8(clamp(x / s, ±448))·s``
+  with round-to-nearest-even in the cast. The cast is plain PyTorch and runs on any CPU; no FP8 hardware is
+  needed to simulate it.
+
+A W8A8 linear layer computes ``y = (Q(x) · Q(W)ᵀ) + b``: the integer (or FP8) product accumulated exactly,
+then scaled by ``s_x[token] · s_W[row]``. :class:`ActQuantLinear` computes the same with the dequantized
+values in float32, which differs from the integer product only by float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lmcompress.errors import UserError
+
+INT8_DIVISOR = 127.5  # compressed-tensors: max|x| / ((127 − (−128)) / 2)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_DTYPE = torch.float8_e4m3fn
+_TINY = 1e-12  # floor on a scale, so that an all-zero row or token maps to codes 0
+
+
+def absmax_scale(x: torch.Tensor, dim: int | None, divisor: float) -> torch.Tensor:
+    """``max|x| / divisor`` over ``dim`` (kept as a size-1 dimension), or over the whole tensor when ``dim`` is None."""
+    amax = x.detach().abs().amax() if dim is None else x.detach().abs().amax(dim=dim, keepdim=True)
+    return torch.clamp(amax.float() / divisor, min=_TINY)
+
+
+def int8_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``round(clamp(x / scale, −128, 127))`` as int8 (``scale`` broadcasts against ``x``)."""
+    return torch.round(torch.clamp(x.float() / scale, -128, 127)).to(torch.int8)
+
+
+def fp8_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``fp8_e4m3(clamp(x / scale, −448, 448))`` (round to nearest even in the cast)."""
+    return torch.clamp(x.float() / scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_per_token_int8(x: torch.Tensor, divisor: float = INT8_DIVISOR) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 per token (the last dimension is the features): ``(codes int8, scale [..., 1])``."""
+    scale = absmax_scale(x, -1, divisor)
+    return int8_codes(x, scale), scale
+
+
+def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic FP8 E4M3 per token: ``(codes float8_e4m3fn, scale [..., 1])``."""
+    scale = absmax_scale(x, -1, FP8_MAX)
+    return fp8_codes(x, scale), scale
+
+
+def quantize_weight_int8(weight: torch.Tensor, divisor: float = INT8_DIVISOR) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest symmetric int8 per output channel of an ``[out, in]`` weight: ``(codes, scale [out, 1])``."""
+    scale = absmax_scale(weight, 1, divisor)
+    return int8_codes(weight, scale), scale
+
+
+def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 E4M3 per output channel of an ``[out, in]`` weight: ``(codes, scale [out, 1])``."""
+    scale = absmax_scale(weight, 1, FP8_MAX)
+    return fp8_codes(weight, scale), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``codes · scale`` in float32."""
+    return codes.float() * scale
+
+
+SCHEMES = ("w8a8", "fp8")
+
+
+@dataclass(frozen=True)
+class ActScheme:
+    """How a linear layer's input is quantized at run time.
+
+    ``kind``: ``"int8"`` (per token, dynamic) or ``"fp8"``; for FP8 ``static_scale`` given means one
+    per-tensor scale calibrated beforehand (``max|x| / 448`` over the calibration data), None means per token,
+    dynamic. ``divisor`` is the int8 scale's divisor (see the module docstring).
+    """
+
+    kind: str = "int8"
+    static_scale: float | None = None
+    divisor: float = INT8_DIVISOR
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("int8", "fp8"):
+            raise UserError(f"activation quantization must be int8 or fp8, got {self.kind!r}")
+        if self.static_scale is not None and (self.kind != "fp8" or not self.static_scale > 0):
+            raise UserError("a static activation scale must be positive and is supported for fp8 only")
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` quantized and dequantized as the deployed kernel sees it (float32)."""
+        if self.kind == "int8":
+            return dequantize(*quantize_per_token_int8(x, self.divisor))
+        if self.static_scale is None:
+            return dequantize(*quantize_per_token_fp8(x))
+        scale = torch.tensor(self.static_scale, dtype=torch.float32, device=x.device)
+        return dequantize(fp8_codes(x, scale), scale)
+
+
+def weight_scheme_quantize(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight half of a scheme: int8 or FP8 per output channel, ``(codes, scale [out, 1])``."""
+    if kind == "int8":
+        return quantize_weight_int8(weight)
+    if kind == "fp8":
+        return quantize_weight_fp8(weight)
+    raise UserError(f"weight quantization must be int8 or fp8, got {kind!r}")
+
+
+def static_fp8_scale(calibration_absmax: float) -> float:
+    """The per-tensor FP8 activation scale from the largest ``|x|`` seen in calibration."""
+    return max(float(calibration_absmax) / FP8_MAX, _TINY)
+
+
+class ActQuantLinear(nn.Module):
+    """A linear layer that quantizes its input, then multiplies by its quantized weight (both dequantized).
+
+    ``codes`` / ``scale``: the weight as stored (``[out, in]`` int8 or FP8 codes, ``[out, 1]`` scales); the
+    forward is ``F.linear(act.fake_quantize(x), codes · scale, bias)`` in float32, cast back to ``x``'s dtype.
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, act: ActScheme) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("weight_scale", scale.float())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.act = act
+        self.in_features, self.out_features = codes.shape[1], codes.shape[0]
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, act: ActScheme, weight_kind: str | None = None
+    ) -> ActQuantLinear:
+        """Round-to-nearest quantization of a float ``[out, in]`` weight (of ``act``'s kind unless given)."""
+        codes, scale = weight_scheme_quantize(weight.detach(), weight_kind or act.kind)
+        return cls(codes, scale, bias, act)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.codes, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        y = F.linear(self.act.fake_quantize(x), self.dequantized_weight(), bias)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        static = "" if self.act.static_scale is None else f", static_scale={self.act.static_scale:.4g}"
+        return f"in={self.in_features}, out={self.out_features}, weight={self.codes.dtype}, act={self.act.kind}{static}"
+
+
+def simulate_linears(root: nn.Module, act: ActScheme, weight_kind: str | None = None) -> list[str]:
+    """Replace, in place, every ``nn.Linear`` / GPT-2 ``Conv1D`` under ``root`` by an :class:`ActQuantLinear`
+    quantized by round to nearest. Pass the blocks, not the whole model, to keep the head and embeddings in
+    float. Returns the replaced names (relative to ``root``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = [n for n, m in root.named_modules() if n and isinstance(m, nn.Linear | Conv1D)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        layer = getattr(parent, child)
+        weight = layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+        setattr(parent, child, ActQuantLinear.from_weight(weight, layer.bias, act, weight_kind))
+    return names
