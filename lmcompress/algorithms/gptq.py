@@ -17,7 +17,12 @@ order, so ``QuantizedTensor.g_idx`` records each column's group (the shorter gro
 original weights in natural column order (``g_idx = c // g``, the shorter group the last ``in mod g`` inputs).
 On the ``q4_0`` grid a group's ``d`` (from its signed extreme at that moment) is fixed the same way and every
 column is rounded as llama.cpp rounds, ``min(15, ⌊w·(1/d) + 8.5⌋)`` (clamped at 0 too: updated weights may
-pass the extreme), so GPTQ with no error to spread gives RTN's codes.
+pass the extreme), so GPTQ with no error to spread gives RTN's codes. On a K-quant grid (``q2_k`` … ``q6_k``)
+the whole grid — fp16 super-block scales and integer sub-block scales and minimums — is fixed before the sweep
+from the original weights, its least-squares search weighted by ``diag H`` as an importance vector (the
+groups are static whatever ``static_groups`` says), and each column is rounded to the nearest point of its
+sub-block, ``clamp(round((w + m₁) / d₁), 0, 2^b − 1)`` or ``clamp(round(w / d₁), −mid, mid − 1) + mid``: the
+codes and integers GPTQ solved are the ones llama.cpp's blocks store.
 
 :class:`ColumnQuantizer` is shared with SparseGPT's joint prune + quantize mode.
 """
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmcompress.algorithms.kquants import KTYPES, check_row, kquant_grid
 from lmcompress.algorithms.obs import INNER, Block, Sweep, inverse_hessian_cholesky, usable_hessian
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, grid_params, q4_0_step
 
@@ -52,6 +58,7 @@ class ColumnQuantizer:
         *,
         perm: torch.Tensor | None = None,
         static_from: torch.Tensor | None = None,
+        importance: torch.Tensor | None = None,
     ) -> None:
         rows, cols = shape
         self.spec = spec
@@ -66,9 +73,13 @@ class ColumnQuantizer:
         self.inverse = torch.zeros(rows, groups, dtype=torch.float32, device=device)  # q4_0: 1/d (float32)
         self.static = static_from is not None
         positions = torch.arange(cols, device=device)
-        if self.static:
+        self.kquant = spec.kquant
+        if self.kquant:  # the whole grid at once (static groups)
+            self._set_kquant(static_from, importance)
+        elif self.static:
             for g, c0 in enumerate(range(0, cols, self.width)):
                 self._set(g, static_from[:, c0 : c0 + self.width])
+        if self.static:
             original = positions if perm is None else perm.to(device)
             self.group_of = original // self.width  # position -> group of its original column
         else:
@@ -91,11 +102,28 @@ class ColumnQuantizer:
         if self.q4_0:
             self.inverse[:, g] = q4_0_step(weights)[1]
 
+    def _set_kquant(self, weights: torch.Tensor | None, importance: torch.Tensor | None) -> None:
+        """Fix the whole K-quant grid from ``weights`` ([rows, cols], natural column order) at once."""
+        if weights is None:
+            raise ValueError(f"the {self.spec.grid} grid is fixed up front: pass static_from (the weights)")
+        grid = kquant_grid(weights, self.spec.grid, importance)
+        self.scale, self.zero = grid.step(), grid.zero()
+        self.offset = grid.offset()  # m₁ per sub-block (0 on the symmetric types)
+        self.empty = self.scale == 0  # sub-blocks with d₁ = 0: one code, read as −m₁ (0)
+        self.safe_step = torch.where(self.empty, torch.ones_like(self.scale), self.scale)
+        self.mid = (self.spec.maxq + 1) // 2 if self.spec.sym else 0
+
     def quantize(self, column: torch.Tensor, pos: int) -> torch.Tensor:
         """Round ``column`` (position ``pos``) onto its group's grid; returns the dequantized column."""
         g = self._group_list[pos]
         scale, zero = self.scale[:, g], self.zero[:, g]
-        if self.q4_0:  # as q4_0_codes, one column
+        if self.kquant:  # as kquants.kquant_codes, one column
+            if self.mid:
+                q = torch.clamp(torch.round(column / self.safe_step[:, g]), -self.mid, self.mid - 1) + self.mid
+            else:
+                q = torch.clamp(torch.round((column + self.offset[:, g]) / self.safe_step[:, g]), 0, self.spec.maxq)
+            q = torch.where(self.empty[:, g], float(self.mid), q)
+        elif self.q4_0:  # as q4_0_codes, one column
             q = torch.clamp(torch.floor(column * self.inverse[:, g] + 8.5), 0, 15)
         else:  # as quantize_codes, one column
             q = torch.clamp(torch.round(column / scale) + zero, 0, self.spec.maxq)
@@ -149,6 +177,8 @@ def gptq_quantize(
     rows, cols = W.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not fit a weight with {cols} inputs")
+    if spec.kquant:
+        check_row(KTYPES[spec.grid], cols, layer)
     H, dead, own = usable_hessian(hessian, W.device, consume_hessian)
     W[:, dead] = 0.0
     if mask is not None:
@@ -156,13 +186,16 @@ def gptq_quantize(
         W[mask] = 0.0
 
     perm = None
+    static_groups = static_groups or spec.kquant  # a K-quant grid is fixed up front
     static_from = W.clone() if static_groups else None  # static grids: from the weights in natural order
+    importance = torch.diag(H).float() if spec.kquant else None
     if act_order:  # columns by decreasing diag H
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
         own = True
         mask = None if mask is None else mask[:, perm]
-    quantizer = ColumnQuantizer(spec, (rows, cols), W.device, perm=perm, static_from=static_from)
+    quantizer = ColumnQuantizer(spec, (rows, cols), W.device, perm=perm, static_from=static_from, importance=importance)
+    del static_from
 
     Hinv, damp = inverse_hessian_cholesky(H, percdamp, layer, overwrite=own)
     del H

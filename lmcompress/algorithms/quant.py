@@ -20,6 +20,10 @@ Two grids (``QuantSpec.grid``):
   sign, and the step is ``max|w| / 8``. On groups of 32 inputs of fp16 weights this gives llama.cpp's codes and
   scales bit for bit, and the weight lmcompress holds, ``(q − 8)·s``, is the one llama.cpp computes with. The
   scale is negative when the extreme is positive.
+* ``q2_k``, ``q3_k``, ``q4_k``, ``q5_k``, ``q6_k``: llama.cpp's K-quant sub-blocks
+  (:mod:`lmcompress.algorithms.kquants`; bits 2…6, groups of 16 or 32, with minimums for Q2_K / Q4_K / Q5_K,
+  symmetric for Q3_K / Q6_K): the scale is the sub-block's ``d·sc``, the zero point ``dmin·m / (d·sc)`` or the
+  middle code. Rows must be whole 256-weight super-blocks.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-GRIDS = ("minmax", "q4_0")
+from lmcompress.algorithms.kquants import KTYPES, KGrid, grid_from_scales, rtn_kquant
+
+GRIDS = ("minmax", "q4_0", *KTYPES)
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,17 @@ class QuantSpec:
             raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
         if self.grid == "q4_0" and (self.bits != 4 or not self.sym):
             raise ValueError(f"the q4_0 grid is 4-bit symmetric, got bits={self.bits}, sym={self.sym}")
+        if self.grid in KTYPES and (self.bits, self.group_size, self.sym) != kquant_shape(self.grid):
+            bits, group, sym = kquant_shape(self.grid)
+            raise ValueError(
+                f"the {self.grid} grid is {bits}-bit {'symmetric' if sym else 'asymmetric'} in groups of {group}, "
+                f"got bits={self.bits}, group_size={self.group_size}, sym={self.sym}"
+            )
+
+    @property
+    def kquant(self) -> bool:
+        """True on a K-quant grid (q2_k … q6_k)."""
+        return self.grid in KTYPES
 
     @property
     def maxq(self) -> int:
@@ -67,6 +84,30 @@ class QuantSpec:
     def has_partial_group(self, in_features: int) -> bool:
         """True when the last group is shorter than the others (``group_size`` does not divide the width)."""
         return self.group_size != -1 and in_features % self.group_size != 0
+
+
+def kquant_shape(grid: str) -> tuple[int, int, bool]:
+    """``(bits, group_size, sym)`` of a K-quant grid: the spec that :class:`QuantSpec` requires with it."""
+    kind = KTYPES[grid]
+    return kind.bits, kind.sub, not kind.has_min
+
+
+def kquant_spec(grid: str) -> QuantSpec:
+    return QuantSpec(*kquant_shape(grid), grid=grid)
+
+
+def kquant_tensor(codes: torch.Tensor, grid: KGrid) -> QuantizedTensor:
+    """K-quant codes and grid as a :class:`QuantizedTensor`: scale ``d·sc`` and zero point ``m₁ / d₁`` (or the
+    middle code) per sub-block."""
+    return QuantizedTensor(codes.to(torch.uint8), grid.step(), grid.zero(), kquant_spec(grid.kind.name))
+
+
+def kquant_grid_of(q: QuantizedTensor) -> KGrid:
+    """The integer K-quant grid behind ``q`` (ValueError unless ``q`` is on one, in natural column order)."""
+    cols = q.codes.shape[1]
+    if q.g_idx is not None and not torch.equal(q.group_index().cpu(), torch.arange(cols) // q.spec.group_size):
+        raise ValueError("a K-quant grid has its sub-blocks in column order (no act-order group index)")
+    return grid_from_scales(q.scale, q.zero, q.spec.grid)
 
 
 def grid_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,9 +201,13 @@ class QuantizedTensor:
         return QuantizedTensor(self.codes.to(device), self.scale.to(device), self.zero.to(device), self.spec, g_idx)
 
 
-def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+def rtn_quantize(weight: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> QuantizedTensor:
     """Round-to-nearest quantization of ``weight`` ([out, in]) with per-group grids (a partial last group gets
-    its own grid from its own, fewer, inputs)."""
+    its own grid from its own, fewer, inputs). On a K-quant grid, ``importance`` ([in], e.g. an imatrix) weights
+    the sub-block scale search (UserError when a row is not whole 256-weight super-blocks)."""
+    if spec.kquant:
+        codes, grid = rtn_kquant(weight, spec.grid, importance)
+        return kquant_tensor(codes, grid)
     rows, cols = weight.shape
     width = spec.width(cols)
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)

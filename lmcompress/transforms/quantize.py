@@ -18,7 +18,15 @@ import torch
 from torch import nn
 
 from lmcompress.algorithms.gptq import GPTQResult, gptq_quantize
-from lmcompress.algorithms.quant import GRIDS, QuantizedTensor, QuantSpec, rtn_quantize, scale_storage_dtype
+from lmcompress.algorithms.quant import (
+    GRIDS,
+    KTYPES,
+    QuantizedTensor,
+    QuantSpec,
+    kquant_shape,
+    rtn_quantize,
+    scale_storage_dtype,
+)
 from lmcompress.calibration.compress import IN_BLOCK
 from lmcompress.calibration.distributed import spread
 from lmcompress.calibration.engine import BlockInputs, head_input_stats
@@ -106,6 +114,13 @@ class QuantConfig:
                 f"grid q4_0 is llama.cpp's 4-bit symmetric grid, but bits={self.bits} "
                 f"{'sym' if self.sym else 'asym'} was asked: use bits 4 with sym, or grid minmax",
                 param=("grid", "bits", "sym"),
+            )
+        if self.grid in KTYPES and (self.bits, self.group_size, self.sym) != kquant_shape(self.grid):
+            bits, group, sym = kquant_shape(self.grid)
+            raise UserError(
+                f"grid {self.grid} is llama.cpp's {self.grid.upper()}: {bits} bits in groups of {group}, "
+                f"{'sym' if sym else 'asym'}; use bits {bits} with group_size {group} and {'sym' if sym else 'asym'}",
+                param=("grid", "bits", "group_size", "sym"),
             )
         if self.in_block not in IN_BLOCK:
             raise UserError(f"in_block must be one of {', '.join(IN_BLOCK)}, got {self.in_block!r}", param="in_block")
