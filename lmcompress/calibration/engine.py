@@ -1,7 +1,9 @@
 """The block-by-block walker: feed calibration windows through a model one transformer block at a time.
 
 Only the block being worked on sits on the compute device, and only one block's worth of activations
-(``nsamples × seqlen × hidden``) is alive at a time. The rest of the model stays where it was loaded.
+(``nsamples × seqlen × hidden``) is alive at a time. The rest of the model stays where it was loaded: each block
+comes from the model's block source (:mod:`lmcompress.calibration.offload`: memory, or a stream from disk), which
+loads, finishes and frees it around the work; :func:`walk_blocks` and :func:`for_each_block` are the one loop.
 
 :func:`collect` is the one way every transform gathers calibration statistics inside a block: hook modules,
 run the windows, feed what they see to objects with an ``add(x)`` (``calibration.stats``, ``UnitStats``).
