@@ -203,11 +203,12 @@ def interpret(rows: list[dict]) -> str:
     dense = rows[0]
     ranked = sorted(rows[1:], key=lambda r: r["perplexity"])
     best, worst = ranked[0], ranked[-1]
-    parts = [
-        f"Best: {best['label']} ({best['ratio']:.2f}× dense perplexity {dense['perplexity']:.1f}); "
-        f"worst: {worst['label']} ({worst['ratio']:.1f}×)."
-    ]
     steps = [compare(a, b) for a, b in itertools.pairwise(ranked)]
+    first = "Best" if not steps or steps[0][0] else "Lowest perplexity (within the noise of the next)"
+    parts = [
+        f"{first}: {best['label']} ({best['ratio']:.2f}× dense perplexity {dense['perplexity']:.1f}); "
+        f"highest: {worst['label']} ({worst['ratio']:.1f}×)."
+    ]
     parts.append("Ranking on these windows: " + "; ".join(text for _, text in steps) + ".")
     if not all(clear for clear, _ in steps):
         parts.append(

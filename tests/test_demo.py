@@ -30,7 +30,7 @@ def test_demo_runs_every_method_on_a_stand_in_model(capsys, tmp_path, tiny_folde
         assert rows[label][-4] == "50.0%"  # measured sparsity column
         assert float(rows[label][-3]) < float(rows["dense"][-3])  # packed file smaller than dense
     assert float(rows["GPTQ 4-bit"][-2]) < 6  # bits per weight of the int4 layers, scales included
-    assert "Best:" in out and "SparseGPT" in out.split("Best:")[1]
+    assert "Ranking on these windows:" in out and "SparseGPT 50%" in out.split("Ranking on these windows:")[1]
     for label, cells in rows.items():  # every perplexity with its interval around it
         low, high = (float(x) for x in cells[-6].split("–"))
         assert low < float(cells[-7]) < high, label
@@ -58,10 +58,12 @@ def test_full_demo_on_smollm2(capsys):
         main(["demo", "-q"])
     except SystemExit as exc:
         assert not exc.code
-    rows = _table(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    rows = _table(out)
     ppl = {k: float(v[-7]) for k, v in rows.items()}
     assert 10 < ppl["dense"] < 60
-    assert ppl["SparseGPT 50%"] < ppl["magnitude 50%"]
+    assert ppl["SparseGPT 50%"] < ppl["Wanda 50%"] < ppl["magnitude 50%"]  # the full benchmark's order
+    assert "SparseGPT 50% beats Wanda 50%" in out and "Wanda 50% beats magnitude 50%" in out
 
 
 def _demo(argv: list[str]) -> int:

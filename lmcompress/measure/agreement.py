@@ -8,8 +8,9 @@ next-token distribution and ``q`` the model's:
 - top-1 agreement: the share of positions where both models' most likely token is the same;
 - ``Δp = q(y) − p(y)``, the change in the probability of the token ``y`` that actually follows: its mean.
 
-Memory is bounded: ``batch_size`` windows at a time go through both models and only per-position numbers are
-kept (never ``positions × vocabulary`` for more than one batch). Intervals (95%) are Student-t intervals over
+Memory is bounded: ``batch_size`` windows at a time go through both models (by default as many as keep the
+batch's ``positions × vocabulary`` work tensors under :data:`BATCH_BYTES`, at least one) and only per-position
+numbers are kept. Intervals (95%) are Student-t intervals over
 windows of the per-window means (windows as the sample, as for perplexity); the median and 99th percentile
 have none.
 """
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from lmcompress.errors import UserError
 from lmcompress.measure.intervals import mean_interval
 
+BATCH_BYTES = 1 << 30  # logits and log-probabilities of both models for one batch (about six float32 copies)
 KEYS = ("kl_mean", "kl_median", "kl_p99", "top1_agreement", "delta_p_mean")
 HIGHER_IS_BETTER = {"kl_mean": False, "kl_median": False, "kl_p99": False, "top1_agreement": True,
                     "delta_p_mean": True}  # fmt: skip
@@ -68,7 +70,7 @@ def agreement(
     windows: torch.Tensor,
     *,
     device: str | torch.device = "cpu",
-    batch_size: int = 1,
+    batch_size: int | None = None,
     progress: bool = False,
 ) -> dict:
     """KL divergence, top-1 agreement and Δp of ``model`` against ``reference`` on ``windows`` ``[n, seqlen]``.
@@ -76,9 +78,13 @@ def agreement(
     Returns ``kl_mean``, ``kl_median``, ``kl_p99`` (nats per token), ``top1_agreement`` (0..1), ``delta_p_mean``
     and the 95% intervals ``kl_mean_ci``, ``top1_agreement_ci``, ``delta_p_mean_ci`` (``[low, high]``, ``None``
     for one window), plus ``windows`` and ``tokens``. Both models must share the vocabulary (same logits width).
+    ``batch_size``: windows per forward (default: what :data:`BATCH_BYTES` allows, at most 8).
     """
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
         raise UserError(f"agreement needs windows of at least 2 tokens, got {list(windows.shape)}; use a larger seqlen")
+    if batch_size is None:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1 << 17
+        batch_size = max(1, min(8, BATCH_BYTES // (6 * 4 * windows.shape[1] * vocab)))
     if batch_size <= 0:
         raise UserError(f"batch_size must be positive, got {batch_size}", param="batch_size")
     device = torch.device(device)
