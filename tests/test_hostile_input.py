@@ -183,12 +183,34 @@ def test_integer_dense_part_of_a_packed_folder_is_refused(tmp_path, tiny_folder,
     assert not (tmp_path / "plain").exists()
 
 
+def test_nan_in_a_packed_folder_is_refused_by_unpack_and_export(tmp_path, tiny_folder, capsys):
+    from lmcompress.checkpoint.packed import _digest
+
+    packed = packed_copy(tiny_folder, tmp_path / "packed")
+    recipe = json.loads((packed / RECIPE_FILE).read_text())
+    tensors = load_file(packed / PACKED_FILE)
+    name = "model.norm.weight"
+    tensors[name][3] = float("nan")
+    recipe["packed"]["tensors"][name]["parts"]["values"]["sha256"] = _digest(tensors[name])  # checksums agree
+    save_file(tensors, packed / PACKED_FILE, metadata={"format": "pt"})
+    (packed / RECIPE_FILE).write_text(json.dumps(recipe))
+    for argv in (
+        ["unpack", str(packed), "-o", str(tmp_path / "plain")],
+        ["export", str(packed), "--format", "gguf", "--type", "f32", "-o", str(tmp_path / "m.gguf")],
+    ):
+        assert run(argv) == 2, argv
+        assert f"NaN or infinite weights in {name}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
-def test_fifo_weight_file_is_refused_without_blocking(tmp_path, tiny_folder):
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
+def test_fifo_in_a_model_folder_is_refused_without_blocking(tmp_path, tiny_folder, name):
     src = copy_model(tiny_folder, tmp_path / "model")
-    (src / "model.safetensors").unlink()
-    os.mkfifo(src / "model.safetensors")
-    for argv in (["prune", str(src), *MAGNITUDE, "-o", str(tmp_path / "out")], ["info", str(src)]):
+    (src / name).unlink()
+    os.mkfifo(src / name)
+    commands = [["prune", str(src), *MAGNITUDE, "-o", str(tmp_path / "out")], ["info", str(src)]]
+    for argv in commands[: 2 if name == "model.safetensors" else 1]:  # info does not read the tokenizer
         done = cli_in_subprocess(argv)
         assert done.returncode == 2, done.stderr[-2000:]
         assert "not a regular file" in done.stderr

@@ -288,6 +288,16 @@ def check_finite(model: nn.Module, source: str | Path) -> None:
         )
 
 
+def check_finite_state(state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """:func:`check_finite` for a state dict (a packed folder read without building its model)."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(
+            f"{source} has NaN or infinite weights in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+            "the checkpoint is damaged"
+        )
+
+
 def tokenizer_error(source: str | Path, exc: Exception) -> UserError:
     """The error for a tokenizer that does not load: missing files are named as such, not as missing packages."""
     folder = Path(str(source))

@@ -387,6 +387,7 @@ def _read_source(
     """``(config, tokenizer, state, quantized)``: float32 tensors by HF name and the exact codes of quantized ones."""
     from transformers import AutoTokenizer
 
+    from lmcompress.checkpoint.checks import check_finite_state
     from lmcompress.checkpoint.load import load, load_config, resolve_source, tokenizer_error
 
     path = Path(str(source)).expanduser()
@@ -397,6 +398,7 @@ def _read_source(
         strip_marker(config)
         gguf_family(config)  # refuse before reading the weights
         state, quantized = read_packed(path, recipe)
+        check_finite_state(state, path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except Exception as exc:

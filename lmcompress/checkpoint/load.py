@@ -59,8 +59,9 @@ def _check_local_folder(path: Path, allow_pickle: bool) -> None:
             )
         if not pickles:
             raise UserError(f"{path} holds no weight files (*.safetensors)")
-    for f in path.glob("*.safetensors"):
-        regular_file(f, "weight file")  # a FIFO would block every reader
+    for f in path.iterdir():  # a FIFO or a device (weights, config, tokenizer) would block its reader forever
+        if not f.is_dir():
+            regular_file(f, "model file")
 
 
 def _missing_path(text: str, path: Path) -> UserError | None:
