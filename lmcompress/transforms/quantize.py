@@ -118,8 +118,8 @@ class QuantConfig:
         if self.grid in KTYPES and (self.bits, self.group_size, self.sym) != kquant_shape(self.grid):
             bits, group, sym = kquant_shape(self.grid)
             raise UserError(
-                f"grid {self.grid} is llama.cpp's {self.grid.upper()}: {bits} bits in groups of {group}, "
-                f"{'sym' if sym else 'asym'}; use bits {bits} with group_size {group} and {'sym' if sym else 'asym'}",
+                f"grid {self.grid} is llama.cpp's {self.grid.upper()}, {bits}-bit codes in groups of {group}: use "
+                f"bits {bits} with group_size {group} and {'sym' if sym else 'asymmetric codes (not sym)'}",
                 param=("grid", "bits", "group_size", "sym"),
             )
         if self.in_block not in IN_BLOCK:
