@@ -88,7 +88,9 @@ def save_quantized(
     )
 
 
-def unpack_folder(folder: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
+def unpack_folder(
+    folder: str | Path, output: str | Path, *, overwrite: bool = False, trust_remote_code: bool = False
+) -> Path:
     """Write a packed folder out as a plain one (``model.safetensors`` in the stored dtype) that
     ``from_pretrained`` loads; quantized weights are written dequantized. A ``.gguf`` file is unpacked the same
     way (float32, see :func:`unpack_gguf`)."""
@@ -103,7 +105,7 @@ def unpack_folder(folder: str | Path, output: str | Path, *, overwrite: bool = F
     check_output(output, overwrite, source=folder)
     recipe = read_recipe(folder)
     _index_of(folder, recipe)
-    model, tokenizer = load(folder, dtype="float32")
+    model, tokenizer = load(folder, dtype="float32", trust_remote_code=trust_remote_code)
     plain = {k: v for k, v in recipe.items() if k not in ("storage", "packed")}
     plain["unpacked_from"] = str(folder)
     return save_model(model, tokenizer, output, plain, overwrite=overwrite, dtype=source_dtype(model.config))

@@ -12,6 +12,7 @@ def unpack(
     folder: str = typer.Argument(..., help="A packed folder written by lmcompress, or a .gguf file."),
     output: str = typer.Option(..., "--output", "-o", help="Folder for the plain (dense) copy; must not exist."),
     overwrite: bool = options.OVERWRITE,
+    trust_remote_code: bool = options.TRUST,
 ) -> None:
     """Write a packed model out as a plain folder that `AutoModelForCausalLM.from_pretrained` loads.
 
@@ -24,5 +25,5 @@ def unpack(
     """
     from lmcompress.checkpoint.save import unpack_folder
 
-    out = unpack_folder(folder, output, overwrite=overwrite)
+    out = unpack_folder(folder, output, overwrite=overwrite, trust_remote_code=trust_remote_code)
     typer.echo(f"unpacked {folder} → {out}")
