@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmcompress.algorithms import actquant as aq
+from lmcompress.algorithms.quant import QuantSpec, rtn_quantize
 from lmcompress.errors import UserError
 from lmcompress.models.families import get_blocks
 from lmcompress.models.smoothing import model_groups, recorded_inputs, smooth
@@ -48,6 +49,19 @@ def test_weights_per_output_channel():
     fcodes, fscale = aq.quantize_weight_fp8(w)
     torch.testing.assert_close(fscale, torch.tensor([[1 / 448], [63.75 / 448]]))
     assert aq.dequantize(fcodes, fscale).abs().amax(1).tolist() == pytest.approx([1.0, 63.75])
+
+
+def test_lmcompress_8bit_symmetric_codes_are_the_int8_grid():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(24, 40, generator=gen) * torch.rand(24, 1, generator=gen) * 5
+    qt = rtn_quantize(w, QuantSpec(bits=8, group_size=-1, sym=True))
+    codes, scale = aq.quantize_weight_int8(w)
+    layer = aq.ActQuantLinear.from_quantized(qt, None, aq.ActScheme("int8"))
+    assert torch.equal(layer.codes, codes)
+    torch.testing.assert_close(layer.weight_scale, scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.dequantized_weight(), qt.dequantize(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="per-channel"):
+        aq.ActQuantLinear.from_quantized(rtn_quantize(w, QuantSpec(bits=8, group_size=8)), None, aq.ActScheme())
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])

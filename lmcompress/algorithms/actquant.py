@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.errors import UserError
 
 INT8_DIVISOR = 127.5  # compressed-tensors: max|x| / ((127 − (−128)) / 2)
@@ -146,6 +147,16 @@ class ActQuantLinear(nn.Module):
         """Round-to-nearest quantization of a float ``[out, in]`` weight (of ``act``'s kind unless given)."""
         codes, scale = weight_scheme_quantize(weight.detach(), weight_kind or act.kind)
         return cls(codes, scale, bias, act)
+
+    @classmethod
+    def from_quantized(cls, weight: QuantizedTensor, bias: torch.Tensor | None, act: ActScheme) -> ActQuantLinear:
+        """From lmcompress's own 8-bit symmetric per-channel codes (RTN or GPTQ, ``QuantSpec(8, -1, sym=True)``):
+        that grid is this module's int8 grid (``s = max|w| / 127.5``, ``q − 128 ∈ [−128, 127]``)."""
+        spec = weight.spec
+        if (spec.bits, spec.group_size, spec.sym, spec.grid) != (8, -1, True, "minmax") or weight.g_idx is not None:
+            raise ValueError(f"W8A8 needs 8-bit symmetric per-channel minmax codes, got {spec}")
+        codes = (weight.codes.to(torch.int16) - weight.zero.to(torch.int16)).to(torch.int8)
+        return cls(codes, weight.scale.float(), bias, act)
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize(self.codes, self.weight_scale)
