@@ -80,6 +80,7 @@ def test_cli_gptq_on_q4_k_stores_codes_llama_cpp_reads(wide_folder, tiny_folder,
     argv = ["quantize", str(wide_folder), "--method", "gptq", "--bits", "4", "--group-size", "32", "--asym"]
     calib = ["--calib-data", str(calib_file), "--nsamples", "4", "--seqlen", "32", "-q"]
     assert run_cli([*argv, "--grid", "q4_k", "-o", str(out), *calib]) == 0
+    assert "q4_k grid" in capsys.readouterr().out
     recipe = json.loads((out / "lmcompress.json").read_text())
     assert recipe["quantization"]["grid"] == "q4_k"
     from lmcompress.checkpoint.packed import read_packed

@@ -22,7 +22,9 @@ def quantize(
         "--grid",
         help="How a group's scale is chosen. minmax: from its range (sym: 2·max|w|/(2^bits−1)). q4_0: llama.cpp's "
         "Q4_0 (4-bit sym only): d = the group's signed extreme / −8, fp16 scales; with --group-size 32 RTN gives "
-        "llama.cpp's own codes, and `export --format gguf` writes them as Q4_0 unchanged.",
+        "llama.cpp's own codes, and `export --format gguf` writes them as Q4_0 unchanged. q2_k, q3_k, q4_k, q5_k, "
+        "q6_k: llama.cpp's K-quant blocks (Q4_K: --bits 4 --group-size 32 --asym; see docs/gguf.md), grid fixed "
+        "before GPTQ; layers must read a multiple of 256 inputs.",
     ),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize inputs by decreasing Hessian diagonal."),
     static_groups: bool = typer.Option(
@@ -117,7 +119,7 @@ def quantize(
         typer.echo(json_text(report.to_dict()))
     else:
         layout = "per channel" if config.group_size == -1 else f"group {config.group_size}"
-        layout += ", q4_0 grid" if config.grid == "q4_0" else ""
+        layout += f", {config.grid} grid" if config.grid != "minmax" else ""
         if config.include_head:
             head = "per channel" if config.head_group_size == -1 else f"group {config.head_group_size}"
             layout += f"; head {config.head_bits} bits {head}"
