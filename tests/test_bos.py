@@ -91,7 +91,13 @@ def test_prune_records_bos_and_eval_reports_it(tokenizer, tmp_path, capsys):
     assert json.loads((out / "lmcompress.json").read_text())["calibration"]["bos"] is True
     capsys.readouterr()
     assert run_cli(["eval", str(out), "--ppl-data", "bundled:wikitext2-test", "--seqlen", "64", "--json", "-q"]) == 0
-    assert json.loads(capsys.readouterr().out)["bos"] is True
+    with_bos = json.loads(capsys.readouterr().out)
+    assert with_bos["bos"] is True
+    assert (
+        run_cli(["eval", str(out), "--ppl-data", "bundled:wikitext2-test", "--seqlen", "64", "--no-bos", "--json"]) == 0
+    )
+    without = json.loads(capsys.readouterr().out)
+    assert without["bos"] is False and without["tokens"] != with_bos["tokens"]  # 64 vs 63 text tokens a window
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_a_clear_error(tokenizer, tmp_path, capsys):
