@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmcompress.algorithms.smoothquant import ChannelStats, check_alpha, search_grid, smoothing_scales
+from lmcompress.algorithms.smoothquant import ChannelStats, check_alpha, search_grid, smoothing_scales, weight_absmax
 from lmcompress.errors import UserError
 from lmcompress.models.families import get_blocks
 from lmcompress.models.smoothing import (
@@ -22,14 +22,15 @@ from lmcompress.models.tiny import build_tiny_model
 from tests.conftest import logits_of, random_ids
 
 # (family, config overrides, smoothing groups per block): Qwen2 has q/k/v biases, the NeoX/GPT-2/Phi-3 rows
-# use fused projections, and kv_heads = heads lets the value → output fold apply to the GQA families.
+# use fused projections; the tiny llama-likes have grouped-query attention (4 heads, 2 KV heads) unless overridden.
 CASES = [
-    ("llama", {}, 3),  # grouped-query attention: no v_proj → o_proj fold
-    ("llama", {"num_key_value_heads": 4}, 4),
+    ("llama", {}, 4),
+    ("llama", {"num_key_value_heads": 1}, 4),
     ("mistral", {"num_key_value_heads": 4}, 4),
-    ("qwen2", {"num_key_value_heads": 4}, 4),
-    ("qwen3", {}, 3),
+    ("qwen2", {}, 4),
+    ("qwen3", {}, 4),
     ("phi", {}, 2),
+    ("phi3", {}, 4),
     ("phi3", {"num_key_value_heads": 4}, 4),
     ("opt", {}, 3),
     ("gpt2", {}, 3),
@@ -59,7 +60,7 @@ def calibrate(model, groups, keep_tokens: int = 0):
     return stats
 
 
-@pytest.mark.parametrize(("family", "overrides", "per_block"), CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
+@pytest.mark.parametrize(("family", "overrides", "per_block"), CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_fold_leaves_the_function_unchanged(family, overrides, per_block):
     model = perturbed(build_tiny_model(family, **overrides))
     ids = random_ids(model.config.vocab_size)
@@ -84,8 +85,8 @@ def test_scales_follow_the_formula_and_balance_the_maxima():
     w = torch.cat([w1, w2]).abs().amax(0)
     for alpha in (0.0, 0.3, 1.0):
         expected = a**alpha / w ** (1 - alpha)
-        torch.testing.assert_close(smoothing_scales(stats.absmax, [w1, w2], alpha), expected)
-    s = smoothing_scales(stats.absmax, [w1, w2], 0.5)  # α = ½: max|X'_j| = max|W'_j| for every channel
+        torch.testing.assert_close(smoothing_scales(stats.absmax, weight_absmax([w1, w2]), alpha), expected)
+    s = smoothing_scales(stats.absmax, w, 0.5)  # α = ½: max|X'_j| = max|W'_j| for every channel
     torch.testing.assert_close(a / s, w * s)
     assert stats.tokens == 50
     torch.testing.assert_close(stats.absmean, x.abs().mean(0))
@@ -94,7 +95,7 @@ def test_scales_follow_the_formula_and_balance_the_maxima():
 def test_dead_channels_keep_scale_one():
     w = torch.randn(4, 3)
     w[:, 2] = 0
-    s = smoothing_scales(torch.tensor([0.0, 2.0, 3.0]), [w], 0.5)
+    s = smoothing_scales(torch.tensor([0.0, 2.0, 3.0]), weight_absmax([w]), 0.5)
     assert s[0] == 1 and s[2] == 1 and s[1] != 1
 
 
@@ -103,7 +104,7 @@ def test_alpha_outside_the_unit_interval_is_refused(alpha):
     with pytest.raises(UserError, match="alpha must be"):
         check_alpha(alpha)
     with pytest.raises(UserError, match="alpha must be"):
-        smoothing_scales(torch.ones(3), [torch.ones(2, 3)], alpha)
+        smoothing_scales(torch.ones(3), torch.ones(3), alpha)
 
 
 def test_search_grid_picks_the_lowest_loss():
@@ -147,6 +148,19 @@ def test_restored_puts_parameters_back():
             fold_scales(g, torch.full((g.features,), 3.0))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_grouped_query_attention_ties_the_output_projection_inputs():
+    model = build_tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)  # head_dim 16, 2 heads per KV
+    group = next(g for g in block_groups(get_blocks(model)[0], model.config) if g.name == "self_attn.v_proj")
+    assert group.features == 64 and group.rows.tolist() == [*range(16), *range(16), *range(16, 32), *range(16, 32)]
+    values = torch.arange(64.0)
+    tied = group.tie(values)  # inputs h·16 + i of heads 0, 1 share value row i; heads 2, 3 share row 16 + i
+    assert tied[:16].tolist() == tied[16:32].tolist() == list(range(16, 32))
+    assert tied[32:48].tolist() == tied[48:].tolist() == list(range(48, 64))
+    torch.testing.assert_close(group.tie(values, "mean")[:16], torch.arange(8.0, 24.0))
+    with pytest.raises(ValueError, match="one scale"):
+        fold_scales(group, torch.rand(64) + 0.5)
 
 
 def test_bad_scales_and_unsupported_families():

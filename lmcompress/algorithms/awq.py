@@ -66,14 +66,18 @@ def awq_search(
     quantize: Quantizer,
     grid: Sequence[float] | int = 21,
     loss: Callable[[torch.Tensor], float] | None = None,
+    tie: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
 ) -> AwqResult:
     """The exponent on ``grid`` (see ``smoothquant.search_grid``) whose scales give the lowest loss.
 
     ``x``: calibration inputs of the group ([..., in]); ``weights``: its ``[out, in]`` weights. ``loss(scales)``
     defaults to :func:`group_output_error`; a caller can pass one that runs the whole block with the
-    :func:`effective_weight` s in place (the block output error).
+    :func:`effective_weight` s in place (the block output error). ``tie(values, "mean")`` makes inputs that
+    must share a scale share their mean (grouped-query attention's ``o_proj``; see ``models.smoothing``).
     """
     absmean = x.detach().reshape(-1, x.shape[-1]).abs().float().mean(dim=0)
+    if tie is not None:
+        absmean = tie(absmean, "mean")
     if loss is None:
 
         def loss(scales: torch.Tensor) -> float:

@@ -63,11 +63,11 @@ def weight_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([w.detach().abs().float().amax(dim=0).cpu() for w in weights]).amax(dim=0)
 
 
-def smoothing_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
-    """SmoothQuant's ``s_j = max|X_j|^α / max|W_j|^(1−α)`` (float32, ``[in]``); channels with no activation
-    or no weight keep ``s_j = 1``."""
+def smoothing_scales(act_absmax: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's ``s_j = max|X_j|^α / max|W_j|^(1−α)`` (float32, ``[in]``) from the activations' and the
+    weights' (:func:`weight_absmax`) per-channel maxima; channels with no activation or no weight keep 1."""
     alpha = check_alpha(alpha)
-    w_max = weight_absmax(weights)
+    w_max = w_max.float().cpu()
     a_max = act_absmax.float().cpu()
     dead = (a_max < _FLOOR) | (w_max < _FLOOR)
     s = a_max.clamp(min=_FLOOR).pow(alpha) / w_max.clamp(min=_FLOOR).pow(1.0 - alpha)

@@ -10,8 +10,9 @@ after ``fc1``) or a norm outside this table rules a fold out, and such layers ar
 
 :data:`SMOOTHING` holds the groups of each family, paths relative to a block (``families.get_blocks``).
 A linear source with ``rows`` feeds its group only some of its output rows (fused ``[q; k; v]`` or
-``[gate; up]``); a group is skipped where those rows do not match the group's inputs one to one (the value
-rows of grouped-query attention are shared by several heads: no per-channel fold there).
+``[gate; up]``). With grouped-query attention one value row feeds the ``o_proj`` input of every query head
+that shares its KV head (``heads``): those inputs must share one scale, so their statistics are tied
+(:meth:`Group.tie`) before the scales are computed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from lmcompress.algorithms.awq import AwqResult, Quantizer, awq_search
-from lmcompress.algorithms.smoothquant import ChannelStats, search_grid, smoothing_scales
+from lmcompress.algorithms.smoothquant import ChannelStats, search_grid, smoothing_scales, weight_absmax
 from lmcompress.errors import UserError
 from lmcompress.models.families import blocks_path, get_blocks, weight_matrix
 from lmcompress.models.layouts import head_shape
@@ -37,6 +38,7 @@ class GroupSpec:
     source: str  # a norm, or a linear layer whose output rows (all, or ``rows``) are the group's input
     targets: tuple[str, ...]  # the linear layers reading that input
     rows: Rows | None = None
+    heads: bool = False  # the targets read the query heads' outputs; the source rows are per KV head
 
 
 def _last_third(config) -> torch.Tensor:  # GPT-2's c_attn: [q; k; v], each hidden_size rows
@@ -61,7 +63,7 @@ def _neox_v(config) -> torch.Tensor:  # GPT-NeoX's query_key_value: per head [q;
 
 _LLAMA = (
     GroupSpec("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    GroupSpec("self_attn.v_proj", ("self_attn.o_proj",)),
+    GroupSpec("self_attn.v_proj", ("self_attn.o_proj",), heads=True),
     GroupSpec("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     GroupSpec("mlp.up_proj", ("mlp.down_proj",)),
 )
@@ -73,11 +75,11 @@ SMOOTHING: dict[str, tuple[GroupSpec, ...]] = {
     "qwen3": _LLAMA,
     "phi": (  # parallel attention and MLP read the same input_layernorm
         GroupSpec("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")),
-        GroupSpec("self_attn.v_proj", ("self_attn.dense",)),
+        GroupSpec("self_attn.v_proj", ("self_attn.dense",), heads=True),
     ),
     "phi3": (
         GroupSpec("input_layernorm", ("self_attn.qkv_proj",)),
-        GroupSpec("self_attn.qkv_proj", ("self_attn.o_proj",), _fused_v),
+        GroupSpec("self_attn.qkv_proj", ("self_attn.o_proj",), _fused_v, heads=True),
         GroupSpec("post_attention_layernorm", ("mlp.gate_up_proj",)),
         GroupSpec("mlp.gate_up_proj", ("mlp.down_proj",), _second_half),
     ),
@@ -119,7 +121,7 @@ class Group:
     name: str  # full dotted path of the source, e.g. "model.layers.0.input_layernorm"
     source: nn.Module
     targets: dict[str, nn.Module]  # full dotted path → layer
-    rows: torch.Tensor | None  # the source's output rows that feed the targets (None: all of them)
+    rows: torch.Tensor | None  # [in]: the source's output row feeding each target input (None: norm, one to one)
 
     @property
     def features(self) -> int:
@@ -129,30 +131,42 @@ class Group:
         """The targets' weights as ``[out, in]`` views."""
         return [weight_matrix(m) for m in self.targets.values()]
 
+    def tie(self, values: torch.Tensor, reduce: str = "amax") -> torch.Tensor:
+        """Per-input ``values`` ([in]) reduced (``amax`` or ``mean``) over the inputs fed by one source row and
+        spread back: inputs that share a row get one scale. Unchanged where every input has its own row."""
+        if self.rows is None or self.rows.unique().numel() == self.rows.numel():
+            return values
+        rows = self.rows.to(values.device)
+        out = torch.zeros(int(rows.max()) + 1, dtype=values.dtype, device=values.device)
+        return out.scatter_reduce(0, rows, values, reduce, include_self=False)[rows]
+
 
 def _is_linear_source(module: nn.Module) -> bool:
     return getattr(module, "weight", None) is not None and module.weight.dim() == 2
 
 
-def _source_outputs(group: Group) -> int:
-    if _is_linear_source(group.source):
-        return weight_matrix(group.source).shape[0] if group.rows is None else group.rows.numel()
-    return group.source.weight.numel()
+def _input_rows(spec: GroupSpec, source: nn.Module, config) -> torch.Tensor | None:
+    """The source row feeding each target input (see :class:`Group`); None for a norm."""
+    if not _is_linear_source(source):
+        return None
+    rows = spec.rows(config) if spec.rows is not None else torch.arange(weight_matrix(source).shape[0])
+    if spec.heads:  # query head h reads KV head h // group: input h·d + i ← value row (h // group)·d + i
+        shape = head_shape(config)
+        j = torch.arange(shape.heads * shape.head_dim)
+        rows = rows[(j // shape.head_dim // shape.group) * shape.head_dim + j % shape.head_dim]
+    return rows
 
 
 def block_groups(block: nn.Module, config, prefix: str = "") -> list[Group]:
-    """The smoothing groups of one block whose source outputs match the targets' inputs one to one.
-
-    Grouped-query attention's value rows (``kv_heads · head_dim`` of them for ``heads · head_dim`` inputs of
-    ``o_proj``) do not, and that group is left out.
-    """
+    """The smoothing groups of one block (a group whose source does not match its targets' width is left out)."""
     dot = f"{prefix}." if prefix else ""
     groups = []
     for spec in smoothing_specs(config):
         targets = {f"{dot}{t}": block.get_submodule(t) for t in spec.targets}
-        rows = spec.rows(config) if spec.rows is not None else None
-        group = Group(f"{dot}{spec.source}", block.get_submodule(spec.source), targets, rows)
-        if _source_outputs(group) == group.features and all(w.shape[1] == group.features for w in group.weights()):
+        source = block.get_submodule(spec.source)
+        group = Group(f"{dot}{spec.source}", source, targets, _input_rows(spec, source, config))
+        width = source.weight.numel() if group.rows is None else group.rows.numel()
+        if width == group.features and all(w.shape[1] == group.features for w in group.weights()):
             groups.append(group)
     return groups
 
@@ -165,23 +179,28 @@ def model_groups(model: nn.Module) -> list[Group]:
 
 @torch.no_grad()
 def fold_scales(group: Group, scales: torch.Tensor) -> None:
-    """In place: the targets' input columns times ``s``, the source's outputs divided by ``s`` (``[in]``, > 0).
+    """In place: the targets' input columns times ``s``, the source's outputs divided by ``s`` (``[in]``, > 0;
+    equal on inputs that share a source row).
 
     The group's output is unchanged in exact arithmetic: ``(X · diag(s)⁻¹) · (W · diag(s))ᵀ = X · Wᵀ``.
     """
-    s = scales.float()
+    s = scales.float().cpu()
     if s.shape != (group.features,) or not bool((s > 0).all()):
         raise ValueError(f"{group.name}: scales must be {group.features} positive numbers, got shape {tuple(s.shape)}")
+    if not torch.allclose(group.tie(s, "amax"), s, rtol=1e-6, atol=0):
+        raise ValueError(f"{group.name}: inputs fed by one source row need one scale (see Group.tie)")
     for w in group.weights():
         w.copy_((w.float() * s.to(w.device)).to(w.dtype))
     source = group.source
-    if _is_linear_source(source):
+    if group.rows is not None:
         w = weight_matrix(source)
-        rows = torch.arange(w.shape[0]) if group.rows is None else group.rows
-        rows = rows.to(w.device)
-        w[rows] = (w[rows].float() / s.to(w.device).unsqueeze(1)).to(w.dtype)
+        per_row = torch.zeros(w.shape[0]).scatter_(0, group.rows, s)  # one value per row (they are equal)
+        rows = group.rows.unique()
+        div = per_row[rows].to(w.device)
+        w[rows.to(w.device)] = (w[rows.to(w.device)].float() / div.unsqueeze(1)).to(w.dtype)
         if source.bias is not None:
-            source.bias.data[rows] = (source.bias.data[rows].float() / s.to(w.device)).to(source.bias.dtype)
+            b = source.bias.data
+            b[rows.to(b.device)] = (b[rows.to(b.device)].float() / div.to(b.device)).to(b.dtype)
         return
     for p in (source.weight, getattr(source, "bias", None)):
         if p is not None:
@@ -222,7 +241,9 @@ def restored(groups: list[Group]) -> Iterator[None]:
 
 def smooth(groups: list[Group], stats: dict[str, ChannelStats], alpha: float) -> dict[str, torch.Tensor]:
     """SmoothQuant on each group with the activation maxima in ``stats``: the scales, folded in place."""
-    scales = {g.name: smoothing_scales(stats[g.name].absmax, g.weights(), alpha) for g in groups}
+    scales = {
+        g.name: smoothing_scales(g.tie(stats[g.name].absmax), g.tie(weight_absmax(g.weights())), alpha) for g in groups
+    }
     for g in groups:
         fold_scales(g, scales[g.name])
     return scales
@@ -252,6 +273,6 @@ def awq(
     for g in groups:
         if stats[g.name].samples.shape[0] == 0:
             raise ValueError(f"{g.name}: no inputs kept; record with keep_tokens > 0")
-        results[g.name] = awq_search(stats[g.name].samples, g.weights(), quantize, grid)
+        results[g.name] = awq_search(stats[g.name].samples, g.weights(), quantize, grid, tie=g.tie)
         fold_scales(g, results[g.name].scales)
     return results
