@@ -144,6 +144,20 @@ def test_smoothquant_reduces_w8a8_error_with_outlier_channels():
     assert smooth_error < 0.5 * plain_error, (smooth_error, plain_error)
 
 
+def test_static_fp8_calibrates_each_layer():
+    model = build_tiny_model("llama")
+    ids = random_ids(model.config.vocab_size)
+    block = get_blocks(model)[0]
+    with aq.recorded_input_absmax(block) as absmax:
+        logits_of(model, ids)
+    assert absmax["mlp.down_proj"] > 0 and set(absmax) == {n for n, _ in block.named_modules() if "proj" in n}
+    aq.simulate_linears(block, aq.ActScheme("fp8"), input_absmax=absmax)
+    down = block.mlp.down_proj
+    assert down.act.static_scale == pytest.approx(absmax["mlp.down_proj"] / 448)
+    with pytest.raises(ValueError, match="no calibrated input maximum"):
+        aq.simulate_linears(get_blocks(model)[1], aq.ActScheme("fp8"), input_absmax={})
+
+
 def test_simulate_linears_handles_conv1d():
     model = build_tiny_model("gpt2")
     ids = random_ids(model.config.vocab_size)

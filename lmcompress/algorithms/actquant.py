@@ -19,6 +19,8 @@ values in float32, which differs from the integer product only by float rounding
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -171,17 +173,51 @@ class ActQuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, weight={self.codes.dtype}, act={self.act.kind}{static}"
 
 
-def simulate_linears(root: nn.Module, act: ActScheme, weight_kind: str | None = None) -> list[str]:
-    """Replace, in place, every ``nn.Linear`` / GPT-2 ``Conv1D`` under ``root`` by an :class:`ActQuantLinear`
-    quantized by round to nearest. Pass the blocks, not the whole model, to keep the head and embeddings in
-    float. Returns the replaced names (relative to ``root``)."""
+def _linear_names(root: nn.Module) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
-    names = [n for n, m in root.named_modules() if n and isinstance(m, nn.Linear | Conv1D)]
+    return [n for n, m in root.named_modules() if n and isinstance(m, nn.Linear | Conv1D)]
+
+
+@contextmanager
+def recorded_input_absmax(root: nn.Module) -> Iterator[dict[str, float]]:
+    """Within the ``with``, the largest ``|x|`` each linear layer under ``root`` receives, by name: the
+    calibration of static per-tensor FP8 scales (:func:`static_fp8_scale`)."""
+    absmax: dict[str, float] = {}
+
+    def hook(name: str):
+        def record(_module, args) -> None:
+            absmax[name] = max(absmax.get(name, 0.0), float(args[0].detach().abs().max()))
+
+        return record
+
+    handles = [root.get_submodule(n).register_forward_pre_hook(hook(n)) for n in _linear_names(root)]
+    try:
+        yield absmax
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def simulate_linears(
+    root: nn.Module, act: ActScheme, weight_kind: str | None = None, input_absmax: dict[str, float] | None = None
+) -> list[str]:
+    """Replace, in place, every ``nn.Linear`` / GPT-2 ``Conv1D`` under ``root`` by an :class:`ActQuantLinear`
+    quantized by round to nearest. Pass the blocks, not the whole model, to keep the head and embeddings in
+    float. With ``input_absmax`` (from :func:`recorded_input_absmax`) every layer gets a static per-tensor FP8
+    scale from its own calibrated maximum. Returns the replaced names (relative to ``root``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = _linear_names(root)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         layer = getattr(parent, child)
         weight = layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
-        setattr(parent, child, ActQuantLinear.from_weight(weight, layer.bias, act, weight_kind))
+        scheme = act
+        if input_absmax is not None:
+            if name not in input_absmax:
+                raise ValueError(f"no calibrated input maximum for {name}")
+            scheme = ActScheme("fp8", static_scale=static_fp8_scale(input_absmax[name]))
+        setattr(parent, child, ActQuantLinear.from_weight(weight, layer.bias, scheme, weight_kind))
     return names
