@@ -10,11 +10,13 @@ minimum, an integer ``m_j``) under the super-block's fp16 ``d`` (and ``dmin``); 
 * Q6_K (``sc_j`` an int8): ``w = (d·sc_j)·(q − 32)``, ``q`` in 0…63.
 
 The grid (everything but the codes) is chosen per sub-block by a weighted least-squares search over candidate
-steps (with the minimum solved jointly for the types that have one), then the sub-block scales of a super-block
-are put on the super-block's integer grid with the largest one at the top code (63, 15, −32 or −128: llama.cpp's
-reference convention, which also makes :func:`grid_from_quantized` exact). Weights per element are llama.cpp's
-(``av + |w|`` for Q4_K / Q5_K, ``|w|`` for Q2_K, ``w²`` for Q3_K / Q6_K) or, with an importance vector ``a`` per
-input (an imatrix, or GPTQ's ``diag H``), ``a·sqrt(σ² + w²)`` with ``σ²`` the super-block's mean square.
+steps (with the minimum solved jointly for the types that have one, as llama.cpp's ``make_qkx2_quants`` does;
+a signed step for the symmetric types), then the sub-block scales of a super-block are put on the super-block's
+integer grid with the largest one at the top code (63, 15, −32 or −128: llama.cpp's reference convention, which
+also makes :func:`grid_from_scales` exact). Element weights are ``rms + |w|`` (``rms`` over the sub-block:
+llama.cpp's Q4_K / Q5_K weighting, used here for every type) or, with an importance vector ``a`` per input (an
+imatrix, or GPTQ's ``diag H``), llama.cpp's imatrix weighting ``a·sqrt(σ² + w²)`` with ``σ²`` the
+super-block's mean square.
 
 As a :class:`~lmcompress.algorithms.quant.QuantizedTensor` (``group_size = sub``) a sub-block has
 ``scale = d₁`` and ``zero = m₁ / d₁`` (the min types) or the middle code 4 / 32: lmcompress's weight
@@ -126,18 +128,18 @@ def _element_weights(w: torch.Tensor, kind: KType, importance: torch.Tensor | No
         return (importance.float().reshape(1, -1, QK_K) * (sigma2 + w.reshape(rows, -1, QK_K).square()).sqrt()).reshape(
             rows, cols
         )
-    if kind.name in ("q4_k", "q5_k"):
-        av = w.reshape(rows, -1, kind.sub).square().mean(2, keepdim=True).sqrt()
-        return (av + w.reshape(rows, -1, kind.sub).abs()).reshape(rows, cols)
-    return w.abs() if kind.name == "q2_k" else w.square()
+    rms = w.reshape(rows, -1, kind.sub).square().mean(2, keepdim=True).sqrt()
+    return (rms + w.reshape(rows, -1, kind.sub).abs()).reshape(rows, cols)
 
 
 def _search_min(x: torch.Tensor, wt: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
     """Per row of ``x`` ([n, k]): the step ``s ≥ 0`` and minimum ``m ≥ 0`` of the grid ``s·l − m`` (``l`` in
-    0…nmax) with the least weighted squared error, trying steps ``(max − min) / (nmax + rmin + rdelta·i)`` and,
-    for each one's rounding, the weighted least-squares ``(s, m)`` (``m`` clipped at 0, the range holding 0)."""
+    0…nmax) with the least weighted squared error. Starting from ``−m = min(x, 0)``, it tries the roundings at
+    steps ``(max − (−m)) / (nmax + rmin + rdelta·i)`` from the best ``−m`` so far and, for each, the weighted
+    least-squares ``(s, −m)`` (``−m`` clipped at 0, so the range holds 0), keeping whichever lowers the error."""
+    hi = x.amax(1)
     lo = x.amin(1).clamp(max=0.0)
-    span = x.amax(1) - lo
+    span = hi - lo
     flat = span <= 0
     span = torch.where(flat, torch.ones_like(span), span)
     best_s, best_lo = span / nmax, lo.clone()
@@ -145,7 +147,8 @@ def _search_min(x: torch.Tensor, wt: torch.Tensor, nmax: int, rmin: float, rdelt
     best = (wt * (best_s[:, None] * levels + lo[:, None] - x).square()).sum(1)
     sw, sx = wt.sum(1), (wt * x).sum(1)
     for i in range(nstep + 1):
-        levels = torch.clamp(torch.round((x - lo[:, None]) * ((rmin + rdelta * i + nmax) / span)[:, None]), 0, nmax)
+        span = (hi - best_lo).clamp(min=torch.finfo(x.dtype).tiny)
+        levels = torch.round((x - best_lo[:, None]) * ((rmin + rdelta * i + nmax) / span)[:, None]).clamp(0, nmax)
         sl, sl2, sxl = (wt * levels).sum(1), (wt * levels.square()).sum(1), (wt * levels * x).sum(1)
         det = sw * sl2 - sl * sl
         ok = det > 0
@@ -173,14 +176,15 @@ def _search_sym(x: torch.Tensor, wt: torch.Tensor, nmax: int) -> torch.Tensor:
     tiny = ext.abs() < 1e-15
     ext = torch.where(tiny, torch.ones_like(ext), ext)
     best_gain = torch.full_like(ext, -1.0)
-    best_s = torch.zeros_like(ext)
+    best_levels = torch.zeros_like(x)
     for i in range(-9, 10):
         levels = torch.clamp(torch.round(x * (-(nmax + 0.1 * i) / ext)[:, None]), -nmax, nmax - 1)
         slx, sl2 = (wt * x * levels).sum(1), (wt * levels.square()).sum(1)
         gain = torch.where(sl2 > 0, slx.square() / sl2.clamp(min=1e-30), torch.zeros_like(slx))  # error drop
-        s = torch.where(sl2 > 0, slx / sl2.clamp(min=1e-30), -ext / nmax)
         better = gain > best_gain
-        best_gain, best_s = torch.where(better, gain, best_gain), torch.where(better, s, best_s)
+        best_gain, best_levels = torch.where(better, gain, best_gain), torch.where(better[:, None], levels, best_levels)
+    slx, sl2 = (wt * x * best_levels).sum(1), (wt * best_levels.square()).sum(1)
+    best_s = torch.where(sl2 > 0, slx / sl2.clamp(min=1e-30), -ext / nmax)
     return torch.where(tiny, torch.zeros_like(best_s), best_s)
 
 
