@@ -21,6 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmcompress.checkpoint.checks import (
+    check_config_sizes,
+    check_finite,
+    check_loading_info,
+    expand,
+    path_exists,
+    regular_file,
+)
 from lmcompress.errors import UserError
 
 GGUF_SUFFIX = ".gguf"
@@ -34,8 +42,6 @@ def is_gguf(source: str | Path) -> bool:
 
 def check_gguf(path: str | Path) -> Path:
     """``path`` as an existing GGUF file; clear errors for a missing file, a wrong magic or missing packages."""
-    from lmcompress.checkpoint.checks import expand, path_exists, regular_file
-
     file = expand(path)
     if not path_exists(file):
         raise UserError(f"GGUF file {file} does not exist; give the path of a .gguf model file")
@@ -185,8 +191,6 @@ def gguf_config(path: str | Path):
         raise UserError(f"could not read the model config from {file}: {exc}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    from lmcompress.checkpoint.checks import check_config_sizes
-
     check_config_sizes(config, file)
     return config
 
@@ -215,8 +219,6 @@ def load_gguf(
     finally:
         if bars and not progress:
             hf_logging.enable_progress_bar()
-    from lmcompress.checkpoint.checks import check_finite, check_loading_info
-
     check_loading_info(loading, str(file))  # transformers fills a tensor the file lacks with random values
     check_finite(loaded, file)
     state = loaded.state_dict()

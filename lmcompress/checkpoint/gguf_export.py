@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from lmcompress.algorithms.quant import QuantizedTensor
+from lmcompress.checkpoint.checks import check_finite_state, expand, path_exists
 from lmcompress.checkpoint.folder import check_not_nested, check_writable, read_recipe, write_path_atomic
 from lmcompress.errors import UserError
 from lmcompress.models.gguf_names import (
@@ -204,8 +205,6 @@ def _encode(name: str, ref: torch.Tensor, q: QuantizedTensor | None, kind: str) 
 
 
 def _check_output(output: str | Path, overwrite: bool, source: str | Path) -> Path:
-    from lmcompress.checkpoint.checks import expand, path_exists
-
     out = expand(output)
     if out.suffix.lower() != ".gguf":
         raise UserError(f"GGUF output {out} must be a file name ending in .gguf", param="output")
@@ -387,7 +386,6 @@ def _read_source(
     """``(config, tokenizer, state, quantized)``: float32 tensors by HF name and the exact codes of quantized ones."""
     from transformers import AutoTokenizer
 
-    from lmcompress.checkpoint.checks import check_finite_state
     from lmcompress.checkpoint.load import load, load_config, resolve_source, tokenizer_error
 
     path = Path(str(source)).expanduser()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lmcompress.algorithms.quant import QuantizedTensor
+from lmcompress.checkpoint.checks import regular_file
 from lmcompress.checkpoint.folder import RECIPE_FILE, RESIZED_MARKER, json_text, read_recipe, save_atomic
 from lmcompress.checkpoint.packing import Packed, pack_quantized, pack_tensor, unpack_quantized, unpack_tensor
 from lmcompress.errors import UserError
@@ -219,8 +220,6 @@ def _index_of(folder: Path, recipe: dict | None) -> dict:
 def packed_path(folder: Path, index: dict) -> Path:
     """The packed weights file the index names: a plain file name inside ``folder`` (no path, no ``..``, no link
     out of the folder), a regular file (a FIFO would block the reader forever)."""
-    from lmcompress.checkpoint.checks import regular_file
-
     name = index.get("file", PACKED_FILE)
     if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
         raise UserError(
