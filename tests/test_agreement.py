@@ -108,3 +108,15 @@ def test_perplexity_interval_is_exp_of_the_window_nll_interval(tokenizer, eval_t
     m = mean_interval(res.window_nll)
     assert (lo, hi) == pytest.approx((math.exp(m[0]), math.exp(m[1])))
     assert perplexity_interval([2.0]) is None
+
+
+def test_chunks_of_positions_give_the_same_numbers(pair, windows, monkeypatch):
+    import lmcompress.measure.agreement as A
+
+    dense, other = pair
+    whole = agreement(other, dense, windows, batch_size=2)
+    monkeypatch.setattr(A, "CHUNK_BYTES", 4 * 4 * 2 * 320 * 5)  # 5 positions a chunk: 7 chunks of 31
+    chunked = agreement(other, dense, windows, batch_size=2)
+    for key in ("kl_mean", "kl_median", "kl_p99", "top1_agreement", "delta_p_mean"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), key
+    assert chunked["tokens"] == whole["tokens"]

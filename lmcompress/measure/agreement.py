@@ -8,9 +8,9 @@ next-token distribution and ``q`` the model's:
 - top-1 agreement: the share of positions where both models' most likely token is the same;
 - ``Δp = q(y) − p(y)``, the change in the probability of the token ``y`` that actually follows: its mean.
 
-Memory is bounded: ``batch_size`` windows at a time go through both models (by default as many as keep the
-batch's ``positions × vocabulary`` work tensors under :data:`BATCH_BYTES`, at least one) and only per-position
-numbers are kept. Intervals (95%) are Student-t intervals over
+Memory is bounded: ``batch_size`` windows at a time go through both models (by default as many as keep both
+models' logits under :data:`BATCH_BYTES`, at least one), the distributions are compared a chunk of positions at
+a time, and only per-position numbers are kept. Intervals (95%) are Student-t intervals over
 windows of the per-window means (windows as the sample, as for perplexity); the median and 99th percentile
 have none.
 """
@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from lmcompress.errors import UserError
 from lmcompress.measure.intervals import mean_interval
 
-BATCH_BYTES = 1 << 30  # logits and log-probabilities of both models for one batch (about six float32 copies)
+BATCH_BYTES = 1 << 30  # both models' logits for one batch of windows (float32)
+CHUNK_BYTES = 1 << 28  # the log-probability work tensors of one chunk of positions
 KEYS = ("kl_mean", "kl_median", "kl_p99", "top1_agreement", "delta_p_mean")
 HIGHER_IS_BETTER = {"kl_mean": False, "kl_median": False, "kl_p99": False, "top1_agreement": True,
                     "delta_p_mean": True}  # fmt: skip
@@ -34,11 +35,22 @@ HIGHER_IS_BETTER = {"kl_mean": False, "kl_median": False, "kl_p99": False, "top1
 
 def window_agreement(logits: torch.Tensor, ref_logits: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-position numbers for windows ``ids`` ``[b, s]`` from both models' logits ``[b, s, vocab]``: ``kl``
-    ``[b, s−1]`` (nats), ``agree`` (same top-1 token) and ``delta_p`` (``q(y) − p(y)``, ``y`` the next token)."""
-    logq = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    logp = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
+    ``[b, s−1]`` (nats), ``agree`` (same top-1 token) and ``delta_p`` (``q(y) − p(y)``, ``y`` the next token).
+    Positions are taken in chunks, so the float32 work tensors stay near :data:`CHUNK_BYTES`."""
+    step = max(1, CHUNK_BYTES // (4 * 4 * ids.shape[0] * logits.shape[-1]))
+    parts = [
+        _positions(logits, ref_logits, ids, a, min(a + step, ids.shape[1] - 1))
+        for a in range(0, ids.shape[1] - 1, step)
+    ]
+    return {key: torch.cat([part[key] for part in parts], dim=1) for key in parts[0]}
+
+
+def _positions(logits, ref_logits, ids, start: int, stop: int) -> dict[str, torch.Tensor]:
+    """:func:`window_agreement` for the predictions made at positions ``start .. stop − 1``."""
+    logq = F.log_softmax(logits[:, start:stop].float(), dim=-1)
+    logp = F.log_softmax(ref_logits[:, start:stop].float(), dim=-1)
     kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)  # rounding can give -1e-7 for identical models
-    target = ids[:, 1:].to(logq.device)[..., None]
+    target = ids[:, start + 1 : stop + 1].to(logq.device)[..., None]
     delta_p = logq.gather(-1, target).squeeze(-1).exp() - logp.gather(-1, target).squeeze(-1).exp()
     agree = logq.argmax(-1) == logp.argmax(-1)
     return {"kl": kl, "agree": agree, "delta_p": delta_p}
@@ -84,7 +96,7 @@ def agreement(
         raise UserError(f"agreement needs windows of at least 2 tokens, got {list(windows.shape)}; use a larger seqlen")
     if batch_size is None:
         vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1 << 17
-        batch_size = max(1, min(8, BATCH_BYTES // (6 * 4 * windows.shape[1] * vocab)))
+        batch_size = max(1, min(8, BATCH_BYTES // (2 * 4 * windows.shape[1] * vocab)))
     if batch_size <= 0:
         raise UserError(f"batch_size must be positive, got {batch_size}", param="batch_size")
     device = torch.device(device)
