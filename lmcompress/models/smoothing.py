@@ -145,29 +145,36 @@ def _is_linear_source(module: nn.Module) -> bool:
     return getattr(module, "weight", None) is not None and module.weight.dim() == 2
 
 
-def _input_rows(spec: GroupSpec, source: nn.Module, config) -> torch.Tensor | None:
-    """The source row feeding each target input (see :class:`Group`); None for a norm."""
+def _input_rows(spec: GroupSpec, source: nn.Module, features: int, config) -> torch.Tensor | None:
+    """The source row feeding each of the ``features`` target inputs (see :class:`Group`); None for a norm."""
     if not _is_linear_source(source):
         return None
     rows = spec.rows(config) if spec.rows is not None else torch.arange(weight_matrix(source).shape[0])
-    if spec.heads:  # query head h reads KV head h // group: input h·d + i ← value row (h // group)·d + i
-        shape = head_shape(config)
-        j = torch.arange(shape.heads * shape.head_dim)
+    shape = head_shape(config) if spec.heads else None
+    if shape is not None and rows.numel() == shape.kv_heads * shape.head_dim < features == shape.heads * shape.head_dim:
+        j = torch.arange(
+            features
+        )  # query head h reads KV head h // group: input h·d + i ← value row (h // group)·d + i
         rows = rows[(j // shape.head_dim // shape.group) * shape.head_dim + j % shape.head_dim]
     return rows
 
 
 def block_groups(block: nn.Module, config, prefix: str = "") -> list[Group]:
-    """The smoothing groups of one block (a group whose source does not match its targets' width is left out)."""
+    """The smoothing groups of one block; a group whose source rows do not match its targets' inputs (heads
+    removed by structured pruning, say) is left out."""
     dot = f"{prefix}." if prefix else ""
     groups = []
     for spec in smoothing_specs(config):
         targets = {f"{dot}{t}": block.get_submodule(t) for t in spec.targets}
         source = block.get_submodule(spec.source)
-        group = Group(f"{dot}{spec.source}", source, targets, _input_rows(spec, source, config))
-        width = source.weight.numel() if group.rows is None else group.rows.numel()
-        if width == group.features and all(w.shape[1] == group.features for w in group.weights()):
-            groups.append(group)
+        widths = {weight_matrix(m).shape[1] for m in targets.values()}
+        if len(widths) != 1:
+            continue
+        features = widths.pop()
+        rows = _input_rows(spec, source, features, config)
+        fits = rows is None or int(rows.max()) < weight_matrix(source).shape[0]
+        if fits and (source.weight.numel() if rows is None else rows.numel()) == features:
+            groups.append(Group(f"{dot}{spec.source}", source, targets, rows))
     return groups
 
 
