@@ -86,12 +86,6 @@ def sweep(
 
         lmcompress sweep ./llama --sparsities 0.1:0.9:0.1 --tasks ppl:test.txt,retrieval --nsamples 32 -o res/llama
 
-        lmcompress sweep ./llama --methods wanda,sparsegpt --allocation uniform,owl --sparsities 0.5,0.6,0.7 -o res/owl
-
-        lmcompress sweep ./llama --methods magnitude,wanda --pattern 2:4,4:8 --tasks mc:arc_easy --limit 200 -o res/nm
-
-        lmcompress sweep ./llama --methods rtn,gptq --bits 8,4,3 --group-size 64 -o res/quant
-
         lmcompress sweep ./llama --methods ffn,heads --ratios 0.1:0.5:0.1 -o res/shrink
 
         lmcompress sweep ./llama --methods sparsegpt,gptq --sparsities 0.5,0.75 --bits 4,2 -o res/equal-size
