@@ -10,10 +10,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 import lmcompress.models.reference as reference
 from lmcompress.errors import UserError
-from conftest import run_cli
 
 MEMBER = f"{reference.SMOLLM2_PACKAGE}/{reference.SMOLLM2_FILE}"
 PAYLOAD = b"GGUF" + bytes(range(256)) * 4096  # about 1 MB: several read chunks
