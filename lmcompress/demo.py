@@ -66,7 +66,8 @@ def run_demo(
     window_nll, ratio (to dense), sparsity, weights_mb, bits_per_weight (linear layers of the blocks), seconds (of
     the compression itself)``. ``keep``: a folder for the packed results (one sub-folder per method), checked
     before any work: never inside the source model, and an existing result folder only with ``overwrite``."""
-    from lmcompress.calibration.data import draw, eval_windows, load_text
+    from lmcompress.calibration.data import draw, embedding_rows, eval_windows, load_text
+    from lmcompress.checkpoint.load import load_model
 
     s = settings or DemoSettings()
     if model is None:
@@ -75,11 +76,11 @@ def run_demo(
         model = smollm2_folder(progress=progress)
     methods = demo_methods(s.group_size, nm=s.nm)
     targets = check_keep(keep, model, ["dense", *(label for label, _ in methods)], overwrite)
-    from lmcompress.checkpoint.load import load_model
-
     dense, tokenizer = load_model(model)
-    calib, _ = draw(tokenizer, "bundled:wikitext2-valid", nsamples=s.nsamples, seqlen=s.seqlen, seed=0)
-    windows = eval_windows(tokenizer, load_text("bundled:wikitext2-test").text, s.seqlen)[: s.eval_windows]
+    vocab = embedding_rows(dense)
+    calib, _ = draw(tokenizer, "bundled:wikitext2-valid", nsamples=s.nsamples, seqlen=s.seqlen, seed=0, vocab_size=vocab)
+    text = load_text("bundled:wikitext2-test").text
+    windows = eval_windows(tokenizer, text, s.seqlen, vocab_size=vocab)[: s.eval_windows]
     if windows.shape[0] < s.eval_windows:
         raise UserError(f"the bundled test slice has only {windows.shape[0]} windows of {s.seqlen} tokens")
     with tempfile.TemporaryDirectory(prefix="lmcompress-demo-") as tmp:
