@@ -78,7 +78,9 @@ def run_demo(
     targets = check_keep(keep, model, ["dense", *(label for label, _ in methods)], overwrite)
     dense, tokenizer = load_model(model)
     vocab = embedding_rows(dense)
-    calib, _ = draw(tokenizer, "bundled:wikitext2-valid", nsamples=s.nsamples, seqlen=s.seqlen, seed=0, vocab_size=vocab)
+    calib, _ = draw(
+        tokenizer, "bundled:wikitext2-valid", nsamples=s.nsamples, seqlen=s.seqlen, seed=0, vocab_size=vocab
+    )
     text = load_text("bundled:wikitext2-test").text
     windows = eval_windows(tokenizer, text, s.seqlen, vocab_size=vocab)[: s.eval_windows]
     if windows.shape[0] < s.eval_windows:
