@@ -197,12 +197,14 @@ def open_job(
     check_source: Callable[[object, dict | None], None] | None = None,
     check_model: Callable[[nn.Module], None] | None = None,
     start: float | None = None,
+    held_out: int = 0,
 ) -> Job:
     """Check what can be checked before the weights, then load the ``source`` (resolved) and draw the windows.
 
     ``check_source(config, recipe)`` sees the source's config (and ``lmcompress.json``, if it has one) before its
     weights are loaded, ``check_model`` the loaded model before calibration text is read. ``output`` has been
-    checked (:func:`lmcompress.checkpoint.folder.check_output`); the job saves into it at the end.
+    checked (:func:`lmcompress.checkpoint.folder.check_output`); the job saves into it at the end. ``held_out``
+    windows follow the ``options.nsamples`` calibration windows, cut from a part of the text they do not touch.
     """
     placement = placement or InMemory()
     check_device(options.device)
@@ -226,7 +228,7 @@ def open_job(
             ready = _result_or_none(prepared)
             calib, calib_info = draw(
                 tokenizer, options.calib_data, nsamples=options.nsamples, seqlen=length, seed=options.seed,
-                prepared=ready, vocab_size=embedding_rows(net),
+                prepared=ready, vocab_size=embedding_rows(net), held_out=held_out,
             )  # fmt: skip
     surgery = list((recipe_of_source or {}).get("surgery") or [])
     begun = time.perf_counter() if start is None else start
@@ -279,6 +281,7 @@ def run_job(
     check_model: Callable[[nn.Module], None] | None = None,
     extra_files: Callable[[R], dict[str, str]] | None = None,
     storage: str = "dense",
+    held_out: int = 0,
     **options,
 ) -> R:
     """The one pipeline of every whole job: check, :func:`open_job`, transform, recipe, save.
@@ -291,7 +294,7 @@ def run_job(
     report's ``quantized`` codes). ``extra_files(report)`` (name → text) are saved in the same folder.
     ``options`` are :class:`JobOptions` fields by name; the two checks go to :func:`open_job`. The placement
     (:func:`choose_placement`) decides where the model lives; a streamed one stores its output as ``storage``
-    (dense or packed).
+    (dense or packed). ``held_out`` windows are drawn after the calibration windows (:func:`open_job`).
     """
     start = time.perf_counter()
     opts = JobOptions.of(options)
@@ -311,6 +314,7 @@ def run_job(
         check_source=check_source,
         check_model=check_model,
         start=start,
+        held_out=held_out,
     )
     placement.attach(job, kind, config, resume=opts.resume)
     with placement.running(), phase("transform (rest)"):
@@ -486,8 +490,8 @@ def search_pretrained(
     """Search per-layer (or per-block) levels as ``config`` asks and save the chosen model.
 
     ``nsamples`` windows give the statistics the level database is built from, ``config.held_out`` more
-    (drawn with them, never used for statistics) score the candidates. The database and the search state live
-    in a hidden work folder beside ``output``, held by this process, until the end (kept with
+    (drawn from a part of the text the calibration windows do not touch) score the candidates. The database and
+    the search state live in a hidden work folder beside ``output``, held by this process, until the end (kept with
     ``config.keep_database``): a killed search run again with the same settings continues from its last finished
     generation (:mod:`lmcompress.search.work`). Sparsity searches save a dense folder (zeros stored), bit-width
     searches a packed one (each layer's codes at its chosen width). ``config.max_loss`` and ``config.tune`` pick
@@ -513,6 +517,7 @@ def search_pretrained(
             save_as=lambda r: "quantized" if r.quantized is not None else "dense",
             progress=progress,
             extra_files=lambda r: {"search.json": json_text(r.to_dict()) + "\n"},
-            nsamples=nsamples + config.held_out,
+            nsamples=nsamples,
+            held_out=config.held_out,
             **options,
         )

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import run_cli
 
 from lmcompress import UserError, perplexity
-from lmcompress.calibration.data import calibration_windows, eval_windows, load_text, windows_hash
+from lmcompress.calibration.data import calibration_windows, draw, eval_windows, load_text, windows_hash
 from lmcompress.checkpoint.save import save_model
 from lmcompress.models.tiny import build_tiny_model
 
@@ -34,6 +34,36 @@ def test_eval_windows_are_non_overlapping_and_drop_the_tail(tokenizer, eval_text
     w = eval_windows(tokenizer, eval_text, 100)
     assert w.shape == (ids.numel() // 100, 100)
     assert torch.equal(w.flatten(), ids[: w.numel()])
+
+
+def test_held_out_windows_share_no_token_position_with_calibration_windows(tokenizer):
+    ids = torch.arange(300)  # token id = position in the text
+    for seed in range(4):
+        w = calibration_windows(tokenizer, "", 6, 16, seed=seed, ids=ids, bos=False, held_out=4)
+        calib, held = w[:6], w[6:]
+        assert w.shape == (10, 16)
+        assert all(torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 16)) for row in w)  # contiguous slices
+        assert not set(calib.flatten().tolist()) & set(held.flatten().tolist())
+        assert int(held.min()) > int(calib.max())  # calibration from the head, held-out from the tail
+    # without held-out windows the calibration windows are drawn as before, anywhere in the text
+    plain = calibration_windows(tokenizer, "", 6, 16, seed=0, ids=ids, bos=False)
+    starts = torch.randint(0, 300 - 16 + 1, (6,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain[:, 0], starts)
+
+
+def test_held_out_windows_need_enough_text_for_both_parts(tokenizer):
+    # 3 calibration windows of 4 tokens need 6 tokens, 2 held-out windows 5 (one window and one more token)
+    with pytest.raises(UserError, match=r"has 9 tokens; 3 calibration windows and 2 held-out .* at least 11 tokens"):
+        calibration_windows(tokenizer, "", 3, 4, ids=torch.arange(9), bos=False, held_out=2)
+    w = calibration_windows(tokenizer, "", 3, 4, ids=torch.arange(11), bos=False, held_out=2)
+    assert int(w[3:].min()) >= 6 and int(w[:3].max()) <= 5
+
+
+def test_draw_records_held_out_windows_only_when_asked(tokenizer):
+    _, info = draw(tokenizer, "bundled:wikitext2-valid", nsamples=4, seqlen=32)
+    both, with_held = draw(tokenizer, "bundled:wikitext2-valid", nsamples=4, seqlen=32, held_out=3)
+    assert "held_out" not in info and with_held["held_out"] == 3 and with_held["nsamples"] == 4
+    assert both.shape == (7, 32) and with_held["sha256"] == windows_hash(both) != info["sha256"]
 
 
 def test_short_text_is_a_clear_error(tokenizer):

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from lmcompress.calibration.data import split_stream
 from lmcompress.errors import UserError
 from lmcompress.models.tiny import build_tiny_model
 from lmcompress.search import loop as loop_module
@@ -843,21 +844,48 @@ def test_report_on_a_damaged_search_json_is_a_clear_error(change, message, tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["search.json"]  # nothing written
 
 
-def test_held_out_windows_repeating_calibration_windows_are_refused(tiny_folder, tmp_path, capsys):
-    from lmcompress.search.work import split_windows
+def test_held_out_windows_come_from_text_the_calibration_windows_never_touch(
+    tiny_folder, tmp_path, capsys, calib_text, monkeypatch
+):
+    from lmcompress.calibration.data import draw
+    from lmcompress.search import run as run_module
 
-    windows = torch.arange(24).reshape(6, 4)
-    calib, held_out = split_windows(windows, 4)
-    assert torch.equal(calib, windows[:4]) and torch.equal(held_out, windows[4:])
-    with pytest.raises(UserError, match=r"1 of the 2 held-out .* at least \(nsamples \+ fitness_windows\) × seqlen"):
-        split_windows(torch.cat([windows[:5], windows[1:2]]), 4)
     text = tmp_path / "nine.txt"
-    text.write_text("the cat sat on the mat and the dog")  # a few tokens: every window is cut from the same ones
+    text.write_text("the cat sat on the")  # 9 tokens: 3 windows of 4 need 6 of them, 2 held-out windows 5 more
     out = tmp_path / "out"
     argv = ["search", str(tiny_folder("llama")), *CLI_FAST[:-5], "--nsamples", "3", "--seqlen", "4", "-q"]
     code, err = _cli([*argv, "--calib-data", str(text), "-o", str(out)], capsys)
-    assert code == 2 and "tokens" in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nine.txt"]
+    assert code == 2 and "has 9 tokens" in err and "need at least 11 tokens" in err and "--nsamples" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nine.txt"]  # nothing written, not even a work folder
+
+    seen = {}
+
+    def capture(model, config, calib, held_out, work, **kwargs):
+        seen.update(calib=calib, held_out=held_out)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(run_module, "run_search", capture)
+    data = tmp_path / "calib.txt"
+    data.write_text(calib_text[:5000])
+    code, err = _cli([*argv[:-5], "--nsamples", "4", "--seqlen", "16", "--calib-data", str(data), "-o", str(out)],
+                     capsys)  # fmt: skip
+    assert code == 2 and "stop here" in err, err
+    tokenizer = _tokenizer_of(tiny_folder("llama"))
+    expected, _ = draw(tokenizer, str(data), nsamples=4, seqlen=16, held_out=2)
+    assert torch.equal(torch.cat([seen["calib"], seen["held_out"]]), expected) and len(seen["held_out"]) == 2
+    ids = torch.tensor(tokenizer(data.read_text())["input_ids"])
+    head, tail = split_stream(ids, 4, 2, 16)
+    assert all(_inside(row, head) for row in seen["calib"]) and all(_inside(row, tail) for row in seen["held_out"])
+
+
+def _tokenizer_of(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _inside(row: torch.Tensor, stream: torch.Tensor) -> bool:
+    return any(torch.equal(stream[s : s + len(row)], row) for s in range(len(stream) - len(row) + 1))
 
 
 def test_no_work_folder_is_made_inside_the_source_or_for_a_missing_parent(tiny_folder, tmp_path, capsys):

@@ -165,20 +165,35 @@ def calibration_windows(
     ids: torch.Tensor | None = None,
     bos: bool | None = None,
     vocab_size: int | None = None,
+    held_out: int = 0,
 ) -> torch.Tensor:
     """``nsamples`` windows of ``seqlen`` tokens at random positions of the tokenized text (seeded); ``ids``:
     the text already tokenized by ``tokenizer``.
 
     ``bos`` (default: :func:`wants_bos`): every window is the BOS token followed by ``seqlen − 1`` tokens of
     the text. ``vocab_size``: the model's embedding rows, checked against every token id of the text.
+    ``held_out``: that many more windows follow the ``nsamples`` (``[nsamples + held_out, seqlen]``), cut from the
+    end of the text while the calibration windows are cut from its start, so that no token position is in both
+    (:func:`split_stream`). Without them, the calibration windows may start anywhere in the text.
     """
-    check_window_request(nsamples, seqlen)
+    check_window_request(nsamples + held_out, seqlen)
     bos = _bos_setting(tokenizer, bos)
     ids = _tokenize(tokenizer, text) if ids is None else ids
     check_token_ids(ids, vocab_size)
     stream, width = _stream(tokenizer, ids, bos), seqlen - int(bos)
     if width < 1:
         raise UserError("seqlen must be at least 2 when windows start with BOS", param="seqlen")
+    gen = torch.Generator().manual_seed(seed)
+    if held_out:
+        head, tail = split_stream(stream, nsamples, held_out, seqlen, width)
+        rows = torch.cat([_cut(head, nsamples, seqlen, width, gen), _cut(tail, held_out, seqlen, width, gen)])
+    else:
+        rows = _cut(stream, nsamples, seqlen, width, gen)
+    return _with_bos(tokenizer, rows) if bos else rows
+
+
+def _cut(stream: torch.Tensor, count: int, seqlen: int, width: int, gen: torch.Generator) -> torch.Tensor:
+    """``count`` windows of ``width`` tokens of ``stream`` at random starts drawn from ``gen``."""
     if stream.numel() < width + 1:
         raise UserError(
             f"calibration text has {stream.numel()} tokens, fewer than one window of {seqlen}; "
@@ -186,16 +201,43 @@ def calibration_windows(
             param="seqlen",
         )
     positions = stream.numel() - width + 1
-    if nsamples > positions:
+    if count > positions:
         raise UserError(
-            f"nsamples {nsamples} is more than the {positions} different windows of {seqlen} tokens the calibration "
+            f"nsamples {count} is more than the {positions} different windows of {seqlen} tokens the calibration "
             "text has; give more text or fewer nsamples",
             param="nsamples",
         )
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, positions, (nsamples,), generator=gen)
-    rows = torch.stack([stream[s : s + width] for s in starts.tolist()])
-    return _with_bos(tokenizer, rows) if bos else rows
+    starts = torch.randint(0, positions, (count,), generator=gen)
+    return torch.stack([stream[s : s + width] for s in starts.tolist()])
+
+
+def _tokens_for(count: int, width: int) -> int:
+    """The fewest tokens that hold ``count`` different windows of ``width`` tokens (and one more token)."""
+    return max(width + 1, count + width - 1)
+
+
+def split_stream(
+    stream: torch.Tensor, nsamples: int, held_out: int, seqlen: int, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token stream cut in two: a head for ``nsamples`` calibration windows and a tail for ``held_out``
+    windows (of ``width`` text tokens, default ``seqlen``), sharing no token.
+
+    The tail gets the share held_out / (nsamples + held_out) of the tokens, kept within what each part needs
+    to hold its windows; a stream shorter than both parts' needs is a UserError naming how many tokens they need.
+    """
+    width = seqlen if width is None else width
+    total, head_need, tail_need = stream.numel(), _tokens_for(nsamples, width), _tokens_for(held_out, width)
+    if total < head_need + tail_need:
+        raise UserError(
+            f"the calibration text has {total} tokens; {nsamples} calibration windows and {held_out} held-out "
+            f"windows of {seqlen} tokens, cut from parts of the text that share no token, need at least "
+            f"{head_need + tail_need} tokens (and far more to draw them at varied places); give more text, or "
+            "fewer nsamples or held-out windows, or a smaller seqlen",
+            param=("nsamples", "seqlen"),
+        )
+    share = round(total * held_out / (nsamples + held_out))
+    tail = min(max(share, tail_need), total - head_need)
+    return stream[: total - tail], stream[total - tail :]
 
 
 def check_window_request(nsamples: int, seqlen: int) -> None:
@@ -257,14 +299,18 @@ def draw(
     prepared: tuple[TextSource, torch.Tensor] | None = None,
     bos: bool | None = None,
     vocab_size: int | None = None,
+    held_out: int = 0,
 ):
     """Calibration windows ``[nsamples, seqlen]`` and a description of them for the recipe; ``prepared``: what
     :func:`tokenized_source` gives for ``source`` with this tokenizer (tokenized meanwhile elsewhere). ``bos``,
-    ``vocab_size``: see :func:`calibration_windows`; the recipe records whether windows start with BOS."""
-    check_window_request(nsamples, seqlen)
+    ``vocab_size``, ``held_out``: see :func:`calibration_windows` (``held_out`` windows follow the calibration
+    windows, from a part of the text they do not touch); the recipe records whether windows start with BOS."""
+    check_window_request(nsamples + held_out, seqlen)
     bos = _bos_setting(tokenizer, bos)
     text, ids = prepared if prepared is not None else (load_text(source, role="calib"), None)
-    windows = calibration_windows(tokenizer, text.text, nsamples, seqlen, seed, ids=ids, bos=bos, vocab_size=vocab_size)
+    windows = calibration_windows(
+        tokenizer, text.text, nsamples, seqlen, seed, ids=ids, bos=bos, vocab_size=vocab_size, held_out=held_out
+    )
     info = {
         "source": text.description,
         "nsamples": nsamples,
@@ -273,4 +319,6 @@ def draw(
         "bos": bos,
         "sha256": windows_hash(windows),
     }
+    if held_out:
+        info["held_out"] = held_out
     return windows, info

@@ -136,20 +136,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def split_windows(windows: torch.Tensor, nsamples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The calibration windows (the first ``nsamples``) and the held-out fitness windows (the rest), refusing
-    held-out windows that repeat a calibration window: the text is then too short to hold both apart."""
-    calib, held_out = windows[:nsamples], windows[nsamples:]
-    repeated = sum(bool((calib == row).all(dim=1).any()) for row in held_out)
-    if repeated:
-        n, seqlen = windows.shape
-        raise UserError(
-            f"{repeated} of the {len(held_out)} held-out fitness windows repeat calibration windows token for token: "
-            f"the calibration text is too short to keep them apart. A search needs at least (nsamples + "
-            f"fitness_windows) × seqlen = {n} × {seqlen} = {n * seqlen} tokens of text, and far more to draw them "
-            "apart at random; give more text, or fewer nsamples / fitness_windows, or a smaller seqlen",
-            param=("nsamples", "fitness_windows", "seqlen"),
-        )
-    return calib, held_out
+    """The calibration windows (the first ``nsamples``) and the held-out fitness windows (the rest), which
+    :func:`lmcompress.calibration.data.draw` cuts from a part of the text the calibration windows do not touch."""
+    return windows[:nsamples], windows[nsamples:]
 
 
 def recipe_fields(config: SearchConfig, report: SearchReport) -> dict:
