@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "search": ("bench.search_bench", ["--methods", "wanda", "--targets", "0.7", "--generations", "2"]),
     "kernels": ("bench.kernels_bench", ["--repeats", "1", "--eval-windows", "2"]),
     "distributed": ("bench.distributed_bench", ["--eval-windows", "4"]),
+    "kl": ("bench.kl_bench", ["--chunks", "4", "--no-gptq"]),
 }
 
 
