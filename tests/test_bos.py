@@ -110,6 +110,22 @@ def test_a_tokenizer_larger_than_the_embedding_is_a_clear_error(tokenizer, tmp_p
     assert "embedding has only 200 rows" in capsys.readouterr().err
 
 
+def test_a_sweep_checks_the_tokenizer_against_the_embedding(tokenizer, tmp_path, capsys, monkeypatch):
+    from lmcompress.measure import tasks as tasks_module
+
+    model = build_tiny_model("llama", 200, max_positions=256)  # the tokenizer has 320 ids
+    save_model(model, tokenizer, tmp_path / "dense", {"kind": "test-model"})
+    out = tmp_path / "s"
+    argv = ["sweep", str(tmp_path / "dense"), "-o", str(out), "--methods", "wanda", "--sparsities", "0.5"]
+    argv += ["--tasks", "ppl:bundled:wikitext2-test", "--limit", "2", "--seqlen", "32", "--nsamples", "4"]
+    argv += ["--calib-data", "bundled:wikitext2-valid", "-q"]
+    assert run_cli(argv) == 2  # the perplexity windows
+    assert "embedding has only 200 rows" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr(tasks_module, "prepare_tasks", lambda *args, **kwargs: [])
+    assert run_cli(argv) == 2  # the calibration windows, with no task windows cut before them
+    assert "embedding has only 200 rows" in capsys.readouterr().err and not out.exists()
+
+
 def test_absurd_nsamples_are_refused_before_anything_is_allocated(tokenizer, eval_text):
     with pytest.raises(UserError, match="memory"):
         draw(tokenizer, "bundled:wikitext2-valid", nsamples=1_000_000_000, seqlen=2048)

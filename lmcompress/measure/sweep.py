@@ -628,14 +628,14 @@ class _Prepared:
 
 def _prepare(resolved: str, config: SweepConfig, specs, todo: list, device: str, flags: dict) -> _Prepared:
     """Load the dense model and everything its points share; checks the structured points against it."""
-    from lmcompress.calibration.data import draw
+    from lmcompress.calibration.data import draw, embedding_rows
     from lmcompress.checkpoint.load import load_model
     from lmcompress.measure.tasks import LM, prepare_tasks
     from lmcompress.runtime import resolve_seqlen, versions
 
     net, tokenizer = load_model(resolved, dtype=config.dtype, **flags)
     check_shrink_points(net, [p for p in todo if p is not None])
-    seqlen = resolve_seqlen(net, config.seqlen)
+    seqlen, vocab = resolve_seqlen(net, config.seqlen), embedding_rows(net)  # token ids checked against vocab
     lm_args = dict(device=device, batch_size=config.batch_size, progress=False)
     max_length = LM(net, tokenizer, **lm_args).max_length
     tasks = prepare_tasks(
@@ -647,27 +647,29 @@ def _prepare(resolved: str, config: SweepConfig, specs, todo: list, device: str,
         shots=config.shots,
         seed=config.eval_seed,
         retrieval_lengths=config.retrieval_lengths,
+        vocab_size=vocab,
     )
     calib, calib_info = None, None
     if any(p is not None and config.transform_config(p).needs_calibration for p in todo):
         calib, calib_info = draw(
-            tokenizer, config.calib_data, nsamples=config.nsamples, seqlen=seqlen, seed=config.seed
+            tokenizer, config.calib_data, nsamples=config.nsamples, seqlen=seqlen, seed=config.seed, vocab_size=vocab
         )
     common = {"seqlen": seqlen, "calibration": calib_info, "versions": versions()}
-    windows = agreement_windows(specs, tokenizer, seqlen, config.limit) if config.agreement else None
+    windows = agreement_windows(specs, tokenizer, seqlen, config.limit, vocab) if config.agreement else None
     return _Prepared(net, tokenizer, tasks, calib, common, lm_args, windows)
 
 
-def agreement_windows(specs, tokenizer, seqlen: int, limit: int | None):
+def agreement_windows(specs, tokenizer, seqlen: int, limit: int | None, vocab_size: int | None = None):
     """The windows the first ``ppl`` task scores (as :func:`~lmcompress.measure.tasks.prepare_tasks` cuts them),
-    or ``None`` when there is no ``ppl`` task (then no agreement is measured)."""
+    or ``None`` when there is no ``ppl`` task (then no agreement is measured); ``vocab_size``: the model's
+    embedding rows, checked against the text's token ids."""
     from lmcompress.calibration.data import eval_windows, load_text
 
     spec = next((s for s in specs if s.kind == "ppl"), None)
     if spec is None:
         log.warning("no ppl task: the agreement with the dense model (KL, top-1) is not measured")
         return None
-    windows = eval_windows(tokenizer, load_text(spec.source, role="eval").text, seqlen)
+    windows = eval_windows(tokenizer, load_text(spec.source, role="eval").text, seqlen, vocab_size=vocab_size)
     return windows[:limit] if limit is not None else windows
 
 
