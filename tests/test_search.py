@@ -855,7 +855,8 @@ def test_held_out_windows_come_from_text_the_calibration_windows_never_touch(
     out = tmp_path / "out"
     argv = ["search", str(tiny_folder("llama")), *CLI_FAST[:-5], "--nsamples", "3", "--seqlen", "4", "-q"]
     code, err = _cli([*argv, "--calib-data", str(text), "-o", str(out)], capsys)
-    assert code == 2 and "has 9 tokens" in err and "need at least 11 tokens" in err and "--nsamples" in err, err
+    assert code == 2 and "has 9 tokens" in err and "need at least 11 tokens" in err, err
+    assert "(--nsamples, --fitness-windows)" in err and "--seqlen" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nine.txt"]  # nothing written, not even a work folder
 
     seen = {}

@@ -232,8 +232,8 @@ def split_stream(
             f"the calibration text has {total} tokens; {nsamples} calibration windows and {held_out} held-out "
             f"windows of {seqlen} tokens, cut from parts of the text that share no token, need at least "
             f"{head_need + tail_need} tokens (and far more to draw them at varied places); give more text, or "
-            "fewer nsamples or held-out windows, or a smaller seqlen",
-            param=("nsamples", "seqlen"),
+            "fewer windows (nsamples, held_out), or a smaller seqlen",
+            param=("nsamples", "held_out", "seqlen"),
         )
     share = round(total * held_out / (nsamples + held_out))
     tail = min(max(share, tail_need), total - head_need)

@@ -53,8 +53,9 @@ def calib_data(what: str = "Calibration text") -> typer.models.OptionInfo:
 # The options that only matter when a job draws calibration windows.
 CALIBRATION = ("calib_data", "nsamples", "seqlen", "seed")
 
-# Library parameter names that a command spells differently (SweepConfig.allocations is `sweep --allocation`).
-PARAM_ALIASES = {"allocations": "allocation", "patterns": "pattern"}
+# Library parameter names that a command spells differently (SweepConfig.allocations is `sweep --allocation`,
+# the held-out windows draw() cuts for a search are `search --fitness-windows`).
+PARAM_ALIASES = {"allocations": "allocation", "patterns": "pattern", "held_out": "fitness_windows"}
 
 
 def flag_names(command) -> dict[str, str]:
