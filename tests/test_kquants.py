@@ -245,7 +245,7 @@ def test_rtn_error_is_no_worse_than_llama_cpps_reference_quantizer(name):
     for w in (gaussian, heavy):
         ours = (rtn_quantize(w, kquant_spec(name)).dequantize() - w).square().mean()
         llama = (reference_dequantized(name, w) - w).square().mean()
-        assert ours <= 1.005 * llama  # Q4_K / Q5_K: the same search (float sums in another order); others lower
+        assert ours < llama  # the same searches (Q2_K–Q5_K), or wider ones, plus the ±1 refinement of the integers
     # on Gaussian weights the scale search more than pays for the integer sub-block scales (not so for Q2_K's
     # 4-bit scales on heavy tails, where small sub-blocks get few scale levels)
     ours = (rtn_quantize(gaussian, kquant_spec(name)).dequantize() - gaussian).square().mean()

@@ -13,10 +13,11 @@ The grid (everything but the codes) is chosen per sub-block by a weighted least-
 steps (with the minimum solved jointly for the types that have one, as llama.cpp's ``make_qkx2_quants`` does;
 a signed step for the symmetric types), then the sub-block scales of a super-block are put on the super-block's
 integer grid with the largest one at the top code (63, 15, −32 or −128: llama.cpp's reference convention, which
-also makes :func:`grid_from_scales` exact). Element weights are ``rms + |w|`` (``rms`` over the sub-block:
-llama.cpp's Q4_K / Q5_K weighting, used here for every type) or, with an importance vector ``a`` per input (an
-imatrix, or GPTQ's ``diag H``), llama.cpp's imatrix weighting ``a·sqrt(σ² + w²)`` with ``σ²`` the
-super-block's mean square.
+also makes :func:`grid_from_scales` exact), and each sub-block's integers are finally moved by ±1 where that
+lowers the weighted error of its rounded codes (:func:`_refine`). Element weights are ``rms + |w|`` (``rms``
+over the sub-block: llama.cpp's Q4_K / Q5_K weighting, used here for every type) or, with an importance vector
+``a`` per input (an imatrix, or GPTQ's ``diag H``), llama.cpp's imatrix weighting ``a·sqrt(σ² + w²)`` with
+``σ²`` the super-block's mean square.
 
 As a :class:`~lmcompress.algorithms.quant.QuantizedTensor` (``group_size = sub``) a sub-block has
 ``scale = d₁`` and ``zero = m₁ / d₁`` (the min types) or the middle code 4 / 32: lmcompress's weight
@@ -227,7 +228,35 @@ def kquant_grid(weight: torch.Tensor, kind: KType | str, importance: torch.Tenso
         s = _search_sym(x, wt, 2 ** (kind.bits - 1))
         sc, d = _super_scales(s.reshape(rows, -1, kind.nsub), kind.scale_top)
         mins, dmin = torch.zeros_like(sc), torch.zeros_like(d)
-    return KGrid(kind, sc.reshape(rows, -1), mins.reshape(rows, -1), d, dmin)
+    grid = KGrid(kind, sc.reshape(rows, -1), mins.reshape(rows, -1), d, dmin)
+    return _refine(grid, w, wt.reshape(rows, cols))
+
+
+def _grid_error(w: torch.Tensor, wt: torch.Tensor, grid: KGrid) -> torch.Tensor:
+    """Weighted squared error of each sub-block, ``[rows, cols / sub]``, with the codes rounded on ``grid``."""
+    rows = w.shape[0]
+    diff = kquant_dequantize(kquant_codes(w, grid), grid) - w
+    return (wt * diff.square()).reshape(rows, -1, grid.kind.sub).sum(2)
+
+
+def _refine(grid: KGrid, w: torch.Tensor, wt: torch.Tensor) -> KGrid:
+    """Move each sub-block's integer scale (and minimum) by −1, 0 or +1 to whichever gives the least weighted
+    error of its rounded codes under the super-block's fixed ``d`` / ``dmin``. Integers at the top (the ones
+    that define ``d`` / ``dmin``) stay, and a non-zero minimum keeps a non-zero step."""
+    kind = grid.kind
+    top = kind.scale_top
+    lo, hi = (0, top) if top > 0 else (top, -top - 1)
+    best_sc, best_m = grid.scales.clone(), grid.mins.clone()
+    best = _grid_error(w, wt, grid)
+    steps = [(a, b) for a in (-1, 0, 1) for b in ((-1, 0, 1) if kind.has_min else (0,)) if a or b]
+    for a, b in steps:
+        sc = torch.where(grid.scales == top, grid.scales, (grid.scales + a).clamp(lo, hi))
+        mins = torch.where(grid.mins == top, grid.mins, (grid.mins + b).clamp(0, top)) if kind.has_min else grid.mins
+        err = _grid_error(w, wt, KGrid(kind, sc, mins, grid.d, grid.dmin))
+        better = (err < best) & ~((mins > 0) & (sc == 0))
+        best = torch.where(better, err, best)
+        best_sc, best_m = torch.where(better, sc, best_sc), torch.where(better, mins, best_m)
+    return KGrid(kind, best_sc, best_m, grid.d, grid.dmin)
 
 
 def kquant_codes(weight: torch.Tensor, grid: KGrid) -> torch.Tensor:
