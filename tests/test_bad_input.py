@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli as run
 from safetensors.torch import load_file, save_file
 
 from lmcompress.algorithms.owl import owl_allocation
@@ -29,21 +30,12 @@ from lmcompress.checkpoint.folder import (
 )
 from lmcompress.checkpoint.load import load_model
 from lmcompress.checkpoint.packed import PACKED_FILE
-from lmcompress.cli import main
 from lmcompress.errors import UserError
 from lmcompress.jobs import check_device
 from lmcompress.measure.perplexity import perplexity
 from lmcompress.models.tiny import build_tiny_model
 
 MAGNITUDE = ["--method", "magnitude", "--sparsity", "0.5", "-q"]
-
-
-def run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def digest(folder: Path) -> dict[str, str]:

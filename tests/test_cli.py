@@ -8,29 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli as run
 from transformers import AutoModelForCausalLM
 
 from lmcompress.checkpoint.load import load_model
-from lmcompress.cli import main
-
-
-def run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
-@pytest.fixture
-def calib_file(tmp_path, calib_text) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text(calib_text[:20000])
-    return path
 
 
 PRUNE = ["--nsamples", "4", "--seqlen", "64", "-q"]

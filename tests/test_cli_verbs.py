@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import run_cli as run
 from typer.testing import CliRunner
 
-from lmcompress.cli import VERBS, app, main
+from lmcompress.cli import VERBS, app
 from lmcompress.errors import UserError
 from lmcompress.transforms.experts import ExpertConfig
 from lmcompress.transforms.factorize import FactorizeConfig
@@ -17,21 +18,6 @@ from lmcompress.transforms.quantize import QuantConfig
 from lmcompress.transforms.shrink import StructureConfig
 
 FAST = ["--nsamples", "2", "--seqlen", "32", "-q"]
-
-
-def run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
-@pytest.fixture
-def calib_file(tmp_path, calib_text) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text(calib_text[:20000])
-    return path
 
 
 def recipe(folder: Path) -> dict:

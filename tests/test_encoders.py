@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import run_cli as run
 from transformers import AutoConfig
 
 import lmcompress
@@ -15,7 +16,6 @@ from lmcompress.calibration.data import calibration_windows
 from lmcompress.calibration.engine import capture_block_inputs, run_block
 from lmcompress.checkpoint.load import auto_model_class, load_model
 from lmcompress.checkpoint.save import save_model
-from lmcompress.cli import main
 from lmcompress.measure.encoder import (
     cosine_similarity,
     evaluate_encoder,
@@ -41,14 +41,6 @@ def enc_tokenizer(calib_text):
 @pytest.fixture(scope="module")
 def enc_calib(enc_tokenizer, calib_text) -> torch.Tensor:
     return calibration_windows(enc_tokenizer, calib_text, nsamples=8, seqlen=64, seed=0)
-
-
-def run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def make(family: str, tokenizer, mlm_head: bool = True, **kw):

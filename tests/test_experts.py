@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli as run
 from transformers import AutoModelForCausalLM
 
 from lmcompress.algorithms.routing import (
@@ -18,21 +19,12 @@ from lmcompress.algorithms.routing import (
     select_keep,
 )
 from lmcompress.checkpoint.save import save_model
-from lmcompress.cli import main
 from lmcompress.errors import UserError
 from lmcompress.models.layouts import MOE_LAYOUTS
 from lmcompress.models.tiny import build_tiny_model
 from lmcompress.transforms.experts import ExpertConfig, _expert_outputs, drop_experts, slice_experts
 
 MOE = sorted(MOE_LAYOUTS)
-
-
-def run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def _moe(model, layer=0):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli as run
 from torch import nn
 
 import lmcompress
@@ -21,21 +22,12 @@ from lmcompress.algorithms.lowrank import (
     threshold_rank,
     whitened_svd,
 )
-from lmcompress.cli import main
 from lmcompress.errors import UserError
 from lmcompress.jobs import factorize_pretrained
 from lmcompress.models.families import find_prunable, get_blocks, weight_matrix
 from lmcompress.models.surgery import LowRankLinear
 from lmcompress.models.tiny import build_tiny_model
 from lmcompress.transforms.factorize import FactorizeConfig, _replace, factorize, factorize_linear
-
-
-def run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def _with_spectrum(sigma: list[float], n_out: int, n_in: int, seed: int = 0) -> torch.Tensor:

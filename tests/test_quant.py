@@ -7,25 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli as run
 
 from lmcompress.algorithms import Pattern, sparsegpt_prune
 from lmcompress.algorithms.gptq import ColumnQuantizer, gptq_quantize
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize
 from lmcompress.checkpoint.load import load_model
-from lmcompress.cli import main
 from lmcompress.errors import UserError
 from lmcompress.models.families import find_prunable, get_blocks, weight_matrix
 from lmcompress.models.tiny import TINY_CONFIGS, build_tiny_model
 from lmcompress.transforms.prune import PruneConfig, prune
 from lmcompress.transforms.quantize import QuantConfig, quantize
-
-
-def run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def layer_problem(rows: int = 48, cols: int = 128, n: int = 600, seed: int = 0):
@@ -372,13 +364,6 @@ def test_keep_zeros_quantizes_a_pruned_model_without_losing_sparsity(model_of, c
 
 
 # ---------------------------------------------------------------- CLI and API end to end
-
-
-@pytest.fixture
-def calib_file(tmp_path, calib_text) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text(calib_text[:8000])
-    return path
 
 
 SMALL = ["--nsamples", "2", "--seqlen", "32", "-q"]

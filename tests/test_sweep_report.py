@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from lmcompress.errors import UserError
 from lmcompress.measure import sweep as S
@@ -47,13 +48,6 @@ def test_grid_skips_owl_with_nm_and_collapses_nm_sparsity():
 
 
 # ---------------------------------------------------------------------------------------------- resume
-
-
-@pytest.fixture
-def calib_file(tmp_path, calib_text) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text(calib_text[:20000])
-    return path
 
 
 def small_config(calib_file: Path, **kw) -> SweepConfig:
@@ -157,14 +151,7 @@ def test_a_run_that_failed_before_its_first_point_does_not_block_the_corrected_r
 
 
 def test_sweep_and_report_cli(tmp_path, tiny_folder, calib_file, capsys):
-    from lmcompress.cli import main
-
-    def run(argv):
-        try:
-            main(argv)
-        except SystemExit as exc:
-            return int(exc.code or 0)
-        return 0
+    run = run_cli
 
     out = tmp_path / "res"
     argv = ["sweep", str(tiny_folder("gpt2")), "-o", str(out), "--methods", "wanda", "--allocation", "owl"]

@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_cli as run
 
 from lmcompress.errors import UserError
 from lmcompress.measure.tasks import LM, parse_tasks, prepare_tasks, run_tasks
@@ -401,16 +402,6 @@ def test_real_lm_eval_agrees_with_our_multiple_choice_scores(tmp_path, tokenizer
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-
-
-def run(argv: list[str]) -> int:
-    from lmcompress.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def test_a_typo_in_tasks_is_reported_before_the_model_is_loaded(tmp_path, capsys):
