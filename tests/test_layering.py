@@ -38,12 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 
 # (importing module, imported module): imports that break the order today, each with the reason and the fix.
-EXCEPTIONS: dict[tuple[str, str], str] = {
-    # Fetches the reference model and converts it with checkpoint.save: it belongs in the checkpoint layer
-    # (lmcompress/checkpoint/reference.py; its importers: demo.py, bench/reference.py and three test files).
-    ("lmcompress.models.reference", "lmcompress.checkpoint.folder"): "move to checkpoint/reference.py",
-    ("lmcompress.models.reference", "lmcompress.checkpoint.save"): "move to checkpoint/reference.py",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 # The CLI registers its verbs by importing their modules, which take ``app`` from the package: a circle by design.
 REGISTRATION = "lmcompress.cli"

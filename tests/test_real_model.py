@@ -49,8 +49,8 @@ def test_missing_gguf_packages_name_the_install_command(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """``(gguf path, plain folder unpacked from it)``."""
+    from lmcompress.checkpoint.reference import smollm2_path
     from lmcompress.checkpoint.save import unpack_folder
-    from lmcompress.models.reference import smollm2_path
 
     gguf = smollm2_path()
     folder = unpack_folder(gguf, tmp_path_factory.mktemp("smollm2") / "plain")
@@ -111,7 +111,7 @@ def test_sparsegpt_half_of_smollm2_stays_close_to_dense(smollm2, tmp_path):
 @needs_smollm2
 def test_info_reads_the_gguf_file_without_loading_it():
     from lmcompress.checkpoint.inspect import folder_info
-    from lmcompress.models.reference import smollm2_path
+    from lmcompress.checkpoint.reference import smollm2_path
 
     info = folder_info(smollm2_path())
     assert info["storage"] == "gguf" and info["linear"]["layouts"] == {"gguf Q4_1": 210}

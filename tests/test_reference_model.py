@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-import lmcompress.models.reference as reference
+import lmcompress.checkpoint.reference as reference
 from lmcompress.errors import UserError
 
 MEMBER = f"{reference.SMOLLM2_PACKAGE}/{reference.SMOLLM2_FILE}"
