@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from lmcompress.cli import app, options
+from lmcompress.cli import options
+from lmcompress.cli.app import app
 from lmcompress.errors import UserError
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 
 from lmcompress.checkpoint.folder import json_text
-from lmcompress.cli import app, options
+from lmcompress.cli import options
+from lmcompress.cli.app import app
 from lmcompress.errors import UserError
 
 FORMATS = ("compressed-tensors", "gguf")

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 import typer
 
 from lmcompress.checkpoint.folder import json_text
-from lmcompress.cli import app, options
+from lmcompress.cli import options
+from lmcompress.cli.app import app
 from lmcompress.errors import UserError
 
 if TYPE_CHECKING:

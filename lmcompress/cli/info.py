@@ -7,7 +7,8 @@ import json
 import typer
 
 from lmcompress.checkpoint.folder import json_text
-from lmcompress.cli import app, options
+from lmcompress.cli import options
+from lmcompress.cli.app import app
 
 
 def _mib(n: int) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lmcompress.cli import app
+from lmcompress.cli.app import app
 
 
 @app.command()

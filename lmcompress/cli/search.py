@@ -7,7 +7,8 @@ import re
 import typer
 
 from lmcompress.checkpoint.folder import json_text
-from lmcompress.cli import app, options
+from lmcompress.cli import options
+from lmcompress.cli.app import app
 from lmcompress.errors import UserError
 
 
