@@ -221,7 +221,7 @@ def test_refusals_write_nothing(tokenizer, tiny_folder, tmp_path):
     with pytest.raises(UserError, match=r"ending in \.gguf"):
         export_gguf(src, tmp_path / "m")
     with pytest.raises(UserError, match="unknown GGUF type"):
-        export_gguf(src, tmp_path / "m.gguf", qtype="q5_k")
+        export_gguf(src, tmp_path / "m.gguf", qtype="q7_k")
     (tmp_path / "exists.gguf").write_text("keep")
     with pytest.raises(UserError, match="already exists"):
         export_gguf(src, tmp_path / "exists.gguf")

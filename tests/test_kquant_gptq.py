@@ -98,3 +98,44 @@ def test_cli_gptq_on_q4_k_stores_codes_llama_cpp_reads(wide_folder, tiny_folder,
     assert "Q5_0" in capsys.readouterr().err and not bad.exists()
     assert run_cli(["quantize", str(wide_folder), "--method", "rtn", "--grid", "q4_k", "-o", str(bad), "-q"]) == 2
     assert "--group-size 32 and asymmetric codes (not --sym)" in capsys.readouterr().err and not bad.exists()
+
+
+def test_gguf_export_writes_the_solved_blocks(wide_folder, tmp_path, calib_file):
+    """quantize --grid q4_k → export --format gguf: the file's blocks are the stored codes and integers, and
+    transformers' GGUF reader (the gguf package's dequantization) runs the model lmcompress simulated."""
+    pytest.importorskip("gguf")
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from lmcompress.checkpoint.gguf_export import export_gguf
+    from lmcompress.checkpoint.load import load
+    from lmcompress.checkpoint.packed import read_packed
+
+    out = tmp_path / "q6k"
+    argv = ["quantize", str(wide_folder), "--method", "gptq", "--bits", "6", "--group-size", "16", "--grid", "q6_k"]
+    calib = ["--calib-data", str(calib_file), "--nsamples", "4", "--seqlen", "32", "-q"]
+    assert run_cli([*argv, "-o", str(out), *calib]) == 0
+    summary = export_gguf(out, tmp_path / "m.gguf")
+    assert summary["file_type"] == "Q6_K" and summary["requantized"]["tensors"] == 0
+    assert summary["from_codes"]["tensors"] == 14 and summary["from_codes"]["max_rel_error"] == 0.0
+    _, quantized = read_packed(out, json.loads((out / "lmcompress.json").read_text()))
+    blocks = {t.name: t for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    q = quantized["model.layers.1.mlp.down_proj.weight"]
+    codes, grid = K.unpack(np.asarray(blocks["blk.1.ffn_down.weight"].data), "q6_k", q.codes.shape[1])
+    assert torch.equal(codes, q.codes) and torch.equal(grid.scales, kquant_grid_of(q).scales)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+    ids = torch.arange(2, 26).reshape(2, 12)
+    with torch.no_grad():
+        ours, theirs = load(out)[0](ids).logits, hf(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=5e-3)  # the embeddings and head as f16
+    dense = export_gguf(wide_folder, tmp_path / "d.gguf", qtype="q4_k")  # dense weights re-quantized by our RTN
+    assert dense["file_type"] == "Q4_K" and dense["requantized"]["tensors"] == 14
+    assert 0 < dense["requantized"]["max_rel_error"] < 0.2
+
+
+def test_gguf_export_refuses_k_quants_for_narrow_rows(tiny_folder, tmp_path):
+    from lmcompress.checkpoint.gguf_export import export_gguf
+
+    with pytest.raises(UserError, match=r"64 inputs, not a multiple of 256.*Q5_1"):
+        export_gguf(tiny_folder("llama"), tmp_path / "m.gguf", qtype="q5_k")
+    assert not list(tmp_path.iterdir())

@@ -425,7 +425,7 @@ def unpack(data: np.ndarray, kind: KType | str, cols: int) -> tuple[torch.Tensor
     """Inverse of :func:`pack`: ``(codes, grid)`` from ``[rows, cols / 256 · block_bytes]`` bytes."""
     kind = ktype(kind) if isinstance(kind, str) else kind
     check_row(kind, cols)
-    b = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8)).reshape(-1, cols // QK_K, kind.block_bytes)
+    b = torch.from_numpy(np.array(data, dtype=np.uint8)).reshape(-1, cols // QK_K, kind.block_bytes)  # a copy
     rows = b.shape[0]
     cuts = {
         "q2_k": (16, 64, 2, 2),

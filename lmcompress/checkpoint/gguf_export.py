@@ -5,7 +5,9 @@ Every tensor gets llama.cpp's name (``gguf.TensorNameMap``; the family table is
 the block types below. A block is 32 consecutive inputs of one output row with one fp16 scale ``d``:
 
 * ``Q4_0``: ``w = d·(q − 8)``, ``q ∈ 0..15``; ``Q4_1``: ``w = d·q + m``, ``q ∈ 0..15``, fp16 ``m``;
-  ``Q8_0``: ``w = d·q``, ``q ∈ −128..127`` (int8).
+  ``Q8_0``: ``w = d·q``, ``q ∈ −128..127`` (int8);
+* the K-quants ``Q2_K`` … ``Q6_K`` (:mod:`lmcompress.algorithms.kquants`): super-blocks of 256 inputs with
+  integer sub-block scales under fp16 ``d`` / ``dmin``.
 
 Weights that ``lmcompress quantize`` stored as integer codes (``w = s·(q − z)``, see
 :mod:`lmcompress.algorithms.quant`) are written *from their codes* when the grid is one of these:
@@ -15,6 +17,8 @@ Weights that ``lmcompress quantize`` stored as integer codes (``w = s·(q − z)
   blocks are the ones llama.cpp's own quantizer writes);
 * 4-bit asymmetric: ``w = s·q − s·z`` is ``Q4_1`` with ``d = fp16(s)``, ``m = fp16(−d·z)``;
 * 8-bit symmetric: ``z = 128``, so ``w = s·(q − 128)`` is ``Q8_0`` with the int8 ``q − 128`` and ``d = fp16(s)``;
+* a K-quant grid (``quantize --grid q2_k … q6_k``): its codes, fp16 ``d`` / ``dmin`` and integer sub-block scales
+  are the block's bytes, nothing rounded;
 
 provided each group is a run of consecutive inputs whose length is a multiple of 32 (a group of 64 or 128, or
 a whole row, is written as 2, 4, ... blocks with the same scale; act-order ``g_idx`` groups are not runs). The
@@ -42,7 +46,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmcompress.algorithms.quant import QuantizedTensor
+from lmcompress.algorithms.kquants import KTYPES, QK_K, rtn_kquant
+from lmcompress.algorithms.kquants import pack as pack_kquant
+from lmcompress.algorithms.quant import QuantizedTensor, kquant_grid_of
 from lmcompress.checkpoint.checks import check_finite_state, expand, path_exists
 from lmcompress.checkpoint.folder import check_not_nested, check_writable, read_recipe, write_path_atomic
 from lmcompress.errors import UserError
@@ -57,10 +63,10 @@ from lmcompress.models.gguf_names import (
 
 log = logging.getLogger(__name__)
 
-TYPES = ("auto", "q4_0", "q4_1", "q8_0", "f16", "bf16", "f32")
-EMBED_TYPES = ("auto", "q4_0", "q4_1", "q8_0", "f16", "bf16", "f32")
+TYPES = ("auto", "q4_0", "q4_1", "q8_0", *KTYPES, "f16", "bf16", "f32")
+EMBED_TYPES = ("auto", "q4_0", "q4_1", "q8_0", *KTYPES, "f16", "bf16", "f32")
 BLOCK = 32  # inputs per block of Q4_0 / Q4_1 / Q8_0
-_BLOCK_TYPES = ("q4_0", "q4_1", "q8_0")
+_BLOCK_TYPES = ("q4_0", "q4_1", "q8_0", *KTYPES)
 _EMBEDDINGS = ("token_embd.weight", "output.weight")
 
 
@@ -91,6 +97,8 @@ def exact_block_type(q: QuantizedTensor) -> tuple[str | None, str]:
     spec, cols = q.spec, q.codes.shape[1]
     if not _default_groups(q):
         return None, "act-order groups (g_idx): a group is not a run of consecutive inputs"
+    if spec.grid in KTYPES:
+        return (spec.grid, "") if cols % QK_K == 0 else (None, f"{cols} inputs are not whole 256-input super-blocks")
     if cols % BLOCK:
         return None, f"{cols} inputs are not a multiple of the 32-input GGUF block"
     width = spec.width(cols)
@@ -134,6 +142,8 @@ def _nibbles(codes: torch.Tensor) -> np.ndarray:
 def pack_codes(q: QuantizedTensor, block_type: str) -> np.ndarray:
     """The raw GGUF bytes ``[rows, cols/32 · block bytes]`` of ``q`` in ``block_type``, from its own codes (the
     grid must be that type: :func:`exact_block_type`)."""
+    if block_type in KTYPES:
+        return pack_kquant(q.codes.cpu(), kquant_grid_of(q.to("cpu")))
     rows, cols = q.codes.shape
     blocks = cols // BLOCK
     scale, zero = _block_params(q)
@@ -182,6 +192,15 @@ def _encode(name: str, ref: torch.Tensor, q: QuantizedTensor | None, kind: str) 
     gguf = _gguf()
     if q is not None and exact_block_type(q)[0] == kind:
         data, source = pack_codes(q, kind), "codes"
+    elif kind in KTYPES:
+        if ref.shape[-1] % QK_K:
+            raise UserError(
+                f"{name} has {ref.shape[-1]} inputs, not a multiple of 256: it cannot be stored as {kind.upper()} "
+                f"(llama.cpp falls back to {KTYPES[kind].fallback.upper()}); export with type q4_0, q8_0 or f16",
+                param="qtype",
+            )
+        codes, grid = rtn_kquant(ref.float(), kind)
+        data, source = pack_kquant(codes, grid), "requantized"
     elif kind in _BLOCK_TYPES:
         if ref.shape[-1] % BLOCK:
             raise UserError(
@@ -510,6 +529,11 @@ def export_gguf(
         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
         "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q2_k": gguf.LlamaFileType.MOSTLY_Q2_K,
+        "q3_k": gguf.LlamaFileType.MOSTLY_Q3_K_S,  # every block tensor one type: llama.cpp's "small" mixes
+        "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S,
+        "q5_k": gguf.LlamaFileType.MOSTLY_Q5_K_S,
+        "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
     }[main_type]
     is_quantized = any(t.type in _BLOCK_TYPES for t in tensors)
     name = path.name if path.exists() else str(source).rsplit("/", 1)[-1]
