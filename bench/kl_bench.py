@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         cli = lmcompress_eval(q_dir, ref_dir, text, args)
         rows += rows_for(name, llama, match, cli)
         details[name] = {"gguf": q.name, "llama_cpp": llama, "lmcompress_matched": match, "lmcompress_eval": cli}
+        save_results(results_name("kl_bench", dense), {"complete": False, "rows": rows, "details": details})
     setup = describe(args, base, bos, details, token_match(tokenizer, text, read_base(base)[2], bos), text)
     print("machine:", machine_info())
     print("setup:", setup)
@@ -285,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         "reference floor: llama.cpp's stored f16 log-probs vs lmcompress's float32 forward of the same weights: KL "
         f"mean {floor['kl_mean']:.6f}, top-1 agreement {floor['top1_agreement']:.2%}"
     )
-    path = save_results(results_name("kl_bench", dense), {"setup": setup, "rows": rows, "details": details})
+    payload = {"complete": True, "setup": setup, "rows": rows, "details": details}
+    path = save_results(results_name("kl_bench", dense), payload)
     print("wrote", path)
 
 
