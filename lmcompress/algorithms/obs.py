@@ -40,8 +40,8 @@ def sweep_threads(device: torch.device) -> Iterator[None]:
     Inside a block of columns the sweep is thousands of small operations (one rank-1 update per column):
     waking a second thread for each costs more than it saves where threads sleep between operations or run in
     a worker thread, as the engine's solves do (SmolLM2 at two threads: 1.4–1.7× faster this way); where they
-    spin in the main thread it costs 5–10 % (bench/README.md). The lazy updates between blocks are large
-    matrix products and run outside, on all threads.
+    spin in the main thread it costs 5–10 % (bench/HISTORY.md, "Whole-process speed vs llm-compressor"). The
+    lazy updates between blocks are large matrix products and run outside, on all threads.
     """
     threads = torch.get_num_threads()
     if torch.device(device).type != "cpu" or threads == 1:

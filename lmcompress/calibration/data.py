@@ -81,7 +81,7 @@ def _load_hf(source: str, role: str) -> TextSource:
     try:
         import datasets
     except ImportError:
-        raise UserError(f"loading {source!r} needs the `datasets` package: pip install 'lmcompress[hf]'") from None
+        raise UserError(f'loading {source!r} needs the `datasets` package: pip install -e ".[hf]"') from None
     if source in HF_SHORTCUTS:
         path, name, column, splits = HF_SHORTCUTS[source]
         split = splits[role]

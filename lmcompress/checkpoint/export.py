@@ -34,7 +34,7 @@ def _library():
     except ImportError:
         raise UserError(
             "export --format compressed-tensors needs the compressed-tensors library: "
-            "pip install 'lmcompress[export]' (or pip install compressed-tensors)"
+            'pip install -e ".[export]" (or pip install compressed-tensors)'
         ) from None
     return compressed_tensors
 

@@ -32,7 +32,7 @@ from lmcompress.checkpoint.checks import (
 from lmcompress.errors import UserError
 
 GGUF_SUFFIX = ".gguf"
-INSTALL_HINT = 'pip install -e ".[gguf]"  (or: pip install gguf accelerate)'
+INSTALL_HINT = "pip install gguf accelerate"  # core dependencies: missing only in a broken environment
 
 
 def is_gguf(source: str | Path) -> bool:

@@ -35,7 +35,7 @@ def export(
 ) -> None:
     """Export a compressed model: compressed-tensors (vLLM, transformers) or GGUF (llama.cpp).
 
-    compressed-tensors needs pip install 'lmcompress[export]'; sparse-only models cannot be exported (see
+    compressed-tensors needs pip install -e ".[export]"; sparse-only models cannot be exported (see
     docs/storage.md). GGUF (docs/gguf.md) covers llama, mistral, qwen2 and qwen3 models with byte-level BPE
     tokenizers: 4-bit symmetric / asymmetric and 8-bit symmetric quantization with groups of 32 (or a multiple)
     are written from their own codes as Q4_0 / Q4_1 / Q8_0, anything else is re-quantized or cast as --type

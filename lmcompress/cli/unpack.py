@@ -18,8 +18,7 @@ def unpack(
     """Write a packed model out as a plain folder that `AutoModelForCausalLM.from_pretrained` loads.
 
     The copy is as large as the uncompressed model (quantized weights are stored dequantized). A GGUF file
-    (llama.cpp) becomes a float32 folder with its tokenizer and a recipe naming the file (needs `pip install
-    -e ".[gguf]"`).
+    (llama.cpp) becomes a float32 folder with its tokenizer and a recipe naming the file.
 
     Examples: lmcompress unpack llama-sgpt50-packed -o llama-sgpt50-dense;
     lmcompress unpack SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2

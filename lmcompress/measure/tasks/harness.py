@@ -23,7 +23,7 @@ def _import_lm_eval():
     except ImportError:
         raise UserError(
             "harness needs lm-evaluation-harness, which is not installed: pip install lm-eval "
-            "(or pip install 'lmcompress[harness]')",
+            '(or pip install -e ".[harness]")',
             param="harness",
         ) from None
     return lm_eval, HFLM

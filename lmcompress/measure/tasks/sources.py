@@ -199,7 +199,7 @@ def _load_hf_rows(task: str, split: str, limit: int | None) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise UserError(f"task {task!r} needs the `datasets` package: pip install 'lmcompress[hf]'") from None
+        raise UserError(f'task {task!r} needs the `datasets` package: pip install -e ".[hf]"') from None
     sel = split if limit is None else f"{split}[:{limit}]"
     try:
         ds = datasets.load_dataset(spec.path, spec.name, split=sel)
