@@ -99,7 +99,8 @@ def test_options_the_axes_would_not_use_are_errors(tmp_path, tiny_folder, capsys
 def test_help_teaches_the_three_kinds(capsys):
     assert run_cli(["sweep", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    for needle in ("--methods rtn,gptq --bits 8,4,3", "--methods ffn,heads --ratios", "size on disk", "is an error"):
+    quant = "--methods sparsegpt,gptq --sparsities 0.5,0.75 --bits 4,2"  # pruning against quantization
+    for needle in (quant, "--methods ffn,heads --ratios", "size on disk", "is an error"):
         assert needle in text, needle
 
 

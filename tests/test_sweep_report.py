@@ -44,7 +44,33 @@ def test_grid_skips_owl_with_nm_and_collapses_nm_sparsity():
         "wanda-owl-unstructured-0.600",
     ]
     with pytest.raises(UserError, match="unknown method 'obs' in methods"):
-        SweepConfig(methods=["obs"]).validate()
+        SweepConfig(methods=["obs"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("methods", ["obs"]),
+        ("allocations", ["random"]),
+        ("patterns", ["3:2"]),
+        ("sparsities", [0.5, 1.2]),
+        ("bits", [9]),
+        ("ratios", [0.0]),
+        ("nsamples", 0),
+        ("seqlen", 1),
+        ("batch_size", 0),
+        ("limit", 0),
+        ("shots", -1),
+        ("dtype", "int8"),
+    ],
+)
+def test_a_bad_sweep_config_is_refused_when_built_naming_its_field(field, value):
+    """Built, not only run: each bad field raises a UserError whose parameter and message name it."""
+    kw = {"methods": ["wanda", "gptq", "ffn"], field: value}
+    with pytest.raises(UserError, match=field) as caught:
+        SweepConfig(**kw)
+    assert caught.value.params == (field,)
+    SweepConfig(**{**kw, field: getattr(SweepConfig(), field)})  # the same config with the default is accepted
 
 
 # ---------------------------------------------------------------------------------------------- resume

@@ -39,6 +39,7 @@ from lmcompress.checkpoint.folder import (
     json_text,
     write_file_atomic,
 )
+from lmcompress.checkpoint.load import DTYPES
 from lmcompress.errors import UserError
 from lmcompress.transforms.prune import METHODS, PruneConfig
 from lmcompress.transforms.quantize import QuantConfig, check_quant_grid
@@ -174,6 +175,9 @@ class SweepConfig:
     batch_size: int = 16
     agreement: bool = True  # KL / top-1 agreement against the dense model on the first ppl task's windows
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def kinds(self) -> set[str]:
         return {Point(m).kind for m in _split(self.methods)}
 
@@ -221,6 +225,8 @@ class SweepConfig:
         return out
 
     def validate(self) -> None:
+        """Check every field (a :class:`UserError` names the bad one) and every grid point's transform config;
+        comma-separated ``methods``, ``allocations`` and ``patterns`` become lists."""
         self.methods, self.allocations = _split(self.methods), _split(self.allocations)
         self.patterns = _split(self.patterns)
         for m in self.methods:
@@ -247,6 +253,7 @@ class SweepConfig:
                 param=("methods", "allocations", "patterns"),
             )
         self._validate_numbers()
+        self._validate_evaluation()
         for p in self.points():  # every point is a valid transform config (raises UserError otherwise)
             self.transform_config(p)
 
@@ -266,8 +273,18 @@ class SweepConfig:
                 check_quant_grid(b, self.group_size)
         if "shrink" in self.kinds() and (not self.ratios or any(not 0 < r < 1 for r in self.ratios)):
             raise UserError(f"ratios must be fractions strictly between 0 and 1, got {self.ratios}", param="ratios")
-        if "prune" in self.kinds() and not self.sparsities:
-            raise UserError("sparsities needs at least one value", param="sparsities")
+        if "prune" in self.kinds() and (not self.sparsities or any(not 0 < s < 1 for s in self.sparsities)):
+            raise UserError(
+                f"sparsities must be fractions strictly between 0 and 1, got {self.sparsities}", param="sparsities"
+            )
+
+    def _validate_evaluation(self) -> None:
+        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
+            raise UserError(f"limit must be a positive number of examples per task, got {self.limit}", param="limit")
+        if self.shots < 0:
+            raise UserError(f"shots must be >= 0, got {self.shots}", param="shots")
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}", param="dtype")
 
     def transform_config(self, p: Point) -> PruneConfig | QuantConfig | StructureConfig:
         """The config of the transform that makes point ``p`` (validated when built)."""
