@@ -76,7 +76,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eval-windows", type=int, default=8)
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), help=f"of {', '.join(ROWS)}")
+    rows_help = f"of {', '.join(ROWS)}".replace("%", "%%")  # argparse formats help strings with %
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), help=rows_help)
     parser.add_argument(
         "--kernels", default="auto,aten", help="kernel modes to measure each quantized row with (auto: lmcompress's)"
     )
