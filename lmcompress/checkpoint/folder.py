@@ -151,12 +151,13 @@ def check_output(output: str | Path, overwrite: bool, source: str | Path | None 
 # atomic writes
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (ours counts as alive)."""
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # someone else's live process
         return True
@@ -176,7 +177,7 @@ def clean_stale(target: Path) -> list[Path]:
         return removed
     for path in parent.iterdir():  # not glob: the name may hold glob characters
         m = _TEMP.match(path.name)
-        if not m or m["name"] != target.name or _pid_alive(int(m["pid"])):
+        if not m or m["name"] != target.name or pid_alive(int(m["pid"])):
             continue
         try:
             if path.lstat().st_mtime >= _STARTED:

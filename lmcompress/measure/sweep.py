@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from lmcompress.algorithms.masks import Pattern
 from lmcompress.checkpoint.folder import (
-    _pid_alive,
     check_not_nested,
     check_writable,
     json_text,
+    pid_alive,
     write_file_atomic,
 )
 from lmcompress.checkpoint.load import DTYPES
@@ -371,7 +371,7 @@ def _lock_holder(path: Path) -> str | None:
         return None
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return f"an unreadable lock ({path})"
-    if host == socket.gethostname() and not _pid_alive(pid):
+    if host == socket.gethostname() and not pid_alive(pid):
         return None
     return f"PID {pid} on {host}"
 

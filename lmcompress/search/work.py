@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from lmcompress.checkpoint.folder import pid_alive
 from lmcompress.errors import UserError
 from lmcompress.search.config import SearchConfig, SearchReport
 
@@ -73,7 +74,7 @@ def _take(work: Path, output: str | Path) -> None:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _holder(lock)
-            if holder is not None and holder != os.getpid() and _alive(holder):
+            if holder is not None and holder != os.getpid() and pid_alive(holder):
                 raise UserError(
                     f"another search (process {holder}) is writing {output}: its work folder {work} is in use; "
                     "wait for it to finish or choose another output"
@@ -93,18 +94,6 @@ def _holder(lock: Path) -> int | None:
         return int(lock.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    except OverflowError:
-        return False
-    return True
 
 
 def _release(work: Path) -> None:
