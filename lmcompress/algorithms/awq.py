@@ -61,12 +61,13 @@ class AwqResult:
 
 
 def awq_search(
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     weights: Sequence[torch.Tensor],
     quantize: Quantizer,
     grid: Sequence[float] | int = 21,
     loss: Callable[[torch.Tensor], float] | None = None,
     tie: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
+    act_absmean: torch.Tensor | None = None,
 ) -> AwqResult:
     """The exponent on ``grid`` (see ``smoothquant.search_grid``) whose scales give the lowest loss.
 
@@ -74,8 +75,18 @@ def awq_search(
     defaults to :func:`group_output_error`; a caller can pass one that runs the whole block with the
     :func:`effective_weight` s in place (the block output error). ``tie(values, "mean")`` makes inputs that
     must share a scale share their mean (grouped-query attention's ``o_proj``; see ``models.smoothing``).
+    ``act_absmean`` ([in], the mean ``|x_j|`` over more tokens than ``x`` holds) replaces ``x``'s own; ``x``
+    may then be None when ``loss`` is given.
     """
-    absmean = x.detach().reshape(-1, x.shape[-1]).abs().float().mean(dim=0)
+    if act_absmean is None and x is None:
+        raise ValueError("awq_search needs the inputs x or their act_absmean")
+    if x is None and loss is None:
+        raise ValueError("awq_search's default loss needs the inputs x")
+    absmean = (
+        act_absmean.float().cpu()
+        if act_absmean is not None
+        else x.detach().reshape(-1, x.shape[-1]).abs().float().mean(dim=0)
+    )
     if tie is not None:
         absmean = tie(absmean, "mean")
     if loss is None:

@@ -56,6 +56,20 @@ def quantize(
     percdamp: float = typer.Option(0.01, "--percdamp", help="GPTQ dampening (fraction of mean diag H)."),
     blocksize: int = typer.Option(128, "--blocksize", help="GPTQ column block size (lazy updates)."),
     in_block: str = options.IN_BLOCK,
+    smoothquant: str = typer.Option(
+        None,
+        "--smoothquant",
+        help="SmoothQuant before quantizing: α in [0, 1] (0.5 is usual) moves activation outliers into the weights, "
+        "or 'auto' searches α per block on the calibration windows (block output error under int8 × int8). Meant "
+        "for a weight-and-activation scheme (--scheme w8a8); without one it runs but warns (weight-only grids gain "
+        "nothing from it). Needs calibration data; the model's function is unchanged until it is quantized.",
+    ),
+    awq: bool = typer.Option(
+        False,
+        "--awq",
+        help="AWQ before RTN or GPTQ: per-channel scales mean|x|^a, the exponent a searched per layer group on the "
+        "block's output error with this run's weight grid, folded into the previous layer. Needs calibration data.",
+    ),
     device: str = options.DEVICE,
     dtype: str = options.DTYPE,
     overwrite: bool = options.OVERWRITE,
@@ -81,6 +95,8 @@ def quantize(
         lmcompress quantize ./llama-sgpt50 --method gptq --bits 4 --act-order --calib-data c4 -o llama-sgpt50-w4
 
         lmcompress quantize ./llama --method gptq --bits 4 --group-size 32 --grid q4_0 -o llama-q4_0   # for GGUF
+
+        lmcompress quantize ./llama --method gptq --bits 4 --group-size 128 --awq -o llama-awq-gptq4
     """
     from lmcompress.jobs import quantize_pretrained
     from lmcompress.transforms.quantize import QuantConfig
@@ -91,7 +107,8 @@ def quantize(
             ("act_order", "static_groups", "percdamp", "blocksize", "in_block"),
             "to --method rtn: they are GPTQ options",
         )
-        options.refuse(ctx, options.CALIBRATION, "to --method rtn: it reads no calibration data")
+        if smoothquant is None and not awq:
+            options.refuse(ctx, options.CALIBRATION, "to --method rtn: it reads no calibration data")
     if not include_head:
         options.refuse(ctx, ("head_bits", "head_group_size"), "without --include-head")
     config = QuantConfig(
@@ -109,6 +126,8 @@ def quantize(
         head_bits=head_bits,
         head_group_size=head_group_size,
         in_block=in_block,
+        smoothquant=smoothquant,
+        awq=awq,
     )
     report = quantize_pretrained(
         model,
@@ -121,6 +140,9 @@ def quantize(
     else:
         layout = "per channel" if config.group_size == -1 else f"group {config.group_size}"
         layout += f", {config.grid} grid" if config.grid != "minmax" else ""
+        if config.smoothquant is not None:
+            layout += f", SmoothQuant α={config.smoothquant}"
+        layout += ", AWQ" if config.awq else ""
         if config.include_head:
             head = "per channel" if config.head_group_size == -1 else f"group {config.head_group_size}"
             layout += f"; head {config.head_bits} bits {head}"

@@ -35,6 +35,7 @@ from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
 from lmcompress.models.families import blocks_path, set_weight_matrix, weight_matrix
 from lmcompress.transforms.layerwise import compress_layers
+from lmcompress.transforms.smooth import SmoothConfig, smooth_model
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,11 @@ class QuantConfig:
     # the outputs of those already quantized (GPTQ's "true sequential"; one forward per block); "parallel"
     # gives every layer of a block the unquantized block's inputs (two forwards per block)
     in_block: str = "sequential"
+    # before quantizing, fold per-channel scales into the blocks (transforms.smooth; calibration needed):
+    # SmoothQuant's α (a number in [0, 1], or "auto" to search it per block), or AWQ with awq_grid exponents
+    smoothquant: float | str | None = None
+    awq: bool = False
+    awq_grid: int = 20
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,7 +103,20 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq"
+        return self.method == "gptq" or self.smooths
+
+    @property
+    def smooths(self) -> bool:
+        """SmoothQuant or AWQ runs before the quantization (:mod:`lmcompress.transforms.smooth`)."""
+        return self.smoothquant is not None or self.awq
+
+    def smooth_config(self) -> SmoothConfig:
+        """The :class:`~lmcompress.transforms.smooth.SmoothConfig` of ``smoothquant`` / ``awq``: AWQ searched
+        on this config's weight grid, SmoothQuant on the activation kind of the scheme (int8 unless fp8)."""
+        act = "fp8" if getattr(self, "scheme", None) == "fp8" else "int8"
+        return SmoothConfig(
+            alpha=self.smoothquant, act=act, awq=self.awq, awq_grid=self.awq_grid, weight_spec=self.spec
+        )
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -137,6 +156,8 @@ class QuantConfig:
             raise UserError(f"percdamp must be in [0, 1), got {self.percdamp}", param="percdamp")
         if self.blocksize <= 0:
             raise UserError(f"blocksize must be positive, got {self.blocksize}", param="blocksize")
+        if self.smooths:
+            self.smoothquant = self.smooth_config().alpha  # "auto" or a float; UserError: α outside [0, 1]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,6 +175,7 @@ class QuantReport:
     wall_time_s: float = 0.0
     # in_block sequential: why blocks fell back to the parallel order (reason → number of blocks), if any did
     in_block_fallback: dict[str, int] = field(default_factory=dict)
+    smoothing: dict | None = None  # SmoothQuant / AWQ before quantizing: SmoothReport.recipe_fields()
 
     @property
     def nominal_bits_per_weight(self) -> float:
@@ -175,6 +197,7 @@ class QuantReport:
             "layer_loss": self.layer_loss,
             "damping_raised": self.damping,
             "in_block_fallback": self.in_block_fallback,
+            **({"smoothing": self.smoothing} if self.smoothing is not None else {}),
         }
 
 
@@ -265,9 +288,19 @@ def quantize(
     start = time.perf_counter()
     config.validate()
     if config.needs_calibration and (calib is None or calib.numel() == 0):
-        raise UserError("GPTQ needs calibration data (give calib_data); RTN does not", param="calib_data")
+        raise UserError(
+            "GPTQ, SmoothQuant and AWQ need calibration data (give calib_data); RTN alone does not", param="calib_data"
+        )
     device = torch.device(device)
     model.eval()
+    smoothing = None
+    if config.smoothquant is not None and getattr(config, "scheme", None) is None:
+        log.warning(
+            "SmoothQuant without a weight-and-activation scheme (scheme w8a8 / fp8): weight-only quantization "
+            "gains nothing from moving activation outliers into the weights"
+        )
+    if config.smooths:
+        smoothing = smooth_model(model, config.smooth_config(), calib, device=device, progress=progress)
 
     quantizer = _Quantizer(config, blocks_path(model), device)
     quantized, layer_loss = quantizer.quantized, quantizer.layer_loss
@@ -297,6 +330,7 @@ def quantize(
         weights=sum(q.codes.numel() for q in quantized.values()),  # codes keep their shape when streamed
         wall_time_s=time.perf_counter() - start,
         in_block_fallback=fallback,
+        smoothing=None if smoothing is None else smoothing.recipe_fields(),
     )
 
 
