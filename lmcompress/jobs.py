@@ -139,7 +139,8 @@ class InMemory:
         if extra_files is not None:
             save["extra_files"] = extra_files(report)
         if how == "quantized":
-            save_quantized(job.model, job.tokenizer, job.output, recipe, report.quantized, **save)
+            fp8 = getattr(report, "fp8", None) or None  # scheme fp8: E4M3 codes + scales
+            save_quantized(job.model, job.tokenizer, job.output, recipe, report.quantized, fp8=fp8, **save)
         elif how == "packed":
             from lmcompress.checkpoint.packed import save_packed
 
@@ -447,6 +448,27 @@ def drop_experts_pretrained(
         check_source=lambda cfg, _recipe: config.check_model(cfg),
         **options,
     )
+
+
+def depth_prune_pretrained(model: str | Path, config, output: str | Path, *, progress: bool = True, **options):
+    """Load ``model``, remove its least influential blocks (or skip sublayers) as ``config`` (a
+    :class:`~lmcompress.transforms.depth.DepthConfig`) says, and save it to ``output``.
+
+    Removed blocks give a plain ``from_pretrained`` folder; skipped sublayers are surgery records (loads with
+    ``lmcompress.load``). ``options`` are :class:`JobOptions` by name; a count the model cannot give (all its
+    blocks, or more) and a family without a depth table row fail before the weights are loaded.
+    """
+    from lmcompress.transforms.depth import depth_prune
+
+    def check_source(cfg, recipe: dict | None) -> None:
+        if recipe and (recipe.get("surgery") or recipe.get("storage")):
+            raise UserError(
+                f"{model} was written by lmcompress with per-layer shapes, skipped sublayers or packed storage; "
+                "depth pruning needs a model that plain from_pretrained loads"
+            )
+        config.check_model(cfg)
+
+    return run_job("depth", model, config, output, depth_prune, progress=progress, check_source=check_source, **options)
 
 
 def _refuse_moe(config) -> None:

@@ -457,6 +457,13 @@ def export_gguf(
     out = _check_output(output, overwrite, source)
     path = Path(str(source)).expanduser()
     recipe = read_recipe(path) if path.is_dir() else None
+    if recipe and any(r.get("kind") == "skip" for r in recipe.get("surgery") or []):
+        raise UserError(
+            f"{source} skips the attention or FFN of some blocks (shrink sublayers): llama.cpp's graphs run every "
+            "block's attention and FFN and GGUF has no way to mark one absent (zero weights would compute the same "
+            "values at the full size and time); remove whole blocks with `shrink blocks` for a GGUF, or use "
+            "lmcompress.load"
+        )
     if recipe and recipe.get("surgery"):
         raise UserError(
             f"{source} has resized or factorized layers (surgery): llama.cpp's graphs expect the original shapes; "

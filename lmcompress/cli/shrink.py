@@ -1,4 +1,5 @@
-"""``lmcompress shrink ffn|heads``: structured removal of FFN channels or attention heads."""
+"""``lmcompress shrink ffn|heads|blocks|sublayers``: structured removal of FFN channels, attention heads, whole
+blocks or sublayers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from lmcompress.cli.app import app
 from lmcompress.errors import UserError
 
 OWL = ("owl_m", "owl_lambda")
+WIDTH = ("ratio", "correction", "allocation", "owl_m", "owl_lambda")  # FFN channels / heads only
+DEPTH = ("count", "attention", "ffn")  # blocks / sublayers only
 
 
 def run_shrink(ctx: typer.Context, structure: str, model: str, output: str, **kw) -> None:
@@ -55,17 +58,54 @@ def run_shrink(ctx: typer.Context, structure: str, model: str, output: str, **kw
             typer.echo(f"note: {note}")
 
 
+def run_depth(ctx: typer.Context, structure: str, model: str, output: str, **kw) -> None:
+    """``shrink blocks`` / ``shrink sublayers``: check the options, run the job, print what it removed."""
+    from lmcompress.jobs import depth_prune_pretrained
+    from lmcompress.transforms.depth import DepthConfig
+
+    target = structure.strip().lower()
+    options.refuse(ctx, WIDTH, f"to shrink {target} (they are for ffn / heads)")
+    if target == "blocks":
+        options.refuse(ctx, ("attention", "ffn"), "to shrink blocks (use --count)")
+        if kw["count"] is None:
+            raise UserError("shrink blocks needs --count N (how many decoder blocks to remove)")
+    else:
+        options.refuse(ctx, ("count",), "to shrink sublayers (use --attention K and/or --ffn K)")
+    config = DepthConfig(target, kw["count"] or 0, kw["attention"], kw["ffn"], kw["criterion"] or "cosine")
+    report = depth_prune_pretrained(model, config, output, **options.job_options(kw))
+    if kw["as_json"]:
+        typer.echo(json_text(report.to_dict()))
+        return
+    typer.echo(
+        f"{model}: {report.blocks_before} → {report.blocks_after} blocks, {report.params_before:,} → "
+        f"{report.params_after:,} parameters in {report.wall_time_s:.1f}s → {output}"
+    )
+    for part, indices in report.removed.items():
+        key = "block" if part == "blocks" else part
+        scored = ", ".join(f"{i} ({report.scores[key][i]:.4f})" for i in indices)
+        typer.echo(f"removed {part}: {scored}")
+    for part, values in report.scores.items():
+        typer.echo(f"influence ({part}, 1 − cos): " + " ".join(f"{i}:{v:.4f}" for i, v in enumerate(values)))
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+
+
 @app.command()
 def shrink(
     ctx: typer.Context,
-    structure: str = typer.Argument(..., help="What to remove: ffn (FFN channels), heads, or ffn,heads."),
+    structure: str = typer.Argument(
+        ...,
+        help="What to remove: ffn (FFN channels), heads, ffn,heads, blocks (whole decoder blocks) or sublayers "
+        "(the attention / FFN of some blocks).",
+    ),
     model: str = typer.Argument(..., help="Model folder or hub id (e.g. facebook/opt-125m)."),
     output: str = typer.Option(..., "--output", "-o", help="Folder to write the smaller model to (must not exist)."),
     ratio: float = typer.Option(0.3, "--ratio", help="Fraction of FFN channels / KV groups of heads removed, (0, 1)."),
-    criterion: str = typer.Option(
-        "wanda",
+    criterion: str | None = typer.Option(
+        None,
         "--criterion",
-        help="How units are scored: wanda | magnitude | fluctuation (magnitude needs no calibration data).",
+        help="How units are scored: wanda | magnitude | fluctuation (default wanda; magnitude needs no calibration "
+        "data). Blocks and sublayers: cosine (1 − cos of the residual stream before and after; the default).",
     ),
     correction: str = typer.Option(
         "none", "--correction", help="Refit the layer reading the kept units: none | bias | lstsq."
@@ -73,6 +113,9 @@ def shrink(
     allocation: str = typer.Option("uniform", "--allocation", help="uniform, or owl (ratio per block by outliers)."),
     owl_m: float = typer.Option(5.0, "--owl-m", help="With --allocation owl: outlier threshold M (× mean score)."),
     owl_lambda: float = typer.Option(0.08, "--owl-lambda", help="With --allocation owl: block ratios span 2λ."),
+    count: int | None = typer.Option(None, "--count", help="blocks: how many whole decoder blocks to remove."),
+    attention: int = typer.Option(0, "--attention", help="sublayers: how many blocks lose their attention."),
+    ffn: int = typer.Option(0, "--ffn", help="sublayers: how many blocks lose their FFN."),
     calib_data: str = options.calib_data(),
     nsamples: int = options.NSAMPLES,
     seqlen: int = options.SEQLEN,
@@ -86,23 +129,35 @@ def shrink(
     as_json: bool = options.JSON,
     quiet: bool = options.QUIET,
 ) -> None:
-    """Remove whole FFN channels or attention heads, so the matrices really get smaller.
+    """Remove whole FFN channels, attention heads, decoder blocks or sublayers, so the model really gets smaller.
 
-    Every block in turn: the channels (or KV groups of heads) are scored on calibration windows, the
-    lowest-scoring --ratio of them are cut out of the layers that write and read them, and --correction
+    ffn / heads: every block in turn, the channels (or KV groups of heads) are scored on calibration windows,
+    the lowest-scoring --ratio of them are cut out of the layers that write and read them, and --correction
     optionally refits the reading layer to the kept units. With one ratio for every block the result loads
     with plain `from_pretrained`; with --allocation owl it loads with `lmcompress.load` (and `lmcompress eval`).
+
+    blocks: removes the --count decoder blocks whose output is most like their input (1 − cosine similarity,
+    averaged over the calibration tokens: ShortGPT's block influence); the result loads with plain
+    `from_pretrained` and exports to GGUF. sublayers: skips the attention of --attention blocks and the FFN of
+    --ffn blocks, chosen the same way per sublayer (e.g. `shrink sublayers ./smollm2 --attention 4 --ffn 2`);
+    the result loads with `lmcompress.load`.
 
     Examples:
 
         lmcompress shrink ffn ./llama --ratio 0.3 --correction lstsq -o llama-ffn30
 
-        lmcompress shrink heads ./qwen --ratio 0.25 --criterion fluctuation -o qwen-heads25
-
         lmcompress shrink ffn,heads ./llama --ratio 0.2 --allocation owl --calib-data wikitext2 -o llama-owl20
+
+        lmcompress shrink blocks ./smollm2 --count 8 -o smollm2-22blocks
     """
     if "experts" in structure.lower():
         raise UserError(
             "shrink removes ffn channels or heads; experts are dropped by `lmcompress drop-experts --keep K`"
         )
-    run_shrink(ctx, **{k: v for k, v in locals().items() if k != "ctx"})
+    values = {k: v for k, v in locals().items() if k != "ctx"}
+    if structure.strip().lower() in ("blocks", "sublayers"):
+        run_depth(ctx, **values)
+        return
+    options.refuse(ctx, DEPTH, "to shrink ffn / heads (they are for shrink blocks and shrink sublayers)")
+    values["criterion"] = criterion or "wanda"
+    run_shrink(ctx, **{k: v for k, v in values.items() if k not in DEPTH})

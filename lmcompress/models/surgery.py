@@ -11,6 +11,7 @@ state dict fits exactly. Records are plain JSON::
      "rank": 12, "bias": false}
     {"module": "model.layers.0.mlp.experts", "kind": "param", "name": "down_proj", "shape": [6, 64, 128]}
     {"module": "model.layers.0.mlp.experts", "kind": "attr", "name": "num_experts", "value": 6}
+    {"module": "model.layers.5.self_attn", "kind": "skip", "sublayer": "attention", "layer_idx": 5}
 """
 
 from __future__ import annotations
@@ -44,6 +45,39 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class SkippedSublayer(nn.Module):
+    """A skipped attention or FFN sublayer: it outputs zeros, so the block's residual stream passes it unchanged.
+
+    An attention returns ``(zeros, None)`` like the attention modules it replaces, and still appends a one-wide
+    zero key / value per token to a KV cache it is given (layer ``layer_idx``), so that the cache's length, which
+    the model reads from its first layer, keeps counting the tokens seen. It holds no weights.
+    """
+
+    def __init__(self, sublayer: str, layer_idx: int | None = None) -> None:
+        super().__init__()
+        if sublayer not in ("attention", "ffn"):
+            raise UserError(f"unknown skipped sublayer {sublayer!r}: attention or ffn")
+        self.sublayer, self.layer_idx = sublayer, layer_idx
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.sublayer == "ffn":
+            return torch.zeros_like(hidden)
+        caches = [kwargs.get(k) for k in ("cache", "past_key_values", "past_key_value", "layer_past")]
+        cache = next((c for c in caches if c is not None), None)
+        if cache is not None and hasattr(cache, "update") and self.layer_idx is not None:
+            stub = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 1)
+            cache.update(stub, stub, self.layer_idx)
+        return torch.zeros_like(hidden), None
+
+    def extra_repr(self) -> str:
+        return f"sublayer={self.sublayer}, layer_idx={self.layer_idx}"
+
+
+def record_skip(name: str, module: SkippedSublayer) -> dict:
+    return {"module": name, "kind": "skip", "sublayer": module.sublayer, "layer_idx": module.layer_idx}
 
 
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -114,6 +148,8 @@ def apply_surgery(model: nn.Module, records: list[dict]) -> nn.Module:
             setattr(old, rec["name"], nn.Parameter(tensor.new_empty(rec["shape"]), requires_grad=False))
         elif kind == "attr":
             setattr(old, rec["name"], rec["value"])
+        elif kind == "skip":
+            setattr(parent, attr, SkippedSublayer(rec["sublayer"], rec.get("layer_idx")))
         else:
             raise UserError(
                 f"unknown surgery record kind {kind!r} for {path!r}: was this folder written by a newer lmcompress?"
