@@ -17,7 +17,8 @@ order, so ``QuantizedTensor.g_idx`` records each column's group (the shorter gro
 original weights in natural column order (``g_idx = c // g``, the shorter group the last ``in mod g`` inputs).
 On the ``q4_0`` grid a group's ``d`` (from its signed extreme at that moment) is fixed the same way and every
 column is rounded as llama.cpp rounds, ``min(15, ⌊w·(1/d) + 8.5⌋)`` (clamped at 0 too: updated weights may
-pass the extreme), so GPTQ with no error to spread gives RTN's codes. On a K-quant grid (``q2_k`` … ``q6_k``)
+pass the extreme), so GPTQ with no error to spread gives RTN's codes; likewise ``q5_0``, ``q5_1`` and ``q8_0``
+(:func:`~lmcompress.algorithms.quant.legacy_codes`). On a K-quant grid (``q2_k`` … ``q6_k``)
 the whole grid — fp16 super-block scales and integer sub-block scales and minimums — is fixed before the sweep
 from the original weights, its least-squares search weighted by ``diag H`` as an importance vector (the
 groups are static whatever ``static_groups`` says), and each column is rounded to the nearest point of its
@@ -35,7 +36,7 @@ import torch
 
 from lmcompress.algorithms.kquants import KTYPES, check_row, kquant_grid
 from lmcompress.algorithms.obs import INNER, Block, Sweep, inverse_hessian_cholesky, usable_hessian
-from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, grid_params, q4_0_step
+from lmcompress.algorithms.quant import LEGACY, QuantizedTensor, QuantSpec, grid_params, legacy_codes, legacy_step
 
 
 class ColumnQuantizer:
@@ -69,8 +70,9 @@ class ColumnQuantizer:
         self.codes = torch.zeros(rows, cols, dtype=torch.float32, device=device)  # integer-valued; uint8 at the end
         self.scale = torch.zeros(rows, groups, dtype=torch.float32, device=device)
         self.zero = torch.zeros(rows, groups, dtype=torch.float32, device=device)
-        self.q4_0 = spec.grid == "q4_0"
-        self.inverse = torch.zeros(rows, groups, dtype=torch.float32, device=device)  # q4_0: 1/d (float32)
+        self.legacy = spec.grid in LEGACY  # q4_0, q5_0, q5_1, q8_0: llama.cpp's own rounding
+        self.inverse = torch.zeros(rows, groups, dtype=torch.float32, device=device)  # legacy: 1/d (float32)
+        self.lo = torch.zeros(rows, groups, dtype=torch.float32, device=device)  # q5_1: the group's minimum
         self.static = static_from is not None
         positions = torch.arange(cols, device=device)
         self.kquant = spec.kquant
@@ -99,8 +101,8 @@ class ColumnQuantizer:
 
     def _set(self, g: int, weights: torch.Tensor) -> None:
         self.scale[:, g], self.zero[:, g] = grid_params(weights, self.spec)
-        if self.q4_0:
-            self.inverse[:, g] = q4_0_step(weights)[1]
+        if self.legacy:
+            _, self.inverse[:, g], self.lo[:, g] = legacy_step(weights, self.spec.grid)
 
     def _set_kquant(self, weights: torch.Tensor | None, importance: torch.Tensor | None) -> None:
         """Fix the whole K-quant grid from ``weights`` ([rows, cols], natural column order) at once."""
@@ -123,8 +125,8 @@ class ColumnQuantizer:
             else:
                 q = torch.clamp(torch.round((column + self.offset[:, g]) / self.safe_step[:, g]), 0, self.spec.maxq)
             q = torch.where(self.empty[:, g], float(self.mid), q)
-        elif self.q4_0:  # as q4_0_codes, one column
-            q = torch.clamp(torch.floor(column * self.inverse[:, g] + 8.5), 0, 15)
+        elif self.legacy:  # as legacy_codes, one column
+            q = legacy_codes(column.unsqueeze(1), self.spec.grid, self.inverse[:, g], self.lo[:, g]).squeeze(1)
         else:  # as quantize_codes, one column
             q = torch.clamp(torch.round(column / scale) + zero, 0, self.spec.maxq)
         self.codes[:, pos] = q

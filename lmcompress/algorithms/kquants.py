@@ -63,8 +63,8 @@ class KType:
 
 
 KTYPES: dict[str, KType] = {
-    "q2_k": KType("q2_k", 2, 16, True, 15, 84, 10, "iq4_nl"),
-    "q3_k": KType("q3_k", 3, 16, False, -32, 110, 11, "iq4_nl"),
+    "q2_k": KType("q2_k", 2, 16, True, 15, 84, 10, "q4_0"),
+    "q3_k": KType("q3_k", 3, 16, False, -32, 110, 11, "q4_0"),
     "q4_k": KType("q4_k", 4, 32, True, 63, 144, 12, "q5_0"),
     "q5_k": KType("q5_k", 5, 32, True, 63, 176, 13, "q5_1"),
     "q6_k": KType("q6_k", 6, 16, False, -128, 210, 14, "q8_0"),

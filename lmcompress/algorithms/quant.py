@@ -20,6 +20,13 @@ Two grids (``QuantSpec.grid``):
   sign, and the step is ``max|w| / 8``. On groups of 32 inputs of fp16 weights this gives llama.cpp's codes and
   scales bit for bit, and the weight lmcompress holds, ``(q − 8)·s``, is the one llama.cpp computes with. The
   scale is negative when the extreme is positive.
+* ``q5_0`` (5-bit symmetric), the same with ``d = x / −16``, ``q = min(31, ⌊w·(1/d) + 16.5⌋)``, ``z = 16``.
+* ``q5_1`` (5-bit asymmetric): llama.cpp's ``Q5_1``: ``d = (max − min) / 31`` (the group's own range, not
+  widened to hold 0), ``q = min(31, ⌊(w − min)·(1/d) + 0.5⌋)``, stored ``s = fp16(d)`` and ``m = fp16(min)``;
+  lmcompress's zero point is ``z = −m / s`` (not an integer), so ``(q − z)·s`` is llama.cpp's ``s·q + m`` within
+  a few float32 ulps, and an exact zero is kept only up to that.
+* ``q8_0`` (8-bit symmetric): llama.cpp's ``Q8_0``: ``d = max|w| / 127``, ``q − 128 = roundf(w·(1/d))``
+  (half away from zero), ``s = fp16(d)``, ``z = 128``.
 * ``q2_k``, ``q3_k``, ``q4_k``, ``q5_k``, ``q6_k``: llama.cpp's K-quant sub-blocks
   (:mod:`lmcompress.algorithms.kquants`; bits 2…6, groups of 16 or 32, with minimums for Q2_K / Q4_K / Q5_K,
   symmetric for Q3_K / Q6_K): the scale is the sub-block's ``d·sc``, the zero point ``dmin·m / (d·sc)`` or the
@@ -34,7 +41,9 @@ import torch
 
 from lmcompress.algorithms.kquants import KTYPES, KGrid, grid_from_scales, rtn_kquant
 
-GRIDS = ("minmax", "q4_0", *KTYPES)
+# llama.cpp's 32-weight block types as grids: name → (bits, sym)
+LEGACY: dict[str, tuple[int, bool]] = {"q4_0": (4, True), "q5_0": (5, True), "q5_1": (5, False), "q8_0": (8, True)}
+GRIDS = ("minmax", *LEGACY, *KTYPES)
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,7 @@ class QuantSpec:
     bits: int = 4
     group_size: int = 128  # inputs per scale; -1 = one scale per output row
     sym: bool = True  # symmetric grid around zero (zero point fixed at the middle code)
-    grid: str = "minmax"  # how a group's scale is chosen: "minmax" or "q4_0" (llama.cpp's; 4-bit symmetric)
+    grid: str = "minmax"  # how a group's scale is chosen: "minmax", a llama.cpp block type (LEGACY) or K-quant
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -51,8 +60,10 @@ class QuantSpec:
             raise ValueError(f"group_size must be positive or -1 (per channel), got {self.group_size}")
         if self.grid not in GRIDS:
             raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
-        if self.grid == "q4_0" and (self.bits != 4 or not self.sym):
-            raise ValueError(f"the q4_0 grid is 4-bit symmetric, got bits={self.bits}, sym={self.sym}")
+        if self.grid in LEGACY and (self.bits, self.sym) != LEGACY[self.grid]:
+            bits, sym = LEGACY[self.grid]
+            kind = "symmetric" if sym else "asymmetric"
+            raise ValueError(f"the {self.grid} grid is {bits}-bit {kind}, got bits={self.bits}, sym={self.sym}")
         if self.grid in KTYPES and (self.bits, self.group_size, self.sym) != kquant_shape(self.grid):
             bits, group, sym = kquant_shape(self.grid)
             raise ValueError(
@@ -116,9 +127,13 @@ def grid_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     The grid always contains 0 (the range is widened to include it) so that pruned weights stay exact. For the
     ``q4_0`` grid the scale is ``fp16(d)`` (as float32; :func:`q4_0_step` gives ``d`` itself).
     """
-    if spec.grid == "q4_0":
-        d, _ = q4_0_step(w)
-        return d.half().float(), torch.full_like(d, 8.0)
+    if spec.grid in LEGACY:
+        d, _, lo = legacy_step(w, spec.grid)
+        scale = d.half().float()
+        if spec.sym:
+            return scale, torch.full_like(d, float((spec.maxq + 1) // 2))
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return scale, torch.where(scale == 0, torch.zeros_like(scale), -lo.half().float() / safe)
     w = w.float()
     lo = torch.clamp(w.min(dim=1).values, max=0.0)
     hi = torch.clamp(w.max(dim=1).values, min=0.0)
@@ -150,6 +165,39 @@ def q4_0_codes(w: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     (float32, as llama.cpp computes them; the lower clamp only matters for weights beyond the group's extreme,
     as GPTQ's updated columns can be)."""
     return torch.clamp(torch.floor(w.float() * inverse.unsqueeze(1) + 8.5), 0, 15)
+
+
+def legacy_step(w: torch.Tensor, grid: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """llama.cpp's step of a 32-weight block type per row of ``w`` ([rows, k]): ``(d, 1/d, lo)`` in float32 with
+    ``1/d = 0`` where ``d = 0``; ``lo`` is the row's minimum on ``q5_1`` and 0 on the symmetric types."""
+    w = w.float()
+    lo = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    if grid in ("q4_0", "q5_0"):
+        extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True)).squeeze(1)  # argmax: the first maximum
+        d = extreme / -float(2 ** (LEGACY[grid][0] - 1))
+    elif grid == "q8_0":
+        d = w.abs().amax(1) / 127.0
+    elif grid == "q5_1":
+        lo, hi = w.amin(1), w.amax(1)
+        d = (hi - lo) / 31.0
+    else:
+        raise ValueError(f"{grid!r} is not one of llama.cpp's 32-weight block types {', '.join(LEGACY)}")
+    return d, torch.where(d == 0, torch.zeros_like(d), 1.0 / d), lo
+
+
+def legacy_codes(w: torch.Tensor, grid: str, inverse: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """Codes (float, integer-valued) of ``w`` ([rows, k]) for a 32-weight block type from :func:`legacy_step`'s
+    per-row ``inverse = 1/d`` and ``lo``, in llama.cpp's float32 arithmetic; clamped to the code range (weights
+    beyond the group's range, as GPTQ's updated columns can be, take the end codes)."""
+    w, inverse, lo = w.float(), inverse.unsqueeze(1), lo.unsqueeze(1)
+    bits = LEGACY[grid][0]
+    if grid == "q8_0":
+        x = w * inverse
+        return torch.clamp(torch.sign(x) * torch.floor(x.abs() + 0.5), -128, 127) + 128
+    if grid == "q5_1":
+        return torch.clamp(torch.floor((w - lo) * inverse + 0.5), 0, 31)
+    mid = 2 ** (bits - 1)
+    return torch.clamp(torch.floor(w * inverse + (mid + 0.5)), 0, 2**bits - 1)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -215,8 +263,9 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantSpec, importance: torch.Tensor
     for g0 in range(0, cols, width):
         block = weight[:, g0 : g0 + width]
         scale, zero = grid_params(block, spec)
-        if spec.grid == "q4_0":
-            q = q4_0_codes(block, q4_0_step(block)[1])
+        if spec.grid in LEGACY:
+            _, inverse, lo = legacy_step(block, spec.grid)
+            q = legacy_codes(block, spec.grid, inverse, lo)
         else:
             q = quantize_codes(block, scale, zero, spec.maxq)
         codes[:, g0 : g0 + width] = q.to(torch.uint8)

@@ -27,6 +27,15 @@ def quantize(
         "q6_k: llama.cpp's K-quant blocks (Q4_K: --bits 4 --group-size 32 --asym; see docs/gguf.md), grid fixed "
         "before GPTQ; layers must read a multiple of 256 inputs.",
     ),
+    gguf_mix: str = typer.Option(
+        None,
+        "--gguf-mix",
+        help="llama.cpp's quantization mix: q2_k, q3_k_m, q4_k_m, q5_k_m or q6_k. Every layer and the output head "
+        "get the GGUF type llama-quantize's mix gives them (more bits for some attn_v / ffn_down layers, Q6_K or "
+        "Q8_0 for the head, Q5_0 / Q5_1 / Q8_0 / Q4_0 where a row is not whole 256-weight super-blocks) and are "
+        "solved on that grid; `export --format gguf --type MIX` writes them from their codes. Replaces --bits, "
+        "--group-size, --grid and the --head-* options (docs/gguf.md).",
+    ),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize inputs by decreasing Hessian diagonal."),
     static_groups: bool = typer.Option(
         False, "--static-groups", help="GPTQ: fix group grids up front (with --act-order: no column→group index)."
@@ -56,20 +65,6 @@ def quantize(
     percdamp: float = typer.Option(0.01, "--percdamp", help="GPTQ dampening (fraction of mean diag H)."),
     blocksize: int = typer.Option(128, "--blocksize", help="GPTQ column block size (lazy updates)."),
     in_block: str = options.IN_BLOCK,
-    smoothquant: str = typer.Option(
-        None,
-        "--smoothquant",
-        help="SmoothQuant before quantizing: α in [0, 1] (0.5 is usual) moves activation outliers into the weights, "
-        "or 'auto' searches α per block on the calibration windows (block output error under int8 × int8). Meant "
-        "for a weight-and-activation scheme (--scheme w8a8); without one it runs but warns (weight-only grids gain "
-        "nothing from it). Needs calibration data; the model's function is unchanged until it is quantized.",
-    ),
-    awq: bool = typer.Option(
-        False,
-        "--awq",
-        help="AWQ before RTN or GPTQ: per-channel scales mean|x|^a, the exponent a searched per layer group on the "
-        "block's output error with this run's weight grid, folded into the previous layer. Needs calibration data.",
-    ),
     device: str = options.DEVICE,
     dtype: str = options.DTYPE,
     overwrite: bool = options.OVERWRITE,
@@ -96,7 +91,7 @@ def quantize(
 
         lmcompress quantize ./llama --method gptq --bits 4 --group-size 32 --grid q4_0 -o llama-q4_0   # for GGUF
 
-        lmcompress quantize ./llama --method gptq --bits 4 --group-size 128 --awq -o llama-awq-gptq4
+        lmcompress quantize ./llama --method gptq --gguf-mix q4_k_m -o llama-q4km   # export --type q4_k_m
     """
     from lmcompress.jobs import quantize_pretrained
     from lmcompress.transforms.quantize import QuantConfig
@@ -107,9 +102,14 @@ def quantize(
             ("act_order", "static_groups", "percdamp", "blocksize", "in_block"),
             "to --method rtn: they are GPTQ options",
         )
-        if smoothquant is None and not awq:
-            options.refuse(ctx, options.CALIBRATION, "to --method rtn: it reads no calibration data")
-    if not include_head:
+        options.refuse(ctx, options.CALIBRATION, "to --method rtn: it reads no calibration data")
+    if gguf_mix is not None:
+        options.refuse(
+            ctx,
+            ("bits", "group_size", "sym", "grid", "include_head", "head_bits", "head_group_size"),
+            "with --gguf-mix: the mix gives every layer and the head its GGUF type",
+        )
+    elif not include_head:
         options.refuse(ctx, ("head_bits", "head_group_size"), "without --include-head")
     config = QuantConfig(
         method=method,
@@ -126,8 +126,7 @@ def quantize(
         head_bits=head_bits,
         head_group_size=head_group_size,
         in_block=in_block,
-        smoothquant=smoothquant,
-        awq=awq,
+        gguf_mix=gguf_mix,
     )
     report = quantize_pretrained(
         model,
@@ -137,12 +136,15 @@ def quantize(
     )
     if as_json:
         typer.echo(json_text(report.to_dict()))
+    elif config.gguf_mix is not None:
+        typer.echo(
+            f"quantized {model} with {config.method} on llama.cpp's {config.gguf_mix.upper()} mix, "
+            f"{len(report.quantized)} layers, ~{report.nominal_bits_per_weight:.2f} bits/weight, in "
+            f"{report.wall_time_s:.1f}s → {output}"
+        )
     else:
         layout = "per channel" if config.group_size == -1 else f"group {config.group_size}"
         layout += f", {config.grid} grid" if config.grid != "minmax" else ""
-        if config.smoothquant is not None:
-            layout += f", SmoothQuant α={config.smoothquant}"
-        layout += ", AWQ" if config.awq else ""
         if config.include_head:
             head = "per channel" if config.head_group_size == -1 else f"group {config.head_group_size}"
             layout += f"; head {config.head_bits} bits {head}"

@@ -21,6 +21,7 @@ from lmcompress.algorithms.gptq import GPTQResult, gptq_quantize
 from lmcompress.algorithms.quant import (
     GRIDS,
     KTYPES,
+    LEGACY,
     QuantizedTensor,
     QuantSpec,
     kquant_shape,
@@ -34,8 +35,8 @@ from lmcompress.calibration.offload import track
 from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
 from lmcompress.models.families import blocks_path, set_weight_matrix, weight_matrix
+from lmcompress.models.gguf_mixes import check_mix, mix_types, type_spec
 from lmcompress.transforms.layerwise import compress_layers
-from lmcompress.transforms.smooth import SmoothConfig, smooth_model
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,9 @@ class QuantConfig:
     # the outputs of those already quantized (GPTQ's "true sequential"; one forward per block); "parallel"
     # gives every layer of a block the unquantized block's inputs (two forwards per block)
     in_block: str = "sequential"
-    # before quantizing, fold per-channel scales into the blocks (transforms.smooth; calibration needed):
-    # SmoothQuant's α (a number in [0, 1], or "auto" to search it per block), or AWQ with awq_grid exponents
-    smoothquant: float | str | None = None
-    awq: bool = False
-    awq_grid: int = 20
+    # llama.cpp's quantization mix (q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k; models/gguf_mixes.py): every layer and the
+    # output head on the GGUF type the mix gives it (bits, group_size, sym, grid and head_* are then unused)
+    gguf_mix: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,20 +102,7 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq" or self.smooths
-
-    @property
-    def smooths(self) -> bool:
-        """SmoothQuant or AWQ runs before the quantization (:mod:`lmcompress.transforms.smooth`)."""
-        return self.smoothquant is not None or self.awq
-
-    def smooth_config(self) -> SmoothConfig:
-        """The :class:`~lmcompress.transforms.smooth.SmoothConfig` of ``smoothquant`` / ``awq``: AWQ searched
-        on this config's weight grid, SmoothQuant on the activation kind of the scheme (int8 unless fp8)."""
-        act = "fp8" if getattr(self, "scheme", None) == "fp8" else "int8"
-        return SmoothConfig(
-            alpha=self.smoothquant, act=act, awq=self.awq, awq_grid=self.awq_grid, weight_spec=self.spec
-        )
+        return self.method == "gptq"
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -128,12 +114,16 @@ class QuantConfig:
         check_quant_grid(self.head_bits, self.head_group_size, "head_bits", "head_group_size")
         if self.grid not in GRIDS:
             raise UserError(f"grid {self.grid!r} is unknown: choose one of {', '.join(GRIDS)}", param="grid")
-        if self.grid == "q4_0" and (self.bits != 4 or not self.sym):
+        if self.grid in LEGACY and (self.bits, self.sym) != LEGACY[self.grid]:
+            bits, sym = LEGACY[self.grid]
             raise UserError(
-                f"grid q4_0 is llama.cpp's 4-bit symmetric grid, but bits={self.bits} "
-                f"{'sym' if self.sym else 'asym'} was asked: use bits 4 with sym, or grid minmax",
+                f"grid {self.grid} is llama.cpp's {bits}-bit {'symmetric' if sym else 'asymmetric'} grid, but "
+                f"bits={self.bits} {'sym' if self.sym else 'asym'} was asked: use bits {bits} with "
+                f"{'sym' if sym else 'asym'}, or grid minmax",
                 param=("grid", "bits", "sym"),
             )
+        if self.gguf_mix is not None:
+            self.gguf_mix = check_mix(self.gguf_mix)
         if self.grid in KTYPES and (self.bits, self.group_size, self.sym) != kquant_shape(self.grid):
             bits, group, sym = kquant_shape(self.grid)
             raise UserError(
@@ -156,8 +146,6 @@ class QuantConfig:
             raise UserError(f"percdamp must be in [0, 1), got {self.percdamp}", param="percdamp")
         if self.blocksize <= 0:
             raise UserError(f"blocksize must be positive, got {self.blocksize}", param="blocksize")
-        if self.smooths:
-            self.smoothquant = self.smooth_config().alpha  # "auto" or a float; UserError: α outside [0, 1]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,7 +163,6 @@ class QuantReport:
     wall_time_s: float = 0.0
     # in_block sequential: why blocks fell back to the parallel order (reason → number of blocks), if any did
     in_block_fallback: dict[str, int] = field(default_factory=dict)
-    smoothing: dict | None = None  # SmoothQuant / AWQ before quantizing: SmoothReport.recipe_fields()
 
     @property
     def nominal_bits_per_weight(self) -> float:
@@ -197,7 +184,6 @@ class QuantReport:
             "layer_loss": self.layer_loss,
             "damping_raised": self.damping,
             "in_block_fallback": self.in_block_fallback,
-            **({"smoothing": self.smoothing} if self.smoothing is not None else {}),
         }
 
 
@@ -206,10 +192,16 @@ def nominal_bits_per_weight(quantized: dict[str, QuantizedTensor]) -> float:
     fp32), its zero point when asymmetric, and any act-order group index, as :func:`pack_quantized` stores them.
 
     An estimate over the quantized weights stored densely (a sparse layout can take less); ``lmcompress info``
-    reports what the saved files really take.
+    reports what the saved files really take. llama.cpp's block types count as GGUF stores them (Q4_K: 144 bytes
+    per 256 weights, 4.5 bits; Q5_1: 24 bytes per 32, 6 bits).
     """
     bits = weights = 0
     for q in quantized.values():
+        if q.spec.grid in KTYPES or q.spec.grid in LEGACY:
+            block = KTYPES[q.spec.grid].block_bytes * 8 / 256 if q.spec.grid in KTYPES else _LEGACY_BITS[q.spec.grid]
+            bits += q.codes.numel() * block
+            weights += q.codes.numel()
+            continue
         per_group = 8 * scale_storage_dtype(q.scale).itemsize + (0 if q.spec.sym else q.spec.bits)
         g_idx = 0 if q.g_idx is None else q.g_idx.numel() * max(1, math.ceil(math.log2(q.scale.shape[1])))
         bits += q.codes.numel() * q.spec.bits + q.scale.numel() * per_group + g_idx
@@ -217,21 +209,53 @@ def nominal_bits_per_weight(quantized: dict[str, QuantizedTensor]) -> float:
     return bits / max(weights, 1)
 
 
+_LEGACY_BITS = {"q4_0": 18 * 8 / 32, "q5_0": 22 * 8 / 32, "q5_1": 24 * 8 / 32, "q8_0": 34 * 8 / 32}
+
+
 class _Quantizer:
     """Quantization as a :class:`~lmcompress.transforms.layerwise.LayerSolver`: RTN layer by layer, or GPTQ on
     the layers reading one input stacked; the report's dictionaries filled block by block (``track``)."""
 
-    def __init__(self, config: QuantConfig, prefix: str, device: torch.device) -> None:
+    def __init__(
+        self, config: QuantConfig, prefix: str, device: torch.device, types: dict[str, str] | None = None
+    ) -> None:
         self.config, self.prefix, self.device, self.spec = config, prefix, device, config.spec
+        self.types = types  # gguf_mix: parameter name → GGUF type
         self.quantized: dict[str, QuantizedTensor] = {}
         self.layer_loss: dict[str, float] = {}
         self.damping: dict[str, float] = {}
 
+    def spec_of(self, i: int, name: str) -> QuantSpec | None:
+        """The grid of layer ``name`` of block ``i``: the config's, or the GGUF mix's (None: left dense)."""
+        if self.types is None:
+            return self.spec
+        return type_spec(self.types.get(f"{self.prefix}.{i}.{name}.weight", "f16"))
+
     def solve(
         self, i: int, layers: dict[str, nn.Module], group: list[str], stats: InputStats | None
-    ) -> GPTQResult | QuantizedTensor:
+    ) -> GPTQResult | QuantizedTensor | list | None:
+        specs = [self.spec_of(i, name) for name in group]
         if stats is None:  # RTN: one layer, from its weights alone
-            return rtn_quantize(weight_matrix(layers[group[0]]).to(self.device).float(), self.spec)
+            if specs[0] is None:
+                return None
+            return rtn_quantize(weight_matrix(layers[group[0]]).to(self.device).float(), specs[0])
+        if len(set(specs)) > 1 or specs[0] is None:  # a GGUF mix: one stacked solve per grid, in order
+            runs: list[tuple[list[str], QuantSpec | None]] = []
+            for name, spec in zip(group, specs, strict=True):
+                if runs and runs[-1][1] == spec:
+                    runs[-1][0].append(name)
+                else:
+                    runs.append(([name], spec))
+            last = max((k for k, (_, spec) in enumerate(runs) if spec is not None), default=-1)
+            return [
+                (names, None if spec is None else self._gptq(i, layers, names, stats, spec, consume=k == last))
+                for k, (names, spec) in enumerate(runs)
+            ]
+        return self._gptq(i, layers, group, stats, specs[0], consume=True)
+
+    def _gptq(
+        self, i: int, layers: dict[str, nn.Module], group: list[str], stats: InputStats, spec: QuantSpec, consume: bool
+    ) -> GPTQResult:
         config = self.config
         w = torch.cat([weight_matrix(layers[name]).float() for name in group])
         mask = (w == 0) if config.keep_zeros else None
@@ -240,17 +264,25 @@ class _Quantizer:
         return gptq_quantize(
             w,
             stats.hessian,
-            self.spec,
+            spec,
             blocksize=config.blocksize,
             percdamp=config.percdamp,
             act_order=config.act_order,
             static_groups=config.static_groups,
             mask=mask,
             layer=" + ".join(f"{self.prefix}.{i}.{name}" for name in group),
-            consume_hessian=True,  # each group's statistics serve this one solve
+            consume_hessian=consume,  # each group's statistics serve this one solve (or the last of a mix's)
         )
 
-    def apply(self, i: int, layers: dict[str, nn.Module], group: list[str], res: GPTQResult | QuantizedTensor) -> None:
+    def apply(
+        self, i: int, layers: dict[str, nn.Module], group: list[str], res: GPTQResult | QuantizedTensor | list | None
+    ) -> None:
+        if res is None:  # left dense (a GGUF mix's float type)
+            return
+        if isinstance(res, list):  # a GGUF mix's solves, one per grid
+            for names, part in res:
+                self.apply(i, layers, names, part)
+            return
         if isinstance(res, QuantizedTensor):
             self._store(i, group[0], layers[group[0]], res.dequantize(), res)
             return
@@ -288,21 +320,16 @@ def quantize(
     start = time.perf_counter()
     config.validate()
     if config.needs_calibration and (calib is None or calib.numel() == 0):
-        raise UserError(
-            "GPTQ, SmoothQuant and AWQ need calibration data (give calib_data); RTN alone does not", param="calib_data"
-        )
+        raise UserError("GPTQ needs calibration data (give calib_data); RTN does not", param="calib_data")
     device = torch.device(device)
     model.eval()
-    smoothing = None
-    if config.smoothquant is not None and getattr(config, "scheme", None) is None:
-        log.warning(
-            "SmoothQuant without a weight-and-activation scheme (scheme w8a8 / fp8): weight-only quantization "
-            "gains nothing from moving activation outliers into the weights"
-        )
-    if config.smooths:
-        smoothing = smooth_model(model, config.smooth_config(), calib, device=device, progress=progress)
 
-    quantizer = _Quantizer(config, blocks_path(model), device)
+    types = None
+    if config.gguf_mix is not None:  # the GGUF type of every weight under llama.cpp's mix, the head's included
+        widths = {k: v.shape[-1] for k, v in model.state_dict().items() if v.dim() == 2}
+        types = mix_types(config.gguf_mix, model.config, widths)
+    head = config.include_head or types is not None
+    quantizer = _Quantizer(config, blocks_path(model), device, types)
     quantized, layer_loss = quantizer.quantized, quantizer.layer_loss
     track(model, quantized=quantized, layer_loss=layer_loss, damping=quantizer.damping)
     last, fallback = compress_layers(
@@ -312,12 +339,13 @@ def quantize(
         device,
         hessian=True,
         in_block=config.in_block,
-        last_outputs=config.include_head,
+        last_outputs=head,
         desc=config.method,
         progress=progress,
     )
-    if config.include_head:
-        qt, loss = _quantize_head(model, config, last, device)
+    head_spec = config.head_spec if types is None else type_spec(types.get("lm_head.weight", "f16"))
+    if head and head_spec is not None:
+        qt, loss = _quantize_head(model, config, last, device, head_spec)
         quantized["lm_head.weight"] = qt
         if loss is not None:
             layer_loss["lm_head"] = loss
@@ -330,16 +358,16 @@ def quantize(
         weights=sum(q.codes.numel() for q in quantized.values()),  # codes keep their shape when streamed
         wall_time_s=time.perf_counter() - start,
         in_block_fallback=fallback,
-        smoothing=None if smoothing is None else smoothing.recipe_fields(),
     )
 
 
 @torch.no_grad()
 def _quantize_head(
-    model: nn.Module, config: QuantConfig, last: BlockInputs | None, device: torch.device
+    model: nn.Module, config: QuantConfig, last: BlockInputs | None, device: torch.device, spec: QuantSpec
 ) -> tuple[QuantizedTensor, float | None]:
-    """Quantize the output head on ``config.head_spec`` in place: RTN, or GPTQ with ``H = 2 Σ x xᵀ`` over the
-    final norm's outputs of the last block's outputs ``last`` (what the head reads). A head tied to the input
+    """Quantize the output head on ``spec`` (``config.head_spec``, or the GGUF mix's) in place: RTN, or GPTQ with
+    ``H = 2 Σ x xᵀ`` over the final norm's outputs of the last block's outputs ``last`` (what the head reads). A
+    head tied to the input
     embeddings is one tensor: the embedding rows take the quantized values too (as llama.cpp's tied output)."""
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
@@ -348,14 +376,14 @@ def _quantize_head(
         log.info("lm_head is tied to the input embeddings: the embeddings take the quantized head's values")
     w = head.weight.detach().to(device).float()
     if config.method == "rtn" or last is None:
-        qt, loss = rtn_quantize(w, config.head_spec), None
+        qt, loss = rtn_quantize(w, spec), None
         new = qt.dequantize()
     else:
         stats = head_input_stats(model, last, device, hessian=True)
         res = spread(
             [w],
             lambda weight: gptq_quantize(
-                weight, stats.hessian, config.head_spec, blocksize=config.blocksize, percdamp=config.percdamp,
+                weight, stats.hessian, spec, blocksize=config.blocksize, percdamp=config.percdamp,
                 mask=(weight == 0) if config.keep_zeros and bool((weight == 0).any()) else None, layer="lm_head",
                 consume_hessian=True,
             ),
