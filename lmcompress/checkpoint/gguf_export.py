@@ -5,7 +5,8 @@ Every tensor gets llama.cpp's name (``gguf.TensorNameMap``; the family table is
 the block types below. A block is 32 consecutive inputs of one output row with one fp16 scale ``d``:
 
 * ``Q4_0``: ``w = d·(q − 8)``, ``q ∈ 0..15``; ``Q4_1``: ``w = d·q + m``, ``q ∈ 0..15``, fp16 ``m``;
-  ``Q8_0``: ``w = d·q``, ``q ∈ −128..127`` (int8);
+  ``Q5_0``: ``w = d·(q − 16)``, ``Q5_1``: ``w = d·q + m``, ``q ∈ 0..31`` (the fifth bits of a block's 32 codes
+  in one 32-bit word); ``Q8_0``: ``w = d·q``, ``q ∈ −128..127`` (int8);
 * the K-quants ``Q2_K`` … ``Q6_K`` (:mod:`lmcompress.algorithms.kquants`): super-blocks of 256 inputs with
   integer sub-block scales under fp16 ``d`` / ``dmin``.
 
@@ -15,7 +16,9 @@ Weights that ``lmcompress quantize`` stored as integer codes (``w = s·(q − z)
 * 4-bit symmetric: ``z = 8`` always and ``q ∈ 0..15``, so ``w = s·(q − 8)`` is ``Q4_0`` with ``d = fp16(s)``
   (on the ``q4_0`` grid ``s`` already is an fp16 value, so nothing at all is rounded: with groups of 32 the
   blocks are the ones llama.cpp's own quantizer writes);
-* 4-bit asymmetric: ``w = s·q − s·z`` is ``Q4_1`` with ``d = fp16(s)``, ``m = fp16(−d·z)``;
+* 4-bit asymmetric: ``w = s·q − s·z`` is ``Q4_1`` with ``d = fp16(s)``, ``m = fp16(−d·z)``; 5-bit symmetric
+  (``z = 16``) and asymmetric likewise ``Q5_0`` and ``Q5_1`` (the ``q5_0`` / ``q5_1`` grids: fp16 scales, so
+  nothing is rounded);
 * 8-bit symmetric: ``z = 128``, so ``w = s·(q − 128)`` is ``Q8_0`` with the int8 ``q − 128`` and ``d = fp16(s)``;
 * a K-quant grid (``quantize --grid q2_k … q6_k``): its codes, fp16 ``d`` / ``dmin`` and integer sub-block scales
   are the block's bytes, nothing rounded;
@@ -24,11 +27,16 @@ provided each group is a run of consecutive inputs whose length is a multiple of
 a whole row, is written as 2, 4, ... blocks with the same scale; act-order ``g_idx`` groups are not runs). The
 codes are copied unchanged; the only change is rounding each scale (and ``Q4_1``'s minimum) to fp16.
 
+A mix (``q2_k``, ``q3_k_m``, ``q4_k_m``, ``q5_k_m``, ``q6_k``: :mod:`lmcompress.models.gguf_mixes`) gives each
+tensor llama.cpp's type for it; a model quantized with ``--gguf-mix`` of the same mix is written entirely from
+its codes (its untied token embedding, which lmcompress does not quantize, is re-quantized).
+
 Anything else (other grids, dense weights) is re-quantized with round-to-nearest into the block type asked for
 (``gguf.quants.quantize``: llama.cpp's reference quantizers), or written as f16 / bf16 / f32, and the export
 reports the relative Frobenius error ``‖W_gguf − W‖ / ‖W‖`` it added per tensor (``W`` the weight lmcompress
-holds). Exact zeros (pruned weights) stay zeros in ``Q4_0``, ``Q8_0`` and the float types; ``Q4_1`` keeps them
-only up to its fp16 minimum (``d·z + m`` is the fp16 rounding of ``d·z``, not 0).
+holds); K-quants are re-quantized with lmcompress's own K-quant RTN (:mod:`lmcompress.algorithms.kquants`, no
+importance matrix). Exact zeros (pruned weights) stay zeros in ``Q4_0``, ``Q5_0``, ``Q8_0`` and the float types;
+``Q4_1`` / ``Q5_1`` keep them only up to their fp16 minimum (``d·z + m`` is the fp16 rounding of ``d·z``, not 0).
 
 llama.cpp's ``llama`` architecture pairs rotary dimensions differently from Hugging Face, so ``q_proj`` /
 ``k_proj`` rows are reordered within each head (codes, scales and zero points together): see
@@ -52,6 +60,7 @@ from lmcompress.algorithms.quant import QuantizedTensor, kquant_grid_of
 from lmcompress.checkpoint.checks import check_finite_state, expand, path_exists
 from lmcompress.checkpoint.folder import check_not_nested, check_writable, read_recipe, write_path_atomic
 from lmcompress.errors import UserError
+from lmcompress.models.gguf_mixes import MIXES, mix_types
 from lmcompress.models.gguf_names import (
     arch_name,
     gguf_family,
@@ -63,10 +72,10 @@ from lmcompress.models.gguf_names import (
 
 log = logging.getLogger(__name__)
 
-TYPES = ("auto", "q4_0", "q4_1", "q8_0", *KTYPES, "f16", "bf16", "f32")
-EMBED_TYPES = ("auto", "q4_0", "q4_1", "q8_0", *KTYPES, "f16", "bf16", "f32")
-BLOCK = 32  # inputs per block of Q4_0 / Q4_1 / Q8_0
-_BLOCK_TYPES = ("q4_0", "q4_1", "q8_0", *KTYPES)
+TYPES = ("auto", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", *KTYPES, *MIXES, "f16", "bf16", "f32")
+EMBED_TYPES = ("auto", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", *KTYPES, "f16", "bf16", "f32")
+BLOCK = 32  # inputs per block of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0
+_BLOCK_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", *KTYPES)
 _EMBEDDINGS = ("token_embd.weight", "output.weight")
 
 
@@ -92,8 +101,8 @@ def _default_groups(q: QuantizedTensor) -> bool:
 
 
 def exact_block_type(q: QuantizedTensor) -> tuple[str | None, str]:
-    """``("q4_0" | "q4_1" | "q8_0", "")`` when ``q``'s codes are that GGUF block type as they are, else
-    ``(None, why not)``."""
+    """``(type, "")`` when ``q``'s codes are that GGUF block type (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k … q6_k) as
+    they are, else ``(None, why not)``."""
     spec, cols = q.spec, q.codes.shape[1]
     if not _default_groups(q):
         return None, "act-order groups (g_idx): a group is not a run of consecutive inputs"
@@ -109,12 +118,16 @@ def exact_block_type(q: QuantizedTensor) -> tuple[str | None, str]:
         return "q4_0", ""
     if spec.bits == 4 and not spec.sym and bool(((zero >= 0) & (zero <= 15) & (zero == zero.round())).all()):
         return "q4_1", ""
+    if spec.bits == 5 and spec.sym and bool((zero == 16).all()):
+        return "q5_0", ""
+    if spec.bits == 5 and not spec.sym and (spec.grid == "q5_1" or bool((zero == zero.round()).all())):
+        return "q5_1", ""
     if spec.bits == 8 and spec.sym and bool((zero == 128).all()):
         return "q8_0", ""
     kind = "symmetric" if spec.sym else "asymmetric"
     return None, (
-        f"a {spec.bits}-bit {kind} grid has no GGUF block type (Q4_0: 4-bit symmetric, Q4_1: 4-bit asymmetric, "
-        "Q8_0: 8-bit symmetric)"
+        f"a {spec.bits}-bit {kind} grid has no GGUF block type (Q4_0 / Q5_0: 4 / 5-bit symmetric, Q4_1 / Q5_1: "
+        "4 / 5-bit asymmetric, Q8_0: 8-bit symmetric)"
     )
 
 
@@ -139,6 +152,13 @@ def _nibbles(codes: torch.Tensor) -> np.ndarray:
     return c[..., :16] | (c[..., 16:] << np.uint8(4))
 
 
+def _fifth_bits(codes: torch.Tensor) -> np.ndarray:
+    """Q5_0 / Q5_1's ``qh``: bit ``j`` of a little-endian uint32 is bit 4 of code ``j`` of the block."""
+    high = (codes.to(torch.int64) >> 4) & 1
+    word = (high << torch.arange(BLOCK, dtype=torch.int64)).sum(-1).numpy().astype("<u4")
+    return word.view(np.uint8).reshape(*codes.shape[:-1], 4)
+
+
 def pack_codes(q: QuantizedTensor, block_type: str) -> np.ndarray:
     """The raw GGUF bytes ``[rows, cols/32 · block bytes]`` of ``q`` in ``block_type``, from its own codes (the
     grid must be that type: :func:`exact_block_type`)."""
@@ -151,9 +171,12 @@ def pack_codes(q: QuantizedTensor, block_type: str) -> np.ndarray:
     d = _fp16_bytes(scale)
     if block_type == "q4_0":
         parts = [d, _nibbles(codes)]
-    elif block_type == "q4_1":
+    elif block_type in ("q4_1", "q5_1"):
         d16 = torch.from_numpy(scale.numpy().astype(np.float16).astype(np.float32))
-        parts = [d, _fp16_bytes(-d16 * zero), _nibbles(codes)]
+        parts = [d, _fp16_bytes(0.0 - d16 * zero)]  # 0 − x: +0.0, not −0.0, where d = 0 (as llama.cpp)
+        parts += [_fifth_bits(codes), _nibbles(codes & 15)] if block_type == "q5_1" else [_nibbles(codes)]
+    elif block_type == "q5_0":
+        parts = [d, _fifth_bits(codes), _nibbles(codes & 15)]
     elif block_type == "q8_0":
         parts = [d, (codes.to(torch.int16) - 128).to(torch.int8).numpy().view(np.uint8)]
     else:
@@ -477,7 +500,10 @@ def export_gguf(
     _check_config(config, warnings)
     names = tensor_name_map(family, int(config.num_hidden_layers))
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    if embed_type == "auto":
+    mix = qtype if qtype in MIXES else None
+    if mix is not None:  # llama.cpp's type for every weight, the head and embedding included
+        types = mix_types(mix, config, {k: v.shape[-1] for k, v in state.items() if v.dim() == 2})
+    if embed_type == "auto" and mix is None:
         embed_type = qtype if qtype in ("q8_0", "f16", "bf16", "f32") else "f16"
 
     plan: list[tuple[str, str, torch.Tensor, QuantizedTensor | None, str]] = []  # (hf, gguf, ref, q, kind)
@@ -500,6 +526,10 @@ def export_gguf(
                 q = QuantizedTensor(q.codes[order], q.scale[order], q.zero[order], q.spec, q.g_idx)
         if ref.dim() == 1:
             kind = "f32"
+        elif gname in _EMBEDDINGS and embed_type != "auto":
+            kind = embed_type
+        elif mix is not None:
+            kind = types.get(hf_name, "f16")
         elif gname in _EMBEDDINGS:
             kind = embed_type
         elif q is not None and qtype == "auto":
@@ -535,6 +565,8 @@ def export_gguf(
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
         "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+        "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+        "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
         "q2_k": gguf.LlamaFileType.MOSTLY_Q2_K,
         "q3_k": gguf.LlamaFileType.MOSTLY_Q3_K_S,  # every block tensor one type: llama.cpp's "small" mixes
@@ -542,6 +574,8 @@ def export_gguf(
         "q5_k": gguf.LlamaFileType.MOSTLY_Q5_K_S,
         "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
     }[main_type]
+    if mix is not None:
+        file_type, main_type = getattr(gguf.LlamaFileType, MIXES[mix][1]), mix
     is_quantized = any(t.type in _BLOCK_TYPES for t in tensors)
     name = path.name if path.exists() else str(source).rsplit("/", 1)[-1]
     tokenizer_info: dict = {}

@@ -20,13 +20,17 @@ def export(
     qtype: str = typer.Option(
         "auto",
         "--type",
-        help="gguf: type of the linear weights: auto (quantized codes as they are, dense as f16), q4_0, q4_1, "
-        "q8_0 (re-quantize what is not already that type), f16, bf16, f32.",
+        help="gguf: type of the linear weights: auto (quantized codes as they are, dense as f16); a block type "
+        "q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k (what is not already that type is "
+        "re-quantized by round-to-nearest); a llama.cpp mix q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k (each tensor, "
+        "head and embedding included, on the type llama-quantize's mix gives it; written from the codes of "
+        "`quantize --gguf-mix` of that mix); f16, bf16, f32.",
     ),
     embed_type: str = typer.Option(
         "auto",
         "--embed-type",
-        help="gguf: type of the token embeddings and output head (auto: --type if q8_0 or a float, else f16).",
+        help="gguf: type of the token embeddings and output head (auto: the mix's types with a mix, --type if "
+        "q8_0 or a float, else f16).",
     ),
     overwrite: bool = options.OVERWRITE,
     trust_remote_code: bool = options.TRUST,
@@ -37,9 +41,9 @@ def export(
 
     compressed-tensors needs pip install -e ".[export]"; sparse-only models cannot be exported (see
     docs/storage.md). GGUF (docs/gguf.md) covers llama, mistral, qwen2 and qwen3 models with byte-level BPE
-    tokenizers: 4-bit symmetric / asymmetric and 8-bit symmetric quantization with groups of 32 (or a multiple)
-    are written from their own codes as Q4_0 / Q4_1 / Q8_0, anything else is re-quantized or cast as --type
-    says and the added error is reported.
+    tokenizers: 4/5-bit symmetric / asymmetric and 8-bit symmetric quantization with groups of 32 (or a
+    multiple) are written from their own codes as Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0, the K-quant grids as
+    Q2_K … Q6_K, anything else is re-quantized or cast as --type says and the added error is reported.
 
     Examples:
 
@@ -52,6 +56,10 @@ def export(
         lmcompress export ./smollm2 --format gguf --type f16 -o smollm2-f16.gguf
 
         lmcompress export smol-3bit --format gguf --type q4_0 --embed-type q8_0 -o smol-q4_0.gguf
+
+        lmcompress quantize ./smollm2 --method gptq --gguf-mix q4_k_m -o smol-q4km
+
+        lmcompress export smol-q4km --format gguf --type q4_k_m -o smol-Q4_K_M.gguf
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}: choose {', '.join(FORMATS)}")
