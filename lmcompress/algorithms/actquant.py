@@ -84,6 +84,26 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 SCHEMES = ("w8a8", "fp8")
 
 
+@dataclass
+class FP8Weight:
+    """An ``[out, in]`` weight as FP8 E4M3 codes (``float8_e4m3fn``) and one float32 scale per output row
+    (``[out, 1]``): the value is ``codes · scale``."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> FP8Weight:
+        """Per output channel, ``s = max|w| / 448`` (:func:`quantize_weight_fp8`)."""
+        return cls(*quantize_weight_fp8(weight.detach()))
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scale)
+
+    def to(self, device: str | torch.device) -> FP8Weight:
+        return FP8Weight(self.codes.to(device), self.scale.to(device))
+
+
 @dataclass(frozen=True)
 class ActScheme:
     """How a linear layer's input is quantized at run time.
@@ -162,6 +182,17 @@ class ActQuantLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize(self.codes, self.weight_scale)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``model.to(dtype)`` would cast the FP8 codes (a floating-point dtype) and the float32 scales: the
+        codes and scales keep their dtype and move device only; the bias follows the model."""
+        kept = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()

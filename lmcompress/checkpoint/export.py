@@ -22,6 +22,7 @@ import torch
 
 from lmcompress.checkpoint.folder import RECIPE_FILE, check_output, json_text, read_recipe, save_atomic
 from lmcompress.checkpoint.load import source_dtype
+from lmcompress.checkpoint.schemes import recipe_scheme
 from lmcompress.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,19 @@ def _check(name: str, q, module) -> None:
 
 
 def _check_grid(quantized: dict) -> None:
-    """UserError for layers on the ``q4_0`` grid: compressed-tensors' symmetric int4 is ``s·(q − 8)`` too, but
-    ``q4_0`` scales are negative wherever a group's extreme is positive, which vLLM's kernels are not known to
-    accept."""
+    """UserError for layers on llama.cpp's grids: ``q4_0`` (compressed-tensors' symmetric int4 is ``s·(q − 8)``
+    too, but ``q4_0`` scales are negative wherever a group's extreme is positive, which vLLM's kernels are not
+    known to accept) and the K-quants ``q2_k`` .. ``q6_k`` (super-blocks with quantized sub-block scales and
+    minimums, which compressed-tensors has no format for)."""
     names = [name for name, q in quantized.items() if q.spec.grid != "minmax"]
     if names:
+        grids = sorted({quantized[name].spec.grid for name in names})
+        what = "llama.cpp's Q4_0, with negative scales" if grids == ["q4_0"] else "llama.cpp's grids"
         raise UserError(
-            f"{len(names)} layers ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) are on the q4_0 grid "
-            "(llama.cpp's Q4_0, with negative scales), which the compressed-tensors export does not write: export "
-            "them with --format gguf, or quantize with --grid minmax for compressed-tensors / vLLM"
+            f"{len(names)} layers ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) are on the "
+            f"{', '.join(grids)} grid{'s' if len(grids) > 1 else ''} ({what}), which the compressed-tensors "
+            "export does not write: export them with --format gguf, or quantize with --grid minmax for "
+            "compressed-tensors / vLLM"
         )
 
 
@@ -87,6 +92,9 @@ def export_compressed_tensors(
     recipe = read_recipe(folder) or {}
     if recipe.get("surgery"):
         raise UserError(f"{folder} has resized or factorized layers (surgery): compressed-tensors cannot describe them")
+    scheme = recipe_scheme(recipe, folder)
+    if scheme is not None:
+        return _export_scheme(folder, out, recipe, scheme, overwrite, trust_remote_code, allow_pickle)
     quantized = read_packed(folder, recipe)[1] if recipe.get("storage") == "packed" else {}
     _check_whole_groups({param.removesuffix(".weight"): q for param, q in quantized.items()})
     _check_grid({param.removesuffix(".weight"): q for param, q in quantized.items()})
@@ -212,3 +220,93 @@ def _count_code_mismatches(modules: dict) -> int:
         codes = unpack_from_int32(module.weight_packed.data, q.spec.bits, torch.Size(q.codes.shape))
         bad += int((codes.to(torch.int32) + 2 ** (q.spec.bits - 1) != q.codes.to(torch.int32)).sum())
     return bad
+
+
+def _scheme_args(scheme: dict) -> tuple[str, dict, dict]:
+    """compressed-tensors' format and the weight / input-activation arguments of a W8A8 or FP8 scheme: weights
+    per output channel; int8 inputs per token, dynamic; FP8 inputs per tensor, static, or per token, dynamic."""
+    kind = "int" if scheme["name"] == "w8a8" else "float"
+    weights = {"num_bits": 8, "type": kind, "symmetric": True, "strategy": "channel", "dynamic": False}
+    static = "static" in scheme["activations"]
+    inputs = {"num_bits": 8, "type": kind, "symmetric": True, "strategy": "tensor" if static else "token"}
+    inputs["dynamic"] = not static
+    return f"{kind}-quantized", weights, inputs
+
+
+def _export_scheme(
+    folder: Path, out: Path, recipe: dict, scheme: dict, overwrite: bool, trust_remote_code: bool, allow_pickle: bool
+) -> dict:
+    """A W8A8 / FP8 folder as compressed-tensors ``int-quantized`` / ``float-quantized``: each layer's stored
+    codes and float32 per-channel scales (and its static input scale) attached through the library's
+    ``apply_quantization_config``, the codes written by its ``ModelCompressor`` (which re-quantizes the
+    dequantized weight with lmcompress's scale, and so gives back lmcompress's codes: counted in
+    ``codes_changed``). Embeddings, norms and the head are stored in the source's dtype; the scales stay
+    float32 (what vLLM's W8A8 / FP8 layers hold them in)."""
+    from torch import nn
+
+    from lmcompress.algorithms.actquant import ActQuantLinear
+    from lmcompress.checkpoint.load import load
+
+    ct = _library()
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+
+    model, tokenizer = load(folder, dtype="float32", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    dtype = source_dtype(model.config) or torch.float32
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, ActQuantLinear)}
+    model = model.to(dtype)
+    for name, m in layers.items():  # plain nn.Linear again, float32: the library's scales take the weight's dtype
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=torch.float32)
+        linear.weight.data = m.dequantized_weight()
+        if m.bias is not None:
+            linear.bias.data = m.bias.detach().float()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    fmt, weights, inputs = _scheme_args(scheme)
+    group = QuantizationScheme(
+        targets=sorted(layers), weights=QuantizationArgs(**weights), input_activations=QuantizationArgs(**inputs)
+    )
+    config = QuantizationConfig(config_groups={"group_0": group}, quantization_status="frozen")
+    apply_quantization_config(model, config, show_progress=False)
+    for name, m in layers.items():
+        linear = model.get_submodule(name)
+        linear.weight_scale.data.copy_(m.weight_scale.to(linear.weight_scale.dtype))
+        if m.act.static_scale is not None:
+            linear.input_scale.data.fill_(m.act.static_scale)
+    compressor = ModelCompressor.from_pretrained_model(model, fmt)
+    compressor.compress_model(model)
+    changed = 0
+    for name, m in layers.items():
+        codes = model.get_submodule(name).weight.data
+        if codes.dtype != m.codes.dtype:
+            raise RuntimeError(f"compressed-tensors stored {name} as {codes.dtype}, not {m.codes.dtype}")
+        changed += int((codes.view(torch.uint8) != m.codes.view(torch.uint8)).sum())
+    if changed:
+        log.warning("%d codes changed when compressed-tensors re-quantized the weights with their scales", changed)
+    summary = {
+        "format": "compressed-tensors",
+        "compressed_tensors_version": ct.__version__,
+        "quantization_format": fmt,
+        "scheme": scheme["name"],
+        "weights": scheme["weights"],
+        "activations": scheme["activations"],
+        "quantized_layers": len(layers),
+        "codes_changed": changed,
+        "exported_from": str(folder),
+    }
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        compressor.update_config(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        plain = {k: v for k, v in recipe.items() if k not in ("storage", "packed")}
+        (tmp / RECIPE_FILE).write_text(json_text({**plain, "export": summary}) + "\n")
+
+    save_atomic(out, write, overwrite=overwrite)
+    return {**summary, "output": str(out)}

@@ -232,6 +232,8 @@ def folder_info(folder: str | Path, *, trust_remote_code: bool = False) -> dict:
                     cols = entry["shape"][-1]
                     if group_size != -1 and cols % group_size:
                         partial[name] = group_split(cols, group_size)
+                elif entry["kind"] == "fp8":
+                    label = "fp8 e4m3 channel"
                 else:
                     label += f" {entry['dtype']}"
                 layouts[label] = layouts.get(label, 0) + 1
@@ -280,6 +282,13 @@ def folder_info(folder: str | Path, *, trust_remote_code: bool = False) -> dict:
     weights_bytes = sum(p.stat().st_size for p in weight_files)
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     summary = {k: recipe[k] for k in _RECIPE_SUMMARY if recipe and k in recipe}
+    scheme = (recipe or {}).get("scheme")
+    if isinstance(scheme, dict):  # W8A8 / FP8: one line, the static scales counted
+        scales = len(scheme.get("input_scales") or {})
+        summary["scheme"] = (
+            f"{scheme.get('name')}: weights {scheme.get('weights')}, activations {scheme.get('activations')}"
+            + (f" ({scales} calibrated input scales)" if scales else "")
+        )
     return {
         "folder": str(folder),
         "storage": "packed" if recipe and recipe.get("storage") == "packed" else "dense",

@@ -25,6 +25,7 @@ from lmcompress.checkpoint.checks import (
 )
 from lmcompress.checkpoint.folder import RECIPE_FILE, read_recipe
 from lmcompress.checkpoint.gguf import check_gguf, gguf_config, is_gguf, load_gguf
+from lmcompress.checkpoint.schemes import recipe_scheme
 from lmcompress.errors import UserError
 from lmcompress.models.families import ENCODER_AUTO_CLASSES, family_of
 from lmcompress.models.surgery import apply_surgery
@@ -316,11 +317,13 @@ def load(
     strip_marker(config)  # the marker that stops plain from_pretrained on packed and resized folders
     check_fits_in_memory(config, path, parse_dtype(dtype))
     model = build_skeleton(config, parse_dtype(dtype), recipe.get("surgery"))
+    scheme = recipe_scheme(recipe, path)  # W8A8 / FP8: layers rebuilt after filling, to quantize their inputs
     if recipe.get("storage") == "packed":
         from lmcompress.checkpoint.packed import read_packed  # packed layouts (bitmask, N:M, int-packed)
 
-        state, quantized = read_packed(path, recipe, dequantize=kernels == "none")
-        if kernels != "none":  # swap before filling: the kernel layers hold codes, the others get dense weights
+        fp8: dict = {}
+        state, quantized = read_packed(path, recipe, dequantize=kernels == "none" or scheme is not None, fp8=fp8)
+        if kernels != "none" and scheme is None:  # swap before filling: kernel layers hold codes, others dense weights
             report = swap_quantized_linears(model, quantized, kernels, device=device)
             for name in report.swapped:  # a quantized head tied to the embeddings: its dense copy is theirs alone
                 state.pop(f"{name}.weight", None)
@@ -339,6 +342,8 @@ def load(
     state = {k: v.to(parse_dtype(dtype)) if v.is_floating_point() else v for k, v in state.items()}
     fill(model, state, path)
     check_finite(model, path)
+    if scheme is not None:
+        _install_scheme(model, scheme, quantized, fp8, kernels, device)
     drop_foreign_auto_map(model, str(path), trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -350,6 +355,20 @@ def load(
 
         model.lmcompress_kernels.note += f"; 2:4 sparse layers on CUDA: {len(sparsify_semi_structured(model))}"
     return model, tokenizer
+
+
+def _install_scheme(model: nn.Module, scheme: dict, quantized: dict, fp8: dict, kernels: str, device: str) -> None:
+    """Rebuild a W8A8 / FP8 folder's layers as :class:`~lmcompress.algorithms.actquant.ActQuantLinear` (inputs
+    quantized as the scheme runs them); ``model.lmcompress_kernels`` says how they run."""
+    from lmcompress.checkpoint.schemes import install_scheme
+    from lmcompress.kernels.linear import REPORT_ATTR, KernelReport
+
+    names = install_scheme(model, scheme, quantized, fp8)
+    report = KernelReport(kernels, str(device), "float32")
+    why = f"{scheme['name']}: activation quantization simulated ({scheme['activations']})"
+    report.dense = dict.fromkeys((f"{n}.weight" for n in names), why)
+    report.note = why
+    setattr(model, REPORT_ATTR, report)
 
 
 def source_surgery(folder: str | Path) -> list[dict]:

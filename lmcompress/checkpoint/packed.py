@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmcompress.algorithms.actquant import FP8_DTYPE, FP8Weight
 from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.checkpoint.checks import regular_file
 from lmcompress.checkpoint.folder import RECIPE_FILE, RESIZED_MARKER, json_text, read_recipe, save_atomic
@@ -75,15 +76,43 @@ def pack_state(
     quantized: dict[str, QuantizedTensor] | None = None,
     dtype: torch.dtype | None = None,
     layout: str = "auto",
+    fp8: dict[str, FP8Weight] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """The safetensors tensors and the per-tensor index of ``model`` in packed form."""
     quantized = dict(quantized or {})
     state = model.state_dict()
-    unknown = sorted(set(quantized) - set(state))
+    unknown = sorted((set(quantized) | set(fp8 or {})) - set(state))
     if unknown:
         raise ValueError(f"quantized names parameters the model does not have: {unknown[:5]}")
-    tensors, index = pack_named(state, _transposed_params(model), quantized=quantized, dtype=dtype, layout=layout)
+    transposed = _transposed_params(model)
+    tensors, index = pack_named(state, transposed, quantized=quantized, dtype=dtype, layout=layout, fp8=fp8)
     return tensors, {"format": FORMAT_VERSION, "file": PACKED_FILE, "tensors": index}
+
+
+def _pack_fp8(name: str, w: FP8Weight, matrix: torch.Tensor) -> Packed:
+    """An FP8 weight's parts, checked against the model's (dequantized) weight ``matrix`` ``[out, in]``."""
+    rows, cols = matrix.shape
+    if tuple(w.codes.shape) != (rows, cols) or tuple(w.scale.shape) != (rows, 1) or w.codes.dtype != FP8_DTYPE:
+        raise ValueError(f"fp8[{name!r}] must be {FP8_DTYPE} codes {(rows, cols)} with scales {(rows, 1)}")
+    eps = torch.finfo(matrix.dtype).eps
+    if bool(((w.dequantize() - matrix.float()).abs() > 4 * eps * matrix.float().abs() + 1e-12).any()):
+        raise ValueError(f"fp8[{name!r}] does not match the model's weight: pass the FP8 weight it was set from")
+    parts = {"codes": w.codes.detach().cpu().contiguous(), "scale": w.scale.detach().cpu().float().contiguous()}
+    return Packed("fp8", parts, {"shape": [rows, cols]})
+
+
+def _unpack_fp8(p: Packed) -> FP8Weight:
+    rows, cols = p.meta["shape"]
+    codes, scale = _fp8_parts(p.parts)
+    if tuple(codes.shape) != (rows, cols) or tuple(scale.shape) != (rows, 1) or codes.dtype != FP8_DTYPE:
+        raise ValueError(f"fp8 codes {tuple(codes.shape)} {codes.dtype} / scales {tuple(scale.shape)} do not fit")
+    return FP8Weight(codes, scale.float())
+
+
+def _fp8_parts(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    if set(parts) != {"codes", "scale"}:
+        raise ValueError(f"an fp8 weight has the parts codes and scale, not {sorted(parts)}")
+    return parts["codes"], parts["scale"]
 
 
 def pack_named(
@@ -93,10 +122,14 @@ def pack_named(
     quantized: dict[str, QuantizedTensor] | None = None,
     dtype: torch.dtype | None = None,
     layout: str = "auto",
+    fp8: dict[str, FP8Weight] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """The packed parts and index entries of the named tensors ``state`` (a whole model's, or one block's when
-    streaming). ``transposed`` names the ``Conv1D`` weights; tensors sharing storage are stored once."""
+    streaming). ``transposed`` names the ``Conv1D`` weights; tensors sharing storage are stored once. ``fp8``
+    weights (scheme fp8) are stored as their ``float8_e4m3fn`` codes and float32 per-row scales (layout
+    ``fp8``)."""
     quantized = quantized or {}
+    fp8 = fp8 or {}
     tensors: dict[str, torch.Tensor] = {}
     index: dict[str, dict] = {}
     canonical: dict[tuple, str] = {}  # tied weights are stored once, preferably under their quantized name
@@ -119,6 +152,10 @@ def pack_named(
             packed = pack_quantized(quantized[name], layout)
             kind = "quantized"
             store_dtype = dtype if dtype is not None and value.is_floating_point() else value.dtype
+        elif name in fp8:
+            packed = _pack_fp8(name, fp8[name], matrix)
+            kind = "fp8"
+            store_dtype = dtype if dtype is not None else value.dtype
         else:
             if dtype is not None and value.is_floating_point():
                 matrix = matrix.to(dtype)
@@ -157,17 +194,19 @@ def save_packed(
     dtype: torch.dtype | None = None,
     layout: str = "auto",
     extra_files: dict[str, str] | None = None,
+    fp8: dict[str, FP8Weight] | None = None,
 ) -> Path:
     """Save ``model`` packed (smallest layout per tensor), its tokenizer, config and recipe, atomically.
 
     ``quantized`` maps parameter names to the :class:`QuantizedTensor` the (dequantized) weight came from;
     ``dtype`` is the storage dtype of float tensors (default: as in memory). ``layout``: ``auto`` (smallest),
     or force ``dense`` / ``bitmask`` / ``N:M`` for every tensor it applies to (tests and benchmarks).
-    ``extra_files`` (name → text) are written into the folder before it is moved into place.
+    ``extra_files`` (name → text) are written into the folder before it is moved into place. ``fp8`` maps
+    parameter names to the FP8 weights (scheme fp8) the dequantized weights came from.
     """
     from safetensors.torch import save_file
 
-    tensors, index = pack_state(model, quantized=quantized, dtype=dtype, layout=layout)
+    tensors, index = pack_state(model, quantized=quantized, dtype=dtype, layout=layout, fp8=fp8)
     storage_dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
     def write(tmp: Path) -> None:
@@ -276,13 +315,18 @@ def _read_parts(folder: Path, index: dict) -> dict[str, torch.Tensor]:
 
 
 def read_packed(
-    folder: str | Path, recipe: dict | None = None, *, dequantize: bool = True
+    folder: str | Path,
+    recipe: dict | None = None,
+    *,
+    dequantize: bool = True,
+    fp8: dict[str, FP8Weight] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
     """``(state_dict, quantized)`` of a packed folder: every tensor rebuilt (quantized weights dequantized
     to float32) and the exact :class:`QuantizedTensor` of each quantized weight (``[out, in]``).
 
     ``dequantize=False`` leaves the quantized weights out of the state dict (those another tensor is tied to
-    excepted), for a caller that runs them from their codes (:mod:`lmcompress.kernels`)."""
+    excepted), for a caller that runs them from their codes (:mod:`lmcompress.kernels`). FP8 weights are in the
+    state dict dequantized; a dict given as ``fp8`` receives their codes and scales by name."""
     folder = Path(folder)
     index = _index_of(folder, recipe)
     blobs = _read_parts(folder, index)
@@ -297,7 +341,12 @@ def read_packed(
             parts = {p: blobs[d["key"]] for p, d in entry["parts"].items()}
             meta = {k: v for k, v in entry.items() if k not in ("kind", "layout", "parts", "transposed")}
             packed = Packed(entry["layout"], parts, meta)
-            if entry["kind"] == "quantized":
+            if entry["kind"] == "fp8":
+                w = _unpack_fp8(packed)
+                if fp8 is not None:
+                    fp8[name] = w
+                value = w.dequantize()
+            elif entry["kind"] == "quantized":
                 q = unpack_quantized(packed)
                 quantized[name] = q
                 if not dequantize:

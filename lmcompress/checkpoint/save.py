@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmcompress.algorithms.actquant import FP8Weight
 from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.checkpoint.folder import RECIPE_FILE, RESIZED_MARKER, json_text, read_recipe, save_atomic
 from lmcompress.checkpoint.packed import _index_of
@@ -72,8 +73,10 @@ def save_quantized(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     extra_files: dict[str, str] | None = None,
+    fp8: dict[str, FP8Weight] | None = None,
 ) -> Path:
-    """Save ``model`` with its quantized layers packed as codes + grids (see ``checkpoint.packed.save_packed``)."""
+    """Save ``model`` with its quantized layers packed as codes + grids (see ``checkpoint.packed.save_packed``);
+    ``fp8``: FP8 weights (scheme fp8) stored as their codes and scales."""
     from lmcompress.checkpoint.packed import save_packed
 
     return save_packed(
@@ -85,6 +88,7 @@ def save_quantized(
         overwrite=overwrite,
         dtype=dtype,
         extra_files=extra_files,
+        fp8=fp8,
     )
 
 

@@ -49,6 +49,8 @@ def export(
 
         lmcompress export llama-gptq4 --format compressed-tensors -o llama-gptq4-ct
 
+        lmcompress export llama-w8a8 --format compressed-tensors -o llama-w8a8-ct   # int-quantized, for vLLM
+
         lmcompress quantize ./smollm2 --method gptq --bits 4 --group-size 32 -o smol-q4
 
         lmcompress export smol-q4 --format gguf -o smol-q4_0.gguf
@@ -102,7 +104,8 @@ def export(
     if as_json:
         typer.echo(json_text(summary))
     else:
+        scheme = f" ({summary['scheme']}: activations {summary['activations']})" if "scheme" in summary else ""
         typer.echo(
             f"exported {summary['quantized_layers']} quantized layers of {folder} as compressed-tensors "
-            f"pack-quantized → {summary['output']}"
+            f"{summary['quantization_format']}{scheme} → {summary['output']}"
         )

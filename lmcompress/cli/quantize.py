@@ -65,6 +65,32 @@ def quantize(
     percdamp: float = typer.Option(0.01, "--percdamp", help="GPTQ dampening (fraction of mean diag H)."),
     blocksize: int = typer.Option(128, "--blocksize", help="GPTQ column block size (lazy updates)."),
     in_block: str = options.IN_BLOCK,
+    smoothquant: str = typer.Option(
+        None,
+        "--smoothquant",
+        help="SmoothQuant before quantizing: α in [0, 1] (0.5 is usual) moves activation outliers into the weights, "
+        "or 'auto' searches α per block on the calibration windows (block output error under int8 × int8). Meant "
+        "for a weight-and-activation scheme (--scheme w8a8); without one it runs but warns (weight-only grids gain "
+        "nothing from it). Needs calibration data; the model's function is unchanged until it is quantized.",
+    ),
+    awq: bool = typer.Option(
+        False,
+        "--awq",
+        help="AWQ before RTN or GPTQ: per-channel scales mean|x|^a, the exponent a searched per layer group on the "
+        "block's output error with this run's weight grid, folded into the previous layer. Needs calibration data.",
+    ),
+    scheme: str = typer.Option(
+        None,
+        "--scheme",
+        help="Weights and activations: w8a8 (int8 weights per channel by --method rtn or gptq, int8 activations per "
+        "token, dynamic) or fp8 (E4M3 weights per channel, rounded to nearest; activations per tensor with static "
+        "scales calibrated on the calibration windows, or per token with --dynamic). Sets --bits 8 --group-size -1; "
+        "`eval` / `generate` simulate the activation quantization, `export --format compressed-tensors` writes "
+        "it for vLLM (docs/quantization.md).",
+    ),
+    dynamic: bool = typer.Option(
+        False, "--dynamic", help="With --scheme fp8: per-token activation scales computed at run time (no calibration)."
+    ),
     device: str = options.DEVICE,
     dtype: str = options.DTYPE,
     overwrite: bool = options.OVERWRITE,
@@ -92,17 +118,32 @@ def quantize(
         lmcompress quantize ./llama --method gptq --bits 4 --group-size 32 --grid q4_0 -o llama-q4_0   # for GGUF
 
         lmcompress quantize ./llama --method gptq --gguf-mix q4_k_m -o llama-q4km   # export --type q4_k_m
+
+        lmcompress quantize ./llama --method gptq --bits 4 --group-size 128 --awq -o llama-awq-gptq4
+
+        lmcompress quantize ./llama --scheme w8a8 --method gptq -o llama-w8a8   # export for vLLM
+
+        lmcompress quantize ./llama --scheme fp8 -o llama-fp8   # static activation scales (--dynamic: per token)
     """
     from lmcompress.jobs import quantize_pretrained
     from lmcompress.transforms.quantize import QuantConfig
 
+    if scheme is not None:
+        from lmcompress.transforms.schemes import check_scheme_grid
+
+        given = options.given(ctx, "bits", "group_size")
+        check_scheme_grid(scheme, bits if "bits" in given else 8, group_size if "group_size" in given else -1)
+        bits, group_size = 8, -1
+        if scheme == "fp8" and not options.given(ctx, "method"):
+            method = "rtn"  # FP8 weights are rounded to nearest (GPTQ's solver works on integer grids)
     if method == "rtn":
         options.refuse(
             ctx,
             ("act_order", "static_groups", "percdamp", "blocksize", "in_block"),
             "to --method rtn: they are GPTQ options",
         )
-        options.refuse(ctx, options.CALIBRATION, "to --method rtn: it reads no calibration data")
+        if smoothquant is None and not awq and not (scheme == "fp8" and not dynamic):
+            options.refuse(ctx, options.CALIBRATION, "to --method rtn: it reads no calibration data")
     if gguf_mix is not None:
         options.refuse(
             ctx,
@@ -127,6 +168,10 @@ def quantize(
         head_group_size=head_group_size,
         in_block=in_block,
         gguf_mix=gguf_mix,
+        smoothquant=smoothquant,
+        awq=awq,
+        scheme=scheme,
+        dynamic=dynamic,
     )
     report = quantize_pretrained(
         model,
@@ -145,6 +190,13 @@ def quantize(
     else:
         layout = "per channel" if config.group_size == -1 else f"group {config.group_size}"
         layout += f", {config.grid} grid" if config.grid != "minmax" else ""
+        if config.smoothquant is not None:
+            layout += f", SmoothQuant α={config.smoothquant}"
+        layout += ", AWQ" if config.awq else ""
+        if config.scheme is not None:
+            layout = f"{config.scheme} scheme: {layout}, activations " + (
+                "int8 per token" if config.scheme == "w8a8" else "fp8 per token" if config.dynamic else "fp8 static"
+            )
         if config.include_head:
             head = "per channel" if config.head_group_size == -1 else f"group {config.head_group_size}"
             layout += f"; head {config.head_bits} bits {head}"

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
+from lmcompress.algorithms.actquant import FP8Weight
 from lmcompress.algorithms.gptq import GPTQResult, gptq_quantize
 from lmcompress.algorithms.quant import (
     GRIDS,
@@ -37,6 +38,8 @@ from lmcompress.errors import UserError
 from lmcompress.models.families import blocks_path, set_weight_matrix, weight_matrix
 from lmcompress.models.gguf_mixes import check_mix, mix_types, type_spec
 from lmcompress.transforms.layerwise import compress_layers
+from lmcompress.transforms.schemes import check_scheme, fp8_quantize, scheme_defaults, scheme_fields
+from lmcompress.transforms.smooth import SmoothConfig, smooth_model
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +90,18 @@ class QuantConfig:
     # llama.cpp's quantization mix (q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k; models/gguf_mixes.py): every layer and the
     # output head on the GGUF type the mix gives it (bits, group_size, sym, grid and head_* are then unused)
     gguf_mix: str | None = None
+    # before quantizing, fold per-channel scales into the blocks (transforms.smooth; calibration needed):
+    # SmoothQuant's α (a number in [0, 1], or "auto" to search it per block), or AWQ with awq_grid exponents
+    smoothquant: float | str | None = None
+    awq: bool = False
+    awq_grid: int = 20
+    # weight-and-activation scheme (transforms.schemes): "w8a8" (int8 weights per channel, int8 activations per
+    # token, dynamic) or "fp8" (E4M3 weights per channel, activations per tensor static, or per token if dynamic)
+    scheme: str | None = None
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
+        scheme_defaults(self)
         self.validate()
 
     @property
@@ -102,7 +115,20 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq"
+        return self.method == "gptq" or self.smooths or (self.scheme == "fp8" and not self.dynamic)
+
+    @property
+    def smooths(self) -> bool:
+        """SmoothQuant or AWQ runs before the quantization (:mod:`lmcompress.transforms.smooth`)."""
+        return self.smoothquant is not None or self.awq
+
+    def smooth_config(self) -> SmoothConfig:
+        """The :class:`~lmcompress.transforms.smooth.SmoothConfig` of ``smoothquant`` / ``awq``: AWQ searched
+        on this config's weight grid, SmoothQuant on the activation kind of the scheme (int8 unless fp8)."""
+        act = "fp8" if getattr(self, "scheme", None) == "fp8" else "int8"
+        return SmoothConfig(
+            alpha=self.smoothquant, act=act, awq=self.awq, awq_grid=self.awq_grid, weight_spec=self.spec
+        )
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -146,6 +172,9 @@ class QuantConfig:
             raise UserError(f"percdamp must be in [0, 1), got {self.percdamp}", param="percdamp")
         if self.blocksize <= 0:
             raise UserError(f"blocksize must be positive, got {self.blocksize}", param="blocksize")
+        check_scheme(self)
+        if self.smooths:
+            self.smoothquant = self.smooth_config().alpha  # "auto" or a float; UserError: α outside [0, 1]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,14 +192,19 @@ class QuantReport:
     wall_time_s: float = 0.0
     # in_block sequential: why blocks fell back to the parallel order (reason → number of blocks), if any did
     in_block_fallback: dict[str, int] = field(default_factory=dict)
+    smoothing: dict | None = None  # SmoothQuant / AWQ before quantizing: SmoothReport.recipe_fields()
+    fp8: dict[str, FP8Weight] = field(default_factory=dict)  # scheme fp8: codes + scales (not in to_dict)
+    input_scales: dict[str, float] = field(default_factory=dict)  # scheme fp8, static: each layer's input scale
 
     @property
     def nominal_bits_per_weight(self) -> float:
+        if self.fp8:  # 8-bit codes and one float32 scale per output row
+            return sum(8 * w.codes.numel() + 32 * w.scale.numel() for w in self.fp8.values()) / max(self.weights, 1)
         return nominal_bits_per_weight(self.quantized)
 
     def to_dict(self) -> dict:
         """Everything but the tensors, JSON-ready."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "quantized"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("quantized", "fp8")}
         out["nominal_bits_per_weight"] = self.nominal_bits_per_weight
         return out
 
@@ -178,12 +212,14 @@ class QuantReport:
         """What the recipe (``lmcompress.json``) says this run did: the config under ``quantization``, the results."""
         return {
             "quantization": self.config,
-            "quantized_layers": len(self.quantized),
+            "quantized_layers": len(self.quantized) + len(self.fp8),
             "quantized_weights": self.weights,
             "nominal_bits_per_weight": self.nominal_bits_per_weight,
             "layer_loss": self.layer_loss,
             "damping_raised": self.damping,
             "in_block_fallback": self.in_block_fallback,
+            **({"smoothing": self.smoothing} if self.smoothing is not None else {}),
+            **scheme_fields(self.config, self.input_scales),
         }
 
 
@@ -320,9 +356,31 @@ def quantize(
     start = time.perf_counter()
     config.validate()
     if config.needs_calibration and (calib is None or calib.numel() == 0):
-        raise UserError("GPTQ needs calibration data (give calib_data); RTN does not", param="calib_data")
+        raise UserError(
+            "GPTQ, SmoothQuant and AWQ need calibration data (give calib_data); RTN alone does not", param="calib_data"
+        )
     device = torch.device(device)
     model.eval()
+    smoothing = None
+    if config.smoothquant is not None and getattr(config, "scheme", None) is None:
+        log.warning(
+            "SmoothQuant without a weight-and-activation scheme (scheme w8a8 / fp8): weight-only quantization "
+            "gains nothing from moving activation outliers into the weights"
+        )
+    if config.smooths:
+        smoothing = smooth_model(model, config.smooth_config(), calib, device=device, progress=progress)
+    if config.scheme == "fp8":  # FP8 weights per channel, static input scales from the calibration windows
+        fp8, input_scales = fp8_quantize(model, config, calib, device=device, progress=progress)
+        return QuantReport(
+            config=config.to_dict(),
+            quantized={},
+            layer_loss={},
+            weights=sum(w.codes.numel() for w in fp8.values()),
+            wall_time_s=time.perf_counter() - start,
+            smoothing=None if smoothing is None else smoothing.recipe_fields(),
+            fp8=fp8,
+            input_scales=input_scales,
+        )
 
     types = None
     if config.gguf_mix is not None:  # the GGUF type of every weight under llama.cpp's mix, the head's included
@@ -358,6 +416,7 @@ def quantize(
         weights=sum(q.codes.numel() for q in quantized.values()),  # codes keep their shape when streamed
         wall_time_s=time.perf_counter() - start,
         in_block_fallback=fallback,
+        smoothing=None if smoothing is None else smoothing.recipe_fields(),
     )
 
 

@@ -1,0 +1,192 @@
+"""W8A8 int8 and FP8 schemes end to end: quantize → packed folder → load (activation quantization simulated) →
+compressed-tensors export that transformers loads with the same logits; bad input writes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmcompress.algorithms import actquant as aq
+from lmcompress.checkpoint.folder import RECIPE_FILE
+from lmcompress.checkpoint.inspect import folder_info
+from lmcompress.checkpoint.load import load
+from lmcompress.errors import UserError
+from lmcompress.models.families import get_blocks
+from lmcompress.transforms.quantize import QuantConfig
+from tests.conftest import logits_of, random_ids, run_cli
+
+N = ["--nsamples", "4", "--seqlen", "32"]
+
+
+def _quantize(src, out, calib_file, *args) -> int:
+    return run_cli(["quantize", str(src), "-o", str(out), "--calib-data", str(calib_file), *N, "--quiet", *args])
+
+
+def _layers(model) -> list[aq.ActQuantLinear]:
+    return [m for block in get_blocks(model) for m in block.modules() if isinstance(m, aq.ActQuantLinear)]
+
+
+@pytest.mark.parametrize(
+    ("args", "kind", "codes", "static"),
+    [
+        (["--scheme", "w8a8", "--method", "rtn"], "int8", torch.int8, False),
+        (["--scheme", "w8a8", "--method", "gptq"], "int8", torch.int8, False),
+        (["--scheme", "fp8"], "fp8", torch.float8_e4m3fn, True),
+        (["--scheme", "fp8", "--dynamic"], "fp8", torch.float8_e4m3fn, False),
+    ],
+)
+def test_quantize_load_simulates_the_scheme(tiny_folder, tmp_path, calib_file, args, kind, codes, static):
+    src, out = tiny_folder("llama"), tmp_path / "q"
+    if args[-1] == "--dynamic" or "rtn" in args:  # no calibration: the calibration options do not apply
+        assert run_cli(["quantize", str(src), "-o", str(out), "--quiet", *args]) == 0
+    else:
+        assert _quantize(src, out, calib_file, *args) == 0
+    recipe = json.loads((out / RECIPE_FILE).read_text())
+    scheme = recipe["scheme"]
+    assert scheme["name"] == args[1] and recipe["quantization"]["scheme"] == args[1]
+    assert ("static" in scheme["activations"]) == static and bool(scheme["input_scales"]) == static
+    assert folder_info(out)["linear"]["bits_per_weight"] < 9  # 8-bit codes and a scale per row
+    model, _ = load(out)
+    layers = _layers(model)
+    assert len(layers) == recipe["quantized_layers"] == 7 * len(get_blocks(model))
+    assert all(m.codes.dtype == codes and m.act.kind == kind for m in layers)
+    assert all((m.act.static_scale is not None) == static for m in layers)
+    if static:
+        down = get_blocks(model)[0].mlp.down_proj
+        assert down.act.static_scale == scheme["input_scales"]["model.layers.0.mlp.down_proj"]
+    ids = random_ids(model.config.vocab_size)
+    simulated = logits_of(model, ids)
+    dense_src, _ = load(src)
+    assert not torch.equal(simulated, logits_of(dense_src, ids))
+    torch.testing.assert_close(simulated, logits_of(dense_src, ids), rtol=0.2, atol=0.2)
+
+
+def test_reloaded_weights_are_the_quantized_ones(tiny_folder, tmp_path, calib_file):
+    """The codes loaded are those the transform computed: RTN int8 equals actquant's own per-channel grid."""
+    src = tiny_folder("llama")
+    assert run_cli(["quantize", str(src), "-o", str(tmp_path / "q"), "--scheme", "w8a8", "--method", "rtn"]) == 0
+    assert run_cli(["quantize", str(src), "-o", str(tmp_path / "f"), "--scheme", "fp8", "--dynamic"]) == 0
+    dense, _ = load(src)
+    w8, _ = load(tmp_path / "q")
+    f8, _ = load(tmp_path / "f")
+    w = get_blocks(dense)[1].self_attn.o_proj.weight
+    codes, scale = aq.quantize_weight_int8(w)
+    assert torch.equal(get_blocks(w8)[1].self_attn.o_proj.codes, codes)
+    torch.testing.assert_close(get_blocks(w8)[1].self_attn.o_proj.weight_scale, scale, rtol=1e-6, atol=0)
+    fcodes, fscale = aq.quantize_weight_fp8(w)
+    layer = get_blocks(f8)[1].self_attn.o_proj
+    assert torch.equal(layer.codes.view(torch.uint8), fcodes.view(torch.uint8)) and torch.equal(
+        layer.weight_scale, fscale
+    )
+
+
+def test_info_shows_the_scheme(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "f"
+    assert run_cli(["quantize", str(tiny_folder("llama")), "-o", str(out), "--scheme", "fp8", "--dynamic"]) == 0
+    capsys.readouterr()
+    assert run_cli(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        '"scheme": "fp8: weights fp8_e4m3 per channel' in printed
+        and "fp8_e4m3 per token, dynamic" in printed
+        and "fp8 e4m3 channel" in printed
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--scheme", "w4a4"], "unknown"),
+        (["--scheme", "w8a8", "--bits", "4"], "8-bit grid per output channel"),
+        (["--scheme", "w8a8", "--group-size", "128"], "8-bit grid per output channel"),
+        (["--scheme", "fp8", "--method", "gptq"], "floating-point"),
+        (["--scheme", "w8a8", "--asym"], "symmetric"),
+        (["--scheme", "w8a8", "--include-head"], "head"),
+        (["--dynamic"], "fp8"),
+        (["--scheme", "fp8", "--dynamic", "--nsamples", "4"], "--nsamples"),
+    ],
+)
+def test_bad_input_writes_nothing(tiny_folder, tmp_path, capsys, args, match):
+    out = tmp_path / "bad"
+    assert run_cli(["quantize", str(tiny_folder("llama")), "-o", str(out), *args]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_config_api():
+    config = QuantConfig(scheme="w8a8", method="rtn")
+    assert (config.bits, config.group_size, config.needs_calibration) == (8, -1, False)
+    assert QuantConfig(scheme="fp8", method="rtn").needs_calibration
+    assert not QuantConfig(scheme="fp8", method="rtn", dynamic=True).needs_calibration
+    with pytest.raises(UserError, match="8-bit grid per output channel"):
+        QuantConfig(scheme="w8a8", bits=4, group_size=-1)
+    with pytest.raises(UserError, match="method rtn"):
+        QuantConfig(scheme="fp8")
+
+
+def test_fp8_on_cpu_is_simulated(tiny_folder, tmp_path):
+    """No FP8 hardware is needed: the codes are stored and the layers run the E4M3 grid in float32."""
+    out = tmp_path / "f"
+    assert run_cli(["quantize", str(tiny_folder("llama")), "-o", str(out), "--scheme", "fp8", "--dynamic"]) == 0
+    model, _ = load(out, kernels="auto")
+    assert "activation quantization simulated" in model.lmcompress_kernels.summary()
+    assert torch.isfinite(logits_of(model, random_ids(model.config.vocab_size))).all()
+
+
+@pytest.mark.parametrize(
+    "args", [["--scheme", "w8a8", "--method", "rtn"], ["--scheme", "fp8"], ["--scheme", "fp8", "--dynamic"]]
+)
+def test_compressed_tensors_export_loads_with_the_same_logits(tiny_folder, tmp_path, calib_file, args):
+    pytest.importorskip("compressed_tensors", reason='compressed-tensors not installed (pip install -e ".[export]")')
+    from transformers import AutoModelForCausalLM
+
+    src, q, ct = tiny_folder("llama"), tmp_path / "q", tmp_path / "ct"
+    if "--dynamic" in args or "rtn" in args:
+        assert run_cli(["quantize", str(src), "-o", str(q), "--quiet", *args]) == 0
+    else:
+        assert _quantize(src, q, calib_file, *args) == 0
+    assert run_cli(["export", str(q), "--format", "compressed-tensors", "-o", str(ct)]) == 0
+    config = json.loads((ct / "config.json").read_text())["quantization_config"]
+    static = args == ["--scheme", "fp8"]
+    assert config["format"] == ("int-quantized" if "w8a8" in args else "float-quantized")
+    group = config["config_groups"]["group_0"]
+    assert group["weights"]["strategy"] == "channel" and group["weights"]["num_bits"] == 8
+    assert group["input_activations"]["strategy"] == ("tensor" if static else "token")
+    assert group["input_activations"]["dynamic"] is (not static)
+    assert group["weights"]["type"] == group["input_activations"]["type"] == ("int" if "w8a8" in args else "float")
+    assert json.loads((ct / RECIPE_FILE).read_text())["export"]["codes_changed"] == 0
+    model, _ = load(q)
+    ids = random_ids(model.config.vocab_size)
+    expected = logits_of(model, ids)
+    hf = AutoModelForCausalLM.from_pretrained(ct)  # transformers' compressed-tensors integration
+    torch.testing.assert_close(logits_of(hf, ids), expected, rtol=1e-4, atol=1e-4)
+    for m in _layers(model):  # the activation quantization is what the two share: without it, farther apart
+        m.forward = lambda x, m=m: torch.nn.functional.linear(x, m.dequantized_weight(), m.bias)
+    assert (logits_of(model, ids) - expected).abs().max() > 1e-3
+
+
+def test_eval_and_generate_run_the_scheme(tiny_folder, tmp_path, calib_file, capsys):
+    src, out = tiny_folder("llama"), tmp_path / "w8a8"
+    assert run_cli(["quantize", str(src), "-o", str(out), "--scheme", "w8a8", "--method", "rtn", "--quiet"]) == 0
+    capsys.readouterr()
+    argv = ["eval", str(out), "--ppl-data", str(calib_file), "--seqlen", "32", "--limit", "3", "--json"]
+    assert run_cli([*argv, "--reference", str(src)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 < result["agreement"]["kl_mean"] < 0.05 and result["perplexity"] > 1
+    assert run_cli(["generate", str(out), "--prompt", "the", "--max-new-tokens", "3", "--json"]) == 0
+    generated = json.loads(capsys.readouterr().out)
+    assert "activation quantization simulated" in generated["kernels"]["note"]
+
+
+def test_compressed_tensors_refusal_names_the_k_grid():
+    from types import SimpleNamespace
+
+    from lmcompress.algorithms.quant import QuantSpec
+    from lmcompress.checkpoint.export import _check_grid
+
+    with pytest.raises(UserError, match=r"on the q4_k grid \(llama.cpp's grids\).*--format gguf"):
+        _check_grid({"model.layers.0.mlp.down_proj": SimpleNamespace(spec=QuantSpec(4, 32, False, "q4_k"))})
+    with pytest.raises(UserError, match=r"on the q4_0 grid \(llama.cpp's Q4_0"):
+        _check_grid({"model.layers.0.mlp.down_proj": SimpleNamespace(spec=QuantSpec(4, 32, True, "q4_0"))})
