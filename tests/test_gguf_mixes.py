@@ -267,3 +267,35 @@ def test_a_mix_solves_each_layer_on_its_own_grid(mix_folder):
         assert isinstance(q, QuantizedTensor)
         if q.spec.grid in LEGACY:
             assert q.spec.group_size == 32
+
+
+def test_untied_embedding_takes_its_mix_type_and_the_file_is_all_codes(tokenizer, tmp_path, capsys):
+    """Untied (as the converted Qwen2.5-Coder): token_embd on the mix's default type by RTN, output on Q6_K; the
+    folder loads with those weights, and its GGUF is written wholly from the stored codes."""
+    from lmcompress.checkpoint.load import load
+    from lmcompress.checkpoint.save import save_model
+    from lmcompress.models.tiny import build_tiny_model
+
+    model = build_tiny_model(
+        "llama", tokenizer.vocab_size, max_positions=64, hidden_size=256, intermediate_size=512,
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+    )  # fmt: skip
+    src = tmp_path / "src"
+    save_model(model, tokenizer, src, {"kind": "test-model"})
+    out = tmp_path / "q"
+    assert run_cli(["quantize", str(src), "--method", "rtn", "--gguf-mix", "q2_k", "-o", str(out), "-q"]) == 0
+    assert "Q2_K mix" in capsys.readouterr().out
+    path = tmp_path / "m.gguf"
+    assert run_cli(["export", str(out), "--format", "gguf", "--type", "q2_k", "-o", str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["requantized"]["tensors"] == 0 and summary["cast_to_float"]["tensors"] == 0
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    types = {name: t.tensor_type.name for name, t in tensors.items()}
+    assert types["token_embd.weight"] == "Q2_K" and types["output.weight"] == "Q6_K"
+    assert types["blk.0.attn_v.weight"] == "Q4_K" and types["blk.0.ffn_down.weight"] == "Q3_K"  # GQA 4
+    loaded, _ = load(str(out), dtype="float32")
+    for name, module in (("token_embd.weight", loaded.get_input_embeddings()), ("output.weight", loaded.lm_head)):
+        t = tensors[name]
+        back = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(module.weight.shape)
+        assert not torch.equal(module.weight, model.get_input_embeddings().weight)
+        assert np.allclose(back, module.weight.detach().numpy(), rtol=0, atol=1e-6)

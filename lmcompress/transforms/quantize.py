@@ -340,6 +340,21 @@ class _Quantizer:
         pass
 
 
+@torch.no_grad()
+def _quantize_embedding(model: nn.Module, types: dict[str, str], quantized: dict[str, QuantizedTensor]) -> None:
+    """An untied input embedding on its GGUF mix type, by RTN (as llama-quantize: no importance reaches it), in
+    place; a tied one is the head's (already quantized)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is emb.weight:
+        return
+    name = next((n for n, p in model.named_parameters() if p is emb.weight), None)
+    spec = type_spec(types.get(name, "f16")) if name else None
+    if spec is not None:
+        qt = rtn_quantize(emb.weight.detach().float(), spec)
+        emb.weight.data.copy_(qt.dequantize().to(emb.weight.device, emb.weight.dtype))
+        quantized[name] = qt.to("cpu")
+
+
 def quantize(
     model: nn.Module,
     config: QuantConfig,
@@ -407,6 +422,8 @@ def quantize(
         quantized["lm_head.weight"] = qt
         if loss is not None:
             layer_loss["lm_head"] = loss
+    if types is not None:
+        _quantize_embedding(model, types, quantized)
 
     return QuantReport(
         config=config.to_dict(),
