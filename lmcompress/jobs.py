@@ -458,7 +458,12 @@ def depth_prune_pretrained(model: str | Path, config, output: str | Path, *, pro
     ``lmcompress.load``). ``options`` are :class:`JobOptions` by name; a count the model cannot give (all its
     blocks, or more) and a family without a depth table row fail before the weights are loaded.
     """
+    from lmcompress.search.depth import drop_chooser
     from lmcompress.transforms.depth import depth_prune
+
+    def transform(net, cfg, calib, *, device, progress):
+        choose = drop_chooser(cfg) if cfg.criterion == "search" else None
+        return depth_prune(net, cfg, calib, device=device, progress=progress, choose=choose)
 
     def check_source(cfg, recipe: dict | None) -> None:
         if recipe and (recipe.get("surgery") or recipe.get("storage")):
@@ -468,7 +473,7 @@ def depth_prune_pretrained(model: str | Path, config, output: str | Path, *, pro
             )
         config.check_model(cfg)
 
-    return run_job("depth", model, config, output, depth_prune, progress=progress, check_source=check_source, **options)
+    return run_job("depth", model, config, output, transform, progress=progress, check_source=check_source, **options)
 
 
 def _refuse_moe(config) -> None:

@@ -254,3 +254,30 @@ def test_per_layer_config_fields():
     config.mystery_per_layer = [1, 2, 3, 4]
     with pytest.raises(UserError, match="mystery_per_layer"):
         renumbered_fields(config, [1, 3])
+
+
+def test_search_finds_the_dead_block_from_a_bad_start(calib):
+    from lmcompress.search.depth import search_drop_set
+
+    model = tiny("llama")
+    for p in get_blocks(model)[2].parameters():  # block 2 adds zero: dropping it changes nothing (KL 0)
+        if p.dim() == 2:
+            p.data.zero_()
+    drop, info = search_drop_set(model, [0], calib[:4, :32], generations=3, offspring=6, progress=False)
+    assert drop == [2]
+    assert info["kl"] == pytest.approx(0.0, abs=1e-6) and info["start_kl"] > 1e-3
+    x = ids()
+    reference = logits(model, x)
+    assert torch.equal(logits(model, x), reference)  # the search leaves the model as it was
+
+
+def test_shrink_blocks_search_through_the_job(tiny_folder, tmp_path):
+    out = tmp_path / "searched"
+    config = DepthConfig("blocks", count=1, criterion="search", generations=2, offspring=2, fitness_windows=2)
+    report = depth_prune_pretrained(tiny_folder("llama"), config, out, **JOB)
+    recipe = json.loads((out / "lmcompress.json").read_text())
+    assert recipe["search"]["kl"] <= recipe["search"]["start_kl"]
+    assert recipe["removed"]["blocks"] == report.removed["blocks"] and len(report.removed["blocks"]) == 1
+    assert recipe["removed"]["ranking"] == recipe["search"]["start_drop"]
+    with pytest.raises(UserError, match="whole blocks"):
+        DepthConfig("sublayers", ffn=1, criterion="search")

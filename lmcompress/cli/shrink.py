@@ -12,7 +12,7 @@ from lmcompress.errors import UserError
 
 OWL = ("owl_m", "owl_lambda")
 WIDTH = ("ratio", "correction", "allocation", "owl_m", "owl_lambda")  # FFN channels / heads only
-DEPTH = ("count", "attention", "ffn")  # blocks / sublayers only
+DEPTH = ("count", "attention", "ffn", "generations")  # blocks / sublayers only
 
 
 def run_shrink(ctx: typer.Context, structure: str, model: str, output: str, **kw) -> None:
@@ -71,7 +71,10 @@ def run_depth(ctx: typer.Context, structure: str, model: str, output: str, **kw)
             raise UserError("shrink blocks needs --count N (how many decoder blocks to remove)")
     else:
         options.refuse(ctx, ("count",), "to shrink sublayers (use --attention K and/or --ffn K)")
-    config = DepthConfig(target, kw["count"] or 0, kw["attention"], kw["ffn"], kw["criterion"] or "cosine")
+    criterion = kw["criterion"] or "cosine"
+    if criterion != "search":
+        options.refuse(ctx, ("generations",), "without --criterion search")
+    config = DepthConfig(target, kw["count"] or 0, kw["attention"], kw["ffn"], criterion, kw["generations"])
     report = depth_prune_pretrained(model, config, output, **options.job_options(kw))
     if kw["as_json"]:
         typer.echo(json_text(report.to_dict()))
@@ -81,9 +84,17 @@ def run_depth(ctx: typer.Context, structure: str, model: str, output: str, **kw)
         f"{report.params_after:,} parameters in {report.wall_time_s:.1f}s → {output}"
     )
     for part, indices in report.removed.items():
+        if part == "ranking":
+            continue
         key = "block" if part == "blocks" else part
         scored = ", ".join(f"{i} ({report.scores[key][i]:.4f})" for i in indices)
         typer.echo(f"removed {part}: {scored}")
+    if report.search:
+        s = report.search
+        typer.echo(
+            f"search: KL {s['start_kl']:.4f} (cosine ranking's drop set {s['start_drop']}) → {s['kl']:.4f} in "
+            f"{s['generations']} generations, {s['search_time_s']:.1f}s"
+        )
     for part, values in report.scores.items():
         typer.echo(f"influence ({part}, 1 − cos): " + " ".join(f"{i}:{v:.4f}" for i, v in enumerate(values)))
     for note in report.notes:
@@ -116,6 +127,9 @@ def shrink(
     count: int | None = typer.Option(None, "--count", help="blocks: how many whole decoder blocks to remove."),
     attention: int = typer.Option(0, "--attention", help="sublayers: how many blocks lose their attention."),
     ffn: int = typer.Option(0, "--ffn", help="sublayers: how many blocks lose their FFN."),
+    generations: int = typer.Option(
+        20, "--generations", help="blocks with --criterion search: generations of the evolutionary search."
+    ),
     calib_data: str = options.calib_data(),
     nsamples: int = options.NSAMPLES,
     seqlen: int = options.SEQLEN,
@@ -137,10 +151,11 @@ def shrink(
     with plain `from_pretrained`; with --allocation owl it loads with `lmcompress.load` (and `lmcompress eval`).
 
     blocks: removes the --count decoder blocks whose output is most like their input (1 − cosine similarity,
-    averaged over the calibration tokens: ShortGPT's block influence); the result loads with plain
-    `from_pretrained` and exports to GGUF. sublayers: skips the attention of --attention blocks and the FFN of
-    --ffn blocks, chosen the same way per sublayer (e.g. `shrink sublayers ./smollm2 --attention 4 --ffn 2`);
-    the result loads with `lmcompress.load`.
+    averaged over the calibration tokens: ShortGPT's block influence), or with --criterion search the drop set
+    of lowest KL to the dense model found by an evolutionary search from that ranking (EvoPress); the result
+    loads with plain `from_pretrained` and exports to GGUF. sublayers: skips the attention of --attention blocks
+    and the FFN of --ffn blocks, chosen by cosine per sublayer (e.g. `shrink sublayers ./smollm2 --attention 4
+    --ffn 2`); the result loads with `lmcompress.load`.
 
     Examples:
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import operator
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -36,20 +37,27 @@ from lmcompress.models.params import count_params
 from lmcompress.models.surgery import SkippedSublayer, record_skip
 
 TARGETS = ("blocks", "sublayers")
-CRITERIA = ("cosine",)
+CRITERIA = ("cosine", "search")
 SUBLAYERS = ("attention", "ffn")
 
 
 @dataclass
 class DepthConfig:
     """What to remove: ``count`` whole blocks (``target="blocks"``), or the ``attention`` / ``ffn`` sublayers of
-    that many blocks each (``target="sublayers"``), the least influential ones by ``criterion``."""
+    that many blocks each (``target="sublayers"``), the least influential ones by ``criterion``: ``cosine``
+    (the ranking of the module docstring) or ``search`` (blocks only: ``generations`` generations of
+    ``offspring`` candidates from the ranking's drop set, scored by KL on ``fitness_windows`` calibration
+    windows; :mod:`lmcompress.search.depth`)."""
 
     target: str = "blocks"
     count: int = 0
     attention: int = 0
     ffn: int = 0
     criterion: str = "cosine"
+    generations: int = 20
+    offspring: int = 16
+    fitness_windows: int = 8
+    seed: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -62,12 +70,13 @@ class DepthConfig:
         if self.target not in TARGETS:
             raise UserError(f"unknown depth target {self.target!r}: choose blocks or sublayers", param="target")
         if self.criterion not in CRITERIA:
-            hint = (
-                " (the EvoPress-style search of drop sets is not implemented yet)" if self.criterion == "search" else ""
-            )
-            raise UserError(
-                f"unknown criterion {self.criterion!r}: choose {', '.join(CRITERIA)}{hint}", param="criterion"
-            )
+            raise UserError(f"unknown criterion {self.criterion!r}: choose {', '.join(CRITERIA)}", param="criterion")
+        if self.criterion == "search" and self.target != "blocks":
+            raise UserError("criterion search chooses whole blocks; sublayers take criterion cosine", param="criterion")
+        for name in ("generations", "offspring", "fitness_windows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{name} must be a whole number ≥ 1, got {value!r}", param=name)
         for name in ("count", "attention", "ffn"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -124,6 +133,7 @@ class DepthReport:
     params_after: int = 0
     wall_time_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    search: dict | None = None  # criterion search: KL of the ranking's drop set and of the result, per generation
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,6 +149,7 @@ class DepthReport:
             "params_before": self.params_before,
             "params_after": self.params_after,
             "surgery": self.surgery,
+            **({"search": self.search} if self.search else {}),
         }
 
 
@@ -267,8 +278,12 @@ def depth_prune(
     *,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    choose: Callable | None = None,
 ) -> DepthReport:
-    """Remove the least influential blocks, or skip the least influential sublayers, of ``model`` in place."""
+    """Remove the least influential blocks, or skip the least influential sublayers, of ``model`` in place.
+
+    ``choose(model, ranking_drop, calib, device, progress) → (drop, info)`` picks the blocks with criterion
+    ``search`` (:func:`lmcompress.search.depth.drop_chooser`; ``lmcompress.jobs`` passes it)."""
     start = time.perf_counter()
     config.validate()
     config.check_model(model.config)
@@ -282,6 +297,7 @@ def depth_prune(
     fields: dict = {}
     surgery: list[dict] = []
     notes: list[str] = []
+    search: dict | None = None
     if sublayers:
         removed = {s: least_influential(scores[s], getattr(config, s)) for s in SUBLAYERS if getattr(config, s)}
         both = sorted(set(removed.get("attention", [])) & set(removed.get("ffn", [])))
@@ -292,6 +308,11 @@ def depth_prune(
         surgery = skip_sublayers(model, removed)
     else:
         removed = {"blocks": least_influential(scores["block"], config.count)}
+        if config.criterion == "search":
+            if choose is None:
+                raise UserError("criterion search needs the search engine: run it through lmcompress.jobs")
+            drop, search = choose(model, removed["blocks"], calib, device, progress)
+            removed = {"blocks": sorted(drop), "ranking": removed["blocks"]}
         fields = remove_blocks(model, removed["blocks"])
     return DepthReport(
         config=config.to_dict(),
@@ -305,4 +326,5 @@ def depth_prune(
         params_after=count_params(model),
         wall_time_s=time.perf_counter() - start,
         notes=notes,
+        search=search,
     )
