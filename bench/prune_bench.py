@@ -68,10 +68,20 @@ def run_one(args) -> dict:
         row.update(target=0.0, sparsity=0.0, prune_s=0.0)
     else:
         sparsity = None if args.pattern != "unstructured" else args.sparsity
-        config = PruneConfig(method=args.method, sparsity=sparsity, pattern=args.pattern, allocation=args.allocation)
+        config = PruneConfig(
+            method=args.method,
+            sparsity=sparsity,
+            pattern=args.pattern,
+            allocation=args.allocation,
+            percdamp=args.percdamp,
+        )
         start = time.perf_counter()
         report = prune(model, config, calib, progress=False)
         row.update(target=config.target, sparsity=report.sparsity, prune_s=time.perf_counter() - start)
+        if args.method == "sparsegpt":
+            row["percdamp"] = args.percdamp
+            if report.damping:
+                row["damping_raised"] = report.damping
         if report.outlier_ratios:
             row["block_targets"] = [round(t, 4) for t in report.block_targets]
             row["outlier_ratios"] = [round(r, 5) for r in report.outlier_ratios]
@@ -108,7 +118,7 @@ def forward_cost(args) -> dict:
 
 def _child(args, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "bench.prune_bench", "--model", args.model, "--nsamples", str(args.nsamples)]
-    cmd += ["--seqlen", str(args.seqlen), "--threads", str(args.threads), *extra]
+    cmd += ["--seqlen", str(args.seqlen), "--threads", str(args.threads), "--percdamp", str(args.percdamp), *extra]
     if args.eval_windows:
         cmd += ["--eval-windows", str(args.eval_windows)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -127,6 +137,11 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
     parser.add_argument("--grid", choices=("full", "core"), default="full", help="core: 7 runs instead of 13")
     parser.add_argument("--no-cost", action="store_true", help="skip timing the calibration forward pass")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense row (measured elsewhere)")
+    parser.add_argument("--runs", default=None, help="instead of the grid: METHOD:TARGET:PATTERN:ALLOCATION,... "
+                        "(TARGET 0 for N:M), e.g. sparsegpt:0.5:unstructured:uniform,wanda:0:2:4:uniform")  # fmt: skip
+    parser.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening (fraction of mean diag H)")
+    parser.add_argument("--tag", default="", help="suffix of the results file (keeps earlier runs' files)")
     # internal: one grid point
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cost", action="store_true", help=argparse.SUPPRESS)
@@ -154,13 +169,17 @@ def main() -> None:
     if not args.no_cost:
         cost = _child(args, ["--cost"])
     grid = [g for g in (CORE if args.grid == "core" else GRID) if args.only is None or g[0] in args.only.split(",")]
-    rows = [_child(args, ["--one", "--method", "dense"])]
+    if args.runs:
+        grid = [_parse_run(spec) for spec in args.runs.split(",")]
+    rows = [] if args.no_dense else [_child(args, ["--one", "--method", "dense"])]
     for method, target, pattern, allocation in tqdm(grid, desc="prune runs"):
         extra = ["--one", "--method", method, "--pattern", pattern, "--allocation", allocation]
         rows.append(_child(args, [*extra, "--sparsity", str(target or 0.5)]))
-        save_results(results_name("prune_bench", args.model), {"rows": rows, "cost": cost, "args": vars(args)})
+        save_results(
+            results_name("prune_bench", args.model) + args.tag, {"rows": rows, "cost": cost, "args": vars(args)}
+        )
         tqdm.write(json.dumps({k: rows[-1][k] for k in ("method", "pattern", "allocation", "ppl", "prune_s")}))
-    dense = rows[0]["ppl"]
+    dense = rows[0]["ppl"] if rows[0]["method"] == "dense" else float("nan")
     table = [
         {
             "method": r["method"],
@@ -176,7 +195,8 @@ def main() -> None:
         }
         for r in rows
     ]
-    title = f"Pruning {Path(args.model).name}: perplexity on WikiText-2 test ({rows[0]['eval_tokens']} tokens"
+    title = f"Pruning {Path(args.model).name}: perplexity on WikiText-2 test ({rows[0]['eval_tokens']} tokens, "
+    title += f"calibration {args.nsamples}×{args.seqlen}"
     print_table(table, f"{title}, seqlen {args.seqlen})")
     print(
         f"one calibration forward pass ({args.nsamples}×{args.seqlen} tokens): {cost['forward_s']:.2f}s; "
@@ -187,9 +207,16 @@ def main() -> None:
     for line in checks:
         print(line)
     path = save_results(
-        results_name("prune_bench", args.model), {"rows": rows, "cost": cost, "checks": checks, "args": vars(args)}
+        results_name("prune_bench", args.model) + args.tag,
+        {"rows": rows, "cost": cost, "checks": checks, "args": vars(args)},
     )
     print(f"total wall time {time.perf_counter() - start:.0f}s; results in {path}")
+
+
+def _parse_run(spec: str) -> tuple[str, float | None, str, str]:
+    """``METHOD:TARGET:PATTERN:ALLOCATION`` (an N:M pattern has its own colon; TARGET 0 for N:M) as a grid point."""
+    method, target, *pattern, allocation = spec.split(":")
+    return method, float(target) or None, ":".join(pattern), allocation
 
 
 def ordering_checks(rows: list[dict]) -> list[str]:

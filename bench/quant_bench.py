@@ -55,6 +55,7 @@ def label(row: dict) -> str:
     sparse = "SparseGPT 50%" if row.get("pattern") == "unstructured" else "SparseGPT 2:4"
     if row["kind"] == "quantize":
         extra = " act-order" if row.get("act_order") else ""
+        extra += f" damp {row['percdamp']:g}" if row.get("percdamp", 0.01) != 0.01 else ""
         return f"{row['method'].upper()} {row['bits']}-bit {grid(row)}{extra}"
     if row["kind"] == "prune":
         return sparse
@@ -74,7 +75,11 @@ def run_row(row: dict, base, calib: torch.Tensor):
     start = time.perf_counter()
     if row["kind"] == "quantize":
         config = QuantConfig(
-            method=row["method"], bits=row["bits"], group_size=row["group_size"], act_order=row.get("act_order", False)
+            method=row["method"],
+            bits=row["bits"],
+            group_size=row["group_size"],
+            act_order=row.get("act_order", False),
+            percdamp=row.get("percdamp", 0.01),
         )
         bits = quantize(model, config, calib, progress=False).nominal_bits_per_weight
     elif row["kind"] in ("prune", "joint", "sequential"):
@@ -110,6 +115,10 @@ def main() -> None:
     parser.add_argument("--copy-limit", type=float, default=0.5, help="billions of parameters above which each "
                         "row reloads the model from disk instead of copying it in memory")  # fmt: skip
     parser.add_argument("--grid", choices=("full", "core"), default="full", help="core: RTN and GPTQ at 3/4 bits")
+    parser.add_argument("--bits", default=None, help="comma-separated: only quantize rows of these widths (3, 4, 8)")
+    parser.add_argument("--act-order", action="store_true", help="GPTQ rows with act-order")
+    parser.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening (fraction of mean diag H)")
+    parser.add_argument("--tag", default="", help="suffix of the results file (keeps earlier runs' files)")
     args = parser.parse_args()
 
     from transformers.utils import logging as hf_logging
@@ -142,6 +151,10 @@ def main() -> None:
             continue
         if args.no_dense and row["kind"] == "dense":
             continue
+        if args.bits and row["kind"] == "quantize" and str(row["bits"]) not in args.bits.split(","):
+            continue
+        if row["kind"] == "quantize" and row["method"] == "gptq":
+            row = {**row, "act_order": row.get("act_order") or args.act_order, "percdamp": args.percdamp}
         name = label(row)
         model, seconds, bits = run_row(row, base, calib)
         ppl = perplexity(model, test, progress=False).perplexity
@@ -161,7 +174,7 @@ def main() -> None:
         )
         print(f"{name}: ppl {ppl:.3f}, {min(times):.2f}s", flush=True)
         partial = {"args": vars(args), "calibration": calib_info, "rows": results}
-        save_results(results_name("quant_bench", args.model), partial)  # kept if a long run is cut short
+        save_results(results_name("quant_bench", args.model) + args.tag, partial)  # kept if a long run is cut short
 
     by = {r["name"]: r for r in results}
     print_table(
@@ -186,7 +199,7 @@ def main() -> None:
     info = machine_info()
     print(info)
     path = save_results(
-        results_name("quant_bench", args.model),
+        results_name("quant_bench", args.model) + args.tag,
         {"args": vars(args), "calibration": calib_info, "rows": results, "checks": checks},
     )
     print(f"results: {path}")
