@@ -299,3 +299,20 @@ def test_untied_embedding_takes_its_mix_type_and_the_file_is_all_codes(tokenizer
         back = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(module.weight.shape)
         assert not torch.equal(module.weight, model.get_input_embeddings().weight)
         assert np.allclose(back, module.weight.detach().numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", [*K.KTYPES, "q5_1"])
+def test_packed_storage_keeps_the_formats_own_grid(kind):
+    """Packed folders store a K grid as fp16 d / dmin and int8 sub-block integers, a Q5_1 zero point as its fp16
+    minimum; unpacking gives the same codes, scales and zero points bit for bit."""
+    from lmcompress.checkpoint.packing import pack_quantized, unpack_quantized
+
+    q = rtn_quantize(torch.randn(6, 512, generator=torch.Generator().manual_seed(2)), type_spec(kind))
+    p = pack_quantized(q)
+    back = unpack_quantized(p)
+    assert torch.equal(back.codes, q.codes) and torch.equal(back.scale, q.scale) and torch.equal(back.zero, q.zero)
+    if kind in K.KTYPES:
+        assert p.meta["zero"] == "kquant" and "scale" not in p.parts and p.parts["d"].dtype == torch.float16
+        assert p.parts["sub_scale"].dtype == torch.int8 and ("dmin" in p.parts) == K.KTYPES[kind].has_min
+    else:
+        assert p.meta["zero"] == "q5_1_min" and p.parts["zero"].dtype == torch.float16

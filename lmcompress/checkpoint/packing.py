@@ -20,6 +20,10 @@ non-zero weight; dropped codes come back as the zero point, so the codes round-t
 
 Integer codes of 1 to 16 bits are packed densely across byte boundaries (two 4-bit codes per byte; eight
 3-bit codes in three bytes). :func:`pack_tensor` and :func:`pack_quantized` pick the smallest layout.
+
+Grids are stored as their format holds them: a K-quant grid (``q2_k`` … ``q6_k``) as its fp16 super-block ``d``
+(and ``dmin``) and int8 sub-block scales (and minimums), from which the per-sub-block scale and zero point are
+recomputed bit for bit; a ``q5_1`` grid's zero point as the fp16 minimum ``m`` it comes from (``z = −m / s``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, scale_storage_dtype
+from lmcompress.algorithms.kquants import KTYPES, KGrid
+from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, kquant_grid_of, scale_storage_dtype
 
 NM_GROUP_SIZES = (4, 8, 16)  # M values tried when looking for an N:M structure
 _CHUNK = 1 << 20  # elements bit-packed at a time (bounds temporary memory); a multiple of 8
@@ -354,7 +359,17 @@ def pack_quantized(q: QuantizedTensor, layout: str | tuple = "auto") -> Packed:
     parts = {"scale": scale.to(scale_storage_dtype(scale)).contiguous()}
     zero_int = torch.round(zero)
     integral = torch.equal(zero_int, zero) and bool(((zero >= 0) & (zero <= spec.maxq)).all())
-    if spec.sym and bool((zero == (spec.maxq + 1) // 2).all()):
+    kgrid = _kquant_grid(q)
+    q5_1_min = _q5_1_min(scale, zero) if spec.grid == "q5_1" else None
+    if kgrid is not None:  # fp16 d / dmin per super-block, int8 integers per sub-block
+        meta["zero"] = "kquant"
+        parts = {"d": kgrid.d.contiguous(), "sub_scale": kgrid.scales.to(torch.int8).contiguous()}
+        if kgrid.kind.has_min:
+            parts |= {"dmin": kgrid.dmin.contiguous(), "sub_min": kgrid.mins.to(torch.int8).contiguous()}
+    elif q5_1_min is not None:
+        meta["zero"] = "q5_1_min"
+        parts["zero"] = q5_1_min
+    elif spec.sym and bool((zero == (spec.maxq + 1) // 2).all()):
         meta["zero"] = "mid"
     elif integral:
         meta["zero"] = "packed"
@@ -391,6 +406,30 @@ def pack_quantized(q: QuantizedTensor, layout: str | tuple = "auto") -> Packed:
     return Packed(layout_name, parts, meta)
 
 
+def _kquant_grid(q: QuantizedTensor) -> KGrid | None:
+    """The integer grid of a K-quant ``q`` in natural column order (None otherwise, or when it is not exact)."""
+    if not q.spec.kquant:
+        return None
+    try:
+        return kquant_grid_of(q.to("cpu"))
+    except ValueError:
+        return None
+
+
+def _q5_1_min(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor | None:
+    """The fp16 minimum ``m`` with ``zero = −m / scale`` (0 where ``scale = 0``) exactly, or None."""
+    m = (-zero.float() * scale.float()).half()
+    if not (torch.isfinite(m).all() and torch.equal(_q5_1_zero(scale.float(), m), zero.float())):
+        return None
+    return m.contiguous()
+
+
+def _q5_1_zero(scale: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``−m / scale`` (0 where ``scale = 0``), as :func:`~lmcompress.algorithms.quant.grid_params` computes it."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.where(scale == 0, torch.zeros_like(scale), -m.float() / safe)
+
+
 def unpack_quantized(p: Packed) -> QuantizedTensor:
     """Inverse of :func:`pack_quantized`: the exact codes, scales and zero points."""
     rows, cols = p.meta["shape"]
@@ -398,11 +437,24 @@ def unpack_quantized(p: Packed) -> QuantizedTensor:
         bits=p.meta["bits"], group_size=p.meta["group_size"], sym=p.meta["sym"], grid=p.meta.get("grid", "minmax")
     )
     groups = spec.groups(cols)
-    (scale,) = _need(p.parts, "scale")
-    if tuple(scale.shape) != (rows, groups):
-        raise ValueError(f"scale is {tuple(scale.shape)}, expected {(rows, groups)}")
-    scale = scale.to(getattr(torch, p.meta["scale_dtype"]))
-    if p.meta["zero"] == "mid":
+    if p.meta["zero"] == "kquant":
+        kind = KTYPES[spec.grid]
+        d, sc = _need(p.parts, "d", "sub_scale")
+        dmin, mn = _need(p.parts, "dmin", "sub_min") if kind.has_min else (torch.zeros_like(d), torch.zeros_like(sc))
+        if tuple(sc.shape) != (rows, groups) or tuple(d.shape) != (rows, groups // kind.nsub):
+            raise ValueError(f"K-quant grid {tuple(sc.shape)} / {tuple(d.shape)} does not fit {(rows, cols)}")
+        grid = KGrid(kind, sc.to(torch.int16), mn.to(torch.int16), d.half(), dmin.half())
+        scale, zero = grid.step().to(getattr(torch, p.meta["scale_dtype"])), grid.zero()
+    else:
+        (scale,) = _need(p.parts, "scale")
+        if tuple(scale.shape) != (rows, groups):
+            raise ValueError(f"scale is {tuple(scale.shape)}, expected {(rows, groups)}")
+        scale = scale.to(getattr(torch, p.meta["scale_dtype"]))
+    if p.meta["zero"] == "kquant":
+        pass
+    elif p.meta["zero"] == "q5_1_min":
+        zero = _q5_1_zero(scale.float(), _need(p.parts, "zero")[0])
+    elif p.meta["zero"] == "mid":
         zero = torch.full((rows, groups), float((spec.maxq + 1) // 2), dtype=torch.float32)
     elif p.meta["zero"] == "packed":
         zero = unpack_bits(_need(p.parts, "zero")[0], spec.bits, rows * groups).reshape(rows, groups).float()
