@@ -190,3 +190,20 @@ def test_compressed_tensors_refusal_names_the_k_grid():
         _check_grid({"model.layers.0.mlp.down_proj": SimpleNamespace(spec=QuantSpec(4, 32, False, "q4_k"))})
     with pytest.raises(UserError, match=r"on the q4_0 grid \(llama.cpp's Q4_0"):
         _check_grid({"model.layers.0.mlp.down_proj": SimpleNamespace(spec=QuantSpec(4, 32, True, "q4_0"))})
+
+
+def test_unpack_writes_the_quantized_weights_as_a_plain_folder(tiny_folder, tmp_path):
+    from torch.nn import functional as F
+    from transformers import AutoModelForCausalLM
+
+    q, plain = tmp_path / "fp8", tmp_path / "plain"
+    assert run_cli(["quantize", str(tiny_folder("llama")), "-o", str(q), "--scheme", "fp8", "--dynamic"]) == 0
+    assert run_cli(["unpack", str(q), "-o", str(plain)]) == 0
+    recipe = json.loads((plain / RECIPE_FILE).read_text())
+    assert "scheme" not in recipe and recipe["scheme_dropped"]["name"] == "fp8"
+    model, _ = load(q)
+    for m in _layers(model):  # weights as stored, inputs no longer quantized
+        m.forward = lambda x, m=m: F.linear(x, m.dequantized_weight(), m.bias)
+    ids = random_ids(model.config.vocab_size)
+    hf = AutoModelForCausalLM.from_pretrained(plain)
+    torch.testing.assert_close(logits_of(hf, ids), logits_of(model, ids), rtol=1e-5, atol=1e-5)

@@ -22,7 +22,7 @@ import torch
 
 from lmcompress.checkpoint.folder import RECIPE_FILE, check_output, json_text, read_recipe, save_atomic
 from lmcompress.checkpoint.load import source_dtype
-from lmcompress.checkpoint.schemes import recipe_scheme
+from lmcompress.checkpoint.schemes import plain_linears, recipe_scheme
 from lmcompress.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -242,9 +242,6 @@ def _export_scheme(
     dequantized weight with lmcompress's scale, and so gives back lmcompress's codes: counted in
     ``codes_changed``). Embeddings, norms and the head are stored in the source's dtype; the scales stay
     float32 (what vLLM's W8A8 / FP8 layers hold them in)."""
-    from torch import nn
-
-    from lmcompress.algorithms.actquant import ActQuantLinear
     from lmcompress.checkpoint.load import load
 
     ct = _library()
@@ -258,15 +255,8 @@ def _export_scheme(
 
     model, tokenizer = load(folder, dtype="float32", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     dtype = source_dtype(model.config) or torch.float32
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, ActQuantLinear)}
-    model = model.to(dtype)
-    for name, m in layers.items():  # plain nn.Linear again, float32: the library's scales take the weight's dtype
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=torch.float32)
-        linear.weight.data = m.dequantized_weight()
-        if m.bias is not None:
-            linear.bias.data = m.bias.detach().float()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    model = model.to(dtype)  # the ActQuantLinear codes and scales keep their dtype
+    layers = plain_linears(model)  # nn.Linear again, float32: the library's scales take the weight's dtype
     fmt, weights, inputs = _scheme_args(scheme)
     group = QuantizationScheme(
         targets=sorted(layers), weights=QuantizationArgs(**weights), input_activations=QuantizationArgs(**inputs)

@@ -110,8 +110,13 @@ def unpack_folder(
     recipe = read_recipe(folder)
     _index_of(folder, recipe)
     model, tokenizer = load(folder, dtype="float32", trust_remote_code=trust_remote_code)
-    plain = {k: v for k, v in recipe.items() if k not in ("storage", "packed")}
+    plain = {k: v for k, v in recipe.items() if k not in ("storage", "packed", "scheme")}
     plain["unpacked_from"] = str(folder)
+    if recipe.get("scheme"):  # W8A8 / FP8: the weights as quantized, the inputs no longer (a plain folder)
+        from lmcompress.checkpoint.schemes import plain_linears
+
+        plain_linears(model)
+        plain["scheme_dropped"] = {**recipe["scheme"], "note": "weights dequantized; activations not quantized"}
     return save_model(model, tokenizer, output, plain, overwrite=overwrite, dtype=source_dtype(model.config))
 
 

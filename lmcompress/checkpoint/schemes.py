@@ -70,3 +70,17 @@ def install_scheme(
         setattr(model.get_submodule(parent) if parent else model, child, layer)
         names.append(name)
     return names
+
+
+def plain_linears(model: nn.Module) -> dict[str, ActQuantLinear]:
+    """Replace, in place, every :class:`ActQuantLinear` of ``model`` by an ``nn.Linear`` holding its dequantized
+    weight (float32; inputs no longer quantized). Returns the replaced modules by name."""
+    replaced = {name: m for name, m in model.named_modules() if isinstance(m, ActQuantLinear)}
+    for name, m in replaced.items():
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.codes.device)
+        linear.weight.data = m.dequantized_weight()
+        if m.bias is not None:
+            linear.bias.data = m.bias.detach().float()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return replaced
