@@ -490,8 +490,8 @@ def test_start_files_that_do_not_fit_are_refused(tiny_folder, tmp_path, capsys):
     layers = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
     cases = [
         ({"config": {"kind": "bits"}, "layer_levels": {layers[0]: 3.0}}, "holds bits levels"),
-        ({layers[0]: 0.5}, "layers missing"),
-        ({"model.layers.9.mlp.up_proj": 0.5}, "layers this model lacks"),
+        ({layers[0]: 0.5}, "start file's per-layer sparsities do not fit this model: .* have no sparsity"),
+        ({"model.layers.9.mlp.up_proj": 0.5}, "not layers this run prunes"),
         ([0.5, 0.7], "JSON object of layer name"),
         ({}, "JSON object of layer name"),
     ]

@@ -1,10 +1,12 @@
 """Per-layer levels from a file: the one reader of what ``lmcompress search`` chose (``search.json``), what a
-run given such a file recorded (its recipe's ``layer_targets``), or a plain JSON object of layer name → level."""
+run given such a file recorded (its recipe's ``layer_targets``), or a plain JSON object of layer name → level; and
+the one check that such levels fit the model they are applied to."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 from lmcompress.checkpoint.folder import RECIPE_FILE
@@ -12,6 +14,8 @@ from lmcompress.errors import UserError
 
 SEARCH_FILE = "search.json"
 _NAMES = {"sparsity": "sparsities", "bits": "bit widths"}
+_LEVEL = {"sparsity": "sparsity", "bits": "bit width"}  # what one layer has, by kind
+_VERB = {"sparsity": "prunes", "bits": "quantizes"}
 
 
 def read_layer_levels(
@@ -40,6 +44,35 @@ def read_layer_levels(
             param=what,
         )
     return {str(k): float(v) for k, v in data.items()}
+
+
+def check_layer_levels(
+    layers: Iterable[str], given: Iterable[str], kind: str = "sparsity", *, what: str = "allocation", hint: str = ""
+) -> None:
+    """UserError unless the per-layer levels ``given`` (their layer names) name exactly ``layers``, the layers
+    this run compresses; it says how many are missing or unknown, with a few names of each.
+
+    ``what`` names the file in the error (and is the parameter at fault); ``hint`` follows its advice.
+    """
+    layers, given = set(layers), set(given)
+    missing, unknown = layers - given, given - layers
+    if not missing and not unknown:
+        return
+    verb = _VERB.get(kind, "compresses")
+    parts = (
+        [f"{len(missing)} of the model's layers have no {_LEVEL.get(kind, kind)} ({_some(missing)})"] if missing else []
+    )
+    parts += [f"{len(unknown)} names are not layers this run {verb} ({_some(unknown)})"] if unknown else []
+    raise UserError(
+        f"the {what} file's per-layer {_NAMES.get(kind, kind)} do not fit this model: {'; '.join(parts)}. Give {what} "
+        f"a file searched on this model (its search.json){hint}",
+        param=what,
+    )
+
+
+def _some(names: set[str]) -> str:
+    shown = sorted(names)
+    return ", ".join(shown[:3]) + (f" and {len(shown) - 3} more" if len(shown) > 3 else "")
 
 
 def _file_of(path: Path) -> Path:

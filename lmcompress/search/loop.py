@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.algorithms.evolution import SearchState, evolve
+from lmcompress.checkpoint.allocation import check_layer_levels
 from lmcompress.errors import UserError
 from lmcompress.models.families import prunable_layers
 from lmcompress.search.config import SearchConfig, SearchReport
@@ -80,7 +81,7 @@ def _search(model, config, calib, fitness_windows, work: Path, *, device, progre
             param="stage_windows",
         )
     if config.start is not None:  # before the database is built
-        check_start(list(prunable_layers(model)), config.start)
+        check_start(prunable_layers(model), config.start, config.kind)
     cand = prepare(model, config, calib, fitness_windows, work, device=device, progress=progress)
     state, baselines, round_starts = load_state(work, cand.key)
     if config.rounds > 1:  # later rounds rebuild the database from the dense weights, kept here meanwhile
@@ -105,7 +106,7 @@ def _seed(cand: Candidates, calib: torch.Tensor, device, progress: bool) -> tupl
         )
         starts["owl"] = cand.place([owl.sparsities[db.block_of[u[0]]] for u in units], "OWL")
     if config.start is not None:
-        starts["start"] = cand.place(_unit_targets(db, units, config.start), "start")
+        starts["start"] = cand.place(_unit_targets(db, units, config.start, config.kind), "start")
     baselines = {name: cand.score(lv, final_stage) for name, lv in starts.items()}
     best = min(baselines, key=baselines.get)
     additive = cand.additive_start(starts[best], final_stage, progress=progress)
@@ -203,22 +204,13 @@ def _report(cand: Candidates, model, state: SearchState, baselines, round_starts
     )
 
 
-def check_start(layers, start: dict[str, float]) -> None:
-    """Refuse a start allocation whose layers are not exactly ``layers``."""
-    missing = [layer for layer in layers if layer not in start]
-    unknown = sorted(set(start) - set(layers))
-    if missing or unknown:
-        parts = [f"{len(missing)} layers missing (e.g. {missing[0]})"] if missing else []
-        parts += [f"{len(unknown)} layers this model lacks (e.g. {unknown[0]})"] if unknown else []
-        raise UserError(
-            f"the start allocation does not fit this model: {'; '.join(parts)}. Give a search.json searched on "
-            "this model",
-            param="start",
-        )
+def check_start(layers, start: dict[str, float], kind: str = "sparsity") -> None:
+    """Refuse a start allocation (of ``kind`` levels) whose layers are not exactly ``layers``."""
+    check_layer_levels(layers, start, kind, what="start")
 
 
-def _unit_targets(db, units: list[list[str]], start: dict[str, float]) -> list[float]:
+def _unit_targets(db, units: list[list[str]], start: dict[str, float], kind: str) -> list[float]:
     """Each unit's level in ``start`` (layer → level), averaged over its layers by their sizes."""
-    check_start(db.layers, start)
+    check_start(db.layers, start, kind)
     size = db.sizes
     return [sum(start[layer] * size[layer] for layer in unit) / sum(size[layer] for layer in unit) for unit in units]
