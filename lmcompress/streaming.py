@@ -77,6 +77,8 @@ def _why_not(kind: str, source: str, config) -> str | None:
         return f"{source} holds no *.safetensors files"
     if getattr(config, "include_head", False):
         return "include_head compresses the output head, which streaming does not load"
+    if getattr(config, "head_quant", None) is not None:  # prune's head_bits
+        return "head_bits quantizes the output head, which streaming does not load"
     return None
 
 

@@ -364,10 +364,10 @@ def test_quantized_head_runs_on_a_kernel(tmp_path, tokenizer, tied, method):
 
 
 def test_head_options_need_include_head(tiny_folder, tmp_path, capsys):
-    out = tmp_path / "x"
-    code = run_cli(["quantize", str(tiny_folder("llama")), "-o", str(out), "--method", "rtn", "--head-bits", "4"])
+    out = tmp_path / "x"  # --head-bits alone implies --include-head (tests/test_head_bits.py); a group size does not
+    code = run_cli(["quantize", str(tiny_folder("llama")), "-o", str(out), "--method", "rtn", "--head-group-size", "8"])
     err = capsys.readouterr().err
-    assert code != 0 and "--head-bits" in err and "--include-head" in err
+    assert code != 0 and "--head-group-size" in err and "--include-head" in err
     assert not out.exists()
     with pytest.raises(UserError, match="head_group_size"):
         QuantConfig("rtn", include_head=True, head_group_size=0)

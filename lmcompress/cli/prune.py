@@ -11,7 +11,8 @@ from lmcompress.errors import UserError
 
 # The options of weight pruning itself, and those only kept for the deprecated `prune --structure ...`.
 WEIGHT = (
-    "method", "sparsity", "pattern", "percdamp", "blocksize", "include_head", "bits", "group_size", "sym", "in_block"
+    "method", "sparsity", "pattern", "percdamp", "blocksize", "include_head", "bits", "group_size", "sym", "in_block",
+    "head_bits", "head_group_size",
 )  # fmt: skip
 SHRINK = ("ratio", "criterion", "correction")
 EXPERTS = ("keep", "criterion", "iterative")
@@ -41,6 +42,15 @@ def prune(
     percdamp: float = typer.Option(0.01, "--percdamp", help="SparseGPT: dampening (fraction of mean diag H)."),
     blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT: column block size."),
     include_head: bool = typer.Option(False, "--include-head", help="Also prune the output head (lm_head)."),
+    head_bits: int = typer.Option(
+        None,
+        "--head-bits",
+        help="Quantize the output head (lm_head) to this many bits without pruning it (8: the int8 CPU kernel runs "
+        "it): by GPTQ on the calibration windows (by RTN with --method magnitude); saved packed.",
+    ),
+    head_group_size: int = typer.Option(
+        -1, "--head-group-size", help="With --head-bits: the head's inputs per grid (-1: per channel)."
+    ),
     in_block: str = options.IN_BLOCK,
     bits: int = typer.Option(None, "--bits", help="SparseGPT: also quantize the kept weights (joint, saved packed)."),
     group_size: int = typer.Option(128, "--group-size", help="With --bits: inputs per grid; -1: per channel."),
@@ -73,14 +83,15 @@ def prune(
     Magnitude needs no data; Wanda scores |weight| × input norm on calibration windows; SparseGPT also
     updates the kept weights to make up for the removed ones, and with --bits quantizes them in the same
     pass. --pattern 2:4 gives the N:M layout sparse GPU kernels use; --allocation owl gives blocks with
-    more outlier features less sparsity. To remove whole channels or heads use `lmcompress shrink`, for
+    more outlier features less sparsity. --head-bits 8 quantizes the output head without pruning it (the
+    model is then saved packed). To remove whole channels or heads use `lmcompress shrink`, for
     mixture-of-experts models `lmcompress drop-experts`.
 
     Examples:
 
         lmcompress prune facebook/opt-125m --method sparsegpt --sparsity 0.5 --save-format packed -o opt-sgpt50
 
-        lmcompress prune ./llama --method sparsegpt --sparsity 0.7 --allocation owl --bits 4 -o llama-owl70-w4
+        lmcompress prune ./llama --method sparsegpt --sparsity 0.7 --allocation owl --bits 4 --head-bits 8 -o llama-w4
 
         lmcompress prune ./llama --method sparsegpt --allocation llama-evo70/search.json -o llama-evo70-again
     """
@@ -104,6 +115,10 @@ def prune(
         options.refuse(ctx, ("group_size", "sym"), "without --bits (joint pruning + quantization)")
     elif save_format != "packed":
         options.refuse(ctx, ("save_format",), "with --bits: joint pruning + quantization always saves packed")
+    if head_bits is None:
+        options.refuse(ctx, ("head_group_size",), "without --head-bits (quantizing the output head)")
+    elif save_format != "packed":
+        options.refuse(ctx, ("save_format",), "with --head-bits: the quantized head is always saved packed")
     layer_targets = None
     if allocation not in ("uniform", "owl"):
         if sparsity is not None:
@@ -121,6 +136,8 @@ def prune(
         percdamp=percdamp,
         blocksize=blocksize,
         include_head=include_head,
+        head_bits=head_bits,
+        head_group_size=head_group_size,
         bits=bits,
         group_size=group_size,
         sym=sym,
@@ -139,9 +156,11 @@ def prune(
     if as_json:
         typer.echo(json_text(report.to_dict()))
     else:
+        head = report.head_quantization
+        head = "" if head is None else f"; head quantized to {head['bits']} bits by {head['method']}"
         typer.echo(
             f"pruned {model} with {config.method} ({config.pattern}, {config.allocation}) to "
-            f"{report.sparsity:.2%} sparsity in {report.wall_time_s:.1f}s → {output}"
+            f"{report.sparsity:.2%} sparsity{head} in {report.wall_time_s:.1f}s → {output}"
         )
 
 

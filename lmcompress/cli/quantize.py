@@ -23,7 +23,8 @@ def quantize(
         "--grid",
         help="How a group's scale is chosen. minmax: from its range (sym: 2·max|w|/(2^bits−1)). q4_0: llama.cpp's "
         "Q4_0 (4-bit sym only): d = the group's signed extreme / −8, fp16 scales; with --group-size 32 RTN gives "
-        "llama.cpp's own codes, and `export --format gguf` writes them as Q4_0 unchanged. q2_k, q3_k, q4_k, q5_k, "
+        "llama.cpp's own codes, and `export --format gguf` writes them as Q4_0 unchanged. q5_0 (5-bit sym), q5_1 "
+        "(5-bit asym), q8_0 (8-bit sym): llama.cpp's Q5_0 / Q5_1 / Q8_0 likewise. q2_k, q3_k, q4_k, q5_k, "
         "q6_k: llama.cpp's K-quant blocks (Q4_K: --bits 4 --group-size 32 --asym; see docs/gguf.md), grid fixed "
         "before GPTQ; layers must read a multiple of 256 inputs.",
     ),
@@ -46,13 +47,16 @@ def quantize(
     include_head: bool = typer.Option(
         False,
         "--include-head",
-        help="Also quantize the output head (lm_head), on its own grid (--head-bits, --head-group-size); with tied "
-        "embeddings they take its values too. The head is the largest layer of a small model: at 8 bits per channel "
-        "it runs by the int8 CPU kernel and costs next to nothing (see docs/kernels.md).",
+        help="Also quantize the output head (lm_head), on its own grid (--head-bits, --head-group-size; giving "
+        "--head-bits alone implies this option); with tied embeddings they take its values too. The head is the "
+        "largest layer of a small model: at 8 bits per channel it runs by the int8 CPU kernel and costs next to "
+        "nothing (see docs/kernels.md).",
     ),
-    head_bits: int = typer.Option(8, "--head-bits", help="With --include-head: the head's bits per weight."),
+    head_bits: int = typer.Option(
+        8, "--head-bits", help="Quantize the output head too (implies --include-head), to this many bits per weight."
+    ),
     head_group_size: int = typer.Option(
-        -1, "--head-group-size", help="With --include-head: the head's group size (-1: per channel)."
+        -1, "--head-group-size", help="With --include-head / --head-bits: the head's group size (-1: per channel)."
     ),
     calib_data: str = typer.Option(
         "c4",
@@ -150,8 +154,10 @@ def quantize(
             ("bits", "group_size", "sym", "grid", "include_head", "head_bits", "head_group_size"),
             "with --gguf-mix: the mix gives every layer and the head its GGUF type",
         )
+    elif options.given(ctx, "head_bits"):
+        include_head = True  # --head-bits N: quantize the head (--include-head is its 8-bit spelling)
     elif not include_head:
-        options.refuse(ctx, ("head_bits", "head_group_size"), "without --include-head")
+        options.refuse(ctx, ("head_group_size",), "without --include-head or --head-bits")
     config = QuantConfig(
         method=method,
         bits=bits,

@@ -32,7 +32,7 @@ from lmcompress.calibration.engine import (
 )
 from lmcompress.calibration.offload import read_only, track
 from lmcompress.calibration.stats import InputStats
-from lmcompress.checkpoint.allocation import read_layer_levels
+from lmcompress.checkpoint.allocation import check_layer_levels, read_layer_levels
 from lmcompress.errors import UserError
 from lmcompress.models.families import (
     blocks_path,
@@ -45,7 +45,7 @@ from lmcompress.models.families import (
 )
 from lmcompress.models.sparsity import measure_sparsity  # noqa: F401  (public here: lmcompress.measure_sparsity)
 from lmcompress.transforms.layerwise import compress_layers
-from lmcompress.transforms.quantize import check_quant_grid
+from lmcompress.transforms.quantize import QuantConfig, check_quant_grid, quantize_head
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class PruneConfig:
     """What to prune and how. ``sparsity`` is the fraction of weights removed from the pruned layers.
 
     With an N:M ``pattern`` the sparsity is implied (2:4 → 0.5); ``sparsity`` may be left ``None``.
+    ``head_bits`` quantizes the output head without pruning it, on a symmetric grid of ``head_group_size`` inputs
+    (-1: per channel): by GPTQ on the head's inputs when the run has calibration windows (Wanda, SparseGPT, OWL),
+    else by rounding to nearest; the model is then saved packed with the head's codes.
     """
 
     method: str = "wanda"
@@ -69,6 +72,8 @@ class PruneConfig:
     percdamp: float = 0.01  # SparseGPT dampening, fraction of the mean Hessian diagonal
     blocksize: int = 128  # SparseGPT column block (lazy updates and adaptive mask selection)
     include_head: bool = False  # also prune the output head (lm_head)
+    head_bits: int | None = None  # quantize the output head (not pruned) to this many bits
+    head_group_size: int = -1  # head_bits: inputs per grid; -1 = one grid per output row
     bits: int | None = None  # joint mode (SparseGPT only): also quantize the kept weights to this many bits
     group_size: int = 128  # joint mode: inputs per quantization grid; -1 = one grid per output row
     sym: bool = True  # joint mode: symmetric grid
@@ -148,6 +153,7 @@ class PruneConfig:
             )
         if self.bits is not None:
             self._check_joint()
+        self._check_head_bits()
 
     def _check_layer_targets(self, pattern: Pattern) -> None:
         """Per-layer sparsities: unstructured, at least one, each in [0, 1); ``sparsity`` becomes their mean."""
@@ -190,9 +196,45 @@ class PruneConfig:
         check_quant_grid(self.bits, self.group_size)
         if self.include_head:
             raise UserError(
-                "include_head cannot be combined with bits: the output head is not quantized",
+                "include_head cannot be combined with bits: joint pruning + quantization works on the blocks; to "
+                "quantize the output head without pruning it, give head_bits instead of include_head",
                 param=("include_head", "bits"),
             )
+
+    def _check_head_bits(self) -> None:
+        """``head_bits``: a valid grid for the head, which is then quantized, not pruned."""
+        if self.head_bits is None:
+            if self.head_group_size != -1:
+                raise UserError("head_group_size needs head_bits (quantizing the output head)", param="head_group_size")
+            return
+        check_quant_grid(self.head_bits, self.head_group_size, "head_bits", "head_group_size")
+        if self.include_head:
+            raise UserError(
+                "head_bits quantizes the output head without pruning it, include_head prunes it: choose one",
+                param=("head_bits", "include_head"),
+            )
+
+    @property
+    def head_quant(self) -> QuantConfig | None:
+        """How ``head_bits`` quantizes the output head (None without it): GPTQ when the run reads calibration
+        windows, else RTN; SparseGPT's dampening and column block."""
+        if self.head_bits is None:
+            return None
+        return QuantConfig(
+            method="gptq" if self.needs_calibration else "rtn",
+            bits=self.head_bits,
+            group_size=self.head_group_size,
+            percdamp=self.percdamp,
+            blocksize=self.blocksize,
+            include_head=True,
+            head_bits=self.head_bits,
+            head_group_size=self.head_group_size,
+        )
+
+    @property
+    def saves_codes(self) -> bool:
+        """Whether the result holds quantization codes (``bits``, ``head_bits``): it is then saved packed."""
+        return self.bits is not None or self.head_bits is not None
 
     def check_model(self, model: nn.Module) -> None:
         """UserError, naming the layers, unless an N:M pattern's M divides the input width of every layer pruned.
@@ -200,7 +242,8 @@ class PruneConfig:
         Cheap, needs only the shapes: run it right after loading, before any calibration.
         """
         if self.layer_targets is not None:
-            _check_layer_names(set(_pruned_modules(model, self)), set(self.layer_targets))
+            hint = ", with the same include_head setting"
+            check_layer_levels(_pruned_modules(model, self), self.layer_targets, "sparsity", hint=hint)
         pattern = self.parsed_pattern
         if not pattern.is_nm:
             return
@@ -232,24 +275,6 @@ class PruneConfig:
         return asdict(self)
 
 
-def _check_layer_names(prunable: set[str], given: set[str]) -> None:
-    """UserError unless a per-layer allocation names exactly the layers this run prunes."""
-
-    def some(names: set[str]) -> str:
-        shown = sorted(names)
-        return ", ".join(shown[:3]) + (f" and {len(shown) - 3} more" if len(shown) > 3 else "")
-
-    missing, unknown = prunable - given, given - prunable
-    if missing or unknown:
-        parts = [f"{len(missing)} of the model's layers have no sparsity ({some(missing)})"] if missing else []
-        parts += [f"{len(unknown)} names are not layers this run prunes ({some(unknown)})"] if unknown else []
-        raise UserError(
-            f"the per-layer sparsities do not fit this model: {'; '.join(parts)}. Give allocation a file searched "
-            "on this model (its search.json), with the same include_head setting",
-            param="allocation",
-        )
-
-
 def read_allocation(path: str | Path) -> dict[str, float]:
     """Per-layer sparsities from a file: a search's ``search.json`` (or its output folder), or a JSON object
     ``{"layer name": sparsity, ...}``, or the recipe (``lmcompress.json``) of a run given such a file."""
@@ -275,6 +300,8 @@ class PruneReport:
     owl_lambda_effective: float | None = None  # OWL: λ after shrinking so that no block leaves [0, 0.99]
     # in_block sequential: why blocks fell back to the parallel order (reason → number of blocks), if any did
     in_block_fallback: dict[str, int] = field(default_factory=dict)
+    # head_bits: how the output head was quantized (method, bits, group_size; GPTQ's loss estimate)
+    head_quantization: dict | None = None
 
     def to_dict(self) -> dict:
         """Everything but the tensors, JSON-ready."""
@@ -282,7 +309,9 @@ class PruneReport:
 
     def recipe_fields(self) -> dict:
         """What the recipe (``lmcompress.json``) says this run did: its config's fields, then the results."""
-        joint = {} if self.quantized is None else {"mask_sparsity": self.mask_sparsity}
+        joint = {} if self.mask_sparsity is None else {"mask_sparsity": self.mask_sparsity}
+        if self.head_quantization is not None:
+            joint["head_quantization"] = self.head_quantization
         return {
             **self.config,
             "achieved_sparsity": self.sparsity,
@@ -440,7 +469,8 @@ class _Pruner:
         self.config, self.prefix, self.targets = config, prefix, targets
         self.layer_sparsity: dict[str, float] = {}
         self.damping: dict[str, float] = {}
-        self.quantized: dict[str, QuantizedTensor] | None = None if config.bits is None else {}
+        # joint mode's codes, and the head's (head_bits): tracked, so that a streamed model stores them too
+        self.quantized: dict[str, QuantizedTensor] | None = {} if config.saves_codes else None
         self.pruned: dict[str, int] = {}  # joint mode: weights the masks removed, per layer
         self.zeros: dict[str, int] = {}  # zeros of each pruned layer after pruning
 
@@ -507,13 +537,20 @@ def prune(
         device,
         hessian=config.method == "sparsegpt",
         in_block=config.in_block,
-        last_outputs=config.include_head,
+        last_outputs=config.include_head or config.head_bits is not None,
         desc=config.method,
         progress=progress,
     )
     if config.include_head:
         pruner.layer_sparsity.update(_prune_head(model, config, last, device))
         pruner.zeros["lm_head"] = int((model.get_output_embeddings().weight == 0).sum())
+    head_quantization = None
+    if config.head_bits is not None:  # the head quantized, not pruned: saved as codes beside the pruned blocks
+        head = config.head_quant
+        qt, loss = quantize_head(model, head, last, device, head.head_spec)
+        pruner.quantized["lm_head.weight"] = qt
+        head_quantization = {"method": head.method, "bits": head.head_bits, "group_size": head.head_group_size}
+        head_quantization["loss"] = loss
 
     # counted block by block: a streamed model's blocks are back on disk (numel reads only the shapes)
     total = sum(weight_matrix(m).numel() for m in _pruned_modules(model, config).values())
@@ -527,9 +564,10 @@ def prune(
         damping=pruner.damping,
         wall_time_s=time.perf_counter() - start,
         quantized=quantized,
-        mask_sparsity=None if quantized is None else sum(pruner.pruned.values()) / max(total, 1),
+        mask_sparsity=None if config.bits is None else sum(pruner.pruned.values()) / max(total, 1),
         owl_lambda_effective=owl_lambda,
         in_block_fallback=fallback,
+        head_quantization=head_quantization,
     )
 
 

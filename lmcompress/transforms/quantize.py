@@ -418,7 +418,7 @@ def quantize(
     )
     head_spec = config.head_spec if types is None else type_spec(types.get("lm_head.weight", "f16"))
     if head and head_spec is not None:
-        qt, loss = _quantize_head(model, config, last, device, head_spec)
+        qt, loss = quantize_head(model, config, last, device, head_spec)
         quantized["lm_head.weight"] = qt
         if loss is not None:
             layer_loss["lm_head"] = loss
@@ -438,7 +438,7 @@ def quantize(
 
 
 @torch.no_grad()
-def _quantize_head(
+def quantize_head(
     model: nn.Module, config: QuantConfig, last: BlockInputs | None, device: torch.device, spec: QuantSpec
 ) -> tuple[QuantizedTensor, float | None]:
     """Quantize the output head on ``spec`` (``config.head_spec``, or the GGUF mix's) in place: RTN, or GPTQ with
