@@ -83,7 +83,7 @@ class SmoothConfig:
     awq: bool = False
     awq_grid: int = 20
     weight_spec: QuantSpec = field(default_factory=lambda: QuantSpec(4, 128, True, "minmax"))
-    search_tokens: int = 2048
+    search_tokens: int = 1024
 
     def __post_init__(self) -> None:
         self.validate()
