@@ -208,6 +208,6 @@ def quantize(
             layout += f"; head {config.head_bits} bits {head}"
         typer.echo(
             f"quantized {model} with {config.method} to {config.bits} bits ({layout}, "
-            f"{'sym' if config.sym else 'asym'}), {len(report.quantized)} layers, "
+            f"{'sym' if config.sym else 'asym'}), {len(report.quantized) + len(report.fp8)} layers, "
             f"~{report.nominal_bits_per_weight:.2f} bits/weight with grids, in {report.wall_time_s:.1f}s → {output}"
         )
