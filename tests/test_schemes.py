@@ -85,7 +85,7 @@ def test_reloaded_weights_are_the_quantized_ones(tiny_folder, tmp_path, calib_fi
 def test_info_shows_the_scheme(tiny_folder, tmp_path, capsys):
     out = tmp_path / "f"
     assert run_cli(["quantize", str(tiny_folder("llama")), "-o", str(out), "--scheme", "fp8", "--dynamic"]) == 0
-    capsys.readouterr()
+    assert "fp8 scheme" in (said := capsys.readouterr().out) and "14 layers" in said
     assert run_cli(["info", str(out)]) == 0
     printed = capsys.readouterr().out
     assert (
@@ -152,6 +152,7 @@ def test_compressed_tensors_export_loads_with_the_same_logits(tiny_folder, tmp_p
     static = args == ["--scheme", "fp8"]
     assert config["format"] == ("int-quantized" if "w8a8" in args else "float-quantized")
     group = config["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"] and config["ignore"] == ["lm_head"]  # as llm-compressor writes it
     assert group["weights"]["strategy"] == "channel" and group["weights"]["num_bits"] == 8
     assert group["input_activations"]["strategy"] == ("tensor" if static else "token")
     assert group["input_activations"]["dynamic"] is (not static)

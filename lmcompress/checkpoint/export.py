@@ -242,6 +242,8 @@ def _export_scheme(
     dequantized weight with lmcompress's scale, and so gives back lmcompress's codes: counted in
     ``codes_changed``). Embeddings, norms and the head are stored in the source's dtype; the scales stay
     float32 (what vLLM's W8A8 / FP8 layers hold them in)."""
+    from torch import nn
+
     from lmcompress.checkpoint.load import load
 
     ct = _library()
@@ -259,9 +261,10 @@ def _export_scheme(
     layers = plain_linears(model)  # nn.Linear again, float32: the library's scales take the weight's dtype
     fmt, weights, inputs = _scheme_args(scheme)
     group = QuantizationScheme(
-        targets=sorted(layers), weights=QuantizationArgs(**weights), input_activations=QuantizationArgs(**inputs)
+        targets=["Linear"], weights=QuantizationArgs(**weights), input_activations=QuantizationArgs(**inputs)
     )
-    config = QuantizationConfig(config_groups={"group_0": group}, quantization_status="frozen")
+    others = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers)
+    config = QuantizationConfig(config_groups={"group_0": group}, ignore=others, quantization_status="frozen")
     apply_quantization_config(model, config, show_progress=False)
     for name, m in layers.items():
         linear = model.get_submodule(name)
