@@ -1,13 +1,14 @@
 """Schemes benchmark (issue 32): W8A8 int8 with and without SmoothQuant, FP8, and AWQ before RTN / GPTQ.
 
     python -m bench.schemes_bench --model smollm2            # SmolLM2-135M-Instruct
-    python -m bench.schemes_bench --model qwen1.5b --nsamples 16 --eval-windows 8   # under flock, nice
+    python -m bench.schemes_bench --model qwen1.5b   # under flock /tmp/team/qwen.lock, nice
 
 Every row runs the job users run (``lmcompress.jobs.quantize_pretrained``, the API behind ``lmcompress quantize``)
 from the model folder into a fresh output folder, loads that folder with ``lmcompress.load`` (W8A8 / FP8 layers
 quantize their inputs as the scheme runs them) and measures it on WikiText-2 ``test.txt`` windows: perplexity
 with its 95% interval, the ratio to dense with the paired 95% interval (``perplexity.ratio_interval``), mean KL
-divergence and top-1 agreement against the dense model (``measure.agreement``), and the job's wall time.
+divergence and top-1 agreement against the dense model (``measure.agreement``'s per-position formulas, on the
+dense logits kept from one forward: each row costs one forward of its model), and the job's wall time.
 Calibration: the first windows drawn from WikiText-2 ``valid.txt`` (``--nsamples`` × ``--seqlen``).
 
 Targets (issue 32): W8A8 perplexity ≤ 1.03× dense and mean KL ≤ 0.02, with and without SmoothQuant; FP8 the same;
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import shutil
 import time
 from pathlib import Path
@@ -69,12 +71,37 @@ def checks(by: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+@torch.no_grad()
+def forward(model, test: torch.Tensor, batch: int = 2) -> list[torch.Tensor]:
+    """The model's float32 logits on the test windows, ``batch`` windows per call."""
+    return [model(test[i : i + batch], use_cache=False).logits.float() for i in range(0, test.shape[0], batch)]
+
+
+def measure(logits: list[torch.Tensor], dense_logits: list[torch.Tensor], test: torch.Tensor) -> tuple[list, dict]:
+    """Per-window mean NLL (as ``measure.perplexity`` computes it) and the agreement summary against the dense
+    logits (``measure.agreement``), from one forward of each model on the same windows."""
+    from torch.nn import functional as F
+
+    from lmcompress.measure.agreement import summarize, window_agreement
+
+    window_nll, parts = [], {"kl": [], "agree": [], "delta_p": []}
+    start = 0
+    for out, ref in zip(logits, dense_logits, strict=True):
+        ids = test[start : start + out.shape[0]]
+        start += out.shape[0]
+        nll = F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        window_nll += nll.view(ids.shape[0], -1).mean(1).tolist()
+        for key, value in window_agreement(out, ref, ids).items():
+            parts[key].append(value)
+    return window_nll, summarize(*(torch.cat(parts[k]) for k in ("kl", "agree", "delta_p")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help=MODEL_HELP)
-    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (of --seqlen tokens)")
+    parser.add_argument("--nsamples", type=int, default=16, help="calibration windows (of --seqlen tokens)")
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=16, help="test windows of --seqlen tokens")
+    parser.add_argument("--eval-windows", type=int, default=8, help="test windows of --seqlen tokens")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default=None, help="comma-separated row names (or unique prefixes) to run only")
     parser.add_argument("--tag", default="", help="suffix of the results file (keeps earlier runs' files)")
@@ -86,8 +113,7 @@ def main() -> None:
     from lmcompress import load
     from lmcompress.calibration.data import embedding_rows, eval_windows, wants_bos
     from lmcompress.jobs import quantize_pretrained
-    from lmcompress.measure.agreement import agreement
-    from lmcompress.measure.perplexity import perplexity, ratio_interval
+    from lmcompress.measure.perplexity import perplexity_interval, ratio_interval
     from lmcompress.transforms.quantize import QuantConfig
 
     torch.set_num_threads(args.threads)
@@ -103,7 +129,8 @@ def main() -> None:
     )[: args.eval_windows]
     print(f"test: {test.shape[0]} windows × {args.seqlen} tokens; calibration: {args.nsamples} × {args.seqlen} "
           "tokens of valid.txt", flush=True)  # fmt: skip
-    dense_ppl = perplexity(dense, test, progress=False)
+    dense_logits = forward(dense, test)
+    dense_nll, _ = measure(dense_logits, dense_logits, test)
     work = CACHE / "schemes_bench" / Path(args.model).name
     work.mkdir(parents=True, exist_ok=True)
     wanted = None if args.rows is None else [w.strip() for w in args.rows.split(",")]
@@ -120,7 +147,7 @@ def main() -> None:
             continue
         row: dict = {"name": name, "config": fields}
         if not fields:
-            ppl, model, seconds, job = dense_ppl, dense, 0.0, None
+            model, seconds, job, window_nll, agree = dense, 0.0, None, dense_nll, None
         else:
             out = work / name.replace(" ", "_").replace("+", "").replace("__", "_")
             start = time.perf_counter()
@@ -130,12 +157,13 @@ def main() -> None:
             row["smoothing"] = report.smoothing
             row["nominal_bits_per_weight"] = report.nominal_bits_per_weight
             model, _ = load(out)
-            ppl = perplexity(model, test, progress=False)
-        ratio = ratio_interval(ppl.window_nll, dense_ppl.window_nll)
-        agree = agreement(model, dense, test) if fields else None
+            window_nll, agree = measure(forward(model, test), dense_logits, test)
+        ppl = math.exp(sum(window_nll) / len(window_nll))
+        ppl_ci = perplexity_interval(window_nll)
+        ratio = ratio_interval(window_nll, dense_nll)
         row |= {
-            "ppl": ppl.perplexity,
-            "ppl_ci": ppl.perplexity_ci,
+            "ppl": ppl,
+            "ppl_ci": ppl_ci,
             "ppl_ratio": ratio[0] if ratio else None,
             "ppl_ratio_ci": list(ratio[1:]) if ratio else None,
             "kl_mean": agree["kl_mean"] if agree else 0.0,

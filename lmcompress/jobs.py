@@ -183,6 +183,12 @@ def choose_placement(kind: str, source: str, config, options: JobOptions, storag
             "one process, or load the model whole (offload none) under torchrun",
             param=("offload", "resume"),
         )
+    if (streams or several) and getattr(config, "smooths", False):
+        raise UserError(
+            "SmoothQuant / AWQ need the model in memory in one process (not supported with offload disk, resume "
+            "or torch.distributed yet): use offload none and run it as one process",
+            param=("smoothquant", "awq", "offload"),
+        )
     if streams:
         return Streamed(storage)
     return Distributed() if several else InMemory()
