@@ -35,7 +35,8 @@ def unavailable_reason() -> str | None:
 
 
 def extension():
-    """The compiled kernel module (functions ``gemv`` and ``dequantize``), or None where it cannot be had."""
+    """The compiled kernel module (functions ``gemv`` and ``dequantize``; for W8A8, ``quantize_per_token``,
+    ``int8_gemv`` and ``int8_rescale``: :mod:`lmcompress.kernels.int8act`), or None where it cannot be had."""
     if "ext" in _state or "why" in _state:
         return _state.get("ext")
     why = None

@@ -15,6 +15,10 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 namespace {
 
 inline float hsum(__m256 v) {
@@ -204,7 +208,171 @@ torch::Tensor dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor
   return out.view({-1}).narrow(0, 0, (n1 - n0) * K).view({n1 - n0, K});
 }
 
+// ---- W8A8: int8 activations × int8 weights → int32, exact (lmcompress.kernels.int8act) ----------------------
+// Per token (row of x): s = max(max_k |x[k]| / divisor, 1e-12), q[k] = round_half_even(clamp(x[k] / s, −128, 127)),
+// the same float32 operations as lmcompress.algorithms.actquant.quantize_per_token_int8, so the codes are identical.
+// Dot products widen both int8 operands to int16 and use _mm256_madd_epi16 (products ≤ 2¹⁴, pair sums ≤ 2¹⁵, no
+// saturation), accumulating in int32: exact for K < 2¹⁷.
+
+namespace {
+
+// Codes (int16, for madd) and scale of one row of x of length K.
+inline float quantize_row(const float* x, int64_t K, float divisor, int16_t* q) {
+  __m256 vmax = _mm256_setzero_ps();
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + k), absmask));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float amax = 0.f;
+  for (int i = 0; i < 8; ++i) amax = std::max(amax, lanes[i]);
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float s = std::max(amax / divisor, 1e-12f);
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+  for (k = 0; k + 8 <= K; k += 8) {
+    __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), vs), lo), hi);
+    __m256i i32 = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), i16);
+  }
+  for (; k < K; ++k) q[k] = static_cast<int16_t>(std::nearbyint(std::min(std::max(x[k] / s, -128.f), 127.f)));
+  return s;
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Σ_k xq[m, k] · w[n, k] for ROWS weight rows n.. and every token m (weights read once, x from cache).
+template <int ROWS>
+inline void int8_dot_block(const int16_t* xq, int64_t M, const int8_t* w, int64_t K, int64_t n, int32_t* acc,
+                           int64_t N) {
+  const int8_t* p[ROWS];
+  for (int r = 0; r < ROWS; ++r) p[r] = w + (n + r) * K;
+  for (int64_t m = 0; m < M; ++m) {
+    const int16_t* xm = xq + m * K;
+    __m256i a[ROWS], b[ROWS];
+    for (int r = 0; r < ROWS; ++r) a[r] = b[r] = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + k));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + k + 16));
+      for (int r = 0; r < ROWS; ++r) {
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + k)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + k + 16)));
+        a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(w0, x0));
+        b[r] = _mm256_add_epi32(b[r], _mm256_madd_epi16(w1, x1));
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      int32_t s = hsum_epi32(_mm256_add_epi32(a[r], b[r]));
+      for (int64_t j = k; j < K; ++j) s += static_cast<int32_t>(xm[j]) * p[r][j];
+      acc[m * N + n + r] = s;
+    }
+  }
+}
+
+void check_int8_weight(const torch::Tensor& w, const torch::Tensor& sw, const torch::Tensor& bias) {
+  TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 2 && w.is_contiguous(), "weight: contiguous int8 [N, K]");
+  TORCH_CHECK(w.size(1) < (1 << 17), "K must be below 2^17 for exact int32 accumulation");
+  TORCH_CHECK(sw.dtype() == torch::kFloat32 && sw.is_contiguous() && sw.numel() == w.size(0),
+              "weight scale: float32 [N]");
+  TORCH_CHECK(!bias.defined() || (bias.dtype() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == w.size(0)),
+              "bias: float32 [N]");
+}
+
+}  // namespace
+
+// Per-token int8 codes and scales of x [M, K] float32: (q int8 [M, K], s float32 [M, 1]).
+std::vector<torch::Tensor> quantize_per_token(torch::Tensor x, double divisor) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x: float32 [M, K]");
+  auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  auto q = torch::empty({M, K}, xc.options().dtype(torch::kInt8));
+  auto s = torch::empty({M, 1}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<int16_t> row(K);
+    for (int64_t m = m0; m < m1; ++m) {
+      sp[m] = quantize_row(xp + m * K, K, static_cast<float>(divisor), row.data());
+      for (int64_t k = 0; k < K; ++k) qp[m * K + k] = static_cast<int8_t>(row[k]);
+    }
+  });
+  return {q, s};
+}
+
+// y [M, N] = (q_x · wᵀ) · s_x[m] · s_w[n] + bias[n], with q_x, s_x the per-token codes of x (few rows: decode).
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sw, c10::optional<torch::Tensor> bias_opt,
+                        double divisor) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x: float32 [M, K]");
+  torch::Tensor bias = bias_opt.has_value() ? *bias_opt : torch::Tensor();
+  check_int8_weight(w, sw, bias);
+  auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K, "x has ", K, " columns, the weight ", w.size(1));
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> sx(M);
+  for (int64_t m = 0; m < M; ++m) sx[m] = quantize_row(xc.data_ptr<float>() + m * K, K, static_cast<float>(divisor),
+                                                       xq.data() + m * K);
+  auto acc = torch::empty({M, N}, xc.options().dtype(torch::kInt32));
+  int32_t* ap = acc.data_ptr<int32_t>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) int8_dot_block<2>(xq.data(), M, wp, K, n, ap, N);
+    if (n < n1) int8_dot_block<1>(xq.data(), M, wp, K, n, ap, N);
+  });
+  auto y = torch::empty({M, N}, xc.options());
+  const float* swp = sw.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n)
+      yp[m * N + n] = static_cast<float>(ap[m * N + n]) * sx[m] * swp[n] + (bp ? bp[n] : 0.f);
+  return y;
+}
+
+// y [M, N] float32 = acc[m, n] · s_x[m] · s_w[n] + bias[n] for an int32 product acc [M, N] (prefill).
+torch::Tensor int8_rescale(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw, c10::optional<torch::Tensor> bias_opt) {
+  TORCH_CHECK(acc.dtype() == torch::kInt32 && acc.dim() == 2, "acc: int32 [M, N]");
+  torch::Tensor bias = bias_opt.has_value() ? *bias_opt : torch::Tensor();
+  auto ac = acc.contiguous();
+  auto sxc = sx.contiguous();
+  const int64_t M = ac.size(0), N = ac.size(1);
+  TORCH_CHECK(sxc.dtype() == torch::kFloat32 && sxc.numel() == M, "s_x: float32 [M]");
+  TORCH_CHECK(sw.dtype() == torch::kFloat32 && sw.is_contiguous() && sw.numel() == N, "s_w: float32 [N]");
+  TORCH_CHECK(!bias.defined() || (bias.dtype() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == N),
+              "bias: float32 [N]");
+  auto y = torch::empty({M, N}, ac.options().dtype(torch::kFloat32));
+  const int32_t* ap = ac.data_ptr<int32_t>();
+  const float *sxp = sxc.data_ptr<float>(), *swp = sw.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const __m256 s = _mm256_set1_ps(sxp[m]);
+      int64_t n = 0;
+      for (; n + 8 <= N; n += 8) {
+        __m256 v = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + m * N + n)));
+        v = _mm256_mul_ps(_mm256_mul_ps(v, s), _mm256_loadu_ps(swp + n));
+        if (bp) v = _mm256_add_ps(v, _mm256_loadu_ps(bp + n));
+        _mm256_storeu_ps(yp + m * N + n, v);
+      }
+      for (; n < N; ++n) yp[m * N + n] = static_cast<float>(ap[m * N + n]) * sxp[m] * swp[n] + (bp ? bp[n] : 0.f);
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x · Wᵀ from 4- or 8-bit codes, float32 (small M)");
   m.def("dequantize", &dequantize, "rows n0..n1 of W as float32, written into out");
+  m.def("quantize_per_token", &quantize_per_token, "per-token int8 codes and scales of float32 rows");
+  m.def("int8_gemv", &int8_gemv, "W8A8 y = (q_x · q_wᵀ) s_x s_w + b, int32 accumulation (small M)");
+  m.def("int8_rescale", &int8_rescale, "float32 acc · s_x · s_w + b from an int32 product");
 }
