@@ -316,3 +316,18 @@ def test_packed_storage_keeps_the_formats_own_grid(kind):
         assert p.parts["sub_scale"].dtype == torch.int8 and ("dmin" in p.parts) == K.KTYPES[kind].has_min
     else:
         assert p.meta["zero"] == "q5_1_min" and p.parts["zero"].dtype == torch.float16
+
+
+def test_help_names_every_type_and_mix():
+    import typer
+
+    from lmcompress.checkpoint.gguf_export import TYPES
+    from lmcompress.cli import app
+
+    group = typer.main.get_command(app)
+
+    def option_help(verb: str, name: str) -> str:
+        return next(p.help for p in group.commands[verb].params if p.name == name)
+
+    assert all(t in option_help("export", "qtype") for t in TYPES)
+    assert all(m in option_help("quantize", "gguf_mix") for m in MIXES)
