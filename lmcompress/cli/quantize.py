@@ -117,17 +117,9 @@ def quantize(
 
         lmcompress quantize facebook/opt-125m --method gptq --bits 4 --group-size 128 -o opt-gptq4
 
-        lmcompress quantize ./llama-sgpt50 --method gptq --bits 4 --act-order --calib-data c4 -o llama-sgpt50-w4
-
-        lmcompress quantize ./llama --method gptq --bits 4 --group-size 32 --grid q4_0 -o llama-q4_0   # for GGUF
-
         lmcompress quantize ./llama --method gptq --gguf-mix q4_k_m -o llama-q4km   # export --type q4_k_m
 
-        lmcompress quantize ./llama --method gptq --bits 4 --group-size 128 --awq -o llama-awq-gptq4
-
-        lmcompress quantize ./llama --scheme w8a8 --method gptq -o llama-w8a8   # export for vLLM
-
-        lmcompress quantize ./llama --scheme fp8 -o llama-fp8   # static activation scales (--dynamic: per token)
+        lmcompress quantize ./llama --scheme w8a8 --smoothquant 0.5 --method gptq -o llama-w8a8   # for vLLM
     """
     from lmcompress.jobs import quantize_pretrained
     from lmcompress.transforms.quantize import QuantConfig
