@@ -166,7 +166,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     info = {"args": vars(args), "peaks": peaks, "rows": rows}
-    print(f"results: {save_results(results_name('layer_probe', args.model) + f'-{args.bits}bit', info)}  ({machine_info()['cpu']})")
+    path = save_results(results_name("layer_probe", args.model) + f"-{args.bits}bit", info)
+    print(f"results: {path} ({machine_info()['cpu']})")
 
 
 if __name__ == "__main__":
