@@ -95,12 +95,12 @@ def torch_speed(models: dict, ids: torch.Tensor, steps: int, rounds: int) -> dic
 
 
 def llama_bench(files: dict[str, Path], threads: int, prompt: int, steps: int, rounds: int) -> dict[str, dict]:
-    """llama-bench prompt processing and generation tokens/s (mean of ``rounds`` runs), models alternated."""
+    """llama-bench prompt processing and generation tokens/s (best of ``rounds`` runs), models alternated."""
     best: dict[str, dict] = {name: {"pp_tok_s": 0.0, "tg_tok_s": 0.0} for name in files}
     for _ in range(rounds):  # one llama-bench run per model per round: both see the same load
         for name, path in files.items():
             cmd = [str(BIN / "llama-bench"), "-m", str(path), "-t", str(threads), "-p", str(prompt), "-n", str(steps)]
-            out = subprocess.run([*cmd, "-r", "2", "-o", "json"], capture_output=True, text=True, check=True).stdout
+            out = subprocess.run([*cmd, "-r", "1", "-o", "json"], capture_output=True, text=True, check=True).stdout
             for row in json.loads(out):
                 key = "pp_tok_s" if row["n_prompt"] > 0 else "tg_tok_s"
                 best[name][key] = max(best[name][key], float(row["avg_ts"]))
@@ -180,6 +180,12 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         row["prefill_x"] = rows[0]["prefill_ms_tok"] / row["prefill_ms_tok"]
         row["decode_x"] = rows[0]["decode_ms_tok"] / row["decode_ms_tok"]
+    title = (
+        f"{src.name}: remove {args.count} blocks by cosine influence; perplexity on {len(windows)} x {args.seqlen} "
+        f"WikiText-2 test tokens; transformers batch 1, {args.threads} threads, prefill {args.prompt} tokens, "
+        f"decode {args.steps} tokens (min of {args.rounds}); load average {load_before} → {load_after}"
+    )
+    print_table(rows, title)
 
     cpp_rows = []
     if not args.no_llama_cpp and (BIN / "llama-bench").is_file():
@@ -191,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         cpp_load_before = load_average()
         cpp = llama_bench(files, args.threads, args.prompt, args.steps, args.rounds)
         cpp_load_after = load_average()
+        print(f"llama-bench tokens/s: {cpp} (load average {cpp_load_before} → {cpp_load_after})", flush=True)
         for k, path in files.items():
             ppl_cpp = llama_perplexity(path, args.threads, args.seqlen, args.windows)
             cpp_rows.append({"model": k, "ppl_llama_cpp": ppl_cpp, **cpp[k], "MiB": path.stat().st_size / 2**20})
@@ -199,12 +206,6 @@ def main(argv: list[str] | None = None) -> None:
             row["tg_x"] = row["tg_tok_s"] / cpp_rows[0]["tg_tok_s"]
         print(f"llama.cpp load average before / after: {cpp_load_before} / {cpp_load_after}")
 
-    title = (
-        f"{src.name}: remove {args.count} blocks by cosine influence; perplexity on {len(windows)} x {args.seqlen} "
-        f"WikiText-2 test tokens; transformers batch 1, {args.threads} threads, prefill {args.prompt} tokens, "
-        f"decode {args.steps} tokens (min of {args.rounds}); load average {load_before} → {load_after}"
-    )
-    print_table(rows, title)
     if searched:
         print_table([searched], f"criterion search, {args.search} generations (same count; fitness KL)")
     if cpp_rows:
