@@ -64,7 +64,8 @@ def int8_path() -> str:
     ext = _extension()
     fused = "lmcompress's fused quantize/rescale" if ext is not None else "PyTorch elementwise quantize/rescale"
     if _int_mm_works():
-        return f"torch._int_mm int8 GEMM, {fused}"
+        own = f" (up to {DECODE_ROWS} tokens: lmcompress's fused AVX2 int8 gemv)" if ext and DECODE_ROWS > 0 else ""
+        return f"torch._int_mm int8 GEMM{own}, {fused}"
     if ext is not None:
         return f"lmcompress AVX2 int8 kernel (madd_epi16, int32), {fused}"
     return "int8 codes multiplied in float64 (exact; no int8 kernel here), PyTorch elementwise quantize/rescale"
