@@ -178,7 +178,7 @@ def test_eval_and_generate_run_the_scheme(tiny_folder, tmp_path, calib_file, cap
     assert 0 < result["agreement"]["kl_mean"] < 0.05 and result["perplexity"] > 1
     assert run_cli(["generate", str(out), "--prompt", "the", "--max-new-tokens", "3", "--json"]) == 0
     generated = json.loads(capsys.readouterr().out)
-    assert "activation quantization simulated" in generated["kernels"]["note"]
+    assert generated["kernels"]["swapped"] and not generated["kernels"]["dense"]  # the int8 kernel runs W8A8
 
 
 def test_compressed_tensors_refusal_names_the_k_grid():
@@ -191,6 +191,18 @@ def test_compressed_tensors_refusal_names_the_k_grid():
         _check_grid({"model.layers.0.mlp.down_proj": SimpleNamespace(spec=QuantSpec(4, 32, False, "q4_k"))})
     with pytest.raises(UserError, match=r"on the q4_0 grid \(llama.cpp's Q4_0"):
         _check_grid({"model.layers.0.mlp.down_proj": SimpleNamespace(spec=QuantSpec(4, 32, True, "q4_0"))})
+
+
+def test_w8a8_runs_on_the_int8_kernel_within_the_simulated_tolerance(tiny_folder, tmp_path):
+    out = tmp_path / "w8a8"
+    assert run_cli(["quantize", str(tiny_folder("llama")), "-o", str(out), "--scheme", "w8a8", "--method", "rtn"]) == 0
+    simulated, _ = load(out)
+    fast, _ = load(out, kernels="auto")
+    report = fast.lmcompress_kernels
+    assert len(report.swapped) == len(_layers(simulated)) and not report.dense
+    assert not _layers(fast)  # every int8 layer runs the integer product
+    ids = random_ids(simulated.config.vocab_size)
+    torch.testing.assert_close(logits_of(fast, ids), logits_of(simulated, ids), rtol=1e-4, atol=1e-4)
 
 
 def test_unpack_writes_the_quantized_weights_as_a_plain_folder(tiny_folder, tmp_path):

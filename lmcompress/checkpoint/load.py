@@ -294,7 +294,10 @@ def load(
     ``kernels="auto"`` runs the quantized layers of a packed folder from their codes on CPU kernels
     (:mod:`lmcompress.kernels`: lmcompress's AVX2 kernel where it builds, else PyTorch's weight-only ops; never
     dequantized in memory), ``"aten"`` on PyTorch's ops only, the others dequantized as with ``"none"``;
-    ``model.lmcompress_kernels`` then reports what runs how.
+    ``model.lmcompress_kernels`` then reports what runs how. A W8A8 / FP8 folder (``quantize --scheme``) loads
+    with :class:`~lmcompress.algorithms.actquant.ActQuantLinear` layers, which quantize their inputs as the
+    scheme does; with kernels other than ``"none"`` on CPU its int8 layers run the integer product
+    (:mod:`lmcompress.kernels.int8act`).
     """
     from lmcompress.kernels.linear import check_mode, swap_quantized_linears
 
@@ -368,6 +371,15 @@ def _install_scheme(model: nn.Module, scheme: dict, quantized: dict, fp8: dict, 
     why = f"{scheme['name']}: activation quantization simulated ({scheme['activations']})"
     report.dense = dict.fromkeys((f"{n}.weight" for n in names), why)
     report.note = why
+    if kernels != "none" and torch.device(device).type == "cpu":  # int8 × int8 → int32 layers (kernels.int8act)
+        from lmcompress.kernels.int8act import swap_act_quant_linears
+
+        for name, how in swap_act_quant_linears(model).items():
+            if "simulated" not in how:
+                report.swapped[name] = how
+                report.dense.pop(f"{name}.weight", None)
+        if report.swapped:
+            report.note = f"{scheme['name']}: int8 activations per token, dynamic"
     setattr(model, REPORT_ATTR, report)
 
 
