@@ -22,6 +22,10 @@ lmcompress, on the same WikiText-2 test text:
 - reference floor: the KL from llama.cpp's stored f16 log-probabilities to lmcompress's float32 forward of the
   same f16 weights, computed from the base file with llama.cpp's formula (how far the two engines' references
   are apart).
+
+Every step's result stays in the work folder (GGUFs, unpacked folders, the base file, each model's
+``llama-perplexity`` log and lmcompress scores, named by ``--ctx`` and ``--chunks``): a rerun reuses those written
+after their inputs, so a stopped run continues where it ended.
 """
 
 from __future__ import annotations
@@ -70,15 +74,23 @@ def lmc(*args, merge: bool = True) -> str:
     return run([sys.executable, "-m", "lmcompress", *args], merge=merge)
 
 
-def parse_kld(text: str) -> dict:
-    """The summary ``llama-perplexity --kl-divergence`` prints, as numbers (percentages as fractions)."""
+def parse_kld(text: str, strict: bool = True) -> dict | None:
+    """The summary ``llama-perplexity --kl-divergence`` prints, as numbers (percentages as fractions); a summary
+    with a number missing exits (``strict``) or gives None."""
     out = {}
     for key, pattern in KLD_PATTERNS.items():
         match = re.search(pattern, text)
         if match is None:
+            if not strict:
+                return None
             sys.exit(f"llama-perplexity printed no {key!r}; its output ends with:\n{text[-2000:]}")
         out[key] = float(match.group(1)) / (100 if key in PERCENT else 1)
     return out
+
+
+def newer(path: Path, *sources: Path) -> bool:
+    """Whether ``path`` exists and was written after every one of ``sources`` (a result still valid)."""
+    return path.is_file() and all(path.stat().st_mtime >= src.stat().st_mtime for src in sources)
 
 
 def read_base(path: Path) -> tuple[int, int, np.ndarray, np.memmap]:
@@ -195,8 +207,12 @@ def llama_cpp_kld(f16: Path, q: Path, text: Path, work: Path, args) -> tuple[dic
         partial = base.with_suffix(".partial")
         run([tool("llama-perplexity"), "-m", f16, *common, "--kl-divergence-base", partial], log=work / "base.log")
         partial.rename(base)
+    log = work / f"{q.stem}-c{args.ctx}-n{args.chunks}-kld.log"  # kept: a rerun reads it instead of scoring again
+    if newer(log, q, base) and (done := parse_kld(log.read_text(), strict=False)) is not None:
+        print(f"llama.cpp's KL of {q.name}: read from {log}", flush=True)
+        return done, base
     text_out = run([tool("llama-perplexity"), "-m", q, *common, "--kl-divergence-base", base, "--kl-divergence"],
-                   log=work / f"{q.stem}-kld.log")  # fmt: skip
+                   log=log)  # fmt: skip
     return parse_kld(text_out), base
 
 
@@ -271,9 +287,15 @@ def main(argv: list[str] | None = None) -> None:
     rows, details, base = [], {}, None
     for name, q in quantized.items():
         llama, base = llama_cpp_kld(f16, q, text, work, args)
-        q_dir = unpacked(q, work)
-        match = matched(q_dir, ref_dir, base, tokenizer.bos_token_id if bos else None)
-        cli = lmcompress_eval(q_dir, ref_dir, text, args)
+        done = work / f"{q.stem}-c{args.ctx}-n{args.chunks}.json"  # this model's scores, kept for a rerun
+        if newer(done, q, base):
+            print(f"lmcompress's scores of {q.name}: read from {done}", flush=True)
+            match, cli = (json.loads(done.read_text())[k] for k in ("lmcompress_matched", "lmcompress_eval"))
+        else:
+            q_dir = unpacked(q, work)
+            match = matched(q_dir, ref_dir, base, tokenizer.bos_token_id if bos else None)
+            cli = lmcompress_eval(q_dir, ref_dir, text, args)
+            done.write_text(json.dumps({"lmcompress_matched": match, "lmcompress_eval": cli}, indent=1))
         rows += rows_for(name, llama, match, cli)
         details[name] = {"gguf": q.name, "llama_cpp": llama, "lmcompress_matched": match, "lmcompress_eval": cli}
         save_results(results_name("kl_bench", dense), {"complete": False, "rows": rows, "details": details})

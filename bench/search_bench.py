@@ -13,8 +13,10 @@ Per method and target, all on the same calibration windows and printed side by s
   on the level grid;
 - ``search``: the allocation the search chose, assembled from the same database;
 - ``search-sequential``: that allocation applied by ordinary sequential pruning (``prune --allocation``).
-WikiText-2 test perplexity (``--eval-windows`` windows of ``--seqlen`` tokens), the KL fitness on the held-out
-calibration windows, and the wall time of the search (database included) are reported. One level database per
+Calibration and fitness windows are drawn as ``lmcompress search`` draws them: ``--fitness-windows`` held-out
+windows from the end of the WikiText-2 validation text, ``--nsamples`` calibration windows from the rest (no token
+in both). WikiText-2 test perplexity (``--eval-windows`` windows of ``--eval-seqlen`` tokens), the KL fitness on
+the held-out windows, and the wall time of the search (database included) are reported. One level database per
 method is shared by its targets (kept in bench/cache/search-db).
 """
 
@@ -29,15 +31,17 @@ from pathlib import Path
 import torch
 
 from bench.common import CACHE, MODEL_HELP, machine_info, print_table, save_results, wikitext
-from lmcompress.calibration.data import draw, eval_windows
+from lmcompress.calibration.data import draw, embedding_rows, eval_windows
+from lmcompress.search.work import split_windows
 
 BASELINES = CACHE / "search-baselines.json"  # perplexity of uniform / OWL sequential pruning, by settings
 
 
 def _stages(args) -> dict:
-    """The selection stages asked for: fitness windows and survivors per stage."""
+    """The selection stages asked for (fitness windows and survivors per stage) and the held-out windows drawn."""
     ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
-    return {"stage_windows": ints(args.stage_windows), "survivors": ints(args.survivors)}
+    stages = {"stage_windows": ints(args.stage_windows), "survivors": ints(args.survivors)}
+    return {**stages, "fitness_windows": args.fitness_windows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,10 +91,18 @@ def main(argv: list[str] | None = None) -> None:
 
     args.model = str(resolve_model(args.model))
     base, tokenizer = load_model(args.model)
+    # as `lmcompress search` draws them: the fitness windows from the end of the text, the calibration windows
+    # from the rest, so that no token is in both (calibration.data.split_stream)
     windows, _ = draw(
-        tokenizer, str(wikitext("valid")), nsamples=args.nsamples + args.fitness_windows, seqlen=args.seqlen, seed=0
+        tokenizer,
+        str(wikitext("valid")),
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=0,
+        held_out=args.fitness_windows,
+        vocab_size=embedding_rows(base),
     )
-    calib, held_out = windows[: args.nsamples], windows[args.nsamples :]
+    calib, held_out = split_windows(windows, args.nsamples)
     test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), args.eval_seqlen)
     test = test[: args.eval_windows]
 
@@ -107,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             for allocation in ("uniform", "owl"):
                 # prune's defaults are part of what was measured (the in-block order changed in session 8)
                 data = f"n{args.nsamples}x{args.seqlen} test{args.eval_windows}x{args.eval_seqlen} in-block sequential"
+                data += f" held-out{args.fitness_windows}"  # calibration windows cut from the rest of the text
                 key = f"{method} {target:g} {allocation} {data}"
                 if key not in baselines:  # sequential pruning is deterministic: a rerun reuses what it measured
                     model = copy.deepcopy(base)
