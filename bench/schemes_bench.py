@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=8, help="test windows of --seqlen tokens")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default=None, help="comma-separated row names (or unique prefixes) to run only")
+    parser.add_argument("--awq-grid", type=int, default=20, help="AWQ exponents tried per group (QuantConfig.awq_grid)")
     parser.add_argument("--tag", default="", help="suffix of the results file (keeps earlier runs' files)")
     args = parser.parse_args()
 
@@ -151,7 +152,8 @@ def main() -> None:
         else:
             out = work / name.replace(" ", "_").replace("+", "").replace("__", "_")
             start = time.perf_counter()
-            report = quantize_pretrained(args.model, QuantConfig(**fields), out, **job_options)
+            config = QuantConfig(**fields, **({"awq_grid": args.awq_grid} if fields.get("awq") else {}))
+            report = quantize_pretrained(args.model, config, out, **job_options)
             job = time.perf_counter() - start
             seconds = report.wall_time_s
             row["smoothing"] = report.smoothing
