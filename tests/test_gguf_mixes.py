@@ -79,6 +79,26 @@ def test_qwen_mixes_are_llama_quantizes():
     assert q4["token_embd.weight"] == "q4_k" and q4["output.weight"] == "q6_k"
 
 
+def test_q4_0_and_q5_0_mixes_are_llama_quantize_imatrixs():
+    """llama-quantize --imatrix … Q4_0 / Q5_0 (checked against --dry-run): the first L/8 ffn_down on Q4_1 / Q5_1
+    (30 and 28 blocks: 0, 1, 2), the head on Q6_K, or Q8_0 when 576 wide; everything else the default type."""
+    for mix, low, high in (("q4_0_mix", "q4_0", "q4_1"), ("q5_0_mix", "q5_0", "q5_1")):
+        for config, head in ((SMOLLM2, "token_embd.weight"), (QWEN, "output.weight")):
+            t = mix_table(mix, config)
+            n = config.num_hidden_layers
+            assert [i for i in range(n) if t[f"blk.{i}.ffn_down.weight"] == high] == [0, 1, 2]
+            assert t[head] == ("q8_0" if config is SMOLLM2 else "q6_k")
+            rest = {
+                k: v
+                for k, v in t.items()
+                if k != head and not k.endswith(tuple(f"{i}.ffn_down.weight" for i in range(3)))
+            }
+            assert set(rest.values()) == {low}  # Qwen's untied token_embd too
+    eight = LlamaConfig(**{**SMOLLM2.to_dict(), "num_hidden_layers": 16})
+    assert [i for i in range(16) if mix_table("q4_0_mix", eight)[f"blk.{i}.ffn_down.weight"] == "q4_1"] == [0, 1]
+    assert type_spec("q4_1") == QuantSpec(4, 32, False)
+
+
 def test_fallbacks_and_float_last_resort():
     from lmcompress.models.gguf_mixes import MixModel
 
@@ -89,9 +109,12 @@ def test_fallbacks_and_float_last_resort():
         "q5_0",
         "q5_1",
         "q8_0",
+        "q4_0",
+        "q5_0",
     ]
     assert tensor_type("q4_k_m", "blk.1.attn_q.weight", 100, m) == "f16"  # not even 32-weight blocks
     assert tensor_type("q4_k_m", "output.weight", 320, m) == "q8_0"
+    assert tensor_type("q4_0_mix", "output.weight", 100, m) == "f16"  # Q8_0, then not even 32-weight blocks
     with pytest.raises(UserError, match="mixture-of-experts"):
         tensor_type("q4_k_m", "blk.1.attn_q.weight", 512, MixModel(n_layers=4, n_expert=8))
 
@@ -331,3 +354,34 @@ def test_help_names_every_type_and_mix():
 
     assert all(t in option_help("export", "qtype") for t in TYPES)
     assert all(m in option_help("quantize", "gguf_mix") for m in MIXES)
+
+
+def test_q4_0_mix_quantize_then_export_has_llama_cpps_types(mix_folder, tmp_path, capsys):
+    """Eight blocks: ffn_down of block 0 on Q4_1 (the min-max 4-bit asymmetric grid in 32-blocks), the rest Q4_0,
+    the tied 288-wide head Q8_0; the GGUF is written from the codes and reads back as the stored weights."""
+    from lmcompress.checkpoint.packed import read_packed
+
+    out = tmp_path / "q40"
+    argv = ["quantize", str(mix_folder), "--method", "rtn", "--gguf-mix", "q4_0_mix", "-o", str(out), "-q"]
+    assert run_cli(argv) == 0
+    assert "Q4_0_MIX mix" in capsys.readouterr().out
+    recipe = json.loads((out / "lmcompress.json").read_text())
+    quantized = read_packed(out, recipe)[1]
+    down = quantized["model.layers.0.mlp.down_proj.weight"]
+    assert down.spec == QuantSpec(4, 32, False) and quantized["model.layers.1.mlp.down_proj.weight"].spec.grid == "q4_0"
+    path = tmp_path / "m.gguf"
+    argv = ["export", str(out), "--format", "gguf", "--type", "q4_0_mix", "-o", str(path), "--json"]
+    assert run_cli(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    table = mix_table("q4_0_mix", LlamaConfig.from_pretrained(out))
+    assert summary["requantized"]["tensors"] == 0 and summary["from_codes"]["tensors"] == len(table)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    assert {n: t.tensor_type.name.lower() for n, t in tensors.items() if n in table} == table
+    assert [n for n, k in table.items() if k == "q4_1"] == ["blk.0.ffn_down.weight"]
+    t = tensors["blk.0.ffn_down.weight"]
+    back = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(down.codes.shape)
+    ref = down.dequantize().numpy()
+    assert np.abs(back - ref).max() <= 2e-3 * np.abs(ref).max()  # fp16 d and m of the stored codes
+    dense = tmp_path / "d.gguf"  # a dense model: every tensor re-quantized by gguf's reference quantizers
+    assert run_cli(["export", str(mix_folder), "--format", "gguf", "--type", "q4_0_mix", "-o", str(dense)]) == 0
+    assert {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(str(dense)).tensors if t.name in table} == table

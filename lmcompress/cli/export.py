@@ -22,9 +22,9 @@ def export(
         "--type",
         help="gguf: type of the linear weights: auto (quantized codes as they are, dense as f16); a block type "
         "q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k (what is not already that type is "
-        "re-quantized by round-to-nearest); a llama.cpp mix q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k (each tensor, "
-        "head and embedding included, on the type llama-quantize's mix gives it; written from the codes of "
-        "`quantize --gguf-mix` of that mix); f16, bf16, f32.",
+        "re-quantized by round-to-nearest); a llama.cpp mix q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, q4_0_mix, "
+        "q5_0_mix (each tensor, head and embedding included, on the type llama-quantize's mix gives it; "
+        "written from the codes of `quantize --gguf-mix` of that mix); f16, bf16, f32.",
     ),
     embed_type: str = typer.Option(
         "auto",

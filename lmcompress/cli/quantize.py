@@ -31,8 +31,10 @@ def quantize(
     gguf_mix: str = typer.Option(
         None,
         "--gguf-mix",
-        help="llama.cpp's quantization mix: q2_k, q3_k_m, q4_k_m, q5_k_m or q6_k. Every layer and the output head "
-        "get the GGUF type llama-quantize's mix gives them (more bits for some attn_v / ffn_down layers, Q6_K or "
+        help="llama.cpp's quantization mix: q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, or q4_0_mix / q5_0_mix "
+        "(llama-quantize --imatrix's Q4_0 / Q5_0: the first eighth of ffn_down on Q4_1 / Q5_1; the plain Q4_0 "
+        "grid is --grid q4_0). Every layer and the output head get the GGUF type llama-quantize's mix gives "
+        "them (more bits for some attn_v / ffn_down layers, Q6_K or "
         "Q8_0 for the head, Q5_0 / Q5_1 / Q8_0 / Q4_0 where a row is not whole 256-weight super-blocks) and are "
         "solved on that grid; `export --format gguf --type MIX` writes them from their codes. Replaces --bits, "
         "--group-size, --grid and the --head-* options (docs/gguf.md).",

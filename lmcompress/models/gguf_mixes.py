@@ -15,6 +15,8 @@ q3_k_m     Q3_K     Q5_K if i < 2 else Q4_K    Q5_K if i < L/16 else Q4_K   Q4_K
 q4_k_m     Q4_K     Q6_K if more_bits else —   Q6_K if more_bits else —     —            Q6_K
 q5_k_m     Q5_K     Q6_K if more_bits else —   Q6_K if more_bits else —     —            Q6_K
 q6_k       Q6_K     —                          —                            —            Q6_K
+q4_0_mix   Q4_0     —                          Q4_1 if i < L/8 else —       —            Q6_K
+q5_0_mix   Q5_0     —                          Q5_1 if i < L/8 else —       —            Q6_K
 =========  =======  =========================  ===========================  ===========  ===========
 
 (— : the default.) ``attn_q``, ``attn_k``, ``ffn_gate``, ``ffn_up`` and the token embedding take the default.
@@ -24,7 +26,13 @@ tied embeddings has no ``output.weight`` and its ``token_embd`` takes the output
 
 Fallbacks: a tensor whose row (``ne0``, the input width) is not a multiple of the type's block gets
 Q2_K, Q3_K → Q4_0; Q4_K → Q5_0; Q5_K → Q5_1; Q6_K → Q8_0 (32-weight blocks), and F16 if even 32 does not
-divide it. All of these are grids lmcompress solves and writes (:mod:`lmcompress.algorithms.quant`).
+divide it. All of these are grids lmcompress solves and writes (:mod:`lmcompress.algorithms.quant`), but Q4_1:
+lmcompress has no ``q4_1`` grid with llama.cpp's rounding, so a Q4_1 tensor is solved on the 4-bit asymmetric
+min-max grid in groups of 32 (integer zero point), which GGUF export writes as Q4_1 with fp16 ``d`` and ``m``.
+
+``q4_0_mix`` / ``q5_0_mix`` are ``llama-quantize --imatrix … Q4_0`` / ``Q5_0``: llama.cpp raises the first
+``L/8`` ``ffn_down`` to Q4_1 / Q5_1 only when given an importance matrix. Without one its Q4_0 is Q4_0 throughout
+but the head (and an untied token embedding, Q4_0); the plain ``q4_0`` grid / ``export --type q4_0`` is not a mix.
 
 Not covered (refused or absent from the families GGUF export knows): mixture-of-experts rules (``n_expert``
 of 8 raises ``attn_v`` / ``attn_k`` to Q8_0 and ``attn_output`` to Q5_K), fused ``attn_qkv``, Falcon's
@@ -47,7 +55,12 @@ MIXES: dict[str, tuple[str, str]] = {
     "q4_k_m": ("q4_k", "MOSTLY_Q4_K_M"),
     "q5_k_m": ("q5_k", "MOSTLY_Q5_K_M"),
     "q6_k": ("q6_k", "MOSTLY_Q6_K"),
+    "q4_0_mix": ("q4_0", "MOSTLY_Q4_0"),  # llama-quantize --imatrix … Q4_0
+    "q5_0_mix": ("q5_0", "MOSTLY_Q5_0"),  # llama-quantize --imatrix … Q5_0
 }
+
+# the _0 mixes' early ffn_down type (llama.cpp raises it only when given an imatrix)
+_GUARD = {"q4_0_mix": "q4_1", "q5_0_mix": "q5_1"}
 
 # type → llama.cpp's replacement when a row is not whole blocks of that type
 FALLBACK: dict[str, str] = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
@@ -157,6 +170,8 @@ def rule_type(mix: str, cat: str, layer: int | None, model: MixModel) -> str:
             return "q5_k" if i < n // 16 else "q4_k"
         if mix in ("q4_k_m", "q5_k_m") and more_bits(i, n):
             return "q6_k"
+        if mix in _GUARD and i < n // 8:
+            return _GUARD[mix]
         return default
     if cat == "attn_output":
         return {"q2_k": "q3_k", "q3_k_m": "q4_k"}.get(mix, default)
@@ -176,7 +191,7 @@ def tensor_type(mix: str, gguf_name: str, cols: int, model: MixModel) -> str:
     cat = category(gguf_name)
     kind = rule_type(mix, cat, block_index(gguf_name), model)
     if (cat == "output" or (cat == "token_embd" and model.tied)) and cols % QK_K:
-        return "q8_0"  # the output's own rule: a head that is not whole super-blocks is Q8_0
+        return fallback("q8_0", cols)  # the output's own rule: a head that is not whole super-blocks is Q8_0
     return fallback(kind, cols)
 
 
@@ -226,6 +241,8 @@ def type_spec(kind: str):
     if kind in LEGACY:
         bits, sym = LEGACY[kind]
         return QuantSpec(bits, LEGACY_BLOCK, sym, kind)
+    if kind == "q4_1":  # no llama.cpp-rounding grid: min-max 4-bit asymmetric blocks, written as Q4_1
+        return QuantSpec(4, LEGACY_BLOCK, False)
     if kind in FALLBACK:
         return kquant_spec(kind)
     return None
