@@ -30,6 +30,10 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "kernels": ("bench.kernels_bench", ["--repeats", "1", "--eval-windows", "2"]),
     "distributed": ("bench.distributed_bench", ["--eval-windows", "4"]),
     "kl": ("bench.kl_bench", ["--chunks", "4", "--no-gptq"]),
+    "schemes": ("bench.schemes_bench", ["--nsamples", "4", "--eval-windows", "2", "--awq-grid", "5"]),
+    "w8a8": ("bench.w8a8_bench", ["--repeats", "1", "--new-tokens", "8"]),
+    "kquant": ("bench.kquant_bench", ["--types", "q4_k_m", "--calib-chunks", "8", "--chunks", "2"]),
+    "depth": ("bench.depth_bench", ["--nsamples", "4", "--windows", "2", "--rounds", "1", "--no-llama-cpp"]),
 }
 
 
