@@ -163,16 +163,7 @@ def export_compressed_tensors(
         "exported_from": str(folder),
     }
 
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        compressor.update_config(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        plain = {k: v for k, v in recipe.items() if k not in ("storage", "packed")}
-        (tmp / RECIPE_FILE).write_text(json_text({**plain, "export": summary}) + "\n")
-
-    save_atomic(out, write, overwrite=overwrite)
-    return {**summary, "output": str(out)}
+    return _write_export(out, model, compressor, tokenizer, recipe, summary, overwrite)
 
 
 def _check_whole_groups(quantized: dict) -> None:
@@ -292,6 +283,13 @@ def _export_scheme(
         "codes_changed": changed,
         "exported_from": str(folder),
     }
+
+    return _write_export(out, model, compressor, tokenizer, recipe, summary, overwrite)
+
+
+def _write_export(out: Path, model, compressor, tokenizer, recipe: dict, summary: dict, overwrite: bool) -> dict:
+    """Save ``model`` compressed as ``compressor`` says, with the tokenizer and the recipe (its ``export`` entry:
+    ``summary``), to ``out`` atomically; returns the summary with the output path."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
