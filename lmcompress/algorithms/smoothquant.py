@@ -29,7 +29,7 @@ def check_alpha(alpha: float, name: str = "alpha") -> float:
     except (TypeError, ValueError):
         raise UserError(f"{name} must be a number in [0, 1], got {alpha!r}", param=name) from None
     if not 0.0 <= value <= 1.0:
-        raise UserError(f"{name} must be a number in [0, 1], got {alpha!r}", param=name)
+        raise UserError(f"{name} must be in [0, 1], got {alpha!r}", param=name)
     return value
 
 

@@ -60,7 +60,13 @@ def check_smoothquant(value: float | str | None, param: str = "smoothquant") -> 
         return "auto"
     if isinstance(value, bool):
         raise UserError(f"{param} must be a number in [0, 1] or 'auto', got {value!r}", param=param)
-    return check_alpha(value, param)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{param} must be a number in [0, 1] or 'auto', got {value!r}", param=param) from None
+    if not 0.0 <= number <= 1.0:
+        raise UserError(f"{param}: α outside [0, 1] (got {value!r}); give a number in [0, 1] or 'auto'", param=param)
+    return check_alpha(number, param)
 
 
 @dataclass
