@@ -20,6 +20,7 @@ VERBS = {
     "quantize": "Quantize weights to 2-8 bits (RTN or GPTQ), stored packed.",
     "shrink": "Remove FFN channels or attention heads: smaller matrices.",
     "drop-experts": "Keep K experts in every mixture-of-experts layer.",
+    "merge-experts": "Merge the experts of every MoE layer down to K (MC-SMoE).",
     "factorize": "Replace linear layers by low-rank factors (SVD).",
     "eval": "Perplexity, sparsity, multiple choice, QA and retrieval.",
     "generate": "Generate text; quantized layers run on CPU kernels.",

@@ -80,3 +80,65 @@ def drop_experts(
         lmcompress drop-experts ./mixtral --keep 4 --iterative --step 2 -o mixtral-4x
     """
     run_drop_experts(ctx, **{k: v for k, v in locals().items() if k != "ctx"})
+
+
+# ---- merge-experts (MC-SMoE) ---------------------------------------------------------------------------------
+
+
+@app.command("merge-experts")
+def merge_experts(
+    model: str = typer.Argument(..., help="Mixture-of-experts model folder or hub id (Mixtral, Qwen-MoE, OLMoE)."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder to write the merged model to (must not exist)."),
+    keep: int = typer.Option(..., "--keep", help="Experts left in every MoE layer (fewer than it has, ≥ top-k)."),
+    align: bool = typer.Option(
+        False, "--align", help="Permute each expert's neurons to match its dominant expert's before averaging."
+    ),
+    calib_data: str = options.calib_data("Calibration text (routing is measured on it)"),
+    nsamples: int = options.NSAMPLES,
+    seqlen: int = options.SEQLEN,
+    seed: int = options.CALIB_SEED,
+    device: str = options.DEVICE,
+    dtype: str = options.DTYPE,
+    overwrite: bool = options.OVERWRITE,
+    trust_remote_code: bool = options.TRUST,
+    allow_pickle: bool = options.PICKLE,
+    offload: str = options.OFFLOAD_NONE,
+    as_json: bool = options.JSON,
+    quiet: bool = options.QUIET,
+) -> None:
+    """Merge the experts of every mixture-of-experts layer down to K (MC-SMoE: merge, do not drop).
+
+    Every MoE layer in turn, on the calibration windows: the K experts the router picks most often are the
+    dominant ones; every other expert joins the dominant expert whose router logits over the calibration
+    tokens are most similar (cosine); each group becomes one expert, the average of its members' weights
+    weighted by how often each is routed to (with --align, after permuting each member's neurons to match the
+    dominant expert's). The router keeps the dominant experts' rows; the result loads with `from_pretrained`.
+
+    Examples:
+
+        lmcompress merge-experts ./mixtral --keep 4 -o mixtral-merged-4x
+
+        lmcompress merge-experts ./olmoe --keep 32 --align --calib-data wikitext2 -o olmoe-32
+    """
+    from lmcompress.jobs import run_job
+    from lmcompress.transforms.merge import MergeConfig
+    from lmcompress.transforms.merge import merge_experts as merge
+
+    config = MergeConfig(keep=keep, align=align)
+    report = run_job(
+        "merge-experts",
+        model,
+        config,
+        output,
+        merge,
+        check_source=lambda cfg, _recipe: config.check_model(cfg),
+        **options.job_options(locals()),
+    )
+    if as_json:
+        typer.echo(json_text(report.to_dict()))
+    else:
+        typer.echo(
+            f"merged {report.experts_before} experts into {report.experts_after} per layer of {model}"
+            f"{' (aligned)' if align else ''}: {report.params_before:,} → {report.params_after:,} parameters "
+            f"in {report.wall_time_s:.1f}s → {output}"
+        )
