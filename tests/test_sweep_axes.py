@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lmcompress.checkpoint.inspect import folder_info
 from lmcompress.errors import UserError
 from lmcompress.measure import sweep as S
 from lmcompress.measure.report import compare, paired_ratio, summarize_bits, write_report
@@ -86,6 +87,13 @@ def test_an_absurd_grid_is_refused_at_once():
         (["--methods", "wanda", "--percdamp", "0.1"], "--percdamp does not apply without sparsegpt or gptq"),
         (["--batch-size", "0"], "--batch-size must be a positive integer"),
         (["--sparsities", "0.1:0.9:0.000001"], "800,001 sweep points"),
+        (["--methods", "wanda", "--scheme", "w8a8"], "--scheme does not apply without a quantization"),
+        (["--methods", "rtn", "--scheme", "w8a8", "--bits", "4"], "--bits does not apply with --scheme w8a8 alone"),
+        (["--methods", "rtn", "--scheme", "int4"], "schemes ['int4']: choose from none"),
+        (["--methods", "rtn", "--scheme", "w8a8", "--dynamic"], "dynamic applies to scheme fp8"),
+        (["--methods", "rtn", "--smoothquant", "0.5"], "smoothquant applies to the scheme points"),
+        (["--methods", "rtn", "--scheme", "w8a8", "--smoothquant", "1.5"], "outside [0, 1]"),
+        (["--methods", "rtn", "--scheme", "w8a8", "--smoothquant", "half"], "give α values in [0, 1]"),
     ],
 )
 def test_options_the_axes_would_not_use_are_errors(tmp_path, tiny_folder, capsys, extra, said):
@@ -165,6 +173,44 @@ def test_a_mixed_sweep_records_sizes_as_info_measures_them_and_agreement(tmp_pat
     assert "## Within the noise?" in md and "rtn (group 32) at 4 bits vs dense: perplexity" in md
     assert "## Agreement with the dense model" in md
     assert (out / "plots" / "ppl-wikitext2-test-perplexity-size.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_scheme_point_is_what_quantize_then_eval_measures(tmp_path, tiny_folder, calib_path, capsys):
+    """W8A8 / FP8 points run their activations quantized as the saved folder does: the sweep's numbers are
+    exactly those of `quantize --scheme` then `eval --reference`; the same int8 weights without the activation
+    quantization (weight-only 8 bits per channel) measure otherwise."""
+    src, out = tiny_folder("llama"), tmp_path / "res"
+    config = mixed(calib_path, methods=["rtn", "gptq"], schemes=["none", "w8a8", "fp8"], bits=[8], group_size=-1,
+                   smoothquant=[None, 0.5])  # fmt: skip
+    ids = [p.id for p in config.points()]  # gptq with fp8 is left out (FP8 weights are rounded to nearest)
+    assert ids == ["rtn-8bit-channel", "rtn-w8a8", "rtn-w8a8-sq0.5", "rtn-fp8", "rtn-fp8-sq0.5", "gptq-8bit-channel",
+                   "gptq-w8a8", "gptq-w8a8-sq0.5"]  # fmt: skip
+    assert config.count() == len(ids) + 2
+    config = mixed(calib_path, methods=["rtn"], schemes=["none", "w8a8", "fp8"], bits=[8], group_size=-1,
+                   smoothquant=[None, 0.5])  # fmt: skip
+    run_sweep(src, config, out, progress=False)
+    pts = {p.stem: json.loads(p.read_text()) for p in (out / "points").glob("*.json")}
+    assert pts["rtn-w8a8-sq0.5"]["quantize"]["smoothing"]["smoothquant"]["alpha"] == 0.5 and pts["rtn-fp8"]["scheme"] == "fp8"
+    kl = "agreement/kl_mean"
+    assert pts["rtn-w8a8"]["metrics"][kl] != pts["rtn-8bit-channel"]["metrics"][kl]  # activations quantized
+    for pid, args in [
+        ("rtn-w8a8-sq0.5", ["--scheme", "w8a8", "--method", "rtn", "--smoothquant", "0.5"]),
+        ("rtn-fp8", ["--scheme", "fp8"]),  # static scales, calibrated on the same windows
+    ]:
+        folder = tmp_path / pid
+        calib = ["--calib-data", str(calib_path), "--nsamples", "4", "--seqlen", "64"]
+        assert run_cli(["quantize", str(src), "-o", str(folder), *args, *calib, "--quiet"]) == 0
+        assert pts[pid]["size"]["weights_bytes"] == folder_info(folder)["weights_bytes"]
+        capsys.readouterr()
+        argv = ["eval", str(folder), "--tasks", PPL, "--seqlen", "64", "--limit", "4", "--reference", str(src)]
+        assert run_cli([*argv, "--json"]) == 0
+        evaluated = json.loads(capsys.readouterr().out)["metrics"]
+        for key, value in pts[pid]["metrics"].items():
+            assert evaluated[key] == value, (pid, key)
+    assert run_cli(["report", str(out)]) == 0
+    assert "rtn (w8a8, SmoothQuant 0.5)" in (out / "report.md").read_text()
+    fresh = mixed(calib_path, methods=["rtn"], schemes=["w8a8"], smoothquant=[None])
+    assert run_sweep(src, fresh, out, progress=False)["ran"] == []  # resumed: the point ids are stable
 
 
 # ---------------------------------------------------------------------------------------------- two sweeps

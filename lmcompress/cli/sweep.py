@@ -40,6 +40,18 @@ def sweep(
     group_size: int = typer.Option(
         128, "--group-size", help="Quantization: inputs sharing one scale (-1: one per output channel)."
     ),
+    scheme: str = typer.Option(
+        "none",
+        "--scheme",
+        help="Quantization: comma-separated none (weight-only, the --bits axis), w8a8, fp8: a scheme point is 8 bits "
+        "per channel with its activations quantized as the exported scheme runs them.",
+    ),
+    dynamic: bool = typer.Option(
+        False, "--dynamic", help="--scheme fp8: per-token activation scales (default: per tensor, calibrated)."
+    ),
+    smoothquant: str = typer.Option(
+        "none", "--smoothquant", help="Scheme points: comma-separated SmoothQuant α in [0, 1], auto, none."
+    ),
     ratios: str = typer.Option(
         "0.1:0.5:0.1",
         "--ratios",
@@ -81,7 +93,8 @@ def sweep(
     quantization --bits (at --group-size), structured --allocation × --ratios. An option that none of the
     chosen methods uses is an error. A killed sweep resumes where it stopped when run again with the same
     settings; a second sweep into a folder that a sweep is writing is refused. Then `lmcompress report DIR`
-    finds how far each method can go and plots quality against bytes on disk.
+    finds how far each method can go and plots quality against bytes on disk. --scheme w8a8 / fp8 adds
+    weight-and-activation points (× --smoothquant), evaluated exactly as `quantize --scheme` then `eval` would.
 
     Examples:
 
@@ -90,18 +103,32 @@ def sweep(
         lmcompress sweep ./llama --methods ffn,heads --ratios 0.1:0.5:0.1 -o res/shrink
 
         lmcompress sweep ./llama --methods sparsegpt,gptq --sparsities 0.5,0.75 --bits 4,2 -o res/equal-size
-    """
-    from lmcompress.measure.sweep import SweepConfig, parse_bits, parse_levels, parse_sparsities, run_sweep
 
-    kinds = _check_axes(ctx, methods, allocation, pattern)
+        lmcompress sweep ./llama --methods rtn,gptq --scheme none,w8a8 --bits 4 --smoothquant none,0.5,auto -o res/w8a8
+    """
+    from lmcompress.measure.sweep import (
+        WEIGHT_ONLY,
+        SweepConfig,
+        parse_bits,
+        parse_levels,
+        parse_smoothquant,
+        parse_sparsities,
+        run_sweep,
+    )
+
+    kinds = _check_axes(ctx, methods, allocation, pattern, scheme)
+    schemes = [s.strip() for s in scheme.split(",") if s.strip()]
     config = SweepConfig(
         methods=methods.split(","),
         allocations=allocation.split(","),
         sparsities=parse_sparsities(sparsities) if "prune" in kinds else [],
         patterns=pattern.split(","),
-        bits=parse_bits(bits) if "quant" in kinds else [],
+        bits=parse_bits(bits) if "quant" in kinds and WEIGHT_ONLY in schemes else [],
         group_size=group_size,
         ratios=parse_levels(ratios, "ratios") if "shrink" in kinds else [],
+        schemes=schemes,
+        dynamic=dynamic,
+        smoothquant=parse_smoothquant(smoothquant),
         tasks=tasks,
         harness=harness,
         limit=limit,
@@ -138,16 +165,27 @@ def sweep(
         )
 
 
-def _check_axes(ctx: typer.Context, methods: str, allocation: str, pattern: str) -> set[str]:
+def _check_axes(ctx: typer.Context, methods: str, allocation: str, pattern: str, scheme: str = "none") -> set[str]:
     """The kinds of the chosen methods; a UserError for every option given that none of them would use."""
-    from lmcompress.measure.sweep import QUANT_METHODS, SHRINK_METHODS
+    from lmcompress.measure.sweep import QUANT_METHODS, SHRINK_METHODS, WEIGHT_ONLY
 
     chosen = {m.strip() for m in methods.split(",") if m.strip()}
     kinds = {"quant" if m in QUANT_METHODS else "shrink" if m in SHRINK_METHODS else "prune" for m in chosen}
     if "prune" not in kinds:
         options.refuse(ctx, ("sparsities", "pattern"), f"without a {PRUNE_HELP} method in --methods")
     if "quant" not in kinds:
-        options.refuse(ctx, ("bits", "group_size"), f"without a {QUANT_HELP} method in --methods")
+        options.refuse(
+            ctx,
+            ("bits", "group_size", "scheme", "dynamic", "smoothquant"),
+            f"without a {QUANT_HELP} method in --methods",
+        )
+    elif WEIGHT_ONLY not in {s.strip() for s in scheme.split(",")}:
+        options.refuse(
+            ctx,
+            ("bits", "group_size"),
+            f"with --scheme {scheme} alone: a scheme quantizes weights to 8 bits per output channel; add none to "
+            "--scheme to sweep weight-only --bits as well",
+        )
     if "shrink" not in kinds:
         options.refuse(ctx, ("ratios",), f"without a {SHRINK_HELP} method in --methods")
     if kinds == {"quant"}:

@@ -156,6 +156,10 @@ def level(p: dict) -> float:
 
 def _series_name(p: dict) -> str:
     kind = kind_of(p)
+    if kind == "quant" and p.get("scheme"):  # a W8A8 / FP8 point: a series of its own, one point at 8 bits
+        sq = p.get("smoothquant")
+        extra = ("" if not p.get("dynamic") else ", dynamic") + ("" if sq is None else f", SmoothQuant {sq}")
+        return f"{p['method']} ({p['scheme']}{extra})"
     if kind == "quant":
         gs = p.get("group_size")
         return f"{p['method']} ({'per channel' if gs == -1 else f'group {gs}'})"

@@ -1,14 +1,16 @@
 """Sweeps: a grid of compressions of one dense model, each made from a copy in memory, saved once to measure its
 size on disk, and evaluated on the same tasks; each result is written as soon as it exists, and a rerun skips
 what is done. Three kinds of axes: pruning (method × allocation × pattern × sparsity), quantization (RTN / GPTQ
-× bits) and structured shrinking (FFN channels / attention heads × allocation × ratio).
+× bits, or × weight-and-activation scheme × SmoothQuant α) and structured shrinking (FFN channels / attention
+heads × allocation × ratio). A W8A8 / FP8 point is evaluated with its activations quantized exactly as the folder
+``lmcompress quantize --scheme`` writes runs them (its layers rebuilt as ``load`` rebuilds them).
 
 Layout of a results folder::
 
     RESULTS_DIR/sweep.json          settings that shape every number (model, tasks, calibration...) + the grid
     RESULTS_DIR/points/dense.json   the dense baseline, evaluated once
     RESULTS_DIR/points/<id>.json    one file per grid point, e.g. wanda-owl-unstructured-0.600.json,
-                                    gptq-4bit-g128.json, ffn-uniform-0.300.json
+                                    gptq-4bit-g128.json, rtn-w8a8-sq0.5.json, ffn-uniform-0.300.json
     RESULTS_DIR/sweep.lock          while a sweep runs: its PID and host (a second sweep is refused)
 
 Every file is written to a temporary name and renamed, so a killed sweep leaves only finished points.
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lmcompress.algorithms.actquant import SCHEMES
 from lmcompress.algorithms.masks import Pattern
 from lmcompress.checkpoint.folder import (
     check_not_nested,
@@ -58,6 +61,7 @@ MAX_POINTS = 1000  # a grid larger than this is a mistake (each point is a compr
 QUANT_METHODS = ("rtn", "gptq")
 SHRINK_METHODS = ("ffn", "heads")  # structured: FFN channels, or KV groups of attention heads
 ALL_METHODS = (*METHODS, *QUANT_METHODS, *SHRINK_METHODS)
+WEIGHT_ONLY = "none"  # the scheme axis value of weight-only points (the bits axis)
 
 
 def _too_many(n: int, what: str) -> UserError:
@@ -116,10 +120,31 @@ def _split(text: str | list[str]) -> list[str]:
     return [s.strip() for s in items if s.strip()]
 
 
+def parse_smoothquant(text: str) -> list[float | str | None]:
+    """``"none,0.5,auto"`` → ``[None, 0.5, "auto"]``: SmoothQuant's α values (each checked when its point's config
+    is built: a number in [0, 1], or ``auto``); ``none`` is a point without SmoothQuant."""
+    out: list[float | str | None] = []
+    for item in _split(text):
+        if item.lower() in ("none", "auto"):
+            out.append(None if item.lower() == "none" else "auto")
+            continue
+        try:
+            out.append(round(float(item), 6))
+        except ValueError:
+            raise UserError(
+                f"smoothquant {item!r}: give α values in [0, 1], auto or none, e.g. none,0.5,auto", param="smoothquant"
+            ) from None
+    if not out:
+        raise UserError("smoothquant needs at least one value, e.g. none,0.5,auto", param="smoothquant")
+    return list(dict.fromkeys(out))
+
+
 @dataclass(frozen=True)
 class Point:
     """One grid point. Pruning: ``allocation``, ``pattern``, ``sparsity``; quantization: ``bits``,
-    ``group_size``; structured (``ffn`` / ``heads``): ``allocation``, ``ratio`` (fraction of units removed)."""
+    ``group_size``, and for a weight-and-activation scheme (``w8a8`` / ``fp8``; bits 8 per channel) ``scheme``,
+    ``dynamic`` (FP8 per-token activations) and ``smoothquant`` (α or ``"auto"``); structured (``ffn`` /
+    ``heads``): ``allocation``, ``ratio`` (fraction of units removed)."""
 
     method: str
     allocation: str | None = None
@@ -128,6 +153,9 @@ class Point:
     bits: int | None = None
     group_size: int | None = None
     ratio: float | None = None
+    scheme: str | None = None
+    dynamic: bool | None = None
+    smoothquant: float | str | None = None
 
     @property
     def kind(self) -> str:
@@ -135,6 +163,10 @@ class Point:
 
     @property
     def id(self) -> str:
+        if self.kind == "quant" and self.scheme is not None:
+            sq = self.smoothquant
+            sq = "" if sq is None else "-sqauto" if sq == "auto" else f"-sq{sq:g}"
+            return f"{self.method}-{self.scheme}{'-dynamic' if self.dynamic else ''}{sq}"
         if self.kind == "quant":
             return f"{self.method}-{self.bits}bit-{'channel' if self.group_size == -1 else f'g{self.group_size}'}"
         if self.kind == "shrink":
@@ -147,8 +179,10 @@ class SweepConfig:
     """Everything a sweep needs besides the model. Grid axes are lists; the rest are shared by every point.
 
     ``methods`` mixes three kinds, each with its own axes: pruning (magnitude, wanda, sparsegpt) over
-    ``allocations`` × ``patterns`` × ``sparsities``; quantization (rtn, gptq) over ``bits`` at ``group_size``;
-    structured shrinking (ffn, heads) over ``allocations`` × ``ratios``."""
+    ``allocations`` × ``patterns`` × ``sparsities``; quantization (rtn, gptq) over ``schemes``: ``"none"``
+    (weight only) over ``bits`` at ``group_size``, ``"w8a8"`` / ``"fp8"`` (8 bits per channel, activations
+    quantized; FP8 per token with ``dynamic``, else per tensor, calibrated) over ``smoothquant`` (α values,
+    ``"auto"``, ``None``: without); structured shrinking (ffn, heads) over ``allocations`` × ``ratios``."""
 
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     allocations: list[str] = field(default_factory=lambda: ["uniform"])
@@ -157,6 +191,9 @@ class SweepConfig:
     bits: list[int] = field(default_factory=lambda: [8, 4, 3])
     group_size: int = 128
     ratios: list[float] = field(default_factory=lambda: parse_levels("0.1:0.5:0.1", "ratios"))
+    schemes: list[str] = field(default_factory=lambda: [WEIGHT_ONLY])
+    dynamic: bool = False
+    smoothquant: list[float | str | None] = field(default_factory=lambda: [None])
     tasks: str = "ppl:wikitext2"
     harness: str | None = None
     limit: int | None = None
@@ -186,9 +223,12 @@ class SweepConfig:
         m = _split(self.methods)
         nm = sum(Pattern.parse(p).is_nm for p in self.patterns)
         per_prune = len(self.allocations) * ((len(self.patterns) - nm) * len(self.sparsities) + nm)
+        per_quant = len(self.bits) * (WEIGHT_ONLY in self.schemes) + len(self.smoothquant) * sum(
+            s != WEIGHT_ONLY for s in self.schemes
+        )
         return (
             sum(x in METHODS for x in m) * per_prune
-            + sum(x in QUANT_METHODS for x in m) * len(self.bits)
+            + sum(x in QUANT_METHODS for x in m) * per_quant
             + sum(x in SHRINK_METHODS for x in m) * len(self.allocations) * len(self.ratios)
         )
 
@@ -200,7 +240,7 @@ class SweepConfig:
         for method in self.methods:
             kind = Point(method).kind
             if kind == "quant":
-                out.update((Point(method, bits=b, group_size=self.group_size), None) for b in self.bits)
+                out.update(dict.fromkeys(self._quant_points(method)))
             elif kind == "shrink":
                 out.update((Point(method, a, ratio=r), None) for a in self.allocations for r in self.ratios)
             else:
@@ -211,6 +251,19 @@ class SweepConfig:
                 param=("methods", "allocations", "patterns"),
             )
         return list(out)
+
+    def _quant_points(self, method: str) -> list[Point]:
+        out = []
+        for scheme in self.schemes:
+            if scheme == WEIGHT_ONLY:
+                out += [Point(method, bits=b, group_size=self.group_size) for b in self.bits]
+            elif scheme == "fp8" and method == "gptq":
+                log.warning("skipping gptq with scheme fp8: FP8 weights are rounded to nearest (use rtn)")
+            else:
+                dynamic = True if scheme == "fp8" and self.dynamic else None
+                out += [Point(method, bits=8, group_size=-1, scheme=scheme, dynamic=dynamic, smoothquant=sq)
+                        for sq in self.smoothquant]  # fmt: skip
+        return out
 
     def _prune_points(self, method: str) -> list[Point]:
         out = []
@@ -267,15 +320,37 @@ class SweepConfig:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise UserError(f"batch_size must be a positive integer, got {self.batch_size}", param="batch_size")
         if "quant" in self.kinds():
-            if not self.bits:
+            self._validate_schemes()
+            if WEIGHT_ONLY in self.schemes and not self.bits:
                 raise UserError("bits needs at least one bit width, e.g. 8,4,3", param="bits")
-            for b in self.bits:
+            for b in self.bits if WEIGHT_ONLY in self.schemes else []:
                 check_quant_grid(b, self.group_size)
         if "shrink" in self.kinds() and (not self.ratios or any(not 0 < r < 1 for r in self.ratios)):
             raise UserError(f"ratios must be fractions strictly between 0 and 1, got {self.ratios}", param="ratios")
         if "prune" in self.kinds() and (not self.sparsities or any(not 0 < s < 1 for s in self.sparsities)):
             raise UserError(
                 f"sparsities must be fractions strictly between 0 and 1, got {self.sparsities}", param="sparsities"
+            )
+
+    def _validate_schemes(self) -> None:
+        self.schemes = _split(self.schemes)
+        unknown = [s for s in self.schemes if s != WEIGHT_ONLY and s not in SCHEMES]
+        if not self.schemes or unknown:
+            raise UserError(
+                f"schemes {self.schemes}: choose from {WEIGHT_ONLY} (weight-only, the bits axis), {', '.join(SCHEMES)}",
+                param="schemes",
+            )
+        if not isinstance(self.smoothquant, list) or not self.smoothquant:
+            raise UserError("smoothquant needs a list of α values, auto or None", param="smoothquant")
+        if self.smoothquant != [None] and set(self.schemes) == {WEIGHT_ONLY}:
+            raise UserError(
+                "smoothquant applies to the scheme points (w8a8, fp8): add a scheme, or drop smoothquant",
+                param=("smoothquant", "schemes"),
+            )
+        if self.dynamic and "fp8" not in self.schemes:
+            raise UserError(
+                "dynamic applies to scheme fp8 (per-token activation scales): add fp8 to schemes, or drop dynamic",
+                param=("dynamic", "schemes"),
             )
 
     def _validate_evaluation(self) -> None:
@@ -290,7 +365,14 @@ class SweepConfig:
         """The config of the transform that makes point ``p`` (validated when built)."""
         if p.kind == "quant":
             return QuantConfig(
-                method=p.method, bits=p.bits, group_size=p.group_size, percdamp=self.percdamp, blocksize=self.blocksize
+                method=p.method,
+                bits=p.bits,
+                group_size=p.group_size,
+                percdamp=self.percdamp,
+                blocksize=self.blocksize,
+                scheme=p.scheme,
+                dynamic=bool(p.dynamic),
+                smoothquant=p.smoothquant,
             )
         if p.kind == "shrink":
             return StructureConfig(
@@ -314,7 +396,8 @@ class SweepConfig:
     def settings(self, model: str) -> dict:
         """What shapes every number of the sweep (not the grid, not batch size): reruns must match it."""
         s = asdict(self)
-        for key in ("methods", "allocations", "sparsities", "patterns", "bits", "group_size", "ratios", "batch_size"):
+        grid = ("methods", "allocations", "sparsities", "patterns", "bits", "group_size", "ratios", "batch_size")
+        for key in (*grid, "schemes", "dynamic", "smoothquant"):  # the scheme axes are the points' (their ids)
             s.pop(key)
         model_path = Path(str(model)).expanduser()
         s["model"] = str(model_path.resolve()) if model_path.exists() else str(model)
@@ -570,6 +653,8 @@ def _transform(target, config: SweepConfig, p: Point, calib, device: str) -> tup
             "damping_raised": report.damping,
             "time_s": report.wall_time_s,
         }
+        if report.smoothing is not None:
+            info["smoothing"] = report.smoothing
         return {"quantize": info}, report.quantized, report
     if p.kind == "shrink":
         report = structured_prune(target, cfg, calib, device=device, progress=False)
@@ -594,6 +679,19 @@ def _transform(target, config: SweepConfig, p: Point, calib, device: str) -> tup
     return {"prune": info}, None, report
 
 
+def simulate_scheme(target, report) -> list[str]:
+    """Rebuild, in place, the layers of a model that ``quantize`` put on a W8A8 / FP8 scheme as the folder it would
+    save loads them (:func:`~lmcompress.checkpoint.schemes.install_scheme`: the stored codes, inputs quantized
+    as the scheme runs them); nothing for weight-only quantization. Returns the rebuilt layers' names."""
+    from lmcompress.checkpoint.schemes import install_scheme
+    from lmcompress.transforms.schemes import scheme_fields
+
+    scheme = scheme_fields(report.config, report.input_scales).get("scheme")
+    if scheme is None:
+        return []
+    return install_scheme(target, scheme, report.quantized, report.fp8)
+
+
 def size_on_disk(target, kind: str, report, quantized: dict | None, folder: Path) -> dict:
     """Save ``target`` as its verb would (pruned: packed; quantized: packed codes; structured and dense: plain
     safetensors) in the source's dtype into ``folder``, measure it with ``lmcompress info``'s
@@ -612,7 +710,9 @@ def size_on_disk(target, kind: str, report, quantized: dict | None, folder: Path
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar under the sweep's own
     try:
         if kind in ("prune", "quant"):
-            save_packed(target, None, folder, recipe, quantized=quantized, dtype=dtype)
+            save_packed(
+                target, None, folder, recipe, quantized=quantized, dtype=dtype, fp8=getattr(report, "fp8", None)
+            )
         else:
             surgery = getattr(report, "surgery", None) or []
             save_model(target, None, folder, {**recipe, **({"surgery": surgery} if surgery else {})}, dtype=dtype)
@@ -725,6 +825,8 @@ def _run_point(p: Point | None, config: SweepConfig, ready: _Prepared, out: Path
         info, quantized, report = _transform(target, config, p, ready.calib, device)
         record.update(info)
     record["size"] = size_on_disk(target, kind, report, quantized, out / SIZES / pid)
+    if kind == "quant":  # W8A8 / FP8: evaluated as the saved folder runs (activations quantized)
+        simulate_scheme(target, report)
     harness = None
     if config.harness:
         from lmcompress.measure.tasks.harness import run_harness
