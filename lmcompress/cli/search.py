@@ -13,11 +13,25 @@ from lmcompress.errors import UserError
 
 
 def parse_budget(text: str) -> tuple[str, float]:
-    """``sparsity=0.7`` → ("sparsity", 0.7)."""
+    """``sparsity=0.7`` → ("sparsity", 0.7); ``size=60MB`` → ("size", 60e6); ``size=0.3x`` → ("size", 0.3)
+    (relative: see :func:`budget_is_relative`)."""
+    size = re.fullmatch(r"\s*size\s*=\s*(.+?)\s*", text or "")
+    if size:
+        from lmcompress.search.joint import parse_size
+
+        return "size", parse_size(size.group(1))[0]
     m = re.fullmatch(r"\s*(sparsity|bits)\s*=\s*([0-9.]+)\s*", text or "")
     if not m:
-        raise UserError(f"--budget {text!r} must look like sparsity=0.7 or bits=3.0")
-    return m.group(1), float(m.group(2))
+        raise UserError(f"--budget {text!r} must look like sparsity=0.7, bits=3.0, size=60MB or size=0.3x")
+    try:
+        return m.group(1), float(m.group(2))
+    except ValueError:
+        raise UserError(f"--budget {text!r}: {m.group(2)!r} is not a number") from None
+
+
+def budget_is_relative(text: str) -> bool:
+    """Whether a size budget is a fraction of the model's 16-bit size (``size=0.3x``)."""
+    return text.strip().lower().endswith("x")
 
 
 def parse_max_loss(text: str | None) -> float | None:
@@ -84,15 +98,21 @@ def search(
     budget: str = typer.Option(
         "sparsity=0.7",
         "--budget",
-        help="sparsity=F: average sparsity over the prunable weights; bits=F: average bits per weight, grids included.",
+        help="sparsity=F: average sparsity over the prunable weights; bits=F: average bits per weight, grids included; "
+        "size=60MB (or 0.3x of the 16-bit model): bytes of the packed weights file, head, embedding and grids "
+        "included, with joint SPARSITY/BITS levels.",
     ),
     method: str = typer.Option(
         None, "--method", help="How each level is made: sparsegpt | wanda | magnitude (sparsity); gptq | rtn (bits)."
     ),
     levels: str = typer.Option(
-        None, "--levels", help="Levels: sparsities start:stop:step or a,b,c [0.3:0.95:0.05]; bit widths [2,3,4,8]."
+        None,
+        "--levels",
+        help="Levels: sparsities start:stop:step or a,b,c [0.3:0.95:0.05]; bit widths [2,3,4,8]; for a size budget "
+        "joint SPARSITY/BITS levels, SPARSITY 0, a fraction or N:M, BITS 2-6, 8 or 16 (floats), e.g. "
+        "0/16,0/8,0/4,2:4/4,0.5/3,0/2 [auto: 0/16,0/8,0/4,0/3,2:4/4,2:4/3,0/2].",
     ),
-    group_size: int = typer.Option(128, "--group-size", help="bits: inputs sharing one scale; -1: per channel."),
+    group_size: int = typer.Option(128, "--group-size", help="bits, size: inputs sharing one scale; -1: per channel."),
     granularity: str = typer.Option("block", "--granularity", help="One level per block, or per layer."),
     generations: int = typer.Option(
         None, "--generations", help="Evolution generations [default: 15 on a CPU, 50 on a GPU]."
@@ -174,6 +194,8 @@ def search(
 
       lmcompress search ./llama --budget bits=3.0 --levels 2,3,4,8 --group-size 128 -o llama-mixed3
 
+      lmcompress search ./smollm2 --budget size=60MB --levels auto --calib-data wikitext2 -o smol-60mb
+
       lmcompress search ./llama --max-loss ppl=+5% --method sparsegpt -o llama-within5
 
       lmcompress search ./llama --tune owl --budget sparsity=0.7 --trials 40 -o llama-owl-tuned
@@ -191,7 +213,8 @@ def search(
     config = SearchConfig(
         target=value,
         kind=kind,
-        method=method or ("sparsegpt" if kind == "sparsity" else "gptq"),
+        size_relative=kind == "size" and budget_is_relative(budget),
+        method=method or ("gptq" if kind == "bits" else "sparsegpt"),
         group_size=group_size,
         levels=levels,
         granularity=granularity,
@@ -214,15 +237,25 @@ def search(
         keep_database=keep_database,
     )
     report = search_pretrained(model, config, output, **options.job_options(ctx.params))
+    if report.size is not None:  # what the save really wrote, beside what the search predicted
+        from lmcompress.search.joint import packed_size
+
+        report.size["written"] = packed_size(output)
     if as_json:
         typer.echo(json_text(report.to_dict()))
         return
     base = ", ".join(f"{k} {v:.4f}" for k, v in report.baselines.items())
-    what = "average sparsity" if kind == "sparsity" else "bits per weight with grids"
+    what = {"sparsity": "average sparsity", "bits": "bits per weight with grids", "size": "predicted bytes"}[kind]
     typer.echo(
         f"searched {len(report.history)} generations in {report.wall_time_s:.0f}s: KL {report.fitness:.4f} "
-        f"(at the same budget: {base}); {what} {report.achieved:.4f} → {output}"
+        f"(at the same budget: {base}); {what} {report.achieved:.{0 if kind == 'size' else 4}f} → {output}"
     )
+    if report.size is not None:
+        size = report.size
+        typer.echo(
+            f"size: budget {size['budget']} bytes, predicted {size['predicted']}, written {size['written']} "
+            f"({size['written'] / size['sixteen_bit']:.4f}x of 16-bit)"
+        )
     if report.tuned:
         typer.echo(f"best OWL: M {report.tuned['owl_m']:.3g}, λ {report.tuned['owl_lambda']:.3g}")
     for step in report.bisection or []:
@@ -232,4 +265,4 @@ def search(
             f"(dense {step['dense_perplexity']:.4g}: {step['increase']:+.1%}, up to {step['upper_bound']:+.1%} at "
             f"confidence {step['confidence']:g}) {verdict} the allowed loss"
         )
-    typer.echo("per unit: " + " ".join(f"{s:g}" for s in report.allocation))
+    typer.echo("per unit: " + " ".join(s if isinstance(s, str) else f"{s:g}" for s in report.allocation))

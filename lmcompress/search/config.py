@@ -7,7 +7,16 @@ from dataclasses import asdict, dataclass, field
 from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.errors import UserError
 from lmcompress.measure.perplexity import check_confidence
-from lmcompress.search.levels import DATABASE_INPUTS, DEFAULT_LEVELS, GRANULARITIES, KINDS, METHODS, parse_levels
+from lmcompress.search.levels import (
+    DATABASE_INPUTS,
+    DEFAULT_LEVELS,
+    GRANULARITIES,
+    KINDS,
+    METHODS,
+    JointLevel,
+    parse_joint_levels,
+    parse_levels,
+)
 from lmcompress.transforms.prune import PruneConfig
 
 TUNINGS = ("owl",)
@@ -26,7 +35,10 @@ RUN_FIELDS = (
 
 @dataclass
 class SearchConfig:
-    """What to search: ``target`` average ``kind`` (sparsity, or bits per weight with grids) over ``levels``.
+    """What to search: ``target`` average ``kind`` (sparsity, or bits per weight with grids) over ``levels``, or
+    (``kind="size"``) joint levels (``SPARSITY/BITS``, see :func:`~lmcompress.search.levels.parse_joint_levels`)
+    whose packed weights file takes at most ``target`` bytes (``size_relative``: that fraction of the model at
+    16 bits), the output head included.
 
     ``method`` makes each level (sparsity: sparsegpt, wanda, magnitude; bits: gptq, rtn on ``group_size`` grids);
     ``granularity`` says whether a unit is a layer or a block. ``fitness_windows`` held-out windows score the
@@ -64,6 +76,7 @@ class SearchConfig:
     tune: str | None = None  # owl: tune OWL's M and λ instead of searching per-unit levels
     trials: int = 40  # tune: Optuna trials
     keep_database: bool = False  # keep the work folder (level database, search state) after the search
+    size_relative: bool = False  # size: target is a fraction of the model's 16-bit size, not bytes
 
     def __post_init__(self) -> None:
         self.survivors, self.stage_windows = tuple(self.survivors), tuple(self.stage_windows)
@@ -75,11 +88,15 @@ class SearchConfig:
             return self.sensitivity_span
         return 3 if self.granularity == "block" else 1
 
-    def validate(self) -> list[float]:
-        """The checked level grid, in the order of falling cost (sparsities ascending, bit widths descending)."""
+    def validate(self) -> list:
+        """The checked level grid, in the order of falling cost (sparsities ascending, bit widths descending,
+        joint levels by nominal bits per weight, as their labels)."""
         levels = self._check_levels()
         self._check_evolution()
         self._check_job()
+        if self.kind == "size":
+            self._check_size()
+            return levels
         if self.kind == "sparsity":
             if self.max_loss is None:
                 PruneConfig(method=self.method, sparsity=self.target)  # its checks apply too
@@ -94,6 +111,12 @@ class SearchConfig:
                 f"a {self.kind} search makes its levels with {' or '.join(METHODS[self.kind])}, not {self.method!r}",
                 param="method",
             )
+        if self.kind == "size":
+            if not (self.group_size == -1 or self.group_size >= 1):
+                raise UserError(
+                    f"group_size must be ≥ 1 or -1 (per channel), got {self.group_size}", param="group_size"
+                )
+            return [lv.label for lv in self.joint_levels()]
         levels = parse_levels(self.levels or DEFAULT_LEVELS[self.kind], self.kind)
         if self.granularity not in GRANULARITIES:
             raise UserError(f"unknown granularity {self.granularity!r}: choose layer or block", param="granularity")
@@ -105,6 +128,20 @@ class SearchConfig:
         if self.kind == "bits" and not (self.group_size == -1 or self.group_size >= 1):
             raise UserError(f"group_size must be ≥ 1 or -1 (per channel), got {self.group_size}", param="group_size")
         return levels
+
+    def joint_levels(self) -> list[JointLevel]:
+        """The joint levels of a size search, most expensive first."""
+        return parse_joint_levels(self.levels or DEFAULT_LEVELS["size"], self.group_size)
+
+    def _check_size(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise UserError(f"unknown granularity {self.granularity!r}: choose layer or block", param="granularity")
+        if not self.target > 0 or (self.size_relative and not self.target < 1):
+            raise UserError(f"a size budget must be positive bytes or a fraction in (0, 1), got {self.target:g}")
+        refused = {"rounds": self.rounds > 1, "start": self.start is not None}
+        for name, given in refused.items():
+            if given:
+                raise UserError(f"{name} is not supported with a size budget yet", param=name)
 
     def _check_evolution(self) -> None:
         if self.generations < 0 or self.offspring < 1:
@@ -195,6 +232,7 @@ class SearchReport:
     bisection: list[dict] | None = None  # --max-loss: every sparsity tried, its perplexity, whether it passed
     database: str | None = None  # the level database's folder in the work folder
     rounds: list[dict] = field(default_factory=list)  # later rounds: generation, parent fitness before / after
+    size: dict | None = None  # size budget: budget, predicted and fixed bytes of the packed weights file
 
     def to_dict(self) -> dict:
         """Everything but the tensors, JSON-ready."""

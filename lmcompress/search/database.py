@@ -8,7 +8,9 @@ them, so the reference candidate assembled from the database *is* the sequential
 are close to theirs. The model is restored to dense at the end. Block ``i`` at level ``k`` goes to
 ``b{i:03d}-l{k:02d}.safetensors`` (read back memory-mapped): the pruned weight, or for bit widths the integer
 codes, scales and zero points (the weight is their dequantization). ``database.json`` holds the levels, each
-layer's size and its cost at every level (weights kept, or bits stored with the grids).
+layer's size and its cost at every level (weights kept, bits stored with the grids, or for joint levels the bytes
+the packed save writes). Joint levels (a size budget) also hold the output head at every level, in
+``head-l{k:02d}.safetensors`` (:mod:`lmcompress.search.joint`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize
 from lmcompress.calibration.engine import BlockInputs, collect_input_stats, shared_inputs, walk_blocks
 from lmcompress.calibration.stats import InputStats
 from lmcompress.models.families import blocks_path, find_prunable, get_blocks, set_weight_matrix, weight_matrix
+from lmcompress.search.joint import HEAD_BLOCK, ByteCost
 from lmcompress.transforms.prune import PruneConfig, prune_layer, prune_layers
 from lmcompress.transforms.quantize import nominal_bits_per_weight
 
@@ -100,19 +103,23 @@ class LevelDatabase:
     quantized: bool = False
 
     def _file(self, layer: str, level: int) -> Path:
-        return self.folder / f"b{self.block_of[layer]:03d}-l{level:02d}.safetensors"
+        return self.folder / f"{_stem(self.block_of[layer])}-l{level:02d}.safetensors"
 
-    def codes(self, layer: str, level: int) -> QuantizedTensor:
+    def codes(self, layer: str, level: int) -> QuantizedTensor | None:
+        """The layer's codes and grids at ``level``, or None where that level keeps floats (joint levels at 16)."""
         with safe_open(str(self._file(layer, level)), framework="pt") as f:
-            meta = f.metadata()
+            meta = f.metadata() or {}
+            if "bits" not in meta:
+                return None
             spec = QuantSpec(int(meta["bits"]), int(meta["group_size"]), meta["sym"] == "1")
             return QuantizedTensor(
                 f.get_tensor(f"{layer}.codes"), f.get_tensor(f"{layer}.scale"), f.get_tensor(f"{layer}.zero"), spec
             )
 
     def weight(self, layer: str, level: int) -> torch.Tensor:
-        if self.quantized:
-            return self.codes(layer, level).dequantize()
+        qt = self.codes(layer, level) if self.quantized else None
+        if qt is not None:
+            return qt.dequantize()
         with safe_open(str(self._file(layer, level)), framework="pt") as f:
             return f.get_tensor(layer)
 
@@ -141,16 +148,20 @@ def build_database(
     device: str | torch.device = "cpu",
     reference: dict[str, int] | None = None,
     progress: bool = True,
+    byte_cost: ByteCost | None = None,
+    head: tuple[str, list] | None = None,
 ) -> LevelDatabase:
     """Compress every layer of ``model`` at every level of ``levels`` into ``folder``; the model stays dense.
 
     ``compressor`` is what :func:`pruner` or :func:`quantizer` return. With ``reference`` (layer → level
     index), each block's statistics are taken from the outputs of the earlier blocks at their reference
-    levels (sequential inputs); without it, from the dense model's.
+    levels (sequential inputs); without it, from the dense model's. ``byte_cost`` costs each layer in the bytes
+    the packed save writes (joint levels); ``head`` (its module name and its (weight, codes or None) at every
+    level) adds the output head.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    builder = _Builder(compressor, list(levels), folder, blocks_path(model), reference)
+    builder = _Builder(compressor, list(levels), folder, blocks_path(model), reference, byte_cost)
     if not builder.needs_data:  # magnitude / RTN: no inputs, so the reference changes nothing
         for i, block in enumerate(get_blocks(model)):
             builder.visit(i, block, None)
@@ -159,15 +170,24 @@ def build_database(
             walk_blocks(model, calib, torch.device(device), builder.visit, desc="level database", progress=progress)
         finally:
             builder.restore()
+    if head is not None:
+        builder.add_head(dict(model.named_modules())[head[0]], *head)
     return builder.finish()
+
+
+def _stem(block: int) -> str:
+    return "head" if block == HEAD_BLOCK else f"b{block:03d}"
 
 
 class _Builder:
     """The level database, one block at a time: every layer compressed at every level, one file per level."""
 
-    def __init__(self, compressor, levels: list[float], folder: Path, prefix: str, reference: dict | None) -> None:
+    def __init__(
+        self, compressor, levels: list, folder: Path, prefix: str, reference: dict | None, byte_cost=None
+    ) -> None:
         self.compress, self.needs_data, self.hessian = compressor
         self.levels, self.folder, self.prefix, self.reference = levels, folder, prefix, reference
+        self.byte_cost = byte_cost
         self.layers: list[str] = []
         self.sizes: dict[str, int] = {}
         self.block_of: dict[str, int] = {}
@@ -191,6 +211,7 @@ class _Builder:
         results = self._compress(block, inputs, i)
         for k in range(len(self.levels)):
             self._write(i, k, modules, results)
+        self._byte_costs(modules, results)
         if self.reference is not None and self.needs_data:  # the next block sees this one at its reference levels
             for full, module in modules.items():
                 self.originals[module] = weight_matrix(module).detach().clone()
@@ -217,7 +238,8 @@ class _Builder:
             new, qt = results[full][k]
             if qt is None:
                 tensors[full] = new.to(w.dtype).contiguous().cpu()
-                self.cost[full].append(w.numel() * (1.0 - self.levels[k]))  # nominal: equal sizes cost the same
+                if self.byte_cost is None:  # nominal: equal sizes cost the same
+                    self.cost[full].append(w.numel() * (1.0 - self.levels[k]))
                 continue
             self.quantized = True
             for part in ("codes", "scale", "zero"):
@@ -227,8 +249,28 @@ class _Builder:
                 "group_size": str(qt.spec.group_size),
                 "sym": "1" if qt.spec.sym else "0",
             }
-            self.cost[full].append(nominal_bits_per_weight({full: qt}) * qt.codes.numel())
-        save_file(tensors, str(self.folder / f"b{i:03d}-l{k:02d}.safetensors"), metadata=meta or None)
+            if self.byte_cost is None:
+                self.cost[full].append(nominal_bits_per_weight({full: qt}) * qt.codes.numel())
+        save_file(tensors, str(self.folder / f"{_stem(i)}-l{k:02d}.safetensors"), metadata=meta or None)
+
+    def _byte_costs(self, modules: dict[str, nn.Module], results: dict[str, list]) -> None:
+        """Joint levels: each layer's cost at every level in the bytes the packed save writes."""
+        if self.byte_cost is None:
+            return
+        for full, module in modules.items():
+            w = weight_matrix(module)
+            self.cost[full] = [float(self.byte_cost.layer(f"{full}.weight", new.to(w.dtype), qt))
+                               for new, qt in results[full]]  # fmt: skip
+
+    def add_head(self, module: nn.Module, name: str, per_level: list) -> None:
+        """The output head at every level (joint levels): ``per_level[k]`` = (weight, codes or None)."""
+        self.layers.append(name)
+        self.sizes[name] = weight_matrix(module).numel()
+        self.block_of[name] = HEAD_BLOCK
+        self.cost[name] = []
+        for k in range(len(self.levels)):
+            self._write(HEAD_BLOCK, k, {name: module}, {name: per_level})
+        self._byte_costs({name: module}, {name: per_level})
 
     def finish(self) -> LevelDatabase:
         """Write the index and open the database."""

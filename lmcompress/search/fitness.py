@@ -267,12 +267,15 @@ class KLFitness(_WindowFitness):
     ``tokens × vocab`` (32 windows of 256 tokens of SmolLM2, in float64: 38 MB instead of 0.8 GB), and a
     candidate costs its log-sum-exp and a dot product on top of its logits. The head is the dense model's in
     every candidate (a search never compresses it). Otherwise the dense log-probabilities are kept in fp16 on
-    ``device``, where the candidate's are computed."""
+    ``device``, where the candidate's are computed; so too with ``head_changes`` (a size search gives the head
+    levels of its own)."""
 
-    def __init__(self, dense: nn.Module, windows: torch.Tensor, *, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, dense: nn.Module, windows: torch.Tensor, *, device: str | torch.device = "cpu", head_changes: bool = False
+    ) -> None:
         super().__init__(windows, device=device)
         head = dense.get_output_embeddings() if hasattr(dense, "get_output_embeddings") else None
-        weight = getattr(head, "weight", None) if isinstance(head, nn.Linear) else None
+        weight = getattr(head, "weight", None) if isinstance(head, nn.Linear) and not head_changes else None
         self.hidden = weight is not None
         self.head_weight = weight  # the dense head's parameter, which every candidate must share (or equal)
         self.reference: torch.Tensor | None = None  # fp16 log p, [n, seqlen − 1, vocab], without a linear head
@@ -324,10 +327,18 @@ class NLLFitness(_WindowFitness):
         return (logsumexp(logits) - logits.gather(1, ids.unsqueeze(1)).squeeze(1)).sum().item()
 
 
-def make_fitness(kind: str, dense: nn.Module, windows: torch.Tensor, *, device: str | torch.device = "cpu"):
-    """The fitness called ``kind`` (``kl`` or ``ppl``) on ``windows``."""
+def make_fitness(
+    kind: str,
+    dense: nn.Module,
+    windows: torch.Tensor,
+    *,
+    device: str | torch.device = "cpu",
+    head_changes: bool = False,
+):
+    """The fitness called ``kind`` (``kl`` or ``ppl``) on ``windows``; ``head_changes``: candidates may change
+    the output head."""
     if kind == "kl":
-        return KLFitness(dense, windows, device=device)
+        return KLFitness(dense, windows, device=device, head_changes=head_changes)
     if kind == "ppl":
         return NLLFitness(windows, device=device)
     raise ValueError(f"unknown fitness {kind!r}")

@@ -33,6 +33,7 @@ from lmcompress.algorithms.evolution import SearchState, evolve
 from lmcompress.checkpoint.allocation import check_layer_levels
 from lmcompress.errors import UserError
 from lmcompress.models.families import prunable_layers
+from lmcompress.search import joint
 from lmcompress.search.config import SearchConfig, SearchReport
 from lmcompress.search.score import Candidates, ParentScorer, prepare
 from lmcompress.search.state import DENSE_FILE, keep_dense_weights, load_state, restore_dense_weights, save_state
@@ -99,7 +100,7 @@ def _seed(cand: Candidates, calib: torch.Tensor, device, progress: bool) -> tupl
     stage's windows, and the state seeded from the best of them."""
     config, db, units, levels = cand.config, cand.db, cand.units, cand.levels
     final_stage = len(config.stage_windows) - 1
-    starts = {"uniform": cand.place([config.target] * len(units), "uniform")}
+    starts = {"uniform": cand.place([cand.uniform_target()] * len(units), "uniform")}
     if config.kind == "sparsity":
         _, owl = owl_pass(
             cand.model, calib, torch.device(device), config.target, config.owl_m, config.owl_lambda, progress=progress
@@ -181,15 +182,16 @@ def _report(cand: Candidates, model, state: SearchState, baselines, round_starts
     weights = sum(db.sizes.values())
     spent = cand.space.total(state.levels)
     quantized = None
-    if db.quantized:
+    if db.quantized or config.kind == "size":  # joint levels at 16 bits keep floats: no codes
         quantized = {f"{layer}.weight": db.codes(layer, k) for layer, k in chosen.items()}
+        quantized = {name: qt for name, qt in quantized.items() if qt is not None}
     return SearchReport(
         config=config.to_dict(),
         levels=levels,
         units=cand.units,
         allocation=[levels[lv] for lv in state.levels],
         layer_levels={layer: levels[k] for layer, k in chosen.items()},
-        achieved=1.0 - spent / weights if config.kind == "sparsity" else spent / weights,
+        achieved=_achieved(config.kind, spent, weights, cand.space),
         fitness=state.fitness,
         baselines={k: float(v) for k, v in baselines.items() if k != "allocations"},
         baseline_allocations=baselines["allocations"],
@@ -201,7 +203,27 @@ def _report(cand: Candidates, model, state: SearchState, baselines, round_starts
             {k: v for k, v in r.items() if k != "levels"} | {"parent": [levels[k] for k in r["levels"]]}
             for r in round_starts
         ],
+        size=_size(config, cand.space, model, spent),
     )
+
+
+def _size(config: SearchConfig, space, model, spent: float) -> dict | None:
+    """A size search's bytes: the budget, the packed weights file as predicted, and the part no level changes."""
+    if config.kind != "size":
+        return None
+    budget = joint.budget_bytes(model, config.target, config.size_relative)
+    return {"budget": budget, "predicted": int(spent + space.fixed), "fixed": space.fixed,
+            "sixteen_bit": joint.sixteen_bit_bytes(model)}  # fmt: skip
+
+
+def _achieved(kind: str, spent: float, weights: int, space) -> float:
+    """Average sparsity by parameters, bits per weight with grids, or (size) the bytes of the packed weights file
+    as predicted: the searched tensors' bytes plus everything else's (their difference to the budget is fixed)."""
+    if kind == "sparsity":
+        return 1.0 - spent / weights
+    if kind == "bits":
+        return spent / weights
+    return spent + space.fixed
 
 
 def check_start(layers, start: dict[str, float], kind: str = "sparsity") -> None:

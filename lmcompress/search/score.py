@@ -20,6 +20,7 @@ from lmcompress.algorithms.evolution import LevelSpace, additive_descent, neares
 from lmcompress.calibration.data import windows_hash
 from lmcompress.errors import UserError
 from lmcompress.models.families import prunable_layers
+from lmcompress.search import joint
 from lmcompress.search.config import SearchConfig
 from lmcompress.search.database import LevelDatabase, build_database, pruner, quantizer
 from lmcompress.search.fitness import PrefixCache, make_fitness
@@ -36,8 +37,12 @@ def units_of(db: LevelDatabase, granularity: str) -> list[list[str]]:
     return [blocks[i] for i in sorted(blocks)]
 
 
-def level_space(db: LevelDatabase, units: list[list[str]], config: SearchConfig) -> LevelSpace:
+def level_space(db: LevelDatabase, units: list[list[str]], config: SearchConfig, model=None) -> LevelSpace:
     cost = tuple(tuple(sum(db.cost[layer][k] for layer in unit) for k in range(len(db.levels))) for unit in units)
+    if config.kind == "size":  # bytes of the packed weights file, the rest of the model's tensors included
+        fixed = joint.fixed_bytes(model, set(db.layers), joint.ByteCost(model))
+        budget = joint.budget_bytes(model, config.target, config.size_relative)
+        return joint.size_space([list(c) for c in cost], fixed, budget, list(db.levels))
     weights = sum(db.sizes.values())
     if config.kind == "sparsity":  # level switches between units of equal size keep the total exactly
         return LevelSpace(cost, budget=weights * (1.0 - config.target))
@@ -102,10 +107,13 @@ class Candidates:
         """
         self.hold(unit_levels)
         n = self.config.stage_windows[stage]
+        if start < 0:  # the head (and a tied embedding) changed: no cached block input holds
+            prefix, start, capture = None, 0, None
         return self.fitness(self.model, n, prefix=prefix, start=start, capture=capture)
 
     def first_block(self, unit_levels, base) -> int:
-        """The first block in which two candidates differ (the last block when they are equal)."""
+        """The first block in which two candidates differ (the last block when they are equal; ``HEAD_BLOCK``, i.e.
+        a full forward, when the output head differs: tied, it is the input embedding too)."""
         blocks = [self.db.block_of[layer] for u, unit in enumerate(self.units) if unit_levels[u] != base[u]
                   for layer in unit]  # fmt: skip
         return min(blocks, default=max(self.db.block_of.values()))
@@ -145,8 +153,19 @@ class Candidates:
         return path[i], fitness
 
     def place(self, targets: list[float], what: str) -> list[int]:
-        """Per-unit targets (e.g. OWL's) on the level grid, on the budget."""
+        """Per-unit targets (e.g. OWL's) on the level grid, on the budget (joint levels: in nominal bits per
+        weight, see :meth:`uniform_target`)."""
+        if self.config.kind == "size":
+            values = joint.uniform_values(self.config.joint_levels(), self.config.group_size)
+            return on_budget(self.space, targets, values, what)
         return on_budget(self.space, targets, self.levels, what)
+
+    def uniform_target(self) -> float:
+        """Every unit's target of the uniform start: the budget's level (joint levels: the budget's average bits
+        per searched weight)."""
+        if self.config.kind != "size":
+            return self.config.target
+        return 8 * self.space.budget / max(sum(self.db.sizes.values()), 1)
 
 
 PREFIX_CACHE_BYTES = 1 << 30  # the parent's hidden states kept for the evolution (windows beyond it run in full)
@@ -190,7 +209,7 @@ class ParentScorer:
         if self.prefix is None or self.base is None:
             return self.cand.score(levels, stage)
         start = self.cand.first_block(levels, self.base)
-        capture: list | None = [] if stage == self.final else None
+        capture: list | None = [] if stage == self.final and start >= 0 else None
         score = self.cand.score(levels, stage, prefix=self.prefix, start=start, capture=capture)
         if capture is not None:
             self.pending = (list(levels), start, capture)
@@ -221,19 +240,29 @@ def prepare(
     if config.database_inputs == "dense":
         reference = None
     elif reference is None:  # every layer at the level nearest the target: the uniform model
-        nearest = min(range(len(levels)), key=lambda k: (abs(levels[k] - config.target), k))
+        values, target = levels, config.target
+        if config.kind == "size":  # nominal bits per weight of the levels, and the budget's
+            values = joint.uniform_values(config.joint_levels(), config.group_size)
+            budget = joint.budget_bytes(model, config.target, config.size_relative)
+            target = 8 * budget / sum(w.numel() for w in model.state_dict().values())
+        nearest = min(range(len(levels)), key=lambda k: (abs(values[k] - target), k))
         reference = dict.fromkeys(prunable_layers(model), nearest)
     db_key = database_key(config, levels, data["calib"], reference)
     db_dir = database_dir(work, db_key)
     db = open_database(db_dir, levels, db_key)
     if db is None:
-        db = build_database(
-            model, compressor_of(config), calib, levels, db_dir, device=device, reference=reference, progress=progress
-        )
+        extra = {}
+        if config.kind == "size":  # bytes as the packed save writes them, and the output head at every level
+            extra["byte_cost"] = joint.ByteCost(model)
+            if joint.head_of(model) is not None:
+                extra["head"] = joint.head_levels(model, config.joint_levels(), config.group_size, config.sym)
+        db = build_database(model, compressor_of(config), calib, levels, db_dir, device=device, reference=reference,
+                            progress=progress, **extra)  # fmt: skip
         (db_dir / "key.json").write_text(json.dumps({"key": db_key}))
     units = units_of(db, config.granularity)
-    space = level_space(db, units, config)
-    fitness = fitness or make_fitness(config.fitness, model, fitness_windows, device=device)
+    space = level_space(db, units, config, model)
+    head = config.kind == "size" and joint.head_of(model) is not None
+    fitness = fitness or make_fitness(config.fitness, model, fitness_windows, device=device, head_changes=head)
     return Candidates(config, levels, db, units, space, trajectory_key(config, data), model, fitness)
 
 
@@ -241,4 +270,6 @@ def compressor_of(config: SearchConfig):
     """What makes every level of a layer: a pruner at the config's method, or a quantizer on its grids."""
     if config.kind == "sparsity":
         return pruner(PruneConfig(method=config.method, sparsity=config.target))
+    if config.kind == "size":
+        return joint.joint_compressor(config.joint_levels(), config.group_size, config.sym)
     return quantizer(config.method, config.group_size, config.sym)

@@ -1,0 +1,238 @@
+"""Joint levels under a size budget: every layer at a sparsity and a bit width, the output head (and the input
+embedding tied to it) at a bit width, costed in the exact bytes the packed save writes.
+
+A layer at joint level ``s/b`` is pruned by SparseGPT at sparsity ``s`` (or an N:M pattern) with its kept
+weights quantized to ``b`` bits on GPTQ's grid in the same pass (``transforms.prune``'s joint mode); at
+sparsity 0 it is GPTQ alone, at ``b = 16`` SparseGPT alone (the weights stay floats, stored in the checkpoint's
+16-bit dtype). The head is one more unit: at level ``k`` it is rounded to nearest on the same grid at the
+fewest bits of the levels ``0…k`` (non-increasing in ``k``, as every unit's cost must be), or kept as floats.
+
+Cost of a tensor = the bytes of its packed parts (:func:`lmcompress.checkpoint.packed.pack_named`, the code the
+save runs) plus an upper bound on its entries in the safetensors header (offsets written with as many digits as
+the dense file's size has). The budget is the size of ``model.packed.safetensors``: the searched tensors, the
+rest of the model's tensors (norms, biases, an untied input embedding) as the save stores them, and the header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmcompress.algorithms.evolution import LevelSpace
+from lmcompress.algorithms.gptq import gptq_quantize
+from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize
+from lmcompress.checkpoint.load import source_dtype
+from lmcompress.checkpoint.packed import PACKED_FILE, pack_named
+from lmcompress.errors import UserError
+from lmcompress.models.families import prunable_layers, set_weight_matrix
+from lmcompress.search.levels import FLOAT_BITS, JointLevel, parse_joint_levels
+from lmcompress.transforms.prune import PruneConfig, prune_layers
+
+HEAD_BLOCK = -1  # the head's "block": changing it changes the logits (and, when tied, the embeddings)
+_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint8": "U8", "int8": "I8", "int16": "I16",
+           "int32": "I32", "int64": "I64", "bool": "BOOL", "float64": "F64", "float8_e4m3fn": "F8_E4M3"}  # fmt: skip
+_METADATA = {"format": "pt", "lmcompress_storage": "packed"}  # what save_packed writes into the header
+
+
+def storage_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the save stores floats in: the checkpoint's own (as ``jobs`` saves), else the model's."""
+    return source_dtype(model.config) or next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def head_of(model: nn.Module) -> tuple[str, bool] | None:
+    """The output head's module name and whether its weight is the input embedding's (tied), or None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        return None
+    name = next(n for n, m in model.named_modules() if m is head)
+    embed = model.get_input_embeddings()
+    return name, embed is not None and embed.weight is head.weight
+
+
+def head_bits(levels: list[JointLevel]) -> list[int]:
+    """The head's bit width at each level: the fewest bits of the levels up to it (16: floats)."""
+    out, low = [], FLOAT_BITS
+    for level in levels:
+        low = min(low, level.bits)
+        out.append(low)
+    return out
+
+
+def joint_compressor(levels: list[JointLevel], group_size: int, sym: bool, percdamp: float = 0.01):
+    """A :data:`lmcompress.search.database.Compressor` over joint levels (called with their labels)."""
+    by_label = {lv.label: lv for lv in levels}
+
+    def one_level(level: JointLevel, weights, stats, names):
+        if level.sparsity == 0 and not level.quantized:
+            return [(w, None) for w in weights]
+        if level.sparsity == 0:
+            spec = QuantSpec(level.bits, group_size, sym)
+            out = []
+            for w, name in zip(weights, names, strict=True):
+                qt = gptq_quantize(w, stats.hessian, spec, percdamp=percdamp, layer=name).quantized
+                out.append((qt.dequantize(), qt))
+            return out
+        config = PruneConfig(
+            method="sparsegpt",
+            sparsity=None if level.pattern != "unstructured" else level.sparsity,
+            pattern=level.pattern,
+            bits=level.bits if level.quantized else None,
+            group_size=group_size,
+            sym=sym,
+            percdamp=percdamp,
+        )
+        results = prune_layers(config, weights, stats, [config.target] * len(weights), names)
+        return [(r.weight, r.quantized) for r in results]
+
+    def compress(weights, stats, labels, names):
+        return [one_level(by_label[label], weights, stats, names) for label in labels]
+
+    return compress, True, True
+
+
+def head_levels(model: nn.Module, levels: list[JointLevel], group_size: int, sym: bool):
+    """The head's weight (and codes) at every level: rounded to nearest at :func:`head_bits`."""
+    name, _ = head_of(model)
+    w = dict(model.named_modules())[name].weight.data.float()
+    cache: dict[int, tuple[torch.Tensor, QuantizedTensor | None]] = {}
+    out = []
+    for bits in head_bits(levels):
+        if bits not in cache:
+            if bits == FLOAT_BITS:
+                cache[bits] = (w.clone(), None)
+            else:
+                qt = rtn_quantize(w, QuantSpec(bits, group_size, sym))
+                cache[bits] = (qt.dequantize(), qt)
+        out.append(cache[bits])
+    return name, out
+
+
+class ByteCost:
+    """Exact bytes of tensors as the packed save stores them, with their header entries bounded from above."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.dtype = storage_dtype(model)
+        dense = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+        self.digits = len(str(8 * dense + (1 << 20)))  # more than any offset of the packed file
+
+    def tensors(self, state: dict[str, torch.Tensor], quantized: dict[str, QuantizedTensor] | None = None) -> int:
+        tensors, _ = pack_named(state, set(), quantized=quantized, dtype=self.dtype)
+        return sum(t.numel() * t.element_size() + self.entry(k, t) for k, t in tensors.items())
+
+    def entry(self, key: str, t: torch.Tensor) -> int:
+        big = 10**self.digits - 1
+        dtype = _DTYPES.get(str(t.dtype).removeprefix("torch."), "F8_E4M3")
+        value = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [big, big]}
+        return len(json.dumps({key: value}, separators=(",", ":"))) - 2 + 1  # without the braces, with a comma
+
+    def layer(self, param: str, weight: torch.Tensor, qt: QuantizedTensor | None) -> int:
+        """A weight ``[out, in]`` at one level: its codes and grids, or its floats (zeros left out by a layout)."""
+        if qt is None:
+            return self.tensors({param: weight.to(self.dtype)})
+        return self.tensors({param: qt.dequantize()}, {param: qt})
+
+    @staticmethod
+    def constant() -> int:
+        """The header's length prefix, braces, metadata and padding (to 8 bytes) at most."""
+        meta = len(json.dumps({"__metadata__": _METADATA}, separators=(",", ":"))) - 2 + 1
+        return 8 + 2 + meta + 7
+
+
+def fixed_bytes(model: nn.Module, searched: set[str], cost: ByteCost) -> int:
+    """Bytes of every tensor the search does not choose a level for (norms, biases, an untied embedding), plus
+    the header's constant part. Tensors that share storage with a searched weight (a tied embedding) are
+    stored once, as that weight."""
+    state = model.state_dict()
+    taken = {state[f"{name}.weight"].data_ptr() for name in searched}
+    rest = {k: v for k, v in state.items() if v.data_ptr() not in taken or not v.numel()}
+    return cost.tensors(rest) + ByteCost.constant()
+
+
+def parse_size(text: str) -> tuple[float, bool]:
+    """``60MB``, ``1.5GB``, ``123456`` (bytes; KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024) → (bytes,
+    False); ``0.3x`` → (0.3, True): that fraction of the model's 16-bit size."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(x|b|kb|mb|gb|kib|mib|gib)?\s*", text.lower())
+    if not m:
+        raise UserError(f"size {text!r} must be bytes (60MB, 1.2GB, 500MiB, 123456) or a fraction of 16-bit (0.3x)")
+    value, unit = float(m.group(1)), m.group(2) or "b"
+    if unit == "x":
+        if not 0 < value < 1:
+            raise UserError(f"size {text!r}: a fraction of the 16-bit size must be in (0, 1), e.g. 0.3x")
+        return value, True
+    scale = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}[unit]
+    if value * scale < 1:
+        raise UserError(f"size {text!r} must be positive")
+    return math.floor(value * scale), False
+
+
+def sixteen_bit_bytes(model: nn.Module) -> int:
+    """The model's tensors at 2 bytes per element, each storage once: what ``size=1x`` means."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.numel() and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += 2 * t.numel()
+    return total
+
+
+def budget_bytes(model: nn.Module, target: float, relative: bool) -> int:
+    return math.floor(target * sixteen_bit_bytes(model)) if relative else int(target)
+
+
+@dataclass(frozen=True)
+class SizeSpace(LevelSpace):
+    """A :class:`LevelSpace` in bytes, with the bytes no level changes (``fixed``) beside it."""
+
+    fixed: int = 0
+
+
+def size_space(cost: list[list[float]], fixed: int, budget: int, labels: list[str]) -> SizeSpace:
+    """The level space of a size budget: ``cost[u][k]`` bytes of unit ``u`` at level ``k``; a candidate's
+    total plus ``fixed`` is at most ``budget`` and within the largest single level step of it."""
+    for c in cost:
+        for k in range(len(c) - 1):
+            if c[k + 1] > c[k]:
+                raise UserError(
+                    f"level {labels[k + 1]} takes more bytes than {labels[k]} on some layer ({c[k + 1]:.0f} > "
+                    f"{c[k]:.0f}): the levels must get smaller in this order; drop one of the two from --levels"
+                )
+    lo, hi = fixed + sum(c[-1] for c in cost), fixed + sum(c[0] for c in cost)
+    if budget < lo:
+        raise UserError(
+            f"a size budget of {budget} bytes is below the smallest this model takes at these levels ({lo} bytes, "
+            f"every layer at {labels[-1]}); raise the budget or add a smaller level"
+        )
+    steps = [abs(c[k] - c[k + 1]) for c in cost for k in range(len(c) - 1)]
+    return SizeSpace(tuple(tuple(c) for c in cost), float(min(budget, hi) - fixed), max(steps), fixed)
+
+
+def uniform_values(levels: list[JointLevel], group_size: int) -> list[float]:
+    """Each level's nominal bits per weight: where uniform starts are placed."""
+    return [lv.nominal_bits(group_size) for lv in levels]
+
+
+def parse_levels_of(text: str | None, group_size: int) -> list[JointLevel]:
+    return parse_joint_levels(text or "auto", group_size)
+
+
+def apply_head(model: nn.Module, name: str, weight: torch.Tensor) -> None:
+    set_weight_matrix(dict(model.named_modules())[name], weight)
+
+
+def searched_layers(model: nn.Module) -> list[str]:
+    """The layers whose level a size search chooses: every block's linear layers, then the head."""
+    head = head_of(model)
+    return [*prunable_layers(model), *([head[0]] if head else [])]
+
+
+def packed_size(folder) -> int:
+    """Bytes of a packed folder's weights file (what a size budget counts)."""
+    from pathlib import Path
+
+    return (Path(folder) / PACKED_FILE).stat().st_size

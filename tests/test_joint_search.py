@@ -1,0 +1,114 @@
+"""Joint sparsity × bits search under a size budget: levels grammar, exact bytes, the budget met on disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmcompress.checkpoint.save import save_model
+from lmcompress.errors import UserError
+from lmcompress.models.tiny import build_tiny_model
+from lmcompress.search.joint import packed_size, parse_size
+from lmcompress.search.levels import parse_joint_levels
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def tied_folder(tmp_path_factory, tokenizer):
+    """A tiny llama whose head is its input embedding, stored in bfloat16 (as SmolLM2)."""
+    model = build_tiny_model("llama", tokenizer.vocab_size, max_positions=256, tie_word_embeddings=True)
+    model.config.torch_dtype = torch.bfloat16
+    folder = tmp_path_factory.mktemp("tied") / "model"
+    save_model(model.to(torch.bfloat16), tokenizer, folder, {"kind": "test-model"})
+    return folder
+
+
+def _args(src, out, data, budget: str, *extra: str) -> list[str]:
+    return ["search", str(src), "--budget", budget, "--group-size", "32", "--generations", "2", "--offspring", "3",
+            "--survivors", "2,1", "--stage-windows", "1,2", "--fitness-windows", "2", "--calib-data", str(data),
+            "--nsamples", "4", "--seqlen", "32", "-q", "--json", "-o", str(out), *extra]  # fmt: skip
+
+
+def test_joint_levels_grammar_sorts_by_cost_and_refuses_bad_items():
+    levels = parse_joint_levels("0/4,0/16,2:4/4,0.5/3,0/2,0/4")
+    assert [lv.label for lv in levels] == ["0/16", "0/4", "2:4/4", "0.5/3", "0/2"]
+    assert levels[2].pattern == "2:4" and levels[2].sparsity == 0.5 and levels[3].pattern == "unstructured"
+    assert parse_joint_levels("auto")[0].label == "0/16"
+    bad = {
+        "0/4": "at least two",
+        "0/4,0.5": "SPARSITY/BITS",
+        "0/4,1.2/3": r"\[0, 1\)",
+        "0/4,0/7": "not one of",
+        "0/4,0/x": "not a bit width",
+        "0/4,3:2/4": "N:M",
+        "0/4,abc/4": "not a sparsity",
+    }
+    for text, message in bad.items():
+        with pytest.raises(UserError, match=message):
+            parse_joint_levels(text)
+
+
+def test_size_texts_parse_to_bytes_or_a_fraction():
+    assert parse_size("60MB") == (60_000_000, False)
+    assert parse_size("1.5 MiB") == (1_572_864, False)
+    assert parse_size("0.3x") == (0.3, True)
+    for bad in ("sixty", "1.5x", "0x", "-3MB"):
+        with pytest.raises(UserError):
+            parse_size(bad)
+
+
+def test_size_budget_is_met_on_disk_and_predicted_bytes_are_written(tied_folder, tmp_path, calib_file, capsys):
+    import lmcompress
+
+    out = tmp_path / "joint"
+    budget = 0.3 * 2 * sum(p.numel() for p in lmcompress.load(tied_folder)[0].parameters())
+    assert run_cli(_args(tied_folder, out, calib_file, f"size={int(budget)}")) == 0
+    report = json.loads(capsys.readouterr().out)
+    size = report["size"]
+    written = packed_size(out)
+    assert size["written"] == written
+    assert written <= size["budget"] == int(budget)  # never over the budget, counted from the bytes written
+    assert 0 <= size["predicted"] - written <= 16 * len(report["layer_levels"]) + 64  # header offsets' digits only
+    step = max(size["budget"] - size["predicted"], 0)
+    assert step < 0.2 * budget  # the search fills the budget to within one level step
+    levels = {lv.label for lv in parse_joint_levels("auto")}
+    assert set(report["layer_levels"].values()) <= levels and "lm_head" in report["layer_levels"]
+    model, _ = lmcompress.load(out)  # the saved model is the searched one: its head holds at most 2^bits values
+    head_bits = report["layer_levels"]["lm_head"].split("/")[1]
+    w = model.lm_head.weight.detach().float()
+    if head_bits != "16":
+        assert len(torch.unique(w[0, :32])) <= 2 ** int(head_bits)
+    assert model.model.embed_tokens.weight is model.lm_head.weight or torch.equal(model.model.embed_tokens.weight, w)
+
+
+def test_relative_size_budget_and_explicit_levels(tied_folder, tmp_path, calib_file, capsys):
+    out = tmp_path / "rel"
+    assert run_cli(_args(tied_folder, out, calib_file, "size=0.35x", "--levels", "0/16,0/8,0/4,2:4/4,0/2")) == 0
+    size = json.loads(capsys.readouterr().out)["size"]
+    assert packed_size(out) <= size["budget"] == int(0.35 * size["sixteen_bit"])
+
+
+def test_a_budget_below_the_smallest_level_is_refused_and_writes_nothing(tied_folder, tmp_path, calib_file, capsys):
+    out = tmp_path / "tiny"
+    assert run_cli(_args(tied_folder, out, calib_file, "size=2KB")) != 0
+    err = capsys.readouterr().err
+    assert "below the smallest" in err and "0/2" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("budget", "extra", "message"),
+    [
+        ("size=lots", (), "must be bytes"),
+        ("size=60MB", ("--levels", "0/4,0/9"), "not one of"),
+        ("size=60MB", ("--method", "wanda"), "sparsegpt"),
+        ("size=60MB", ("--rounds", "2"), "rounds"),
+    ],
+)
+def test_bad_size_searches_are_refused(tied_folder, tmp_path, calib_file, capsys, budget, extra, message):
+    out = tmp_path / "bad"
+    assert run_cli(_args(tied_folder, out, calib_file, budget, *extra)) != 0
+    assert message in capsys.readouterr().err
+    assert not out.exists()
