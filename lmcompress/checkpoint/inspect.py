@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -105,6 +106,10 @@ _RECIPE_SUMMARY = (
 )
 
 
+# a routed expert's matrix as transformers saves fused experts (one 2-D tensor per expert: experts.3.up_proj.weight)
+_EXPERT_KEY = re.compile(r"\.experts\.\d+\.[A-Za-z0-9_]+\.weight$")
+
+
 def _roles(
     folder: Path, recipe: dict | None, trust_remote_code: bool = False
 ) -> tuple[set[str], set[str], dict[str, int]]:
@@ -113,6 +118,7 @@ def _roles(
     model built from the config."""
     from lmcompress.checkpoint.load import auto_model_class, load_config
     from lmcompress.models.families import is_prunable
+    from lmcompress.models.layouts import FUSED_EXPERTS, is_fused_experts
     from lmcompress.models.surgery import apply_surgery
 
     config = load_config(str(folder), trust_remote_code)
@@ -134,6 +140,8 @@ def _roles(
             embeddings.add(weight)
         elif is_prunable(module):
             linear.add(weight)
+        elif is_fused_experts(module):  # routed experts, one layer per expert and matrix: counted as linear
+            linear |= {f"{name}.{p}" if name else p for p in FUSED_EXPERTS}
     return embeddings, linear, {k: v.numel() for k, v in model.state_dict().items()}
 
 
@@ -267,13 +275,14 @@ def folder_info(folder: str | Path, *, trust_remote_code: bool = False) -> dict:
                                 layouts.get("compressed-tensors pack-quantized", 0) + 1
                             )
                         continue
-                    kind = "embeddings" if key in embeddings else "values" if key in linear else "other"
+                    is_linear = key in linear or _EXPERT_KEY.search(key) is not None
+                    kind = "embeddings" if key in embeddings else "values" if is_linear else "other"
                     by_kind[kind] += size
                     shape = f.get_slice(key).get_shape()
                     numel = math.prod(shape)
                     params += numel
                     dense_equiv += size
-                    if key in linear:
+                    if is_linear:
                         lin_params += numel
                         lin_bytes += size
                         lin_nonzero += int((f.get_tensor(key) != 0).sum())

@@ -147,6 +147,8 @@ def pack_named(
         flip = name in transposed and value.dim() == 2
         matrix = value.detach().cpu()
         matrix = matrix.t() if flip else matrix
+        stacked = value.dim() == 3  # fused experts [E, out, in]: packed as the matrix [E·out, in], rows stacked
+        matrix = matrix.reshape(-1, matrix.shape[-1]) if stacked else matrix
         if name in quantized:
             _check_quantized(name, quantized[name], matrix)
             packed = pack_quantized(quantized[name], layout)
@@ -163,11 +165,13 @@ def pack_named(
             kind = "tensor"
             store_dtype = matrix.dtype
             if packed.layout == "dense":  # untouched: stored under its own name, in its own orientation
-                original = matrix.t() if flip else matrix
+                original = matrix.t() if flip else matrix.reshape(value.shape)
                 packed = Packed("dense", {"values": original}, {**packed.meta, "shape": list(original.shape)})
-                flip = False
+                flip = stacked = False
         entry = {"kind": kind, "layout": packed.layout, **packed.meta, "dtype": _dtype_name(store_dtype)}
         entry["transposed"] = flip
+        if stacked:
+            entry["stacked"] = list(value.shape)  # rebuilt as this 3-D shape
         entry["parts"] = {}
         for part, t in packed.parts.items():
             skey = name if (kind == "tensor" and packed.layout == "dense") else f"{name}{_PART_PREFIX}{part}"
@@ -322,7 +326,8 @@ def read_packed(
     fp8: dict[str, FP8Weight] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
     """``(state_dict, quantized)`` of a packed folder: every tensor rebuilt (quantized weights dequantized
-    to float32) and the exact :class:`QuantizedTensor` of each quantized weight (``[out, in]``).
+    to float32) and the exact :class:`QuantizedTensor` of each quantized weight (``[out, in]``; a fused 3-D
+    expert parameter ``[E, out, in]``: ``[E·out, in]``, the experts' rows stacked).
 
     ``dequantize=False`` leaves the quantized weights out of the state dict (those another tensor is tied to
     excepted), for a caller that runs them from their codes (:mod:`lmcompress.kernels`). FP8 weights are in the
@@ -349,7 +354,7 @@ def read_packed(
             elif entry["kind"] == "quantized":
                 q = unpack_quantized(packed)
                 quantized[name] = q
-                if not dequantize:
+                if not dequantize and "stacked" not in entry:  # fused experts: no kernel runs them, always dense
                     continue
                 value = q.dequantize()
             else:
@@ -357,6 +362,11 @@ def read_packed(
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UserError(f"tensor {name!r} in {folder} cannot be rebuilt ({exc}); the folder is damaged") from None
         state[name] = value.t().contiguous() if entry.get("transposed") else value
+        if "stacked" in entry:
+            try:
+                state[name] = value.reshape(entry["stacked"])
+            except (RuntimeError, TypeError):
+                raise UserError(f"tensor {name!r} in {folder} does not fit its shape; the folder is damaged") from None
     for name, target in aliases.items():
         if target not in state and target in quantized:  # tied to a weight left quantized
             q = quantized[target]

@@ -48,7 +48,7 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family("transformer.h", "transformer.ln_f"),
     "gpt_neox": Family("gpt_neox.layers", "gpt_neox.final_layer_norm"),
     # Mixture-of-experts decoders: attention (and Qwen2-MoE's shared expert) are nn.Linear and prunable; the
-    # routed experts are fused 3-D parameters, not pruned by the unstructured methods (transforms.experts drops them)
+    # routed experts are fused 3-D parameters, pruned and quantized one expert at a time (calibration.experts)
     "mixtral": Family("model.layers", "model.norm"),
     "qwen2_moe": Family("model.layers", "model.norm"),
     "qwen3_moe": Family("model.layers", "model.norm"),

@@ -2,7 +2,8 @@
 
 - :data:`LAYOUTS` / :func:`structure_layout`: FFN channels and attention heads (``transforms.shrink``, FLOPs).
 - :data:`MOE_LAYOUTS` / :func:`moe_layout`: routers and fused experts of mixture-of-experts blocks
-  (``transforms.experts``, FLOPs).
+  (``transforms.experts``, FLOPs); :func:`find_fused_experts`: the fused 3-D expert parameters, which pruning,
+  quantization and packed storage treat as one layer per expert (``calibration.experts``).
 
 Paths are relative to one transformer block (``models.families.get_blocks``). Unstructured pruning and
 quantization need none of this: they find the linear layers of any block generically.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from lmcompress.errors import UserError
@@ -172,6 +174,27 @@ def moe_layout(config) -> MoeLayout:
             f"(supported: {', '.join(sorted(MOE_LAYOUTS))})"
         )
     return MOE_LAYOUTS[model_type]
+
+
+FUSED_EXPERTS = ("gate_up_proj", "down_proj")  # fused routed-expert parameters, in the order a token meets them
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A module holding routed experts as ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``, called as
+    ``experts(hidden, top_k_index, top_k_weights)`` (transformers ≥ 5: Mixtral, Qwen-MoE, OLMoE). Other fused
+    layouts (gpt-oss's transposed experts with biases) are not this one."""
+    gu, dn = (getattr(module, n, None) for n in FUSED_EXPERTS)
+    if not (isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3):
+        return False
+    if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False):
+        return False
+    e, two_i, h = gu.shape
+    return two_i % 2 == 0 and tuple(dn.shape) == (e, h, two_i // 2) and hasattr(module, "act_fn")
+
+
+def find_fused_experts(block: nn.Module) -> dict[str, nn.Module]:
+    """The fused-expert modules (:func:`is_fused_experts`) of ``block`` by path inside it (empty: none)."""
+    return {name: m for name, m in block.named_modules() if is_fused_experts(m)}
 
 
 def moe_module(block: nn.Module, layout: MoeLayout) -> nn.Module | None:

@@ -30,6 +30,7 @@ from lmcompress.calibration.engine import (
     head_input_stats,
     walk_blocks,
 )
+from lmcompress.calibration.experts import WEIGHTING, expert_layers, note_tokens, stack_quantized
 from lmcompress.calibration.offload import read_only, track
 from lmcompress.calibration.stats import InputStats
 from lmcompress.checkpoint.allocation import check_layer_levels, read_layer_levels
@@ -241,9 +242,9 @@ class PruneConfig:
 
         Cheap, needs only the shapes: run it right after loading, before any calibration.
         """
-        if self.layer_targets is not None:
+        if self.layer_targets is not None:  # routed experts not named take their block's target
             hint = ", with the same include_head setting"
-            check_layer_levels(_pruned_modules(model, self), self.layer_targets, "sparsity", hint=hint)
+            check_layer_levels(_pruned_modules(model, self, False), self.layer_targets, "sparsity", hint=hint)
         pattern = self.parsed_pattern
         if not pattern.is_nm:
             return
@@ -302,6 +303,10 @@ class PruneReport:
     in_block_fallback: dict[str, int] = field(default_factory=dict)
     # head_bits: how the output head was quantized (method, bits, group_size; GPTQ's loss estimate)
     head_quantization: dict | None = None
+    # routed experts of fused 3-D parameters (calibration.experts): routed tokens per expert by fused parameter,
+    # and the experts with fewer tokens than inputs (0: solved as if their inputs were white, i.e. by magnitude)
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    experts_few_tokens: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Everything but the tensors, JSON-ready."""
@@ -312,6 +317,9 @@ class PruneReport:
         joint = {} if self.mask_sparsity is None else {"mask_sparsity": self.mask_sparsity}
         if self.head_quantization is not None:
             joint["head_quantization"] = self.head_quantization
+        if self.expert_tokens:
+            joint |= {"expert_statistics": WEIGHTING, "expert_tokens": self.expert_tokens}
+            joint["experts_few_tokens"] = self.experts_few_tokens
         return {
             **self.config,
             "achieved_sparsity": self.sparsity,
@@ -473,6 +481,8 @@ class _Pruner:
         self.quantized: dict[str, QuantizedTensor] | None = {} if config.saves_codes else None
         self.pruned: dict[str, int] = {}  # joint mode: weights the masks removed, per layer
         self.zeros: dict[str, int] = {}  # zeros of each pruned layer after pruning
+        self.expert_tokens: dict[str, list[int]] = {}  # fused expert parameter → routed tokens of each expert
+        self.experts_few_tokens: dict[str, int] = {}  # experts with fewer routed tokens than inputs
 
     def dicts(self) -> dict[str, dict | None]:
         return {
@@ -483,7 +493,7 @@ class _Pruner:
     def solve(self, i: int, layers: dict[str, nn.Module], group: list[str], stats: InputStats | None):
         full = [f"{self.prefix}.{i}.{name}" for name in group]
         targets = self.config.layer_targets
-        sparsities = [self.targets[i] if targets is None else targets[f] for f in full]
+        sparsities = [self.targets[i] if targets is None else targets.get(f, self.targets[i]) for f in full]
         weights = [weight_matrix(layers[name]) for name in group]
         return prune_layers(self.config, weights, stats, sparsities, full, consume=True)
 
@@ -496,6 +506,20 @@ class _Pruner:
             if res.quantized is not None:
                 self.quantized[f"{f}.weight"] = res.quantized
                 self.pruned[f] = res.pruned
+
+    def experts_done(
+        self, i: int, param: str, names: list[str], layers: dict[str, nn.Module], tokens: list[int] | None
+    ) -> None:
+        """Routed token counts to the report; joint mode: the codes of a fused parameter's experts become the
+        parameter's, rows stacked in expert order."""
+        full_names = [f"{self.prefix}.{i}.{n}" for n in names]
+        param_name = f"{self.prefix}.{i}.{param}"
+        note_tokens(
+            self.expert_tokens, self.experts_few_tokens, param_name, full_names, [layers[n] for n in names], tokens
+        )
+        if self.quantized is not None:
+            parts = [self.quantized.pop(f"{self.prefix}.{i}.{n}.weight") for n in names]
+            self.quantized[f"{self.prefix}.{i}.{param}"] = stack_quantized(parts)
 
     def block_done(self, i: int, layers: dict[str, nn.Module]) -> None:
         for n, m in layers.items():  # one counting pass per weight
@@ -568,11 +592,19 @@ def prune(
         owl_lambda_effective=owl_lambda,
         in_block_fallback=fallback,
         head_quantization=head_quantization,
+        expert_tokens=pruner.expert_tokens,
+        experts_few_tokens=pruner.experts_few_tokens,
     )
 
 
-def _pruned_modules(model: nn.Module, config: PruneConfig) -> dict[str, nn.Module]:
+def _pruned_modules(model: nn.Module, config: PruneConfig, experts: bool = True) -> dict[str, nn.Module]:
+    """The layers pruned, by full name: the blocks' linear layers, each routed expert's matrices of fused 3-D
+    expert parameters (``experts``; :mod:`lmcompress.calibration.experts`), and the head (``include_head``)."""
     out = prunable_layers(model)
+    if experts:
+        prefix = blocks_path(model)
+        for i, block in enumerate(get_blocks(model)):
+            out |= {f"{prefix}.{i}.{n}": m for n, m in expert_layers(block).items()}
     if config.include_head:
         out["lm_head"] = model.get_output_embeddings()
     return out

@@ -32,6 +32,13 @@ from lmcompress.algorithms.quant import (
 from lmcompress.calibration.compress import IN_BLOCK
 from lmcompress.calibration.distributed import spread
 from lmcompress.calibration.engine import BlockInputs, head_input_stats
+from lmcompress.calibration.experts import (
+    WEIGHTING,
+    ExpertSlice,
+    model_has_fused_experts,
+    note_tokens,
+    stack_quantized,
+)
 from lmcompress.calibration.offload import track
 from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
@@ -195,6 +202,10 @@ class QuantReport:
     smoothing: dict | None = None  # SmoothQuant / AWQ before quantizing: SmoothReport.recipe_fields()
     fp8: dict[str, FP8Weight] = field(default_factory=dict)  # scheme fp8: codes + scales (not in to_dict)
     input_scales: dict[str, float] = field(default_factory=dict)  # scheme fp8, static: each layer's input scale
+    # routed experts of fused 3-D parameters (calibration.experts): routed tokens per expert by fused parameter,
+    # and the experts with fewer tokens than inputs (0: solved as if their inputs were white, i.e. by RTN)
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    experts_few_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def nominal_bits_per_weight(self) -> float:
@@ -218,8 +229,16 @@ class QuantReport:
             "layer_loss": self.layer_loss,
             "damping_raised": self.damping,
             "in_block_fallback": self.in_block_fallback,
+            **(self._experts_fields() if self.expert_tokens else {}),
             **({"smoothing": self.smoothing} if self.smoothing is not None else {}),
             **scheme_fields(self.config, self.input_scales),
+        }
+
+    def _experts_fields(self) -> dict:
+        return {
+            "expert_statistics": WEIGHTING,
+            "expert_tokens": self.expert_tokens,
+            "experts_few_tokens": self.experts_few_tokens,
         }
 
 
@@ -260,6 +279,8 @@ class _Quantizer:
         self.quantized: dict[str, QuantizedTensor] = {}
         self.layer_loss: dict[str, float] = {}
         self.damping: dict[str, float] = {}
+        self.expert_tokens: dict[str, list[int]] = {}
+        self.experts_few_tokens: dict[str, int] = {}
 
     def spec_of(self, i: int, name: str) -> QuantSpec | None:
         """The grid of layer ``name`` of block ``i``: the config's, or the GGUF mix's (None: left dense)."""
@@ -304,7 +325,9 @@ class _Quantizer:
             blocksize=config.blocksize,
             percdamp=config.percdamp,
             act_order=config.act_order,
-            static_groups=config.static_groups,
+            # a fused parameter's experts share one group index (their codes are stacked): act-order experts
+            # keep their grids in natural column order
+            static_groups=config.static_groups or (config.act_order and isinstance(layers[group[0]], ExpertSlice)),
             mask=mask,
             layer=" + ".join(f"{self.prefix}.{i}.{name}" for name in group),
             consume_hessian=consume,  # each group's statistics serve this one solve (or the last of a mix's)
@@ -338,6 +361,17 @@ class _Quantizer:
 
     def block_done(self, i: int, layers: dict[str, nn.Module]) -> None:
         pass
+
+    def experts_done(
+        self, i: int, param: str, names: list[str], layers: dict[str, nn.Module], tokens: list[int] | None
+    ) -> None:
+        """The experts of the fused parameter ``param`` are quantized: their codes become the parameter's,
+        rows stacked in expert order (``[E·out, in]``); their routed token counts go to the report."""
+        full = f"{self.prefix}.{i}.{param}"
+        parts = [self.quantized.pop(f"{self.prefix}.{i}.{n}.weight") for n in names]
+        self.quantized[full] = stack_quantized(parts)
+        full_names = [f"{self.prefix}.{i}.{n}" for n in names]
+        note_tokens(self.expert_tokens, self.experts_few_tokens, full, full_names, [layers[n] for n in names], tokens)
 
 
 @torch.no_grad()
@@ -375,6 +409,12 @@ def quantize(
             "GPTQ, SmoothQuant and AWQ need calibration data (give calib_data); RTN alone does not", param="calib_data"
         )
     device = torch.device(device)
+    if config.scheme is not None and model_has_fused_experts(model):
+        raise UserError(
+            f"scheme {config.scheme} does not cover the fused routed experts of a mixture-of-experts model yet: "
+            "quantize it weight-only (method rtn / gptq with bits, group_size)",
+            param="scheme",
+        )
     model.eval()
     smoothing = None
     if config.smoothquant is not None and getattr(config, "scheme", None) is None:
@@ -398,6 +438,12 @@ def quantize(
         )
 
     types = None
+    if config.gguf_mix is not None and model_has_fused_experts(model):
+        raise UserError(
+            "gguf_mix does not cover the fused routed experts of a mixture-of-experts model yet: quantize it with "
+            "bits / group_size (or a grid such as q4_k) instead",
+            param="gguf_mix",
+        )
     if config.gguf_mix is not None:  # the GGUF type of every weight under llama.cpp's mix, the head's included
         widths = {k: v.shape[-1] for k, v in model.state_dict().items() if v.dim() == 2}
         types = mix_types(config.gguf_mix, model.config, widths)
@@ -434,6 +480,8 @@ def quantize(
         wall_time_s=time.perf_counter() - start,
         in_block_fallback=fallback,
         smoothing=None if smoothing is None else smoothing.recipe_fields(),
+        expert_tokens=quantizer.expert_tokens,
+        experts_few_tokens=quantizer.experts_few_tokens,
     )
 
 
