@@ -220,3 +220,76 @@ def test_unpack_writes_the_quantized_weights_as_a_plain_folder(tiny_folder, tmp_
     ids = random_ids(model.config.vocab_size)
     hf = AutoModelForCausalLM.from_pretrained(plain)
     torch.testing.assert_close(logits_of(hf, ids), logits_of(model, ids), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+@pytest.mark.parametrize(("scheme", "dynamic"), [("w8a8", False), ("fp8", True)])
+def test_search_simulation_is_the_quantized_folders_computation(tiny_folder, scheme, dynamic):
+    """A search's scheme simulation of a (pruned) model computes what `quantize --scheme --method rtn` then
+    `load` computes, follows weight changes it is told of, and leaves the plain layers outside ``active``."""
+    import copy
+
+    from lmcompress.measure.sweep import simulate_scheme
+    from lmcompress.models.families import prunable_layers
+    from lmcompress.search.scheme import SchemeSimulation
+    from lmcompress.transforms.quantize import quantize
+
+    model, _ = load(tiny_folder("llama"))
+    for m in prunable_layers(model).values():  # a pruned candidate: the smallest half of every row at zero
+        w = m.weight.data
+        w[w.abs() < w.abs().median(dim=1, keepdim=True).values] = 0
+    ids = random_ids(model.config.vocab_size)
+    plain = logits_of(model, ids)
+    deployed = copy.deepcopy(model)
+    simulate_scheme(deployed, quantize(deployed, QuantConfig(method="rtn", scheme=scheme, dynamic=dynamic)))
+    sim = SchemeSimulation(model, scheme, dynamic)
+    with sim.active():
+        torch.testing.assert_close(logits_of(model, ids), logits_of(deployed, ids), rtol=0, atol=0)
+    assert torch.equal(logits_of(model, ids), plain)  # outside: the plain layers
+    name, layer = next(iter(prunable_layers(model).items()))
+    layer.weight.data.mul_(0.5)
+    with sim.active():
+        stale = logits_of(model, ids)
+        sim.forget([name])
+        fresh = logits_of(model, ids)
+    assert not torch.equal(stale, fresh)
+    target = deployed.get_submodule(name)
+    target.weight_scale.mul_(0.5)  # the int8 / fp8 grid scales with the weight: the same codes, half the scale
+    torch.testing.assert_close(fresh, logits_of(deployed, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_search_scores_candidates_as_the_scheme_runs_them(tiny_folder, tmp_path, calib_file, capsys):
+    src = tiny_folder("llama")
+    base = ["search", str(src), "--budget", "sparsity=0.5", "--levels", "0.3:0.7:0.1", "--generations", "1",
+            "--offspring", "2", "--survivors", "2,1", "--stage-windows", "1,2", "--fitness-windows", "2",
+            "--calib-data", str(calib_file), "--nsamples", "4", "--seqlen", "32", "--quiet"]  # fmt: skip
+    found = {}
+    for tag, extra in {"plain": [], "w8a8": ["--scheme", "w8a8"]}.items():
+        out = tmp_path / tag
+        assert run_cli([*base, "-o", str(out), *extra]) == 0
+        assert ("--scheme w8a8 --method rtn" in capsys.readouterr().out) == bool(extra)  # how to deploy it
+        found[tag] = json.loads((out / "search.json").read_text())
+    assert found["w8a8"]["config"]["scheme"] == "w8a8" and found["plain"]["config"]["scheme"] is None
+    # the same uniform allocation, scored with and without the scheme
+    assert found["w8a8"]["baselines"]["uniform"] != found["plain"]["baselines"]["uniform"]
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--scheme", "w8a8", "--budget", "bits=4", "--levels", "2,4,8"], "leaves no bit widths to search"),
+        (["--scheme", "fp8"], "add (--)?dynamic"),
+        (["--dynamic"], "dynamic applies to (--)?scheme fp8"),
+        (["--scheme", "int4"], "scheme 'int4' is unknown"),
+        (["--scheme", "w8a8", "--max-loss", "ppl=+5%"], "not supported with (--)?max.loss"),
+    ],
+)
+def test_search_scheme_bad_input_writes_nothing(tiny_folder, tmp_path, capsys, args, match):
+    import re
+
+    out = tmp_path / "s"
+    assert run_cli(["search", str(tiny_folder("llama")), "-o", str(out), *args]) == 2
+    assert re.search(match, capsys.readouterr().err) and not out.exists()
+    assert not list(tmp_path.glob(".*search-work"))

@@ -123,6 +123,13 @@ def search(
     fitness_windows: int = typer.Option(16, "--fitness-windows", help="Held-out windows drawn for the fitness."),
     time_limit: str = typer.Option(None, "--time-limit", help="Stop after the generation that passes it: 30m, 1h."),
     fitness: str = typer.Option("kl", "--fitness", help="kl: divergence to the dense model; ppl: own perplexity."),
+    scheme: str = typer.Option(
+        None,
+        "--scheme",
+        help="w8a8 | fp8 (with --dynamic): score each pruned candidate as `quantize --scheme` with RTN would run it "
+        "(8-bit weights per channel, activations quantized); then quantize the output with the same scheme.",
+    ),
+    dynamic: bool = typer.Option(False, "--dynamic", help="--scheme fp8: per-token activation scales."),
     database_inputs: str = typer.Option(
         "sequential",
         "--database-inputs",
@@ -224,6 +231,8 @@ def search(
         stage_windows=_ints(stage_windows, "--stage-windows"),
         time_limit_s=parse_duration(time_limit),
         fitness=fitness,
+        scheme=scheme,
+        dynamic=dynamic,
         database_inputs=database_inputs,
         rounds=rounds,
         sensitivity_span=sensitivity_span,
@@ -266,3 +275,6 @@ def search(
             f"confidence {step['confidence']:g}) {verdict} the allowed loss"
         )
     typer.echo("per unit: " + " ".join(s if isinstance(s, str) else f"{s:g}" for s in report.allocation))
+    if scheme is not None:  # the fitness ran the candidates as the scheme: deploy the output the same way
+        flags = f"--scheme {scheme}{' --dynamic' if dynamic else ''} --method rtn"
+        typer.echo(f"next: lmcompress quantize {output} {flags} -o OUT  (what the fitness simulated)")

@@ -17,6 +17,7 @@ from lmcompress.search.levels import (
     parse_joint_levels,
     parse_levels,
 )
+from lmcompress.search.scheme import check_search_scheme
 from lmcompress.transforms.prune import PruneConfig
 
 TUNINGS = ("owl",)
@@ -63,6 +64,8 @@ class SearchConfig:
     max_switches: int = 3
     time_limit_s: float | None = None
     fitness: str = "kl"  # kl: divergence to the dense model; ppl: the candidate's own log perplexity
+    scheme: str | None = None  # w8a8 / fp8: the fitness runs each candidate as that scheme (search.scheme)
+    dynamic: bool = False  # scheme fp8: per-token activation scales (the only FP8 a search simulates)
     seed: int = 0
     owl_m: float = 5.0
     owl_lambda: float = 0.08
@@ -172,6 +175,8 @@ class SearchConfig:
             raise UserError(f"the time limit must be positive, got {self.time_limit_s:g} s", param="time_limit_s")
         if self.start is not None and not self.start:
             raise UserError("the start allocation is empty: give an earlier search's search.json", param="start")
+        mode = "tune owl" if self.tune is not None else "max_loss" if self.max_loss is not None else None
+        check_search_scheme(self.scheme, self.dynamic, self.kind, mode)
 
     @property
     def held_out(self) -> int:
