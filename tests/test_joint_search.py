@@ -112,3 +112,18 @@ def test_bad_size_searches_are_refused(tied_folder, tmp_path, calib_file, capsys
     assert run_cli(_args(tied_folder, out, calib_file, budget, *extra)) != 0
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_uniform_start_fills_the_budget_to_within_one_step_of_a_block():
+    from lmcompress.search.joint import place_uniform, size_space
+
+    # unit 0: a head whose steps are large; units 1-4: blocks; levels at 16, 8, 4 and 2 bits per weight
+    cost = [[160.0, 80.0, 40.0, 20.0]] + [[32.0, 16.0, 8.0, 4.0]] * 4
+    values = [16.0, 8.0, 4.0, 2.0]
+    for budget in (100, 123, 150, 200, 288):
+        space = size_space(cost, 0, budget, ["a", "b", "c", "d"], heads=[0])
+        assert space.slack == 16  # the largest step of a block, not the head's
+        levels = place_uniform(space, values, 8 * budget / 288)
+        assert budget - 16 <= space.total(levels) <= budget
+    with pytest.raises(UserError, match="below the smallest"):
+        size_space(cost, 10, 35, ["a", "b", "c", "d"], heads=[0])

@@ -192,9 +192,10 @@ class SizeSpace(LevelSpace):
     fixed: int = 0
 
 
-def size_space(cost: list[list[float]], fixed: int, budget: int, labels: list[str]) -> SizeSpace:
+def size_space(cost: list[list[float]], fixed: int, budget: int, labels: list[str], heads: list[int] = ()) -> SizeSpace:
     """The level space of a size budget: ``cost[u][k]`` bytes of unit ``u`` at level ``k``; a candidate's
-    total plus ``fixed`` is at most ``budget`` and within the largest single level step of it."""
+    total plus ``fixed`` is at most ``budget`` and within the largest single level step of a unit other than
+    the ``heads`` (whose steps, a fifth of a small model, are balanced by several steps of the others)."""
     for c in cost:
         for k in range(len(c) - 1):
             if c[k + 1] > c[k]:
@@ -208,7 +209,8 @@ def size_space(cost: list[list[float]], fixed: int, budget: int, labels: list[st
             f"a size budget of {budget} bytes is below the smallest this model takes at these levels ({lo} bytes, "
             f"every layer at {labels[-1]}); raise the budget or add a smaller level"
         )
-    steps = [abs(c[k] - c[k + 1]) for c in cost for k in range(len(c) - 1)]
+    others = [c for u, c in enumerate(cost) if u not in heads] or cost
+    steps = [abs(c[k] - c[k + 1]) for c in others for k in range(len(c) - 1)]
     return SizeSpace(tuple(tuple(c) for c in cost), float(min(budget, hi) - fixed), max(steps), fixed)
 
 
@@ -236,3 +238,28 @@ def packed_size(folder) -> int:
     from pathlib import Path
 
     return (Path(folder) / PACKED_FILE).stat().st_size
+
+
+def place_uniform(space: LevelSpace, values: list[float], target: float) -> list[int]:
+    """Every unit at the first level whose nominal bits per weight (``values``, falling) are at most ``target``;
+    units moved one level down, biggest saving first, until the total is within the budget; then moved one level
+    up, in unit order round after round, while the total stays within it. Raises ValueError when the result
+    is still below the budget by more than the slack."""
+    first = next((k for k, v in enumerate(values) if v <= target), len(values) - 1)
+    levels = [first] * space.units
+    cost, hi = space.cost, space.budget + space.tolerance
+    while space.total(levels) > hi:
+        down = [(cost[u][lv] - cost[u][lv + 1], u) for u, lv in enumerate(levels) if lv + 1 < space.levels]
+        if not down:
+            break
+        levels[max(down)[1]] += 1
+    moved = True
+    while moved:
+        moved = False
+        for u in range(space.units):
+            if levels[u] > 0 and space.total(levels) + cost[u][levels[u] - 1] - cost[u][levels[u]] <= hi:
+                levels[u] -= 1
+                moved = True
+    if not space.feasible(levels):
+        raise ValueError("the uniform start cannot be placed on the budget")
+    return levels

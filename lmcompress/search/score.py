@@ -25,7 +25,6 @@ from lmcompress.search.config import SearchConfig
 from lmcompress.search.database import LevelDatabase, build_database, pruner, quantizer
 from lmcompress.search.fitness import PrefixCache, make_fitness
 from lmcompress.search.keys import database_dir, database_key, open_database, trajectory_key
-from lmcompress.search.scheme import SchemeSimulation, simulated
 from lmcompress.transforms.prune import PruneConfig
 
 
@@ -43,7 +42,8 @@ def level_space(db: LevelDatabase, units: list[list[str]], config: SearchConfig,
     if config.kind == "size":  # bytes of the packed weights file, the rest of the model's tensors included
         fixed = joint.fixed_bytes(model, set(db.layers), joint.ByteCost(model))
         budget = joint.budget_bytes(model, config.target, config.size_relative)
-        return joint.size_space([list(c) for c in cost], fixed, budget, list(db.levels))
+        heads = [u for u, unit in enumerate(units) if any(db.block_of[layer] == joint.HEAD_BLOCK for layer in unit)]
+        return joint.size_space([list(c) for c in cost], fixed, budget, list(db.levels), heads)
     weights = sum(db.sizes.values())
     if config.kind == "sparsity":  # level switches between units of equal size keep the total exactly
         return LevelSpace(cost, budget=weights * (1.0 - config.target))
@@ -81,7 +81,6 @@ class Candidates:
     fitness: object  # make_fitness(config.fitness, …): (model, n windows) → float
     applied: dict[str, int] = field(default_factory=dict)  # the level each layer of the model now holds
     round: int = 0  # which database round these candidates come from
-    scheme: SchemeSimulation | None = None  # config.scheme: every scoring forward runs the candidate as that scheme
 
     def assignment(self, unit_levels) -> dict[str, int]:
         return {layer: lv for unit, lv in zip(self.units, unit_levels, strict=True) for layer in unit}
@@ -90,10 +89,7 @@ class Candidates:
         """Make the model hold this candidate. Only the layers whose level differs from what the model holds are
         read from the database: a mutant changes a few units, so this costs little next to its forward passes."""
         wanted = self.assignment(unit_levels)
-        changed = {layer: k for layer, k in wanted.items() if self.applied.get(layer) != k}
-        self.db.apply(self.model, changed)
-        if self.scheme is not None:
-            self.scheme.forget(changed)
+        self.db.apply(self.model, {layer: k for layer, k in wanted.items() if self.applied.get(layer) != k})
         self.applied = wanted
 
     def score(
@@ -114,8 +110,7 @@ class Candidates:
         n = self.config.stage_windows[stage]
         if start < 0:  # the head (and a tied embedding) changed: no cached block input holds
             prefix, start, capture = None, 0, None
-        with simulated(self.scheme):
-            return self.fitness(self.model, n, prefix=prefix, start=start, capture=capture)
+        return self.fitness(self.model, n, prefix=prefix, start=start, capture=capture)
 
     def first_block(self, unit_levels, base) -> int:
         """The first block in which two candidates differ (the last block when they are equal; ``HEAD_BLOCK``, i.e.
@@ -130,8 +125,7 @@ class Candidates:
         first are read from a :class:`PrefixCache` of ``base``."""
         reference = self.score(base, 0)
         windows = self.fitness.windows[: self.config.stage_windows[0]]
-        with simulated(self.scheme):
-            prefix = PrefixCache(self.model, windows, device=self.fitness.device)
+        prefix = PrefixCache(self.model, windows, device=self.fitness.device)
         first = [min(self.db.block_of[layer] for layer in unit) for unit in self.units]
         delta: list[list[float | None]] = [[None] * len(self.levels) for _ in self.units]
         jobs = []
@@ -162,9 +156,12 @@ class Candidates:
     def place(self, targets: list[float], what: str) -> list[int]:
         """Per-unit targets (e.g. OWL's) on the level grid, on the budget (joint levels: in nominal bits per
         weight, see :meth:`uniform_target`)."""
-        if self.config.kind == "size":
+        if self.config.kind == "size":  # every target is the budget's bits per weight (the uniform start)
             values = joint.uniform_values(self.config.joint_levels(), self.config.group_size)
-            return on_budget(self.space, targets, values, what)
+            try:
+                return joint.place_uniform(self.space, values, targets[0])
+            except ValueError:
+                return on_budget(self.space, targets, values, what)
         return on_budget(self.space, targets, self.levels, what)
 
     def uniform_target(self) -> float:
@@ -207,8 +204,7 @@ class ParentScorer:
             self.cand.hold(parent)
             fitness = self.cand.fitness
             windows = fitness.windows[: self.cand.config.stage_windows[self.final]]
-            with simulated(self.cand.scheme):
-                self.prefix = PrefixCache(self.cand.model, windows, device=fitness.device, max_bytes=self.max_bytes)
+            self.prefix = PrefixCache(self.cand.model, windows, device=fitness.device, max_bytes=self.max_bytes)
             if not self.prefix.usable:  # a family whose forward cannot skip blocks: full forwards from now on
                 self.enabled, self.prefix = False, None
         self.base, self.pending = list(parent), None
@@ -271,8 +267,7 @@ def prepare(
     space = level_space(db, units, config, model)
     head = config.kind == "size" and joint.head_of(model) is not None
     fitness = fitness or make_fitness(config.fitness, model, fitness_windows, device=device, head_changes=head)
-    scheme = SchemeSimulation(model, config.scheme, config.dynamic) if config.scheme is not None else None
-    return Candidates(config, levels, db, units, space, trajectory_key(config, data), model, fitness, scheme=scheme)
+    return Candidates(config, levels, db, units, space, trajectory_key(config, data), model, fitness)
 
 
 def compressor_of(config: SearchConfig):
