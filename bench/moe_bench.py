@@ -106,8 +106,12 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (seqlen 256) from valid.txt")
     parser.add_argument("--max-eval-windows", type=int, default=None, help="evaluate on the first N test windows")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--merge", action="store_true", help="merge-experts rows instead (see merge_main)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.merge:
+        merge_main(args)
+        return
 
     from lmcompress.calibration.data import eval_windows
     from lmcompress.checkpoint.load import load_model
@@ -158,6 +162,81 @@ def main() -> None:
     print(info)
     recipe = json.loads((folder / "DONE").read_text())
     path = save_results("moe_bench", {"model": recipe, "eval_windows": int(test.shape[0]), "rows": rows})
+    print(f"results → {path}")
+
+
+# ---- merge-experts (MC-SMoE) vs drop-experts ----------------------------------------------------------------
+
+
+def merge_main(args: argparse.Namespace) -> None:
+    """``--merge``: merge-experts (with and without ``--align``) vs drop-experts, both to each ``--keep``.
+
+    Same model, calibration and test windows as :func:`main`. Drop rows use the frequency criterion (the same
+    K experts that merging keeps as dominant, so the two differ only by merging the rest in) and the
+    reconstruction criterion (drop-experts' default). Results → ``bench/results/moe_merge_bench.json``.
+
+        python -m bench.moe_bench --merge --keep 4
+    """
+    from lmcompress.calibration.data import eval_windows
+    from lmcompress.checkpoint.load import load_model
+    from lmcompress.measure.perplexity import perplexity
+    from lmcompress.transforms.experts import ExpertConfig, drop_experts
+    from lmcompress.transforms.merge import MergeConfig, merge_experts
+
+    folder = ensure_moe_model()
+    _, tokenizer = load_model(folder)
+    test = eval_windows(tokenizer, wikitext("test").read_text(encoding="utf-8"), 256)
+    if args.max_eval_windows:
+        test = test[: args.max_eval_windows]
+    calib, _ = draw(tokenizer, str(wikitext("valid")), nsamples=args.nsamples, seqlen=256, seed=0)
+
+    def ppl(model) -> float:
+        return perplexity(model, test, progress=False).perplexity
+
+    def mean(d: dict) -> float:
+        return sum(d.values()) / len(d)
+
+    dense, _ = load_model(folder)
+    n_params = sum(p.numel() for p in dense.parameters())
+    rows = [dict(method="dense", keep=8, params=n_params, ppl=ppl(dense), calib_rel_err=0.0, time_s=0.0)]
+    print_table(rows, "dense")
+    for keep in args.keep:
+        for criterion in ("frequency", "reconstruction"):
+            model, _ = load_model(folder)
+            report = drop_experts(model, ExpertConfig(keep=keep, criterion=criterion), calib)
+            rows.append(
+                dict(
+                    method=f"drop ({criterion})",
+                    keep=keep,
+                    params=report.params_after,
+                    ppl=ppl(model),
+                    calib_rel_err=mean(report.relative_error),
+                    time_s=report.wall_time_s,
+                )
+            )
+            print_table(rows[-1:], f"keep {keep}: drop {criterion}")
+        for align in (False, True):
+            model, _ = load_model(folder)
+            report = merge_experts(model, MergeConfig(keep=keep, align=align), calib)
+            rows.append(
+                dict(
+                    method="merge --align" if align else "merge",
+                    keep=keep,
+                    params=report.params_after,
+                    ppl=ppl(model),
+                    calib_rel_err=mean(report.relative_error),
+                    time_s=report.wall_time_s,
+                )
+            )
+            print_table(rows[-1:], f"keep {keep}: merge{' --align' if align else ''}")
+    print_table(
+        rows,
+        f"tiny Mixtral ({MOE['num_local_experts']} experts, top-{MOE['num_experts_per_tok']}): merge-experts vs "
+        f"drop-experts, WikiText-2 test perplexity (seqlen 256, {test.shape[0]} windows)",
+    )
+    print(machine_info())
+    recipe = json.loads((folder / "DONE").read_text())
+    path = save_results("moe_merge_bench", {"model": recipe, "eval_windows": int(test.shape[0]), "rows": rows})
     print(f"results → {path}")
 
 
