@@ -96,7 +96,7 @@ def test_q4_0_and_q5_0_mixes_are_llama_quantize_imatrixs():
             assert set(rest.values()) == {low}  # Qwen's untied token_embd too
     eight = LlamaConfig(**{**SMOLLM2.to_dict(), "num_hidden_layers": 16})
     assert [i for i in range(16) if mix_table("q4_0_mix", eight)[f"blk.{i}.ffn_down.weight"] == "q4_1"] == [0, 1]
-    assert type_spec("q4_1") == QuantSpec(4, 32, False)
+    assert type_spec("q4_1") == QuantSpec(4, 32, False, "q4_1")  # llama.cpp's own Q4_1 rounding
 
 
 def test_fallbacks_and_float_last_resort():
@@ -127,16 +127,16 @@ def test_unknown_mix_is_refused_listing_the_mixes():
 
 
 def _unpack_legacy(data: np.ndarray, kind: str, cols: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """A reader written from the block layouts: ``(codes, d, m)`` of Q4_0 / Q5_0 / Q5_1 / Q8_0 bytes."""
+    """A reader written from the block layouts: ``(codes, d, m)`` of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 bytes."""
     rows = data.shape[0]
     b = data.reshape(rows, cols // 32, -1)
     d = b[..., :2].copy().view("<f2")[..., 0]
-    m = b[..., 2:4].copy().view("<f2")[..., 0] if kind == "q5_1" else np.zeros_like(d)
-    rest = b[..., 4:] if kind == "q5_1" else b[..., 2:]
+    m = b[..., 2:4].copy().view("<f2")[..., 0] if kind in ("q4_1", "q5_1") else np.zeros_like(d)
+    rest = b[..., 4:] if kind in ("q4_1", "q5_1") else b[..., 2:]
     if kind == "q8_0":
         return torch.from_numpy(rest.view(np.int8).astype(np.int16) + 128).reshape(rows, cols), d, m
     high = np.zeros((*rest.shape[:-1], 32), np.int64)
-    if kind != "q4_0":
+    if kind in ("q5_0", "q5_1"):
         word = rest[..., :4].copy().view("<u4")[..., 0].astype(np.int64)
         high = ((word[..., None] >> np.arange(32)) & 1) << 4
         rest = rest[..., 4:]
@@ -159,7 +159,7 @@ def test_legacy_grids_are_llama_cpps_blocks_and_read_back(grid):
     codes, d, m = _unpack_legacy(data, grid, 96)
     assert torch.equal(codes, q.codes.long())
     assert np.array_equal(d.astype(np.float32), q.scale.numpy())
-    if grid == "q5_1":
+    if grid in ("q4_1", "q5_1"):
         assert np.array_equal(m.astype(np.float32), (-q.scale * q.zero).half().float().numpy())
     back = gguf.quants.dequantize(data, ggml)
     assert np.allclose(back, q.dequantize().numpy(), rtol=0, atol=1e-6)  # Q5_1: d·q + m within float32 ulps
@@ -190,7 +190,7 @@ def test_kquant_codes_bytes_codes_through_gguf(name, tmp_path):
 def test_nominal_bits_are_llama_cpps_block_sizes():
     w = torch.randn(4, 512)
     want = {"q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}
-    want |= {"q4_0": 4.5, "q5_0": 5.5, "q5_1": 6.0, "q8_0": 8.5}
+    want |= {"q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "q8_0": 8.5}
     for kind, bpw in want.items():
         assert nominal_bits_per_weight({"w": rtn_quantize(w, type_spec(kind))}) == bpw
 
@@ -324,7 +324,7 @@ def test_untied_embedding_takes_its_mix_type_and_the_file_is_all_codes(tokenizer
         assert np.allclose(back, module.weight.detach().numpy(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", [*K.KTYPES, "q5_1"])
+@pytest.mark.parametrize("kind", [*K.KTYPES, "q4_1", "q5_1"])
 def test_packed_storage_keeps_the_formats_own_grid(kind):
     """Packed folders store a K grid as fp16 d / dmin and int8 sub-block integers, a Q5_1 zero point as its fp16
     minimum; unpacking gives the same codes, scales and zero points bit for bit."""
@@ -357,7 +357,7 @@ def test_help_names_every_type_and_mix():
 
 
 def test_q4_0_mix_quantize_then_export_has_llama_cpps_types(mix_folder, tmp_path, capsys):
-    """Eight blocks: ffn_down of block 0 on Q4_1 (the min-max 4-bit asymmetric grid in 32-blocks), the rest Q4_0,
+    """Eight blocks: ffn_down of block 0 on Q4_1 (llama.cpp's ``q4_1`` grid in 32-blocks), the rest Q4_0,
     the tied 288-wide head Q8_0; the GGUF is written from the codes and reads back as the stored weights."""
     from lmcompress.checkpoint.packed import read_packed
 
@@ -368,7 +368,10 @@ def test_q4_0_mix_quantize_then_export_has_llama_cpps_types(mix_folder, tmp_path
     recipe = json.loads((out / "lmcompress.json").read_text())
     quantized = read_packed(out, recipe)[1]
     down = quantized["model.layers.0.mlp.down_proj.weight"]
-    assert down.spec == QuantSpec(4, 32, False) and quantized["model.layers.1.mlp.down_proj.weight"].spec.grid == "q4_0"
+    assert (
+        down.spec == QuantSpec(4, 32, False, "q4_1")
+        and quantized["model.layers.1.mlp.down_proj.weight"].spec.grid == "q4_0"
+    )
     path = tmp_path / "m.gguf"
     argv = ["export", str(out), "--format", "gguf", "--type", "q4_0_mix", "-o", str(path), "--json"]
     assert run_cli(argv) == 0

@@ -25,6 +25,8 @@ Two grids (``QuantSpec.grid``):
   widened to hold 0), ``q = min(31, ⌊(w − min)·(1/d) + 0.5⌋)``, stored ``s = fp16(d)`` and ``m = fp16(min)``;
   lmcompress's zero point is ``z = −m / s`` (not an integer), so ``(q − z)·s`` is llama.cpp's ``s·q + m`` within
   a few float32 ulps, and an exact zero is kept only up to that.
+* ``q4_1`` (4-bit asymmetric): llama.cpp's ``Q4_1``, the same with ``d = (max − min) / 15``,
+  ``q = min(15, ⌊(w − min)·(1/d) + 0.5⌋)``.
 * ``q8_0`` (8-bit symmetric): llama.cpp's ``Q8_0``: ``d = max|w| / 127``, ``q − 128 = roundf(w·(1/d))``
   (half away from zero), ``s = fp16(d)``, ``z = 128``.
 * ``q2_k``, ``q3_k``, ``q4_k``, ``q5_k``, ``q6_k``: llama.cpp's K-quant sub-blocks
@@ -42,7 +44,14 @@ import torch
 from lmcompress.algorithms.kquants import KTYPES, KGrid, grid_from_scales, rtn_kquant
 
 # llama.cpp's 32-weight block types as grids: name → (bits, sym)
-LEGACY: dict[str, tuple[int, bool]] = {"q4_0": (4, True), "q5_0": (5, True), "q5_1": (5, False), "q8_0": (8, True)}
+LEGACY: dict[str, tuple[int, bool]] = {
+    "q4_0": (4, True),
+    "q4_1": (4, False),
+    "q5_0": (5, True),
+    "q5_1": (5, False),
+    "q8_0": (8, True),
+}
+WITH_MIN = ("q4_1", "q5_1")  # the block types storing the group's minimum m (w = d·q + m)
 GRIDS = ("minmax", *LEGACY, *KTYPES)
 
 
@@ -169,7 +178,7 @@ def q4_0_codes(w: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
 
 def legacy_step(w: torch.Tensor, grid: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """llama.cpp's step of a 32-weight block type per row of ``w`` ([rows, k]): ``(d, 1/d, lo)`` in float32 with
-    ``1/d = 0`` where ``d = 0``; ``lo`` is the row's minimum on ``q5_1`` and 0 on the symmetric types."""
+    ``1/d = 0`` where ``d = 0``; ``lo`` is the row's minimum on ``q4_1`` / ``q5_1`` and 0 on the symmetric types."""
     w = w.float()
     lo = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
     if grid in ("q4_0", "q5_0"):
@@ -177,9 +186,9 @@ def legacy_step(w: torch.Tensor, grid: str) -> tuple[torch.Tensor, torch.Tensor,
         d = extreme / -float(2 ** (LEGACY[grid][0] - 1))
     elif grid == "q8_0":
         d = w.abs().amax(1) / 127.0
-    elif grid == "q5_1":
+    elif grid in WITH_MIN:
         lo, hi = w.amin(1), w.amax(1)
-        d = (hi - lo) / 31.0
+        d = (hi - lo) / float(2 ** LEGACY[grid][0] - 1)
     else:
         raise ValueError(f"{grid!r} is not one of llama.cpp's 32-weight block types {', '.join(LEGACY)}")
     return d, torch.where(d == 0, torch.zeros_like(d), 1.0 / d), lo
@@ -194,8 +203,8 @@ def legacy_codes(w: torch.Tensor, grid: str, inverse: torch.Tensor, lo: torch.Te
     if grid == "q8_0":
         x = w * inverse
         return torch.clamp(torch.sign(x) * torch.floor(x.abs() + 0.5), -128, 127) + 128
-    if grid == "q5_1":
-        return torch.clamp(torch.floor((w - lo) * inverse + 0.5), 0, 31)
+    if grid in WITH_MIN:
+        return torch.clamp(torch.floor((w - lo) * inverse + 0.5), 0, 2**bits - 1)
     mid = 2 ** (bits - 1)
     return torch.clamp(torch.floor(w * inverse + (mid + 0.5)), 0, 2**bits - 1)
 

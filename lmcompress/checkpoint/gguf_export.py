@@ -17,8 +17,8 @@ Weights that ``lmcompress quantize`` stored as integer codes (``w = s·(q − z)
   (on the ``q4_0`` grid ``s`` already is an fp16 value, so nothing at all is rounded: with groups of 32 the
   blocks are the ones llama.cpp's own quantizer writes);
 * 4-bit asymmetric: ``w = s·q − s·z`` is ``Q4_1`` with ``d = fp16(s)``, ``m = fp16(−d·z)``; 5-bit symmetric
-  (``z = 16``) and asymmetric likewise ``Q5_0`` and ``Q5_1`` (the ``q5_0`` / ``q5_1`` grids: fp16 scales, so
-  nothing is rounded);
+  (``z = 16``) and asymmetric likewise ``Q5_0`` and ``Q5_1`` (the ``q4_1`` / ``q5_0`` / ``q5_1`` grids: fp16
+  scales and minimums, llama.cpp's own rounding, so nothing is rounded);
 * 8-bit symmetric: ``z = 128``, so ``w = s·(q − 128)`` is ``Q8_0`` with the int8 ``q − 128`` and ``d = fp16(s)``;
 * a K-quant grid (``quantize --grid q2_k … q6_k``): its codes, fp16 ``d`` / ``dmin`` and integer sub-block scales
   are the block's bytes, nothing rounded;
@@ -27,9 +27,10 @@ provided each group is a run of consecutive inputs whose length is a multiple of
 a whole row, is written as 2, 4, ... blocks with the same scale; act-order ``g_idx`` groups are not runs). The
 codes are copied unchanged; the only change is rounding each scale (and ``Q4_1``'s minimum) to fp16.
 
-A mix (``q2_k``, ``q3_k_m``, ``q4_k_m``, ``q5_k_m``, ``q6_k``: :mod:`lmcompress.models.gguf_mixes`) gives each
-tensor llama.cpp's type for it; a model quantized with ``--gguf-mix`` of the same mix is written entirely from
-its codes (its untied token embedding, which lmcompress does not quantize, is re-quantized).
+A mix (``q2_k``, ``q3_k_m``, ``q4_k_m``, ``q5_k_m``, ``q6_k``, ``q4_0_mix``, ``q5_0_mix``:
+:mod:`lmcompress.models.gguf_mixes`) gives each tensor llama.cpp's type for it; a model quantized with
+``--gguf-mix`` of the same mix is written entirely from its codes (its untied token embedding, which lmcompress
+does not quantize, is re-quantized).
 
 Anything else (other grids, dense weights) is re-quantized with round-to-nearest into the block type asked for
 (``gguf.quants.quantize``: llama.cpp's reference quantizers), or written as f16 / bf16 / f32, and the export
@@ -116,7 +117,11 @@ def exact_block_type(q: QuantizedTensor) -> tuple[str | None, str]:
     zero = q.zero
     if spec.bits == 4 and spec.sym and bool((zero == 8).all()):
         return "q4_0", ""
-    if spec.bits == 4 and not spec.sym and bool(((zero >= 0) & (zero <= 15) & (zero == zero.round())).all()):
+    if (
+        spec.bits == 4
+        and not spec.sym
+        and (spec.grid == "q4_1" or bool(((zero >= 0) & (zero <= 15) & (zero == zero.round())).all()))
+    ):
         return "q4_1", ""
     if spec.bits == 5 and spec.sym and bool((zero == 16).all()):
         return "q5_0", ""

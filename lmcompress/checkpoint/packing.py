@@ -23,7 +23,8 @@ Integer codes of 1 to 16 bits are packed densely across byte boundaries (two 4-b
 
 Grids are stored as their format holds them: a K-quant grid (``q2_k`` … ``q6_k``) as its fp16 super-block ``d``
 (and ``dmin``) and int8 sub-block scales (and minimums), from which the per-sub-block scale and zero point are
-recomputed bit for bit; a ``q5_1`` grid's zero point as the fp16 minimum ``m`` it comes from (``z = −m / s``).
+recomputed bit for bit; a ``q4_1`` / ``q5_1`` grid's zero point as the fp16 minimum ``m`` it comes from
+(``z = −m / s``).
 """
 
 from __future__ import annotations
@@ -360,7 +361,7 @@ def pack_quantized(q: QuantizedTensor, layout: str | tuple = "auto") -> Packed:
     zero_int = torch.round(zero)
     integral = torch.equal(zero_int, zero) and bool(((zero >= 0) & (zero <= spec.maxq)).all())
     kgrid = _kquant_grid(q)
-    q5_1_min = _q5_1_min(scale, zero) if spec.grid == "q5_1" else None
+    q5_1_min = _q5_1_min(scale, zero) if spec.grid in ("q4_1", "q5_1") else None
     if kgrid is not None:  # fp16 d / dmin per super-block, int8 integers per sub-block
         meta["zero"] = "kquant"
         parts = {"d": kgrid.d.contiguous(), "sub_scale": kgrid.scales.to(torch.int8).contiguous()}

@@ -23,10 +23,10 @@ def quantize(
         "--grid",
         help="How a group's scale is chosen. minmax: from its range (sym: 2·max|w|/(2^bits−1)). q4_0: llama.cpp's "
         "Q4_0 (4-bit sym only): d = the group's signed extreme / −8, fp16 scales; with --group-size 32 RTN gives "
-        "llama.cpp's own codes, and `export --format gguf` writes them as Q4_0 unchanged. q5_0 (5-bit sym), q5_1 "
-        "(5-bit asym), q8_0 (8-bit sym): llama.cpp's Q5_0 / Q5_1 / Q8_0 likewise. q2_k, q3_k, q4_k, q5_k, "
-        "q6_k: llama.cpp's K-quant blocks (Q4_K: --bits 4 --group-size 32 --asym; see docs/gguf.md), grid fixed "
-        "before GPTQ; layers must read a multiple of 256 inputs.",
+        "llama.cpp's own codes, and `export --format gguf` writes them as Q4_0 unchanged. q4_1 (4-bit asym), q5_0 "
+        "(5-bit sym), q5_1 (5-bit asym), q8_0 (8-bit sym): llama.cpp's Q4_1 / Q5_0 / Q5_1 / Q8_0 likewise. q2_k, "
+        "q3_k, q4_k, q5_k, q6_k: llama.cpp's K-quant blocks (Q4_K: --bits 4 --group-size 32 --asym; see "
+        "docs/gguf.md), grid fixed before GPTQ; layers must read a multiple of 256 inputs.",
     ),
     gguf_mix: str = typer.Option(
         None,

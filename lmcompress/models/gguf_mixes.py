@@ -26,9 +26,8 @@ tied embeddings has no ``output.weight`` and its ``token_embd`` takes the output
 
 Fallbacks: a tensor whose row (``ne0``, the input width) is not a multiple of the type's block gets
 Q2_K, Q3_K → Q4_0; Q4_K → Q5_0; Q5_K → Q5_1; Q6_K → Q8_0 (32-weight blocks), and F16 if even 32 does not
-divide it. All of these are grids lmcompress solves and writes (:mod:`lmcompress.algorithms.quant`), but Q4_1:
-lmcompress has no ``q4_1`` grid with llama.cpp's rounding, so a Q4_1 tensor is solved on the 4-bit asymmetric
-min-max grid in groups of 32 (integer zero point), which GGUF export writes as Q4_1 with fp16 ``d`` and ``m``.
+divide it. All of these are grids lmcompress solves and writes (:mod:`lmcompress.algorithms.quant`, each with
+llama.cpp's own rounding, Q4_1 included).
 
 ``q4_0_mix`` / ``q5_0_mix`` are ``llama-quantize --imatrix … Q4_0`` / ``Q5_0``: llama.cpp raises the first
 ``L/8`` ``ffn_down`` to Q4_1 / Q5_1 only when given an importance matrix. Without one its Q4_0 is Q4_0 throughout
@@ -241,8 +240,6 @@ def type_spec(kind: str):
     if kind in LEGACY:
         bits, sym = LEGACY[kind]
         return QuantSpec(bits, LEGACY_BLOCK, sym, kind)
-    if kind == "q4_1":  # no llama.cpp-rounding grid: min-max 4-bit asymmetric blocks, written as Q4_1
-        return QuantSpec(4, LEGACY_BLOCK, False)
     if kind in FALLBACK:
         return kquant_spec(kind)
     return None

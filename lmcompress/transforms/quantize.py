@@ -81,7 +81,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = True
-    grid: str = "minmax"  # "minmax" | "q4_0" (llama.cpp's Q4_0 grid: 4-bit symmetric)
+    grid: str = "minmax"  # "minmax", a llama.cpp 32-weight block type (q4_0, q4_1, q5_0, q5_1, q8_0) or K-quant
     act_order: bool = False  # GPTQ: process inputs by decreasing Hessian diagonal
     static_groups: bool = False  # GPTQ + act-order: fix the grids up front in natural column order
     percdamp: float = 0.01  # GPTQ dampening, fraction of the mean Hessian diagonal
@@ -94,8 +94,9 @@ class QuantConfig:
     # the outputs of those already quantized (GPTQ's "true sequential"; one forward per block); "parallel"
     # gives every layer of a block the unquantized block's inputs (two forwards per block)
     in_block: str = "sequential"
-    # llama.cpp's quantization mix (q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k; models/gguf_mixes.py): every layer and the
-    # output head on the GGUF type the mix gives it (bits, group_size, sym, grid and head_* are then unused)
+    # llama.cpp's quantization mix (q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, q4_0_mix, q5_0_mix; models/gguf_mixes.py):
+    # every layer and the output head on the GGUF type the mix gives it (bits, group_size, sym, grid and head_*
+    # are then unused)
     gguf_mix: str | None = None
     # before quantizing, fold per-channel scales into the blocks (transforms.smooth; calibration needed):
     # SmoothQuant's α (a number in [0, 1], or "auto" to search it per block), or AWQ with awq_grid exponents
@@ -264,7 +265,8 @@ def nominal_bits_per_weight(quantized: dict[str, QuantizedTensor]) -> float:
     return bits / max(weights, 1)
 
 
-_LEGACY_BITS = {"q4_0": 18 * 8 / 32, "q5_0": 22 * 8 / 32, "q5_1": 24 * 8 / 32, "q8_0": 34 * 8 / 32}
+# bytes per 32-weight block × 8 / 32: fp16 d (and fp16 m for Q4_1 / Q5_1), the codes (Q5: plus 4 bytes of fifth bits)
+_LEGACY_BITS = {"q4_0": 18 * 8 / 32, "q4_1": 20 * 8 / 32, "q5_0": 22 * 8 / 32, "q5_1": 24 * 8 / 32, "q8_0": 34 * 8 / 32}
 
 
 class _Quantizer:
