@@ -17,11 +17,10 @@ from tests.conftest import run_cli
 
 @pytest.fixture(scope="module")
 def tied_folder(tmp_path_factory, tokenizer):
-    """A tiny llama whose head is its input embedding, stored in bfloat16 (as SmolLM2)."""
+    """A tiny llama whose head is its input embedding (as SmolLM2's), stored in float32."""
     model = build_tiny_model("llama", tokenizer.vocab_size, max_positions=256, tie_word_embeddings=True)
-    model.config.torch_dtype = torch.bfloat16
     folder = tmp_path_factory.mktemp("tied") / "model"
-    save_model(model.to(torch.bfloat16), tokenizer, folder, {"kind": "test-model"})
+    save_model(model, tokenizer, folder, {"kind": "test-model"})
     return folder
 
 
@@ -75,6 +74,9 @@ def test_size_budget_is_met_on_disk_and_predicted_bytes_are_written(tied_folder,
     assert step < 0.2 * budget  # the search fills the budget to within one level step
     levels = {lv.label for lv in parse_joint_levels("auto")}
     assert set(report["layer_levels"].values()) <= levels and "lm_head" in report["layer_levels"]
+    recipe = json.loads((out / "lmcompress.json").read_text())  # floats are stored in 16 bits, as they were counted
+    floats = [e for e in recipe["packed"]["tensors"].values() if e.get("kind") == "tensor"]
+    assert floats and {e["dtype"] for e in floats} == {"bfloat16"}
     model, _ = lmcompress.load(out)  # the saved model is the searched one: its head holds at most 2^bits values
     head_bits = report["layer_levels"]["lm_head"].split("/")[1]
     w = model.lm_head.weight.detach().float()

@@ -38,9 +38,20 @@ _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint8": "U8"
 _METADATA = {"format": "pt", "lmcompress_storage": "packed"}  # what save_packed writes into the header
 
 
+FLOATS_16 = (torch.bfloat16, torch.float16)
+
+
 def storage_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype the save stores floats in: the checkpoint's own (as ``jobs`` saves), else the model's."""
-    return source_dtype(model.config) or next(p.dtype for p in model.parameters() if p.is_floating_point())
+    """The dtype a size search saves floats in: the model's config dtype (what ``jobs`` saves in) when it is a
+    16-bit one, else bfloat16 (a model loaded to compute in float32 records float32 there)."""
+    dtype = source_dtype(model.config) or next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return dtype if dtype in FLOATS_16 else torch.bfloat16
+
+
+def store_floats_in_16_bits(model: nn.Module) -> None:
+    """Record :func:`storage_dtype` as the model's dtype, so that the save stores its floats in it."""
+    dtype = storage_dtype(model)
+    model.config.dtype = dtype
 
 
 def head_of(model: nn.Module) -> tuple[str, bool] | None:

@@ -179,6 +179,8 @@ def _report(cand: Candidates, model, state: SearchState, baselines, round_starts
     config, db, levels = cand.config, cand.db, cand.levels
     chosen = cand.assignment(state.levels)
     db.apply(model, chosen)
+    if config.kind == "size":  # the "16" levels and the untouched tensors are counted in 16 bits: saved so too
+        joint.store_floats_in_16_bits(model)
     weights = sum(db.sizes.values())
     spent = cand.space.total(state.levels)
     quantized = None
