@@ -3,6 +3,7 @@
     python -m bench.kquant_bench                                  # SmolLM2-135M-Instruct, Q4_0 Q3_K_M Q2_K Q4_K_M
     python -m bench.kquant_bench --model qwen1.5b --lock /tmp/team/qwen.lock
     python -m bench.kquant_bench --types q4_0 --no-act-order
+    python -m bench.kquant_bench --types q4_0_mix --tag=-q4_0_mix   # llama.cpp's imatrix Q4_0, byte for byte
 
 Protocol (issue 32), every file kept in ``bench/cache/kquant/<model>/``:
 
@@ -14,7 +15,8 @@ Protocol (issue 32), every file kept in ``bench/cache/kquant/<model>/``:
   with only the window draw replaced by them; the recipe records their SHA-256), so both sides see the same tokens.
 - llama.cpp: ``llama-imatrix -f calib.txt -c CTX --chunks N`` on the f16 file, then ``llama-quantize --imatrix``.
 - lmcompress: ``lmcompress quantize F16.gguf --method gptq`` on the same type (``--grid q4_0 --group-size 32``
-  for Q4_0; ``--gguf-mix`` for the K mixes) with ``--act-order --static-groups`` unless ``--no-act-order``, then
+  for Q4_0; ``--gguf-mix`` for the K mixes and ``q4_0_mix``, the mix llama.cpp's ``Q4_0`` with an imatrix writes:
+  the first eighth of ``ffn_down`` on Q4_1) with ``--act-order --static-groups`` unless ``--no-act-order``, then
   ``lmcompress export --format gguf`` (Q4_0: the embedding / head type llama.cpp's own file has).
 - score: ``llama-perplexity -f test.txt -c 512 --chunks 8`` saves the f16 logits (``--kl-divergence-base``), then
   ``--kl-divergence`` for every file: perplexity, mean KLD, same top token, file bytes, and the prompt tokens/s
@@ -45,10 +47,11 @@ from bench.reference import resolve_model
 
 TYPES = ("q4_0", "q3_k_m", "q2_k", "q4_k_m")
 LLAMA_FTYPE = {"q4_0": "Q4_0", "q3_k_m": "Q3_K_M", "q2_k": "Q2_K", "q4_k_m": "Q4_K_M", "q3_k_s": "Q3_K_S",
-               "q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}  # fmt: skip
+               "q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "q4_0_mix": "Q4_0"}  # fmt: skip
+LLAMA_FILE = {"q4_0_mix": "q4_0"}  # the same llama-quantize command: its file is shared
 # the issue's llama.cpp numbers on Qwen2.5-Coder-1.5B (f16 13.54), for the table's last column
 ISSUE_QWEN = {"q3_k_m": "14.43 / 0.0637 / 85.9% / 882 MB", "q2_k": "16.53 / 0.238 / 76.2% / 719 MB",
-              "q4_0": "13.99 / 0.0445", "q4_k_m": "KLD 0.0044, +0.3%"}  # fmt: skip
+              "q4_0": "13.99 / 0.0445", "q4_0_mix": "13.99 / 0.0445", "q4_k_m": "KLD 0.0044, +0.3%"}  # fmt: skip
 WINDOWS_ENTRY = "_lmcompress_with_windows"
 
 
@@ -179,7 +182,7 @@ def hf_match(dense: Path, text: str, windows: torch.Tensor, bos: bool) -> float 
 
 
 def llama_side(qtype: str, f16: Path, imatrix: Path, work: Path, args) -> Path:
-    out = work / f"llama-{qtype}.gguf"
+    out = work / f"llama-{LLAMA_FILE.get(qtype, qtype)}.gguf"
     if not out.is_file():
         partial = out.with_suffix(".partial")
         with locked(args.lock):
@@ -301,7 +304,7 @@ def table_rows(results: dict, qwen: bool) -> list[dict]:
         if t is None:
             continue
         row = {
-            "type": LLAMA_FTYPE[qtype],
+            "type": LLAMA_FTYPE[qtype] + (f" ({qtype})" if qtype in LLAMA_FILE else ""),
             "ppl llama.cpp": t["ppl"],
             "ppl lmcompress": m and m["ppl"],
             "KLD llama.cpp": t["kl_mean"],
@@ -338,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="GPTQ --act-order --static-groups (grid fixed first)")  # fmt: skip
     parser.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening")
     parser.add_argument("--llama-bench", action="store_true", help="also llama-bench -p 512 -n 0 tokens/s")
+    parser.add_argument("--tag", default="", help="suffix of the results file (keeps earlier runs' files)")
     parser.add_argument("--lock", default=None, help="flock this file around each step that loads the model")
     args = parser.parse_args(argv)
     types = [t.strip() for t in args.types.split(",") if t.strip()]
@@ -347,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     dense = resolve_model(args.model)
     work = CACHE / "kquant" / dense.name
     work.mkdir(parents=True, exist_ok=True)
-    name = results_name("kquant_bench", dense)
+    name = results_name("kquant_bench", dense) + args.tag
     qwen = "qwen" in dense.name
 
     f16 = work / "f16.gguf"

@@ -293,3 +293,22 @@ def test_kquant_tensor_of_unpacked_bytes_is_the_same_tensor():
     codes, grid = K.unpack(K.pack(q.codes, kquant_grid_of(q)), "q5_k", 512)
     again = kquant_tensor(codes, grid)
     assert torch.equal(again.codes, q.codes) and torch.equal(again.scale, q.scale) and torch.equal(again.zero, q.zero)
+
+
+@pytest.mark.parametrize(("act_order", "static_groups"), [(False, False), (True, True)])
+def test_gptq_on_the_q4_1_grid_is_llama_cpps_q4_1(act_order, static_groups):
+    """GPTQ on llama.cpp's Q4_1 grid (``d = (max − min) / 15``, ``m = min``): without error to spread its codes are
+    RTN's, which are llama.cpp's own; with a Hessian it beats RTN's output error and the codes stay Q4_1 blocks."""
+    from lmcompress.algorithms.gptq import gptq_quantize
+    from lmcompress.checkpoint.gguf_export import exact_block_type
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 128, generator=g)
+    x = torch.randn(512, 128, generator=g) * torch.linspace(0.1, 3, 128)
+    spec = QuantSpec(4, 32, False, "q4_1")
+    rtn = rtn_quantize(w, spec)
+    assert torch.equal(gptq_quantize(w.clone(), torch.eye(128), spec).quantized.codes, rtn.codes)
+    res = gptq_quantize(w.clone(), 2 * x.t() @ x / 512, spec, act_order=act_order, static_groups=static_groups)
+    assert exact_block_type(res.quantized) == ("q4_1", "") and res.quantized.g_idx is None
+    err = lambda v: float(((v - w) @ x.t()).pow(2).mean())  # noqa: E731
+    assert err(res.weight) < err(rtn.dequantize())
