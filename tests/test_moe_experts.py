@@ -141,6 +141,41 @@ def test_expert_without_tokens_is_reported_and_rounded_to_nearest(calib):
     assert not torch.equal(others.codes, rtn_quantize(w0.float(), QuantSpec(4, 32, True)).codes)
 
 
+def test_wanda_expert_without_tokens_pruned_by_magnitude_per_row(calib):
+    model = build_tiny_model("mixtral", 320)
+    _starve(model, 3)
+    w3 = model.model.layers[0].mlp.experts.down_proj[3].detach().clone()
+    report = prune(model, PruneConfig(method="wanda", sparsity=0.5), calib, progress=False)
+    assert report.experts_few_tokens["model.layers.0.mlp.experts.down_proj.3"] == 0
+    k = w3.shape[1] // 2
+    smallest = w3.abs().argsort(dim=1, stable=True)[:, :k]
+    expected = w3.scatter(1, smallest, 0.0)
+    torch.testing.assert_close(model.model.layers[0].mlp.experts.down_proj[3], expected)
+
+
+def test_sequential_order_gives_down_the_compressed_gate_up(calib, monkeypatch):
+    """In-block sequential: a gate/up pass first, then a down pass run with the quantized gate/up weights."""
+    import lmcompress.calibration.experts as experts_module
+
+    model = build_tiny_model("mixtral", 320, num_hidden_layers=1)
+    original = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    seen = []
+    collect = experts_module.collect_expert_stats
+
+    def spy(block, inputs, fused, *, gate_up, down, hessian):
+        (module,) = fused.values()
+        seen.append((gate_up, down, not torch.equal(module.gate_up_proj, original)))
+        return collect(block, inputs, fused, gate_up=gate_up, down=down, hessian=hessian)
+
+    monkeypatch.setattr(experts_module, "collect_expert_stats", spy)
+    quantize(model, QuantConfig(method="gptq", bits=4, group_size=32), calib, progress=False)
+    assert seen == [(True, False, False), (False, True, True)]
+    seen.clear()
+    model = build_tiny_model("mixtral", 320, num_hidden_layers=1)
+    quantize(model, QuantConfig(method="gptq", bits=4, group_size=32, in_block="parallel"), calib, progress=False)
+    assert seen == [(True, True, False)]  # parallel: one pass through the unchanged experts
+
+
 @pytest.mark.parametrize("family", MOE)
 def test_quantized_experts_round_trip_packed(family, calib, tokenizer, tmp_path):
     model = build_tiny_model(family, tokenizer.vocab_size)
@@ -227,3 +262,14 @@ def test_cli_quantize_info_unpack(tiny_folder, calib_file, tmp_path):
     dense = tmp_path / "d"
     save_model(build_tiny_model("mixtral", 320), None, dense, {"kind": "test"})
     assert folder_info(dense)["linear"]["params"] > 2 * 8 * 3 * 64 * 64  # a plain folder: per-expert tensors
+
+
+def test_compressed_tensors_export_refuses_fused_experts(tokenizer, tmp_path):
+    from lmcompress.checkpoint.export import export_compressed_tensors
+
+    model = build_tiny_model("qwen3_moe", tokenizer.vocab_size)
+    report = quantize(model, QuantConfig(method="rtn", bits=4, group_size=32), progress=False)
+    folder = save_quantized(model, tokenizer, tmp_path / "q", {"kind": "quantize"}, report.quantized)
+    with pytest.raises(UserError, match="fused routed experts"):
+        export_compressed_tensors(folder, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()

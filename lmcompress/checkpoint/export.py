@@ -95,6 +95,13 @@ def export_compressed_tensors(
     scheme = recipe_scheme(recipe, folder)
     if scheme is not None:
         return _export_scheme(folder, out, recipe, scheme, overwrite, trust_remote_code, allow_pickle)
+    fused = sorted(k for k, e in ((recipe.get("packed") or {}).get("tensors") or {}).items() if "stacked" in e)
+    if fused:  # fused 3-D routed experts (calibration.experts): no compressed-tensors layout written for them yet
+        raise UserError(
+            f"{folder} holds quantized fused routed experts ({fused[0]} and {len(fused) - 1} more): exporting them "
+            "to compressed-tensors is not supported yet; keep the packed folder (lmcompress load / eval), or "
+            "`lmcompress unpack` it for a plain folder"
+        )
     quantized = read_packed(folder, recipe)[1] if recipe.get("storage") == "packed" else {}
     _check_whole_groups({param.removesuffix(".weight"): q for param, q in quantized.items()})
     _check_grid({param.removesuffix(".weight"): q for param, q in quantized.items()})
