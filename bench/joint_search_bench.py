@@ -53,6 +53,22 @@ def _bf16_copy(source: str) -> Path:
     return folder
 
 
+def _floats_in_bf16(folder: Path, out: Path) -> Path:
+    """``folder`` (packed) saved again with its float tensors in bfloat16 and the same codes: the CLI computes in
+    float32 and saves floats so; the size search saves them in 16 bits, so the baseline's bytes must too. The
+    source is bfloat16, so no value changes."""
+    if not (out / "lmcompress.json").is_file():
+        import lmcompress
+        from lmcompress.checkpoint.folder import read_recipe
+        from lmcompress.checkpoint.packed import read_packed, save_packed
+
+        net, tokenizer = lmcompress.load(folder)
+        _, quantized = read_packed(folder)
+        recipe = {k: v for k, v in read_recipe(folder).items() if k not in ("storage", "packed")}
+        save_packed(net, tokenizer, out, recipe, quantized=quantized, dtype=torch.bfloat16, overwrite=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help=MODEL_HELP)
@@ -60,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generations", type=int, default=None, help="[the search's CPU default, 15]")
     parser.add_argument("--granularity", default="block", choices=("block", "layer"))
     parser.add_argument("--time-limit", default=None, help="the search's --time-limit (e.g. 40m)")
+    parser.add_argument("--sensitivity-span", type=int, default=None, help="the search's [3 per block]")
+    parser.add_argument("--head-bits", type=int, default=None, help="uniform baseline: also the head (tied: the "
+                        "embedding) at these bits on g128 grids (quantize --head-bits) [16-bit floats]")  # fmt: skip
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -76,10 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     model = _bf16_copy(str(resolve_model(args.model)))
     calib = ["--calib-data", str(wikitext("valid")), "--nsamples", "32", "--seqlen", "256", "-q"]
-    uniform = WORK / "uniform3"
-    if not (uniform / "lmcompress.json").is_file():
-        _run(["quantize", str(model), "--method", "gptq", "--bits", "3", "--group-size", "128", *calib,
-              "-o", str(uniform), "--overwrite"], args.threads)  # fmt: skip
+    name = "uniform3" + (f"-head{args.head_bits}" if args.head_bits else "")
+    fp32 = WORK / f"{name}-fp32"
+    if not (fp32 / "lmcompress.json").is_file():
+        head = ["--head-bits", str(args.head_bits), "--head-group-size", "128"] if args.head_bits else []
+        _run(["quantize", str(model), "--method", "gptq", "--bits", "3", "--group-size", "128", *head, *calib,
+              "-o", str(fp32), "--overwrite"], args.threads)  # fmt: skip
+    uniform = _floats_in_bf16(fp32, WORK / name)
     budget = packed_size(uniform)
     out = WORK / f"search{('-' + args.tag) if args.tag else ''}"
     shutil.rmtree(out, ignore_errors=True)
@@ -89,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         search += ["--generations", str(args.generations)]
     if args.time_limit:
         search += ["--time-limit", args.time_limit]
+    if args.sensitivity_span is not None:
+        search += ["--sensitivity-span", str(args.sensitivity_span)]
     load_before = os.getloadavg()
     search_s = _run(search, args.threads)
     load_after = os.getloadavg()
@@ -110,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": str(model),
         "dense": dense,
         "uniform3 gptq g128": uniform_ppl,
+        "uniform_head_bits": args.head_bits or 16,
         "joint search": searched,
         "search/uniform3": searched / uniform_ppl,
         "budget_bytes": budget,
