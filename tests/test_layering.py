@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("kernels",),  # CPU kernels for packed / quantized layers
     ("models",),  # families, layouts, surgery, tiny test models
     ("checkpoint",),  # reading, writing, packing and streaming weights
-    ("runtime",),  # device, window length and versions every job and measurement checks
+    ("runtime", "kv_cache"),  # device, window length, versions; the compressed KV cache models run with
     ("calibration",),  # windows, the block walker, statistics, distributed sharing
     ("transforms",),  # prune, quantize, shrink, drop experts, factorize a model in memory
     ("measure",),  # perplexity, tasks, sweeps, reports

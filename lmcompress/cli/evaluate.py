@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from lmcompress.checkpoint.folder import json_text
-from lmcompress.cli import options
+from lmcompress.cli import kv_options, options
 from lmcompress.cli.app import app
 from lmcompress.errors import UserError
 
@@ -86,6 +86,16 @@ def evaluate(
         help="With --profile: run quantized layers from their codes (auto: lmcompress's AVX2 kernel, else "
         "PyTorch's; aten: PyTorch's int8/int4 ops) or dequantized (none).",
     ),
+    kv_budget: str = kv_options.KV_BUDGET,
+    kv_recent: float = kv_options.KV_RECENT,
+    kv_bits: int = kv_options.KV_BITS,
+    kv_group: int = kv_options.KV_GROUP,
+    kv_chunk: int = typer.Option(
+        1,
+        "--kv-chunk",
+        help="With --kv-budget: tokens per forward after the first budget tokens when perplexity is streamed "
+        "through the evicting cache (1: every token sees the compressed cache of the tokens before it).",
+    ),
 ) -> None:
     """Perplexity and measured sparsity of a model; with --tasks also multiple choice, factoid QA and retrieval.
 
@@ -105,6 +115,8 @@ def evaluate(
         lmcompress eval opt-sgpt50 --tasks ppl:test.txt,mc:arc_easy,qa:triviaqa,retrieval --limit 200 --shots 5
 
         lmcompress eval llama-ffn30 --ppl-data bundled:wikitext2-test --profile
+
+        lmcompress eval smollm --tasks ppl:wikitext2,retrieval --kv-budget 0.2 --kv-bits 8   # docs/kv_cache.md
     """
     from lmcompress.measure.encoder import format_encoder_result
     from lmcompress.measure.evaluate import evaluate_pretrained
@@ -117,12 +129,25 @@ def evaluate(
     if not profile:
         options.refuse(ctx, ("kernels",), "without --profile")
     from lmcompress.kernels.linear import check_mode
+    from lmcompress.kv_cache import kv_settings
 
     check_mode(kernels)
+    kv = kv_settings(kv_budget, kv_recent, kv_bits, kv_group, kv_chunk)
+    if kv is None:
+        options.refuse(ctx, ("kv_recent", "kv_group", "kv_chunk"), "without --kv-budget or --kv-bits 8|4")
+    elif not kv.evicts:
+        options.refuse(ctx, ("kv_recent", "kv_chunk"), "without --kv-budget")
+    if kv is not None and harness:
+        raise UserError("--harness runs lm-evaluation-harness's own loop: the compressed KV cache does not apply")
     if tasks:
         from lmcompress.measure.tasks import parse_tasks
 
         specs = parse_tasks(tasks)  # a typo in --tasks is reported before the model is loaded
+        if kv is not None and any(s.kind == "mc" for s in specs):
+            raise UserError(
+                "mc tasks score choices by one teacher-forced forward without a cache: the compressed KV cache does "
+                "not apply; drop the mc tasks or the --kv-* options"
+            )
         if not any(s.kind == "retrieval" for s in specs):
             options.refuse(ctx, ("retrieval_lengths",), "without a retrieval task in --tasks")
     else:
@@ -147,6 +172,8 @@ def evaluate(
         pooling=pooling,
         agreement=agreement,
         bos=bos,
+        kv=kv,
+        kv_memory=profile,
     )
     if profile:
         from lmcompress.measure.profile import profile_pretrained
@@ -155,6 +182,8 @@ def evaluate(
             model, seqlen=seqlen or 256, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle, kernels=kernels, generation=True,
         )  # fmt: skip
+        if "kv_cache" in result:
+            result["profile"]["kv_cache"] = result["kv_cache"]
     if as_json:
         typer.echo(json_text(result))
     elif result.get("model_kind") == "encoder":
@@ -165,6 +194,10 @@ def evaluate(
         from lmcompress.measure.profile import format_profile
 
         typer.echo(format_profile(result["profile"]))
+        if "kv_cache" in result:
+            from lmcompress.kv_cache import format_memory
+
+            typer.echo(format_memory(result["kv_cache"]))
 
 
 def _ci(interval, digits: int = 4) -> str:

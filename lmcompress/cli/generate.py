@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from lmcompress.checkpoint.folder import json_text
-from lmcompress.cli import options
+from lmcompress.cli import kv_options, options
 from lmcompress.cli.app import app
 from lmcompress.errors import UserError
 
@@ -82,12 +82,16 @@ def generate_text(
     seed: int = 0,
     chat: bool = False,
     device: str = "cpu",
+    kv=None,
 ) -> dict:
     """Generate from ``prompt`` with ``transformers``' ``generate`` (batch 1); returns the text, the new token ids
     and prefill / decode tokens per second (wall and CPU time). Prefill ends when the first logits arrive;
-    decode is every later step (``new − 1`` tokens)."""
+    decode is every later step (``new − 1`` tokens). ``kv`` (``lmcompress.kv_cache.KVSettings``): through the
+    compressed KV cache (a fractional budget is taken of the prompt's tokens)."""
     import torch
     from transformers import LogitsProcessorList
+
+    from lmcompress.kv_cache import attach, memory_report
 
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}", param="max_new_tokens")
@@ -103,7 +107,7 @@ def generate_text(
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0, c0 = time.perf_counter(), time.process_time()
-    with torch.inference_mode():
+    with torch.inference_mode(), attach(model, kv):
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -124,6 +128,8 @@ def generate_text(
         "prefill_tokens_per_s_cpu": None,
         "decode_tokens_per_s_cpu": None,
     }
+    if kv is not None:
+        result["kv_cache"] = memory_report(model.config, kv, next(model.parameters()).dtype)
     if clock.wall:
         result["prefill_tokens_per_s"] = ids.shape[1] / max(clock.wall[0] - t0, 1e-9)
         result["prefill_tokens_per_s_cpu"] = ids.shape[1] / max(clock.cpu[0] - c0, 1e-9)
@@ -154,6 +160,10 @@ def generate(
     trust_remote_code: bool = options.TRUST,
     allow_pickle: bool = options.PICKLE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    kv_budget: str = kv_options.KV_BUDGET,
+    kv_recent: float = kv_options.KV_RECENT,
+    kv_bits: int = kv_options.KV_BITS,
+    kv_group: int = kv_options.KV_GROUP,
 ) -> None:
     """Generate text from a model and print it with its prefill and decode speed (tokens/s, batch 1).
 
@@ -168,16 +178,20 @@ def generate(
         lmcompress generate smollm-rtn4 --prompt "The capital of France is" --max-new-tokens 32
 
         lmcompress generate smollm-rtn4 --prompt "Write a haiku" --chat --sample --temperature 0.7 --seed 1
+
+        lmcompress generate smollm --prompt "..." --kv-budget 0.2 --kv-bits 8   # compressed KV cache, docs/kv_cache.md
     """
     import torch
 
     from lmcompress.checkpoint.load import load
     from lmcompress.jobs import check_device
     from lmcompress.kernels.linear import check_mode, kernel_report
+    from lmcompress.kv_cache import format_memory, kv_settings
     from lmcompress.measure.speed import check_threads
 
     check_mode(kernels)
     check_device(device)
+    kv = kv_settings(kv_budget, kv_recent, kv_bits, kv_group)
     if check_threads(threads) is not None:
         torch.set_num_threads(threads)
     net, tokenizer = load(
@@ -187,7 +201,7 @@ def generate(
     report = kernel_report(net)
     result = generate_text(
         net, tokenizer, prompt, max_new_tokens=max_new_tokens, sample=not greedy, temperature=temperature,
-        seed=seed, chat=chat, device=device,
+        seed=seed, chat=chat, device=device, kv=kv,
     )  # fmt: skip
     result["kernels"] = report.to_dict() if report else None
     result["torch_threads"] = torch.get_num_threads()
@@ -196,6 +210,8 @@ def generate(
         return
     if report is not None:
         typer.echo(report.summary(), err=True)
+    if kv is not None:
+        typer.echo(format_memory(result["kv_cache"]), err=True)
     typer.echo(result["text"])
 
     def speed(key: str) -> str:

@@ -9,6 +9,7 @@ from lmcompress.calibration.data import embedding_rows, eval_windows, load_text,
 from lmcompress.checkpoint.folder import read_recipe
 from lmcompress.checkpoint.load import load_model
 from lmcompress.errors import UserError
+from lmcompress.kv_cache import attach, memory_report
 from lmcompress.measure.perplexity import perplexity
 from lmcompress.models.families import context_length, is_encoder
 from lmcompress.runtime import check_device, resolve_seqlen
@@ -38,6 +39,8 @@ def evaluate_pretrained(
     pooling: str | None = None,
     agreement: bool = False,
     bos: bool | None = None,
+    kv=None,
+    kv_memory: bool = False,
 ) -> dict:
     """Perplexity of a model (dense or compressed) and the sparsity measured in its weights.
 
@@ -52,6 +55,9 @@ def evaluate_pretrained(
     here), also get ``agreement`` with that dense model on the perplexity windows: see
     ``lmcompress.measure.agreement``. Windows start with BOS where the tokenizer wants it (``bos``: force it
     either way); the result says which (``bos``). Perplexity comes with its 95% interval (``perplexity_ci``).
+
+    ``kv`` (``lmcompress.kv_cache.KVSettings``): perplexity and generation run through the compressed KV cache
+    (docs/kv_cache.md); the result then has ``kv_cache`` (settings and bytes per token), as with ``kv_memory``.
     """
     check_device(device)
     net, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
@@ -70,6 +76,12 @@ def evaluate_pretrained(
             "agreement and bos apply to causal LMs; an encoder is compared by sentence embeddings (reference)",
             param=("agreement", "bos"),
         )
+    if kv is not None and (encoder or reference is not None or agreement):
+        raise UserError(
+            "the compressed KV cache (kv_*) applies to causal LMs and is not combined with agreement against a "
+            "reference: evaluate it without reference / agreement",
+            param=("kv_budget", "kv_bits"),
+        )
     ref_net, ref_path = None, None
     if not encoder and (reference is not None or agreement):
         ref_net, ref_path = load_reference(model, reference, tokenizer, dtype, trust_remote_code, allow_pickle)
@@ -81,23 +93,24 @@ def evaluate_pretrained(
             )
         from lmcompress.measure.tasks import evaluate_model
 
-        result = evaluate_model(
-            net,
-            tokenizer,
-            tasks=tasks,
-            ppl_data=ppl_data,
-            harness=harness,
-            seqlen=seqlen,
-            limit=limit,
-            shots=shots,
-            seed=seed,
-            batch_size=batch_size,
-            retrieval_lengths=retrieval_lengths,
-            device=device,
-            progress=progress,
-            reference_model=ref_net,
-            bos=bos,
-        )
+        with attach(net, kv):
+            result = evaluate_model(
+                net,
+                tokenizer,
+                tasks=tasks,
+                ppl_data=ppl_data,
+                harness=harness,
+                seqlen=seqlen,
+                limit=limit,
+                shots=shots,
+                seed=seed,
+                batch_size=batch_size,
+                retrieval_lengths=retrieval_lengths,
+                device=device,
+                progress=progress,
+                reference_model=ref_net,
+                bos=bos,
+            )
     else:
         text = load_text(ppl_data or "wikitext2", role="eval")
         if encoder:
@@ -119,7 +132,14 @@ def evaluate_pretrained(
             )
             result = {"data": text.description, "perplexity": (enc["mlm"] or {}).get("perplexity"), **enc}
         else:
-            result = _perplexity_and_agreement(net, tokenizer, ref_net, text, seqlen, bos, device, progress)
+            with attach(net, kv):
+                result = _perplexity_and_agreement(net, tokenizer, ref_net, text, seqlen, bos, device, progress)
+    if not encoder and (kv is not None or kv_memory):
+        try:
+            result["kv_cache"] = memory_report(net.config, kv, next(net.parameters()).dtype)
+        except UserError:  # a layout the compressed cache does not cover (sliding or linear attention)
+            if kv is not None:
+                raise
     if ref_path is not None:
         result["reference"] = ref_path
     # What every evaluation reports: the zeros measured in the weights, and the recipe of an lmcompress folder.

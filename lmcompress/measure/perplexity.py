@@ -44,8 +44,12 @@ def perplexity(
 
     Windows are run ``batch_size`` at a time (they have no padding, so batching does not change the result).
     Non-finite logits or loss are an error (naming the window), never a perplexity of NaN.
-    ``perplexity_ci``: :func:`perplexity_interval` of the per-window NLLs.
+    ``perplexity_ci``: :func:`perplexity_interval` of the per-window NLLs. A model inside
+    ``lmcompress.kv_cache.attach`` streams each window through its compressed KV cache (``window_nll``).
     """
+    from lmcompress.kv_cache import ATTR, window_nll
+
+    kv = getattr(model, ATTR, None)
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
         raise UserError(
             f"perplexity needs windows of at least 2 tokens (one to predict from, one predicted), got "
@@ -61,11 +65,14 @@ def perplexity(
         bar = tqdm(total=windows.shape[0], desc="perplexity", disable=not progress, unit="window")
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
-            logits = model(ids, use_cache=False).logits.float()
             where = f"windows {start}..{start + ids.shape[0] - 1}"
-            if not bool(torch.isfinite(logits).all()):
-                raise UserError(f"the model's logits are NaN or infinite on {where}: {_NONFINITE_HINT}")
-            token_nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+            if kv is not None:
+                token_nll = window_nll(model, ids, kv).flatten()
+            else:
+                logits = model(ids, use_cache=False).logits.float()
+                if not bool(torch.isfinite(logits).all()):
+                    raise UserError(f"the model's logits are NaN or infinite on {where}: {_NONFINITE_HINT}")
+                token_nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
             nll = token_nll.sum()
             if not math.isfinite(nll.item()):
                 raise UserError(f"the loss is NaN or infinite on {where}: {_NONFINITE_HINT}")

@@ -1,0 +1,24 @@
+"""The ``--kv-*`` options ``generate`` and ``eval`` share (the compressed KV cache, docs/kv_cache.md)."""
+
+from __future__ import annotations
+
+import typer
+
+KV_BUDGET = typer.Option(
+    None,
+    "--kv-budget",
+    help="H2O eviction: KV tokens kept per layer and head, as a fraction of the sequence (0.2; of the prompt in "
+    "generate, of the window in perplexity) or a token count (256); the rest are evicted. Runs eager attention.",
+)
+KV_RECENT = typer.Option(
+    0.5, "--kv-recent", help="With --kv-budget: the fraction of the budget kept for the most recent tokens."
+)
+KV_BITS = typer.Option(
+    16,
+    "--kv-bits",
+    help="Store the KV cache in 8 or 4 bits (asymmetric min-max per token, per KV head, per --kv-group "
+    "channels; float16 scale and minimum); 16: not quantized.",
+)
+KV_GROUP = typer.Option(
+    None, "--kv-group", help="With --kv-bits 8|4: channels per scale, a divisor of the head dimension [default: all]."
+)
