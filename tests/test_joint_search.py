@@ -129,3 +129,35 @@ def test_uniform_start_fills_the_budget_to_within_one_step_of_a_block():
         assert budget - 16 <= space.total(levels) <= budget
     with pytest.raises(UserError, match="below the smallest"):
         size_space(cost, 10, 35, ["a", "b", "c", "d"], heads=[0])
+
+
+def test_dropped_blocks_leave_the_saved_model_and_the_budget_holds(tmp_path, tokenizer, calib_file, capsys):
+    import lmcompress
+
+    model = build_tiny_model("llama", tokenizer.vocab_size, max_positions=256, tie_word_embeddings=True,
+                             num_hidden_layers=4)  # fmt: skip
+    src = tmp_path / "four"
+    save_model(model, tokenizer, src, {"kind": "test-model"})
+    out = tmp_path / "dropped"
+    assert run_cli(_args(src, out, calib_file, "size=0.15x", "--levels", "0/16,0/4,0/2,drop")) == 0
+    report = json.loads(capsys.readouterr().out)
+    size, dropped = report["size"], report["size"]["dropped_blocks"]
+    assert dropped and packed_size(out) <= size["budget"]  # 0/2 everywhere takes more than 0.15x: blocks must go
+    assert [lv for lv in report["allocation"] if lv == "drop"] == ["drop"] * len(dropped)
+    loaded, _ = lmcompress.load(out)
+    assert loaded.config.num_hidden_layers == len(loaded.model.layers) == 4 - len(dropped)
+    ids = torch.arange(16).unsqueeze(0) % tokenizer.vocab_size
+    assert torch.isfinite(loaded(ids).logits).all()
+
+
+def test_drop_is_refused_where_a_zero_block_is_not_the_identity(tokenizer):
+    from lmcompress.search.joint import check_drop
+    from lmcompress.search.run import SearchConfig
+
+    check_drop(build_tiny_model("llama", tokenizer.vocab_size))  # no bias on the output projections: passes
+    gpt2 = build_tiny_model("gpt2", tokenizer.vocab_size)
+    gpt2.transformer.h[0].mlp.c_proj.bias.data.fill_(0.1)  # an output projection's bias: a zero block adds it
+    with pytest.raises(UserError, match="pass their input through"):
+        check_drop(gpt2)
+    with pytest.raises(UserError, match="granularity block"):
+        SearchConfig(kind="size", target=1e6, levels="0/4,drop", granularity="layer")

@@ -141,6 +141,8 @@ class SearchConfig:
             raise UserError(f"unknown granularity {self.granularity!r}: choose layer or block", param="granularity")
         if not self.target > 0 or (self.size_relative and not self.target < 1):
             raise UserError(f"a size budget must be positive bytes or a fraction in (0, 1), got {self.target:g}")
+        if self.granularity != "block" and any(level.drop for level in self.joint_levels()):
+            raise UserError("the level drop removes whole blocks: use it with granularity block", param="levels")
         refused = {"rounds": self.rounds > 1, "start": self.start is not None}
         for name, given in refused.items():
             if given:

@@ -211,7 +211,7 @@ class _Builder:
         results = self._compress(block, inputs, i)
         for k in range(len(self.levels)):
             self._write(i, k, modules, results)
-        self._byte_costs(modules, results)
+        self._byte_costs(modules, results, by_level=True)
         if self.reference is not None and self.needs_data:  # the next block sees this one at its reference levels
             for full, module in modules.items():
                 self.originals[module] = weight_matrix(module).detach().clone()
@@ -253,14 +253,17 @@ class _Builder:
                 self.cost[full].append(nominal_bits_per_weight({full: qt}) * qt.codes.numel())
         save_file(tensors, str(self.folder / f"{_stem(i)}-l{k:02d}.safetensors"), metadata=meta or None)
 
-    def _byte_costs(self, modules: dict[str, nn.Module], results: dict[str, list]) -> None:
-        """Joint levels: each layer's cost at every level in the bytes the packed save writes."""
+    def _byte_costs(self, modules: dict[str, nn.Module], results: dict[str, list], by_level: bool = False) -> None:
+        """Joint levels: each layer's cost at every level in the bytes the packed save writes (``by_level``: the
+        level's label may say more, e.g. ``drop``: nothing stored)."""
         if self.byte_cost is None:
             return
         for full, module in modules.items():
             w = weight_matrix(module)
-            self.cost[full] = [float(self.byte_cost.layer(f"{full}.weight", new.to(w.dtype), qt))
-                               for new, qt in results[full]]  # fmt: skip
+            self.cost[full] = [
+                float(self.byte_cost.layer(f"{full}.weight", new.to(w.dtype), qt, self.levels[k] if by_level else None))
+                for k, (new, qt) in enumerate(results[full])
+            ]
 
     def add_head(self, module: nn.Module, name: str, per_level: list) -> None:
         """The output head at every level (joint levels): ``per_level[k]`` = (weight, codes or None)."""

@@ -28,8 +28,8 @@ from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize
 from lmcompress.checkpoint.load import source_dtype
 from lmcompress.checkpoint.packed import PACKED_FILE, pack_named
 from lmcompress.errors import UserError
-from lmcompress.models.families import prunable_layers, set_weight_matrix
-from lmcompress.search.levels import FLOAT_BITS, JointLevel, parse_joint_levels
+from lmcompress.models.families import blocks_path, find_prunable, get_blocks, prunable_layers, set_weight_matrix
+from lmcompress.search.levels import DROP, FLOAT_BITS, JointLevel, parse_joint_levels
 from lmcompress.transforms.prune import PruneConfig, prune_layers
 
 HEAD_BLOCK = -1  # the head's "block": changing it changes the logits (and, when tied, the embeddings)
@@ -68,7 +68,7 @@ def head_bits(levels: list[JointLevel]) -> list[int]:
     """The head's bit width at each level: the fewest bits of the levels up to it (16: floats)."""
     out, low = [], FLOAT_BITS
     for level in levels:
-        low = min(low, level.bits)
+        low = low if level.drop else min(low, level.bits)  # a block's drop does not touch the head
         out.append(low)
     return out
 
@@ -78,6 +78,8 @@ def joint_compressor(levels: list[JointLevel], group_size: int, sym: bool, percd
     by_label = {lv.label: lv for lv in levels}
 
     def one_level(level: JointLevel, weights, stats, names):
+        if level.drop:  # zero weights: the block adds nothing to the residual stream (checked: check_drop)
+            return [(torch.zeros_like(w), None) for w in weights]
         if level.sparsity == 0 and not level.quantized:
             return [(w, None) for w in weights]
         if level.sparsity == 0:
@@ -106,7 +108,10 @@ def joint_compressor(levels: list[JointLevel], group_size: int, sym: bool, percd
 
 
 def head_levels(model: nn.Module, levels: list[JointLevel], group_size: int, sym: bool):
-    """The head's weight (and codes) at every level: rounded to nearest at :func:`head_bits`."""
+    """The head's weight (and codes) at every level: rounded to nearest at :func:`head_bits`. With a ``drop``
+    level, first checks that a block with zero weights passes its input through (:func:`check_drop`)."""
+    if any(level.drop for level in levels):
+        check_drop(model)
     name, _ = head_of(model)
     w = dict(model.named_modules())[name].weight.data.float()
     cache: dict[int, tuple[torch.Tensor, QuantizedTensor | None]] = {}
@@ -140,8 +145,11 @@ class ByteCost:
         value = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [big, big]}
         return len(json.dumps({key: value}, separators=(",", ":"))) - 2 + 1  # without the braces, with a comma
 
-    def layer(self, param: str, weight: torch.Tensor, qt: QuantizedTensor | None) -> int:
-        """A weight ``[out, in]`` at one level: its codes and grids, or its floats (zeros left out by a layout)."""
+    def layer(self, param: str, weight: torch.Tensor, qt: QuantizedTensor | None, label: str | None = None) -> int:
+        """A weight ``[out, in]`` at one level: its codes and grids, or its floats (zeros left out by a layout);
+        nothing at level ``drop`` (its block is removed before the save)."""
+        if label == DROP:
+            return 0
         if qt is None:
             return self.tensors({param: weight.to(self.dtype)})
         return self.tensors({param: qt.dequantize()}, {param: qt})
@@ -198,9 +206,11 @@ def budget_bytes(model: nn.Module, target: float, relative: bool) -> int:
 
 @dataclass(frozen=True)
 class SizeSpace(LevelSpace):
-    """A :class:`LevelSpace` in bytes, with the bytes no level changes (``fixed``) beside it."""
+    """A :class:`LevelSpace` in bytes, with the bytes no level changes (``fixed``) and the budget (``budget_bytes``,
+    the whole file's) beside it."""
 
     fixed: int = 0
+    budget_bytes: int = 0
 
 
 def size_space(cost: list[list[float]], fixed: int, budget: int, labels: list[str], heads: list[int] = ()) -> SizeSpace:
@@ -222,7 +232,7 @@ def size_space(cost: list[list[float]], fixed: int, budget: int, labels: list[st
         )
     others = [c for u, c in enumerate(cost) if u not in heads] or cost
     steps = [abs(c[k] - c[k + 1]) for c in others for k in range(len(c) - 1)]
-    return SizeSpace(tuple(tuple(c) for c in cost), float(min(budget, hi) - fixed), max(steps), fixed)
+    return SizeSpace(tuple(tuple(c) for c in cost), float(min(budget, hi) - fixed), max(steps), fixed, budget)
 
 
 def uniform_values(levels: list[JointLevel], group_size: int) -> list[float]:
@@ -274,3 +284,61 @@ def place_uniform(space: LevelSpace, values: list[float], target: float) -> list
     if not space.feasible(levels):
         raise ValueError("the uniform start cannot be placed on the budget")
     return levels
+
+
+@torch.no_grad()
+def check_drop(model: nn.Module) -> None:
+    """UserError unless the first block, with every linear layer's weight zero, returns its input unchanged (a
+    residual block whose output projections have no bias): the search scores a dropped block that way, and the
+    save removes it."""
+    block = get_blocks(model)[0]
+    layers = list(find_prunable(block).values())
+    saved = [m.weight.data.clone() for m in layers]
+    seen: list[torch.Tensor] = []
+    hooks = [
+        block.register_forward_pre_hook(lambda m, a, k: seen.append(_hidden(a, k).clone()), with_kwargs=True),
+        block.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out)),
+    ]
+    try:
+        for m in layers:
+            m.weight.data.zero_()
+        device = next(model.parameters()).device
+        model(torch.arange(8, device=device).unsqueeze(0) % model.config.vocab_size, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, w in zip(layers, saved, strict=True):
+            m.weight.data.copy_(w)
+    if len(seen) < 2 or not torch.equal(seen[0], seen[1]):
+        raise UserError(
+            "the level drop needs blocks that pass their input through when their weights are zero (residual "
+            "blocks whose output projections have no bias); this model's do not: leave drop out of --levels"
+        )
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def remove_dropped(model: nn.Module, chosen: dict[str, str], block_of: dict[str, int], quantized: dict) -> list[int]:
+    """Remove the blocks whose layers are at ``drop`` (``chosen``: layer → label) from ``model``, and rename the
+    codes in ``quantized`` (parameter name → codes) after the renumbered blocks. Returns the removed blocks."""
+    from lmcompress.transforms.depth import remove_blocks
+
+    drop = sorted({block_of[layer] for layer, label in chosen.items() if label == DROP})
+    if not drop:
+        return []
+    prefix = blocks_path(model)
+    remove_blocks(model, drop)
+    renamed = {}
+    for name, qt in quantized.items():
+        if name.startswith(prefix + "."):
+            index, _, rest = name[len(prefix) + 1 :].partition(".")
+            old = int(index)
+            if old in drop:
+                continue
+            name = f"{prefix}.{old - sum(d < old for d in drop)}.{rest}"
+        renamed[name] = qt
+    quantized.clear()
+    quantized.update(renamed)
+    return drop

@@ -52,29 +52,36 @@ def parse_levels(text: str, kind: str = "sparsity") -> list[float]:
 FLOAT_BITS = 16  # the "bits" of a level whose weights stay floats (stored in the checkpoint's 16-bit dtype)
 JOINT_BITS = (2, 3, 4, 5, 6, 8, FLOAT_BITS)
 AUTO_JOINT = "0/16,0/8,0/4,0/3,2:4/4,2:4/3,0/2"  # what --levels auto means for a size budget
+DROP = "drop"  # the joint level of a block removed (per-block searches only)
 
 
 @dataclass(frozen=True)
 class JointLevel:
-    """One joint level: ``sparsity`` (a fraction, or an N:M ``pattern``) and ``bits`` (16: floats, not quantized)."""
+    """One joint level: ``sparsity`` (a fraction, or an N:M ``pattern``) and ``bits`` (16: floats, not quantized),
+    or ``drop``: the whole block removed."""
 
     sparsity: float
     bits: int
     pattern: str = "unstructured"
+    drop: bool = False
 
     @property
     def label(self) -> str:
-        """The level as the grammar writes it: ``0/4``, ``2:4/3``, ``0.5/16``."""
+        """The level as the grammar writes it: ``0/4``, ``2:4/3``, ``0.5/16``, ``drop``."""
+        if self.drop:
+            return DROP
         return f"{self.pattern if self.pattern != 'unstructured' else f'{self.sparsity:g}'}/{self.bits}"
 
     @property
     def quantized(self) -> bool:
-        return self.bits != FLOAT_BITS
+        return not self.drop and self.bits != FLOAT_BITS
 
     def nominal_bits(self, group_size: int = 128, float_bits: int = FLOAT_BITS) -> float:
         """Bits per weight as packed storage would take them on a wide layer: kept codes (or floats), an N:M
         index (``ceil(log2 C(M, N))`` bits per group of M) or a bitmask (1 bit per weight), a 32-bit scale per
-        grid group. Orders the levels and places uniform starts; the budget itself uses exact bytes."""
+        grid group; 0 for ``drop``. Orders the levels and places uniform starts; the budget uses exact bytes."""
+        if self.drop:
+            return 0.0
         width = float_bits if not self.quantized else self.bits
         kept = (1.0 - self.sparsity) * width
         if self.pattern != "unstructured":
@@ -87,10 +94,11 @@ class JointLevel:
 
 
 def parse_joint_levels(text: str, group_size: int = 128) -> list[JointLevel]:
-    """``"auto"`` or comma-separated ``SPARSITY/BITS`` items, most expensive first (by :meth:`JointLevel.
-    nominal_bits`). SPARSITY is 0, a fraction in (0, 1) (unstructured) or ``N:M``; BITS is one of 2, 3, 4, 5,
-    6, 8 or 16 (16: the weights stay floats). E.g. ``0/16,0/8,0/4,2:4/4,0.5/3,0/2``."""
-    source = AUTO_JOINT if text.strip().lower() == "auto" else text
+    """``"auto"`` (also as an item: ``auto,drop``) or comma-separated ``SPARSITY/BITS`` items, most expensive
+    first (by :meth:`JointLevel.nominal_bits`). SPARSITY is 0, a fraction in (0, 1) (unstructured) or ``N:M``;
+    BITS is one of 2, 3, 4, 5, 6, 8 or 16 (16: the weights stay floats); ``drop`` (always last) removes the
+    whole block. E.g. ``0/16,0/8,0/4,2:4/4,0.5/3,0/2,drop``."""
+    source = ",".join(AUTO_JOINT if x.strip().lower() == "auto" else x for x in text.split(","))
     out: dict[str, JointLevel] = {}
     for item in (x.strip() for x in source.split(",")):
         level = _joint_item(item, text)
@@ -104,6 +112,8 @@ def parse_joint_levels(text: str, group_size: int = 128) -> list[JointLevel]:
 
 
 def _joint_item(item: str, text: str) -> JointLevel:
+    if item.lower() == DROP:
+        return JointLevel(1.0, 0, drop=True)
     hint = "each level is SPARSITY/BITS: SPARSITY 0, a fraction below 1 or N:M; BITS one of 2,3,4,5,6,8,16"
     if item.count("/") != 1:
         raise UserError(f"levels {text!r}: {item!r} is not SPARSITY/BITS ({hint}), e.g. 0/16,0/4,2:4/4,0.5/3")

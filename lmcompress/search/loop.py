@@ -187,6 +187,9 @@ def _report(cand: Candidates, model, state: SearchState, baselines, round_starts
     if db.quantized or config.kind == "size":  # joint levels at 16 bits keep floats: no codes
         quantized = {f"{layer}.weight": db.codes(layer, k) for layer, k in chosen.items()}
         quantized = {name: qt for name, qt in quantized.items() if qt is not None}
+    dropped, sixteen = [], joint.sixteen_bit_bytes(model)
+    if config.kind == "size":  # blocks at level drop leave the model (the rest renumbered, codes renamed)
+        dropped = joint.remove_dropped(model, {layer: levels[k] for layer, k in chosen.items()}, db.block_of, quantized)
     return SearchReport(
         config=config.to_dict(),
         levels=levels,
@@ -205,17 +208,17 @@ def _report(cand: Candidates, model, state: SearchState, baselines, round_starts
             {k: v for k, v in r.items() if k != "levels"} | {"parent": [levels[k] for k in r["levels"]]}
             for r in round_starts
         ],
-        size=_size(config, cand.space, model, spent),
+        size=_size(config, cand.space, spent, sixteen, dropped),
     )
 
 
-def _size(config: SearchConfig, space, model, spent: float) -> dict | None:
-    """A size search's bytes: the budget, the packed weights file as predicted, and the part no level changes."""
+def _size(config: SearchConfig, space, spent: float, sixteen: int, dropped: list[int]) -> dict | None:
+    """A size search's bytes: the budget, the packed weights file as predicted, the part no level changes, the
+    model's 16-bit size (before blocks were dropped) and the blocks dropped."""
     if config.kind != "size":
         return None
-    budget = joint.budget_bytes(model, config.target, config.size_relative)
-    return {"budget": budget, "predicted": int(spent + space.fixed), "fixed": space.fixed,
-            "sixteen_bit": joint.sixteen_bit_bytes(model)}  # fmt: skip
+    return {"budget": space.budget_bytes, "predicted": int(spent + space.fixed), "fixed": space.fixed,
+            "sixteen_bit": sixteen, "dropped_blocks": dropped}  # fmt: skip
 
 
 def _achieved(kind: str, spent: float, weights: int, space) -> float:
