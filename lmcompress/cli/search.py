@@ -110,7 +110,8 @@ def search(
         "--levels",
         help="Levels: sparsities start:stop:step or a,b,c [0.3:0.95:0.05]; bit widths [2,3,4,8]; for a size budget "
         "joint SPARSITY/BITS levels, SPARSITY 0, a fraction or N:M, BITS 2-6, 8 or 16 (floats), e.g. "
-        "0/16,0/8,0/4,2:4/4,0.5/3,0/2 [auto: 0/16,0/8,0/4,0/3,2:4/4,2:4/3,0/2].",
+        "0/16,0/8,0/4,2:4/4,0.5/3,0/2 [auto: 0/16,0/8,0/4,0/3,2:4/4,2:4/3,0/2]; add drop (per block) to let "
+        "the search remove whole blocks, e.g. auto,drop.",
     ),
     group_size: int = typer.Option(128, "--group-size", help="bits, size: inputs sharing one scale; -1: per channel."),
     granularity: str = typer.Option("block", "--granularity", help="One level per block, or per layer."),

@@ -328,6 +328,11 @@ def remove_dropped(model: nn.Module, chosen: dict[str, str], block_of: dict[str,
     drop = sorted({block_of[layer] for layer, label in chosen.items() if label == DROP})
     if not drop:
         return []
+    if len(drop) >= len(get_blocks(model)):
+        raise UserError(
+            "the searched model drops every block: the size budget is too small to keep one; raise the budget or "
+            "leave drop out of --levels"
+        )
     prefix = blocks_path(model)
     remove_blocks(model, drop)
     renamed = {}
