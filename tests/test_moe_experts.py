@@ -273,3 +273,44 @@ def test_compressed_tensors_export_refuses_fused_experts(tokenizer, tmp_path):
     with pytest.raises(UserError, match="fused routed experts"):
         export_compressed_tensors(folder, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_gguf_export_writes_the_experts_as_exps_tensors(family, tokenizer, tmp_path):
+    """Q4_0 from the experts' codes: blk.N.ffn_{gate,up,down}_exps [E, rows, in] hold each expert's matrices
+    (gate and up split from gate_up_proj), the router is ffn_gate_inp, the expert counts are in the metadata."""
+    gguf = pytest.importorskip("gguf")
+    from lmcompress.checkpoint.gguf_export import export_gguf
+
+    over = {"norm_topk_prob": True} if family == "qwen3_moe" else {}  # llama.cpp's qwen3moe graph renormalizes
+    model = build_tiny_model(family, tokenizer.vocab_size, max_positions=256, **over)
+    report = quantize(model, QuantConfig(method="rtn", bits=4, group_size=32), progress=False)
+    folder = save_quantized(model, tokenizer, tmp_path / "q", {"kind": "quantize"}, report.quantized)
+    summary = export_gguf(folder, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    arch = fields["general.architecture"]
+    assert fields[f"{arch}.expert_count"] == 8 and fields[f"{arch}.expert_used_count"] == 2
+    moe = model.model.layers[1].mlp
+    half = moe.experts.gate_up_proj.shape[1] // 2
+    want = {
+        "ffn_gate_exps": moe.experts.gate_up_proj[:, :half],
+        "ffn_up_exps": moe.experts.gate_up_proj[:, half:],
+        "ffn_down_exps": moe.experts.down_proj,
+    }
+    for part, w in want.items():
+        t = tensors[f"blk.1.{part}.weight"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+        got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape).copy())
+        torch.testing.assert_close(got, w.detach().float(), rtol=0, atol=2e-3)  # fp16 block scales
+    router = tensors["blk.1.ffn_gate_inp.weight"]
+    assert router.tensor_type == gguf.GGMLQuantizationType.F32  # routing decisions are not rounded
+    torch.testing.assert_close(torch.from_numpy(router.data.copy()).reshape(moe.gate.weight.shape), moe.gate.weight)
+    assert summary is not None
+    if family == "qwen3_moe":  # a model whose routing llama.cpp's graph would not reproduce is refused
+        plain = build_tiny_model(family, tokenizer.vocab_size, max_positions=256)
+        save_model(plain, tokenizer, tmp_path / "plain", {"kind": "test"})
+        with pytest.raises(UserError, match="norm_topk_prob"):
+            export_gguf(tmp_path / "plain", tmp_path / "p.gguf", qtype="f16")
+        assert not (tmp_path / "p.gguf").exists()

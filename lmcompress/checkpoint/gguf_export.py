@@ -220,6 +220,7 @@ def _encode(name: str, ref: torch.Tensor, q: QuantizedTensor | None, kind: str) 
     gguf = _gguf()
     if q is not None and exact_block_type(q)[0] == kind:
         data, source = pack_codes(q, kind), "codes"
+        data = data.reshape(*ref.shape[:-1], -1)  # fused experts: [E, rows, bytes]
     elif kind in KTYPES:
         if ref.shape[-1] % QK_K:
             raise UserError(
@@ -227,8 +228,8 @@ def _encode(name: str, ref: torch.Tensor, q: QuantizedTensor | None, kind: str) 
                 f"(llama.cpp falls back to {KTYPES[kind].fallback.upper()}); export with type q4_0, q8_0 or f16",
                 param="qtype",
             )
-        codes, grid = rtn_kquant(ref.float(), kind)
-        data, source = pack_kquant(codes, grid), "requantized"
+        codes, grid = rtn_kquant(ref.float().reshape(-1, ref.shape[-1]), kind)
+        data, source = pack_kquant(codes, grid).reshape(*ref.shape[:-1], -1), "requantized"
     elif kind in _BLOCK_TYPES:
         if ref.shape[-1] % BLOCK:
             raise UserError(
@@ -238,7 +239,7 @@ def _encode(name: str, ref: torch.Tensor, q: QuantizedTensor | None, kind: str) 
             )
         data, source = gguf.quants.quantize(ref.float().numpy(), _ggml_type(kind)), "requantized"
     else:
-        data, source = _float_data(ref, kind), "float" if ref.dim() == 2 else "vector"
+        data, source = _float_data(ref, kind), "float" if ref.dim() >= 2 else "vector"
     back = data.astype(np.float32) if data.dtype != np.uint8 else gguf.quants.dequantize(data, _ggml_type(kind))
     want = ref.float().numpy()
     norm = float(np.linalg.norm(want))
@@ -316,6 +317,14 @@ def _add_model_metadata(w, config, n_vocab: int, name: str, file_type: int, quan
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(factor))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if experts:  # mixture of experts: routed experts' count, top-k and width (and the shared expert's)
+        w.add_expert_count(int(experts))
+        w.add_expert_used_count(int(config.num_experts_per_tok))
+        if getattr(config, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(int(config.moe_intermediate_size))
+        if getattr(config, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
     w.add_vocab_size(n_vocab)
     w.add_file_type(file_type)
     if quantized:
@@ -455,6 +464,27 @@ def _read_source(
     return model.config, tokenizer, {k: v.detach().float() for k, v in model.state_dict().items()}, {}
 
 
+_ROUTERS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")  # MoE routers (and the shared expert's gate)
+
+
+def _expert_matrices(state: dict[str, torch.Tensor], quantized: dict[str, QuantizedTensor]):
+    """``(hf_name, tensor, codes or None)`` of every tensor to write, fused routed experts as llama.cpp stores
+    them: ``experts.gate_up_proj`` ``[E, 2I, H]`` split into ``experts.gate_proj`` and ``experts.up_proj``
+    ``[E, I, H]`` (``*_exps``), their stacked codes ``[E·2I, H]`` split row for row the same way."""
+    for hf_name, ref in state.items():
+        q = quantized.get(hf_name)
+        if ref.dim() != 3 or not hf_name.endswith("experts.gate_up_proj"):
+            yield hf_name, ref, q
+            continue
+        e, two_i, _ = ref.shape
+        half = two_i // 2
+        base = hf_name.removesuffix("gate_up_proj")
+        for k, part in enumerate(("gate_proj", "up_proj")):
+            rows = (torch.arange(e).view(e, 1) * two_i + k * half + torch.arange(half).view(1, half)).reshape(-1)
+            part_q = None if q is None else QuantizedTensor(q.codes[rows], q.scale[rows], q.zero[rows], q.spec, q.g_idx)
+            yield base + part, ref[:, k * half : (k + 1) * half], part_q
+
+
 def export_gguf(
     source: str | Path,
     output: str | Path,
@@ -511,16 +541,23 @@ def export_gguf(
     if embed_type == "auto" and mix is None:
         embed_type = qtype if qtype in ("q8_0", "f16", "bf16", "f32") else "f16"
 
+    if mix is not None and any(v.dim() == 3 for v in state.values()):
+        raise UserError(
+            f"the {mix} mix does not cover fused routed experts yet: export this model with a single type "
+            "(auto, q4_0, q8_0, q4_k, f16 ...)",
+            param="qtype",
+        )
     plan: list[tuple[str, str, torch.Tensor, QuantizedTensor | None, str]] = []  # (hf, gguf, ref, q, kind)
     unmapped, refused = [], []
-    for hf_name, ref in state.items():
+    for hf_name, ref, q in _expert_matrices(state, quantized):
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reads token_embd as the output head when output.weight is absent
         gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gname is None:
             unmapped.append(hf_name)
             continue
-        q = quantized.get(hf_name)
+        if ref.dim() == 3 and not gname.endswith(".weight"):
+            gname += ".weight"  # blk.N.ffn_down_exps.weight [E, H, I]
         if q is None and tied and gname == "token_embd.weight":
             q = quantized.get("lm_head.weight")  # the tied head quantized: the embedding holds its codes
         heads = rotary_rows(hf_name, config)
@@ -529,7 +566,7 @@ def export_gguf(
             ref = ref[order]
             if q is not None:
                 q = QuantizedTensor(q.codes[order], q.scale[order], q.zero[order], q.spec, q.g_idx)
-        if ref.dim() == 1:
+        if ref.dim() == 1 or gname.endswith(_ROUTERS):  # routers in f32, as llama.cpp's converter keeps them
             kind = "f32"
         elif gname in _EMBEDDINGS and embed_type != "auto":
             kind = embed_type

@@ -26,6 +26,7 @@ class GGUFFamily:
     arch: str  # member of gguf.MODEL_ARCH (llama.cpp's general.architecture is gguf.MODEL_ARCH_NAMES[...])
     permute_qk: bool  # q/k rows reordered from half-split to interleaved rotary pairs (see the module docstring)
     activation: str = "silu"  # the gated-FFN activation llama.cpp's graph for this architecture applies
+    moe_norm: bool | None = None  # MoE: llama.cpp's graph renormalizes the top-k routing weights (None: dense)
 
 
 # Hugging Face model_type → llama.cpp architecture. llama.cpp converts Mistral checkpoints to its llama
@@ -35,6 +36,10 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "mistral": GGUFFamily("LLAMA", permute_qk=True),
     "qwen2": GGUFFamily("QWEN2", permute_qk=False),
     "qwen3": GGUFFamily("QWEN3", permute_qk=False),
+    # mixture of experts: llama.cpp runs Mixtral as its llama architecture with experts
+    "mixtral": GGUFFamily("LLAMA", permute_qk=True, moe_norm=True),
+    "qwen2_moe": GGUFFamily("QWEN2MOE", permute_qk=False, moe_norm=False),
+    "qwen3_moe": GGUFFamily("QWEN3MOE", permute_qk=False, moe_norm=True),
 }
 
 # Byte-level BPE pre-tokenizers (the split before merging, from tokenizer.json) → llama.cpp's
@@ -62,9 +67,11 @@ def gguf_family(config) -> GGUFFamily:
     """The GGUF row of ``config``'s model type; a UserError naming it and the supported types otherwise."""
     model_type = getattr(config, "model_type", None)
     if model_type not in GGUF_FAMILIES:
+        dense = sorted(k for k, f in GGUF_FAMILIES.items() if f.moe_norm is None)
+        moe = sorted(k for k, f in GGUF_FAMILIES.items() if f.moe_norm is not None)
         raise UserError(
-            f"GGUF export does not know the architecture {model_type!r}: lmcompress maps "
-            f"{', '.join(sorted(GGUF_FAMILIES))} to llama.cpp's names (models/gguf_names.py); export other models "
+            f"GGUF export does not know the architecture {model_type!r}: lmcompress maps {', '.join(dense)} and the "
+            f"mixture-of-experts {', '.join(moe)} to llama.cpp's names (models/gguf_names.py); export other models "
             "with --format compressed-tensors, or convert a plain folder with llama.cpp's convert_hf_to_gguf.py"
         )
     family = GGUF_FAMILIES[model_type]
@@ -74,7 +81,26 @@ def gguf_family(config) -> GGUFFamily:
             f"this {model_type} model uses the activation {act!r}, but llama.cpp's {family.arch.lower()} graph "
             f"applies {family.activation}: the GGUF would compute a different model"
         )
+    if family.moe_norm is not None:
+        _check_moe(config, model_type, family)
     return family
+
+
+def _check_moe(config, model_type: str, family: GGUFFamily) -> None:
+    """UserError where llama.cpp's MoE graph for ``family`` would route differently from ``config``."""
+    norm = True if model_type == "mixtral" else bool(getattr(config, "norm_topk_prob", False))
+    if norm != family.moe_norm:
+        raise UserError(
+            f"this {model_type} model {'renormalizes' if norm else 'does not renormalize'} its top-k routing "
+            f"weights (norm_topk_prob), but llama.cpp's {family.arch.lower()} graph "
+            f"{'does' if family.moe_norm else 'does not'}: the GGUF would compute a different model"
+        )
+    sparse_step = getattr(config, "decoder_sparse_step", 1) or 1
+    if getattr(config, "mlp_only_layers", None) or sparse_step != 1:
+        raise UserError(
+            f"this {model_type} model has dense-MLP blocks (mlp_only_layers / decoder_sparse_step), which "
+            f"llama.cpp's {family.arch.lower()} graph does not have: not exported to GGUF"
+        )
 
 
 def tensor_name_map(family: GGUFFamily, n_blocks: int):
