@@ -275,7 +275,7 @@ def test_compressed_tensors_export_refuses_fused_experts(tokenizer, tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"])
 def test_gguf_export_writes_the_experts_as_exps_tensors(family, tokenizer, tmp_path):
     """Q4_0 from the experts' codes: blk.N.ffn_{gate,up,down}_exps [E, rows, in] hold each expert's matrices
     (gate and up split from gate_up_proj), the router is ffn_gate_inp, the expert counts are in the metadata."""
@@ -283,6 +283,8 @@ def test_gguf_export_writes_the_experts_as_exps_tensors(family, tokenizer, tmp_p
     from lmcompress.checkpoint.gguf_export import export_gguf
 
     over = {"norm_topk_prob": True} if family == "qwen3_moe" else {}  # llama.cpp's qwen3moe graph renormalizes
+    if family == "olmoe":
+        over = {"num_key_value_heads": 4}  # llama.cpp's olmoe graph has no grouped-query attention
     model = build_tiny_model(family, tokenizer.vocab_size, max_positions=256, **over)
     report = quantize(model, QuantConfig(method="rtn", bits=4, group_size=32), progress=False)
     folder = save_quantized(model, tokenizer, tmp_path / "q", {"kind": "quantize"}, report.quantized)
@@ -308,9 +310,9 @@ def test_gguf_export_writes_the_experts_as_exps_tensors(family, tokenizer, tmp_p
     assert router.tensor_type == gguf.GGMLQuantizationType.F32  # routing decisions are not rounded
     torch.testing.assert_close(torch.from_numpy(router.data.copy()).reshape(moe.gate.weight.shape), moe.gate.weight)
     assert summary is not None
-    if family == "qwen3_moe":  # a model whose routing llama.cpp's graph would not reproduce is refused
+    if family in ("qwen3_moe", "olmoe"):  # a model llama.cpp's graph would not reproduce is refused
         plain = build_tiny_model(family, tokenizer.vocab_size, max_positions=256)
         save_model(plain, tokenizer, tmp_path / "plain", {"kind": "test"})
-        with pytest.raises(UserError, match="norm_topk_prob"):
+        with pytest.raises(UserError, match="norm_topk_prob" if family == "qwen3_moe" else "grouped-query"):
             export_gguf(tmp_path / "plain", tmp_path / "p.gguf", qtype="f16")
         assert not (tmp_path / "p.gguf").exists()

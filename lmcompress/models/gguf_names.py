@@ -40,6 +40,7 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "mixtral": GGUFFamily("LLAMA", permute_qk=True, moe_norm=True),
     "qwen2_moe": GGUFFamily("QWEN2MOE", permute_qk=False, moe_norm=False),
     "qwen3_moe": GGUFFamily("QWEN3MOE", permute_qk=False, moe_norm=True),
+    "olmoe": GGUFFamily("OLMOE", permute_qk=False, moe_norm=False),  # q/k norms over the whole projection
 }
 
 # Byte-level BPE pre-tokenizers (the split before merging, from tokenizer.json) → llama.cpp's
@@ -94,6 +95,12 @@ def _check_moe(config, model_type: str, family: GGUFFamily) -> None:
             f"this {model_type} model {'renormalizes' if norm else 'does not renormalize'} its top-k routing "
             f"weights (norm_topk_prob), but llama.cpp's {family.arch.lower()} graph "
             f"{'does' if family.moe_norm else 'does not'}: the GGUF would compute a different model"
+        )
+    heads = int(config.num_attention_heads)
+    if model_type == "olmoe" and int(getattr(config, "num_key_value_heads", None) or heads) != heads:
+        raise UserError(
+            "this OLMoE model has grouped-query attention: llama.cpp's olmoe graph norms k over the whole hidden "
+            "width and cannot load it; not exported to GGUF"
         )
     sparse_step = getattr(config, "decoder_sparse_step", 1) or 1
     if getattr(config, "mlp_only_layers", None) or sparse_step != 1:
