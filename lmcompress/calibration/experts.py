@@ -217,11 +217,22 @@ def note_tokens(
     few = scarce_experts(dict(zip(names, tokens, strict=True)), widths)
     if few:
         least = min(few, key=few.get)
-        log.warning(
-            "%d experts of %s saw fewer routed tokens than inputs (fewest: %s, %d); see experts_few_tokens",
-            len(few), param, least, few[least],
-        )  # fmt: skip
+        log.info(
+            "%d experts of %s saw fewer routed tokens than inputs (fewest: %s, %d)", len(few), param, least, few[least]
+        )
     few_tokens.update(few)
+
+
+def warn_few_tokens(few_tokens: dict[str, int], fallback: str) -> None:
+    """One warning for a whole run naming how many experts saw fewer routed tokens than inputs, and how many
+    none (those were solved by ``fallback``); the names are in the report's ``experts_few_tokens``."""
+    if few_tokens:
+        none = sum(1 for t in few_tokens.values() if t == 0)
+        log.warning(
+            "%d expert matrices saw fewer routed calibration tokens than inputs (solved with damping), %d saw none "
+            "(solved by %s); their names are in the recipe's experts_few_tokens — more calibration data helps",
+            len(few_tokens), none, fallback,
+        )  # fmt: skip
 
 
 def compress_experts(

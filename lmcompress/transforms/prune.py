@@ -20,6 +20,7 @@ from lmcompress.algorithms import (
 )
 from lmcompress.algorithms.gptq import ColumnQuantizer
 from lmcompress.algorithms.masks import Pattern
+from lmcompress.algorithms.obs import damping_raised
 from lmcompress.algorithms.owl import OwlAllocation
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec
 from lmcompress.calibration.compress import IN_BLOCK
@@ -30,11 +31,12 @@ from lmcompress.calibration.engine import (
     head_input_stats,
     walk_blocks,
 )
-from lmcompress.calibration.experts import WEIGHTING, expert_layers, note_tokens, stack_quantized
+from lmcompress.calibration.experts import WEIGHTING, expert_layers, note_tokens, stack_quantized, warn_few_tokens
 from lmcompress.calibration.offload import read_only, track
 from lmcompress.calibration.stats import InputStats
 from lmcompress.checkpoint.allocation import check_layer_levels, read_layer_levels
 from lmcompress.errors import UserError
+from lmcompress.job_options import DEFAULT_PERCDAMP, check_percdamp
 from lmcompress.models.families import (
     blocks_path,
     find_prunable,
@@ -70,7 +72,7 @@ class PruneConfig:
     allocation: str = "uniform"
     owl_m: float = 5.0  # outlier threshold: scores above owl_m × the block mean count as outliers
     owl_lambda: float = 0.08  # spread of OWL's per-block sparsity: max − min = 2λ
-    percdamp: float = 0.01  # SparseGPT dampening, fraction of the mean Hessian diagonal
+    percdamp: float | str = DEFAULT_PERCDAMP  # SparseGPT dampening: fraction of mean diag H, or auto (algorithms.obs)
     blocksize: int = 128  # SparseGPT column block (lazy updates and adaptive mask selection)
     include_head: bool = False  # also prune the output head (lm_head)
     head_bits: int | None = None  # quantize the output head (not pruned) to this many bits
@@ -141,8 +143,7 @@ class PruneConfig:
             raise UserError(f"owl_m must be positive, got {self.owl_m}", param="owl_m")
         if not 0.0 <= self.owl_lambda < 0.5:
             raise UserError(f"owl_lambda must be in [0, 0.5), got {self.owl_lambda}", param="owl_lambda")
-        if not 0.0 <= self.percdamp < 1.0:
-            raise UserError(f"percdamp must be in [0, 1), got {self.percdamp}", param="percdamp")
+        self.percdamp = check_percdamp(self.percdamp)
         if self.blocksize <= 0:
             raise UserError(f"blocksize must be positive, got {self.blocksize}", param="blocksize")
         if self.method == "sparsegpt" and pattern.is_nm and self.blocksize % pattern.m:
@@ -501,7 +502,7 @@ class _Pruner:
         for name, res in zip(group, results, strict=True):
             f = f"{self.prefix}.{i}.{name}"
             set_weight_matrix(layers[name], res.weight)
-            if res.damping is not None and res.damping > self.config.percdamp:
+            if res.damping is not None and damping_raised(res.damping, self.config.percdamp):
                 self.damping[f] = res.damping
             if res.quantized is not None:
                 self.quantized[f"{f}.weight"] = res.quantized
@@ -576,6 +577,7 @@ def prune(
         head_quantization = {"method": head.method, "bits": head.head_bits, "group_size": head.head_group_size}
         head_quantization["loss"] = loss
 
+    warn_few_tokens(pruner.experts_few_tokens, "magnitude")
     # counted block by block: a streamed model's blocks are back on disk (numel reads only the shapes)
     total = sum(weight_matrix(m).numel() for m in _pruned_modules(model, config).values())
     quantized = pruner.quantized

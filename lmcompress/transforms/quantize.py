@@ -19,6 +19,7 @@ from torch import nn
 
 from lmcompress.algorithms.actquant import FP8Weight
 from lmcompress.algorithms.gptq import GPTQResult, gptq_quantize
+from lmcompress.algorithms.obs import damping_raised
 from lmcompress.algorithms.quant import (
     GRIDS,
     KTYPES,
@@ -38,10 +39,12 @@ from lmcompress.calibration.experts import (
     model_has_fused_experts,
     note_tokens,
     stack_quantized,
+    warn_few_tokens,
 )
 from lmcompress.calibration.offload import track
 from lmcompress.calibration.stats import InputStats
 from lmcompress.errors import UserError
+from lmcompress.job_options import DEFAULT_PERCDAMP, check_percdamp
 from lmcompress.models.families import blocks_path, set_weight_matrix, weight_matrix
 from lmcompress.models.gguf_mixes import check_mix, mix_types, type_spec
 from lmcompress.transforms.layerwise import compress_layers
@@ -84,7 +87,7 @@ class QuantConfig:
     grid: str = "minmax"  # "minmax", a llama.cpp 32-weight block type (q4_0, q4_1, q5_0, q5_1, q8_0) or K-quant
     act_order: bool = False  # GPTQ: process inputs by decreasing Hessian diagonal
     static_groups: bool = False  # GPTQ + act-order: fix the grids up front in natural column order
-    percdamp: float = 0.01  # GPTQ dampening, fraction of the mean Hessian diagonal
+    percdamp: float | str = DEFAULT_PERCDAMP  # GPTQ dampening: fraction of mean diag H, or auto (algorithms.obs)
     blocksize: int = 128  # GPTQ column block (lazy batch updates)
     keep_zeros: bool = True  # weights that are exactly zero stay exactly zero
     include_head: bool = False  # also quantize the output head (lm_head; tied embeddings then share its values)
@@ -176,8 +179,7 @@ class QuantConfig:
             raise UserError(
                 "static_groups needs groups: give group_size N (not -1)", param=("static_groups", "group_size")
             )
-        if not 0.0 <= self.percdamp < 1.0:
-            raise UserError(f"percdamp must be in [0, 1), got {self.percdamp}", param="percdamp")
+        self.percdamp = check_percdamp(self.percdamp)
         if self.blocksize <= 0:
             raise UserError(f"blocksize must be positive, got {self.blocksize}", param="blocksize")
         check_scheme(self)
@@ -353,7 +355,7 @@ class _Quantizer:
             f = f"{self.prefix}.{i}.{name}"
             self._store(i, name, layers[name], res.weight[r0:r1], res.quantized.rows(r0, r1))
             self.layer_loss[f] = res.row_loss[r0:r1].sum().item()
-            if res.damping > self.config.percdamp:
+            if damping_raised(res.damping, self.config.percdamp):
                 self.damping[f] = res.damping
             r0 = r1
 
@@ -473,6 +475,7 @@ def quantize(
     if types is not None:
         _quantize_embedding(model, types, quantized)
 
+    warn_few_tokens(quantizer.experts_few_tokens, "round to nearest")
     return QuantReport(
         config=config.to_dict(),
         quantized=quantized,
