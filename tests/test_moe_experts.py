@@ -230,6 +230,16 @@ def test_joint_sparsegpt_codes_of_experts_stacked(calib, tokenizer, tmp_path):
     torch.testing.assert_close(logits_of(loaded, ids), logits_of(model, ids), rtol=1e-5, atol=1e-5)
 
 
+def test_head_bits_with_pruned_experts(calib, tokenizer, tmp_path):
+    model = build_tiny_model("mixtral", tokenizer.vocab_size)
+    report = prune(model, PruneConfig(method="wanda", sparsity=0.5, head_bits=8), calib, progress=False)
+    assert set(report.quantized) == {"lm_head.weight"}  # the experts are pruned, not quantized
+    folder = save_quantized(model, tokenizer, tmp_path / "h", {"kind": "prune"}, report.quantized)
+    loaded, _ = load(folder)
+    ids = random_ids(tokenizer.vocab_size)
+    torch.testing.assert_close(logits_of(loaded, ids), logits_of(model, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_act_order_experts_share_one_group_index(calib):
     model = build_tiny_model("mixtral", 320)
     config = QuantConfig(method="gptq", bits=4, group_size=32, act_order=True)

@@ -518,9 +518,9 @@ class _Pruner:
         note_tokens(
             self.expert_tokens, self.experts_few_tokens, param_name, full_names, [layers[n] for n in names], tokens
         )
-        if self.quantized is not None:
-            parts = [self.quantized.pop(f"{self.prefix}.{i}.{n}.weight") for n in names]
-            self.quantized[f"{self.prefix}.{i}.{param}"] = stack_quantized(parts)
+        keys = [f"{f}.weight" for f in full_names]
+        if self.quantized is not None and all(k in self.quantized for k in keys):  # joint mode (not head_bits alone)
+            self.quantized[f"{self.prefix}.{i}.{param}"] = stack_quantized([self.quantized.pop(k) for k in keys])
 
     def block_done(self, i: int, layers: dict[str, nn.Module]) -> None:
         for n, m in layers.items():  # one counting pass per weight
