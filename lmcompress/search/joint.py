@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,8 +30,8 @@ from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec, rtn_quantize
 from lmcompress.checkpoint.load import source_dtype
 from lmcompress.checkpoint.packed import PACKED_FILE, pack_named
 from lmcompress.errors import UserError
-from lmcompress.models.families import blocks_path, find_prunable, get_blocks, prunable_layers, set_weight_matrix
-from lmcompress.search.levels import DROP, FLOAT_BITS, JointLevel, parse_joint_levels
+from lmcompress.models.families import blocks_path, find_prunable, get_blocks
+from lmcompress.search.levels import DROP, FLOAT_BITS, JointLevel
 from lmcompress.transforms.prune import PruneConfig, prune_layers
 
 HEAD_BLOCK = -1  # the head's "block": changing it changes the logits (and, when tied, the embeddings)
@@ -174,8 +176,6 @@ def fixed_bytes(model: nn.Module, searched: set[str], cost: ByteCost) -> int:
 def parse_size(text: str) -> tuple[float, bool]:
     """``60MB``, ``1.5GB``, ``123456`` (bytes; KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024) → (bytes,
     False); ``0.3x`` → (0.3, True): that fraction of the model's 16-bit size."""
-    import re
-
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(x|b|kb|mb|gb|kib|mib|gib)?\s*", text.lower())
     if not m:
         raise UserError(f"size {text!r} must be bytes (60MB, 1.2GB, 500MiB, 123456) or a fraction of 16-bit (0.3x)")
@@ -240,24 +240,8 @@ def uniform_values(levels: list[JointLevel], group_size: int) -> list[float]:
     return [lv.nominal_bits(group_size) for lv in levels]
 
 
-def parse_levels_of(text: str | None, group_size: int) -> list[JointLevel]:
-    return parse_joint_levels(text or "auto", group_size)
-
-
-def apply_head(model: nn.Module, name: str, weight: torch.Tensor) -> None:
-    set_weight_matrix(dict(model.named_modules())[name], weight)
-
-
-def searched_layers(model: nn.Module) -> list[str]:
-    """The layers whose level a size search chooses: every block's linear layers, then the head."""
-    head = head_of(model)
-    return [*prunable_layers(model), *([head[0]] if head else [])]
-
-
-def packed_size(folder) -> int:
+def packed_size(folder: str | Path) -> int:
     """Bytes of a packed folder's weights file (what a size budget counts)."""
-    from pathlib import Path
-
     return (Path(folder) / PACKED_FILE).stat().st_size
 
 
