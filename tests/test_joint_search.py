@@ -83,6 +83,8 @@ def test_size_budget_is_met_on_disk_and_predicted_bytes_are_written(tied_folder,
     if head_bits != "16":
         assert len(torch.unique(w[0, :32])) <= 2 ** int(head_bits)
     assert model.model.embed_tokens.weight is model.lm_head.weight or torch.equal(model.model.embed_tokens.weight, w)
+    assert run_cli(["report", str(out)]) == 0  # drawn as its levels' nominal bits per weight
+    assert "bits per weight" in (out / "report.md").read_text()
 
 
 def test_relative_size_budget_and_explicit_levels(tied_folder, tmp_path, calib_file, capsys):

@@ -119,10 +119,31 @@ def read_search_result(path: Path) -> dict:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise UserError(f"{path} is not a search result ({exc}); rerun `lmcompress search`") from None
-    problem = _problem(report)
+    problem = _problem(_joint_as_bits(report))
     if problem:
         raise UserError(f"{path} is not a search result ({problem}); rerun `lmcompress search`")
-    return report
+    return _joint_as_bits(report)
+
+
+def _joint_as_bits(report):
+    """A size search's joint levels (``0/4``, ``2:4/3``) as their nominal bits per weight, so that it is drawn
+    as a bit-width search is (its bytes are in ``size``)."""
+    size = report.get("size") if isinstance(report, dict) else None
+    if not isinstance(size, dict) or not isinstance(size.get("level_bits"), dict):
+        return report
+    bits = size["level_bits"]
+
+    def as_bits(levels):
+        return [bits.get(v, v) for v in levels] if isinstance(levels, list) else levels
+
+    out = dict(report, allocation=as_bits(report.get("allocation")))
+    out["achieved"] = size.get("nominal_bits_per_weight", report.get("achieved"))
+    others = report.get("baseline_allocations", {})
+    if isinstance(others, dict):
+        out["baseline_allocations"] = {k: as_bits(v) for k, v in others.items()}
+    if isinstance(report.get("config"), dict):
+        out["config"] = {**report["config"], "kind": "bits"}
+    return out
 
 
 def _number(value) -> bool:

@@ -208,17 +208,22 @@ def _report(cand: Candidates, model, state: SearchState, baselines, round_starts
             {k: v for k, v in r.items() if k != "levels"} | {"parent": [levels[k] for k in r["levels"]]}
             for r in round_starts
         ],
-        size=_size(config, cand.space, spent, sixteen, dropped),
+        size=_size(cand, chosen, spent, sixteen, dropped),
     )
 
 
-def _size(config: SearchConfig, space, spent: float, sixteen: int, dropped: list[int]) -> dict | None:
+def _size(cand: Candidates, chosen: dict[str, int], spent: float, sixteen: int, dropped: list[int]) -> dict | None:
     """A size search's bytes: the budget, the packed weights file as predicted, the part no level changes, the
-    model's 16-bit size (before blocks were dropped) and the blocks dropped."""
+    model's 16-bit size (before blocks were dropped), the blocks dropped; and each level's nominal bits per
+    weight with their average over the searched weights (what ``lmcompress report`` draws)."""
+    config, space, db = cand.config, cand.space, cand.db
     if config.kind != "size":
         return None
+    bits = dict(zip(cand.levels, joint.uniform_values(config.joint_levels(), config.group_size), strict=True))
+    mean = sum(bits[cand.levels[k]] * db.sizes[layer] for layer, k in chosen.items()) / sum(db.sizes.values())
     return {"budget": space.budget_bytes, "predicted": int(spent + space.fixed), "fixed": space.fixed,
-            "sixteen_bit": sixteen, "dropped_blocks": dropped}  # fmt: skip
+            "sixteen_bit": sixteen, "dropped_blocks": dropped, "level_bits": bits,
+            "nominal_bits_per_weight": mean}  # fmt: skip
 
 
 def _achieved(kind: str, spent: float, weights: int, space) -> float:
