@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lmcompress.algorithms.kv import (
     budget_tokens,
+    check_group,
     dequantize_kv,
     h2o_keep,
     kv_bytes_per_token,
@@ -73,6 +74,7 @@ def test_kv_grid_error_bound_and_packing():
         # per token: quantizing one token alone gives the same codes
         one = quantize_kv(x[:, :, 3:4], bits, 8)
         assert torch.equal(one[0], codes[:, :, 3:4])
+    assert check_group(None, 64, 8) == 64 and check_group(None, 64, 4) == 32 and check_group(None, 16, 4) == 16
     const = torch.full((1, 1, 1, 8), 1.5)
     assert torch.equal(dequantize_kv(*quantize_kv(const, 4, 8), 4, 8, torch.float32), const)
 
@@ -191,12 +193,13 @@ def test_stored_bytes_match_the_formula(model):
     assert kv_bytes_per_token(2, 2, 16, 16, 16, 2) == 256 and kv_bytes_per_token(2, 2, 16, 8, 16) == 160
 
 
-def test_perplexity_and_cli_with_kv_flags(tiny_folder, capsys, tmp_path):
+def test_eval_cli_with_kv_flags(tiny_folder, capsys, tmp_path):
+    import json
+
     folder = tiny_folder("llama")
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
     assert run_cli(["eval", str(folder), "--ppl-data", str(text), "--seqlen", "64", "--limit", "2", "--json"]) == 0
-    import json
 
     base = json.loads(capsys.readouterr().out)
     argv = ["eval", str(folder), "--ppl-data", str(text), "--seqlen", "64", "--limit", "2", "--json"]
@@ -211,7 +214,26 @@ def test_perplexity_and_cli_with_kv_flags(tiny_folder, capsys, tmp_path):
     assert "kv-bits 3" in capsys.readouterr().err
     assert run_cli([*argv, "--kv-budget", "0"]) != 0
     assert "kv-budget" in capsys.readouterr().err
+
+
+def test_generate_cli_with_kv_flags(tiny_folder, capsys):
+    import json
+
+    folder = tiny_folder("llama")
     gen = ["generate", str(folder), "--prompt", "The quick brown fox", "--max-new-tokens", "4", "--json"]
     assert run_cli([*gen, "--kv-budget", "3", "--kv-bits", "4", "--kv-group", "8"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["new_tokens"] == 4 and result["kv_cache"]["settings"]["bits"] == 4
+
+
+def test_batched_generation_with_eviction_equals_each_row_alone(model, tokenizer):
+    from lmcompress.measure.tasks.lm import LM
+
+    prompts = ["The game was released in Japan in", "In the", "The second season of the series began"]
+    batched = LM(model, tokenizer, batch_size=3, progress=False)
+    single = LM(model, tokenizer, batch_size=1, progress=False)
+    with attach(model, KVSettings(budget=0.5, recent=0.5)):
+        together = batched.generate(prompts, max_new_tokens=6, stop="")
+        alone = single.generate(prompts, max_new_tokens=6, stop="")
+    assert together == alone
+    assert together != single.generate(prompts, max_new_tokens=6, stop="")  # outside attach: the full cache

@@ -20,6 +20,7 @@ import torch
 from lmcompress.errors import UserError
 
 KV_BITS = (16, 8, 4)  # 16: no quantization
+DEFAULT_INT4_GROUP = 32  # channels per scale at 4 bits unless --kv-group says otherwise
 
 
 def parse_budget(text: str | float | int | None) -> float | int | None:
@@ -79,10 +80,11 @@ def check_bits(bits: int) -> int:
 
 
 def check_group(group: int | None, head_dim: int, bits: int) -> int:
-    """The channel group size of the KV grid: ``None`` → the whole head; it must divide ``head_dim`` (and be
-    even at 4 bits, where codes are packed in pairs)."""
+    """The channel group size of the KV grid: ``None`` → the default (8 bits: the whole head; 4 bits: 32 channels
+    where 32 divides ``head_dim``, else the whole head); it must divide ``head_dim`` (and ``head_dim`` be even at
+    4 bits, where codes are packed in pairs)."""
     if group is None:
-        group = head_dim
+        group = DEFAULT_INT4_GROUP if bits == 4 and head_dim % DEFAULT_INT4_GROUP == 0 else head_dim
     if isinstance(group, bool) or not isinstance(group, int) or group < 1 or head_dim % group:
         raise UserError(
             f"--kv-group {group!r} must be a positive divisor of the head dimension {head_dim}", param="kv_group"

@@ -20,5 +20,8 @@ KV_BITS = typer.Option(
     "channels; float16 scale and minimum); 16: not quantized.",
 )
 KV_GROUP = typer.Option(
-    None, "--kv-group", help="With --kv-bits 8|4: channels per scale, a divisor of the head dimension [default: all]."
+    None,
+    "--kv-group",
+    help="With --kv-bits 8|4: channels per scale, a divisor of the head dimension [default: the whole head at "
+    "8 bits, 32 at 4 bits].",
 )
