@@ -310,6 +310,7 @@ def load(
         )
         if kernels != "none":
             swap_quantized_linears(model, {}, kernels, device=device)  # reports that the model runs dense
+            _swap_sparse(model, kernels, device)
         return model.to(device), tokenizer
     from transformers import AutoTokenizer
 
@@ -345,6 +346,8 @@ def load(
     state = {k: v.to(parse_dtype(dtype)) if v.is_floating_point() else v for k, v in state.items()}
     fill(model, state, path)
     check_finite(model, path)
+    if scheme is None:
+        _swap_sparse(model, kernels, device)
     if scheme is not None:
         _install_scheme(model, scheme, quantized, fp8, kernels, device)
     drop_foreign_auto_map(model, str(path), trust_remote_code)
@@ -358,6 +361,17 @@ def load(
 
         model.lmcompress_kernels.note += f"; 2:4 sparse layers on CUDA: {len(sparsify_semi_structured(model))}"
     return model, tokenizer
+
+
+def _swap_sparse(model: nn.Module, kernels: str, device: str) -> None:
+    """``kernels="auto"`` on CPU: float 2:4 / 4:8 sparse linear layers run on the sparse kernel
+    (:func:`lmcompress.kernels.sparse_cpu.swap_sparse_linears`; quantized ones were swapped with the others)."""
+    if kernels != "auto" or torch.device(device).type != "cpu":
+        return
+    from lmcompress.kernels.linear import kernel_report
+    from lmcompress.kernels.sparse_cpu import swap_sparse_linears
+
+    swap_sparse_linears(model, kernel_report(model))
 
 
 def _install_scheme(model: nn.Module, scheme: dict, quantized: dict, fp8: dict, kernels: str, device: str) -> None:

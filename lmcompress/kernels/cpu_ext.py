@@ -37,8 +37,29 @@ def unavailable_reason() -> str | None:
 def extension():
     """The compiled kernel module (functions ``gemv`` and ``dequantize``; for W8A8, ``quantize_per_token``,
     ``int8_gemv`` and ``int8_rescale``: :mod:`lmcompress.kernels.int8act`), or None where it cannot be had."""
-    if "ext" in _state or "why" in _state:
-        return _state.get("ext")
+    return _extension(_state, SOURCE, "lmcompress_qmatmul", "lmcompress's CPU kernel")
+
+
+SPARSE_SOURCE = Path(__file__).with_name("csrc") / "sparse_nm.cpp"
+_sparse_state: dict[str, object] = {}
+
+
+def sparse_extension():
+    """The compiled N:M sparse kernel (``nm_gemv``, ``nm_expand``, ``has_avx512``:
+    :mod:`lmcompress.kernels.sparse_cpu`), or None where it cannot be had (:func:`sparse_unavailable_reason`
+    says why); same build rules as :func:`extension`. Its AVX-512 variant is compiled in and chosen at run time."""
+    return _extension(_sparse_state, SPARSE_SOURCE, "lmcompress_sparse_nm", "lmcompress's sparse CPU kernel")
+
+
+def sparse_unavailable_reason() -> str | None:
+    """Why :func:`sparse_extension` gives None (after it was called), else None."""
+    return _sparse_state.get("why")  # type: ignore[return-value]
+
+
+def _extension(state: dict, source: Path, prefix: str, what: str):
+    """Build (once, cached on disk) and load ``source`` as a torch extension; None with ``state["why"]`` if not."""
+    if "ext" in state or "why" in state:
+        return state.get("ext")
     why = None
     if os.environ.get("LMCOMPRESS_CPU_KERNEL", "1") == "0":
         why = "LMCOMPRESS_CPU_KERNEL=0"
@@ -52,16 +73,13 @@ def extension():
 
             _put_ninja_on_path()
 
-            digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
-            name = f"lmcompress_qmatmul_{digest}"
+            digest = hashlib.sha1(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+            name = f"{prefix}_{digest}"
             if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
-                log.info(
-                    "building lmcompress's CPU kernel once (about 30 s; cached in %s)",
-                    _get_build_directory(name, False),
-                )
-            _state["ext"] = load(
+                log.info("building %s once (about 30 s; cached in %s)", what, _get_build_directory(name, False))
+            state["ext"] = load(
                 name=name,
-                sources=[str(SOURCE)],
+                sources=[str(source)],
                 extra_cflags=FLAGS,
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
@@ -70,9 +88,9 @@ def extension():
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             why = f"building the kernel failed ({type(err).__name__}: {first[:200]})"
     if why is not None:
-        _state["why"] = why
-        log.info("lmcompress CPU kernel unavailable: %s", why)
-    return _state.get("ext")
+        state["why"] = why
+        log.info("%s unavailable: %s", what, why)
+    return state.get("ext")
 
 
 def _put_ninja_on_path() -> None:

@@ -42,7 +42,8 @@ Layers the kernels cannot run exactly stay ``nn.Linear`` holding the dequantized
 :class:`KernelReport` says why: for lmcompress's kernel, group sizes that are not a multiple of 32 and act-order
 groups of unequal sizes; for PyTorch's, grouped grids of 5 to 8 bits (the int8 kernel has one scale per row),
 act-order groups (``g_idx``), int4 group sizes other than 32/64/128/256, ``out`` not a multiple of 16.
-There is no CPU kernel for sparsity (unstructured or 2:4): such weights run dense on CPU.
+2:4 and 4:8 sparse weights (quantized or float) run on lmcompress's sparse kernel (:mod:`lmcompress.kernels.sparse_cpu`,
+``kernels="auto"``), which reads the kept values and their positions only; unstructured sparsity has no CPU kernel.
 """
 
 from __future__ import annotations
@@ -233,21 +234,26 @@ def _packed_fits(q: QuantizedTensor) -> str | None:
 
 
 def kernel_for(q: QuantizedTensor, mode: str = "auto") -> tuple[str | None, str]:
-    """Which kernel runs ``q`` exactly (``"packed"``, ``"int8"``, ``"int4"`` or None) and a short description or
-    the reason none does. ``mode="auto"`` prefers lmcompress's own kernel where it builds, ``"aten"`` takes
-    PyTorch's ops only."""
+    """Which kernel runs ``q`` exactly (``"sparse"``, ``"packed"``, ``"int8"``, ``"int4"`` or None) and a short
+    description or the reason none does. ``mode="auto"`` prefers lmcompress's own kernels where they build (the
+    sparse one for 2:4 / 4:8 sparse codes), ``"aten"`` takes PyTorch's ops only."""
     spec = q.spec
     groups = spec.groups(q.codes.shape[1])
     packed_why = None  # why lmcompress's kernel cannot run q, where that kernel is available
     if mode == "auto":
         from lmcompress.kernels import cpu_ext
+        from lmcompress.kernels.sparse_cpu import sparse_kernel_for
 
+        pattern, sparse_why = sparse_kernel_for(q)  # N:M sparse codes: the sparse kernel reads the kept ones only
+        if pattern is not None:
+            return "sparse", sparse_why
         if cpu_ext.extension() is not None:
             packed_why = _packed_fits(q)
             if packed_why is None:
                 layout = f"g{spec.group_size}" if groups > 1 else "per-channel"
                 act = ", act-order (inputs permuted)" if _scattered_groups(q) else ""
-                return "packed", f"lmcompress AVX2 kernel, {spec.bits}-bit {layout}{act}, float32"
+                note = f" (not sparse: {sparse_why})" if sparse_why else ""
+                return "packed", f"lmcompress AVX2 kernel, {spec.bits}-bit {layout}{act}, float32{note}"
     kind, why = _aten_kernel_for(q)
     if kind is None and packed_why is not None:
         return None, packed_why  # the reason of the kernel that would otherwise have run it
@@ -365,15 +371,22 @@ def swap_quantized_linears(
             report.dense[param] = why
             continue
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-        if kind == "packed":
-            layer: QuantizedLinear = PackedLinear(q.to("cpu"), bias)
+        if kind == "sparse":
+            from lmcompress.kernels.sparse_cpu import SparseLinear
+
+            layer: nn.Module = SparseLinear(q.to("cpu"), bias)
+        elif kind == "packed":
+            layer = PackedLinear(q.to("cpu"), bias)
         else:
             layer = (Int8Linear if kind == "int8" else Int4Linear)(q.to("cpu"), bias, compute_dtype)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer)
         report.swapped[name] = why
-    dtypes = {"float32" if isinstance(m, PackedLinear) else report.compute_dtype for m in _swapped(model, report)}
+    dtypes = {
+        "float32" if getattr(m, "compute_dtype", None) == torch.float32 else report.compute_dtype
+        for m in _swapped(model, report)
+    }
     if len(dtypes) == 1:
         report.compute_dtype = dtypes.pop()
     elif dtypes:
