@@ -6,6 +6,7 @@ Experts are then dropped with each criterion (calibration: windows of ``valid.tx
 measured on ``test.txt`` (seqlen 256).
 
     python -m bench.moe_bench [--keep 6 4 3 2] [--max-eval-windows N]
+    python -m bench.moe_bench --compress    # every routed expert pruned / quantized (bench/moe_experts_bench.py)
 """
 
 from __future__ import annotations
@@ -107,10 +108,19 @@ def main() -> None:
     parser.add_argument("--max-eval-windows", type=int, default=None, help="evaluate on the first N test windows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--merge", action="store_true", help="merge-experts rows instead (see merge_main)")
+    parser.add_argument(
+        "--compress", action="store_true", help="every routed expert pruned / quantized instead (moe_experts_bench)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.merge:
         merge_main(args)
+        return
+    if args.compress:
+        from bench.moe_experts_bench import main as compress_main
+
+        window_args = ["--max-eval-windows", str(args.max_eval_windows)] if args.max_eval_windows else []
+        compress_main(["--nsamples", str(args.nsamples), "--threads", str(args.threads), *window_args])
         return
 
     from lmcompress.calibration.data import eval_windows

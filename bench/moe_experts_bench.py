@@ -7,6 +7,7 @@ the routed experts' own bytes against theirs in fp16 (grids included), and the r
 difference from the in-memory one (whose float tensors are first rounded to fp16, as the file stores them).
 
     python -m bench.moe_experts_bench [--max-eval-windows N] [--group-size 128]
+    python -m bench.moe_bench --compress        # the same, from the MoE bench
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ def _expert_bytes(folder: Path) -> tuple[int, int]:
     return nbytes, numel
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (seqlen 256) from valid.txt")
     parser.add_argument("--max-eval-windows", type=int, default=None, help="evaluate on the first N test windows")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from lmcompress.calibration.data import eval_windows
