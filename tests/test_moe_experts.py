@@ -326,3 +326,31 @@ def test_gguf_export_writes_the_experts_as_exps_tensors(family, tokenizer, tmp_p
         with pytest.raises(UserError, match="norm_topk_prob" if family == "qwen3_moe" else "grouped-query"):
             export_gguf(tmp_path / "plain", tmp_path / "p.gguf", qtype="f16")
         assert not (tmp_path / "p.gguf").exists()
+
+
+def _tiny_deepseek_v3(vocab: int):
+    """A tiny DeepSeek-V3 (MLA attention, a dense first block, 8 routed experts top-2 with group-limited routing
+    and a scaling factor, one shared expert): not in models.tiny, the fused experts are found all the same."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, vocab_size=vocab, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_deepseek_v3_shared_and_routed_experts(calib, tokenizer, tmp_path):
+    model = _tiny_deepseek_v3(tokenizer.vocab_size)
+    report = quantize(model, QuantConfig(method="gptq", bits=4, group_size=32), calib, progress=False)
+    assert "model.layers.1.mlp.shared_experts.down_proj.weight" in report.quantized  # shared expert: linear layers
+    assert "model.layers.0.mlp.down_proj.weight" in report.quantized  # the dense first block
+    # routed tokens: every token twice (top-2), as the block's own router chose them
+    assert sum(report.expert_tokens["model.layers.1.mlp.experts.gate_up_proj"]) == 2 * calib.numel()
+    folder = save_quantized(model, tokenizer, tmp_path / "q", {"kind": "quantize"}, report.quantized)
+    loaded, _ = load(folder)
+    ids = random_ids(tokenizer.vocab_size)
+    torch.testing.assert_close(logits_of(loaded, ids), logits_of(model, ids), rtol=1e-5, atol=1e-5)
