@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--max-eval-windows", type=int, default=None, help="evaluate on the first N test windows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--merge", action="store_true", help="merge-experts rows instead (see merge_main)")
+    parser.add_argument("--merge-methods", nargs="+", choices=MERGE_METHODS, default=list(MERGE_METHODS))
     parser.add_argument(
         "--compress", action="store_true", help="every routed expert pruned / quantized instead (moe_experts_bench)"
     )
@@ -178,12 +179,16 @@ def main() -> None:
 # ---- merge-experts (MC-SMoE) vs drop-experts ----------------------------------------------------------------
 
 
+MERGE_METHODS = ("dense", "drop-frequency", "drop-reconstruction", "merge", "merge-align", "merge-align-refit")
+
+
 def merge_main(args: argparse.Namespace) -> None:
-    """``--merge``: merge-experts (with and without ``--align``) vs drop-experts, both to each ``--keep``.
+    """``--merge``: merge-experts (plain, ``--align``, ``--align --refit``) vs drop-experts, to each ``--keep``.
 
     Same model, calibration and test windows as :func:`main`. Drop rows use the frequency criterion (the same
     K experts that merging keeps as dominant, so the two differ only by merging the rest in) and the
-    reconstruction criterion (drop-experts' default). Results → ``bench/results/moe_merge_bench.json``.
+    reconstruction criterion (drop-experts' default). Results → ``bench/results/moe_merge_bench.json`` (with
+    every method; a subset given by ``--merge-methods`` goes to ``moe_merge_bench-<methods>.json``).
 
         python -m bench.moe_bench --merge --keep 4
     """
@@ -206,12 +211,16 @@ def merge_main(args: argparse.Namespace) -> None:
     def mean(d: dict) -> float:
         return sum(d.values()) / len(d)
 
-    dense, _ = load_model(folder)
-    n_params = sum(p.numel() for p in dense.parameters())
-    rows = [dict(method="dense", keep=8, params=n_params, ppl=ppl(dense), calib_rel_err=0.0, time_s=0.0)]
-    print_table(rows, "dense")
+    rows = []
+    if "dense" in args.merge_methods:
+        dense, _ = load_model(folder)
+        n_params = sum(p.numel() for p in dense.parameters())
+        rows.append(dict(method="dense", keep=8, params=n_params, ppl=ppl(dense), calib_rel_err=0.0, time_s=0.0))
+        print_table(rows, "dense")
     for keep in args.keep:
         for criterion in ("frequency", "reconstruction"):
+            if f"drop-{criterion}" not in args.merge_methods:
+                continue
             model, _ = load_model(folder)
             report = drop_experts(model, ExpertConfig(keep=keep, criterion=criterion), calib)
             rows.append(
@@ -225,12 +234,18 @@ def merge_main(args: argparse.Namespace) -> None:
                 )
             )
             print_table(rows[-1:], f"keep {keep}: drop {criterion}")
-        for align in (False, True):
+        for method, align, refit in (
+            ("merge", False, False),
+            ("merge-align", True, False),
+            ("merge-align-refit", True, True),
+        ):
+            if method not in args.merge_methods:
+                continue
             model, _ = load_model(folder)
-            report = merge_experts(model, MergeConfig(keep=keep, align=align), calib)
+            report = merge_experts(model, MergeConfig(keep=keep, align=align, refit=refit), calib)
             rows.append(
                 dict(
-                    method="merge --align" if align else "merge",
+                    method="merge" + " --align" * align + " --refit" * refit,
                     keep=keep,
                     params=report.params_after,
                     ppl=ppl(model),
@@ -238,7 +253,7 @@ def merge_main(args: argparse.Namespace) -> None:
                     time_s=report.wall_time_s,
                 )
             )
-            print_table(rows[-1:], f"keep {keep}: merge{' --align' if align else ''}")
+            print_table(rows[-1:], f"keep {keep}: {rows[-1]['method']}")
     print_table(
         rows,
         f"tiny Mixtral ({MOE['num_local_experts']} experts, top-{MOE['num_experts_per_tok']}): merge-experts vs "
@@ -246,7 +261,10 @@ def merge_main(args: argparse.Namespace) -> None:
     )
     print(machine_info())
     recipe = json.loads((folder / "DONE").read_text())
-    path = save_results("moe_merge_bench", {"model": recipe, "eval_windows": int(test.shape[0]), "rows": rows})
+    name = "moe_merge_bench"
+    if set(args.merge_methods) != set(MERGE_METHODS):
+        name += "-" + "+".join(args.merge_methods)
+    path = save_results(name, {"model": recipe, "eval_windows": int(test.shape[0]), "rows": rows})
     print(f"results → {path}")
 
 

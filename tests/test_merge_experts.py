@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from lmcompress.algorithms.merging import (
     dominant_experts,
     group_by_router,
+    least_squares_down,
     linear_assignment,
     match_neurons,
     merge_weights,
@@ -100,6 +101,15 @@ def test_frequency_weighted_average():
         weighted_average([a], w)
 
 
+def test_least_squares_down_recovers_a_linear_map():
+    g = torch.Generator().manual_seed(0)
+    z, true = torch.randn(200, 8, generator=g), torch.randn(4, 8, generator=g)
+    torch.testing.assert_close(least_squares_down(z, z @ true.T, damp=0.0), true.double())
+    # damping shrinks the fit, and keeps it defined with fewer rows than columns
+    few = least_squares_down(z[:3], (z @ true.T)[:3], damp=0.01)
+    assert torch.isfinite(few).all() and few.shape == (4, 8)
+
+
 # ---- whole models -------------------------------------------------------------------------------------------
 
 
@@ -171,6 +181,21 @@ def test_merged_model_routes_validly_and_round_trips(family, tmp_path, tokenizer
     torch.testing.assert_close(loaded(calib[:2]).logits, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_refit_lowers_the_calibration_error(family, tokenizer, calib):
+    model = build_tiny_model(family, tokenizer.vocab_size, max_positions=256)
+    report = merge_experts(model, MergeConfig(keep=4, align=True, refit=True), calib, progress=False)
+    for name, err in report.relative_error.items():
+        assert err < 0.5 * report.merged_error[name], (name, err, report.merged_error[name])
+    plain = build_tiny_model(family, tokenizer.vocab_size, max_positions=256)
+    same = merge_experts(plain, MergeConfig(keep=4, align=True), calib, progress=False)
+    first = "model.layers.0.mlp"  # the same inputs reach layer 0 in both runs
+    assert same.relative_error[first] == same.merged_error[first] == pytest.approx(report.merged_error[first])
+    # only down_proj is refit; router and gate/up are the merge's
+    assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj, plain.model.layers[0].mlp.experts.gate_up_proj)
+    assert not torch.equal(model.model.layers[0].mlp.experts.down_proj, plain.model.layers[0].mlp.experts.down_proj)
+
+
 def test_bad_input_is_a_clear_error_and_changes_nothing(tokenizer, calib):
     model = build_tiny_model("mixtral", tokenizer.vocab_size, max_positions=256)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -180,6 +205,8 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(tokenizer, calib):
         merge_experts(model, MergeConfig(keep=1), calib, progress=False)
     with pytest.raises(UserError, match="positive"):
         MergeConfig(keep=0)
+    with pytest.raises(UserError, match="refit_damp"):
+        MergeConfig(keep=4, refit_damp=-1.0)
     with pytest.raises(UserError, match="calibration"):
         merge_experts(model, MergeConfig(keep=4), None, progress=False)
     with pytest.raises(UserError, match="mixture-of-experts"):
@@ -195,11 +222,13 @@ def test_cli_merge_experts(family, tmp_path, tiny_folder, calib_file, capsys):
     src = tiny_folder(family)
     out = tmp_path / "merged"
     args = ["merge-experts", str(src), "--keep", "4", "--align", "--calib-data", str(calib_file)]
+    args += ["--refit"] if family == "olmoe" else []
     args += ["--nsamples", "4", "--seqlen", "32", "-q", "-o", str(out)]
     assert run(args) == 0
     assert "merged 8 experts into 4 per layer" in capsys.readouterr().out
     recipe = json.loads((out / "lmcompress.json").read_text())
     assert recipe["kind"] == "merge-experts" and recipe["experts_after"] == 4 and recipe["align"] is True
+    assert recipe["refit"] is (family == "olmoe")
     assert len(recipe["merged_groups"]["model.layers.0.mlp"]) == 4
     key = MOE_LAYOUTS[family].count_key
     assert json.loads((out / "config.json").read_text())[key] == 4

@@ -13,7 +13,9 @@ permuting the neurons of an expert (the same permutation on all three) leaves it
   column), solved exactly as a linear assignment problem (:func:`linear_assignment`, the Hungarian method in
   its shortest-augmenting-path form, O(I³); SciPy is not a dependency of lmcompress);
 * :func:`weighted_average`: the group's (aligned) weights averaged with weights proportional to the routing
-  frequency of each member.
+  frequency of each member;
+* :func:`least_squares_down`: an optional refit of a merged expert's down projection on calibration tokens
+  (not part of MC-SMoE; see ``transforms.merge``).
 """
 
 from __future__ import annotations
@@ -148,3 +150,16 @@ def weighted_average(tensors: list[torch.Tensor], weights: torch.Tensor) -> torc
     for t, w in zip(tensors, weights.tolist(), strict=True):
         out += w * t.double()
     return out.to(tensors[0].dtype)
+
+
+def least_squares_down(z: torch.Tensor, target: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """``D`` ``[H, I]`` minimizing ``Σₜ ‖targetₜ − D zₜ‖² + λ‖D‖²`` over rows ``z`` ``[n, I]``, ``target`` ``[n, H]``.
+
+    ``D = (Σ target zᵀ)(Σ z zᵀ + λ I)⁻¹`` with ``λ = damp · mean(diag Σ z zᵀ)`` (Tikhonov damping, as GPTQ's; it
+    keeps the solve defined when fewer rows than columns reach an expert). Computed in float64.
+    """
+    z, target = z.double(), target.double()
+    gram = z.T @ z
+    lam = damp * gram.diagonal().mean().clamp_min(1e-12)
+    gram.diagonal().add_(lam)
+    return torch.linalg.solve(gram, z.T @ target).T  # gram is symmetric: (Zᵀ Z + λI)⁻¹ Zᵀ T, transposed

@@ -93,6 +93,11 @@ def merge_experts(
     align: bool = typer.Option(
         False, "--align", help="Permute each expert's neurons to match its dominant expert's before averaging."
     ),
+    refit: bool = typer.Option(
+        False,
+        "--refit",
+        help="Then refit the merged experts' down_proj by least squares on the calibration tokens (beyond MC-SMoE).",
+    ),
     calib_data: str = options.calib_data("Calibration text (routing is measured on it)"),
     nsamples: int = options.NSAMPLES,
     seqlen: int = options.SEQLEN,
@@ -113,18 +118,20 @@ def merge_experts(
     tokens are most similar (cosine); each group becomes one expert, the average of its members' weights
     weighted by how often each is routed to (with --align, after permuting each member's neurons to match the
     dominant expert's). The router keeps the dominant experts' rows; the result loads with `from_pretrained`.
+    --refit (not part of MC-SMoE) then fits each merged expert's down projection so that the layer's output on
+    the calibration tokens matches the unmerged layer's (damped least squares).
 
     Examples:
 
         lmcompress merge-experts ./mixtral --keep 4 -o mixtral-merged-4x
 
-        lmcompress merge-experts ./olmoe --keep 32 --align --calib-data wikitext2 -o olmoe-32
+        lmcompress merge-experts ./olmoe --keep 32 --align --refit --calib-data wikitext2 -o olmoe-32
     """
     from lmcompress.jobs import run_job
     from lmcompress.transforms.merge import MergeConfig
     from lmcompress.transforms.merge import merge_experts as merge
 
-    config = MergeConfig(keep=keep, align=align)
+    config = MergeConfig(keep=keep, align=align, refit=refit)
     report = run_job(
         "merge-experts",
         model,
@@ -139,6 +146,7 @@ def merge_experts(
     else:
         typer.echo(
             f"merged {report.experts_before} experts into {report.experts_after} per layer of {model}"
-            f"{' (aligned)' if align else ''}: {report.params_before:,} → {report.params_after:,} parameters "
+            f"{' (aligned)' if align else ''}{' (refit)' if refit else ''}: {report.params_before:,} → "
+            f"{report.params_after:,} parameters "
             f"in {report.wall_time_s:.1f}s → {output}"
         )

@@ -19,6 +19,12 @@ map, so here the router keeps the rows of the dominant experts only (as when dro
 chose a merged-away expert now routes among the K experts that remain, and mostly to that expert's dominant
 one, whose router logits were the most similar to its own (the grouping criterion). The config's expert
 count becomes ``keep``, so the saved folder loads with plain ``from_pretrained``.
+
+``refit`` (not part of MC-SMoE; off by default) then refits the merged experts' ``down_proj`` on the
+calibration tokens: the layer's routed output before merging is the target, and one sweep of block coordinate
+descent over the merged experts solves each one's down projection by damped least squares on the tokens the
+new router sends to it, the other experts held fixed (:func:`refit_down`). Each solve can only lower the
+calibration error (up to the damping).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch import nn
 from lmcompress.algorithms.merging import (
     dominant_experts,
     group_by_router,
+    least_squares_down,
     match_neurons,
     merge_weights,
     neuron_features,
@@ -59,6 +66,8 @@ class MergeConfig:
 
     keep: int = 4
     align: bool = False  # permute each member's neurons to match its dominant expert's before averaging
+    refit: bool = False  # then refit the merged experts' down_proj by least squares (not MC-SMoE; see the module)
+    refit_damp: float = 0.01  # the refit's damping, a fraction of the mean diagonal of each expert's Gram matrix
     chunk_tokens: int = 4096  # tokens run through the experts at once (bounds the [E, tokens, hidden] outputs)
 
     def __post_init__(self) -> None:
@@ -67,6 +76,8 @@ class MergeConfig:
     def validate(self) -> None:
         if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1:
             raise UserError(f"keep must be a positive number of experts, got {self.keep}", param="keep")
+        if not self.refit_damp >= 0:
+            raise UserError(f"refit_damp must be ≥ 0, got {self.refit_damp}", param="refit_damp")
         if self.chunk_tokens < 1:
             raise UserError(f"chunk_tokens must be positive, got {self.chunk_tokens}", param="chunk_tokens")
 
@@ -116,6 +127,7 @@ class MergeReport:
     # expert, [before alignment, after alignment] (equal without --align)
     neuron_cosine: dict[str, list[float]]
     relative_error: dict[str, float]  # ||y − ŷ||² / ||y||² of the routed output on the calibration tokens
+    merged_error: dict[str, float] = field(default_factory=dict)  # the same before the refit (= it without)
     params_before: int = 0
     params_after: int = 0
     wall_time_s: float = 0.0
@@ -135,6 +147,7 @@ class MergeReport:
             "router_similarity": self.similarity,
             "neuron_cosine": self.neuron_cosine,
             "relative_error": self.relative_error,
+            "merged_error": self.merged_error,
             "params_before": self.params_before,
             "params_after": self.params_after,
         }
@@ -180,6 +193,40 @@ def merge_group(
         gus.append(gu)
         dns.append(dn)
     return weighted_average(gus, weights), weighted_average(dns, weights), cosines
+
+
+@torch.no_grad()
+def refit_down(
+    router: nn.Module,
+    experts: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    y_hat: torch.Tensor,
+    top_k: int,
+    normalize: bool,
+    damp: float,
+) -> None:
+    """Refit every expert's ``down_proj`` in place so that the routed output on tokens ``x`` approaches ``y``.
+
+    ``y_hat`` ``[tokens, hidden]`` is the routed output as the experts stand (float32, updated in place). One
+    sweep in expert order: expert ``k``'s tokens are those the router sends to it (weight ``gₜₖ > 0``), its
+    inputs ``zₜ = gₜₖ · act(gateₖ xₜ) ⊙ (upₖ xₜ)``, and its new down projection the damped least-squares fit of
+    ``yₜ − (ŷₜ − gₜₖ Dₖ hₜ)``, the output the other experts leave unexplained.
+    """
+    logits = _router_logits(router, x).float()
+    g = routing_weights(logits, top_k, normalize).to(x.device)
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    inter = down.shape[2]
+    for k in range(down.shape[0]):
+        tok = torch.nonzero(g[:, k] > 0).flatten()
+        if tok.numel() == 0:
+            continue
+        gate, up = (x[tok].float() @ gate_up[k].float().T).split(inter, dim=-1)
+        z = g[tok, k, None] * (experts.act_fn(gate) * up)
+        own = z @ down[k].float().T
+        new = least_squares_down(z, y[tok].float() - y_hat[tok] + own, damp).float()
+        down.data[k] = new.to(down.dtype)
+        y_hat[tok] += z @ new.T - own
 
 
 @torch.no_grad()
@@ -248,10 +295,13 @@ def merge_experts(
             experts.gate_up_proj.data[d] = gu
             experts.down_proj.data[d] = dn
         slice_experts(moe, layout, dominant)
-        y_hat = routed(router, experts, x)
-        report.relative_error[name] = (y - y_hat).float().pow(2).sum().item() / max(
-            y.float().pow(2).sum().item(), 1e-30
-        )
+        y_hat = routed(router, experts, x).float()
+        ref = max(y.float().pow(2).sum().item(), 1e-30)
+        report.merged_error[name] = (y.float() - y_hat).pow(2).sum().item() / ref
+        if config.refit:
+            refit_down(router, experts, x, y, y_hat, top_k, normalize, config.refit_damp)
+            y_hat = routed(router, experts, x).float()
+        report.relative_error[name] = (y.float() - y_hat).pow(2).sum().item() / ref
         report.groups[name] = groups
         report.frequency[name] = [float(v) for v in freq.tolist()]
         report.similarity[name] = [float(v) for v in sim.tolist()]
