@@ -21,6 +21,7 @@ import torch
 
 from bench.common import MODEL_HELP, machine_info, peak_rss_mb, print_table, results_name, save_results, wikitext
 from lmcompress.calibration.data import draw
+from lmcompress.job_options import check_percdamp
 
 GRID = [
     (method, target, pattern, allocation)
@@ -140,7 +141,7 @@ def main() -> None:
     parser.add_argument("--no-dense", action="store_true", help="skip the dense row (measured elsewhere)")
     parser.add_argument("--runs", default=None, help="instead of the grid: METHOD:TARGET:PATTERN:ALLOCATION,... "
                         "(TARGET 0 for N:M), e.g. sparsegpt:0.5:unstructured:uniform,wanda:0:2:4:uniform")  # fmt: skip
-    parser.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening (fraction of mean diag H)")
+    parser.add_argument("--percdamp", type=check_percdamp, default=0.01, help="SparseGPT dampening: fraction or auto")
     parser.add_argument("--tag", default="", help="suffix of the results file (keeps earlier runs' files)")
     # internal: one grid point
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)

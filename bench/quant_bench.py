@@ -20,6 +20,7 @@ import torch
 
 from bench.common import MODEL_HELP, machine_info, print_table, results_name, save_results, wikitext
 from lmcompress.calibration.data import draw
+from lmcompress.job_options import check_percdamp
 
 
 def rows_to_run(group: int, grid: str = "full") -> list[dict]:
@@ -55,7 +56,7 @@ def label(row: dict) -> str:
     sparse = "SparseGPT 50%" if row.get("pattern") == "unstructured" else "SparseGPT 2:4"
     if row["kind"] == "quantize":
         extra = " act-order" if row.get("act_order") else ""
-        extra += f" damp {row['percdamp']:g}" if row.get("percdamp", 0.01) != 0.01 else ""
+        extra += f" damp {row['percdamp']}" if row.get("percdamp", 0.01) != 0.01 else ""
         return f"{row['method'].upper()} {row['bits']}-bit {grid(row)}{extra}"
     if row["kind"] == "prune":
         return sparse
@@ -66,12 +67,13 @@ def label(row: dict) -> str:
 
 def run_row(row: dict, base, calib: torch.Tensor):
     """Apply one configuration to a fresh copy of ``base`` (a model, or a callable that loads one: a 1.5 B model
-    and its copy would not both fit in memory): (model, job seconds, nominal bits/weight)."""
+    and its copy would not both fit in memory): (model, job seconds, nominal bits/weight, layers whose dampening
+    was raised above the standard 0.01, with the fraction used)."""
     from lmcompress.transforms.prune import PruneConfig, prune
     from lmcompress.transforms.quantize import QuantConfig, nominal_bits_per_weight, quantize
 
     model = copy.deepcopy(base) if isinstance(base, torch.nn.Module) else base()
-    bits = None
+    bits, damping = None, {}
     start = time.perf_counter()
     if row["kind"] == "quantize":
         config = QuantConfig(
@@ -81,7 +83,8 @@ def run_row(row: dict, base, calib: torch.Tensor):
             act_order=row.get("act_order", False),
             percdamp=row.get("percdamp", 0.01),
         )
-        bits = quantize(model, config, calib, progress=False).nominal_bits_per_weight
+        report = quantize(model, config, calib, progress=False)
+        bits, damping = report.nominal_bits_per_weight, report.damping
     elif row["kind"] in ("prune", "joint", "sequential"):
         sparsity = 0.5 if row["pattern"] == "unstructured" else None
         joint_bits = row.get("bits") if row["kind"] == "joint" else None
@@ -98,7 +101,7 @@ def run_row(row: dict, base, calib: torch.Tensor):
             bits = quantize(model, q, calib, progress=False).nominal_bits_per_weight
         elif report.quantized is not None:
             bits = nominal_bits_per_weight(report.quantized)
-    return model, time.perf_counter() - start, bits
+    return model, time.perf_counter() - start, bits, damping
 
 
 def main() -> None:
@@ -117,7 +120,7 @@ def main() -> None:
     parser.add_argument("--grid", choices=("full", "core"), default="full", help="core: RTN and GPTQ at 3/4 bits")
     parser.add_argument("--bits", default=None, help="comma-separated: only quantize rows of these widths (3, 4, 8)")
     parser.add_argument("--act-order", action="store_true", help="GPTQ rows with act-order")
-    parser.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening (fraction of mean diag H)")
+    parser.add_argument("--percdamp", type=check_percdamp, default=0.01, help="GPTQ dampening: fraction or auto")
     parser.add_argument("--tag", default="", help="suffix of the results file (keeps earlier runs' files)")
     args = parser.parse_args()
 
@@ -156,13 +159,15 @@ def main() -> None:
         if row["kind"] == "quantize" and row["method"] == "gptq":
             row = {**row, "act_order": row.get("act_order") or args.act_order, "percdamp": args.percdamp}
         name = label(row)
-        model, seconds, bits = run_row(row, base, calib)
+        model, seconds, bits, damping = run_row(row, base, calib)
         ppl = perplexity(model, test, progress=False).perplexity
         del model
         times = [seconds]
         for _ in range(args.repeats - 1 if name in timed else 0):
             times.append(run_row(row, base, calib)[1])
         results.append({**row, "name": name, "ppl": ppl, "time_s": min(times), "times_s": times, "bits": bits})
+        if damping:
+            results[-1]["damping_raised"] = damping
         table.append(
             {
                 "configuration": name,

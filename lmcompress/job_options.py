@@ -12,6 +12,27 @@ from dataclasses import dataclass, fields
 from lmcompress.errors import UserError
 
 OFFLOADS = ("auto", "none", "disk")
+DEFAULT_PERCDAMP: float | str = 0.01  # GPTQ / SparseGPT dampening (lmcompress.algorithms.obs.damping_fraction)
+
+
+def check_percdamp(percdamp: float | str) -> float | str:
+    """``percdamp`` as the solvers take it: ``"auto"``, or a fraction of the mean Hessian diagonal in [0, 1).
+
+    Accepts the text a command line gives (``"0.1"``, ``"auto"``); anything else is a UserError naming both forms.
+    """
+    if isinstance(percdamp, str) and percdamp.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(percdamp) if not isinstance(percdamp, bool) else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 0.0 <= value < 1.0:  # also refuses nan
+        raise UserError(
+            f"percdamp must be a number in [0, 1) (a fraction of the mean Hessian diagonal, e.g. 0.01) or auto, "
+            f"got {percdamp!r}",
+            param="percdamp",
+        )
+    return value
 
 
 def check_offload(offload: str) -> str:

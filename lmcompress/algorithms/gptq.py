@@ -158,7 +158,7 @@ def gptq_quantize(
     spec: QuantSpec,
     *,
     blocksize: int = 128,
-    percdamp: float = 0.01,
+    percdamp: float | str = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
     mask: torch.Tensor | None = None,

@@ -26,11 +26,49 @@ from contextlib import contextmanager
 
 import torch
 
+from lmcompress.job_options import check_percdamp
+
 log = logging.getLogger(__name__)
 
 INNER = 16  # columns updated one by one inside a sub-block; the rest of the block gets them as one product
 FACTOR_CHUNK = 256  # rows and columns of the blocks of R in inverse_hessian_cholesky
 CHOLESKY_PANEL = 128  # columns per panel of upper_cholesky_
+BASE_DAMP = 0.01  # the standard dampening fraction (the GPTQ and SparseGPT papers'), and ``auto``'s floor
+AUTO_SPREAD = 4.0  # ``auto``: s = λ_max(H) / max(diag H) up to which the dampening stays BASE_DAMP
+AUTO_MAX = 0.5  # ``auto``: the largest fraction it gives
+POWER_ITERATIONS = 30
+
+
+def top_eigenvalue(hessian: torch.Tensor, iterations: int = POWER_ITERATIONS) -> float:
+    """The largest eigenvalue of the symmetric positive semi-definite ``hessian``, by power iteration from the
+    all-ones vector (the Rayleigh quotient of the last iterate: a lower bound that is tight when the top eigenvalue
+    stands apart, the case :func:`damping_fraction` looks for)."""
+    v = torch.ones(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for _ in range(iterations):
+        w = hessian @ v
+        norm = w.norm()
+        if not torch.isfinite(norm) or norm == 0:
+            return 0.0
+        v = w / norm
+    return (v @ (hessian @ v)).item()
+
+
+def damping_fraction(percdamp: float | str, hessian: torch.Tensor) -> float:
+    """The dampening fraction ``p`` of ``λ = p · mean(diag H)`` for ``hessian``: ``percdamp`` itself, or for ``"auto"``
+
+        p = min(AUTO_MAX, BASE_DAMP · max(1, s / AUTO_SPREAD)),   s = λ_max(H) / max(diag H).
+
+    ``s`` is 1 when the Hessian's dominant direction is one input channel (an outlier channel, which the standard
+    dampening serves) and grows when it is spread over many inputs: a massive activation carried by a few tokens
+    (the attention sink of Qwen models) adds such a rank-one term ``x xᵀ``, and with only ``BASE_DAMP`` the solve
+    over-fits it at the expense of every other token. ``s ≥ 1`` always (``max(diag H) = max eᵢᵀHeᵢ ≤ λ_max``).
+    """
+    percdamp = check_percdamp(percdamp)
+    if percdamp != "auto":
+        return percdamp
+    peak = torch.diagonal(hessian).max().item()
+    spread = top_eigenvalue(hessian) / peak if peak > 0 else 1.0
+    return min(AUTO_MAX, BASE_DAMP * max(1.0, spread / AUTO_SPREAD))
 
 
 @contextmanager
@@ -52,6 +90,12 @@ def sweep_threads(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def damping_raised(used: float, percdamp: float | str) -> bool:
+    """Whether a solve used more dampening than ``percdamp`` names (for ``"auto"``: more than ``BASE_DAMP``), so the
+    report can list the layer: its factorization failed and was retried, or ``auto`` raised it."""
+    return used > (BASE_DAMP if percdamp == "auto" else float(percdamp))
 
 
 def upper_cholesky_(a: torch.Tensor, panel: int = CHOLESKY_PANEL) -> torch.Tensor:
@@ -79,9 +123,10 @@ def upper_cholesky_(a: torch.Tensor, panel: int = CHOLESKY_PANEL) -> torch.Tenso
 
 
 def inverse_hessian_cholesky(
-    hessian: torch.Tensor, percdamp: float, layer: str = "", *, overwrite: bool = False
+    hessian: torch.Tensor, percdamp: float | str, layer: str = "", *, overwrite: bool = False
 ) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = percdamp · mean(diag H)``.
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = p · mean(diag H)``, ``p = damping_fraction(percdamp, H)``
+    (``percdamp`` itself, or the adaptive ``"auto"``).
 
     One factorization and one triangular inverse, without forming ``H⁻¹``: ``H + λI = R Rᵀ`` with ``R``
     upper triangular (:func:`upper_cholesky_`) gives ``(H + λI)⁻¹ = R⁻ᵀ R⁻¹ = Uᵀ U`` with ``U = R⁻¹``, upper
@@ -100,8 +145,9 @@ def inverse_hessian_cholesky(
     If the factorization fails (H numerically indefinite) the dampening is multiplied by 10 until it
     succeeds, and a warning says so. Returns the factor and the dampening fraction used.
     """
-    mean_diag = torch.mean(torch.diag(hessian)).item()
-    damp = percdamp
+    diag = torch.diag(hessian)
+    mean_diag = torch.mean(diag).item()
+    damp = damping_fraction(percdamp, hessian)
     for _ in range(8):
         try:
             r = hessian.to(dtype=torch.float64, device=hessian.device, copy=True)

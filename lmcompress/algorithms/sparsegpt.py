@@ -61,7 +61,7 @@ def sparsegpt_prune(
     pattern: Pattern = Pattern(),
     *,
     blocksize: int = 128,
-    percdamp: float = 0.01,
+    percdamp: float | str = 0.01,
     quantizer: JointQuantizer | None = None,
     segments: Sequence[int] | None = None,
     layer: str = "",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from lmcompress.errors import UserError
-from lmcompress.job_options import JobOptions
+from lmcompress.job_options import DEFAULT_PERCDAMP, JobOptions
 from lmcompress.job_options import names as job_option_names
 
 JOB = JobOptions()  # the library's defaults, which the shared options below take as theirs
@@ -48,6 +48,16 @@ CALIB_SOURCES = "text file, wikitext2, c4, ptb, hf:NAME[:CONFIG][@SPLIT] or bund
 def calib_data(what: str = "Calibration text") -> typer.models.OptionInfo:
     """The ``--calib-data`` option (default c4), its help starting with ``what``."""
     return typer.Option(JOB.calib_data, "--calib-data", help=f"{what}: {CALIB_SOURCES}.")
+
+
+def percdamp(solver: str) -> typer.models.OptionInfo:
+    """The ``--percdamp`` option of ``solver`` (GPTQ, SparseGPT): a number or ``auto``, checked by the job's config."""
+    return typer.Option(
+        str(DEFAULT_PERCDAMP),
+        "--percdamp",
+        help=f"{solver} dampening λ = p · mean(diag H): p in [0, 1), or auto (0.01, raised on layers whose Hessian "
+        "is dominated by one direction spread over many inputs, as Qwen's massive activations; docs/quantization.md).",
+    )
 
 
 # The options that only matter when a job draws calibration windows.

@@ -39,7 +39,7 @@ def prune(
     nsamples: int = options.NSAMPLES,
     seqlen: int = options.SEQLEN,
     seed: int = options.CALIB_SEED,
-    percdamp: float = typer.Option(0.01, "--percdamp", help="SparseGPT: dampening (fraction of mean diag H)."),
+    percdamp: str = options.percdamp("SparseGPT"),
     blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT: column block size."),
     include_head: bool = typer.Option(False, "--include-head", help="Also prune the output head (lm_head)."),
     head_bits: int = typer.Option(

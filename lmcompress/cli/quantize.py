@@ -68,7 +68,7 @@ def quantize(
     nsamples: int = options.NSAMPLES,
     seqlen: int = options.SEQLEN,
     seed: int = options.CALIB_SEED,
-    percdamp: float = typer.Option(0.01, "--percdamp", help="GPTQ dampening (fraction of mean diag H)."),
+    percdamp: str = options.percdamp("GPTQ"),
     blocksize: int = typer.Option(128, "--blocksize", help="GPTQ column block size (lazy updates)."),
     in_block: str = options.IN_BLOCK,
     smoothquant: str = typer.Option(

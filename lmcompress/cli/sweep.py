@@ -68,7 +68,7 @@ def sweep(
     seed: int = options.CALIB_SEED,
     owl_m: float = typer.Option(5.0, "--owl-m", help="OWL outlier threshold M."),
     owl_lambda: float = typer.Option(0.08, "--owl-lambda", help="OWL spread λ."),
-    percdamp: float = typer.Option(0.01, "--percdamp", help="SparseGPT / GPTQ dampening."),
+    percdamp: str = options.percdamp("SparseGPT / GPTQ"),
     blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT / GPTQ column block size."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per forward pass when scoring choices."),
     agreement: bool = typer.Option(

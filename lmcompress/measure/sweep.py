@@ -44,6 +44,7 @@ from lmcompress.checkpoint.folder import (
 )
 from lmcompress.checkpoint.load import DTYPES
 from lmcompress.errors import UserError
+from lmcompress.job_options import DEFAULT_PERCDAMP, check_percdamp
 from lmcompress.transforms.prune import METHODS, PruneConfig
 from lmcompress.transforms.quantize import QuantConfig, check_quant_grid
 from lmcompress.transforms.shrink import StructureConfig
@@ -206,13 +207,14 @@ class SweepConfig:
     seed: int = 0
     owl_m: float = 5.0
     owl_lambda: float = 0.08
-    percdamp: float = 0.01
+    percdamp: float | str = DEFAULT_PERCDAMP  # fraction of mean diag H, or auto
     blocksize: int = 128
     dtype: str = "float32"
     batch_size: int = 16
     agreement: bool = True  # KL / top-1 agreement against the dense model on the first ppl task's windows
 
     def __post_init__(self) -> None:
+        self.percdamp = check_percdamp(self.percdamp)
         self.validate()
 
     def kinds(self) -> set[str]:

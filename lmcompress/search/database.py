@@ -72,7 +72,7 @@ def pruner(config: PruneConfig) -> tuple[Compressor, bool, bool]:
     return compress, config.method != "magnitude", config.method == "sparsegpt"
 
 
-def quantizer(method: str, group_size: int, sym: bool, percdamp: float = 0.01) -> tuple[Compressor, bool, bool]:
+def quantizer(method: str, group_size: int, sym: bool, percdamp: float | str = 0.01) -> tuple[Compressor, bool, bool]:
     """Levels are bit widths quantized with GPTQ (or RTN) on ``group_size`` grids."""
 
     def one(w, stats, level, name):
