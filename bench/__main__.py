@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "w8a8": ("bench.w8a8_bench", ["--repeats", "1", "--new-tokens", "8"]),
     "kquant": ("bench.kquant_bench", ["--types", "q4_k_m", "--calib-chunks", "8", "--chunks", "2"]),
     "depth": ("bench.depth_bench", ["--nsamples", "4", "--windows", "2", "--rounds", "1", "--no-llama-cpp"]),
+    "sparse_kernel": ("bench.sparse_kernel_bench", ["--repeats", "1", "--nsamples", "4", "--eval-windows", "1"]),
 }
 
 
