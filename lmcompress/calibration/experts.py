@@ -1,11 +1,11 @@
 """Routed experts as layers: per-expert views of fused 3-D expert tensors, and their routed statistics.
 
-transformers ≥ 5 stores the routed experts of a mixture-of-experts block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)
-as two fused parameters of one module, ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``, called as
-``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``. Expert ``e`` is two linear layers,
-``gate_up_proj[e]`` (``[2I, H]``, reading the token) and ``down_proj[e]`` (``[H, I]``, reading
-``act(gate) · up``); :class:`ExpertSlice` makes each a layer the layer-wise solvers (GPTQ, SparseGPT, Wanda,
-RTN, magnitude) handle like an ``nn.Linear``, writing into the fused parameter in place.
+transformers ≥ 5 stores the routed experts of a mixture-of-experts block (Mixtral, Qwen2-MoE, Qwen3-MoE,
+OLMoE, DeepSeek-V2/V3) as two fused parameters of one module, ``gate_up_proj [E, 2I, H]`` and
+``down_proj [E, H, I]``, called as ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``.
+Expert ``e`` is two linear layers, ``gate_up_proj[e]`` (``[2I, H]``, reading the token) and ``down_proj[e]``
+(``[H, I]``, reading ``act(gate) · up``); :class:`ExpertSlice` makes each a layer the layer-wise solvers (GPTQ,
+SparseGPT, Wanda, RTN, magnitude) handle like an ``nn.Linear``, writing into the fused parameter in place.
 
 Statistics (:func:`collect_expert_stats`): expert ``e`` sees only the ``n_e`` calibration tokens routed to it,
 each scaled by ``g_{t,e}``, the weight the block gives the expert's output on token ``t`` (the top-k routing
@@ -14,15 +14,15 @@ weight, renormalized where the family renormalizes):
     H_e = (2 / n_e) Σ_{t → e} g_{t,e}² x_t x_tᵀ,    ‖x_j‖²_e = Σ_{t → e} g_{t,e}² x_{t,j}²
 
 The block's output is ``Σ_e g_{t,e} f_e(x_t)``, so a change ``ΔW`` of ``down_proj[e]`` changes it by
-``g_{t,e} ΔW h_t``: ``H_e`` is exactly the Hessian of the block's squared output error in that expert's weights
-(and, to first order, the gate/up error reaches the output through the same factor ``g_{t,e}``). An expert
-the router barely uses on a token matters to the output that much less. Tokens are counted unweighted
-(``n_e``); the solvers are invariant to the Hessian's overall scale.
+``g_{t,e} ΔW h_t``: ``H_e`` is, up to the factor ``1 / n_e``, the Hessian of the block's squared output error
+in that expert's weights (and, to first order, the gate/up error reaches the output through the same factor
+``g_{t,e}``). An expert the router barely uses on a token matters to the output that much less. Tokens are
+counted unweighted (``n_e``); the solvers are invariant to the Hessian's overall scale.
 
 An expert that no calibration token reaches is solved with white-input statistics (``H = 2I``,
-``‖x_j‖ = 1``): GPTQ then rounds to nearest, Wanda and SparseGPT prune by magnitude. Experts with fewer routed
-tokens than inputs (a singular ``X Xᵀ``) are solved from what they have plus the solver's damping; both kinds
-are named in the run's report (:func:`scarce_experts`).
+``‖x_j‖ = 1``): GPTQ then rounds to nearest, Wanda prunes by magnitude per row, SparseGPT by magnitude per
+column block. Experts with fewer routed tokens than inputs (a singular ``X Xᵀ``) are solved from what they
+have plus the solver's damping; both kinds are named in the run's report (:func:`scarce_experts`).
 """
 
 from __future__ import annotations
