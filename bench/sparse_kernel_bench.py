@@ -24,7 +24,12 @@ import torch
 
 from bench.common import CACHE, MODEL_HELP, machine_info, print_table, results_name, save_results, wikitext
 
-ROWS = ("dense fp32", "int4 g128 + int8 head", "SparseGPT 2:4 + int4 g128 + int8 head", "2:4 float32 (magnitude)")
+ROWS = {  # row name → folder under the work folder (None: the source)
+    "dense fp32": None,
+    "int4 g128 + int8 head": "int4-g128-head8",
+    "SparseGPT 2:4 + int4 g128 + int8 head": "sparsegpt-24-int4-g128-head8",
+    "2:4 float32 (magnitude)": "magnitude-24-float",
+}
 TARGETS = {"vs int4": 1.25, "vs dense": 2.8}
 
 
@@ -100,8 +105,8 @@ def main() -> None:
     test_text = wikitext("test").read_text(encoding="utf-8")
     rows: list[dict] = []
     for name in ROWS:
-        folder = Path(source) if name == "dense fp32" else work / name.split(" (")[0].replace(" ", "-")
-        if name != "dense fp32":
+        folder = Path(source) if ROWS[name] is None else work / ROWS[name]
+        if ROWS[name] is not None:
             make_folder(name, source, folder, args)
         row = measure_row(args, name, folder, test_text)
         rows.append(row)
