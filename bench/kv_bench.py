@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retrieval-reps", type=int, default=1, help="examples per kind x length x depth cell")
     parser.add_argument("--no-retrieval", action="store_true")
     parser.add_argument("--no-ppl", action="store_true")
+    parser.add_argument("--only", default=None, help="comma-separated config labels to run, e.g. 'H2O 10%%,int8'")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tag", default="", help="suffix of the results file")
     args = parser.parse_args(argv)
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
             (f"H2O {b:.0%}", KVSettings(budget=b, recent=0.5, chunk=args.chunk)),
             (f"recent-only {b:.0%}", KVSettings(budget=b, recent=1.0, chunk=args.chunk)),
         ]
+    if args.only:  # the full cache always runs: every ratio is to it
+        wanted = {w.strip() for w in args.only.split(",")}
+        configs = [c for c in configs if c[0] == "full" or c[0] in wanted]
     for label, settings in configs:
         out["memory"].append({"config": label, **memory_report(model.config, settings, torch.float32)})
 
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             out["ppl"].append(row)
             save()
             log(f"ppl {label}: {row['ppl']:.4f} ({row['ratio']:.4f}x full) in {wall:.0f} s")
-            if label == "full":  # what eager attention (needed by H2O) costs on the same forward
+            if label == "full" and not args.only:  # what eager attention (needed by H2O) costs on the same forward
                 previous = model.config._attn_implementation
                 model.set_attn_implementation("eager")
                 start = time.perf_counter()
