@@ -128,7 +128,7 @@ def diag_stats(args) -> None:
             "top1_share": round((top[0] / d.sum()).item(), 4),
             "top8_share": round((top[:8].sum() / d.sum()).item(), 4),
             **spectrum(h),
-            "auto": round(damping_fraction("auto", h), 4),
+            "auto": damping_fraction("auto", h.shape[0], args.calib * args.seqlen),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -216,7 +216,7 @@ def main() -> None:
             H_all = s["H"] / s["n"]
             hessians = {
                 **({} if args.only_damps else {"gptq8": (2 * s["H8"] / s["n8"], 0.01), "gptqN": (2 * H_all, 0.01)}),
-                **{f"gptqN_d{d}": (2 * H_all, d if d == "auto" else float(d)) for d in args.damps.split(",")},
+                **{f"gptqN_d{d}": (2 * H_all, damping_fraction(d, W.shape[1], s["n"])) for d in args.damps.split(",")},
             }
             if not args.only_damps:
                 hessians["gptqN_nopos0"] = (2 * (s["H"] - s["P0"]) / (s["n"] - args.calib), 0.01)
@@ -227,7 +227,7 @@ def main() -> None:
                 "in": W.shape[1],
                 "diag_max_over_mean": round((diag.max() / diag.mean()).item(), 1),
                 **spectrum(H_all),
-                "auto": round(damping_fraction("auto", H_all), 4),
+                "auto": damping_fraction("auto", W.shape[1], s["n"]),
                 "zero_frac": round((W == 0).float().mean().item(), 4),
             }
             variants: dict[str, tuple | None] = {"rtn": None, **{k: (*v, None) for k, v in hessians.items()}}

@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli as run
 
 from lmcompress.algorithms.gptq import gptq_quantize
-from lmcompress.algorithms.obs import BASE_DAMP, damping_fraction, damping_raised
+from lmcompress.algorithms.obs import AUTO_FEW_TOKENS, BASE_DAMP, damping_fraction, damping_raised
 from lmcompress.algorithms.quant import QuantSpec
 from lmcompress.algorithms.sparsegpt import sparsegpt_prune
 from lmcompress.errors import UserError
@@ -22,67 +22,44 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     return 2 * x.t() @ x / x.shape[0]
 
 
-def ordinary(n: int = 256, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
-    """Inputs of an ordinary layer: channels of unequal scale (0.3 to 3), no token or direction dominating."""
-    g = torch.Generator().manual_seed(seed)
-    scales = torch.logspace(-0.5, 0.5, n)[torch.randperm(n, generator=g)]
-    return torch.randn(tokens, n, generator=g) * scales
-
-
-def with_sink(x: torch.Tensor, size: float, every: int = 256, seed: int = 1) -> torch.Tensor:
-    """``x`` with a massive activation: one token in every ``every`` carries ``size`` × a fixed direction spread over
-    all channels (as Qwen's sink token feeds a ``down_proj``)."""
-    g = torch.Generator().manual_seed(seed)
-    direction = torch.randn(x.shape[1], generator=g)
-    x = x.clone()
-    x[::every] += size * direction / direction.norm() * x.shape[1] ** 0.5
-    return x
-
-
-def with_channel(x: torch.Tensor, size: float, channel: int = 7) -> torch.Tensor:
-    """``x`` with one input channel ``size`` times larger on every token (an outlier channel, not a sink)."""
-    x = x.clone()
-    x[:, channel] *= size
-    return x
-
-
 # ------------------------------------------------------------------------------------------------- the rule
 
 
-def test_auto_is_the_standard_dampening_on_ordinary_layers():
-    for seed in range(3):
-        assert damping_fraction("auto", hessian(ordinary(seed=seed))) == BASE_DAMP
-    assert damping_fraction("auto", torch.eye(64)) == BASE_DAMP
+def test_auto_is_the_standard_dampening_when_the_tokens_cover_the_inputs():
+    assert damping_fraction("auto", 1536, 8192) == BASE_DAMP == damping_fraction("auto", 1536, 1536)
+    assert damping_fraction("auto", 1536) == BASE_DAMP  # token count unknown: the standard value
 
 
-def test_auto_leaves_an_outlier_channel_alone():
-    # one channel 30x larger holds most of the trace, but it is one input: the standard dampening serves it
-    assert damping_fraction("auto", hessian(with_channel(ordinary(), 30.0))) == BASE_DAMP
-
-
-def test_auto_rises_with_a_massive_activation_spread_over_the_inputs():
-    x = ordinary()
-    small, large = (damping_fraction("auto", hessian(with_sink(x, s))) for s in (30.0, 300.0))
-    assert BASE_DAMP < small < large <= 0.5
+def test_auto_rises_when_the_hessian_is_rank_deficient():
+    assert damping_fraction("auto", 8960, 4096) == AUTO_FEW_TOKENS > BASE_DAMP
 
 
 def test_a_number_is_used_as_given():
-    h = hessian(with_sink(ordinary(), 300.0))
-    assert damping_fraction(0.01, h) == 0.01 and damping_fraction("0.2", h) == 0.2
+    assert damping_fraction(0.01, 8960, 4096) == 0.01 and damping_fraction("0.2", 64, 4096) == 0.2
     assert damping_raised(0.1, 0.01) and not damping_raised(0.01, 0.01)
-    assert damping_raised(0.02, "auto") and not damping_raised(BASE_DAMP, "auto")
+    assert damping_raised(AUTO_FEW_TOKENS, "auto") and not damping_raised(BASE_DAMP, "auto")
 
 
-def test_the_solvers_take_auto_and_report_the_fraction_they_used():
+def test_auto_through_a_whole_job_dampens_only_the_layers_with_more_inputs_than_tokens(tiny_folder, calib):
+    from lmcompress.checkpoint.load import load_model
+    from lmcompress.transforms.quantize import quantize
+
+    model, _ = load_model(str(tiny_folder("llama")))
+    widths = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m.in_features < 1000}
+    tokens = calib.shape[1]  # one window: as many tokens as the narrow layers' inputs, fewer than the wide ones'
+    assert min(widths) <= tokens < max(widths), (widths, tokens)
+    report = quantize(model, QuantConfig(bits=4, group_size=32, percdamp="auto"), calib[:1], progress=False)
+    wide = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features > tokens}
+    assert report.damping and set(report.damping) <= wide | {n.replace(".weight", "") for n in wide}
+    assert all(v == AUTO_FEW_TOKENS for v in report.damping.values())
+
+
+def test_the_solvers_report_the_fraction_they_used():
     w = torch.randn(32, 256, generator=torch.Generator().manual_seed(0))
-    flat = hessian(ordinary())
-    spec = QuantSpec(3, 64)
-    same = gptq_quantize(w, flat.clone(), spec, percdamp="auto"), gptq_quantize(w, flat.clone(), spec, percdamp=0.01)
-    assert same[0].damping == 0.01 and torch.equal(same[0].weight, same[1].weight)
-    sink = hessian(with_sink(ordinary(), 300.0))
-    res = gptq_quantize(w, sink.clone(), spec, percdamp="auto")
-    assert res.damping == pytest.approx(damping_fraction("auto", sink)) and res.damping > BASE_DAMP
-    assert sparsegpt_prune(w, sink.clone(), 0.5, percdamp="auto").damping == res.damping
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))  # 64 tokens < 256 inputs
+    h, p = hessian(x), damping_fraction("auto", 256, 64)
+    res = gptq_quantize(w, h.clone(), QuantSpec(3, 64), percdamp=p)
+    assert res.damping == AUTO_FEW_TOKENS and sparsegpt_prune(w, h.clone(), 0.5, percdamp=p).damping == res.damping
 
 
 # ----------------------------------------------------------------------------------------------- the option

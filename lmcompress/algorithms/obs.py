@@ -33,42 +33,26 @@ log = logging.getLogger(__name__)
 INNER = 16  # columns updated one by one inside a sub-block; the rest of the block gets them as one product
 FACTOR_CHUNK = 256  # rows and columns of the blocks of R in inverse_hessian_cholesky
 CHOLESKY_PANEL = 128  # columns per panel of upper_cholesky_
-BASE_DAMP = 0.01  # the standard dampening fraction (the GPTQ and SparseGPT papers'), and ``auto``'s floor
-AUTO_SPREAD = 4.0  # ``auto``: s = λ_max(H) / max(diag H) up to which the dampening stays BASE_DAMP
-AUTO_MAX = 0.5  # ``auto``: the largest fraction it gives
-POWER_ITERATIONS = 30
+BASE_DAMP = 0.01  # the standard dampening fraction (the GPTQ and SparseGPT papers'), and ``auto``'s usual value
+AUTO_FEW_TOKENS = 0.1  # ``auto``: the fraction for a layer whose Hessian summed fewer tokens than it has inputs
 
 
-def top_eigenvalue(hessian: torch.Tensor, iterations: int = POWER_ITERATIONS) -> float:
-    """The largest eigenvalue of the symmetric positive semi-definite ``hessian``, by power iteration from the
-    all-ones vector (the Rayleigh quotient of the last iterate: a lower bound that is tight when the top eigenvalue
-    stands apart, the case :func:`damping_fraction` looks for)."""
-    v = torch.ones(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    for _ in range(iterations):
-        w = hessian @ v
-        norm = w.norm()
-        if not torch.isfinite(norm) or norm == 0:
-            return 0.0
-        v = w / norm
-    return (v @ (hessian @ v)).item()
+def damping_fraction(percdamp: float | str, inputs: int, tokens: int | None = None) -> float:
+    """The dampening fraction ``p`` of ``λ = p · mean(diag H)`` for a layer with ``inputs`` inputs whose Hessian
+    ``H = 2XᵀX / tokens`` summed ``tokens`` calibration tokens: ``percdamp`` itself, or for ``"auto"``
 
+        p = BASE_DAMP        if tokens ≥ inputs (or tokens unknown),
+        p = AUTO_FEW_TOKENS  if tokens < inputs.
 
-def damping_fraction(percdamp: float | str, hessian: torch.Tensor) -> float:
-    """The dampening fraction ``p`` of ``λ = p · mean(diag H)`` for ``hessian``: ``percdamp`` itself, or for ``"auto"``
-
-        p = min(AUTO_MAX, BASE_DAMP · max(1, s / AUTO_SPREAD)),   s = λ_max(H) / max(diag H).
-
-    ``s`` is 1 when the Hessian's dominant direction is one input channel (an outlier channel, which the standard
-    dampening serves) and grows when it is spread over many inputs: a massive activation carried by a few tokens
-    (the attention sink of Qwen models) adds such a rank-one term ``x xᵀ``, and with only ``BASE_DAMP`` the solve
-    over-fits it at the expense of every other token. ``s ≥ 1`` always (``max(diag H) = max eᵢᵀHeᵢ ≤ λ_max``).
+    With fewer tokens than inputs ``H`` has rank at most ``tokens``: its null space is held up only by ``λ``, and
+    with ``BASE_DAMP`` the solve moves weights freely along directions the calibration never saw, which other
+    tokens do use (GPTQ over-fits the calibration windows; on Qwen models whose ``down_proj`` reads 8,960 inputs
+    and a massive activation, it ends worse than round-to-nearest).
     """
     percdamp = check_percdamp(percdamp)
     if percdamp != "auto":
         return percdamp
-    peak = torch.diagonal(hessian).max().item()
-    spread = top_eigenvalue(hessian) / peak if peak > 0 else 1.0
-    return min(AUTO_MAX, BASE_DAMP * max(1.0, spread / AUTO_SPREAD))
+    return AUTO_FEW_TOKENS if tokens is not None and tokens < inputs else BASE_DAMP
 
 
 @contextmanager
@@ -125,8 +109,8 @@ def upper_cholesky_(a: torch.Tensor, panel: int = CHOLESKY_PANEL) -> torch.Tenso
 def inverse_hessian_cholesky(
     hessian: torch.Tensor, percdamp: float | str, layer: str = "", *, overwrite: bool = False
 ) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = p · mean(diag H)``, ``p = damping_fraction(percdamp, H)``
-    (``percdamp`` itself, or the adaptive ``"auto"``).
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = p · mean(diag H)``: ``p = percdamp`` (``"auto"``, whose
+    token count the caller resolves with :func:`damping_fraction`, is ``BASE_DAMP`` here).
 
     One factorization and one triangular inverse, without forming ``H⁻¹``: ``H + λI = R Rᵀ`` with ``R``
     upper triangular (:func:`upper_cholesky_`) gives ``(H + λI)⁻¹ = R⁻ᵀ R⁻¹ = Uᵀ U`` with ``U = R⁻¹``, upper
@@ -147,7 +131,7 @@ def inverse_hessian_cholesky(
     """
     diag = torch.diag(hessian)
     mean_diag = torch.mean(diag).item()
-    damp = damping_fraction(percdamp, hessian)
+    damp = damping_fraction(percdamp, len(hessian))
     for _ in range(8):
         try:
             r = hessian.to(dtype=torch.float64, device=hessian.device, copy=True)

@@ -20,7 +20,7 @@ from lmcompress.algorithms import (
 )
 from lmcompress.algorithms.gptq import ColumnQuantizer
 from lmcompress.algorithms.masks import Pattern
-from lmcompress.algorithms.obs import damping_raised
+from lmcompress.algorithms.obs import damping_fraction, damping_raised
 from lmcompress.algorithms.owl import OwlAllocation
 from lmcompress.algorithms.quant import QuantizedTensor, QuantSpec
 from lmcompress.calibration.compress import IN_BLOCK
@@ -367,7 +367,7 @@ def prune_layer(
             sparsity,
             pattern,
             blocksize=config.blocksize,
-            percdamp=config.percdamp,
+            percdamp=damping_fraction(config.percdamp, w.shape[1], stats.tokens),
             quantizer=quantizer,
             layer=name,
             consume_hessian=consume,
@@ -402,7 +402,7 @@ def prune_layers(
         sparsities,
         config.parsed_pattern,
         blocksize=config.blocksize,
-        percdamp=config.percdamp,
+        percdamp=damping_fraction(config.percdamp, w.shape[1], stats.tokens),
         quantizer=quantizer,
         segments=rows,
         layer=" + ".join(names),

@@ -19,7 +19,7 @@ from torch import nn
 
 from lmcompress.algorithms.actquant import FP8Weight
 from lmcompress.algorithms.gptq import GPTQResult, gptq_quantize
-from lmcompress.algorithms.obs import damping_raised
+from lmcompress.algorithms.obs import damping_fraction, damping_raised
 from lmcompress.algorithms.quant import (
     GRIDS,
     KTYPES,
@@ -327,7 +327,7 @@ class _Quantizer:
             stats.hessian,
             spec,
             blocksize=config.blocksize,
-            percdamp=config.percdamp,
+            percdamp=damping_fraction(config.percdamp, w.shape[1], stats.tokens),
             act_order=config.act_order,
             # a fused parameter's experts share one group index (their codes are stacked): act-order experts
             # keep their grids in natural column order
@@ -512,7 +512,8 @@ def quantize_head(
         res = spread(
             [w],
             lambda weight: gptq_quantize(
-                weight, stats.hessian, spec, blocksize=config.blocksize, percdamp=config.percdamp,
+                weight, stats.hessian, spec, blocksize=config.blocksize,
+                percdamp=damping_fraction(config.percdamp, weight.shape[1], stats.tokens),
                 mask=(weight == 0) if config.keep_zeros and bool((weight == 0).any()) else None, layer="lm_head",
                 consume_hessian=True,
             ),
