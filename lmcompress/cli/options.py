@@ -55,8 +55,8 @@ def percdamp(solver: str) -> typer.models.OptionInfo:
     return typer.Option(
         str(DEFAULT_PERCDAMP),
         "--percdamp",
-        help=f"{solver} dampening λ = p · mean(diag H): p in [0, 1), or auto (0.01, raised on layers whose Hessian "
-        "is dominated by one direction spread over many inputs, as Qwen's massive activations; docs/quantization.md).",
+        help=f"{solver} dampening λ = p · mean(diag H): p in [0, 1), or auto (0.01, and 0.1 for a layer with more "
+        "inputs than calibration tokens; docs/quantization.md).",
     )
 
 
