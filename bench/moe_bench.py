@@ -7,6 +7,7 @@ measured on ``test.txt`` (seqlen 256).
 
     python -m bench.moe_bench [--keep 6 4 3 2] [--max-eval-windows N]
     python -m bench.moe_bench --compress    # every routed expert pruned / quantized (bench/moe_experts_bench.py)
+    python -m bench.moe_bench --merge --keep 4    # merge-experts (MC-SMoE) vs drop-experts (merge_main)
 """
 
 from __future__ import annotations
