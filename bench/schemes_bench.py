@@ -35,6 +35,8 @@ ROWS: list[tuple[str, dict]] = [  # name → QuantConfig fields (empty: the dens
     ("FP8 dynamic", {"method": "rtn", "scheme": "fp8", "dynamic": True}),
     ("FP8 static", {"method": "rtn", "scheme": "fp8"}),
     ("W8A8 RTN + SmoothQuant auto", {"method": "rtn", "scheme": "w8a8", "smoothquant": "auto"}),
+    ("FP8 dynamic + SmoothQuant 0.5", {"method": "rtn", "scheme": "fp8", "dynamic": True, "smoothquant": 0.5}),
+    ("FP8 static + SmoothQuant 0.5", {"method": "rtn", "scheme": "fp8", "smoothquant": 0.5}),
     ("GPTQ 4-bit g128", {"method": "gptq", "bits": 4, "group_size": 128}),
     ("AWQ + GPTQ 4-bit g128", {"method": "gptq", "bits": 4, "group_size": 128, "awq": True}),
     ("RTN 4-bit g128", {"method": "rtn", "bits": 4, "group_size": 128}),
@@ -50,7 +52,8 @@ def checks(by: dict[str, dict]) -> dict[str, dict]:
     """The issue's targets on the rows measured: each with its numbers and ``met``."""
     out: dict[str, dict] = {}
     for name in ("W8A8 RTN", "W8A8 RTN + SmoothQuant 0.5", "W8A8 RTN + SmoothQuant auto", "W8A8 GPTQ",
-                 "FP8 static", "FP8 dynamic"):  # fmt: skip
+                 "FP8 static", "FP8 dynamic", "FP8 dynamic + SmoothQuant 0.5",
+                 "FP8 static + SmoothQuant 0.5"):  # fmt: skip
         if name in by:
             r = by[name]
             out[name] = {
