@@ -25,6 +25,7 @@ from lmcompress.search.config import SearchConfig
 from lmcompress.search.database import LevelDatabase, build_database, pruner, quantizer
 from lmcompress.search.fitness import PrefixCache, make_fitness
 from lmcompress.search.keys import database_dir, database_key, open_database, trajectory_key
+from lmcompress.search.scheme import SchemeSimulation, simulated
 from lmcompress.transforms.prune import PruneConfig
 
 
@@ -81,6 +82,7 @@ class Candidates:
     fitness: object  # make_fitness(config.fitness, …): (model, n windows) → float
     applied: dict[str, int] = field(default_factory=dict)  # the level each layer of the model now holds
     round: int = 0  # which database round these candidates come from
+    scheme: SchemeSimulation | None = None  # config.scheme: every scoring forward runs the candidate as that scheme
 
     def assignment(self, unit_levels) -> dict[str, int]:
         return {layer: lv for unit, lv in zip(self.units, unit_levels, strict=True) for layer in unit}
@@ -89,7 +91,10 @@ class Candidates:
         """Make the model hold this candidate. Only the layers whose level differs from what the model holds are
         read from the database: a mutant changes a few units, so this costs little next to its forward passes."""
         wanted = self.assignment(unit_levels)
-        self.db.apply(self.model, {layer: k for layer, k in wanted.items() if self.applied.get(layer) != k})
+        changed = {layer: k for layer, k in wanted.items() if self.applied.get(layer) != k}
+        self.db.apply(self.model, changed)
+        if self.scheme is not None:
+            self.scheme.forget(changed)
         self.applied = wanted
 
     def score(
@@ -110,7 +115,8 @@ class Candidates:
         n = self.config.stage_windows[stage]
         if start < 0:  # the head (and a tied embedding) changed: no cached block input holds
             prefix, start, capture = None, 0, None
-        return self.fitness(self.model, n, prefix=prefix, start=start, capture=capture)
+        with simulated(self.scheme):
+            return self.fitness(self.model, n, prefix=prefix, start=start, capture=capture)
 
     def first_block(self, unit_levels, base) -> int:
         """The first block in which two candidates differ (the last block when they are equal; ``HEAD_BLOCK``, i.e.
@@ -125,7 +131,8 @@ class Candidates:
         first are read from a :class:`PrefixCache` of ``base``."""
         reference = self.score(base, 0)
         windows = self.fitness.windows[: self.config.stage_windows[0]]
-        prefix = PrefixCache(self.model, windows, device=self.fitness.device)
+        with simulated(self.scheme):
+            prefix = PrefixCache(self.model, windows, device=self.fitness.device)
         first = [min(self.db.block_of[layer] for layer in unit) for unit in self.units]
         delta: list[list[float | None]] = [[None] * len(self.levels) for _ in self.units]
         jobs = []
@@ -204,7 +211,8 @@ class ParentScorer:
             self.cand.hold(parent)
             fitness = self.cand.fitness
             windows = fitness.windows[: self.cand.config.stage_windows[self.final]]
-            self.prefix = PrefixCache(self.cand.model, windows, device=fitness.device, max_bytes=self.max_bytes)
+            with simulated(self.cand.scheme):
+                self.prefix = PrefixCache(self.cand.model, windows, device=fitness.device, max_bytes=self.max_bytes)
             if not self.prefix.usable:  # a family whose forward cannot skip blocks: full forwards from now on
                 self.enabled, self.prefix = False, None
         self.base, self.pending = list(parent), None
@@ -267,7 +275,8 @@ def prepare(
     space = level_space(db, units, config, model)
     head = config.kind == "size" and joint.head_of(model) is not None
     fitness = fitness or make_fitness(config.fitness, model, fitness_windows, device=device, head_changes=head)
-    return Candidates(config, levels, db, units, space, trajectory_key(config, data), model, fitness)
+    scheme = SchemeSimulation(model, config.scheme, config.dynamic) if config.scheme is not None else None
+    return Candidates(config, levels, db, units, space, trajectory_key(config, data), model, fitness, scheme=scheme)
 
 
 def compressor_of(config: SearchConfig):
