@@ -114,7 +114,7 @@ def evaluate(
 
         lmcompress eval opt-sgpt50 --tasks ppl:test.txt,mc:arc_easy,qa:triviaqa,retrieval --limit 200 --shots 5
 
-        lmcompress eval smollm --tasks ppl:wikitext2,retrieval --kv-budget 0.2 --kv-bits 8 --profile   # docs/kv_cache.md
+        lmcompress eval smollm --tasks ppl:wikitext2,retrieval --kv-budget 0.2 --kv-bits 8 --profile  # kv_cache.md
     """
     from lmcompress.measure.encoder import format_encoder_result
     from lmcompress.measure.evaluate import evaluate_pretrained
