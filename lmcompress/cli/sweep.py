@@ -102,7 +102,7 @@ def sweep(
 
         lmcompress sweep ./llama --methods ffn,heads --ratios 0.1:0.5:0.1 -o res/shrink
 
-        lmcompress sweep ./llama --methods rtn,gptq --scheme none,w8a8 --bits 4 --smoothquant none,0.5,auto -o res/w8a8
+        lmcompress sweep ./llama --methods sparsegpt,gptq --sparsities 0.5,0.75 --bits 4,2 -o res/equal-size
     """
     from lmcompress.measure.sweep import (
         WEIGHT_ONLY,
