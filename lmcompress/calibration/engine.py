@@ -272,15 +272,24 @@ def collect(
     hook = "register_forward_hook" if output else "register_forward_pre_hook"
     handles = [getattr(modules[n], hook)(feed(n)) for n in owners]
     try:
-        step = max(1, inputs.batch)
-        for i in range(0, inputs.hidden.shape[0], step):
-            fired.clear()
-            with phase("statistics"), suppress(_Captured):
-                call_block(block, inputs.hidden[i : i + step], inputs)
+        run_windows(block, inputs, fired, _Captured)
     finally:
         for h in handles:
             h.remove()
     return stats
+
+
+def run_windows(block: nn.Module, inputs: BlockInputs, fired: set, stop: type[Exception]) -> None:
+    """Run every calibration window through ``block`` (``inputs.batch`` windows a call) for its hooks to see.
+
+    ``fired`` is cleared before each call; a hook raises ``stop`` once everything it watches has fired, which ends
+    that call's forward early (the rest of the block would feed nothing).
+    """
+    step = max(1, inputs.batch)
+    for i in range(0, inputs.hidden.shape[0], step):
+        fired.clear()
+        with phase("statistics"), suppress(stop):
+            call_block(block, inputs.hidden[i : i + step], inputs)
 
 
 def collect_input_stats(

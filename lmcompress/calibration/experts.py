@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -38,8 +37,7 @@ from torch import nn
 
 from lmcompress.algorithms.quant import QuantizedTensor
 from lmcompress.calibration.distributed import new_input_stats, reduce_stats, spread
-from lmcompress.calibration.engine import BlockInputs, call_block
-from lmcompress.calibration.phases import phase
+from lmcompress.calibration.engine import BlockInputs, run_windows
 from lmcompress.calibration.stats import InputStats
 from lmcompress.models.families import get_blocks
 from lmcompress.models.layouts import FUSED_EXPERTS, find_fused_experts
@@ -162,11 +160,7 @@ def collect_expert_stats(
 
     handles = [m.register_forward_pre_hook(hook(p), with_kwargs=True) for p, m in fused.items()]
     try:
-        step = max(1, inputs.batch)
-        for i in range(0, inputs.hidden.shape[0], step):
-            fired.clear()
-            with phase("statistics"), suppress(_Stop):
-                call_block(block, inputs.hidden[i : i + step], inputs)
+        run_windows(block, inputs, fired, _Stop)
     finally:
         for h in handles:
             h.remove()
