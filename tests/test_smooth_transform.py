@@ -62,6 +62,22 @@ def test_smoothing_leaves_the_dense_function_unchanged(family, overrides, how):
     json.dumps(report.recipe_fields())
 
 
+@pytest.mark.parametrize("how", ["alpha", "auto"])
+def test_one_pass_per_block_gives_the_statistics_and_the_outputs(how):
+    model = perturbed(build_tiny_model("llama", num_hidden_layers=3))
+    calib = windows(model.config.vocab_size, n=4, length=32)
+    seen = {i: 0 for i in range(3)}
+    for i, block in enumerate(get_blocks(model)):
+        block.register_forward_pre_hook(lambda _m, args, i=i: seen.__setitem__(i, seen[i] + args[0].shape[0]))
+    alpha = 0.5 if how == "alpha" else "auto"
+    config = SmoothConfig(alpha=alpha, alpha_grid=3, search_tokens=32)
+    smooth_model(model, config, calib, progress=False)
+    trials = 0 if how == "alpha" else 3  # each α of the grid runs the block on the one search window
+    # capturing the inputs calls block 0 (skipped) on every window and the later blocks on window 0; block 0's
+    # choose_batch runs two windows together and one by one; then one pass of the 4 windows per block
+    assert seen == {0: 4 + 4 + 4 + trials, 1: 1 + 4 + trials, 2: 1 + 4 + trials}
+
+
 def test_awq_keeps_the_exponent_with_the_lowest_block_error():
     model = perturbed(build_tiny_model("llama"))
     config = SmoothConfig(awq=True, awq_grid=5, weight_spec=QuantConfig(bits=3, group_size=16).spec)

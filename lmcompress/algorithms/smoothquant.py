@@ -46,8 +46,9 @@ class ChannelStats:
 
     def update(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).float().cpu()
-        self.absmax = torch.maximum(self.absmax, flat.abs().amax(dim=0))
-        self.abssum += flat.abs().sum(dim=0, dtype=torch.float64)
+        magnitude = flat.abs()
+        self.absmax = torch.maximum(self.absmax, magnitude.amax(dim=0))
+        self.abssum += magnitude.sum(dim=0).double()  # float32 within a batch, float64 across batches
         self.tokens += flat.shape[0]
         if self.samples.shape[0] < self.keep_tokens:
             self.samples = torch.cat([self.samples, flat[: self.keep_tokens - self.samples.shape[0]]])

@@ -4,9 +4,11 @@ Both fold a per-input-channel scale ``s`` into each smoothing group (``models.sm
 columns are multiplied by ``s`` and the output of the module that produces its input is divided by ``s``, so the
 model computes the same function (up to float rounding) and only what the later quantization sees changes.
 
-:func:`smooth_model` walks the blocks with the calibration engine (``calibration.engine.walk_blocks``): each
-block receives the outputs of the blocks before it, already smoothed. Per block it records the dense block's
-outputs ``Y`` on a few *search windows* and every group's per-channel input statistics on all windows, then
+:func:`smooth_model` walks the blocks with the calibration engine (``calibration.engine.walk_blocks``). Per
+block, one pass over all windows records every group's per-channel input statistics and writes the block's
+outputs ``Y`` over its inputs for the next block (folding leaves the block's function unchanged, so these are
+the smoothed block's outputs up to float rounding); the outputs of the first few *search windows* are the
+reference the searches compare against. Then
 
 * **SmoothQuant** (``alpha``): ``s_j = max|X_j|^α / max|W_j|^(1−α)`` on every group of the block; with
   ``alpha="auto"`` the α of a grid whose smoothed block, run with every linear layer's weights and inputs
@@ -236,15 +238,16 @@ def smooth_model(
     report.search_windows = windows
     act = ActScheme(config.act)
 
-    def visit(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+    def visit(i: int, block: nn.Module, inputs: BlockInputs) -> bool:
         groups = block_groups(block, model.config, f"{prefix}.{i}")
         report.groups += len(groups)
         if not groups:
-            return
-        search = replace(inputs, hidden=inputs.hidden[:windows])
-        reference = run_block(block, search, keep="new")
-        with recorded_inputs(groups) as stats:
-            run_block(block, inputs, keep="none")
+            return False
+        searching = config.alpha == "auto" or config.awq
+        search = replace(inputs, hidden=inputs.hidden[:windows].clone()) if searching else None
+        with recorded_inputs(groups) as stats:  # the statistics pass is also the pass that gives the outputs
+            run_block(block, inputs, keep="inplace")
+        reference = inputs.hidden[:windows].clone() if searching else None
         if config.alpha == "auto":
 
             def loss() -> float:
@@ -270,6 +273,7 @@ def smooth_model(
                 fold_scales(g, res.scales)
                 report.awq_exponent[g.name] = res.exponent
                 report.awq_losses[g.name] = res.losses
+        return True  # inputs.hidden holds the block's outputs
 
     walk_blocks(model, calib, device, visit, desc="smooth", progress=progress, last_outputs=False)
     report.wall_time_s = time.perf_counter() - start
