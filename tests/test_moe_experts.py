@@ -274,17 +274,6 @@ def test_cli_quantize_info_unpack(tiny_folder, calib_file, tmp_path):
     assert folder_info(dense)["linear"]["params"] > 2 * 8 * 3 * 64 * 64  # a plain folder: per-expert tensors
 
 
-def test_compressed_tensors_export_refuses_fused_experts(tokenizer, tmp_path):
-    from lmcompress.checkpoint.export import export_compressed_tensors
-
-    model = build_tiny_model("qwen3_moe", tokenizer.vocab_size)
-    report = quantize(model, QuantConfig(method="rtn", bits=4, group_size=32), progress=False)
-    folder = save_quantized(model, tokenizer, tmp_path / "q", {"kind": "quantize"}, report.quantized)
-    with pytest.raises(UserError, match="fused routed experts"):
-        export_compressed_tensors(folder, tmp_path / "ct")
-    assert not (tmp_path / "ct").exists()
-
-
 @pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"])
 def test_gguf_export_writes_the_experts_as_exps_tensors(family, tokenizer, tmp_path):
     """Q4_0 from the experts' codes: blk.N.ffn_{gate,up,down}_exps [E, rows, in] hold each expert's matrices

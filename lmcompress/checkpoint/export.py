@@ -11,6 +11,11 @@ strategy reshapes each row into whole groups and raises otherwise), GPT-2 ``Conv
 and asymmetric grids (the library writes packed zero points that transformers then fails to load: checked
 with compressed-tensors 0.20.0 and transformers 5.23).
 A sparse + quantized model exports its codes; the zeros are kept as codes but not exploited by the layout.
+
+Fused routed experts (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) are written as the per-expert
+linears of the family's checkpoints, each packed like any layer, under one config group whose target is a
+regular expression for expert linears (:mod:`lmcompress.checkpoint.ct_experts`); transformers' loader fuses
+them again. Experts must all be quantized on one grid when the model is (what transformers can load back).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from lmcompress.checkpoint.ct_experts import EXPERTS_TARGET, fused_parameters, unfuse_experts
 from lmcompress.checkpoint.folder import RECIPE_FILE, check_output, json_text, read_recipe, save_atomic
 from lmcompress.checkpoint.load import source_dtype
 from lmcompress.checkpoint.schemes import plain_linears, recipe_scheme
@@ -59,6 +65,28 @@ def _check(name: str, q, module) -> None:
         )
 
 
+def _check_fused(fused: dict, params: list[str]) -> None:
+    """UserError unless every fused routed-expert parameter of the model (``params``) is quantized (``fused``),
+    all on one grid. transformers (checked with 5.25) loads a compressed-tensors checkpoint's experts through one
+    config group, dequantizing every expert's packed tensors while it fuses them: experts stored dense next to
+    quantized layers fail to load (its fusing step receives no tensors)."""
+    dense = [p for p in params if p not in fused]
+    if dense:
+        raise UserError(
+            f"{len(dense)} of the {len(params)} fused routed-expert parameters are not quantized ({dense[0]}"
+            f"{', ...' if len(dense) > 1 else ''}) while other layers are: transformers cannot load such a "
+            "compressed-tensors checkpoint (it expects every routed expert packed). Quantize the experts too "
+            "(quantize, or prune with --bits), or keep the packed folder / `lmcompress unpack` it"
+        )
+    specs = {(q.spec.bits, q.spec.group_size, q.spec.sym) for q in fused.values()}
+    if len(specs) > 1:
+        raise UserError(
+            f"the fused routed experts are quantized on {len(specs)} different grids (bits, group size, "
+            f"symmetry: {sorted(specs)}): transformers loads the experts of a compressed-tensors checkpoint "
+            "through one quantization scheme, so quantize every expert alike to export"
+        )
+
+
 def _check_grid(quantized: dict) -> None:
     """UserError for layers on llama.cpp's grids: ``q4_0`` (compressed-tensors' symmetric int4 is ``s·(q − 8)``
     too, but ``q4_0`` scales are negative wherever a group's extreme is positive, which vLLM's kernels are not
@@ -95,16 +123,12 @@ def export_compressed_tensors(
     scheme = recipe_scheme(recipe, folder)
     if scheme is not None:
         return _export_scheme(folder, out, recipe, scheme, overwrite, trust_remote_code, allow_pickle)
-    fused = sorted(k for k, e in ((recipe.get("packed") or {}).get("tensors") or {}).items() if "stacked" in e)
-    if fused:  # fused 3-D routed experts (calibration.experts): no compressed-tensors layout written for them yet
-        raise UserError(
-            f"{folder} holds quantized fused routed experts ({fused[0]} and {len(fused) - 1} more): exporting them "
-            "to compressed-tensors is not supported yet; keep the packed folder (lmcompress load / eval), or "
-            "`lmcompress unpack` it for a plain folder"
-        )
+    stacked = {k for k, e in ((recipe.get("packed") or {}).get("tensors") or {}).items() if "stacked" in e}
     quantized = read_packed(folder, recipe)[1] if recipe.get("storage") == "packed" else {}
-    _check_whole_groups({param.removesuffix(".weight"): q for param, q in quantized.items()})
-    _check_grid({param.removesuffix(".weight"): q for param, q in quantized.items()})
+    fused = {param: q for param, q in quantized.items() if param in stacked}  # fused 3-D routed experts
+    plain = {param.removesuffix(".weight"): q for param, q in quantized.items() if param not in stacked}
+    _check_whole_groups({**plain, **fused})
+    _check_grid({**plain, **fused})
     ct = _library()
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -129,21 +153,29 @@ def export_compressed_tensors(
                 "plain folder vLLM loads"
             )
         raise UserError(f"{folder} has no quantized layers: nothing for compressed-tensors to compress")
+    _check_fused(fused, fused_parameters(model))
+    experts = unfuse_experts(model, fused)  # the model is for saving only from here on
     modules = {}
-    for param, q in quantized.items():
-        name = param.removesuffix(".weight")
+    for name, q in plain.items():
         module = model.get_submodule(name)
         _check(name, q, module)
         modules[name] = (module, q)
+    for name, (module, q) in experts.items():
+        _check(name, q, module)
     model = model.to(dtype)
     groups: dict[tuple, list[str]] = {}
     for name, (_, q) in modules.items():
         groups.setdefault((q.spec.bits, q.spec.group_size, q.spec.sym), []).append(name)
+    specs = sorted(groups.items())
+    if experts:  # one group for every expert linear (all on one grid: _check_fused), as transformers expects
+        q = next(iter(experts.values()))[1]
+        specs.append(((q.spec.bits, q.spec.group_size, q.spec.sym), [EXPERTS_TARGET]))
     config_groups = {}
-    for i, ((bits, group_size, sym), names) in enumerate(sorted(groups.items())):
+    for i, ((bits, group_size, sym), names) in enumerate(specs):
         grid = {"strategy": "channel"} if group_size == -1 else {"strategy": "group", "group_size": group_size}
         args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, **grid)
         config_groups[f"group_{i}"] = QuantizationScheme(targets=sorted(names), weights=args)
+    modules.update(experts)
     config = QuantizationConfig(config_groups=config_groups, quantization_status="frozen")
     apply_quantization_config(model, config, show_progress=False)
     for module, q in modules.values():
@@ -165,6 +197,7 @@ def export_compressed_tensors(
         "compressed_tensors_version": ct.__version__,
         "quantization_format": "pack-quantized",
         "quantized_layers": len(modules),
+        **({"expert_layers": len(experts)} if experts else {}),
         "sparsity_not_stored": sparsity if sparsity > 0.01 else 0.0,
         "codes_changed": mismatched,
         "exported_from": str(folder),

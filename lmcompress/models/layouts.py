@@ -177,6 +177,16 @@ def moe_layout(config) -> MoeLayout:
 
 
 FUSED_EXPERTS = ("gate_up_proj", "down_proj")  # fused routed-expert parameters, in the order a token meets them
+# The names (gate, up, down) of expert E's linears in a family's checkpoints (``...experts.E.<name>``), which
+# transformers' conversion mapping fuses into gate_up_proj / down_proj on load (renaming Mixtral's
+# ``block_sparse_moe`` to ``mlp`` too, and back on save); families not listed use the default.
+EXPERT_CHECKPOINT_NAMES: dict[str, tuple[str, str, str]] = {"mixtral": ("w1", "w3", "w2")}
+DEFAULT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def expert_checkpoint_names(config) -> tuple[str, str, str]:
+    """The checkpoint names of one expert's gate, up and down linears in ``config``'s family."""
+    return EXPERT_CHECKPOINT_NAMES.get(getattr(config, "model_type", None), DEFAULT_EXPERT_NAMES)
 
 
 def is_fused_experts(module: nn.Module) -> bool:

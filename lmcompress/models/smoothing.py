@@ -105,9 +105,16 @@ def smoothing_specs(config) -> tuple[GroupSpec, ...]:
     """The family's groups, or a UserError naming the families that have them."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SMOOTHING:
+        routed = any(getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+        why = (
+            " (a mixture-of-experts model: its post-attention norm feeds the router and every routed expert, and "
+            "no scale search over the routed experts is implemented; quantize it without --awq / --smoothquant)"
+            if routed
+            else ""
+        )
         raise UserError(
-            f"SmoothQuant / AWQ scale folding is not supported for {model_type!r} models: lmcompress knows where "
-            f"to fold the scales for {', '.join(sorted(SMOOTHING))}"
+            f"SmoothQuant / AWQ scale folding is not supported for {model_type!r} models{why}: lmcompress knows "
+            f"where to fold the scales for {', '.join(sorted(SMOOTHING))}"
         )
     if model_type == "opt" and not getattr(config, "do_layer_norm_before", True):
         raise UserError("SmoothQuant / AWQ need pre-LN OPT models; this one normalizes after each sublayer")
