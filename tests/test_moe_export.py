@@ -169,3 +169,20 @@ def test_options_that_do_not_cover_experts_refused(extra, tiny_folder, calib_fil
     err = capsys.readouterr().err
     assert "fused routed experts" in err or "mixture-of-experts" in err, err
     assert not out.exists()
+
+
+def test_experts_on_different_grids_refused():
+    """transformers reads every expert of a checkpoint through one config group: a mixed-precision allocation
+    that gives experts different grids cannot be written so that it loads back."""
+    from lmcompress.algorithms.quant import QuantSpec, rtn_quantize
+    from lmcompress.checkpoint.export import _check_fused
+
+    w = torch.randn(16, 64)
+    names = ["m.layers.0.mlp.experts.gate_up_proj", "m.layers.0.mlp.experts.down_proj"]
+    same = {n: rtn_quantize(w, QuantSpec(4, 32, True)) for n in names}
+    _check_fused(same, names)
+    mixed = {names[0]: same[names[0]], names[1]: rtn_quantize(w, QuantSpec(3, 32, True))}
+    with pytest.raises(UserError, match="2 different grids"):
+        _check_fused(mixed, names)
+    with pytest.raises(UserError, match="1 of the 2 fused routed-expert parameters are not quantized"):
+        _check_fused({names[0]: same[names[0]]}, names)
