@@ -17,8 +17,15 @@ Perplexity over the first ``--windows`` non-overlapping windows of ``--seqlen`` 
 Retrieval (``lmcompress.measure.tasks.retrieval``: key–value lists and planted facts at 5 depths, ``--retrieval-
 lengths`` tokens): greedy answers with the full cache and with each compressed cache (the prompt in one forward,
 evicted to the budget, a fraction of the prompt; then decoded token by token with eviction); accuracy = the
-first word of the answer is the planted value. Cache bytes per token from ``lmcompress.kv_cache.memory_report``.
-Wall times are measured on whatever else runs on the machine (``machine`` in the results: load average).
+first word of the answer is the planted value. Passage QA (``lmcompress.measure.tasks.planted_qa``, ``eval --tasks
+qa``: questions about one of four people whose facts are planted in WikiText-2 prose, ``--qa-n`` prompts of
+``--qa-lengths`` tokens) the same way: exact match and F1 of the greedy one-line answer, with 95% intervals. Cache
+bytes per token from ``lmcompress.kv_cache.memory_report``. Wall times are measured on whatever else runs on the
+machine (``machine`` in the results: load average).
+
+Cost of ``--chunk 1``: one forward per token after the prefill (batch = the windows), so about ``seqlen · (1 −
+budget)`` small forwards per configuration. On a shared machine give ``--threads 1``: two threads on single-token
+forwards wait on each other whenever the cores are busy (measured 7.3 s vs 0.5 s per step at load average 14).
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retrieval-lengths", default="1024", help="retrieval prompt lengths in tokens")
     parser.add_argument("--retrieval-reps", type=int, default=1, help="examples per kind x length x depth cell")
     parser.add_argument("--no-retrieval", action="store_true")
+    parser.add_argument("--qa-lengths", default="512,1024", help="passage QA prompt lengths in tokens")
+    parser.add_argument("--qa-n", type=int, default=40, help="passage QA prompts (spread over lengths and depths)")
+    parser.add_argument("--no-qa", action="store_true")
     parser.add_argument("--no-ppl", action="store_true")
     parser.add_argument("--only", default=None, help="comma-separated config labels to run, e.g. 'H2O 10%%,int8'")
     parser.add_argument("--threads", type=int, default=None)
@@ -60,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     from lmcompress.checkpoint.load import load_model
     from lmcompress.kv_cache import KVSettings, attach, memory_report
     from lmcompress.measure.perplexity import perplexity
-    from lmcompress.measure.tasks import retrieval
+    from lmcompress.measure.tasks import planted_qa, retrieval
     from lmcompress.measure.tasks.lm import LM
 
     if args.threads:
@@ -69,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model(folder, dtype="float32")
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     name = results_name("kv_bench", folder) + args.tag
-    out: dict = {"model": str(folder), "args": vars(args), "ppl": [], "retrieval": [], "memory": []}
+    out: dict = {"model": str(folder), "args": vars(args), "ppl": [], "retrieval": [], "qa": [], "memory": []}
 
     def save() -> None:
         save_results(name, out)
@@ -110,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                 "window_nll": res.window_nll,
                 "bytes_per_token": mem["bytes_per_token"],
                 "held_tokens": None if not settings or not settings.evicts else round(settings.budget * args.seqlen),
+                "chunk": settings.chunk if settings and settings.evicts else None,
+                "threads": torch.get_num_threads(),
                 "wall_s_contended": wall,
             }
             out["ppl"].append(row)
@@ -166,6 +178,22 @@ def main(argv: list[str] | None = None) -> None:
             save()
             log(f"retrieval {label}: {row['acc']:.3f} {by_kind}")
 
+    if not args.no_qa:
+        lm = LM(model, tokenizer, batch_size=1, progress=False)
+        qa_lengths = [int(n) for n in args.qa_lengths.split(",") if n.strip()]
+        examples = planted_qa.make_examples(lambda s: tokenizer(s, verbose=False)["input_ids"], lengths=qa_lengths,
+                                            n=args.qa_n, seed=0)  # fmt: skip
+        out["qa_examples"] = {"n": len(examples), "lengths": qa_lengths, "tokens": [ex.tokens for ex in examples]}
+        for label, settings in [c for c in configs if not c[0].startswith("int4 g") or c[0].endswith("g32")]:
+            start = time.perf_counter()
+            with attach(model, settings):
+                res = planted_qa.evaluate_planted_qa(lm, examples)
+            row = {"config": label, **{k: v for k, v in res.items() if k != "samples"}}
+            row["wall_s_contended"] = time.perf_counter() - start
+            out["qa"].append(row)
+            save()
+            log(f"qa {label}: em {res['em']:.3f} {res['em_ci']} f1 {res['f1']:.3f} by depth {res['by_depth']}")
+
     out["machine_end"] = machine_info()
     path = save_results(name, out)
     if out["ppl"]:
@@ -177,6 +205,10 @@ def main(argv: list[str] | None = None) -> None:
         print_table(
             [{"config": r["config"], "acc": r["acc"], "n": r["n"], **r["by_kind"]} for r in out["retrieval"]],
             "retrieval accuracy",
+        )
+    if out["qa"]:
+        print_table(
+            [{k: r[k] for k in ("config", "em", "em_ci", "f1", "n")} for r in out["qa"]], "passage QA (exact match, F1)"
         )
     print(f"results: {path}")
 

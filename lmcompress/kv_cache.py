@@ -228,7 +228,9 @@ class KVCache(DynamicCache):
 
 def memory_report(config, settings: KVSettings | None, dtype: torch.dtype = torch.float32) -> dict:
     """Cache bytes per token: full precision (the model's dtype and float16) and with ``settings``' grid; with
-    eviction, the tokens held (per layer and KV head) and H2O's float32 score per held token and KV head."""
+    eviction, H2O's float32 score per held token and KV head, and what the held tokens cost: per token of the
+    sequence for a fractional budget ``f`` (``f`` · (bytes + score bytes) per token, ``evicted_bytes_per_token``),
+    in total for a token budget ``B`` (``B`` · (bytes + score bytes), ``max_cache_bytes``)."""
     layers, kv_heads, head_dim = cache_shape(config)
     float_bytes = torch.empty((), dtype=dtype).element_size()
     out = {
@@ -245,6 +247,11 @@ def memory_report(config, settings: KVSettings | None, dtype: torch.dtype = torc
         out["bytes_per_token"] = kv_bytes_per_token(layers, kv_heads, head_dim, settings.bits, group, float_bytes)
         if settings.evicts:
             out["score_bytes_per_token"] = 4 * layers * kv_heads
+            held = out["bytes_per_token"] + out["score_bytes_per_token"]
+            if isinstance(settings.budget, float):  # per token of the sequence, once the cache is at its budget
+                out["evicted_bytes_per_token"] = held * settings.budget
+            else:  # the whole cache, whatever the sequence length
+                out["max_cache_bytes"] = held * settings.budget
     else:
         out["bytes_per_token"] = out["bytes_per_token_model_dtype"]
     return out
@@ -380,4 +387,8 @@ def format_memory(report: dict) -> str:
                 f"; H2O keeps {settings['budget']} {what} per layer and head (recent {settings['recent']:.0%} of it), "
                 f"plus {report['score_bytes_per_token']:,} bytes/token of float32 scores"
             )
+            if "evicted_bytes_per_token" in report:
+                line += f": {report['evicted_bytes_per_token']:,.0f} bytes per sequence token once full"
+            else:
+                line += f": at most {report['max_cache_bytes']:,} bytes in all"
     return line

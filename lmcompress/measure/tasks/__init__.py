@@ -1,5 +1,6 @@
-"""Evaluation beyond perplexity: task specs (``ppl:FILE,mc:TASK,qa:TASK,retrieval``), loaded once and run on
-any number of models (dense, then every point of a sweep).
+"""Evaluation beyond perplexity: task specs (``ppl:FILE,mc:TASK,qa:TASK,qa,retrieval``), loaded once and run on
+any number of models (dense, then every point of a sweep). A bare ``qa`` is the generated passage QA of
+``planted_qa`` (offline).
 
 A task's result is a dict of numbers; ``run_tasks`` also returns them flattened as ``"task/metric"`` with the
 direction of each (perplexity: lower is better), the headline metric of each task, which is what
@@ -16,7 +17,7 @@ from pathlib import Path
 from lmcompress.calibration.data import embedding_rows, eval_windows, load_text, wants_bos
 from lmcompress.errors import UserError
 from lmcompress.measure.perplexity import perplexity
-from lmcompress.measure.tasks import retrieval
+from lmcompress.measure.tasks import planted_qa, retrieval
 from lmcompress.measure.tasks.lm import LM
 from lmcompress.measure.tasks.mc import MCExample, evaluate_mc
 from lmcompress.measure.tasks.qa import QAExample, evaluate_qa, exact_match, f1_score, normalize_answer
@@ -42,14 +43,14 @@ __all__ = [
 @dataclass(frozen=True)
 class TaskSpec:
     kind: str  # ppl | mc | qa | retrieval
-    source: str | None  # file, dataset name, or the retrieval layout (kv | passage); None: retrieval, both
+    source: str | None  # file, dataset name, retrieval layout (kv | passage); None: both layouts / generated qa
 
     def __str__(self) -> str:
         return self.kind if self.source is None else f"{self.kind}:{self.source}"
 
 
 def parse_tasks(text: str) -> list[TaskSpec]:
-    """``"ppl:FILE,mc:TASK,qa:TASK,retrieval"`` → specs; every mistake is a UserError naming the entry."""
+    """``"ppl:FILE,mc:TASK,qa:TASK,qa,retrieval"`` → specs; every mistake is a UserError naming the entry."""
     specs = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -58,10 +59,12 @@ def parse_tasks(text: str) -> list[TaskSpec]:
         kind = kind.strip().lower()
         if kind not in KINDS:
             raise UserError(
-                f"unknown task {item!r} in tasks: write ppl:FILE, mc:TASK, qa:TASK or retrieval[:kv]", param="tasks"
+                f"unknown task {item!r} in tasks: write ppl:FILE, mc:TASK, qa[:TASK] or retrieval[:kv]", param="tasks"
             )
-        if kind != "retrieval" and not source.strip():
+        if kind not in ("retrieval", "qa") and not source.strip():
             raise UserError(f"task {item!r} needs a source: {kind}:FILE_OR_DATASET")
+        if kind == "qa" and sep and not source.strip():
+            raise UserError(f"task {item!r} needs a source after the colon (or write qa alone: generated passage QA)")
         if kind == "retrieval" and sep and source not in retrieval.KINDS:
             raise UserError(f"unknown retrieval layout {source!r}: write retrieval, retrieval:kv or retrieval:passage")
         specs.append(TaskSpec(kind, source.strip() or None))
@@ -159,6 +162,8 @@ def _prepare(spec, name, label, tokenizer, seqlen, max_length, limit, shots, see
             return asdict(perplexity(lm.model, windows, device=lm.device, progress=lm.progress)) | {"bos": bos}
 
         return Task(name, "ppl", label, text.description, metrics, run, windows)
+    if spec.kind == "qa" and spec.source is None:
+        return _planted_qa(name, tokenizer, max_length, limit, seed, retrieval_lengths)
     if spec.kind in ("mc", "qa"):
         examples, pool, desc = load_examples(spec.kind, spec.source, limit=limit, shots=shots)
         if spec.kind == "mc":
@@ -186,6 +191,25 @@ def _prepare(spec, name, label, tokenizer, seqlen, max_length, limit, shots, see
     examples = retrieval.make_examples(encode, kinds=kinds, lengths=lengths, per_cell=per_cell, seed=seed, limit=limit)
     desc = f"generated: {'+'.join(kinds)}, lengths {lengths}, depths {list(retrieval.DEFAULT_DEPTHS)}, seed {seed}"
     return Task(name, "retrieval", label, desc, metrics, lambda lm: retrieval.evaluate_retrieval(lm, examples))
+
+
+def _planted_qa(name, tokenizer, max_length, limit, seed, lengths) -> Task:
+    """The generated passage QA (``planted_qa``): ``lengths`` (default 512 and 1024 tokens) are those of
+    ``retrieval_lengths`` when given; ``limit`` examples (default 4 per length and depth)."""
+    lengths = lengths or planted_qa.default_lengths(max_length)
+    too_long = [n for n in lengths if n + 8 > max_length]
+    if too_long:
+        raise UserError(
+            f"QA passage length(s) {too_long} do not fit the model's context of {max_length} tokens (with room for "
+            "the answer); choose shorter retrieval_lengths",
+            param="retrieval_lengths",
+        )
+    encode = lambda s: tokenizer(s, verbose=False)["input_ids"]  # noqa: E731
+    examples = planted_qa.make_examples(encode, lengths=lengths, n=limit, seed=seed)
+    desc = f"generated: passage QA, {len(examples)} examples, lengths {lengths}, seed {seed}"
+    return Task(
+        name, "qa", "passage QA", desc, dict(_METRICS["qa"]), lambda lm: planted_qa.evaluate_planted_qa(lm, examples)
+    )
 
 
 def run_tasks(lm: LM, tasks: list[Task], harness: Callable[[], dict] | None = None) -> dict:
