@@ -14,7 +14,13 @@ from lmcompress.errors import UserError
 
 def parse_budget(text: str) -> tuple[str, float]:
     """``sparsity=0.7`` → ("sparsity", 0.7); ``size=60MB`` → ("size", 60e6); ``size=0.3x`` → ("size", 0.3)
-    (relative: see :func:`budget_is_relative`)."""
+    (relative: see :func:`budget_is_relative`); ``decode=2.5x`` or ``decode=40ms`` → ("decode", speed-up or seconds per
+    token; the text itself goes to the search, see :func:`decode_budget`)."""
+    decode = decode_budget(text)
+    if decode is not None:
+        from lmcompress.search.latency import parse_decode
+
+        return "decode", parse_decode(decode)[0]
     size = re.fullmatch(r"\s*size\s*=\s*(.+?)\s*", text or "")
     if size:
         from lmcompress.search.joint import parse_size
@@ -22,11 +28,19 @@ def parse_budget(text: str) -> tuple[str, float]:
         return "size", parse_size(size.group(1))[0]
     m = re.fullmatch(r"\s*(sparsity|bits)\s*=\s*([0-9.]+)\s*", text or "")
     if not m:
-        raise UserError(f"--budget {text!r} must look like sparsity=0.7, bits=3.0, size=60MB or size=0.3x")
+        raise UserError(
+            f"--budget {text!r} must look like sparsity=0.7, bits=3.0, size=60MB, size=0.3x, decode=2.5x or decode=40ms"
+        )
     try:
         return m.group(1), float(m.group(2))
     except ValueError:
         raise UserError(f"--budget {text!r}: {m.group(2)!r} is not a number") from None
+
+
+def decode_budget(text: str | None) -> str | None:
+    """The decode budget's value (``2.5x``, ``40ms``) of ``--budget decode=…``, or None for other budgets."""
+    m = re.fullmatch(r"\s*decode\s*=\s*(.*?)\s*", text or "")
+    return m.group(1) if m else None
 
 
 def budget_is_relative(text: str) -> bool:
@@ -100,7 +114,10 @@ def search(
         "--budget",
         help="sparsity=F: average sparsity over the prunable weights; bits=F: average bits per weight, grids included; "
         "size=60MB (or 0.3x of the 16-bit model): bytes of the packed weights file, head, embedding and grids "
-        "included, with joint SPARSITY/BITS levels.",
+        "included, with joint SPARSITY/BITS levels; decode=2.5x (of the dense float32 model's speed) or decode=40ms "
+        "(or 25tok/s): time per token at batch 1 from a latency table measured once per layer shape and level on this "
+        "CPU with the kernels load(kernels=auto) uses, cached in ~/.cache/lmcompress/latency; a level no kernel runs "
+        "faster (unstructured sparsity) costs what its dense or quantized layer costs.",
     ),
     method: str = typer.Option(
         None, "--method", help="How each level is made: sparsegpt | wanda | magnitude (sparsity); gptq | rtn (bits)."
@@ -217,11 +234,14 @@ def search(
     ctx.params["nsamples"] = nsamples if nsamples is not None else (32 if cpu else 128)
     ctx.params["seqlen"] = seqlen if seqlen is not None or not cpu else 256
     kind, value = parse_budget(budget)
+    decode = decode_budget(budget) if kind == "decode" else None
+    kind, value = ("size", 1.0) if decode is not None else (kind, value)  # joint levels; the target unused
     loss = parse_max_loss(max_loss)
     config = SearchConfig(
         target=value,
         kind=kind,
-        size_relative=kind == "size" and budget_is_relative(budget),
+        decode=decode,
+        size_relative=kind == "size" and decode is None and budget_is_relative(budget),
         method=method or ("gptq" if kind == "bits" else "sparsegpt"),
         group_size=group_size,
         levels=levels,
@@ -247,7 +267,7 @@ def search(
         keep_database=keep_database,
     )
     report = search_pretrained(model, config, output, **options.job_options(ctx.params))
-    if report.size is not None:  # what the save really wrote, beside what the search predicted
+    if report.size is not None:  # what the save really wrote, beside what the search predicted (bytes)
         from lmcompress.search.joint import packed_size
 
         report.size["written"] = packed_size(output)
@@ -256,11 +276,19 @@ def search(
         return
     base = ", ".join(f"{k} {v:.4f}" for k, v in report.baselines.items())
     what = {"sparsity": "average sparsity", "bits": "bits per weight with grids", "size": "predicted bytes"}[kind]
+    what, digits = ("predicted seconds per token", 4) if decode is not None else (what, 0 if kind == "size" else 4)
     typer.echo(
         f"searched {len(report.history)} generations in {report.wall_time_s:.0f}s: KL {report.fitness:.4f} "
-        f"(at the same budget: {base}); {what} {report.achieved:.{0 if kind == 'size' else 4}f} → {output}"
+        f"(at the same budget: {base}); {what} {report.achieved:.{digits}f} → {output}"
     )
-    if report.size is not None:
+    if report.decode is not None:
+        d = report.decode
+        typer.echo(
+            f"decode: budget {d['budget_s'] * 1e3:.3g} ms per token, predicted {d['predicted_s'] * 1e3:.3g} ms "
+            f"({d['predicted_speedup']:.2f}x dense float32's {d['dense_s'] * 1e3:.3g} ms at {d['threads']} threads); "
+            f"{report.size['written']} bytes written"
+        )
+    elif report.size is not None:
         size = report.size
         typer.echo(
             f"size: budget {size['budget']} bytes, predicted {size['predicted']}, written {size['written']} "

@@ -80,6 +80,7 @@ class SearchConfig:
     trials: int = 40  # tune: Optuna trials
     keep_database: bool = False  # keep the work folder (level database, search state) after the search
     size_relative: bool = False  # size: target is a fraction of the model's 16-bit size, not bytes
+    decode: str | None = None  # size kind: a decode budget (2.5x, 40ms) instead of bytes (search.latency)
 
     def __post_init__(self) -> None:
         self.survivors, self.stage_windows = tuple(self.survivors), tuple(self.stage_windows)
@@ -97,6 +98,12 @@ class SearchConfig:
         levels = self._check_levels()
         self._check_evolution()
         self._check_job()
+        if self.decode is not None:  # a decode-time budget over the joint levels: target unused
+            from lmcompress.search.latency import parse_decode
+
+            if self.kind != "size":
+                raise UserError("a decode budget chooses joint SPARSITY/BITS levels: use it as budget decode=…")
+            parse_decode(self.decode)
         if self.kind == "size":
             self._check_size()
             return levels
@@ -240,6 +247,7 @@ class SearchReport:
     database: str | None = None  # the level database's folder in the work folder
     rounds: list[dict] = field(default_factory=list)  # later rounds: generation, parent fitness before / after
     size: dict | None = None  # size budget: budget, predicted and fixed bytes of the packed weights file
+    decode: dict | None = None  # decode budget: seconds per token, budget and predicted (search.latency)
 
     def to_dict(self) -> dict:
         """Everything but the tensors, JSON-ready."""

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from lmcompress.checkpoint.allocation import read_layer_levels
+from lmcompress.errors import UserError
+from lmcompress.search import latency
 from lmcompress.search.config import SearchConfig, SearchReport
 from lmcompress.search.levels import parse_levels
 from lmcompress.search.loop import check_start, model_on, search
@@ -52,7 +54,28 @@ def run_search(
         return tune_owl(model, config, calib, fitness_windows, work, device=device, progress=progress)
     if config.max_loss is not None:
         return search_max_loss(model, config, calib, fitness_windows, work, device=device, progress=progress)
-    return search(model, config, calib, fitness_windows, work, device=device, progress=progress)
+    if config.decode is None:
+        return search(model, config, calib, fitness_windows, work, device=device, progress=progress)
+    return _decode_search(model, config, calib, fitness_windows, work, device=device, progress=progress)
+
+
+def _decode_search(model, config, calib, fitness_windows, work, *, device, progress) -> SearchReport:
+    """:func:`search` under a decode budget: the latency table built (or read) and the budget checked before the
+    level database is; the report's ``decode`` says what the chosen model is predicted to take per token."""
+    if torch.device(device).type != "cpu":
+        raise UserError(
+            f"a decode budget is timed with lmcompress's CPU kernels on this machine, not on {device}: search with "
+            "--device cpu"
+        )
+    costs = latency.costs_of(model, config)
+    latency.check_budget(costs)
+    report = search(model, config, calib, fitness_windows, work, device=device, progress=progress)
+    index = {label: k for k, label in enumerate(costs.labels)}
+    report.decode = costs.describe({layer: index[label] for layer, label in report.layer_levels.items()})
+    for key in ("budget", "predicted", "fixed"):  # the space counted nanoseconds there, not bytes
+        (report.size or {}).pop(key, None)
+    report.achieved = report.decode["predicted_s"]
+    return report
 
 
 def read_start(path: str | Path, kind: str) -> dict[str, float]:

@@ -20,7 +20,7 @@ from lmcompress.algorithms.evolution import LevelSpace, additive_descent, neares
 from lmcompress.calibration.data import windows_hash
 from lmcompress.errors import UserError
 from lmcompress.models.families import prunable_layers
-from lmcompress.search import joint
+from lmcompress.search import joint, latency
 from lmcompress.search.config import SearchConfig
 from lmcompress.search.database import LevelDatabase, build_database, pruner, quantizer
 from lmcompress.search.fitness import PrefixCache, make_fitness
@@ -40,6 +40,8 @@ def units_of(db: LevelDatabase, granularity: str) -> list[list[str]]:
 
 def level_space(db: LevelDatabase, units: list[list[str]], config: SearchConfig, model=None) -> LevelSpace:
     cost = tuple(tuple(sum(db.cost[layer][k] for layer in unit) for k in range(len(db.levels))) for unit in units)
+    if config.decode is not None:  # seconds per token from the latency table (search.latency)
+        return latency.decode_space(latency.costs_of(model, config), units, db.block_of)
     if config.kind == "size":  # bytes of the packed weights file, the rest of the model's tensors included
         fixed = joint.fixed_bytes(model, set(db.layers), joint.ByteCost(model))
         budget = joint.budget_bytes(model, config.target, config.size_relative)
@@ -176,6 +178,9 @@ class Candidates:
         per searched weight)."""
         if self.config.kind != "size":
             return self.config.target
+        if self.config.decode is not None:  # the first level at which every layer meets the decode budget
+            values = joint.uniform_values(self.config.joint_levels(), self.config.group_size)
+            return values[latency.uniform_level(latency.costs_of(self.model, self.config))]
         return 8 * self.space.budget / max(sum(self.db.sizes.values()), 1)
 
 
@@ -258,6 +263,8 @@ def prepare(
             budget = joint.budget_bytes(model, config.target, config.size_relative)
             target = 8 * budget / sum(w.numel() for w in model.state_dict().values())
         nearest = min(range(len(levels)), key=lambda k: (abs(values[k] - target), k))
+        if config.decode is not None:  # a decode budget: the first level at which every layer meets it
+            nearest = latency.uniform_level(latency.costs_of(model, config))
         reference = dict.fromkeys(prunable_layers(model), nearest)
     db_key = database_key(config, levels, data["calib"], reference)
     db_dir = database_dir(work, db_key)
