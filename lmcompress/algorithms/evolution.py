@@ -148,21 +148,39 @@ def evolve(
     survivors: Sequence[int] = (4, 1),
     max_switches: int = 3,
     seed: int = 0,
+    pool: int = 0,
+    rank: Callable[[list[int]], object] | None = None,
+    explore: int = 0,
 ) -> Generation:
     """Run one generation from ``state`` (changed in place) and return what it did.
 
     ``fitness(levels, stage)`` scores a candidate on stage ``stage``'s tokens (0: few, ``len(survivors)``: the
     most, which is also what ``state.fitness`` holds); lower is better. Offspring get 1..``max_switches`` switches.
+    Screening: with ``rank`` and ``pool > offspring``, ``pool`` mutants are drawn, those equal to the parent or
+    to an earlier one dropped, and the ``offspring − explore`` with the lowest ``rank(child)`` (e.g. a
+    surrogate's prediction; ties keep the order drawn) are scored, with the first ``explore`` of the others as
+    drawn (so that a wrong ranking cannot hide a region for good).
     """
     if offspring < 1 or not survivors or any(s < 1 for s in survivors) or survivors[-1] != 1:
         raise ValueError("need offspring ≥ 1 and a survivor schedule ending in 1")
+    if not 0 <= explore < offspring:
+        raise ValueError("explore must be ≥ 0 and fewer than the offspring")
     rng = random.Random(seed)
     if state.rng_state is not None:
         rng.setstate(state.rng_state)
+    screen = rank is not None and pool > offspring
     try:
-        children = [mutate_many(space, state.levels, rng, rng.randint(1, max_switches)) for _ in range(offspring)]
+        draws = pool if screen else offspring
+        children = [mutate_many(space, state.levels, rng, rng.randint(1, max_switches)) for _ in range(draws)]
     except ValueError:  # no level switch stays on the budget (e.g. every unit at the lowest level): nothing to try
         children = []
+    if screen:
+        distinct = list({tuple(c): c for c in children if c != state.levels}.values())  # first draws, in order
+        ranked = sorted(range(len(distinct)), key=lambda i: rank(distinct[i]))
+        chosen = ranked[: offspring - explore]
+        taken = set(chosen)
+        chosen += [i for i in range(len(distinct)) if i not in taken][:explore]  # a few unranked, as drawn
+        children = [distinct[i] for i in chosen]
     evaluations = 0
     best_score = state.fitness
     for stage, keep in enumerate(survivors):

@@ -62,6 +62,7 @@ class SearchConfig:
     survivors: tuple[int, ...] = (4, 1)
     stage_windows: tuple[int, ...] = (2, 8)  # fitness windows at each selection stage (the last: parent's)
     max_switches: int = 3
+    pool: int = 128  # mutants drawn per generation, ranked by the additive surrogate; the best `offspring` scored
     time_limit_s: float | None = None
     fitness: str = "kl"  # kl: divergence to the dense model; ppl: the candidate's own log perplexity
     scheme: str | None = None  # w8a8 / fp8: the fitness runs each candidate as that scheme (search.scheme)
@@ -158,6 +159,8 @@ class SearchConfig:
     def _check_evolution(self) -> None:
         if self.generations < 0 or self.offspring < 1:
             raise UserError("generations must be ≥ 0 and offspring ≥ 1", param=("generations", "offspring"))
+        if self.pool < 0:
+            raise UserError(f"pool must be ≥ 0 (≤ offspring: no screening), got {self.pool}", param="pool")
         if self.rounds < 1 or (self.rounds > 1 and self.database_inputs != "sequential"):
             raise UserError("rounds must be ≥ 1, and more than one needs sequential database inputs", param="rounds")
         stages_ok = self.survivors and all(

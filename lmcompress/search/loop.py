@@ -10,6 +10,9 @@
    the starts seeds the evolutionary search of :mod:`lmcompress.algorithms.evolution`, whose state is saved
    after every generation (:mod:`lmcompress.search.state`) so that a killed run continues from its last
    finished generation.
+4. Each generation draws ``pool`` mutants, ranks them by an additive surrogate fitted to every candidate scored
+   so far (the sensitivity pass's included; :mod:`lmcompress.search.surrogate`) and scores the best
+   ``offspring`` (a quarter of them drawn unranked); a candidate scored before is answered from memory.
 
 The rest of the search lives beside this loop: level grids (``levels``), the config and report (``config``),
 the work folder's state files (``state``) and keys (``keys``), candidate scoring (``score``), the max-loss
@@ -19,6 +22,7 @@ picks one of them (``run``).
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from collections.abc import Iterator
@@ -36,7 +40,15 @@ from lmcompress.models.families import prunable_layers
 from lmcompress.search import joint
 from lmcompress.search.config import SearchConfig, SearchReport
 from lmcompress.search.score import Candidates, ParentScorer, prepare
-from lmcompress.search.state import DENSE_FILE, keep_dense_weights, load_state, restore_dense_weights, save_state
+from lmcompress.search.state import (
+    DENSE_FILE,
+    keep_dense_weights,
+    load_state,
+    restore_dense_weights,
+    save_state,
+    state_name,
+)
+from lmcompress.search.surrogate import AdditiveSurrogate, Memo, load_memo, save_memo, surrogate_path
 from lmcompress.transforms.prune import owl_pass
 
 
@@ -87,10 +99,14 @@ def _search(model, config, calib, fitness_windows, work: Path, *, device, progre
     state, baselines, round_starts = load_state(work, cand.key)
     if config.rounds > 1:  # later rounds rebuild the database from the dense weights, kept here meanwhile
         keep_dense_weights(model, work / DENSE_FILE)
+    screen = _Screen(cand, work, fresh=state is None)
     if state is None:  # a fresh search: score the baselines (the model is still dense here), seed from the best
         state, baselines = _seed(cand, calib, device, progress)
+        screen.prior_from(cand.delta)
         save_state(work, state, cand.key, baselines, round_starts)
+        screen.save(cand.round)
     run = _Run(model, calib, fitness_windows, work, device, progress, state, baselines, round_starts)
+    run.screen = screen
     cand = run.evolve(cand, start)
     return _report(cand, model, state, baselines, round_starts, time.perf_counter() - start)
 
@@ -118,6 +134,45 @@ def _seed(cand: Candidates, calib: torch.Tensor, device, progress: bool) -> tupl
     return SearchState(list(starts[best]), baselines[best]), baselines
 
 
+EXPLORE = 4  # one in this many scored offspring is drawn unranked (the surrogate can be wrong)
+
+
+class _Screen:
+    """The memo of every candidate scored and the additive surrogate fitted to them (:mod:`.surrogate`), saved
+    beside the search state so that a resumed search screens as the uninterrupted one would."""
+
+    def __init__(self, cand: Candidates, work: Path, *, fresh: bool) -> None:
+        self.work, self.key = work, cand.key
+        self.path = surrogate_path(work, state_name(cand.key))
+        self.units, self.levels = len(cand.units), len(cand.levels)
+        self.delta, entries, self.round = (None, [], 0) if fresh else load_memo(self.path, cand.key)
+        self.restart(entries)
+        self.attach(cand)
+
+    def restart(self, entries: list[list]) -> None:
+        """A new memo (and surrogate) holding ``entries``."""
+        self.memo = Memo(AdditiveSurrogate(self.units, self.levels, self.delta))
+        for levels, stage, value in entries:
+            self.memo.record(levels, stage, value)
+
+    def attach(self, cand: Candidates) -> None:
+        cand.observer = self.memo.record
+
+    def prior_from(self, delta) -> None:
+        self.delta = delta
+        self.memo.surrogate.set_delta(delta)
+
+    def new_round(self, cand: Candidates, r: int) -> None:
+        """Round ``r``'s database scores candidates differently: forget the old round's scores."""
+        if self.round != r:
+            self.round = r
+            self.restart([])
+        self.attach(cand)
+
+    def save(self, round_: int) -> None:
+        save_memo(self.path, self.key, self.memo, self.delta, round_)
+
+
 class _Run:
     """The generations of one search, in rounds: each round after the first rebuilds the level database along
     the best allocation so far. The state is saved after every generation."""
@@ -126,6 +181,7 @@ class _Run:
         self.model, self.calib, self.fitness_windows, self.work = model, calib, fitness_windows, work
         self.device, self.progress = device, progress
         self.state, self.baselines, self.round_starts = state, baselines, round_starts
+        self.screen: _Screen | None = None
 
     def evolve(self, cand: Candidates, start: float) -> Candidates:
         """Run the generations left (or up to the time limit); the candidates of the last round."""
@@ -145,9 +201,14 @@ class _Run:
             if scorer is None or scorer.cand is not cand:
                 scorer = ParentScorer(cand)
             scorer.follow(state.levels)
-            evolve(cand.space, scorer, state, offspring=config.offspring, survivors=config.survivors,
-                   max_switches=config.max_switches, seed=config.seed)  # fmt: skip
+            memo = self.screen.memo
+            memo.surrogate.fit()
+            rank = functools.partial(memo.rank, last_stage=len(config.stage_windows) - 1)
+            evolve(cand.space, memo.wrap(scorer), state, offspring=config.offspring, survivors=config.survivors,
+                   max_switches=config.max_switches, seed=config.seed, pool=config.pool, rank=rank,
+                   explore=config.offspring // EXPLORE)  # fmt: skip
             save_state(self.work, state, cand.key, self.baselines, self.round_starts)
+            self.screen.save(cand.round)
             bar.update(1)
             bar.set_postfix(best=f"{state.fitness:.4f}")
         bar.close()
@@ -165,6 +226,7 @@ class _Run:
         nxt = prepare(self.model, cand.config, self.calib, self.fitness_windows, self.work, device=self.device,
                       progress=self.progress, reference=reference, fitness=cand.fitness)  # fmt: skip
         nxt.round = r
+        self.screen.new_round(nxt, r)
         if previous != nxt.db.folder and r > 1:  # the round before's database is no longer needed (round 1's stays)
             shutil.rmtree(previous, ignore_errors=True)
         if fresh:  # the parent rescored: on this database it is its sequential version

@@ -9,6 +9,7 @@ from below within one level step. :class:`ParentScorer` runs only the blocks whe
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,8 @@ class Candidates:
     applied: dict[str, int] = field(default_factory=dict)  # the level each layer of the model now holds
     round: int = 0  # which database round these candidates come from
     scheme: SchemeSimulation | None = None  # config.scheme: every scoring forward runs the candidate as that scheme
+    observer: Callable[[list[int], int, float], None] | None = None  # told every (levels, stage, fitness) scored
+    delta: list[list[float | None]] | None = None  # the last sensitivity pass's measurement
 
     def assignment(self, unit_levels) -> dict[str, int]:
         return {layer: lv for unit, lv in zip(self.units, unit_levels, strict=True) for layer in unit}
@@ -118,7 +121,10 @@ class Candidates:
         if start < 0:  # the head (and a tied embedding) changed: no cached block input holds
             prefix, start, capture = None, 0, None
         with simulated(self.scheme):
-            return self.fitness(self.model, n, prefix=prefix, start=start, capture=capture)
+            value = self.fitness(self.model, n, prefix=prefix, start=start, capture=capture)
+        if self.observer is not None:
+            self.observer(list(unit_levels), stage, value)
+        return value
 
     def first_block(self, unit_levels, base) -> int:
         """The first block in which two candidates differ (the last block when they are equal; ``HEAD_BLOCK``, i.e.
@@ -145,6 +151,7 @@ class Candidates:
             child = list(base)
             child[u] = k
             delta[u][k] = self.score(child, 0, prefix=prefix, start=first[u]) - reference
+        self.delta = delta
         return delta
 
     def additive_start(self, base: list[int], stage: int, *, progress: bool = True) -> tuple[list[int], float] | None:
