@@ -117,7 +117,7 @@ def search(
         "included, with joint SPARSITY/BITS levels; decode=2.5x (of the dense float32 model's speed) or decode=40ms "
         "(or 25tok/s): time per token at batch 1 from a latency table measured once per layer shape and level on this "
         "CPU with the kernels load(kernels=auto) uses, cached in ~/.cache/lmcompress/latency; a level no kernel runs "
-        "faster (unstructured sparsity) costs what its dense or quantized layer costs.",
+        "faster (e.g. unstructured sparsity without a kernel) costs what its dense or quantized layer costs.",
     ),
     method: str = typer.Option(
         None, "--method", help="How each level is made: sparsegpt | wanda | magnitude (sparsity); gptq | rtn (bits)."

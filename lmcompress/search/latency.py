@@ -6,7 +6,7 @@ built at that level the way ``lmcompress.load(..., kernels="auto")`` builds it: 
 ``nn.Linear`` (2:4 / 4:8 ones on the N:M sparse kernel, :mod:`lmcompress.kernels.sparse_cpu`), quantized levels
 from their codes (:func:`lmcompress.kernels.linear.swap_quantized_linears`: the sparse kernel, lmcompress's packed
 kernel or PyTorch's; dequantized float32 where none runs the grid). A level that no kernel runs faster costs what
-that kernel or a dense layer costs: unstructured sparsity has no CPU kernel, so ``0.5/16`` costs what ``0/16``
+its dense or quantized layer costs: where no kernel takes unstructured sparsity, ``0.5/16`` costs what ``0/16``
 does and ``0.5/3`` what ``0/3`` does. Several copies of a layer are called in turn so that their weights do not
 stay in the CPU's caches between calls, as in a whole model; a time is the best of a few rounds (other work on
 the machine only adds time).
@@ -19,17 +19,21 @@ The search needs costs that do not grow with the level index, so a layer at leve
 of the levels ``k, k+1, …`` (an upper bound: the prediction never falls below the table's). A dropped block's
 layers cost nothing; its attention and norms stay in the rest (an upper bound too).
 
-The table is a JSON file per machine (CPU name, threads, torch version, which kernels built) under
+Times are wall-clock; ``$LMCOMPRESS_LATENCY_CLOCK=cpu`` measures this process's CPU time instead (all threads
+summed), steadier where other work shares the machine. The table is a JSON file per machine (CPU name, threads,
+torch version, which kernels built, the clock) under
 ``$LMCOMPRESS_CACHE/latency`` (default ``~/.cache/lmcompress/latency``), written through a temporary file and a
 rename; the rest's time is cached there too, per model configuration.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
 import math
+import os
 import platform
 import re
 import time
@@ -57,21 +61,36 @@ VERSION = 1  # of the table's layout and of how entries are measured
 Timer = Callable[[Callable[[], object], str], float]  # (one call, its table key) → seconds per call
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK_VARIABLE = "LMCOMPRESS_LATENCY_CLOCK"  # wall (default) or cpu: this process's CPU time, all threads summed
+
+
+def clock_name() -> str:
+    """The clock tables are measured on: ``wall``, or ``cpu`` (``$LMCOMPRESS_LATENCY_CLOCK``) on a shared machine,
+    where wall times mostly measure the other work."""
+    name = os.environ.get(CLOCK_VARIABLE, "wall")
+    if name not in CLOCKS:
+        raise UserError(f"{CLOCK_VARIABLE}={name!r}: choose wall or cpu")
+    return name
+
+
 def time_call(call: Callable[[], object], key: str) -> float:
-    """Seconds per ``call()``: best of :data:`ROUNDS` rounds of at least :data:`ROUND_S` each, after a warm-up."""
+    """Seconds per ``call()`` on :func:`clock_name`'s clock: best of :data:`ROUNDS` rounds of at least
+    :data:`ROUND_S` each, after a warm-up."""
+    clock = CLOCKS[clock_name()]
     for _ in range(3):
         call()
-    n, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < ROUND_S or n < 3:
+    n, t0 = 0, clock()
+    while (elapsed := clock() - t0) < ROUND_S or n < 3:
         call()
         n += 1
     per_round = max(3, math.ceil(n * ROUND_S / max(elapsed, 1e-9)))
     best = math.inf
     for _ in range(ROUNDS):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(per_round):
             call()
-        best = min(best, (time.perf_counter() - t0) / per_round)
+        best = min(best, (clock() - t0) / per_round)
     return best
 
 
@@ -121,6 +140,7 @@ def machine() -> dict:
         "packed_kernel": cpu_ext.extension() is not None,
         "sparse_kernel": cpu_ext.sparse_extension() is not None,
         "avx512": use_avx512(),
+        "clock": clock_name(),
         "version": VERSION,
     }
 
@@ -219,13 +239,20 @@ def measure_layer(shape: tuple[int, int], level: JointLevel, group_size: int, sy
     key = layer_key(shape, level, group_size, sym)
     first, how = build_layer(shape, level, group_size, sym)
     size = sum(t.numel() * t.element_size() for t in itertools.chain(first.parameters(), first.buffers()))
-    copies = [first] + [
-        build_layer(shape, level, group_size, sym, seed=i)[0]
-        for i in range(1, min(MAX_COPIES, max(1, math.ceil(ROTATE_BYTES / max(size, 1)))))
-    ]
+    count = min(MAX_COPIES, max(1, math.ceil(ROTATE_BYTES / max(size, 1))))
+    copies = [first] + [_clone(first) for _ in range(count - 1)]
     x = torch.randn(1, 1, shape[1])
     turn = itertools.cycle(copies)
     return _timer()(lambda: next(turn)(x), key), how
+
+
+def _clone(layer: nn.Module) -> nn.Module:
+    """The same layer with its own copy of every tensor (its weights at other addresses)."""
+    twin = copy.copy(layer)
+    twin._parameters = {k: None if v is None else nn.Parameter(v.detach().clone(), requires_grad=False)
+                        for k, v in layer._parameters.items()}  # fmt: skip
+    twin._buffers = {k: None if v is None else v.clone() for k, v in layer._buffers.items()}
+    return twin
 
 
 def _timer() -> Timer:
