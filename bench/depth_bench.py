@@ -2,6 +2,7 @@
 
     python -m bench.depth_bench                       # SmolLM2: remove 8 of 30 blocks (cosine), 2 threads
     python -m bench.depth_bench --search 10           # and the searched drop set (10 generations): perplexity
+    python -m bench.depth_bench --search 4 --swap-scans 3 --no-speed   # swap descents first; perplexity only
     python -m bench.depth_bench --model qwen1.5b --count 7
 
 ``shrink blocks`` (ShortGPT's block influence, ``--nsamples`` windows of 512 WikiText-2 valid tokens) writes the
@@ -11,9 +12,10 @@ at batch 1 on ``--threads`` threads in transformers: prefill (a ``--prompt``-tok
 token per step with the KV cache after that prompt, ms/token); the two models alternate ``--rounds`` times and the
 minimum of each is kept, so both see the same machine load. With llama.cpp's tools built (``bench/llamacpp.py``),
 both are exported to GGUF f16 and measured by ``llama-bench`` (prompt processing and generation tokens/s) and
-``llama-perplexity`` (same windows). ``--search G`` also runs ``shrink blocks --criterion search`` (G generations,
-from the cosine ranking's drop set) and reports its perplexity against the cosine ranking's. The load average is
-printed with the timings: on a shared machine they are contended.
+``llama-perplexity`` (same windows). ``--search G`` also runs ``shrink blocks --criterion search`` (``--swap-scans``
+single-swap descents, then G generations, from the cosine ranking's drop set) and reports its perplexity against
+the cosine ranking's, its wall time and the load average around it; ``--no-speed`` skips the speed runs. The load
+average is printed with the timings: on a shared machine they are contended.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ def load_average() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def prune(src: Path, out: Path, count: int, nsamples: int, generations: int = 0) -> dict:
-    """The depth-pruned folder's recipe (criterion search with ``generations``, else cosine), made here unless
-    ``out`` already holds this very run."""
+def prune(src: Path, out: Path, count: int, nsamples: int, generations: int = 0, swap_scans: int = 0) -> dict:
+    """The depth-pruned folder's recipe (criterion search with ``swap_scans`` and ``generations``, else cosine),
+    made here unless ``out`` already holds this very run."""
     from lmcompress.jobs import depth_prune_pretrained
     from lmcompress.transforms.depth import DepthConfig
 
@@ -51,10 +53,13 @@ def prune(src: Path, out: Path, count: int, nsamples: int, generations: int = 0)
         recipe = json.loads(recipe_file.read_text())
         same = recipe.get("count") == count and recipe.get("criterion") == criterion
         same = same and (not generations or recipe.get("generations") == generations)
+        same = same and (not generations or recipe.get("swap_scans", 0) == swap_scans)
         if same and (recipe.get("calibration") or {}).get("nsamples") == nsamples:
             return recipe
     calib = dict(calib_data=str(wikitext("valid")), nsamples=nsamples, seqlen=512, seed=0)
-    config = DepthConfig("blocks", count=count, criterion=criterion, generations=max(generations, 1))
+    config = DepthConfig(
+        "blocks", count=count, criterion=criterion, generations=max(generations, 1), swap_scans=swap_scans
+    )
     depth_prune_pretrained(src, config, out, overwrite=True, progress=generations > 0, **calib)
     return json.loads(recipe_file.read_text())
 
@@ -130,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--search", type=int, default=0, metavar="G", help="also --criterion search with G generations (perplexity)"
     )
+    parser.add_argument("--swap-scans", type=int, default=0, help="with --search: single-swap descents first")
+    parser.add_argument("--no-speed", action="store_true", help="perplexity only: no speed runs, no llama.cpp")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -157,8 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     searched = None
     if args.search:
         t = time.perf_counter()
-        found = prune(src, work / f"search{args.search}", args.count, args.nsamples, args.search)
-        net = load(work / f"search{args.search}")[0]
+        folder = work / (f"search{args.search}" + (f"-scan{args.swap_scans}" if args.swap_scans else ""))
+        search_load = load_average()
+        found = prune(src, folder, args.count, args.nsamples, args.search, args.swap_scans)
+        search_load += " → " + load_average()
+        net = load(folder)[0]
+        info = found["search"]
         searched = {
             "removed": found["removed"]["blocks"],
             "ppl": perplexity(net, windows, progress=False).perplexity,
@@ -167,9 +178,19 @@ def main(argv: list[str] | None = None) -> None:
             "kl_searched": found["search"]["kl"],
             "search_s": found["search"]["search_time_s"],
             "job_s": time.perf_counter() - t,
+            "load_average": search_load,
+            "block_runs_vs_uncached": info["block_runs"] / max(info["full_block_runs"], 1),
         }
         searched["ppl_vs_cosine"] = searched["ppl"] / ppl["depth"]
+        print(f"search steps: {info['history']}", flush=True)
         del net
+    if args.no_speed:
+        print(f"perplexity on {len(windows)} x {args.seqlen} test tokens: {ppl}")
+        if searched:
+            print_table([searched], f"criterion search, {args.swap_scans} swap scans + {args.search} generations")
+        payload = {"args": vars(args), "removed": removed, "scores": scores, "ppl": ppl, "search": searched}
+        print(f"results written to {save_results(name + '-quality', {**payload, 'machine': machine_info()})}")
+        return
     ids = windows[:1, : args.prompt]
     load_before = load_average()
     speed = torch_speed(models, ids, args.steps, args.rounds)
@@ -207,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"llama.cpp load average before / after: {cpp_load_before} / {cpp_load_after}")
 
     if searched:
-        print_table([searched], f"criterion search, {args.search} generations (same count; fitness KL)")
+        title = f"criterion search, {args.swap_scans} swap scans + {args.search} generations (same count; fitness KL)"
+        print_table([searched], title)
     if cpp_rows:
         print_table(cpp_rows, f"llama.cpp (GGUF f16, llama-bench -t {args.threads} -p {args.prompt} -n {args.steps})")
     print("machine:", machine_info())

@@ -281,3 +281,40 @@ def test_shrink_blocks_search_through_the_job(tiny_folder, tmp_path):
     assert recipe["removed"]["ranking"] == recipe["search"]["start_drop"]
     with pytest.raises(UserError, match="whole blocks"):
         DepthConfig("sublayers", ffn=1, criterion="search")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_prefix_cached_drop_fitness_equals_the_full_forward(family, calib):
+    from lmcompress.search.depth import DropFitness
+
+    model = tiny(family)
+    windows = calib[:3, :32]
+    cached, full = DropFitness(model, windows), DropFitness(model, windows, prefix=False)
+    cached.rebase([0, 1, 0, 0])  # one full forward per window
+    assert cached.cache is not None and cached.cache.usable and cached.block_runs == 4 * 3
+    later = [0, 1, 1, 0]  # equals the base before block 2: blocks 0 and 1 come from the cache
+    assert cached(later, 3, capture=True) == pytest.approx(full(later, 3), rel=1e-5, abs=1e-7)
+    assert cached.block_runs == 4 * 3 + 2 * 3 and cached.full_block_runs == 4 * 3
+    cached.rebase(later)  # from the capture: no forward
+    assert cached.block_runs == 4 * 3 + 2 * 3 and cached.base == later
+    for levels in ([0, 1, 1, 1], [1, 0, 0, 1], [0, 0, 0, 0], later):
+        assert cached(levels, 3) == pytest.approx(full(levels, 3), rel=1e-5, abs=1e-7)
+    runs = cached.block_runs
+    cached([0, 1, 1, 1], 3)  # a repeat is memoized: nothing runs
+    assert cached.block_runs == runs
+
+
+def test_swap_scans_find_the_dead_block_without_generations(calib):
+    from lmcompress.search.depth import search_drop_set
+
+    model = tiny("llama")
+    for p in get_blocks(model)[2].parameters():  # block 2 adds zero: dropping it changes nothing (KL 0)
+        if p.dim() == 2:
+            p.data.zero_()
+    drop, info = search_drop_set(model, [0], calib[:4, :32], generations=0, swap_scans=3, progress=False)
+    assert drop == [2] and info["kl"] == pytest.approx(0.0, abs=1e-6) and info["start_kl"] > 1e-3
+    assert info["history"][0]["improved"] and not info["history"][-1]["improved"]  # stops when no swap helps
+    slow, slow_info = search_drop_set(
+        model, [0], calib[:4, :32], generations=0, swap_scans=3, progress=False, prefix=False
+    )
+    assert slow == drop and slow_info["kl"] == pytest.approx(info["kl"], abs=1e-6)

@@ -45,9 +45,9 @@ SUBLAYERS = ("attention", "ffn")
 class DepthConfig:
     """What to remove: ``count`` whole blocks (``target="blocks"``), or the ``attention`` / ``ffn`` sublayers of
     that many blocks each (``target="sublayers"``), the least influential ones by ``criterion``: ``cosine``
-    (the ranking of the module docstring) or ``search`` (blocks only: ``generations`` generations of
-    ``offspring`` candidates from the ranking's drop set, scored by KL on ``fitness_windows`` calibration
-    windows; :mod:`lmcompress.search.depth`)."""
+    (the ranking of the module docstring) or ``search`` (blocks only: up to ``swap_scans`` single-swap descents
+    and then ``generations`` generations of ``offspring`` candidates from the ranking's drop set, scored by KL
+    on ``fitness_windows`` calibration windows; :mod:`lmcompress.search.depth`)."""
 
     target: str = "blocks"
     count: int = 0
@@ -58,6 +58,7 @@ class DepthConfig:
     offspring: int = 16
     fitness_windows: int = 8
     seed: int = 0
+    swap_scans: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,7 +78,7 @@ class DepthConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a whole number ≥ 1, got {value!r}", param=name)
-        for name in ("count", "attention", "ffn"):
+        for name in ("count", "attention", "ffn", "swap_scans"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise UserError(f"{name} must be a whole number ≥ 0, got {value!r}", param=name)
