@@ -43,7 +43,8 @@ Layers the kernels cannot run exactly stay ``nn.Linear`` holding the dequantized
 groups of unequal sizes; for PyTorch's, grouped grids of 5 to 8 bits (the int8 kernel has one scale per row),
 act-order groups (``g_idx``), int4 group sizes other than 32/64/128/256, ``out`` not a multiple of 16.
 2:4 and 4:8 sparse weights (quantized or float) run on lmcompress's sparse kernel (:mod:`lmcompress.kernels.sparse_cpu`,
-``kernels="auto"``), which reads the kept values and their positions only; unstructured sparsity has no CPU kernel.
+``kernels="auto"``), which reads the kept values and their positions only; unstructured sparsity on its bitmask
+kernel where that decodes faster than the dense one (``sparse_cpu.BITMASK_MIN_SPARSITY``).
 """
 
 from __future__ import annotations
@@ -234,19 +235,20 @@ def _packed_fits(q: QuantizedTensor) -> str | None:
 
 
 def kernel_for(q: QuantizedTensor, mode: str = "auto") -> tuple[str | None, str]:
-    """Which kernel runs ``q`` exactly (``"sparse"``, ``"packed"``, ``"int8"``, ``"int4"`` or None) and a short
-    description or the reason none does. ``mode="auto"`` prefers lmcompress's own kernels where they build (the
-    sparse one for 2:4 / 4:8 sparse codes), ``"aten"`` takes PyTorch's ops only."""
+    """Which kernel runs ``q`` exactly (``"sparse"``, ``"bitmask"``, ``"packed"``, ``"int8"``, ``"int4"`` or None)
+    and a short description or the reason none does. ``mode="auto"`` prefers lmcompress's own kernels where they
+    build (the sparse one for 2:4 / 4:8 sparse codes, the bitmask one for unstructured codes where it pays),
+    ``"aten"`` takes PyTorch's ops only."""
     spec = q.spec
     groups = spec.groups(q.codes.shape[1])
     packed_why = None  # why lmcompress's kernel cannot run q, where that kernel is available
     if mode == "auto":
         from lmcompress.kernels import cpu_ext
-        from lmcompress.kernels.sparse_cpu import sparse_kernel_for
+        from lmcompress.kernels.sparse_cpu import cpu_sparse_kernel_for
 
-        pattern, sparse_why = sparse_kernel_for(q)  # N:M sparse codes: the sparse kernel reads the kept ones only
-        if pattern is not None:
-            return "sparse", sparse_why
+        sparse_kind, sparse_why = cpu_sparse_kernel_for(q)  # sparse codes: the kept ones and their positions only
+        if sparse_kind is not None:
+            return sparse_kind, sparse_why
         if cpu_ext.extension() is not None:
             packed_why = _packed_fits(q)
             if packed_why is None:
@@ -371,10 +373,10 @@ def swap_quantized_linears(
             report.dense[param] = why
             continue
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-        if kind == "sparse":
-            from lmcompress.kernels.sparse_cpu import SparseLinear
+        if kind in ("sparse", "bitmask"):
+            from lmcompress.kernels.sparse_cpu import sparse_layer
 
-            layer: nn.Module = SparseLinear(q.to("cpu"), bias)
+            layer: nn.Module = sparse_layer(kind, q.to("cpu"), bias)
         elif kind == "packed":
             layer = PackedLinear(q.to("cpu"), bias)
         else:
