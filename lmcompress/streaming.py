@@ -202,11 +202,13 @@ class Streamed:
             "lmcompress_version": __version__,
         }
         blocks = len(get_blocks(job.model))
-        self.work = WorkFolder.open(job.output, settings, blocks, resume=resume, overwrite=job.overwrite)
+        # the stream checks the source against the model first: on a mismatch nothing is written
         self.stream = DiskStream(
-            job.model, self.shards, self.work, compute_dtype=self.compute, save_dtype=self.save_dtype,
+            job.model, self.shards, None, compute_dtype=self.compute, save_dtype=self.save_dtype,
             storage=self.storage,
         )  # fmt: skip
+        self.work = WorkFolder.open(job.output, settings, blocks, resume=resume, overwrite=job.overwrite)
+        self.stream.work = self.work
         setattr(job.model, STREAM_ATTR, self.stream)
 
     def running(self):

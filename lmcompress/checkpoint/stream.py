@@ -8,6 +8,12 @@ the block's packed parts) and to return its tensors to the meta device; it only 
 holds one block, one block of activations and, while the calibration inputs are captured, the embeddings,
 whatever the model's size.
 
+Checkpoints whose tensors transformers converts on load (its conversion mapping: the per-expert linears of
+Mixtral's ``block_sparse_moe.experts.E.w1/w3/w2`` or Qwen-MoE's ``mlp.experts.E.gate_proj/up_proj/down_proj``
+stacked into the fused ``experts.gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``) are read through the same
+conversion, one model tensor at a time (:func:`conversion_plan`); a dense output is written back in the source's
+layout, as ``save_pretrained`` reverts it.
+
 :class:`WorkFolder` is the hidden sibling ``.NAME.partial`` of the output. It holds the finished blocks, each
 block's share of the report, the current block inputs and ``state.json`` (the run's settings and how many blocks
 are done), so a killed run continues with ``resume`` from its last finished block; it becomes the output at the
@@ -184,6 +190,79 @@ class SourceShards:
         return {k: out[k] for k in keys}
 
 
+class Conversion:
+    """How one model tensor is read: the stored tensors it comes from, and transformers' converter that makes it
+    from them (``None``: the one stored tensor as it is, perhaps under another name)."""
+
+    def __init__(self, sources: list[str], converter=None) -> None:
+        self.sources, self.converter = sources, converter
+        self.patterns: list[str] = []  # the converter's source pattern each stored tensor matched
+
+    def build(self, name: str, model: nn.Module, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The tensor ``name`` from its stored ``tensors`` (read by the caller)."""
+        if self.converter is None:
+            return tensors[self.sources[0]]
+        import copy
+
+        converter = copy.deepcopy(self.converter)  # it collects the tensors it converts: one instance per use
+        for key, pattern in zip(self.sources, self.patterns, strict=True):
+            converter.add_tensor(name, key, pattern, tensors[key])
+        why = None
+        try:
+            out = converter.convert(name, model=model, config=model.config)
+        except Exception as exc:  # stored tensors that do not fit together (shapes, counts)
+            out, why = {}, f"transformers cannot build {name} from {self.sources[0]} ... {self.sources[-1]}: {exc}"
+        value = out.get(name)
+        value = value[0] if isinstance(value, list) else value
+        shape = tuple(_lookup(model, name).shape)
+        if why is None and (len(out) != 1 or value is None):
+            why = f"transformers converts {self.sources[0]} ... into {sorted(out)}, not one tensor {name}"
+        elif why is None and tuple(value.shape) != shape:
+            why = f"{name} built from {self.sources[0]} ... is {tuple(value.shape)}, the config says {shape}"
+        if why is not None:
+            raise UserError(
+                f"{why}: streaming cannot read this checkpoint layout; check the folder matches its config.json, "
+                "or use offload none to load it whole",
+                param="offload",
+            )
+        return value
+
+
+def conversion_plan(model: nn.Module, stored: list[str]) -> dict[str, Conversion]:
+    """Model tensor name → how it is read from the ``stored`` tensor names, through the conversion transformers
+    applies in ``from_pretrained`` (renamings, then at most one converter per stored tensor). Stored names that
+    map to no model tensor are planned under the name they map to (the caller reports them). Without that
+    machinery (transformers < 5) every tensor is read under its own name."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    except ImportError:
+        return {k: Conversion([k]) for k in stored}
+    wanted = set(model.state_dict())
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    plan: dict[str, Conversion] = {}
+    for key in sorted(stored, key=dot_natural_key):  # experts in numeric order, as from_pretrained stacks them
+        name, pattern = rename_source_key(key, renamings, converters)
+        if name not in wanted and key in wanted:  # as from_pretrained: a name that needs no renaming
+            name, pattern = key, None
+        if pattern is None:
+            if name in plan:
+                raise UserError(
+                    f"{plan[name].sources[0]} and {key} are both stored tensors of {name} (two layouts of one "
+                    "checkpoint in the folder?): keep the files of one, or use offload none",
+                    param="offload",
+                )
+            plan[name] = Conversion([key])
+            continue
+        entry = plan.setdefault(name, Conversion([], by_pattern[pattern]))
+        entry.sources.append(key)
+        entry.patterns.append(pattern)
+    return plan
+
+
 class WorkFolder:
     """``.NAME.partial`` beside the output: finished blocks, their report shares, block inputs and ``state.json``."""
 
@@ -295,6 +374,11 @@ def _lookup(root: nn.Module, name: str) -> torch.Tensor:
     return module._parameters[leaf] if leaf in module._parameters else module._buffers[leaf]
 
 
+def _meta_tensor(info: dict) -> torch.Tensor:
+    """A meta tensor of a safetensors header entry's shape and dtype."""
+    return torch.empty(info["shape"], dtype=_DTYPES.get(info["dtype"], torch.uint8), device="meta")
+
+
 def _shape_only(q: QuantizedTensor) -> QuantizedTensor:
     """``q`` without its codes (on the meta device; the shape stays): the grids are all a report still needs."""
     return QuantizedTensor(
@@ -320,7 +404,7 @@ class DiskStream:
         self,
         model: nn.Module,
         source: SourceShards,
-        work: WorkFolder,
+        work: WorkFolder | None,  # set before the first block is read
         *,
         compute_dtype: torch.dtype,
         save_dtype: torch.dtype,
@@ -347,13 +431,19 @@ class DiskStream:
         self.block_keys = [[k for k in self.order if k.startswith(f"{self.prefix}.{i}.")] for i in range(self.n)]
         inside = {k for keys in self.block_keys for k in keys}
         self.rest_keys = [k for k in self.order if k not in inside]
+        self.plan = conversion_plan(model, list(source.where))
+        # read through transformers' conversion: a dense output goes back to the source's layout (as saved)
+        self.converted = any(c.sources != [k] for k, c in self.plan.items())
         self._check_keys(inside)
+        for name, c in self.plan.items():  # each converted tensor built once on the meta device: fails now, not later
+            if c.converter is not None:
+                c.build(name, model, {k: _meta_tensor(source.info[k]) for k in c.sources})
         self.transposed = _transposed_params(model)
 
     def _check_keys(self, inside: set[str]) -> None:
-        stored = set(self.source.where)
+        stored = set(self.plan)
         wanted = set(self.order)
-        unexpected = sorted(stored - wanted)
+        unexpected = sorted(src for k, c in self.plan.items() if k not in wanted for src in c.sources)
         missing = sorted(k for k in wanted - stored if not any(a in stored for a in self.aliases[k]))
         if missing or unexpected:
             raise UserError(
@@ -363,19 +453,35 @@ class DiskStream:
                 param="offload",
             )
         floats = [n for n, p in self.model.named_parameters() if p.is_floating_point() and n in stored]
-        ints = [n for n in floats if not _DTYPES.get(self.source.info[n]["dtype"], torch.uint8).is_floating_point]
+        ints = [n for n in floats if not _DTYPES.get(self._info(n)["dtype"], torch.uint8).is_floating_point]
         if ints:  # integer bit patterns would be cast into weights
             raise UserError(f"{self.source.folder} stores float weights as integers: {ints[:5]}; the file is damaged")
 
     def stored(self, key: str) -> str:
         """The name ``key`` (or a name tied to it) has in the source files."""
-        return next(a for a in [key, *self.aliases[key]] if a in self.source.where)
+        return next(a for a in [key, *self.aliases[key]] if a in self.plan)
+
+    def _info(self, name: str) -> dict:
+        """The safetensors header entry (dtype, shape) of the (first) stored tensor model tensor ``name`` is
+        read from."""
+        return self.source.info[self.plan[name].sources[0]]
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The model tensors ``names`` as stored (dtype), each built from its stored tensors (:class:`Conversion`);
+        a converted one (a block's fused experts) is read and built before the next one is read."""
+        plain = [n for n in names if self.plan[n].converter is None]
+        got = self.source.read([self.plan[n].sources[0] for n in plain])
+        out = {n: got[self.plan[n].sources[0]] for n in plain}
+        for n in names:
+            if self.plan[n].converter is not None:
+                out[n] = self.plan[n].build(n, self.model, self.source.read(self.plan[n].sources))
+        return {n: out[n] for n in names}
 
     # -- reading and freeing ------------------------------------------------------------------------------
 
     def _load(self, keys: list[str], device: torch.device) -> None:
         names = list(dict.fromkeys(self.stored(k) for k in keys))
-        for name, t in self.source.read(names).items():
+        for name, t in self._read(names).items():
             t = t.to(device=device, dtype=self.compute_dtype) if t.is_floating_point() else t.to(device)
             if t.is_floating_point() and not _all_finite(t):
                 raise UserError(f"{self.source.folder} has NaN or infinite weights in {name}; the file is damaged")
@@ -452,17 +558,19 @@ class DiskStream:
         write_path_atomic(path, lambda tmp: write_safetensors(tmp, specs, tensors.__getitem__, metadata))
 
     def _dtype_of(self, key: str) -> torch.dtype:
-        stored = _DTYPES[self.source.info[self.stored(key)]["dtype"]]
+        stored = _DTYPES[self._info(self.stored(key))["dtype"]]
         return self.save_dtype if stored.is_floating_point else stored
 
     def _store_dense(self, name: str, keys: list[str], *, lazy: bool) -> dict:
         """A dense shard of ``keys``; ``lazy``: each tensor read from the source only while it is written."""
         stored = [k for k in keys if self.stored(k) == k]  # a tied copy is not stored twice
-        specs = [(k, self._dtype_of(k), tuple(self.source.info[k]["shape"])) for k in stored]
+        if self.converted and not (lazy and set(self._saved_names(stored)) == set(stored)):
+            return self._store_reverted(name, stored, lazy=lazy)
+        specs = [(k, self._dtype_of(k), tuple(self._info(k)["shape"])) for k in stored]
         if lazy:
 
             def get(k: str) -> torch.Tensor:
-                t = self.source.read([k])[k]
+                t = self._read([k])[k]
                 return t.to(self.compute_dtype).to(self.save_dtype) if t.is_floating_point() else t
 
         else:
@@ -471,6 +579,31 @@ class DiskStream:
         meta = {"format": "pt"}
         write_path_atomic(self.work.path / name, lambda tmp: write_safetensors(tmp, specs, get, meta))
         return {"file": name, "keys": stored, "bytes": sum(math.prod(s) * d.itemsize for _k, d, s in specs)}
+
+    def _saved_names(self, keys: list[str]) -> list[str]:
+        """The names ``save_pretrained`` gives the model tensors ``keys`` (worked out on the meta device)."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        meta = {k: torch.empty_like(_lookup(self.model, k), device="meta") for k in keys}
+        return list(revert_weight_conversion(self.model, meta))
+
+    def _store_reverted(self, name: str, keys: list[str], *, lazy: bool) -> dict:
+        """A dense shard of ``keys`` under the names ``save_pretrained`` writes (transformers' conversion reverted:
+        fused experts split back into the source's per-expert tensors); ``lazy``: read here, freed after."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        if lazy:
+            self._load(keys, torch.device("cpu"))
+        try:
+            state = revert_weight_conversion(self.model, {k: _lookup(self.model, k).detach() for k in keys})
+            dtypes = {k: self.save_dtype if v.is_floating_point() else v.dtype for k, v in state.items()}
+            specs = [(k, dtypes[k], tuple(v.shape)) for k, v in state.items()]
+            meta = {"format": "pt"}
+            write_path_atomic(self.work.path / name, lambda tmp: write_safetensors(tmp, specs, state.__getitem__, meta))
+        finally:
+            if lazy:
+                self._free(keys)
+        return {"file": name, "keys": list(state), "bytes": sum(math.prod(s) * d.itemsize for _k, d, s in specs)}
 
     def _store(self, name: str, keys: list[str], *, lazy: bool = False) -> dict:
         """Write tensors ``keys`` as file ``name`` in the work folder; what the record says about them."""
@@ -543,7 +676,7 @@ class DiskStream:
                 os.replace(self.work.path / r["file"], folder / r["file"])
             index = {
                 "metadata": {"total_size": sum(r["bytes"] for r in records)},
-                "weight_map": {k: weight_map[k] for k in self.order if k in weight_map},
+                "weight_map": {k: weight_map[k] for k in [*self.order, *weight_map] if k in weight_map},
             }
             (folder / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
             return None
