@@ -210,13 +210,14 @@ def bitmask_crossover(args) -> None:
                     rows.append(row)
                     print(row, flush=True)
             del sparse
-    crossover: dict[str, dict] = {}
+    crossover: dict[str, dict] = {}  # per clock and thread count, then over all thread counts
     for key in ("speedup", "speedup (CPU time)"):
-        crossover[key] = {}
-        for values in VALUES:
-            mine = [r for r in rows if r["values"] == values]
-            pays = [s for s in args.sparsities if all(r[key] >= 1 for r in mine if r["sparsity"] >= s)]
-            crossover[key][values] = min(pays) if pays else None
+        for threads in [*args.threads_list, None]:
+            table = crossover[f"{key}, {'all thread counts' if threads is None else f'{threads} threads'}"] = {}
+            for values in VALUES:
+                mine = [r for r in rows if r["values"] == values and threads in (None, r["threads"])]
+                pays = [s for s in args.sparsities if all(r[key] >= 1 for r in mine if r["sparsity"] >= s)]
+                table[values] = min(pays) if pays else None
     machine["load average after"] = os.getloadavg()
     title = (
         f"bitmask kernel vs dense, decode (1 row), one block's linear layers, {copies} copies cycled "
