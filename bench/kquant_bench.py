@@ -21,6 +21,11 @@ Protocol (issue 32), every file kept in ``bench/cache/kquant/<model>/``:
 - score: ``llama-perplexity -f test.txt -c 512 --chunks 8`` saves the f16 logits (``--kl-divergence-base``), then
   ``--kl-divergence`` for every file: perplexity, mean KLD, same top token, file bytes, and the prompt tokens/s
   of llama-perplexity's first pass; ``--llama-bench`` adds ``llama-bench -p 512 -n 0`` (built on demand).
+- speed (``--speed``, one command to rerun on a quiet machine): the cached llama.cpp and lmcompress files of each
+  type side by side in ``llama-bench``: prompt processing (``-p 512 -n 0``) and decode (``-p 0 -n 64``), the two
+  files alternated for ``--speed-rounds`` rounds of ``-r --speed-reps`` each, so a load change hits both; tokens/s mean
+  and standard deviation over all samples, the ratio lmcompress / llama.cpp and the load averages around it.
+  Nothing is quantized or scored: the files must exist (a run without ``--speed`` makes them).
 
 Results go to ``bench/results/kquant_bench[-<model>].json`` after every file, so a partial run is kept.
 ``--lock PATH`` holds an flock on PATH around each step that loads the model (other Qwen jobs interleave).
@@ -205,10 +210,15 @@ def tensor_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
 
 
+def lmc_tag(qtype: str, args) -> str:
+    """The name stem of lmcompress's file of ``qtype`` under these calibration and GPTQ settings."""
+    return f"{qtype}-{args.calib_chunks}x{args.calib_ctx}{'-act' if args.act_order else ''}-d{args.percdamp:g}"
+
+
 def lmc_side(qtype: str, f16: Path, windows: Path, text: Path, theirs: Path, work: Path, args) -> Path | None:
     """lmcompress GPTQ of the f16 file on ``qtype``'s grid or mix, exported as GGUF (``None``: not available)."""
     act = ["--act-order", "--static-groups"] if args.act_order else []
-    tag = f"{qtype}-{args.calib_chunks}x{args.calib_ctx}{'-act' if args.act_order else ''}-d{args.percdamp:g}"
+    tag = lmc_tag(qtype, args)
     folder, out = work / f"lmc-{tag}", work / f"lmc-{tag}.gguf"
     if qtype == "q4_0":
         grid = ["--bits", 4, "--group-size", 32, "--grid", "q4_0"]
@@ -282,6 +292,71 @@ def llama_bench(path: Path, args) -> float | None:
     return float(rows[0]["avg_ts"]) if rows else None
 
 
+def speed_samples(path: Path, args, prompt: int, gen: int, reps: int = 3) -> list[float]:
+    """``llama-bench``'s tokens/s samples of ``path``: prompt processing (``prompt`` tokens) or decode (``gen``)."""
+    out = run([build_tool("llama-bench"), "-m", path, "-p", prompt, "-n", gen, "-t", args.threads, "-r", reps,
+               "-o", "json"], merge=False)  # fmt: skip
+    rows = json.loads(out[out.index("[") :])
+    return [float(v) for row in rows for v in row["samples_ts"]]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+    return mean, var**0.5
+
+
+def speed(types: list[str], work: Path, args) -> dict:
+    """Tokens/s of each type's llama.cpp and lmcompress files in ``llama-bench`` (see the module docstring)."""
+    tests = {"pp512": (512, 0), "tg64": (0, 64)}
+    out: dict = {"load_average_start": load_average(), "threads": args.threads, "rounds": args.speed_rounds,
+                 "reps": args.speed_reps, "types": {}}  # fmt: skip
+    for qtype in types:
+        tag = lmc_tag(qtype, args)
+        files = {
+            "llama.cpp": work / f"llama-{LLAMA_FILE.get(qtype, qtype)}.gguf",
+            "lmcompress": work / f"lmc-{tag}.gguf",
+        }
+        missing = [str(f) for f in files.values() if not f.is_file()]
+        if missing:
+            print(
+                f"{qtype}: {', '.join(missing)} missing; make them with: python -m bench.kquant_bench --types {qtype}"
+            )
+            continue
+        samples = {side: {test: [] for test in tests} for side in files}
+        with locked(args.lock):
+            for _ in range(args.speed_rounds):
+                for test, (p, n) in tests.items():
+                    for side, path in files.items():
+                        samples[side][test] += speed_samples(path, args, p, n, args.speed_reps)
+        entry: dict = {side: {"file": path.name, "bytes": path.stat().st_size} for side, path in files.items()}
+        for test in tests:
+            for side in files:
+                mean, std = _mean_std(samples[side][test])
+                entry[side][test] = {"tok_s": mean, "std": std, "samples": samples[side][test]}
+            entry[f"{test}_ratio"] = entry["lmcompress"][test]["tok_s"] / entry["llama.cpp"][test]["tok_s"]
+        out["types"][qtype] = entry
+        print(f"{qtype}: " + ", ".join(
+            f"{test} llama.cpp {entry['llama.cpp'][test]['tok_s']:.1f} ± {entry['llama.cpp'][test]['std']:.1f}, "
+            f"lmcompress {entry['lmcompress'][test]['tok_s']:.1f} ± {entry['lmcompress'][test]['std']:.1f} tok/s "
+            f"(×{entry[f'{test}_ratio']:.3f})" for test in tests) + f"; load {load_average()}", flush=True)  # fmt: skip
+    out["load_average_end"] = load_average()
+    return out
+
+
+def speed_rows(result: dict) -> list[dict]:
+    rows = []
+    for qtype, entry in result["types"].items():
+        row = {"type": LLAMA_FTYPE[qtype]}
+        for test in ("pp512", "tg64"):
+            for side in ("llama.cpp", "lmcompress"):
+                r = entry[side][test]
+                row[f"{test} {side} tok/s"] = f"{r['tok_s']:.1f} ± {r['std']:.1f}"
+            row[f"{test} ratio"] = entry[f"{test}_ratio"]
+        rows.append(row)
+    return rows
+
+
 # ---------------------------------------------------------------- table
 
 
@@ -341,6 +416,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="GPTQ --act-order --static-groups (grid fixed first)")  # fmt: skip
     parser.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening")
     parser.add_argument("--llama-bench", action="store_true", help="also llama-bench -p 512 -n 0 tokens/s")
+    parser.add_argument(
+        "--speed",
+        action="store_true",
+        help="only llama-bench tokens/s (pp512, tg64) of the cached files of --types, side by side",
+    )
+    parser.add_argument("--speed-rounds", type=int, default=3, help="--speed: rounds alternating the two files")
+    parser.add_argument("--speed-reps", type=int, default=3, help="--speed: llama-bench -r per file and round")
     parser.add_argument("--tag", default="", help="suffix of the results file (keeps earlier runs' files)")
     parser.add_argument("--lock", default=None, help="flock this file around each step that loads the model")
     args = parser.parse_args(argv)
@@ -353,6 +435,13 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     name = results_name("kquant_bench", dense) + args.tag
     qwen = "qwen" in dense.name
+    if args.speed:
+        result = {"model": str(dense), "llama_cpp_source": version(), **speed(types, work, args)}
+        print("machine:", machine_info())
+        print_table(speed_rows(result), f"llama-bench tokens/s on {dense.name}, {args.threads} threads "
+                    f"(load {result['load_average_start']} → {result['load_average_end']})")  # fmt: skip
+        print("wrote", save_results(results_name("kquant_speed", dense) + args.tag, result))
+        return
 
     f16 = work / "f16.gguf"
     if not f16.is_file():
