@@ -178,11 +178,6 @@ def test_resumed_moe_run_gives_the_same_files(tmp_path, moe_source, opts, monkey
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the transforms do not yet register expert_tokens / experts_few_tokens with the stream (track), so a "
-    "resumed run's recipe lacks the finished blocks' counts; patch: /tmp/team/H8-track-expert-tokens.patch",
-)
 def test_resumed_moe_run_keeps_the_routed_token_counts(tmp_path, moe_source, opts, monkeypatch):
     whole, resumed = _killed_and_resumed(tmp_path, moe_source("qwen2_moe"), opts, monkeypatch)
     a, b = _recipe(whole), _recipe(resumed)

@@ -488,7 +488,8 @@ class _Pruner:
     def dicts(self) -> dict[str, dict | None]:
         return {
             "layer_sparsity": self.layer_sparsity, "damping": self.damping, "pruned": self.pruned,
-            "zeros": self.zeros, "quantized": self.quantized,
+            "zeros": self.zeros, "quantized": self.quantized, "expert_tokens": self.expert_tokens,
+            "experts_few_tokens": self.experts_few_tokens,
         }  # fmt: skip
 
     def solve(self, i: int, layers: dict[str, nn.Module], group: list[str], stats: InputStats | None):

@@ -454,7 +454,10 @@ def quantize(
     head = config.include_head or types is not None
     quantizer = _Quantizer(config, blocks_path(model), device, types)
     quantized, layer_loss = quantizer.quantized, quantizer.layer_loss
-    track(model, quantized=quantized, layer_loss=layer_loss, damping=quantizer.damping)
+    track(
+        model, quantized=quantized, layer_loss=layer_loss, damping=quantizer.damping,
+        expert_tokens=quantizer.expert_tokens, experts_few_tokens=quantizer.experts_few_tokens,
+    )  # fmt: skip
     last, fallback = compress_layers(
         model,
         quantizer,
