@@ -213,6 +213,8 @@ def test_removed_blocks_export_to_gguf(tiny_folder, tmp_path):
         (["blocks", "--count", "1", "--criterion", "wanda"], "cosine"),
         (["blocks", "--count", "1", "--ratio", "0.2"], "--ratio"),
         (["sublayers", "--ffn", "1", "--count", "1"], "--count"),
+        (["blocks", "--count", "1", "--swap-scans", "1"], "--swap-scans"),
+        (["blocks", "--count", "1", "--criterion", "search", "--swap-scans", "-1"], "--swap-scans must be"),
     ],
 )
 def test_bad_input_writes_nothing(argv, match, tiny_folder, tmp_path, capsys):
@@ -318,3 +320,15 @@ def test_swap_scans_find_the_dead_block_without_generations(calib):
         model, [0], calib[:4, :32], generations=0, swap_scans=3, progress=False, prefix=False
     )
     assert slow == drop and slow_info["kl"] == pytest.approx(info["kl"], abs=1e-6)
+
+
+def test_shrink_blocks_cli_search_with_swap_scans(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "searched"
+    code = run_cli(["shrink", "blocks", str(tiny_folder("llama")), "--count", "1", "--criterion", "search",
+                    "--generations", "1", "--swap-scans", "2", "--calib-data", "bundled:wikitext2-valid",
+                    "--nsamples", "2", "--seqlen", "32", "-q", "-o", str(out)])  # fmt: skip
+    assert code == 0
+    assert "swap scans + 1 generations" in capsys.readouterr().out
+    recipe = json.loads((out / "lmcompress.json").read_text())
+    assert recipe["swap_scans"] == 2 and recipe["search"]["history"][0]["scan"]
+    assert recipe["search"]["kl"] <= recipe["search"]["start_kl"]

@@ -12,7 +12,7 @@ from lmcompress.errors import UserError
 
 OWL = ("owl_m", "owl_lambda")
 WIDTH = ("ratio", "correction", "allocation", "owl_m", "owl_lambda")  # FFN channels / heads only
-DEPTH = ("count", "attention", "ffn", "generations")  # blocks / sublayers only
+DEPTH = ("count", "attention", "ffn", "generations", "swap_scans")  # blocks / sublayers only
 
 
 def run_shrink(ctx: typer.Context, structure: str, model: str, output: str, **kw) -> None:
@@ -73,8 +73,10 @@ def run_depth(ctx: typer.Context, structure: str, model: str, output: str, **kw)
         options.refuse(ctx, ("count",), "to shrink sublayers (use --attention K and/or --ffn K)")
     criterion = kw["criterion"] or "cosine"
     if criterion != "search":
-        options.refuse(ctx, ("generations",), "without --criterion search")
-    config = DepthConfig(target, kw["count"] or 0, kw["attention"], kw["ffn"], criterion, kw["generations"])
+        options.refuse(ctx, ("generations", "swap_scans"), "without --criterion search")
+    config = DepthConfig(
+        target, kw["count"] or 0, kw["attention"], kw["ffn"], criterion, kw["generations"], swap_scans=kw["swap_scans"]
+    )
     report = depth_prune_pretrained(model, config, output, **options.job_options(kw))
     if kw["as_json"]:
         typer.echo(json_text(report.to_dict()))
@@ -93,7 +95,7 @@ def run_depth(ctx: typer.Context, structure: str, model: str, output: str, **kw)
         s = report.search
         typer.echo(
             f"search: KL {s['start_kl']:.4f} (cosine ranking's drop set {s['start_drop']}) → {s['kl']:.4f} in "
-            f"{s['generations']} generations, {s['search_time_s']:.1f}s"
+            f"{s.get('swap_scans', 0)} swap scans + {s['generations']} generations, {s['search_time_s']:.1f}s"
         )
     for part, values in report.scores.items():
         typer.echo(f"influence ({part}, 1 − cos): " + " ".join(f"{i}:{v:.4f}" for i, v in enumerate(values)))
@@ -129,6 +131,12 @@ def shrink(
     ffn: int = typer.Option(0, "--ffn", help="sublayers: how many blocks lose their FFN."),
     generations: int = typer.Option(
         20, "--generations", help="blocks with --criterion search: generations of the evolutionary search."
+    ),
+    swap_scans: int = typer.Option(
+        0,
+        "--swap-scans",
+        help="blocks with --criterion search: before the generations, up to this many descents by the best single "
+        "swap (one dropped block kept, one kept block dropped; every swap scored).",
     ),
     calib_data: str = options.calib_data(),
     nsamples: int = options.NSAMPLES,
