@@ -183,3 +183,20 @@ def test_float_folder_below_the_threshold_stays_dense(tiny_folder, tmp_path):
     assert result.exit_code == 0, result.output
     fast, _ = load(out, kernels="auto")
     assert not any(isinstance(m, (sc.BitmaskLinear, sc.SparseLinear)) for m in fast.modules())
+
+
+def test_swap_judges_the_whole_weight_not_its_first_row():
+    """A layer sparse overall whose row 0 is dense (per-layer magnitude pruning) is swapped; one under the
+    threshold is not."""
+    floor = sc.BITMASK_MIN_SPARSITY[sc.KIND_FLOAT]
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(64, 64))
+    with torch.no_grad():
+        w = torch.randn(32, 64)
+        w[1:, 24:] = 0  # row 0 full, the others keep 24 of 64: 1 − (64 + 31·24) / 2048 = 60.5 % zeros
+        model[0].weight.copy_(w)
+        model[1].weight.copy_(_weight(64, 64, floor - 0.15))
+    assert 1 - int(torch.count_nonzero(w)) / w.numel() >= floor
+    swapped = sc.swap_sparse_linears(model)
+    assert list(swapped) == ["0"] and isinstance(model[0], sc.BitmaskLinear)
+    x = torch.randn(3, 64)
+    assert torch.allclose(model[0](x), x @ w.T + model[0].bias, atol=1e-5)

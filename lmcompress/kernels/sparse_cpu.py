@@ -313,7 +313,7 @@ def bitmask_kernel_for(q: QuantizedTensor | torch.Tensor, min_sparsity: float | 
     kernel decodes faster than the dense one), else ``(False, why not)``; why is empty under :data:`MIN_SPARSITY`."""
     quantized = isinstance(q, QuantizedTensor)
     keep = quantized_keep(q) if quantized else q.detach() != 0
-    zeros = 1 - float(keep.float().mean()) if keep.numel() else 0.0
+    zeros = 1 - int(keep.sum()) / keep.numel() if keep.numel() else 0.0  # exact: 50 % is not 49.99997 %
     floor = BITMASK_MIN_SPARSITY[_value_kind(q)] if min_sparsity is None else min_sparsity
     if zeros < MIN_SPARSITY and (floor is None or floor >= MIN_SPARSITY):
         return False, ""
@@ -426,7 +426,7 @@ class BitmaskLinear(nn.Module):
             keep = values != 0
             scale = zero = torch.empty(0, 0)
         parts = pack_bitmask(values, keep, self.kind)
-        self.sparsity = 1 - float(keep.float().mean()) if keep.numel() else 0.0
+        self.sparsity = 1 - int(keep.sum()) / keep.numel() if keep.numel() else 0.0
         for name in ("mask", "vals", "offsets"):
             self.register_buffer(name, parts[name], persistent=False)
         self.register_buffer("scales", scale.contiguous(), persistent=False)
@@ -494,8 +494,8 @@ def swap_sparse_linears(model: nn.Module, report=None, *, skip: set[str] | None 
         w = module.weight.detach()
         if not w.is_floating_point() or w.dim() != 2 or not w.shape[0]:
             continue
-        row = w[:1] != 0  # cheap test on row 0: N:M, or about sparse enough for the bitmask kernel
-        if nm_pattern(row) is None and (floor is None or 1 - float(row.float().mean()) < floor - 0.1):
+        zeros = 1 - int(torch.count_nonzero(w)) / w.numel()  # cheap tests: row 0 N:M, or sparse enough overall
+        if nm_pattern(w[:1] != 0) is None and (floor is None or zeros < floor):
             continue
         kind, why = cpu_sparse_kernel_for(w)
         if kind is None:
