@@ -285,7 +285,7 @@ def search(
         d = report.decode
         typer.echo(
             f"decode: budget {d['budget_s'] * 1e3:.3g} ms per token, predicted {d['predicted_s'] * 1e3:.3g} ms "
-            f"({d['predicted_speedup']:.2f}x dense float32's {d['dense_s'] * 1e3:.3g} ms at {d['threads']} threads); "
+            f"({d['predicted_speedup']:.2f}x dense float32's {d['dense_s'] * 1e3:.3g} ms; threads {d['threads']}); "
             f"{report.size['written']} bytes written"
         )
     elif report.size is not None:
