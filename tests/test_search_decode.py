@@ -145,6 +145,7 @@ def test_the_searched_model_meets_the_decode_budget(fake_timer, tied_folder, tmp
     assert decode["budget_s"] == pytest.approx(decode["dense_s"] / 2) and report["achieved"] == decode["predicted_s"]
     assert "budget" not in report["size"] and report["size"]["written"] > 0  # bytes are reported as bytes only
     assert set(chosen.values()) != {"0/2"}  # the budget is used, not every layer at the fastest level
+    assert json.loads((out / "lmcompress.json").read_text())["budget"] == {"decode": "2x"}  # the recipe names it
     fast, _ = lmcompress.load(out, kernels="auto")
     assert fast.lmcompress_kernels.swapped  # the levels run on the kernels the table timed
     measured = len(fake_timer)

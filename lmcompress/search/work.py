@@ -136,7 +136,7 @@ def recipe_fields(config: SearchConfig, report: SearchReport) -> dict:
     return {
         "search": config.to_dict(),
         "method": config.method,
-        "budget": {config.kind: report.config["target"]},
+        "budget": {"decode": config.decode} if config.decode is not None else {config.kind: report.config["target"]},
         "max_loss": max_loss,
         "max_loss_confidence": config.max_loss_confidence if max_loss is not None else None,
         "tuned": report.tuned,
