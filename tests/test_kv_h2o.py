@@ -218,3 +218,12 @@ def test_eval_cli_runs_generated_qa_through_the_compressed_cache(tiny_folder, ca
     assert qa["n"] == 4 and 0 <= qa["em"] <= qa["f1"] + 1e-9 <= 1 and len(qa["em_ci"]) == 2
     assert "lengths [96]" in qa["data"] and out["kv_cache"]["settings"]["budget"] == 0.5
     assert "qa/em" in out["intervals"] and "qa/f1" in out["metrics"]
+
+
+def test_retrieval_lengths_apply_to_bare_qa_and_are_refused_for_sourced_tasks(tiny_folder, capsys, tmp_path):
+    folder = tiny_folder("llama")
+    argv = ["eval", str(folder), "--limit", "2", "--json", "--retrieval-lengths", "96"]
+    assert run_cli([*argv, "--tasks", "qa"]) == 0
+    assert "lengths [96]" in json.loads(capsys.readouterr().out)["tasks"]["qa"]["data"]
+    assert run_cli([*argv, "--tasks", "ppl:bundled:wikitext2-test"]) != 0
+    assert "without a retrieval task or bare qa" in capsys.readouterr().err

@@ -35,7 +35,8 @@ def evaluate(
     tasks: str = typer.Option(
         None,
         "--tasks",
-        help="Comma-separated: ppl:TEXT, mc:TASK, qa:TASK, retrieval[:kv|:passage]. TASK is a JSONL file, "
+        help="Comma-separated: ppl:TEXT, mc:TASK, qa:TASK, qa (generated passage QA, offline), "
+        "retrieval[:kv|:passage]. TASK is a JSONL file, "
         "bundled:mc-demo / bundled:qa-demo, or arc_easy, arc_challenge, hellaswag, piqa, boolq, openbookqa, "
         "triviaqa, nq_open, web_questions.",
     ),
@@ -45,7 +46,10 @@ def evaluate(
         None, "--harness", help="lm-evaluation-harness task names to run on the model (needs pip install lm-eval)."
     ),
     retrieval_lengths: str = typer.Option(
-        None, "--retrieval-lengths", help="Retrieval prompt lengths in tokens, e.g. 256,512 [default: 128..context]."
+        None,
+        "--retrieval-lengths",
+        help="Prompt lengths in tokens of retrieval and bare qa, e.g. 256,512 [default: retrieval "
+        "128..context, qa 512,1024].",
     ),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per forward pass when scoring choices."),
     seed: int = typer.Option(0, "--seed", help="Seed for retrieval prompts and few-shot draws."),
@@ -146,8 +150,8 @@ def evaluate(
                 "mc tasks score choices by one teacher-forced forward without a cache: the compressed KV cache does "
                 "not apply; drop the mc tasks or the --kv-* options"
             )
-        if not any(s.kind == "retrieval" for s in specs):
-            options.refuse(ctx, ("retrieval_lengths",), "without a retrieval task in --tasks")
+        if not any(s.kind == "retrieval" or (s.kind == "qa" and s.source is None) for s in specs):
+            options.refuse(ctx, ("retrieval_lengths",), "without a retrieval task or bare qa in --tasks")
     else:
         options.refuse(ctx, ("retrieval_lengths",), "without a retrieval task in --tasks")
     result = evaluate_pretrained(
