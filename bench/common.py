@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from lmcompress.runtime import cpu_name
+
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache"
 RESULTS = ROOT / "results"
@@ -42,14 +44,7 @@ def wikitext(split: str) -> Path:
 
 def machine_info() -> dict:
     """CPU model, cores, memory, torch threads and versions: printed next to every measured number."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem_gib = None
     try:
         pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")

@@ -4,6 +4,7 @@ and the library versions a recipe records."""
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,6 +28,17 @@ def resolve_seqlen(model: nn.Module, seqlen: int | None, minimum: int = 1) -> in
             f"seqlen {seqlen} is longer than the model's context of {ctx} tokens; use seqlen {ctx}", param="seqlen"
         )
     return seqlen
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` where there is one, else what :mod:`platform` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def versions() -> dict:

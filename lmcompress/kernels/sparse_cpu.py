@@ -191,7 +191,45 @@ def pack_nm(values: torch.Tensor, keep: torch.Tensor, n: int, m: int, kind: int)
     return out
 
 
-class SparseLinear(nn.Module):
+class _ExpandingLinear(nn.Module):
+    """The forward both sparse layers share: up to ``DECODE_ROWS`` rows by the kernel's own product
+    (:meth:`_gemv`), more rows by expanding a slice of weight rows at a time into one reused buffer
+    (:meth:`_expand`) and one float32 GEMM per slice; then the bias."""
+
+    in_features: int
+    out_features: int
+    slice_rows: int
+
+    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _expand(self, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()
+        if x2.shape[0] == 0:
+            y = x2.new_zeros(0, self.out_features)
+        elif x2.shape[0] <= DECODE_ROWS:
+            y = self._gemv(x2)
+        else:
+            yt = x2.new_empty(self.out_features, x2.shape[0])
+            buffer = _workspace(self.slice_rows * self.in_features)
+            for start in range(0, self.out_features, self.slice_rows):
+                stop = min(start + self.slice_rows, self.out_features)
+                torch.mm(self._expand(start, stop, buffer), x2.t(), out=yt[start:stop])
+            y = yt.t()
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The float32 ``[out, in]`` weight the layer multiplies by (expanded; for tests and checks)."""
+        return self._expand(0, self.out_features, torch.empty(self.out_features * self.in_features)).clone()
+
+
+class SparseLinear(_ExpandingLinear):
     """``y = x · Wᵀ + b`` for an N:M sparse ``W`` (float, or quantized ``(q − z) · s``) from its kept values.
 
     Like :class:`~lmcompress.kernels.linear.PackedLinear` the weight lives in non-persistent buffers."""
@@ -231,27 +269,11 @@ class SparseLinear(nn.Module):
     def _args(self) -> tuple:
         return (self.vals, self.pos, self.hi, self.scales, self.zeros, self.kind, self.m, self.group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).float()
-        if x2.shape[0] <= DECODE_ROWS:
-            y = self.ext.nm_gemv(x2, self.vals, self.pos, self.hi, self.scales, self.zeros, *self._meta)
-        else:  # many rows: expand a slice of rows at a time into one buffer, one float32 GEMM each
-            yt = x2.new_empty(self.out_features, x2.shape[0])
-            buffer = _workspace(self.slice_rows * self.in_features)
-            for start in range(0, self.out_features, self.slice_rows):
-                stop = min(start + self.slice_rows, self.out_features)
-                w = self.ext.nm_expand(*self._args(), self.in_features, start, stop, buffer)
-                torch.mm(w, x2.t(), out=yt[start:stop])
-            y = yt.t()
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.ext.nm_gemv(x2, self.vals, self.pos, self.hi, self.scales, self.zeros, *self._meta)
 
-    def dense_weight(self) -> torch.Tensor:
-        """The float32 ``[out, in]`` weight the layer multiplies by (expanded; for tests and checks)."""
-        out = torch.empty(self.out_features * self.in_features)
-        return self.ext.nm_expand(*self._args(), self.in_features, 0, self.out_features, out).clone()
+    def _expand(self, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+        return self.ext.nm_expand(*self._args(), self.in_features, start, stop, buffer)
 
     def extra_repr(self) -> str:
         kind = {KIND_FLOAT: "float32", KIND_INT4: "4-bit codes", KIND_INT8: "8-bit codes"}[self.kind]
@@ -395,7 +417,7 @@ def pack_bitmask(values: torch.Tensor, keep: torch.Tensor, kind: int) -> dict[st
     return out
 
 
-class BitmaskLinear(nn.Module):
+class BitmaskLinear(_ExpandingLinear):
     """``y = x · Wᵀ + b`` for an unstructured sparse ``W`` (float, or quantized ``(q − z) · s``) from its bitmask
     and kept values; any sparsity runs (the threshold is :func:`bitmask_kernel_for`'s choice, not a limit).
 
@@ -436,31 +458,11 @@ class BitmaskLinear(nn.Module):
     def _args(self) -> tuple:
         return (self.mask, self.vals, self.offsets, self.scales, self.zeros, self.kind, self.group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).float()
-        wide = bitmask_use_avx512()
-        if x2.shape[0] == 0:
-            y = x2.new_zeros(0, self.out_features)
-        elif x2.shape[0] <= DECODE_ROWS:
-            y = self.ext.bm_gemv(x2, *self._args(), wide)
-        else:  # many rows: expand a slice of rows at a time into one buffer, one float32 GEMM each
-            yt = x2.new_empty(self.out_features, x2.shape[0])
-            buffer = _workspace(self.slice_rows * self.in_features)
-            for start in range(0, self.out_features, self.slice_rows):
-                stop = min(start + self.slice_rows, self.out_features)
-                w = self.ext.bm_expand(*self._args(), self.in_features, start, stop, buffer, wide)
-                torch.mm(w, x2.t(), out=yt[start:stop])
-            y = yt.t()
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.ext.bm_gemv(x2, *self._args(), bitmask_use_avx512())
 
-    def dense_weight(self) -> torch.Tensor:
-        """The float32 ``[out, in]`` weight the layer multiplies by (expanded; for tests and checks)."""
-        out = torch.empty(self.out_features * self.in_features)
-        args = (*self._args(), self.in_features, 0, self.out_features, out, bitmask_use_avx512())
-        return self.ext.bm_expand(*args).clone()
+    def _expand(self, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+        return self.ext.bm_expand(*self._args(), self.in_features, start, stop, buffer, bitmask_use_avx512())
 
     def extra_repr(self) -> str:
         kind = {KIND_FLOAT: "float32", KIND_INT4: "4-bit codes", KIND_INT8: "8-bit codes"}[self.kind]

@@ -34,7 +34,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import re
 import time
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from torch import nn
 from lmcompress.algorithms.quant import QuantSpec, rtn_quantize
 from lmcompress.errors import UserError
 from lmcompress.models.families import prunable_layers, weight_matrix
+from lmcompress.runtime import cpu_name
 from lmcompress.search.joint import HEAD_BLOCK, SizeSpace, head_bits, head_of
 from lmcompress.search.levels import FLOAT_BITS, JointLevel
 
@@ -125,14 +125,7 @@ def machine() -> dict:
     from lmcompress.kernels import cpu_ext
     from lmcompress.kernels.sparse_cpu import use_avx512
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {
         "cpu": cpu,
         "threads": torch.get_num_threads(),
