@@ -69,6 +69,40 @@ def run_cli(argv: list[str]) -> int:
     return 0
 
 
+@pytest.fixture(scope="session")
+def tied_folder(tmp_path_factory, tokenizer):
+    """A tiny llama whose head is its input embedding (as SmolLM2's), stored in float32."""
+    model = build_tiny_model("llama", tokenizer.vocab_size, max_positions=256, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tied") / "model"
+    save_model(model, tokenizer, folder, {"kind": "test-model"})
+    return folder
+
+
+def search_args(src, out, data, budget: str, *extra: str) -> list[str]:
+    """``lmcompress search`` argv with a budget and the smallest evolution that still runs every stage."""
+    return ["search", str(src), "--budget", budget, "--group-size", "32", "--generations", "2", "--offspring", "3",
+            "--survivors", "2,1", "--stage-windows", "1,2", "--fitness-windows", "2", "--calib-data", str(data),
+            "--nsamples", "4", "--seqlen", "32", "-q", "--json", "-o", str(out), *extra]  # fmt: skip
+
+
+def check_matmul(layer: torch.nn.Module, w: torch.Tensor, rows: int, tol: float = 1e-5) -> None:
+    """``layer(x)`` equals ``x · wᵀ`` on ``rows`` random rows, relative to ``|x| · |w|ᵀ`` (summation order aside)."""
+    x = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(rows))
+    ref = x @ w.T
+    bound = x.abs() @ w.abs().T + 1e-6
+    y = layer(x)
+    assert y.shape == ref.shape
+    assert float(((y - ref).abs() / bound).max()) <= tol
+
+
+@pytest.fixture
+def opts(tmp_path, calib_text) -> dict:
+    """Job options of a small streamed or in-memory run: 4 windows of 32 tokens, no progress bars."""
+    path = tmp_path / "calib.txt"
+    path.write_text(calib_text[:20000])
+    return {"calib_data": str(path), "nsamples": 4, "seqlen": 32, "progress": False}
+
+
 @pytest.fixture
 def calib_file(tmp_path, calib_text) -> Path:
     """A calibration text file: the first 20,000 characters of the bundled WikiText-2 validation slice."""

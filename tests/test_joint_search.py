@@ -12,22 +12,7 @@ from lmcompress.errors import UserError
 from lmcompress.models.tiny import build_tiny_model
 from lmcompress.search.joint import packed_size, parse_size
 from lmcompress.search.levels import parse_joint_levels
-from tests.conftest import run_cli
-
-
-@pytest.fixture(scope="module")
-def tied_folder(tmp_path_factory, tokenizer):
-    """A tiny llama whose head is its input embedding (as SmolLM2's), stored in float32."""
-    model = build_tiny_model("llama", tokenizer.vocab_size, max_positions=256, tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("tied") / "model"
-    save_model(model, tokenizer, folder, {"kind": "test-model"})
-    return folder
-
-
-def _args(src, out, data, budget: str, *extra: str) -> list[str]:
-    return ["search", str(src), "--budget", budget, "--group-size", "32", "--generations", "2", "--offspring", "3",
-            "--survivors", "2,1", "--stage-windows", "1,2", "--fitness-windows", "2", "--calib-data", str(data),
-            "--nsamples", "4", "--seqlen", "32", "-q", "--json", "-o", str(out), *extra]  # fmt: skip
+from tests.conftest import run_cli, search_args
 
 
 def test_joint_levels_grammar_sorts_by_cost_and_refuses_bad_items():
@@ -63,7 +48,7 @@ def test_size_budget_is_met_on_disk_and_predicted_bytes_are_written(tied_folder,
 
     out = tmp_path / "joint"
     budget = 0.3 * 2 * sum(p.numel() for p in lmcompress.load(tied_folder)[0].parameters())
-    assert run_cli(_args(tied_folder, out, calib_file, f"size={int(budget)}")) == 0
+    assert run_cli(search_args(tied_folder, out, calib_file, f"size={int(budget)}")) == 0
     report = json.loads(capsys.readouterr().out)
     size = report["size"]
     written = packed_size(out)
@@ -89,14 +74,14 @@ def test_size_budget_is_met_on_disk_and_predicted_bytes_are_written(tied_folder,
 
 def test_relative_size_budget_and_explicit_levels(tied_folder, tmp_path, calib_file, capsys):
     out = tmp_path / "rel"
-    assert run_cli(_args(tied_folder, out, calib_file, "size=0.35x", "--levels", "0/16,0/8,0/4,2:4/4,0/2")) == 0
+    assert run_cli(search_args(tied_folder, out, calib_file, "size=0.35x", "--levels", "0/16,0/8,0/4,2:4/4,0/2")) == 0
     size = json.loads(capsys.readouterr().out)["size"]
     assert packed_size(out) <= size["budget"] == int(0.35 * size["sixteen_bit"])
 
 
 def test_a_budget_below_the_smallest_level_is_refused_and_writes_nothing(tied_folder, tmp_path, calib_file, capsys):
     out = tmp_path / "tiny"
-    assert run_cli(_args(tied_folder, out, calib_file, "size=2KB")) != 0
+    assert run_cli(search_args(tied_folder, out, calib_file, "size=2KB")) != 0
     err = capsys.readouterr().err
     assert "below the smallest" in err and "0/2" in err
     assert not out.exists()
@@ -113,7 +98,7 @@ def test_a_budget_below_the_smallest_level_is_refused_and_writes_nothing(tied_fo
 )
 def test_bad_size_searches_are_refused(tied_folder, tmp_path, calib_file, capsys, budget, extra, message):
     out = tmp_path / "bad"
-    assert run_cli(_args(tied_folder, out, calib_file, budget, *extra)) != 0
+    assert run_cli(search_args(tied_folder, out, calib_file, budget, *extra)) != 0
     assert message in capsys.readouterr().err
     assert not out.exists()
 
@@ -141,7 +126,7 @@ def test_dropped_blocks_leave_the_saved_model_and_the_budget_holds(tmp_path, tok
     src = tmp_path / "four"
     save_model(model, tokenizer, src, {"kind": "test-model"})
     out = tmp_path / "dropped"
-    assert run_cli(_args(src, out, calib_file, "size=0.15x", "--levels", "0/16,0/4,0/2,drop")) == 0
+    assert run_cli(search_args(src, out, calib_file, "size=0.15x", "--levels", "0/16,0/4,0/2,drop")) == 0
     report = json.loads(capsys.readouterr().out)
     size, dropped = report["size"], report["size"]["dropped_blocks"]
     assert dropped and packed_size(out) <= size["budget"]  # 0/2 everywhere takes more than 0.15x: blocks must go

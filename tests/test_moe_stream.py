@@ -52,13 +52,6 @@ def moe_source(tmp_path_factory, tokenizer):
     return make
 
 
-@pytest.fixture
-def opts(tmp_path, calib_text) -> dict:
-    path = tmp_path / "calib.txt"
-    path.write_text(calib_text[:20000])
-    return {"calib_data": str(path), "nsamples": 4, "seqlen": 32, "progress": False}
-
-
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(folder.glob("*.safetensors")):

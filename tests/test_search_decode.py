@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmcompress.checkpoint.save import save_model
 from lmcompress.errors import UserError
 from lmcompress.models.tiny import build_tiny_model
 from lmcompress.search import latency
 from lmcompress.search.config import SearchConfig
 from lmcompress.search.joint import head_bits
 from lmcompress.search.levels import JointLevel, parse_joint_levels
-from tests.conftest import run_cli
+from tests.conftest import run_cli, search_args
 
 # fake seconds per weight of a layer at each level (falling with the level, as auto's levels do), and the rest
 PER_WEIGHT = {"0/16": 8e-9, "0/8": 4e-9, "0/4": 2e-9, "0/3": 1.8e-9, "2:4/4": 1.5e-9, "2:4/3": 1.4e-9, "0/2": 1.2e-9}
@@ -48,20 +47,6 @@ def fake_timer(monkeypatch, tmp_path):
     monkeypatch.setattr(latency, "ROTATE_BYTES", 0)
     monkeypatch.setenv("LMCOMPRESS_CACHE", str(tmp_path / "cache"))
     return timed
-
-
-@pytest.fixture(scope="module")
-def tied_folder(tmp_path_factory, tokenizer):
-    model = build_tiny_model("llama", tokenizer.vocab_size, max_positions=256, tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("tied") / "model"
-    save_model(model, tokenizer, folder, {"kind": "test-model"})
-    return folder
-
-
-def _args(src, out, data, budget: str, *extra: str) -> list[str]:
-    return ["search", str(src), "--budget", budget, "--group-size", "32", "--generations", "2", "--offspring", "3",
-            "--survivors", "2,1", "--stage-windows", "1,2", "--fitness-windows", "2", "--calib-data", str(data),
-            "--nsamples", "4", "--seqlen", "32", "-q", "--json", "-o", str(out), *extra]  # fmt: skip
 
 
 def test_decode_texts_parse_and_bad_ones_say_what_to_write():
@@ -133,7 +118,7 @@ def test_the_searched_model_meets_the_decode_budget(fake_timer, tied_folder, tmp
     import lmcompress
 
     out = tmp_path / "fast"
-    assert run_cli(_args(tied_folder, out, calib_file, "decode=2x")) == 0
+    assert run_cli(search_args(tied_folder, out, calib_file, "decode=2x")) == 0
     report = json.loads(capsys.readouterr().out)
     decode, chosen = report["decode"], report["layer_levels"]
     model, _ = lmcompress.load(tied_folder)
@@ -149,7 +134,7 @@ def test_the_searched_model_meets_the_decode_budget(fake_timer, tied_folder, tmp
     fast, _ = lmcompress.load(out, kernels="auto")
     assert fast.lmcompress_kernels.swapped  # the levels run on the kernels the table timed
     measured = len(fake_timer)
-    assert run_cli(_args(tied_folder, tmp_path / "again", calib_file, "decode=2x")) == 0  # the table is reused
+    assert run_cli(search_args(tied_folder, tmp_path / "again", calib_file, "decode=2x")) == 0  # the table is reused
     assert len(fake_timer) == measured and json.loads(capsys.readouterr().out)["decode"]["table_entries_measured"] == 0
 
 
@@ -161,7 +146,7 @@ def test_bad_decode_budgets_are_refused_and_write_nothing(
     fake_timer, tied_folder, tmp_path, calib_file, capsys, budget, message
 ):
     out = tmp_path / "bad"
-    assert run_cli(_args(tied_folder, out, calib_file, budget)) != 0
+    assert run_cli(search_args(tied_folder, out, calib_file, budget)) != 0
     assert message in capsys.readouterr().err
     assert not out.exists()
 

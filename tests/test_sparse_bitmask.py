@@ -17,8 +17,7 @@ from lmcompress.cli import app
 from lmcompress.errors import UserError
 from lmcompress.kernels import kernel_for, kernel_report
 from lmcompress.kernels import sparse_cpu as sc
-
-TOL = 1e-5
+from tests.conftest import check_matmul
 
 pytestmark = pytest.mark.skipif(
     sc.bitmask_unavailable_reason() is not None, reason=str(sc.bitmask_unavailable_reason())
@@ -48,15 +47,6 @@ def _quantized(w: torch.Tensor, bits: int, group: int) -> QuantizedTensor:
     return QuantizedTensor(codes.to(torch.uint8), scale, zero, spec)
 
 
-def _check(layer: torch.nn.Module, w: torch.Tensor, rows: int) -> None:
-    x = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(rows))
-    ref = x @ w.T
-    bound = x.abs() @ w.abs().T + 1e-6
-    y = layer(x)
-    assert y.shape == ref.shape
-    assert float(((y - ref).abs() / bound).max()) <= TOL
-
-
 @pytest.mark.parametrize("wide", [True, False], ids=["avx512", "avx2"])
 @pytest.mark.parametrize("values", ["float", 8, 4, 3, 6])
 @pytest.mark.parametrize("shape", [(37, 72), (16, 264), (5, 576), (3, 8), (2, 1000), (4, 17)])
@@ -79,7 +69,7 @@ def test_bitmask_kernel_equals_dense(monkeypatch, wide, values, shape, sparsity)
     assert torch.equal(layer.dense_weight(), dense)
     assert abs(layer.sparsity - float((w == 0).float().mean())) < 1e-6
     for batch in (1, 2, 3, 4, 7):
-        _check(layer, dense, batch)
+        check_matmul(layer, dense, batch)
 
 
 def test_bitmask_layer_bias_batch_shape_and_empty_input():

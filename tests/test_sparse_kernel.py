@@ -17,8 +17,7 @@ from lmcompress.cli import app
 from lmcompress.errors import UserError
 from lmcompress.kernels import kernel_for, kernel_report
 from lmcompress.kernels import sparse_cpu as sc
-
-TOL = 1e-5
+from tests.conftest import check_matmul
 
 pytestmark = pytest.mark.skipif(sc.unavailable_reason() is not None, reason=str(sc.unavailable_reason()))
 
@@ -50,15 +49,6 @@ def _quantized(w: torch.Tensor, bits: int, group: int) -> QuantizedTensor:
     return QuantizedTensor(codes.to(torch.uint8), scale, zero, spec)
 
 
-def _check(layer: torch.nn.Module, w: torch.Tensor, rows: int) -> None:
-    x = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(rows))
-    ref = x @ w.T
-    bound = x.abs() @ w.abs().T + 1e-6
-    y = layer(x)
-    assert y.shape == ref.shape
-    assert float(((y - ref).abs() / bound).max()) <= TOL
-
-
 @pytest.mark.parametrize("wide", [True, False], ids=["avx512", "avx2"])
 @pytest.mark.parametrize("pattern", [(2, 4), (4, 8)], ids=["2:4", "4:8"])
 @pytest.mark.parametrize("values", ["float", 4, 8, 3])
@@ -83,7 +73,7 @@ def test_sparse_kernel_equals_dense(monkeypatch, wide, pattern, values, shape):
     assert (layer.n, layer.m) == (2, 4) or pattern == (4, 8)  # a 2:4 weight is stored as 2:4
     assert torch.equal(layer.dense_weight(), dense)
     for batch in (1, 2, 3, 4, 7):
-        _check(layer, dense, batch)
+        check_matmul(layer, dense, batch)
 
 
 def test_sparse_layer_bias_and_batch_shape():

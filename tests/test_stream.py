@@ -42,13 +42,6 @@ def sharded(tmp_path_factory, tokenizer):
     return make
 
 
-@pytest.fixture
-def opts(tmp_path, calib_text) -> dict:
-    path = tmp_path / "calib.txt"
-    path.write_text(calib_text[:20000])
-    return {"calib_data": str(path), "nsamples": 4, "seqlen": 32, "progress": False}
-
-
 def _recipe(folder: Path) -> dict:
     recipe = json.loads((folder / "lmcompress.json").read_text())
     return {k: v for k, v in recipe.items() if not k.endswith(("time_s", "timings_s"))}
