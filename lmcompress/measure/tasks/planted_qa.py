@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from lmcompress.errors import UserError
 from lmcompress.measure.intervals import mean_interval, wilson_interval
 from lmcompress.measure.tasks.qa import exact_match, f1_score
-from lmcompress.measure.tasks.retrieval import DEFAULT_DEPTHS, _clean_filler, _default_filler, _names
+from lmcompress.measure.tasks.retrieval import DEFAULT_DEPTHS, _clean_filler, _default_filler, _names, fitting_filler
 
 # kind -> (fact template, question template, values); every value is one lowercase word or a number
 FACTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -101,20 +101,7 @@ def _example(encode, rng: random.Random, text: str, length: int, depth: float, k
     shot = f"\n\nQuestion: {question.format(name=names[1])}\nAnswer: {chosen[1]}\n"
     ask = question.format(name=names[0])
     tail = f"{shot}\nQuestion: {ask}\nAnswer:"
-    starts = [0] + [m.end() for m in re.finditer(r"[.!?] +", text)]
-    start = rng.choice(starts[:-1] or [0])
-    pool = text[start:] + " " + text[:start]
-    fixed = HEADER + " ".join(facts) + " " + tail
-    lo, hi = 0, min(len(pool), length * 16)  # the most filler characters that fit, by bisection
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(encode(fixed + pool[:mid])) <= length:
-            lo = mid
-        else:
-            hi = mid - 1
-    chunk = pool[:lo]
-    if " " in chunk:
-        chunk = chunk[: chunk.rfind(" ") + 1]
+    chunk = fitting_filler(encode, rng, text, length, HEADER + " ".join(facts) + " " + tail)
     while True:
         context = HEADER + _plant(chunk, list(zip(depths, facts, strict=True))) + shot
         ex = PlantedQAExample(context, ask, chosen[0], kind, length, 0, depth)

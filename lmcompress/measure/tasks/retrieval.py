@@ -100,23 +100,28 @@ def _clean_filler(filler: str) -> str:
     return " ".join(line for line in lines if line and not line.startswith("="))
 
 
-def _passage_example(encode, rng: random.Random, length: int, depth: float, text: str) -> RetrievalExample:
-    (key,), (value,) = _names(rng, 1), _values(rng, 1)
-    needle = f"The secret code of {key} is {value}. "
-    question = f"\n\nWhat is the secret code of {key}? The secret code of {key} is"
+def fitting_filler(encode, rng: random.Random, text: str, length: int, fixed: str) -> str:
+    """The most prose from a random sentence start of ``text`` (wrapping around) that fits, with ``fixed`` beside
+    it, in ``length`` tokens (found by bisection on characters), cut at a word boundary."""
     starts = [0] + [m.end() for m in re.finditer(r"[.!?] +", text)]
     start = rng.choice(starts[:-1] or [0])
     pool = text[start:] + " " + text[:start]
-    lo, hi = 0, min(len(pool), length * 16)  # the most filler characters that fit, by bisection
+    lo, hi = 0, min(len(pool), length * 16)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if len(encode(needle + pool[:mid] + question)) <= length:
+        if len(encode(fixed + pool[:mid])) <= length:
             lo = mid
         else:
             hi = mid - 1
     chunk = pool[:lo]
-    if " " in chunk:
-        chunk = chunk[: chunk.rfind(" ") + 1]
+    return chunk[: chunk.rfind(" ") + 1] if " " in chunk else chunk
+
+
+def _passage_example(encode, rng: random.Random, length: int, depth: float, text: str) -> RetrievalExample:
+    (key,), (value,) = _names(rng, 1), _values(rng, 1)
+    needle = f"The secret code of {key} is {value}. "
+    question = f"\n\nWhat is the secret code of {key}? The secret code of {key} is"
+    chunk = fitting_filler(encode, rng, text, length, needle + question)
     while True:
         target = depth * len(chunk)
         bounds = [0, len(chunk)] + [m.end() for m in re.finditer(r"[.!?] +", chunk)]
