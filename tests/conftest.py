@@ -58,6 +58,21 @@ def tiny_folder(tmp_path_factory, tokenizer):
     return make
 
 
+def tiny_deepseek_v3(vocab: int):
+    """A tiny DeepSeek-V3 (MLA attention, a dense first block, 8 routed experts top-2 with group-limited routing
+    and a scaling factor, one shared expert): not in models.tiny, the fused experts are found all the same."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, vocab_size=vocab, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 def run_cli(argv: list[str]) -> int:
     """Run the CLI in-process; its exit status."""
     from lmcompress.cli import main

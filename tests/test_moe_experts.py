@@ -25,6 +25,7 @@ from lmcompress.models.layouts import MOE_LAYOUTS
 from lmcompress.models.tiny import build_tiny_model
 from lmcompress.transforms.prune import PruneConfig, prune
 from lmcompress.transforms.quantize import QuantConfig, quantize
+from tests.conftest import tiny_deepseek_v3
 
 MOE = sorted(MOE_LAYOUTS)  # mixtral, olmoe, qwen2_moe (shared expert), qwen3_moe
 GU = "model.layers.0.mlp.experts.gate_up_proj"
@@ -317,23 +318,8 @@ def test_gguf_export_writes_the_experts_as_exps_tensors(family, tokenizer, tmp_p
         assert not (tmp_path / "p.gguf").exists()
 
 
-def _tiny_deepseek_v3(vocab: int):
-    """A tiny DeepSeek-V3 (MLA attention, a dense first block, 8 routed experts top-2 with group-limited routing
-    and a scaling factor, one shared expert): not in models.tiny, the fused experts are found all the same."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model(
-        "deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=16,
-        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, vocab_size=vocab, max_position_embeddings=256,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
 def test_deepseek_v3_shared_and_routed_experts(calib, tokenizer, tmp_path):
-    model = _tiny_deepseek_v3(tokenizer.vocab_size)
+    model = tiny_deepseek_v3(tokenizer.vocab_size)
     report = quantize(model, QuantConfig(method="gptq", bits=4, group_size=32), calib, progress=False)
     assert "model.layers.1.mlp.shared_experts.down_proj.weight" in report.quantized  # shared expert: linear layers
     assert "model.layers.0.mlp.down_proj.weight" in report.quantized  # the dense first block

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import logits_of, random_ids
 from conftest import run_cli as run
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from lmcompress.checkpoint.load import load
 from lmcompress.checkpoint.save import save_quantized
@@ -19,6 +19,7 @@ from lmcompress.errors import UserError
 from lmcompress.models.tiny import build_tiny_model
 from lmcompress.transforms.prune import PruneConfig, prune
 from lmcompress.transforms.quantize import QuantConfig, quantize
+from tests.conftest import tiny_deepseek_v3
 
 pytest.importorskip("compressed_tensors")
 from lmcompress.checkpoint.ct_experts import EXPERTS_TARGET
@@ -34,18 +35,6 @@ NAMES = {
     "qwen2_moe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj"),
 }
 NAMES["olmoe"] = NAMES["qwen3_moe"] = NAMES["deepseek_v3"] = NAMES["qwen2_moe"]
-
-
-def _tiny_deepseek_v3(vocab: int):
-    """DeepSeek-V3 with MLA attention, a dense first block and one shared expert; 8 routed experts, top-2."""
-    config = AutoConfig.for_model(
-        "deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=16,
-        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, vocab_size=vocab, max_position_embeddings=256,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -89,7 +78,7 @@ def _check_experts_in_file(out: Path, family: str, block: int, q_gate_up, q_down
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "deepseek_v3"])
 def test_quantized_experts_export_and_reload(family, calib, tokenizer, tmp_path):
     if family == "deepseek_v3":
-        model, group = _tiny_deepseek_v3(tokenizer.vocab_size), 16  # kv_b_proj reads 16 inputs
+        model, group = tiny_deepseek_v3(tokenizer.vocab_size), 16  # kv_b_proj reads 16 inputs
     else:
         model, group = build_tiny_model(family, tokenizer.vocab_size), 32
     block = 1 if family == "deepseek_v3" else 0  # DeepSeek's first block is dense

@@ -200,6 +200,16 @@ class _ExpandingLinear(nn.Module):
     out_features: int
     slice_rows: int
 
+    def _layer(self, weight: QuantizedTensor | torch.Tensor, bias: torch.Tensor | None, why: str) -> bool:
+        """Shape, bias and description of the layer; whether ``weight`` holds quantized codes."""
+        self.description = why
+        self.compute_dtype = torch.float32
+        quantized = isinstance(weight, QuantizedTensor)
+        shape = weight.codes.shape if quantized else weight.shape
+        self.out_features, self.in_features = int(shape[0]), int(shape[1])
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        return quantized
+
     def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -241,12 +251,7 @@ class SparseLinear(_ExpandingLinear):
             raise UserError(f"this layer cannot run on the sparse CPU kernel: {why}")
         self.ext = _ext()
         self.n, self.m = pattern
-        self.description = why
-        self.compute_dtype = torch.float32
-        quantized = isinstance(weight, QuantizedTensor)
-        shape = weight.codes.shape if quantized else weight.shape
-        self.out_features, self.in_features = int(shape[0]), int(shape[1])
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        quantized = self._layer(weight, bias, why)
         if quantized:
             self.kind = KIND_INT4 if weight.spec.bits <= 4 else KIND_INT8
             groups = weight.spec.groups(self.in_features)
@@ -429,12 +434,7 @@ class BitmaskLinear(_ExpandingLinear):
         if not fits:
             raise UserError(f"this layer cannot run on the bitmask CPU kernel: {why}")
         self.ext = _bitmask_ext()
-        self.description = why
-        self.compute_dtype = torch.float32
-        quantized = isinstance(weight, QuantizedTensor)
-        shape = weight.codes.shape if quantized else weight.shape
-        self.out_features, self.in_features = int(shape[0]), int(shape[1])
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        quantized = self._layer(weight, bias, why)
         self.kind = _value_kind(weight)
         if quantized:
             groups = weight.spec.groups(self.in_features)
