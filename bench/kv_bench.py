@@ -9,6 +9,9 @@ Perplexity over the first ``--windows`` non-overlapping windows of ``--seqlen`` 
 - full: one forward per window (the plain cache; ``lmcompress eval``'s perplexity);
 - int8 / int4 KV (``--kv-bits``, grid of ``lmcompress.algorithms.kv``; int4 at ``--int4-groups``): one forward per
   window through the quantized cache, every key and value the attention reads quantized (per-token grid, so this
+  equals feeding the tokens one by one); int4 once per ``--int4-key-grids`` entry: ``token`` (rows ``int4 gG``:
+  keys on the values' per-token grid) and ``channel`` (rows ``int4 gG keys-chT``: keys per channel over ``T`` tokens,
+  ``T`` from ``--key-tokens``; one forward per token group, the newest keys of an unfilled group exact, which
   equals feeding the tokens one by one);
 - H2O at each budget (a fraction of the window; half of it recent tokens) and recent-only at the same budget
   (``--kv-recent 1``): the first ``budget`` tokens in one forward, then ``--chunk`` tokens per forward (1: each
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budgets", default="0.1,0.2,0.5", help="H2O / recent-only budgets, fractions of the window")
     parser.add_argument("--chunk", type=int, default=1, help="tokens per forward after the prefill (1: H2O's protocol)")
     parser.add_argument("--int4-groups", default="64,32", help="channel groups tried for int4 (64: the whole head)")
+    parser.add_argument("--int4-key-grids", default="token,channel", help="int4 key grids: token and/or channel")
+    parser.add_argument("--key-tokens", default="32", help="tokens per key scale tried with the channel key grid")
     parser.add_argument("--int8-group", type=int, default=None, help="channel group for int8 [default: whole head]")
     parser.add_argument("--retrieval-lengths", default="1024", help="retrieval prompt lengths in tokens")
     parser.add_argument("--retrieval-reps", type=int, default=1, help="examples per kind x length x depth cell")
@@ -88,7 +93,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {msg}", flush=True)
 
     configs: list[tuple[str, KVSettings | None]] = [("full", None), ("int8", KVSettings(bits=8, group=args.int8_group))]
-    configs += [(f"int4 g{g}", KVSettings(bits=4, group=int(g))) for g in args.int4_groups.split(",") if g.strip()]
+    for g in [int(g) for g in args.int4_groups.split(",") if g.strip()]:
+        for grid in [k.strip() for k in args.int4_key_grids.split(",") if k.strip()]:
+            if grid == "token":
+                configs.append((f"int4 g{g}", KVSettings(bits=4, group=g, key_grid="token")))
+            elif grid == "channel":
+                configs += [
+                    (f"int4 g{g} keys-ch{t}", KVSettings(bits=4, group=g, key_grid="channel", key_tokens=int(t)))
+                    for t in args.key_tokens.split(",")
+                    if t.strip()
+                ]
+            else:
+                raise SystemExit(f"--int4-key-grids: unknown grid {grid!r} (token, channel)")
     for b in budgets:
         configs += [
             (f"H2O {b:.0%}", KVSettings(budget=b, recent=0.5, chunk=args.chunk)),
@@ -151,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
 
         examples = retrieval.make_examples(encode, lengths=lengths, per_cell=args.retrieval_reps, seed=0)
         out["retrieval_examples"] = {"n": len(examples), "lengths": lengths, "depths": list(retrieval.DEFAULT_DEPTHS)}
-        for label, settings in [c for c in configs if not c[0].startswith("int4 g") or c[0].endswith("g32")]:
+        for label, settings in [c for c in configs if not c[0].startswith("int4 g") or c[0].split()[1] == "g32"]:
             start = time.perf_counter()
             with attach(model, settings):
                 answers = lm.generate([ex.prompt for ex in examples], max_new_tokens=8, desc="retrieval")
@@ -184,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         examples = planted_qa.make_examples(lambda s: tokenizer(s, verbose=False)["input_ids"], lengths=qa_lengths,
                                             n=args.qa_n, seed=0)  # fmt: skip
         out["qa_examples"] = {"n": len(examples), "lengths": qa_lengths, "tokens": [ex.tokens for ex in examples]}
-        for label, settings in [c for c in configs if not c[0].startswith("int4 g") or c[0].endswith("g32")]:
+        for label, settings in [c for c in configs if not c[0].startswith("int4 g") or c[0].split()[1] == "g32"]:
             start = time.perf_counter()
             with attach(model, settings):
                 res = planted_qa.evaluate_planted_qa(lm, examples)

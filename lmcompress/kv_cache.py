@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +27,16 @@ from lmcompress.algorithms.kv import (
     budget_tokens,
     check_bits,
     check_group,
+    check_key_grid,
+    check_key_tokens,
     check_recent,
     dequantize_kv,
+    dequantize_kv_channels,
     h2o_keep,
     kv_bytes_per_token,
     parse_budget,
     quantize_kv,
+    quantize_kv_channels,
     recent_tokens,
 )
 from lmcompress.errors import UserError
@@ -52,6 +56,8 @@ class KVSettings:
     bits: int = 16
     group: int | None = None
     chunk: int = 1
+    key_grid: str | None = None  # "channel" | "token"; None: channel at 4 bits without eviction, else token
+    key_tokens: int | None = None  # tokens per key scale with the channel grid (None: 32)
 
     @property
     def evicts(self) -> bool:
@@ -61,8 +67,17 @@ class KVSettings:
     def quantizes(self) -> bool:
         return self.bits < 16
 
+    @property
+    def channel_tokens(self) -> int | None:
+        """Tokens per key scale when the keys use the channel grid (checked), else ``None``."""
+        if check_key_grid(self.key_grid, self.bits, self.evicts) != "channel":
+            return None
+        return check_key_tokens(self.key_tokens)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings, with the key grid resolved (``key_grid``, and ``key_tokens`` for the channel grid)."""
+        tokens = self.channel_tokens
+        return asdict(self) | {"key_grid": "token" if tokens is None else "channel", "key_tokens": tokens}
 
 
 def kv_settings(
@@ -71,6 +86,8 @@ def kv_settings(
     bits: int = 16,
     group: int | None = None,
     chunk: int = 1,
+    key_grid: str | None = None,
+    key_tokens: int | None = None,
 ) -> KVSettings | None:
     """Checked settings from the CLI's ``--kv-*`` options; ``None`` when they ask for nothing (the plain cache)."""
     value = parse_budget(budget)
@@ -80,9 +97,22 @@ def kv_settings(
         raise UserError(f"--kv-group must be a positive channel count, got {group!r}", param="kv_group")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise UserError(f"--kv-chunk must be a positive token count, got {chunk!r}", param="kv_chunk")
+    if bits == 16 and (key_grid is not None or key_tokens is not None):
+        raise UserError(
+            "--kv-key-grid / --kv-key-tokens apply to a quantized cache: add --kv-bits 8|4", param="kv_bits"
+        )
+    grid = check_key_grid(key_grid, bits, value is not None)
+    if key_tokens is not None and grid != "channel":
+        raise UserError(
+            f"--kv-key-tokens sets the token group of the channel key grid, but the keys use the {grid} grid: add "
+            "--kv-key-grid channel or drop --kv-key-tokens",
+            param="kv_key_tokens",
+        )
+    check_key_tokens(key_tokens)
     if value is None and bits == 16:
         return None
-    return KVSettings(value, float(recent), int(bits), group, chunk)
+    settings = KVSettings(value, float(recent), int(bits), group, chunk)
+    return replace(settings, key_grid=grid, key_tokens=key_tokens)
 
 
 def _text_config(config):
@@ -201,6 +231,54 @@ class CompressedKVLayer(DynamicLayer):
         raise NotImplementedError("a compressed KV cache does not support beam search")
 
 
+class ChannelKeyLayer(CompressedKVLayer):
+    """A quantized layer whose keys use the channel grid (:func:`~lmcompress.algorithms.kv.quantize_kv_channels`,
+    ``tokens`` per scale) and whose values the per-token grid; no eviction.
+
+    The keys of the newest ``seen mod tokens`` tokens (the residual) are held in the model's dtype. A forward reads
+    the stored groups dequantized and the residual and its own new keys exact; after that forward's keys have been
+    returned, every group the new tokens completed is quantized and leaves the residual. So with one token per
+    forward, token ``t`` sees exact keys for the tokens of its own group up to ``t`` and quantized keys before it;
+    feeding ``tokens`` tokens per forward, aligned to the groups, gives the same."""
+
+    def __init__(self, bits: int, group: int, tokens: int) -> None:
+        super().__init__(None, 0, bits, group)
+        self.tokens = tokens
+        self.residual: torch.Tensor | None = None  # [B, H_kv, < tokens, D] keys not yet in a full group
+
+    @property
+    def stored(self) -> int:
+        return 0 if self.qvalues is None else self.qvalues[0].shape[-2]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append the new tokens and return every stored key and value (module docstring for what is exact)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        self.qvalues = self._append(self.qvalues, quantize_kv(value_states, self.bits, self.group))
+        values = dequantize_kv(*self.qvalues, self.bits, self.group, self.dtype)
+        fresh = key_states.to(self.dtype)
+        exact = fresh if self.residual is None else torch.cat([self.residual, fresh], dim=-2)
+        if self.qkeys is None:
+            keys = exact
+        else:
+            keys = torch.cat([dequantize_kv_channels(*self.qkeys, self.bits, self.tokens, self.dtype), exact], dim=-2)
+        full = exact.shape[-2] // self.tokens * self.tokens
+        if full:
+            self.qkeys = self._append(self.qkeys, quantize_kv_channels(exact[..., :full, :], self.bits, self.tokens))
+        self.residual = exact[..., full:, :].clone()
+        return keys, values
+
+    def stored_bytes(self) -> int:
+        """Bytes of the key codes, scales and minima, the residual keys, and the value codes, scales and minima."""
+        parts = (*(self.qkeys or ()), *(self.qvalues or ()), *(() if self.residual is None else (self.residual,)))
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def reset(self) -> None:
+        super().reset()
+        self.residual = None
+
+
 class KVCache(DynamicCache):
     """The compressed cache of one generation or one streamed window batch (:class:`CompressedKVLayer` per
     layer). ``length``: the sequence length a fractional budget is taken of (the prompt, or the window)."""
@@ -209,6 +287,12 @@ class KVCache(DynamicCache):
         layers, self.kv_heads, self.head_dim = cache_shape(config)
         self.settings = settings
         self.group = check_group(settings.group, self.head_dim, settings.bits)
+        self.key_tokens = settings.channel_tokens  # None unless the keys use the channel grid (never evicting)
+        if self.key_tokens is not None:
+            self.budget = None
+            layer = ChannelKeyLayer
+            Cache.__init__(self, layers=[layer(settings.bits, self.group, self.key_tokens) for _ in range(layers)])
+            return
         self.budget: int | None = None
         if settings.evicts:
             if isinstance(settings.budget, float) and length is None:
@@ -230,7 +314,11 @@ def memory_report(config, settings: KVSettings | None, dtype: torch.dtype = torc
     """Cache bytes per token: full precision (the model's dtype and float16) and with ``settings``' grid; with
     eviction, H2O's float32 score per held token and KV head, and what the held tokens cost: per token of the
     sequence for a fractional budget ``f`` (``f`` · (bytes + score bytes) per token, ``evicted_bytes_per_token``),
-    in total for a token budget ``B`` (``B`` · (bytes + score bytes), ``max_cache_bytes``)."""
+    in total for a token budget ``B`` (``B`` · (bytes + score bytes), ``max_cache_bytes``). With the channel key grid
+    ``bytes_per_token`` counts the keys of full token groups (codes plus the per-channel scale and minimum shared by
+    ``key_tokens`` tokens) and ``key_residual_max_bytes`` the newest ``< key_tokens`` keys held in the model's dtype
+    (once per sequence, at most ``key_tokens − 1`` tokens): a sequence of ``n`` tokens stores at most
+    ``n · bytes_per_token + key_residual_max_bytes`` (exactly: ``lmcompress.algorithms.kv.kv_cache_bytes``)."""
     layers, kv_heads, head_dim = cache_shape(config)
     float_bytes = torch.empty((), dtype=dtype).element_size()
     out = {
@@ -244,7 +332,13 @@ def memory_report(config, settings: KVSettings | None, dtype: torch.dtype = torc
     if settings is not None:
         group = check_group(settings.group, head_dim, settings.bits)
         out["group"] = group
-        out["bytes_per_token"] = kv_bytes_per_token(layers, kv_heads, head_dim, settings.bits, group, float_bytes)
+        tokens = settings.channel_tokens
+        out["key_grid"], out["key_tokens"] = ("token", None) if tokens is None else ("channel", tokens)
+        out["bytes_per_token"] = kv_bytes_per_token(
+            layers, kv_heads, head_dim, settings.bits, group, float_bytes, key_tokens=tokens
+        )
+        if tokens is not None:
+            out["key_residual_max_bytes"] = layers * kv_heads * (tokens - 1) * head_dim * float_bytes
         if settings.evicts:
             out["score_bytes_per_token"] = 4 * layers * kv_heads
             held = out["bytes_per_token"] + out["score_bytes_per_token"]
@@ -343,15 +437,18 @@ def window_nll(model: nn.Module, ids: torch.Tensor, settings: KVSettings, prefil
     model must be inside :func:`attach` when ``settings`` evict).
 
     Without eviction, one forward per window: every key and value the attention reads is quantized (the grid is
-    per token, so this equals feeding the tokens one by one). With eviction: the first ``prefill`` tokens
+    per token, so this equals feeding the tokens one by one); with the channel key grid, one forward per token
+    group of the keys, which also equals feeding the tokens one by one (:class:`ChannelKeyLayer`).
+
+    With eviction: the first ``prefill`` tokens
     (default: the budget, so nothing is evicted before every later token is predicted) in one forward, then
     ``settings.chunk`` tokens per forward; with chunk 1 each token's logits see the compressed cache of the tokens
     before it (H2O's protocol). Tokens of one chunk also see the earlier tokens of their chunk, uncompressed."""
     batch, length = ids.shape
     cache = KVCache(model.config, settings, length)
     if not settings.evicts:
-        starts = [0]
-        bounds = [(0, length)]
+        step = cache.key_tokens or length  # the channel key grid: one token group per forward
+        bounds = [(s, min(length, s + step)) for s in range(0, length, step)]
     else:
         first = min(length, max(1, cache.budget if prefill is None else prefill))
         starts = [0, *range(first, length, settings.chunk)]
@@ -377,10 +474,22 @@ def format_memory(report: dict) -> str:
     settings = report.get("settings")
     if settings:
         if settings["bits"] < 16:
+            if report.get("key_grid") == "channel":
+                grid = (
+                    f"keys per channel over {report['key_tokens']} tokens, values per token in groups of "
+                    f"{report['group']} channels"
+                )
+            else:
+                grid = f"keys and values per token in groups of {report['group']} channels"
             line += (
-                f"; int{settings['bits']} (group {report['group']}): {report['bytes_per_token']:,} bytes/token "
+                f"; int{settings['bits']} ({grid}): {report['bytes_per_token']:,} bytes/token "
                 f"({report['bytes_per_token'] / report['bytes_per_token_fp16']:.3f}x float16)"
             )
+            if "key_residual_max_bytes" in report:
+                line += (
+                    f" plus at most {report['key_residual_max_bytes']:,} bytes of exact keys for the newest "
+                    f"< {report['key_tokens']} tokens"
+                )
         if settings["budget"] is not None:
             what = "tokens" if isinstance(settings["budget"], int) else "of the sequence"
             line += (

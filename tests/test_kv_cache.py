@@ -10,13 +10,25 @@ from lmcompress.algorithms.kv import (
     budget_tokens,
     check_group,
     dequantize_kv,
+    dequantize_kv_channels,
     h2o_keep,
     kv_bytes_per_token,
+    kv_cache_bytes,
     parse_budget,
     quantize_kv,
+    quantize_kv_channels,
 )
 from lmcompress.errors import UserError
-from lmcompress.kv_cache import KVCache, KVSettings, attach, kv_settings, memory_report, window_nll
+from lmcompress.kv_cache import (
+    ChannelKeyLayer,
+    KVCache,
+    KVSettings,
+    attach,
+    format_memory,
+    kv_settings,
+    memory_report,
+    window_nll,
+)
 from lmcompress.models.tiny import build_tiny_model
 from tests.conftest import run_cli
 
@@ -163,15 +175,18 @@ def test_kv_bits_16_is_no_quantization_and_int8_is_close(model):
     assert 0 < err8 < 2e-3 and err8 < err4 < 5e-2
 
 
-def test_quantized_cache_one_forward_equals_token_by_token(model):
-    """The grid is per token, so a window in one forward equals the tokens fed one at a time."""
-    ids = _ids(16, 1)
-    settings = KVSettings(bits=4, group=8)
+@pytest.mark.parametrize("key_grid", ["token", "channel"])
+def test_quantized_cache_one_forward_equals_token_by_token(model, key_grid):
+    """Token grid: one forward per window; channel key grid: one forward per token group (5 tokens here, so the
+    last group of 18 is a residual of 3); either equals the tokens fed one at a time."""
+    ids = _ids(18, 1)
+    settings = KVSettings(bits=4, group=8, key_grid=key_grid, key_tokens=5 if key_grid == "channel" else None)
     one = window_nll(model, ids, settings)
-    cache = KVCache(model.config, settings, 16)
+    cache = KVCache(model.config, settings, 18)
+    assert isinstance(cache.layers[0], ChannelKeyLayer) == (key_grid == "channel")
     logits = []
     with torch.no_grad():
-        for t in range(16):
+        for t in range(18):
             logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     logits = torch.cat(logits, 1)[:, :-1].float()
     streamed = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(1, -1)
@@ -180,7 +195,14 @@ def test_quantized_cache_one_forward_equals_token_by_token(model):
 
 def test_stored_bytes_match_the_formula(model):
     ids = _ids(24, 1)
-    for settings in (KVSettings(bits=8), KVSettings(bits=4, group=8), KVSettings(bits=4, budget=10)):
+    configs = (
+        KVSettings(bits=8),
+        KVSettings(bits=4, group=8, key_grid="token"),
+        KVSettings(bits=4, budget=10),
+        KVSettings(bits=4, group=8, key_tokens=5),  # channel keys: 4 groups of 5 and a residual of 4 exact keys
+        KVSettings(bits=8, key_grid="channel", key_tokens=8),  # 3 full groups, no residual
+    )
+    for settings in configs:
         cache = KVCache(model.config, settings, 24)
         with attach(model, settings), torch.no_grad():
             model(ids[:, :10], cache=cache, use_cache=True)
@@ -188,7 +210,17 @@ def test_stored_bytes_match_the_formula(model):
                 model(ids[:, t : t + 1], cache=cache, use_cache=True)
         held = 10 if settings.evicts else 24
         report = memory_report(model.config, settings)
-        assert cache.stored_bytes() == held * report["bytes_per_token"]
+        tokens = settings.channel_tokens
+        assert cache.stored_bytes() == kv_cache_bytes(held, 2, 2, 16, settings.bits, report["group"], 4, tokens)
+        if tokens is None:
+            assert cache.stored_bytes() == held * report["bytes_per_token"]
+        else:  # full groups at bytes_per_token; the residual's exact float32 keys within the reported bound
+            residual = held % tokens
+            quantized_key = 2 * 2 * (16 * settings.bits // 8 + 16 * 4 / tokens)  # per token, all layers and heads
+            assert cache.stored_bytes() == held * report["bytes_per_token"] + residual * (
+                2 * 2 * 16 * 4 - quantized_key
+            )
+            assert residual * 2 * 2 * 16 * 4 <= report["key_residual_max_bytes"] == (tokens - 1) * 2 * 2 * 16 * 4
     # 2 layers x 2 KV heads x 16 channels x (K, V): fp16 256 bytes; int8 one group: 16 + 4 per head
     assert kv_bytes_per_token(2, 2, 16, 16, 16, 2) == 256 and kv_bytes_per_token(2, 2, 16, 8, 16) == 160
 
@@ -237,3 +269,128 @@ def test_batched_generation_with_eviction_equals_each_row_alone(model, tokenizer
         alone = single.generate(prompts, max_new_tokens=6, stop="")
     assert together == alone
     assert together != single.generate(prompts, max_new_tokens=6, stop="")  # outside attach: the full cache
+
+
+def test_channel_key_grid_holds_an_outlier_channel_the_token_grid_cannot():
+    """Keys with one channel ~100x larger than the rest (Qwen2.5-like): a per-token grid over 32 channels spends its
+    16 levels on the outlier and rounds the other 31 channels of its group to one or two levels; per channel each
+    channel gets a grid of its own."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 64, 64, generator=g)
+    keys[..., 7] = 150 + 3 * torch.randn(1, 2, 64, generator=g)
+    token = dequantize_kv(*quantize_kv(keys, 4, 32), 4, 32, torch.float32)
+    channel = dequantize_kv_channels(*quantize_kv_channels(keys, 4, 32), 4, 32, torch.float32)
+    others = [c for c in range(64) if c != 7]
+    err_token = (token - keys)[..., others].pow(2).mean()
+    err_channel = (channel - keys)[..., others].pow(2).mean()
+    assert err_channel < 0.05 * err_token  # measured: about 0.01 against 2.6
+    assert (channel - keys).pow(2).mean() < 0.05 * (token - keys).pow(2).mean()
+
+
+def test_channel_grid_equals_a_direct_computation():
+    """One (scale, min) per channel and group of 4 consecutive tokens; codes packed in channel pairs at 4 bits."""
+    x = torch.randn(2, 3, 8, 6) * 3
+    for bits in (8, 4):
+        codes, scale, low = quantize_kv_channels(x, bits, 4)
+        assert codes.shape == (2, 3, 8, 6 if bits == 8 else 3) and scale.shape == low.shape == (2, 3, 2, 6)
+        expect = torch.empty_like(x)
+        for t0 in (0, 4):
+            block = x[:, :, t0 : t0 + 4]  # [2, 3, 4 tokens, 6 channels]
+            lo = block.amin(2, keepdim=True).half().float()
+            step = ((block.amax(2, keepdim=True) - lo) / (2**bits - 1)).half().float()
+            expect[:, :, t0 : t0 + 4] = ((block - lo) / step).round().clamp(0, 2**bits - 1) * step + lo
+            assert torch.equal(low[:, :, t0 // 4], lo.squeeze(2).half())
+        torch.testing.assert_close(dequantize_kv_channels(codes, scale, low, bits, 4, torch.float32), expect)
+    with pytest.raises(ValueError, match="whole groups"):
+        quantize_kv_channels(x[:, :, :7], 4, 4)
+
+
+def test_channel_key_residual_is_exact_and_groups_are_quantized_once_full():
+    """Fed 3, 2, 4, 1, 1, 6 tokens with groups of 4: each forward reads the groups complete before it quantized and
+    everything newer exact; afterwards the cache holds ⌊n/4⌋ quantized groups and the n mod 4 newest keys exact."""
+    layer = ChannelKeyLayer(bits=4, group=8, tokens=4)
+    g = torch.Generator().manual_seed(2)
+    seen = torch.empty(1, 2, 0, 16)
+    for step in (3, 2, 4, 1, 1, 6):
+        k, v = torch.randn(1, 2, step, 16, generator=g), torch.randn(1, 2, step, 16, generator=g)
+        done = seen.shape[-2] // 4 * 4  # tokens in groups completed before this forward
+        seen = torch.cat([seen, k], dim=-2)
+        keys, values = layer.update(k, v)
+        expect = seen.clone()
+        if done:
+            expect[:, :, :done] = dequantize_kv_channels(
+                *quantize_kv_channels(seen[:, :, :done], 4, 4), 4, 4, torch.float32
+            )
+        assert torch.equal(keys, expect)
+        assert torch.equal(values[:, :, -step:], dequantize_kv(*quantize_kv(v, 4, 8), 4, 8, torch.float32))
+        full, rest = divmod(seen.shape[-2], 4)
+        assert torch.equal(layer.residual, seen[:, :, seen.shape[-2] - rest :])
+        assert (layer.qkeys[0].shape[-2] if layer.qkeys else 0) == 4 * full and layer.stored == seen.shape[-2]
+        assert layer.get_seq_length() == seen.shape[-2]
+    assert seen.shape[-2] == 17 and layer.residual.shape[-2] == 1
+
+
+def test_key_grid_defaults_and_bad_input(model):
+    assert kv_settings(bits=4).key_grid == "channel" and kv_settings(bits=4).channel_tokens == 32
+    assert kv_settings(bits=8).key_grid == "token" and kv_settings(bits=8).channel_tokens is None
+    assert kv_settings(bits=4, budget="0.5").key_grid == "token"  # H2O + int4: per-token keys
+    assert kv_settings(bits=8, key_grid="channel", key_tokens=16).channel_tokens == 16
+    assert KVSettings(bits=4).to_dict()["key_grid"] == "channel" and KVSettings(bits=4).to_dict()["key_tokens"] == 32
+    with pytest.raises(UserError, match="kv-key-grid 'diag'"):
+        kv_settings(bits=4, key_grid="diag")
+    for bad in (0, -4, True, 2.5):
+        with pytest.raises(UserError, match="kv-key-tokens"):
+            kv_settings(bits=4, key_tokens=bad)
+    with pytest.raises(UserError, match="kv-budget"):
+        kv_settings(bits=4, budget="0.2", key_grid="channel")
+    with pytest.raises(UserError, match="kv-bits 8"):
+        kv_settings(key_grid="channel")
+    with pytest.raises(UserError, match="kv-key-tokens"):
+        kv_settings(bits=4, key_grid="token", key_tokens=16)
+    for bad_group in (5, 0, 32):  # not a divisor of the head dimension 16, or < 1
+        with pytest.raises(UserError, match="kv-group"):
+            KVCache(model.config, KVSettings(bits=4, group=bad_group))
+    with pytest.raises(UserError, match="kv-budget"):  # built directly, the combination is refused too
+        KVCache(model.config, KVSettings(bits=4, budget=8, key_grid="channel"), 16)
+
+
+def test_memory_report_counts_the_channel_grid_and_its_residual(model):
+    report = memory_report(model.config, KVSettings(bits=4, group=8, key_tokens=4), torch.float32)
+    # per layer and KV head: keys 16/2 codes + 16 channels x 4 bytes / 4 tokens; values 8 + 2 groups x 4 bytes
+    assert report["bytes_per_token"] == 2 * 2 * ((8 + 16) + (8 + 8)) == kv_bytes_per_token(2, 2, 16, 4, 8, 4, 4)
+    assert report["key_grid"] == "channel" and report["key_residual_max_bytes"] == 2 * 2 * 3 * 16 * 4
+    line = format_memory(report)
+    assert "keys per channel over 4 tokens" in line and "768 bytes of exact keys" in line
+    token = memory_report(model.config, KVSettings(bits=4, group=8, key_grid="token"))
+    assert token["key_grid"] == "token" and "key_residual_max_bytes" not in token
+    assert "keys and values per token" in format_memory(token)
+
+
+def test_cli_int4_with_the_channel_key_grid(tiny_folder, capsys, tmp_path):
+    import json
+
+    folder = tiny_folder("llama")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    argv = ["eval", str(folder), "--ppl-data", str(text), "--seqlen", "64", "--limit", "2", "--json"]
+    assert run_cli([*argv, "--kv-bits", "4", "--profile"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert default["kv_cache"]["key_grid"] == "channel" and default["kv_cache"]["key_tokens"] == 32
+    assert default["profile"]["kv_cache"]["key_residual_max_bytes"] > 0
+    assert run_cli([*argv, "--kv-bits", "4", "--kv-key-grid", "token"]) == 0
+    token = json.loads(capsys.readouterr().out)
+    assert token["kv_cache"]["key_grid"] == "token" and token["perplexity"] != default["perplexity"]
+    assert run_cli([*argv, "--kv-bits", "4", "--kv-key-grid", "channel", "--kv-key-tokens", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_cache"]["settings"]["key_tokens"] == 8
+    for bad, message in (
+        (["--kv-bits", "4", "--kv-key-grid", "diag"], "kv-key-grid 'diag'"),
+        (["--kv-bits", "4", "--kv-key-tokens", "0"], "kv-key-tokens"),
+        (["--kv-bits", "4", "--kv-group", "5"], "kv-group"),
+        (["--kv-bits", "4", "--kv-budget", "16", "--kv-key-grid", "channel"], "kv-budget"),
+    ):
+        assert run_cli([*argv, *bad]) != 0
+        assert message in capsys.readouterr().err
+    gen = ["generate", str(folder), "--prompt", "The quick brown fox", "--max-new-tokens", "4", "--json"]
+    assert run_cli([*gen, "--kv-bits", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["new_tokens"] == 4 and result["kv_cache"]["settings"]["key_grid"] == "channel"

@@ -4,11 +4,17 @@ H2O (Zhang et al., "H2O: Heavy-Hitter Oracle", 2023) keeps, per layer and KV hea
 ``recent`` newest ones plus the ``budget − recent`` older ones with the largest accumulated attention (the sum,
 over every query that has attended so far, of the softmax weight each query gave the token).
 
-The quantized KV cache stores every key and value vector on an asymmetric min–max grid per token, per KV head
-and per group of ``group`` consecutive channels: ``scale = (max − min) / (2^bits − 1)`` and ``min`` are kept in
-float16, the codes ``q = round((x − min) / scale)`` clamped to ``[0, 2^bits − 1]`` (4-bit codes packed two to a
-byte), and ``x̂ = q · scale + min``. Each token's grid depends on that token alone, so quantizing a sequence at
-once or token by token gives the same codes.
+The quantized KV cache stores values (and, with the ``token`` key grid, keys) on an asymmetric min–max grid per
+token, per KV head and per group of ``group`` consecutive channels: ``scale = (max − min) / (2^bits − 1)`` and
+``min`` are kept in float16, the codes ``q = round((x − min) / scale)`` clamped to ``[0, 2^bits − 1]`` (4-bit codes
+packed two to a byte, channels ``2i`` and ``2i + 1``), and ``x̂ = q · scale + min``. Each token's grid depends on that
+token alone, so quantizing a sequence at once or token by token gives the same codes.
+
+The ``channel`` key grid (KIVI, Liu et al. 2024; KVQuant, Hooper et al. 2024) takes the minimum and maximum over a
+group of ``tokens`` consecutive tokens of one channel instead: one (scale, min) pair per KV head, channel and token
+group. A channel whose keys are large for every token (an outlier channel) then gets a grid of its own instead of
+stretching the grid of its neighbours. A group is quantized once its ``tokens`` tokens are all cached; the newest
+``< tokens`` tokens are kept in full precision until then (the cache's residual).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from lmcompress.errors import UserError
 
 KV_BITS = (16, 8, 4)  # 16: no quantization
 DEFAULT_INT4_GROUP = 32  # channels per scale at 4 bits unless --kv-group says otherwise
+KEY_GRIDS = ("channel", "token")  # keys per channel over a token group, or per token like the values
+DEFAULT_KEY_TOKENS = 32  # tokens per key scale with the channel grid unless --kv-key-tokens says otherwise
 
 
 def parse_budget(text: str | float | int | None) -> float | int | None:
@@ -94,6 +102,42 @@ def check_group(group: int | None, head_dim: int, bits: int) -> int:
     return group
 
 
+def check_key_grid(grid: str | None, bits: int, evicts: bool) -> str:
+    """``--kv-key-grid``: ``channel`` or ``token``; ``None`` → ``channel`` at 4 bits without eviction, else
+    ``token``. The channel grid needs quantization (8 or 4 bits) and is refused with H2O eviction (evicting a token
+    from a quantized token group would leave its group's scale and minimum to the others)."""
+    if grid is None:
+        return "channel" if bits == 4 and not evicts else "token"
+    if grid not in KEY_GRIDS:
+        raise UserError(
+            f"--kv-key-grid {grid!r} is not a key grid: use channel (per channel over a group of tokens) or token "
+            "(per token, like the values)",
+            param="kv_key_grid",
+        )
+    if grid == "channel" and bits >= 16:
+        raise UserError("--kv-key-grid channel quantizes keys: give --kv-bits 8 or 4", param="kv_key_grid")
+    if grid == "channel" and evicts:
+        raise UserError(
+            "--kv-key-grid channel cannot be combined with --kv-budget (H2O eviction would remove tokens from a "
+            "quantized token group); use --kv-key-grid token with --kv-budget",
+            param=("kv_key_grid", "kv_budget"),
+        )
+    return grid
+
+
+def check_key_tokens(tokens: int | None) -> int:
+    """``--kv-key-tokens``: tokens per key scale with the channel grid, a positive integer (``None`` → 32)."""
+    if tokens is None:
+        return DEFAULT_KEY_TOKENS
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise UserError(
+            f"--kv-key-tokens {tokens!r} must be a positive token count (the keys of that many consecutive tokens "
+            "share one scale per channel)",
+            param="kv_key_tokens",
+        )
+    return tokens
+
+
 def budget_tokens(budget: float | int, length: int) -> int:
     """The budget in tokens for a sequence of ``length`` tokens: a count as is, a fraction ``f`` as
     ``max(1, round(f · length))``."""
@@ -127,39 +171,105 @@ def h2o_keep(scores: torch.Tensor, budget: int, recent: int) -> torch.Tensor:
     return torch.cat([top.sort(dim=-1).values, tail], dim=-1)
 
 
+def _grid(xg: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unpacked uint8 codes (shape of ``xg``) and float16 ``scale``, ``low`` (``dim`` reduced) of the min–max grid
+    taken over ``dim``. A constant group gets scale 0 and is stored exactly (to float16)."""
+    qmax = 2**bits - 1
+    xg = xg.float()
+    low = xg.amin(dim).clamp(-65504, 65504).half()
+    scale = ((xg.amax(dim) - low.float()) / qmax).clamp(max=65504).half()
+    s, m = scale.float().unsqueeze(dim), low.float().unsqueeze(dim)
+    q = torch.where(s > 0, (xg - m) / torch.where(s > 0, s, 1.0), 0.0)
+    return q.round().clamp(0, qmax).to(torch.uint8), scale, low
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    return codes[..., 0::2] | (codes[..., 1::2] << 4) if bits == 4 else codes
+
+
+def _unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2) if bits == 4 else codes
+
+
 def quantize_kv(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes, scales and minima of ``x`` ``[..., D]`` on the KV grid (module docstring).
+    """Codes, scales and minima of ``x`` ``[..., D]`` on the per-token grid (module docstring).
 
     Returns ``codes`` uint8 ``[..., D]`` (4 bits: ``[..., D/2]``, the even channel in the low nibble), and
-    ``scale``, ``low`` float16 ``[..., D/group]``. A constant group gets scale 0 and is stored exactly (to
-    float16)."""
-    qmax = 2**bits - 1
-    xg = x.float().unflatten(-1, (x.shape[-1] // group, group))
-    low = xg.amin(-1).clamp(-65504, 65504).half()
-    scale = ((xg.amax(-1) - low.float()) / qmax).clamp(max=65504).half()
-    s = scale.float().unsqueeze(-1)
-    q = torch.where(s > 0, (xg - low.float().unsqueeze(-1)) / torch.where(s > 0, s, 1.0), 0.0)
-    codes = q.round().clamp(0, qmax).to(torch.uint8).flatten(-2)
-    if bits == 4:
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return codes, scale, low
+    ``scale``, ``low`` float16 ``[..., D/group]``."""
+    codes, scale, low = _grid(x.unflatten(-1, (x.shape[-1] // group, group)), bits, -1)
+    return _pack(codes.flatten(-2), bits), scale, low
 
 
 def dequantize_kv(
     codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int, group: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """``x̂ = q · scale + min`` of :func:`quantize_kv`'s output, in ``dtype``."""
-    if bits == 4:
-        codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)
+    codes = _unpack(codes, bits)
     q = codes.float().unflatten(-1, (codes.shape[-1] // group, group))
     return (q * scale.float().unsqueeze(-1) + low.float().unsqueeze(-1)).flatten(-2).to(dtype)
 
 
-def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bits: int, group: int, float_bytes: int = 2) -> int:
+def quantize_kv_channels(x: torch.Tensor, bits: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scales and minima of keys ``x`` ``[..., T, D]`` on the channel grid: one (scale, min) per channel
+    and per group of ``tokens`` consecutive tokens (``T`` a multiple of ``tokens``).
+
+    Returns ``codes`` uint8 ``[..., T, D]`` (4 bits: ``[..., T, D/2]``, packed as in :func:`quantize_kv`), and
+    ``scale``, ``low`` float16 ``[..., T/tokens, D]``."""
+    length = x.shape[-2]
+    if length % tokens:
+        raise ValueError(f"{length} tokens are not whole groups of {tokens}")
+    codes, scale, low = _grid(x.unflatten(-2, (length // tokens, tokens)), bits, -2)
+    return _pack(codes.flatten(-3, -2), bits), scale, low
+
+
+def dequantize_kv_channels(
+    codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int, tokens: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``x̂ = q · scale + min`` of :func:`quantize_kv_channels`'s output ``[..., T, D]``, in ``dtype``."""
+    q = _unpack(codes, bits).float().unflatten(-2, (codes.shape[-2] // tokens, tokens))
+    return (q * scale.float().unsqueeze(-2) + low.float().unsqueeze(-2)).flatten(-3, -2).to(dtype)
+
+
+def kv_bytes_per_token(
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    bits: int,
+    group: int,
+    float_bytes: int = 2,
+    key_tokens: int | None = None,
+) -> int | float:
     """Bytes the cache stores per token (keys and values of every layer and KV head): ``float_bytes`` per
-    element unquantized; quantized, ``bits/8`` per element plus a float16 scale and minimum per group."""
+    element unquantized; quantized, ``bits/8`` per element plus a float16 scale and minimum per channel group
+    (``4 · D / group`` bytes per token and head); with the channel key grid (``key_tokens`` given) the keys' pair
+    is per channel and token group instead (``4 · D / key_tokens``, a fraction where ``key_tokens`` does not
+    divide ``4 · D``). The channel grid's residual of full-precision keys is not a per-token cost:
+    :func:`kv_cache_bytes` counts it."""
     if bits >= 16:
-        per_head = head_dim * float_bytes
-    else:
-        per_head = head_dim * bits // 8 + (head_dim // group) * 4
-    return 2 * layers * kv_heads * per_head
+        return 2 * layers * kv_heads * head_dim * float_bytes
+    values = head_dim * bits // 8 + (head_dim // group) * 4
+    # per token, the channel grid's scales are 4 · D / key_tokens bytes: an integer only on average
+    keys = values if key_tokens is None else head_dim * bits // 8 + head_dim * 4 / key_tokens
+    total = layers * kv_heads * (keys + values)
+    return int(total) if float(total).is_integer() else total
+
+
+def kv_cache_bytes(
+    length: int,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    bits: int,
+    group: int,
+    float_bytes: int = 2,
+    key_tokens: int | None = None,
+) -> int:
+    """Bytes the cache stores for a sequence of ``length`` tokens (nothing evicted). With the channel key grid the
+    ``⌊length / key_tokens⌋`` full token groups are codes plus a float16 scale and minimum per channel, and the
+    ``length mod key_tokens`` newest keys are held in full precision (``float_bytes`` per element)."""
+    if bits >= 16 or key_tokens is None:
+        return length * kv_bytes_per_token(layers, kv_heads, head_dim, bits, group, float_bytes)
+    values = length * (head_dim * bits // 8 + (head_dim // group) * 4)
+    groups, residual = divmod(length, key_tokens)
+    keys = groups * key_tokens * head_dim * bits // 8 + groups * head_dim * 4 + residual * head_dim * float_bytes
+    return layers * kv_heads * (keys + values)

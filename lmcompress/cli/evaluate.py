@@ -94,6 +94,8 @@ def evaluate(
     kv_recent: float = kv_options.KV_RECENT,
     kv_bits: int = kv_options.KV_BITS,
     kv_group: int = kv_options.KV_GROUP,
+    kv_key_grid: str = kv_options.KV_KEY_GRID,
+    kv_key_tokens: int = kv_options.KV_KEY_TOKENS,
     kv_chunk: int = typer.Option(
         1,
         "--kv-chunk",
@@ -134,7 +136,7 @@ def evaluate(
     from lmcompress.kv_cache import kv_settings
 
     check_mode(kernels)
-    kv = kv_settings(kv_budget, kv_recent, kv_bits, kv_group, kv_chunk)
+    kv = kv_settings(kv_budget, kv_recent, kv_bits, kv_group, kv_chunk, key_grid=kv_key_grid, key_tokens=kv_key_tokens)
     if kv is None:
         options.refuse(ctx, ("kv_recent", "kv_group", "kv_chunk"), "without --kv-budget or --kv-bits 8|4")
     elif not kv.evicts:

@@ -164,6 +164,8 @@ def generate(
     kv_recent: float = kv_options.KV_RECENT,
     kv_bits: int = kv_options.KV_BITS,
     kv_group: int = kv_options.KV_GROUP,
+    kv_key_grid: str = kv_options.KV_KEY_GRID,
+    kv_key_tokens: int = kv_options.KV_KEY_TOKENS,
 ) -> None:
     """Generate text from a model and print it with its prefill and decode speed (tokens/s, batch 1).
 
@@ -191,7 +193,7 @@ def generate(
 
     check_mode(kernels)
     check_device(device)
-    kv = kv_settings(kv_budget, kv_recent, kv_bits, kv_group)
+    kv = kv_settings(kv_budget, kv_recent, kv_bits, kv_group, key_grid=kv_key_grid, key_tokens=kv_key_tokens)
     if check_threads(threads) is not None:
         torch.set_num_threads(threads)
     net, tokenizer = load(

@@ -16,12 +16,24 @@ KV_RECENT = typer.Option(
 KV_BITS = typer.Option(
     16,
     "--kv-bits",
-    help="Store the KV cache in 8 or 4 bits (asymmetric min-max per token, per KV head, per --kv-group "
-    "channels; float16 scale and minimum); 16: not quantized.",
+    help="Store the KV cache in 8 or 4 bits (asymmetric min-max, float16 scale and minimum; values per token, per "
+    "KV head, per --kv-group channels; keys per --kv-key-grid); 16: not quantized.",
 )
 KV_GROUP = typer.Option(
     None,
     "--kv-group",
-    help="With --kv-bits 8|4: channels per scale, a divisor of the head dimension [default: the whole head at "
-    "8 bits, 32 at 4 bits].",
+    help="With --kv-bits 8|4: channels per scale of the per-token grid, a divisor of the head dimension "
+    "[default: the whole head at 8 bits, 32 at 4 bits].",
+)
+KV_KEY_GRID = typer.Option(
+    None,
+    "--kv-key-grid",
+    help="With --kv-bits 8|4: the keys' grid, channel (one scale per channel over --kv-key-tokens consecutive "
+    "tokens, the newest tokens of an unfilled group kept exact; not with --kv-budget) or token (per token, per "
+    "--kv-group channels, like the values) [default: channel at 4 bits without --kv-budget, else token].",
+)
+KV_KEY_TOKENS = typer.Option(
+    None,
+    "--kv-key-tokens",
+    help="With --kv-key-grid channel: tokens per key scale [default: 32].",
 )
