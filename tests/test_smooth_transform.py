@@ -3,6 +3,7 @@ quantization; the dense function is unchanged, the searches keep their best poin
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -56,13 +57,14 @@ def test_smoothing_leaves_the_dense_function_unchanged(family, overrides, how):
         assert all(len(losses) == 3 for losses in report.awq_losses.values())
     else:
         assert sorted(report.alpha) == list(range(blocks)) and not report.awq_exponent
-    if how == "auto":
+    if how == "auto":  # the golden search tries 2 or 3 of the grid's 3 points
         for i, losses in report.alpha_losses.items():
-            assert sorted(losses) == [0.0, 0.5, 1.0] and losses[report.alpha[i]] == min(losses.values())
+            assert set(losses) <= {0.0, 0.5, 1.0} and len(losses) >= 2
+            assert losses[report.alpha[i]] == min(losses.values())
     json.dumps(report.recipe_fields())
 
 
-@pytest.mark.parametrize("how", ["alpha", "auto"])
+@pytest.mark.parametrize("how", ["alpha", "grid", "golden"])
 def test_one_pass_per_block_gives_the_statistics_and_the_outputs(how):
     model = perturbed(build_tiny_model("llama", num_hidden_layers=3))
     calib = windows(model.config.vocab_size, n=4, length=32)
@@ -70,12 +72,42 @@ def test_one_pass_per_block_gives_the_statistics_and_the_outputs(how):
     for i, block in enumerate(get_blocks(model)):
         block.register_forward_pre_hook(lambda _m, args, i=i: seen.__setitem__(i, seen[i] + args[0].shape[0]))
     alpha = 0.5 if how == "alpha" else "auto"
-    config = SmoothConfig(alpha=alpha, alpha_grid=3, search_tokens=32)
-    smooth_model(model, config, calib, progress=False)
-    trials = 0 if how == "alpha" else 3  # each α of the grid runs the block on the one search window
+    config = SmoothConfig(alpha=alpha, alpha_grid=11, alpha_search="grid" if how == "alpha" else how, search_tokens=32)
+    report = smooth_model(model, config, calib, progress=False)
+    # each α tried runs the block once on the one search window: all 11 of the grid, or the golden search's ≤ 5
+    trials = {i: len(report.alpha_losses.get(i, {})) for i in range(3)}
+    assert all(t == {"alpha": 0, "grid": 11, "golden": t}[how] for t in trials.values())
+    if how == "golden":
+        assert all(3 <= t <= 5 for t in trials.values())
     # capturing the inputs calls block 0 (skipped) on every window and the later blocks on window 0; block 0's
     # choose_batch runs two windows together and one by one; then one pass of the 4 windows per block
-    assert seen == {0: 4 + 4 + 4 + trials, 1: 1 + 4 + trials, 2: 1 + 4 + trials}
+    assert seen == {0: 4 + 4 + 4 + trials[0], 1: 1 + 4 + trials[1], 2: 1 + 4 + trials[2]}
+
+
+def test_golden_search_picks_the_grid_alpha_where_the_block_error_is_unimodal():
+    reports = {}
+    for how in ("grid", "golden"):
+        model = perturbed(build_tiny_model("llama", num_hidden_layers=3))
+        config = SmoothConfig(alpha="auto", alpha_grid=11, alpha_search=how, search_tokens=64)
+        reports[how] = smooth_model(model, config, windows(model.config.vocab_size), progress=False)
+    unimodal = 0
+    for i, losses in reports["grid"].alpha_losses.items():
+        values = list(losses.values())
+        low = values.index(min(values))
+        steps = [b - a for a, b in itertools.pairwise(values)]  # falls strictly to the minimum, then rises strictly
+        if all(d < 0 for d in steps[:low]) and all(d > 0 for d in steps[low:]):
+            unimodal += 1
+            assert reports["golden"].alpha[i] == reports["grid"].alpha[i], (i, losses)
+        pick = list(losses).index(reports["golden"].alpha[i])  # elsewhere (noise): still a local minimum
+        assert all(values[pick] <= v * (1 + 1e-3) for v in values[max(pick - 1, 0) : pick + 2]), (i, losses)
+        tried = reports["golden"].alpha_losses[i]
+        assert len(tried) <= 5
+        for a, value in tried.items():  # the same objective: each α tried has the grid's error for that α
+            assert value == pytest.approx(losses[a], rel=1e-3)
+    assert unimodal >= 1  # the check above really ran
+    assert reports["golden"].to_dict()["config"]["alpha_search"] == "golden"
+    with pytest.raises(UserError, match="alpha_search must be one of golden, grid"):
+        SmoothConfig(alpha="auto", alpha_search="exhaustive")
 
 
 def test_awq_keeps_the_exponent_with_the_lowest_block_error():

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmcompress.algorithms.smoothquant import ChannelStats, check_alpha, search_grid, smoothing_scales, weight_absmax
+from lmcompress.algorithms.smoothquant import (
+    ChannelStats,
+    check_alpha,
+    search_golden,
+    search_grid,
+    smoothing_scales,
+    weight_absmax,
+)
 from lmcompress.errors import UserError
 from lmcompress.models.families import get_blocks
 from lmcompress.models.smoothing import (
@@ -115,6 +122,42 @@ def test_search_grid_picks_the_lowest_loss():
         search_grid(lambda a: 0.0, 1)
     with pytest.raises(UserError, match="must be in"):
         search_grid(lambda a: 0.0, [0.5, 2.0])
+
+
+def unimodal(n: int, low: int, seed: int) -> list[float]:
+    """``n`` losses that strictly fall to index ``low`` and strictly rise after it (random steps)."""
+    gen = torch.Generator().manual_seed(seed)
+    steps = (torch.rand(n, generator=gen) + 0.01).tolist()
+    return [sum(steps[i:low]) if i < low else sum(steps[low + 1 : i + 1]) for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 7, 11, 12, 21])
+def test_golden_search_finds_the_grid_minimum_of_a_unimodal_loss_in_fewer_trials(n):
+    trials = {2: 2, 3: 3, 4: 3, 5: 4, 7: 4, 11: 5, 12: 5, 21: 7}[n]  # ⌈log_φ⌉-like: the Fibonacci bracket's steps
+    for low in range(n):
+        values = unimodal(n, low, seed=n * 100 + low)
+        calls = []
+
+        def loss(a: float, values=values, calls=calls) -> float:
+            calls.append(a)
+            return values[round(a * (n - 1))]
+
+        best, losses = search_golden(loss, n)
+        assert len(calls) == len(set(calls)) == len(losses) <= trials  # no point tried twice
+        assert best == search_grid(loss, n)[0] == pytest.approx(low / (n - 1))
+        assert losses[best] == min(losses.values()) and list(losses) == sorted(losses)
+
+
+def test_golden_search_on_given_points_and_a_loss_that_is_not_unimodal():
+    best, losses = search_golden(lambda a: (a - 0.33) ** 2, [1.0, 0.0, 0.25, 0.5, 0.75])  # sorted before searching
+    assert best == 0.25 and len(losses) <= 4
+    bumpy = [0.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.6, 0.7, 0.8, 0.9]  # global minimum 0 at α = 0, local at 0.6
+    best, losses = search_golden(lambda a: bumpy[round(a * 10)], 11)
+    assert best == pytest.approx(0.6) and losses[best] == min(losses.values())  # a local minimum, the best tried
+    with pytest.raises(UserError, match="at least 2"):
+        search_golden(lambda a: 0.0, 1)
+    with pytest.raises(UserError, match="must be in"):
+        search_golden(lambda a: 0.0, [0.5, 2.0])
 
 
 def test_search_smoothing_applies_the_best_alpha_and_restores_the_trials():

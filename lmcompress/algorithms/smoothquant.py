@@ -7,12 +7,14 @@ range moves into the weights (0: none from the activations, 1: all of it). The d
 into whatever produced ``X`` (a norm's weight and bias, or a preceding linear layer's output rows), so the
 model computes the same function until it is quantized (``models.smoothing`` knows, per family, where).
 
-:class:`ChannelStats` accumulates the per-channel statistics both SmoothQuant and AWQ need, and
-:func:`search_grid` picks the α (or AWQ's exponent) with the lowest loss on a grid.
+:class:`ChannelStats` accumulates the per-channel statistics both SmoothQuant and AWQ need. On a grid of α
+(or AWQ's exponent), :func:`search_grid` tries every point and keeps the lowest loss; :func:`search_golden`
+finds the same point in ``O(log n)`` trials when the loss is unimodal along the grid (Fibonacci search).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -75,6 +77,17 @@ def smoothing_scales(act_absmax: torch.Tensor, w_max: torch.Tensor, alpha: float
     return torch.where(dead, torch.ones_like(s), s.clamp(min=_FLOOR))
 
 
+def grid_points(grid: Sequence[float] | int) -> list[float]:
+    """The points of a search grid: ``grid`` itself (each checked to lie in [0, 1]) or, for a count ``n ≥ 2``,
+    ``0, 1/(n−1), …, 1``."""
+    if isinstance(grid, int) and grid < 2:
+        raise UserError(f"a search grid needs at least 2 points, got {grid}", param="grid")
+    points = [i / (grid - 1) for i in range(grid)] if isinstance(grid, int) else [check_alpha(p) for p in grid]
+    if not points:
+        raise UserError("the search grid is empty", param="grid")
+    return points
+
+
 def search_grid(loss: Callable[[float], float], grid: Sequence[float] | int = 11) -> tuple[float, dict[float, float]]:
     """The grid point with the lowest ``loss(point)`` (the first on ties), and every loss by point.
 
@@ -82,11 +95,44 @@ def search_grid(loss: Callable[[float], float], grid: Sequence[float] | int = 11
     applies the candidate (e.g. smooths and quantizes a block on a copy) and measures it (e.g. the KL
     divergence of the block's logits, or its output error).
     """
-    if isinstance(grid, int) and grid < 2:
-        raise UserError(f"a search grid needs at least 2 points, got {grid}", param="grid")
-    points = [i / (grid - 1) for i in range(grid)] if isinstance(grid, int) else [check_alpha(p) for p in grid]
-    if not points:
-        raise UserError("the search grid is empty", param="grid")
+    points = grid_points(grid)
     losses = {p: float(loss(p)) for p in points}
     best = min(points, key=lambda p: (losses[p], points.index(p)))
     return best, losses
+
+
+def search_golden(loss: Callable[[float], float], grid: Sequence[float] | int = 11) -> tuple[float, dict[float, float]]:
+    """The grid point with the lowest ``loss`` by Fibonacci search (golden-section search on the indices of the
+    sorted grid), and the loss of every point it tried.
+
+    The bracket ``(lo, lo + F_k)`` (exclusive; ``F``: 1, 2, 3, 5, 8, 13, …, the first ``F_k ≥ n + 1``; indices
+    past the grid count as ``+∞``) holds the minimum. Its probes ``lo + F_{k−2}`` and ``lo + F_{k−1}`` cut it to
+    ``(lo, lo + F_{k−1})`` when the left one is not worse, else to ``(lo + F_{k−2}, lo + F_k)``; either way the
+    kept probe is a probe of the new bracket, so each step costs one trial, and the search ends at length 2.
+    When the loss along the sorted grid strictly decreases and then strictly increases (unimodal), the point
+    left is the grid's minimum, the one :func:`search_grid` finds, after about ``log_φ n`` trials (5 of 11).
+    Otherwise it is a local minimum; the result is the lowest loss among the points tried (first on ties).
+    """
+    points = sorted(grid_points(grid))
+    n = len(points)
+    losses: dict[float, float] = {}
+
+    def at(i: int) -> float:
+        if i >= n:
+            return math.inf
+        if points[i] not in losses:
+            losses[points[i]] = float(loss(points[i]))
+        return losses[points[i]]
+
+    fib = [1, 2]
+    while fib[-1] < n + 1:
+        fib.append(fib[-1] + fib[-2])
+    lo, k = -1, len(fib) - 1
+    while k >= 2:
+        a, b = lo + fib[k - 2], lo + fib[k - 1]
+        if at(a) > at(b):
+            lo = a
+        k -= 1
+    at(lo + 1)
+    best = min(losses, key=lambda p: (losses[p], points.index(p)))
+    return best, dict(sorted(losses.items()))

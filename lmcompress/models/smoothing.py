@@ -31,6 +31,7 @@ from lmcompress.models.families import blocks_path, get_blocks, weight_matrix
 from lmcompress.models.layouts import head_shape
 
 Rows = Callable[[object], torch.Tensor]  # config → indices of the source's output rows that feed the group
+Search = Callable[[Callable[[float], float], Sequence[float] | int], tuple[float, dict[float, float]]]
 
 
 @dataclass(frozen=True)
@@ -264,18 +265,29 @@ def smooth(groups: list[Group], stats: dict[str, ChannelStats], alpha: float) ->
 
 
 def search_smoothing(
-    groups: list[Group], stats: dict[str, ChannelStats], loss: Callable[[], float], grid: Sequence[float] | int = 11
+    groups: list[Group],
+    stats: dict[str, ChannelStats],
+    loss: Callable[[], float],
+    grid: Sequence[float] | int = 11,
+    search: Search = search_grid,
 ) -> tuple[float, dict[float, float]]:
     """The α of ``grid`` whose smoothing of ``groups`` gives the lowest ``loss()`` (the caller quantizes and
-    measures, e.g. a block's calibration KL); that α is then applied. Returns it and every α's loss."""
+    measures, e.g. a block's calibration KL), found by ``search`` (every point, or ``search_golden``); that α is
+    then applied. Returns it and the loss of every α tried. The tied per-channel maxima of the activations and of
+    the weights do not depend on α: they are taken once, and each trial only folds its scales (then restores)."""
+    maxima = {g.name: (g.tie(stats[g.name].absmax), g.tie(weight_absmax(g.weights()))) for g in groups}
+
+    def apply(alpha: float) -> None:
+        for g in groups:
+            fold_scales(g, smoothing_scales(*maxima[g.name], alpha))
 
     def trial(alpha: float) -> float:
         with restored(groups):
-            smooth(groups, stats, alpha)
+            apply(alpha)
             return loss()
 
-    best, losses = search_grid(trial, grid)
-    smooth(groups, stats, best)
+    best, losses = search(trial, grid)
+    apply(best)
     return best, losses
 
 

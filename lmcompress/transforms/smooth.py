@@ -13,7 +13,9 @@ reference the searches compare against. Then
 * **SmoothQuant** (``alpha``): ``s_j = max|X_j|^α / max|W_j|^(1−α)`` on every group of the block; with
   ``alpha="auto"`` the α of a grid whose smoothed block, run with every linear layer's weights and inputs
   fake-quantized as the scheme runs them (int8 per channel × int8 per token by default; ``actquant``), gives
-  the lowest mean squared output error ``mean((Ŷ − Y)²)``;
+  the lowest mean squared output error ``mean((Ŷ − Y)²)``, found by Fibonacci (golden-section) search along
+  the grid (``alpha_search="golden"``: 5 trials of 11 points; the grid's minimum when the error is unimodal in
+  α) or by trying every point (``"grid"``);
 * **AWQ** (``awq``): for each group in turn, the exponent ``a`` of ``s_j = mean|X_j|^a`` (``algorithms.awq``)
   whose block, with that group's weights replaced by ``Q(W · diag(s)) · diag(s)⁻¹`` (the quantizer the later
   RTN / GPTQ uses, round to nearest on its grid), gives the lowest ``mean((Ŷ − Y)²)``.
@@ -34,7 +36,7 @@ from torch import nn
 from lmcompress.algorithms.actquant import ActScheme, dequantize, weight_scheme_quantize
 from lmcompress.algorithms.awq import awq_search, effective_weight, rtn_quantizer
 from lmcompress.algorithms.quant import QuantSpec
-from lmcompress.algorithms.smoothquant import check_alpha
+from lmcompress.algorithms.smoothquant import check_alpha, search_golden, search_grid
 from lmcompress.calibration import distributed
 from lmcompress.calibration.engine import BlockInputs, run_block, walk_blocks
 from lmcompress.calibration.offload import active_stream
@@ -52,6 +54,7 @@ from lmcompress.models.smoothing import (
 log = logging.getLogger(__name__)
 
 ACT_KINDS = ("int8", "fp8")
+ALPHA_SEARCHES = {"golden": search_golden, "grid": search_grid}
 
 
 def check_smoothquant(value: float | str | None, param: str = "smoothquant") -> float | str | None:
@@ -74,13 +77,15 @@ def check_smoothquant(value: float | str | None, param: str = "smoothquant") -> 
 @dataclass
 class SmoothConfig:
     """What :func:`smooth_model` does. ``alpha``: SmoothQuant's α (a number in [0, 1], ``"auto"`` to search it
-    per block on ``alpha_grid`` points, or None: no SmoothQuant); ``act``: how the search quantizes activations
-    and weights (``int8``: W8A8 int8, ``fp8``: FP8 E4M3 per token). ``awq``: AWQ with ``awq_grid`` exponents in
-    [0, 1], searched with round to nearest on ``weight_spec``. The searches run on the first calibration windows
-    holding ``search_tokens`` tokens (at least one window)."""
+    per block on ``alpha_grid`` points, or None: no SmoothQuant); ``alpha_search``: how ``"auto"`` searches the
+    grid (``golden``: Fibonacci search, about ``log_φ`` of the points in trials; ``grid``: every point); ``act``:
+    how the search quantizes activations and weights (``int8``: W8A8 int8, ``fp8``: FP8 E4M3 per token). ``awq``:
+    AWQ with ``awq_grid`` exponents in [0, 1], searched with round to nearest on ``weight_spec``. The searches run
+    on the first calibration windows holding ``search_tokens`` tokens (at least one window)."""
 
     alpha: float | str | None = None
     alpha_grid: int = 11
+    alpha_search: str = "golden"
     act: str = "int8"
     awq: bool = False
     awq_grid: int = 20
@@ -97,6 +102,11 @@ class SmoothConfig:
                 "SmoothQuant and AWQ are alternatives (SmoothQuant for weight-and-activation schemes, AWQ for "
                 "low-bit weights): give one of them",
                 param=("smoothquant", "awq"),
+            )
+        if self.alpha_search not in ALPHA_SEARCHES:
+            raise UserError(
+                f"alpha_search must be one of {', '.join(ALPHA_SEARCHES)}, got {self.alpha_search!r}",
+                param="alpha_search",
             )
         if self.act not in ACT_KINDS:
             raise UserError(f"act must be one of {', '.join(ACT_KINDS)}, got {self.act!r}", param="act")
@@ -119,7 +129,7 @@ class SmoothConfig:
 
 @dataclass
 class SmoothReport:
-    """What :func:`smooth_model` did: SmoothQuant's α per block (and each searched α's output error), AWQ's
+    """What :func:`smooth_model` did: SmoothQuant's α per block (and the output error of each α tried), AWQ's
     exponent per group (full dotted name of the group's source) and each exponent's output error."""
 
     config: dict
@@ -139,6 +149,8 @@ class SmoothReport:
         out: dict = {"groups": self.groups, "search_windows": self.search_windows, "time_s": self.wall_time_s}
         if self.config.get("alpha") is not None:
             out["smoothquant"] = {"alpha": self.config["alpha"], "alpha_per_block": self.alpha}
+            if self.config["alpha"] == "auto":
+                out["smoothquant"] |= {"grid": self.config["alpha_grid"], "search": self.config["alpha_search"]}
         if self.config.get("awq"):
             out["awq"] = {"grid": self.config["awq_grid"], "exponent_per_group": self.awq_exponent}
         return out
@@ -254,7 +266,8 @@ def smooth_model(
                 with simulated(block, act):
                     return _output_error(block, search, reference)
 
-            best, losses = search_smoothing(groups, stats, loss, config.alpha_grid)
+            search_fn = ALPHA_SEARCHES[config.alpha_search]
+            best, losses = search_smoothing(groups, stats, loss, config.alpha_grid, search_fn)
             report.alpha[i], report.alpha_losses[i] = best, losses
         elif config.alpha is not None:
             smooth(groups, stats, float(config.alpha))
