@@ -15,7 +15,13 @@ Perplexity over the first ``--windows`` non-overlapping windows of ``--seqlen`` 
   equals feeding the tokens one by one);
 - H2O at each budget (a fraction of the window; half of it recent tokens) and recent-only at the same budget
   (``--kv-recent 1``): the first ``budget`` tokens in one forward, then ``--chunk`` tokens per forward (1: each
-  token's logits see the compressed cache of all tokens before it, the H2O paper's protocol).
+  token's logits see the compressed cache of all tokens before it, the H2O paper's protocol);
+- H2O variants (``--h2o-variants``, each at every budget): ``+``-joined options of the cache, ``sinksN`` (the
+  first N tokens never evicted, ``--kv-sinks``), ``mean`` / ``sum`` / ``decayG`` (the ranking score,
+  ``--kv-score``; ``decay0.99``: ``--kv-score decay --kv-decay 0.99``), ``rX`` (recent fraction X,
+  ``--kv-recent``); e.g. ``--h2o-variants sinks4,mean,mean+sinks4`` adds the rows ``H2O 20% sinks4`` ... The
+  plain ``H2O`` rows are the H2O paper's (sum, no sinks, half recent) whatever the defaults. ``--split valid``
+  measures on WikiText-2 valid.txt (where variants are chosen) instead of test.
 
 Retrieval (``lmcompress.measure.tasks.retrieval``: key–value lists and planted facts at 5 depths, ``--retrieval-
 lengths`` tokens): greedy answers with the full cache and with each compressed cache (the prompt in one forward,
@@ -48,6 +54,25 @@ def _ppl(nll: list[float]) -> float:
     return math.exp(sum(nll) / len(nll))
 
 
+def _variant(spec: str, budget: float, chunk: int):
+    """The H2O settings of a ``--h2o-variants`` entry such as ``mean+sinks4+r0.25`` (the paper's otherwise)."""
+    from lmcompress.kv_cache import KVSettings
+
+    fields = {"budget": budget, "chunk": chunk, "recent": 0.5, "sinks": 0, "score": "sum"}
+    for part in spec.strip().split("+"):
+        if part in ("sum", "mean"):
+            fields["score"] = part
+        elif part.startswith("decay"):
+            fields["score"], fields["decay"] = "decay", float(part[5:])
+        elif part.startswith("sinks"):
+            fields["sinks"] = int(part[5:])
+        elif part.startswith("r"):
+            fields["recent"] = float(part[1:])
+        else:
+            raise SystemExit(f"--h2o-variants: unknown part {part!r} of {spec!r} (sinksN, mean, sum, decayG, rX)")
+    return KVSettings(**fields)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="smollm2 (default), qwen1.5b or a folder")
@@ -55,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--budgets", default="0.1,0.2,0.5", help="H2O / recent-only budgets, fractions of the window")
     parser.add_argument("--chunk", type=int, default=1, help="tokens per forward after the prefill (1: H2O's protocol)")
+    parser.add_argument("--h2o-variants", default="", help="extra H2O rows, e.g. 'sinks4,mean,mean+sinks4+r0.25'")
+    parser.add_argument("--split", default="test", choices=("test", "valid"), help="WikiText-2 file for perplexity")
     parser.add_argument("--int4-groups", default="64,32", help="channel groups tried for int4 (64: the whole head)")
     parser.add_argument("--int4-key-grids", default="token,channel", help="int4 key grids: token and/or channel")
     parser.add_argument("--key-tokens", default="32", help="tokens per key scale tried with the channel key grid")
@@ -107,9 +134,10 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"--int4-key-grids: unknown grid {grid!r} (token, channel)")
     for b in budgets:
         configs += [
-            (f"H2O {b:.0%}", KVSettings(budget=b, recent=0.5, chunk=args.chunk)),
-            (f"recent-only {b:.0%}", KVSettings(budget=b, recent=1.0, chunk=args.chunk)),
+            (f"H2O {b:.0%}", KVSettings(budget=b, recent=0.5, chunk=args.chunk, sinks=0, score="sum")),
+            (f"recent-only {b:.0%}", KVSettings(budget=b, recent=1.0, chunk=args.chunk, sinks=0)),
         ]
+        configs += [(f"H2O {b:.0%} {v}", _variant(v, b, args.chunk)) for v in args.h2o_variants.split(",") if v]
     if args.only:  # the full cache always runs: every ratio is to it
         wanted = {w.strip() for w in args.only.split(",")}
         configs = [c for c in configs if c[0] == "full" or c[0] in wanted]
@@ -117,10 +145,15 @@ def main(argv: list[str] | None = None) -> None:
         out["memory"].append({"config": label, **memory_report(model.config, settings, torch.float32)})
 
     if not args.no_ppl:
-        text = load_text(str(wikitext("test")), role="eval").text
+        text = load_text(str(wikitext(args.split)), role="eval").text
         bos = wants_bos(tokenizer)
         windows = eval_windows(tokenizer, text, args.seqlen, bos=bos)[: args.windows]
-        out["windows"] = {"count": int(windows.shape[0]), "seqlen": args.seqlen, "bos": bos, "data": "wikitext2 test"}
+        out["windows"] = {
+            "count": int(windows.shape[0]),
+            "seqlen": args.seqlen,
+            "bos": bos,
+            "data": f"wikitext2 {args.split}",
+        }
         full_nll = None
         for label, settings in configs:
             start = time.perf_counter()
@@ -215,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     if out["ppl"]:
         print_table(
             [{k: r[k] for k in ("config", "ppl", "ratio", "bytes_per_token", "held_tokens")} for r in out["ppl"]],
-            f"perplexity, {out['windows']['count']} windows of {args.seqlen} (WikiText-2 test)",
+            f"perplexity, {out['windows']['count']} windows of {args.seqlen} (WikiText-2 {args.split})",
         )
     if out["retrieval"]:
         print_table(

@@ -26,10 +26,13 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from lmcompress.algorithms.kv import (
     budget_tokens,
     check_bits,
+    check_decay,
     check_group,
     check_key_grid,
     check_key_tokens,
     check_recent,
+    check_score,
+    check_sinks,
     dequantize_kv,
     dequantize_kv_channels,
     h2o_keep,
@@ -49,13 +52,19 @@ class KVSettings:
     """What the cache does. ``budget``: tokens kept per layer and KV head (an int), or a fraction of the sequence
     (a float in (0, 1]), or ``None`` (no eviction); ``recent``: the fraction of the budget given to the newest
     tokens; ``bits``: 16 (no quantization), 8 or 4; ``group``: channels per scale (``None``: the whole head);
-    ``chunk``: tokens per forward after the prefill when perplexity is streamed through an evicting cache."""
+    ``chunk``: tokens per forward after the prefill when perplexity is streamed through an evicting cache;
+    ``sinks``: first tokens never evicted (taken from the budget before it is split into recent and heavy);
+    ``score``: how older tokens are ranked, ``"sum"`` (accumulated attention, the H2O paper), ``"mean"`` (per query
+    that saw the token) or ``"decay"`` (a query ``k`` steps back weighted ``decay^k``)."""
 
     budget: float | int | None = None
     recent: float = 0.5
     bits: int = 16
     group: int | None = None
     chunk: int = 1
+    sinks: int = 0
+    score: str = "sum"
+    decay: float = 0.99
     key_grid: str | None = None  # "channel" | "token"; None: channel at 4 bits without eviction, else token
     key_tokens: int | None = None  # tokens per key scale with the channel grid (None: 32)
 
@@ -86,12 +95,18 @@ def kv_settings(
     bits: int = 16,
     group: int | None = None,
     chunk: int = 1,
+    sinks: int = 0,
+    score: str = "sum",
+    decay: float = 0.99,
     key_grid: str | None = None,
     key_tokens: int | None = None,
 ) -> KVSettings | None:
     """Checked settings from the CLI's ``--kv-*`` options; ``None`` when they ask for nothing (the plain cache)."""
     value = parse_budget(budget)
     check_recent(recent)
+    check_sinks(sinks)
+    check_score(score)
+    check_decay(decay)
     check_bits(bits)
     if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
         raise UserError(f"--kv-group must be a positive channel count, got {group!r}", param="kv_group")
@@ -111,7 +126,7 @@ def kv_settings(
     check_key_tokens(key_tokens)
     if value is None and bits == 16:
         return None
-    settings = KVSettings(value, float(recent), int(bits), group, chunk)
+    settings = KVSettings(value, float(recent), int(bits), group, chunk, int(sinks), score, float(decay))
     return replace(settings, key_grid=grid, key_tokens=key_tokens)
 
 
@@ -140,15 +155,27 @@ class CompressedKVLayer(DynamicLayer):
     """One layer's cache: keys and values ``[B, H_kv, T, D]``, stored as float (``bits`` 16) or as codes with
     float16 scales and minima; at most ``budget`` tokens per KV head once :meth:`observe` has evicted.
 
-    ``seen`` counts every token that went in (positions and masks follow it); ``stored`` is what is held."""
+    ``seen`` counts every token that went in (positions and masks follow it); ``stored`` is what is held.
+    Eviction keeps the first ``sinks`` tokens, the newest ``recent`` and the rest of ``budget`` by ``score``."""
 
     is_croppable = False
 
-    def __init__(self, budget: int | None, recent: int, bits: int, group: int) -> None:
+    def __init__(
+        self,
+        budget: int | None,
+        recent: int,
+        bits: int,
+        group: int,
+        sinks: int = 0,
+        score: str = "sum",
+        decay: float = 1.0,
+    ) -> None:
         super().__init__()
         self.budget, self.recent, self.bits, self.group = budget, recent, bits, group
+        self.sinks, self.score, self.decay = sinks, score, decay
         self.seen = 0
-        self.scores: torch.Tensor | None = None  # [B, H_kv, stored] accumulated attention (evicting only)
+        self.scores: torch.Tensor | None = None  # [B, H_kv, stored] accumulated (decayed) attention, evicting only
+        self.counts: torch.Tensor | None = None  # [B, H_kv, stored] weights summed into each score (mean only)
         self.qkeys: tuple[torch.Tensor, ...] | None = None  # (codes, scale, low) when quantized
         self.qvalues: tuple[torch.Tensor, ...] | None = None
 
@@ -178,23 +205,49 @@ class CompressedKVLayer(DynamicLayer):
         values = dequantize_kv(*self.qvalues, self.bits, self.group, self.dtype)
         return keys, values
 
+    def ranking(self) -> torch.Tensor:
+        """What eviction ranks the held tokens by ``[B, H_kv, stored]``: the accumulated attention (``sum``), it
+        divided by the number of (query, query head) weights that went into it (``mean``), or the decayed sum."""
+        return self.scores / self.counts if self.score == "mean" else self.scores
+
     def observe(self, weights: torch.Tensor) -> None:
         """Add a forward's attention weights ``[B, H_q, q, T]`` to the scores (summed over the queries and over
-        the query heads sharing each KV head) and evict down to the budget."""
+        the query heads sharing each KV head) and evict down to the budget. The ``q`` new tokens are the last
+        ``q`` keys, causal among themselves: the ``i``-th of them is seen by ``q − i`` queries, a held one by all.
+        With ``score="decay"`` the ``i``-th new query's weights count ``decay^(q−1−i)`` and the held scores are
+        multiplied by ``decay^q`` first (a row whose largest score falls below 1e-30 is rescaled to 1: the ranking
+        is unchanged)."""
         if self.budget is None:
             return
-        q_heads, length = weights.shape[1], weights.shape[3]
+        q_heads, queries, length = weights.shape[1], weights.shape[2], weights.shape[3]
         if length != self.stored:
             raise RuntimeError(f"attention over {length} keys but the cache holds {self.stored}")
         kv_heads = (self.keys if self.bits == 16 else self.qkeys[0]).shape[1]
-        acc = weights.float().unflatten(1, (kv_heads, q_heads // kv_heads)).sum(dim=(2, 3))
+        group = q_heads // kv_heads
+        weights = weights.float()
+        if self.score == "decay":
+            ages = torch.arange(queries - 1, -1, -1, device=weights.device, dtype=torch.float32)
+            weights = weights * (self.decay**ages).unsqueeze(-1)
+        acc = weights.unflatten(1, (kv_heads, group)).sum(dim=(2, 3))
+        counts = None
+        if self.score == "mean":
+            counts = torch.full((length,), float(queries * group), device=acc.device)
+            counts[length - queries :] = torch.arange(queries, 0, -1, device=acc.device, dtype=torch.float32) * group
+            counts = counts.expand_as(acc).clone()
         if self.scores is not None:
-            acc[..., : self.scores.shape[-1]] += self.scores
-        self.scores = acc
+            old = self.scores * self.decay**queries if self.score == "decay" else self.scores
+            acc[..., : self.scores.shape[-1]] += old
+            if counts is not None:
+                counts[..., : self.counts.shape[-1]] += self.counts
+        if self.score == "decay":
+            top = acc.amax(-1, keepdim=True)
+            acc = torch.where(top < 1e-30, acc / top.clamp(min=torch.finfo(torch.float32).tiny), acc)
+        self.scores, self.counts = acc, counts
         if length <= self.budget:
             return
-        keep = h2o_keep(acc, self.budget, self.recent)
+        keep = h2o_keep(self.ranking(), self.budget, self.recent, self.sinks)
         self.scores = acc.gather(-1, keep)
+        self.counts = None if counts is None else counts.gather(-1, keep)
 
         def take(t: torch.Tensor) -> torch.Tensor:
             return t.gather(2, keep.unsqueeze(-1).expand(*keep.shape, t.shape[-1]))
@@ -222,7 +275,7 @@ class CompressedKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.seen, self.scores, self.qkeys, self.qvalues = 0, None, None, None
+        self.seen, self.scores, self.counts, self.qkeys, self.qvalues = 0, None, None, None, None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed KV cache cannot be cropped")
@@ -298,9 +351,14 @@ class KVCache(DynamicCache):
             if isinstance(settings.budget, float) and length is None:
                 raise ValueError("a fractional budget needs the sequence length")
             self.budget = budget_tokens(settings.budget, length or 0)
-        recent = recent_tokens(self.budget, settings.recent) if self.budget else 0
+        sinks = min(settings.sinks, self.budget) if self.budget else 0
+        recent = recent_tokens(self.budget - sinks, settings.recent) if self.budget else 0
         Cache.__init__(
-            self, layers=[CompressedKVLayer(self.budget, recent, settings.bits, self.group) for _ in range(layers)]
+            self,
+            layers=[
+                CompressedKVLayer(self.budget, recent, settings.bits, self.group, sinks, settings.score, settings.decay)
+                for _ in range(layers)
+            ],
         )
 
     def observe(self, layer_idx: int, weights: torch.Tensor) -> None:
@@ -318,7 +376,8 @@ def memory_report(config, settings: KVSettings | None, dtype: torch.dtype = torc
     ``bytes_per_token`` counts the keys of full token groups (codes plus the per-channel scale and minimum shared by
     ``key_tokens`` tokens) and ``key_residual_max_bytes`` the newest ``< key_tokens`` keys held in the model's dtype
     (once per sequence, at most ``key_tokens − 1`` tokens): a sequence of ``n`` tokens stores at most
-    ``n · bytes_per_token + key_residual_max_bytes`` (exactly: ``lmcompress.algorithms.kv.kv_cache_bytes``)."""
+    ``n · bytes_per_token + key_residual_max_bytes`` (exactly: ``lmcompress.algorithms.kv.kv_cache_bytes``).
+    With ``score="mean"`` the score bytes double (a float32 count per held token and KV head as well)."""
     layers, kv_heads, head_dim = cache_shape(config)
     float_bytes = torch.empty((), dtype=dtype).element_size()
     out = {
@@ -340,7 +399,7 @@ def memory_report(config, settings: KVSettings | None, dtype: torch.dtype = torc
         if tokens is not None:
             out["key_residual_max_bytes"] = layers * kv_heads * (tokens - 1) * head_dim * float_bytes
         if settings.evicts:
-            out["score_bytes_per_token"] = 4 * layers * kv_heads
+            out["score_bytes_per_token"] = 4 * layers * kv_heads * (2 if settings.score == "mean" else 1)
             held = out["bytes_per_token"] + out["score_bytes_per_token"]
             if isinstance(settings.budget, float):  # per token of the sequence, once the cache is at its budget
                 out["evicted_bytes_per_token"] = held * settings.budget
@@ -493,8 +552,10 @@ def format_memory(report: dict) -> str:
         if settings["budget"] is not None:
             what = "tokens" if isinstance(settings["budget"], int) else "of the sequence"
             line += (
-                f"; H2O keeps {settings['budget']} {what} per layer and head (recent {settings['recent']:.0%} of it), "
-                f"plus {report['score_bytes_per_token']:,} bytes/token of float32 scores"
+                f"; H2O keeps {settings['budget']} {what} per layer and head (recent {settings['recent']:.0%} of it"
+                + (f", the first {settings['sinks']} always" if settings.get("sinks") else "")
+                + (f", score {settings['score']}" if settings.get("score", "sum") != "sum" else "")
+                + f"), plus {report['score_bytes_per_token']:,} bytes/token of float32 scores"
             )
             if "evicted_bytes_per_token" in report:
                 line += f": {report['evicted_bytes_per_token']:,.0f} bytes per sequence token once full"

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmcompress.algorithms.kv import h2o_keep
 from lmcompress.errors import UserError
 from lmcompress.kv_cache import KVCache, KVSettings, attach, format_memory, kv_settings, memory_report, window_nll
 from lmcompress.measure.tasks import parse_tasks, planted_qa
@@ -136,6 +137,151 @@ def test_cache_memory_per_token_with_eviction(model):
     assert "bytes per sequence token once full" in format_memory(h2o)
     count = memory_report(model.config, KVSettings(budget=64))
     assert count["max_cache_bytes"] == 64 * (full["bytes_per_token"] + 16) and "at most" in format_memory(count)
+
+
+# ------------------------------------------------------------- the stated options: attention sinks, mean score
+
+
+def _peaky():
+    model = build_tiny_model("llama", 320, max_positions=256)
+    with torch.no_grad():  # peaky attention, so that eviction choices depend on the scores
+        for module in model.modules():
+            if hasattr(module, "k_proj"):
+                module.k_proj.weight.mul_(12)
+    return model
+
+
+def test_h2o_keep_with_sinks():
+    scores = torch.tensor([[0.0, 0.1, 9.0, 0.2, 0.3, 7.0, 0.0, 0.0]])
+    assert h2o_keep(scores, budget=5, recent=2, sinks=1).tolist() == [[0, 2, 5, 6, 7]]
+    assert h2o_keep(scores, budget=4, recent=2, sinks=2).tolist() == [[0, 1, 6, 7]]  # no heavy share left
+    assert h2o_keep(scores, budget=3, recent=0, sinks=1).tolist() == [[0, 2, 5]]
+    with pytest.raises(ValueError):
+        h2o_keep(scores, budget=4, recent=3, sinks=2)
+
+
+@pytest.mark.parametrize(
+    "options", [{"sinks": 4}, {"score": "mean"}, {"score": "decay"}, {"sinks": 2, "score": "mean", "recent": 0.25}]
+)
+def test_options_with_a_budget_of_the_whole_sequence_equal_the_full_cache(model, options):
+    ids = _ids(40)
+    settings = KVSettings(budget=40, **options)
+    with attach(model, settings):
+        streamed = window_nll(model, ids, settings)
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits.float()
+        chunked = window_nll(model, ids, KVSettings(budget=1.0, chunk=3, **options), prefill=5)
+    reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(2, -1)
+    assert torch.equal(streamed, reference)
+    torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_score_is_the_column_sum_over_the_queries_that_saw_each_token():
+    model = _peaky()
+    ids = _ids(27)
+    settings = KVSettings(budget=27, score="mean")  # nothing evicted: the cache sees the full attention
+    cache = KVCache(model.config, settings, 27)
+    with attach(model, settings), torch.no_grad():
+        model(ids[:, :20], cache=cache, use_cache=True)  # a prefill, then chunks of 4 and 3 tokens
+        model(ids[:, 20:24], cache=cache, use_cache=True)
+        model(ids[:, 24:], cache=cache, use_cache=True)
+        attentions = model(ids, use_cache=False, output_attentions=True).attentions
+    group = model.config.num_attention_heads // 2
+    seen_by = torch.arange(27, 0, -1, dtype=torch.float32) * group  # token j: queries j..26 of every query head
+    for layer, direct in zip(cache.layers, _direct_scores(attentions, 2), strict=True):
+        torch.testing.assert_close(layer.scores, direct)  # the sum (the H2O paper's score) is unchanged
+        torch.testing.assert_close(layer.counts, seen_by.expand(2, 2, 27))
+        torch.testing.assert_close(layer.ranking(), direct / seen_by)
+        assert not torch.allclose(layer.ranking().argsort(-1), direct.argsort(-1))  # it ranks differently
+
+
+def test_decayed_score_weights_each_query_by_decay_to_its_age():
+    model = _peaky()
+    ids = _ids(27)
+    settings = KVSettings(budget=27, score="decay", decay=0.9)
+    cache = KVCache(model.config, settings, 27)
+    with attach(model, settings), torch.no_grad():
+        for start, end in ((0, 20), (20, 24), (24, 25), (25, 27)):
+            model(ids[:, start:end], cache=cache, use_cache=True)
+        attentions = model(ids, use_cache=False, output_attentions=True).attentions
+    age = 0.9 ** torch.arange(26, -1, -1, dtype=torch.float32)  # query i of 27 counts 0.9^(26 − i)
+    for layer, a in zip(cache.layers, attentions, strict=True):
+        direct = _direct_scores([a * age[:, None]], 2)[0]
+        torch.testing.assert_close(layer.ranking(), direct)
+        assert not torch.equal(direct.argsort(-1), _direct_scores([a], 2)[0].argsort(-1))
+
+
+def test_mean_score_evicts_by_the_mean_and_keeps_the_sinks():
+    model = _peaky()
+    ids = _ids(24)
+    settings = KVSettings(budget=10, sinks=2, score="mean")  # 2 sinks, then 4 recent + 4 heavy
+    cache = KVCache(model.config, settings, 24)
+    full = KVCache(model.config, KVSettings(budget=100), 24)
+    with attach(model, settings), torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+        model(ids, cache=full, use_cache=True)
+        attentions = model(ids, use_cache=False, output_attentions=True).attentions
+    seen_by = torch.arange(24, 0, -1, dtype=torch.float32) * 2
+    for layer, ref, direct in zip(cache.layers, full.layers, _direct_scores(attentions, 2), strict=True):
+        assert (layer.budget, layer.sinks, layer.recent) == (10, 2, 4)
+        mean = direct / seen_by
+        for b in range(2):
+            for h in range(2):
+                heavy = sorted((mean[b, h, 2:20].topk(4).indices + 2).tolist())
+                keep = [0, 1, *heavy, *range(20, 24)]
+                torch.testing.assert_close(layer.keys[b, h], ref.keys[b, h, keep])
+                torch.testing.assert_close(layer.scores[b, h], direct[b, h, keep])
+                torch.testing.assert_close(layer.counts[b, h], seen_by[keep])
+
+
+@pytest.mark.parametrize("score", ["sum", "mean", "decay"])
+def test_sinks_are_never_evicted_token_by_token(score):
+    model = _peaky()
+    ids = _ids(48, 1)
+    evicted_without = set()
+    for sinks in (0, 3):
+        settings = KVSettings(budget=8, recent=0.25, sinks=sinks, score=score, decay=0.5)
+        cache = KVCache(model.config, settings, 48)
+        full = KVCache(model.config, KVSettings(budget=100), 48)
+        with attach(model, settings), torch.no_grad():
+            model(ids[:, :8], cache=full, use_cache=True)
+            model(ids[:, :8], cache=cache, use_cache=True)
+            for t in range(8, 48):
+                model(ids[:, t : t + 1], cache=full, use_cache=True)
+                model(ids[:, t : t + 1], cache=cache, use_cache=True)
+                for i, (layer, ref) in enumerate(zip(cache.layers, full.layers, strict=True)):
+                    assert layer.keys.shape[-2] == 8
+                    held = (layer.keys[0, :, :3] == ref.keys[0, :, :3]).all(-1)  # [H_kv, 3]
+                    if sinks:
+                        assert held.all(), (t, i)
+                    else:
+                        evicted_without |= {(i, h) for h in range(2) if not held[h].all()}
+    if score != "sum":  # without sinks some layer / head drops one of the first three tokens (the sum favours them)
+        assert evicted_without
+
+
+def test_sinks_and_score_options_are_checked(tiny_folder, capsys, tmp_path):
+    checked = kv_settings(budget="0.2", sinks=4, score="mean")
+    assert (checked.budget, checked.sinks, checked.score) == (0.2, 4, "mean")
+    with pytest.raises(UserError, match="kv-sinks"):
+        kv_settings(budget="0.2", sinks=-1)
+    with pytest.raises(UserError, match="kv-score"):
+        kv_settings(budget="0.2", score="max")
+    with pytest.raises(UserError, match="kv-decay"):
+        kv_settings(budget="0.2", score="decay", decay=0.0)
+    cache = KVCache(build_tiny_model("llama", 320, max_positions=256).config, KVSettings(budget=0.2, sinks=4), 2048)
+    assert cache.budget == 410 and cache.layers[0].sinks == 4 and cache.layers[0].recent == 203  # half of 406
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    argv = ["eval", str(tiny_folder("llama")), "--ppl-data", str(text), "--seqlen", "64", "--limit", "2", "--json"]
+    assert run_cli([*argv, "--kv-budget", "16", "--kv-sinks", "4", "--kv-score", "mean"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kv_cache"]["settings"]["sinks"] == 4 and out["kv_cache"]["settings"]["score"] == "mean"
+    report = out["kv_cache"]
+    assert report["score_bytes_per_token"] == 2 * 4 * report["layers"] * report["kv_heads"]  # a count beside each sum
+    assert "the first 4 always, score mean" in format_memory(report)
+    assert run_cli([*argv, "--kv-sinks", "4"]) != 0
+    assert "kv-sinks" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- generated passage QA

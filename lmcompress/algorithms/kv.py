@@ -2,7 +2,11 @@
 
 H2O (Zhang et al., "H2O: Heavy-Hitter Oracle", 2023) keeps, per layer and KV head, ``budget`` cached tokens: the
 ``recent`` newest ones plus the ``budget − recent`` older ones with the largest accumulated attention (the sum,
-over every query that has attended so far, of the softmax weight each query gave the token).
+over every query that has attended so far, of the softmax weight each query gave the token). Stated options
+(docs/kv_cache.md): ``sinks`` — the first ``S`` tokens of the sequence are always kept (attention sinks, as in
+StreamingLLM); ``score="mean"`` — older tokens are ranked by their mean attention over the queries that saw them
+(the sum divided by that count), so that a token is not favoured merely for having been visible to more queries;
+``score="decay"`` — by a decayed sum, the weight a token got from the query ``k`` steps back counting ``γ^k``.
 
 The quantized KV cache stores values (and, with the ``token`` key grid, keys) on an asymmetric min–max grid per
 token, per KV head and per group of ``group`` consecutive channels: ``scale = (max − min) / (2^bits − 1)`` and
@@ -80,6 +84,43 @@ def check_recent(recent: float) -> float:
     return float(recent)
 
 
+H2O_SCORES = ("sum", "mean", "decay")  # sum: the H2O paper's; mean: per query that saw the token; decay: γ^age
+
+
+def check_sinks(sinks: int) -> int:
+    """``--kv-sinks``: how many first tokens of the sequence are never evicted (0: none, the H2O paper)."""
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise UserError(
+            f"--kv-sinks {sinks!r}: give how many first tokens are never evicted, an integer >= 0 (4: StreamingLLM's "
+            "attention sinks; 0: none)",
+            param="kv_sinks",
+        )
+    return sinks
+
+
+def check_score(score: str) -> str:
+    """``--kv-score``: ``sum`` (accumulated attention, the H2O paper), ``mean`` (per query that saw the token) or
+    ``decay`` (each query's weights counted ``γ^age``, ``--kv-decay``)."""
+    if score not in H2O_SCORES:
+        raise UserError(
+            f"--kv-score {score!r}: use 'sum' (accumulated attention, as in the H2O paper), 'mean' (mean "
+            "attention over the queries that saw the token) or 'decay' (a decayed sum, --kv-decay)",
+            param="kv_score",
+        )
+    return score
+
+
+def check_decay(decay: float) -> float:
+    """``--kv-decay``: the factor ``γ`` in (0, 1] of ``--kv-score decay`` (1: the plain sum)."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0 < decay <= 1):
+        raise UserError(
+            f"--kv-decay {decay!r}: give the per-query decay factor of --kv-score decay, in (0, 1] (0.99: a query "
+            "69 steps back counts half)",
+            param="kv_decay",
+        )
+    return float(decay)
+
+
 def check_bits(bits: int) -> int:
     """``--kv-bits``: 16 (off), 8 or 4."""
     if isinstance(bits, bool) or bits not in KV_BITS:
@@ -151,24 +192,29 @@ def recent_tokens(budget: int, recent: float) -> int:
     return min(budget, round(recent * budget))
 
 
-def h2o_keep(scores: torch.Tensor, budget: int, recent: int) -> torch.Tensor:
-    """Indices ``[..., min(budget, T)]`` (ascending) of the tokens H2O keeps, from accumulated attention
-    ``scores`` ``[..., T]`` (one row per batch row and KV head; column ``t`` is token ``t``, oldest first).
+def h2o_keep(scores: torch.Tensor, budget: int, recent: int, sinks: int = 0) -> torch.Tensor:
+    """Indices ``[..., min(budget, T)]`` (ascending) of the tokens H2O keeps, from the ranking ``scores``
+    ``[..., T]`` (one row per batch row and KV head; column ``t`` is the ``t``-th held token, oldest first).
 
-    Kept: the last ``recent`` tokens, and among the ``T − recent`` older ones the ``budget − recent`` with the
-    largest score (ties to the older token, as ``topk`` on CPU returns them)."""
-    if budget < 1 or not 0 <= recent <= budget:
-        raise ValueError(f"need budget >= 1 and 0 <= recent <= budget, got budget {budget}, recent {recent}")
+    Kept: the first ``sinks`` held tokens, the last ``recent``, and among the ``T − sinks − recent`` between them
+    the ``budget − sinks − recent`` with the largest score (ties to the older token, as ``topk`` on CPU returns
+    them)."""
+    if budget < 1 or recent < 0 or sinks < 0 or sinks + recent > budget:
+        raise ValueError(
+            f"need budget >= 1 and sinks, recent >= 0 with sinks + recent <= budget, got budget {budget}, recent "
+            f"{recent}, sinks {sinks}"
+        )
     length = scores.shape[-1]
     if length <= budget:
         return torch.arange(length, device=scores.device).expand(*scores.shape[:-1], length)
     lead = scores.shape[:-1]
+    head = torch.arange(sinks, device=scores.device).expand(*lead, sinks)
     tail = torch.arange(length - recent, length, device=scores.device).expand(*lead, recent)
-    heavy = budget - recent
+    heavy = budget - recent - sinks
     if heavy == 0:
-        return tail.contiguous()
-    top = scores[..., : length - recent].topk(heavy, dim=-1, sorted=False).indices
-    return torch.cat([top.sort(dim=-1).values, tail], dim=-1)
+        return torch.cat([head, tail], dim=-1).contiguous()
+    top = scores[..., sinks : length - recent].topk(heavy, dim=-1, sorted=False).indices + sinks
+    return torch.cat([head, top.sort(dim=-1).values, tail], dim=-1)
 
 
 def _grid(xg: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -96,6 +96,9 @@ def evaluate(
     kv_group: int = kv_options.KV_GROUP,
     kv_key_grid: str = kv_options.KV_KEY_GRID,
     kv_key_tokens: int = kv_options.KV_KEY_TOKENS,
+    kv_sinks: int = kv_options.KV_SINKS,
+    kv_score: str = kv_options.KV_SCORE,
+    kv_decay: float = kv_options.KV_DECAY,
     kv_chunk: int = typer.Option(
         1,
         "--kv-chunk",
@@ -136,11 +139,26 @@ def evaluate(
     from lmcompress.kv_cache import kv_settings
 
     check_mode(kernels)
-    kv = kv_settings(kv_budget, kv_recent, kv_bits, kv_group, kv_chunk, key_grid=kv_key_grid, key_tokens=kv_key_tokens)
+    kv = kv_settings(
+        kv_budget,
+        kv_recent,
+        kv_bits,
+        kv_group,
+        kv_chunk,
+        kv_sinks,
+        kv_score,
+        kv_decay,
+        key_grid=kv_key_grid,
+        key_tokens=kv_key_tokens,
+    )
     if kv is None:
-        options.refuse(ctx, ("kv_recent", "kv_group", "kv_chunk"), "without --kv-budget or --kv-bits 8|4")
+        options.refuse(
+            ctx,
+            ("kv_recent", "kv_group", "kv_chunk", "kv_sinks", "kv_score", "kv_decay"),
+            "without --kv-budget or --kv-bits 8|4",
+        )
     elif not kv.evicts:
-        options.refuse(ctx, ("kv_recent", "kv_chunk"), "without --kv-budget")
+        options.refuse(ctx, ("kv_recent", "kv_chunk", "kv_sinks", "kv_score", "kv_decay"), "without --kv-budget")
     if kv is not None and harness:
         raise UserError("--harness runs lm-evaluation-harness's own loop: the compressed KV cache does not apply")
     if tasks:

@@ -166,6 +166,9 @@ def generate(
     kv_group: int = kv_options.KV_GROUP,
     kv_key_grid: str = kv_options.KV_KEY_GRID,
     kv_key_tokens: int = kv_options.KV_KEY_TOKENS,
+    kv_sinks: int = kv_options.KV_SINKS,
+    kv_score: str = kv_options.KV_SCORE,
+    kv_decay: float = kv_options.KV_DECAY,
 ) -> None:
     """Generate text from a model and print it with its prefill and decode speed (tokens/s, batch 1).
 
@@ -193,7 +196,17 @@ def generate(
 
     check_mode(kernels)
     check_device(device)
-    kv = kv_settings(kv_budget, kv_recent, kv_bits, kv_group, key_grid=kv_key_grid, key_tokens=kv_key_tokens)
+    kv = kv_settings(
+        kv_budget,
+        kv_recent,
+        kv_bits,
+        kv_group,
+        sinks=kv_sinks,
+        score=kv_score,
+        decay=kv_decay,
+        key_grid=kv_key_grid,
+        key_tokens=kv_key_tokens,
+    )
     if check_threads(threads) is not None:
         torch.set_num_threads(threads)
     net, tokenizer = load(

@@ -37,3 +37,20 @@ KV_KEY_TOKENS = typer.Option(
     "--kv-key-tokens",
     help="With --kv-key-grid channel: tokens per key scale [default: 32].",
 )
+KV_SINKS = typer.Option(
+    0,
+    "--kv-sinks",
+    help="With --kv-budget: the first N tokens are never evicted (attention sinks, as in StreamingLLM; taken from "
+    "the budget before its recent / heavy split).",
+)
+KV_SCORE = typer.Option(
+    "sum",
+    "--kv-score",
+    help="With --kv-budget: rank older tokens by their accumulated attention (sum: the H2O paper), by their mean "
+    "attention over the queries that saw them (mean), or by a decayed sum (decay, --kv-decay).",
+)
+KV_DECAY = typer.Option(
+    0.99,
+    "--kv-decay",
+    help="With --kv-score decay: the weight a query k steps back counts is decay^k (in (0, 1]; 1: the plain sum).",
+)
