@@ -151,6 +151,7 @@ def evolve(
     pool: int = 0,
     rank: Callable[[list[int]], object] | None = None,
     explore: int = 0,
+    proposals: Sequence[Sequence[int]] = (),
 ) -> Generation:
     """Run one generation from ``state`` (changed in place) and return what it did.
 
@@ -159,7 +160,9 @@ def evolve(
     Screening: with ``rank`` and ``pool > offspring``, ``pool`` mutants are drawn, those equal to the parent or
     to an earlier one dropped, and the ``offspring − explore`` with the lowest ``rank(child)`` (e.g. a
     surrogate's prediction; ties keep the order drawn) are scored, with the first ``explore`` of the others as
-    drawn (so that a wrong ranking cannot hide a region for good).
+    drawn (so that a wrong ranking cannot hide a region for good). ``proposals`` (e.g. a surrogate's optimum on
+    the budget) are scored first, in place of as many of the ranked (or, unscreened, the last drawn) offspring;
+    the random draws are the same with or without them.
     """
     if offspring < 1 or not survivors or any(s < 1 for s in survivors) or survivors[-1] != 1:
         raise ValueError("need offspring ≥ 1 and a survivor schedule ending in 1")
@@ -179,8 +182,14 @@ def evolve(
         ranked = sorted(range(len(distinct)), key=lambda i: rank(distinct[i]))
         chosen = ranked[: offspring - explore]
         taken = set(chosen)
-        chosen += [i for i in range(len(distinct)) if i not in taken][:explore]  # a few unranked, as drawn
-        children = [distinct[i] for i in chosen]
+        explored = [i for i in range(len(distinct)) if i not in taken][:explore]  # a few unranked, as drawn
+        children = [distinct[i] for i in chosen + explored]
+    extra = list({tuple(p): list(p) for p in proposals if list(p) != state.levels}.values())[:offspring]
+    if extra:  # in place of the last ranked (the explored ones kept) or, unscreened, the last drawn offspring
+        kept = len(explored) if screen else 0
+        head, tail = children[: len(children) - kept], children[len(children) - kept :]
+        head = [c for c in head if c not in extra][: max(0, offspring - kept - len(extra))]
+        children = (extra + head + [c for c in tail if c not in extra])[:offspring]
     evaluations = 0
     best_score = state.fitness
     for stage, keep in enumerate(survivors):

@@ -63,6 +63,7 @@ class SearchConfig:
     stage_windows: tuple[int, ...] = (2, 8)  # fitness windows at each selection stage (the last: parent's)
     max_switches: int = 3
     pool: int = 128  # mutants drawn per generation, ranked by the additive surrogate; the best `offspring` scored
+    propose: int = 3  # of the offspring (a quarter at most): the surrogate's optima near the parent (search.surrogate)
     time_limit_s: float | None = None
     fitness: str = "kl"  # kl: divergence to the dense model; ppl: the candidate's own log perplexity
     scheme: str | None = None  # w8a8 / fp8: the fitness runs each candidate as that scheme (search.scheme)
@@ -161,6 +162,10 @@ class SearchConfig:
             raise UserError("generations must be ≥ 0 and offspring ≥ 1", param=("generations", "offspring"))
         if self.pool < 0:
             raise UserError(f"pool must be ≥ 0 (≤ offspring: no screening), got {self.pool}", param="pool")
+        if self.propose < 0:
+            raise UserError(
+                f"propose must be ≥ 0 (0: no surrogate optima proposed), got {self.propose}", param="propose"
+            )
         if self.rounds < 1 or (self.rounds > 1 and self.database_inputs != "sequential"):
             raise UserError("rounds must be ≥ 1, and more than one needs sequential database inputs", param="rounds")
         stages_ok = self.survivors and all(

@@ -48,7 +48,7 @@ from lmcompress.search.state import (
     save_state,
     state_name,
 )
-from lmcompress.search.surrogate import AdditiveSurrogate, Memo, load_memo, save_memo, surrogate_path
+from lmcompress.search.surrogate import AdditiveSurrogate, Memo, load_memo, proposals, save_memo, surrogate_path
 from lmcompress.transforms.prune import owl_pass
 
 
@@ -204,9 +204,12 @@ class _Run:
             memo = self.screen.memo
             memo.surrogate.fit()
             rank = functools.partial(memo.rank, last_stage=len(config.stage_windows) - 1)
+            count = min(config.propose, config.offspring // EXPLORE)  # a quarter at most: the rest are mutants
+            proposed = [p for p in proposals(memo.surrogate, cand.space, state.levels, count)
+                        if (tuple(p), 0) not in memo.scores]  # fmt: skip
             evolve(cand.space, memo.wrap(scorer), state, offspring=config.offspring, survivors=config.survivors,
                    max_switches=config.max_switches, seed=config.seed, pool=config.pool, rank=rank,
-                   explore=config.offspring // EXPLORE)  # fmt: skip
+                   explore=config.offspring // EXPLORE, proposals=proposed)  # fmt: skip
             save_state(self.work, state, cand.key, self.baselines, self.round_starts)
             self.screen.save(cand.round)
             bar.update(1)

@@ -9,6 +9,7 @@ from below within one level step. :class:`ParentScorer` runs only the blocks whe
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.algorithms.evolution import LevelSpace, additive_descent, nearest_feasible
+from lmcompress.algorithms.knapsack import knapsack
 from lmcompress.calibration.data import windows_hash
 from lmcompress.errors import UserError
 from lmcompress.models.families import prunable_layers
@@ -155,19 +157,29 @@ class Candidates:
         return delta
 
     def additive_start(self, base: list[int], stage: int, *, progress: bool = True) -> tuple[list[int], float] | None:
-        """The best point (real fitness on stage ``stage``) of the additive descent from ``base``, or None when the
-        sensitivity pass is off or finds no switch that helps. Four points of the path are scored: a quarter,
-        half, three quarters and all of it (units interact, so the whole path may overshoot)."""
+        """The best point (real fitness on stage ``stage``) of the additive descent from ``base`` and of the additive
+        model's exact optimum, or None when the sensitivity pass is off or finds nothing that helps. Four points of
+        the path are scored: a quarter, half, three quarters and all of it (units interact, so the whole path may
+        overshoot); and the allocation within the measured levels that the model predicts best on the budget (a
+        knapsack, :func:`~lmcompress.algorithms.knapsack.knapsack`: pairwise switches can stop short of it when
+        units differ in size), where it is not on the path."""
         if self.config.span <= 0:
             return None
         delta = self.sensitivity(base, self.config.span, progress=progress)
         path = additive_descent(self.space, base, delta)
-        if not path:
+        points = (
+            [path[i] for i in sorted({max(0, round(f * len(path)) - 1) for f in (0.25, 0.5, 0.75, 1.0)})]
+            if path
+            else []
+        )
+        measured = [[math.inf if d is None else d for d in row] for row in delta]
+        best = knapsack(self.space, measured)
+        if best is not None and best != list(base) and best not in points:
+            points.append(best)
+        if not points:
             return None
-        points = sorted({max(0, round(f * len(path)) - 1) for f in (0.25, 0.5, 0.75, 1.0)})
-        scored = [(self.score(path[i], stage), i) for i in points]
-        fitness, i = min(scored)
-        return path[i], fitness
+        fitness, i = min((self.score(p, stage), i) for i, p in enumerate(points))
+        return points[i], fitness
 
     def place(self, targets: list[float], what: str) -> list[int]:
         """Per-unit targets (e.g. OWL's) on the level grid, on the budget (joint levels: in nominal bits per
@@ -200,7 +212,8 @@ class ParentScorer:
     The hidden states entering every block of the parent on the final stage's windows are kept in a
     :class:`PrefixCache` (up to ``PREFIX_CACHE_BYTES``); a child whose first changed unit sits in block ``b`` runs
     blocks ``b…`` only, with the same fitness as a full forward. The final stage's scoring captures the child's
-    hidden states, so a child that becomes the parent is cached without another forward. Call :meth:`follow`
+    hidden states (the best so far of a generation's final stage is kept: the winner, should it beat the parent),
+    so a child that becomes the parent is cached without another forward. Call :meth:`follow`
     with the parent before each generation.
     """
 
@@ -209,7 +222,8 @@ class ParentScorer:
         self.final = len(cand.config.stage_windows) - 1
         self.base: list[int] | None = None
         self.prefix: PrefixCache | None = None
-        self.pending: tuple[list[int], int, list] | None = None  # the last final-stage child, its start, its capture
+        self.pending: tuple[list[int], int, list] | None = None  # the best final-stage child, its start, its capture
+        self.pending_score = float("inf")
         self.enabled = True
 
     def follow(self, parent: list[int]) -> None:
@@ -227,7 +241,7 @@ class ParentScorer:
                 self.prefix = PrefixCache(self.cand.model, windows, device=fitness.device, max_bytes=self.max_bytes)
             if not self.prefix.usable:  # a family whose forward cannot skip blocks: full forwards from now on
                 self.enabled, self.prefix = False, None
-        self.base, self.pending = list(parent), None
+        self.base, self.pending, self.pending_score = list(parent), None, float("inf")
 
     def __call__(self, levels: list[int], stage: int) -> float:
         if self.prefix is None or self.base is None:
@@ -235,8 +249,8 @@ class ParentScorer:
         start = self.cand.first_block(levels, self.base)
         capture: list | None = [] if stage == self.final and start >= 0 else None
         score = self.cand.score(levels, stage, prefix=self.prefix, start=start, capture=capture)
-        if capture is not None:
-            self.pending = (list(levels), start, capture)
+        if capture is not None and (self.pending is None or score < self.pending_score):  # the stage's best so far
+            self.pending, self.pending_score = (list(levels), start, capture), score
         return score
 
 

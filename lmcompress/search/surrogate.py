@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from lmcompress.algorithms.evolution import LevelSpace
+from lmcompress.algorithms.knapsack import knapsack
 from lmcompress.checkpoint.folder import json_text, write_file_atomic
 
 RIDGE = 1.0  # λ: how far observations may pull a weight from the sensitivity measurement
@@ -129,6 +131,41 @@ class AdditiveSurrogate:
 
     def predict(self, levels: Sequence[int]) -> float:
         return self.intercept + float(self.weights[torch.arange(self.units), torch.tensor(list(levels))].sum())
+
+
+def optimum(surrogate: AdditiveSurrogate, space: LevelSpace, around: Sequence[int] | None = None,
+            radius: int | None = None) -> list[int] | None:  # fmt: skip
+    """The allocation on ``space``'s budget that the surrogate predicts best (an exact multiple-choice knapsack
+    over its weights, :func:`~lmcompress.algorithms.knapsack.knapsack`), with every unit within ``radius`` levels
+    of ``around`` when both are given; None where the knapsack cannot be solved exactly (incommensurate costs) or
+    nothing in the radius meets the budget."""
+    surrogate.fit()
+    weights = surrogate.weights.tolist()
+    if around is not None and radius is not None:
+        weights = [[w if abs(k - around[u]) <= radius else float("inf") for k, w in enumerate(row)]
+                   for u, row in enumerate(weights)]  # fmt: skip
+    try:
+        return knapsack(space, weights)
+    except ValueError:
+        return None
+
+
+PROPOSAL_RADII = (1, 2, None)  # trust regions (levels from the parent; None: anywhere) of the proposed optima
+
+
+def proposals(surrogate: AdditiveSurrogate, space: LevelSpace, parent: Sequence[int], count: int) -> list[list[int]]:
+    """Up to ``count`` distinct allocations other than ``parent`` to score in a generation: the surrogate's optimum
+    within 1 level of the parent, within 2, anywhere, then further radii (3, 4, …) until ``count`` are found or
+    the radius passes the level range."""
+    found: list[list[int]] = []
+    radii = [*PROPOSAL_RADII, *range(3, space.levels)]
+    for radius in radii:
+        if len(found) >= count:
+            break
+        best = optimum(surrogate, space, parent, radius)
+        if best is not None and best != list(parent) and best not in found:
+            found.append(best)
+    return found
 
 
 class Memo:
