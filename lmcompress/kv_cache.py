@@ -30,6 +30,7 @@ from lmcompress.algorithms.kv import (
     check_group,
     check_key_grid,
     check_key_tokens,
+    check_pool,
     check_recent,
     check_score,
     check_sinks,
@@ -55,7 +56,8 @@ class KVSettings:
     ``chunk``: tokens per forward after the prefill when perplexity is streamed through an evicting cache;
     ``sinks``: first tokens never evicted (taken from the budget before it is split into recent and heavy);
     ``score``: how older tokens are ranked, ``"sum"`` (accumulated attention, the H2O paper), ``"mean"`` (per query
-    that saw the token) or ``"decay"`` (a query ``k`` steps back weighted ``decay^k``)."""
+    that saw the token) or ``"decay"`` (a query ``k`` steps back weighted ``decay^k``); ``pool``: an odd window of
+    held tokens the ranking is max-pooled over (1: none)."""
 
     budget: float | int | None = None
     recent: float = 0.5
@@ -65,6 +67,7 @@ class KVSettings:
     sinks: int = 0
     score: str = "sum"
     decay: float = 0.99
+    pool: int = 1
     key_grid: str | None = None  # "channel" | "token"; None: channel at 4 bits without eviction, else token
     key_tokens: int | None = None  # tokens per key scale with the channel grid (None: 32)
 
@@ -98,6 +101,7 @@ def kv_settings(
     sinks: int = 0,
     score: str = "sum",
     decay: float = 0.99,
+    pool: int = 1,
     key_grid: str | None = None,
     key_tokens: int | None = None,
 ) -> KVSettings | None:
@@ -107,6 +111,7 @@ def kv_settings(
     check_sinks(sinks)
     check_score(score)
     check_decay(decay)
+    check_pool(pool)
     check_bits(bits)
     if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
         raise UserError(f"--kv-group must be a positive channel count, got {group!r}", param="kv_group")
@@ -126,7 +131,7 @@ def kv_settings(
     check_key_tokens(key_tokens)
     if value is None and bits == 16:
         return None
-    settings = KVSettings(value, float(recent), int(bits), group, chunk, int(sinks), score, float(decay))
+    settings = KVSettings(value, float(recent), int(bits), group, chunk, int(sinks), score, float(decay), pool)
     return replace(settings, key_grid=grid, key_tokens=key_tokens)
 
 
@@ -169,10 +174,11 @@ class CompressedKVLayer(DynamicLayer):
         sinks: int = 0,
         score: str = "sum",
         decay: float = 1.0,
+        pool: int = 1,
     ) -> None:
         super().__init__()
         self.budget, self.recent, self.bits, self.group = budget, recent, bits, group
-        self.sinks, self.score, self.decay = sinks, score, decay
+        self.sinks, self.score, self.decay, self.pool = sinks, score, decay, pool
         self.seen = 0
         self.scores: torch.Tensor | None = None  # [B, H_kv, stored] accumulated (decayed) attention, evicting only
         self.counts: torch.Tensor | None = None  # [B, H_kv, stored] weights summed into each score (mean only)
@@ -207,8 +213,12 @@ class CompressedKVLayer(DynamicLayer):
 
     def ranking(self) -> torch.Tensor:
         """What eviction ranks the held tokens by ``[B, H_kv, stored]``: the accumulated attention (``sum``), it
-        divided by the number of (query, query head) weights that went into it (``mean``), or the decayed sum."""
-        return self.scores / self.counts if self.score == "mean" else self.scores
+        divided by the number of (query, query head) weights that went into it (``mean``), or the decayed sum;
+        with ``pool`` > 1, each token's is the largest of the ``pool`` held tokens centred on it."""
+        rank = self.scores / self.counts if self.score == "mean" else self.scores
+        if self.pool > 1:
+            rank = F.max_pool1d(rank, self.pool, stride=1, padding=self.pool // 2)
+        return rank
 
     def observe(self, weights: torch.Tensor) -> None:
         """Add a forward's attention weights ``[B, H_q, q, T]`` to the scores (summed over the queries and over
@@ -356,7 +366,9 @@ class KVCache(DynamicCache):
         Cache.__init__(
             self,
             layers=[
-                CompressedKVLayer(self.budget, recent, settings.bits, self.group, sinks, settings.score, settings.decay)
+                CompressedKVLayer(
+                    self.budget, recent, settings.bits, self.group, sinks, settings.score, settings.decay, settings.pool
+                )
                 for _ in range(layers)
             ],
         )

@@ -161,7 +161,8 @@ def test_h2o_keep_with_sinks():
 
 
 @pytest.mark.parametrize(
-    "options", [{"sinks": 4}, {"score": "mean"}, {"score": "decay"}, {"sinks": 2, "score": "mean", "recent": 0.25}]
+    "options",
+    [{"sinks": 4}, {"score": "mean"}, {"score": "decay"}, {"sinks": 2, "score": "mean", "recent": 0.25, "pool": 5}],
 )
 def test_options_with_a_budget_of_the_whole_sequence_equal_the_full_cache(model, options):
     ids = _ids(40)
@@ -209,6 +210,28 @@ def test_decayed_score_weights_each_query_by_decay_to_its_age():
         direct = _direct_scores([a * age[:, None]], 2)[0]
         torch.testing.assert_close(layer.ranking(), direct)
         assert not torch.equal(direct.argsort(-1), _direct_scores([a], 2)[0].argsort(-1))
+
+
+def test_pooled_ranking_is_the_largest_score_of_the_neighbours():
+    model = _peaky()
+    ids = _ids(24)
+    settings = KVSettings(budget=10, score="mean", pool=3)  # 5 recent + 5 heavy by the pooled mean
+    cache = KVCache(model.config, settings, 24)
+    full = KVCache(model.config, KVSettings(budget=100), 24)
+    with attach(model, settings), torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+        model(ids, cache=full, use_cache=True)
+        attentions = model(ids, use_cache=False, output_attentions=True).attentions
+    mean = [d / (torch.arange(24, 0, -1, dtype=torch.float32) * 2) for d in _direct_scores(attentions, 2)]
+    differs = False
+    for layer, ref, m in zip(cache.layers, full.layers, mean, strict=True):
+        for b in range(2):
+            for h in range(2):
+                pooled = torch.stack([m[b, h, max(0, t - 1) : t + 2].max() for t in range(24)])
+                heavy = sorted(pooled[:19].topk(5).indices.tolist())
+                torch.testing.assert_close(layer.keys[b, h], ref.keys[b, h, [*heavy, *range(19, 24)]])
+                differs |= heavy != sorted(m[b, h, :19].topk(5).indices.tolist())
+    assert differs  # pooling changed some keep-set
 
 
 def test_mean_score_evicts_by_the_mean_and_keeps_the_sinks():
@@ -269,6 +292,8 @@ def test_sinks_and_score_options_are_checked(tiny_folder, capsys, tmp_path):
         kv_settings(budget="0.2", score="max")
     with pytest.raises(UserError, match="kv-decay"):
         kv_settings(budget="0.2", score="decay", decay=0.0)
+    with pytest.raises(UserError, match="kv-pool"):
+        kv_settings(budget="0.2", pool=4)
     cache = KVCache(build_tiny_model("llama", 320, max_positions=256).config, KVSettings(budget=0.2, sinks=4), 2048)
     assert cache.budget == 410 and cache.layers[0].sinks == 4 and cache.layers[0].recent == 203  # half of 406
     text = tmp_path / "t.txt"

@@ -6,7 +6,9 @@ over every query that has attended so far, of the softmax weight each query gave
 (docs/kv_cache.md): ``sinks`` — the first ``S`` tokens of the sequence are always kept (attention sinks, as in
 StreamingLLM); ``score="mean"`` — older tokens are ranked by their mean attention over the queries that saw them
 (the sum divided by that count), so that a token is not favoured merely for having been visible to more queries;
-``score="decay"`` — by a decayed sum, the weight a token got from the query ``k`` steps back counting ``γ^k``.
+``score="decay"`` — by a decayed sum, the weight a token got from the query ``k`` steps back counting ``γ^k``;
+``pool`` — a token's rank is the largest score among the ``pool`` held tokens centred on it (as SnapKV pools), so
+that the neighbours of a heavy hitter are kept with it.
 
 The quantized KV cache stores values (and, with the ``token`` key grid, keys) on an asymmetric min–max grid per
 token, per KV head and per group of ``group`` consecutive channels: ``scale = (max − min) / (2^bits − 1)`` and
@@ -119,6 +121,17 @@ def check_decay(decay: float) -> float:
             param="kv_decay",
         )
     return float(decay)
+
+
+def check_pool(pool: int) -> int:
+    """``--kv-pool``: an odd window of held tokens the ranking is max-pooled over (1: none, the H2O paper)."""
+    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
+        raise UserError(
+            f"--kv-pool {pool!r}: give an odd window of neighbouring tokens (1: no pooling; 7: each token ranked by "
+            "the largest score within 3 tokens of it)",
+            param="kv_pool",
+        )
+    return pool
 
 
 def check_bits(bits: int) -> int:

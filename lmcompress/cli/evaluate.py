@@ -99,6 +99,7 @@ def evaluate(
     kv_sinks: int = kv_options.KV_SINKS,
     kv_score: str = kv_options.KV_SCORE,
     kv_decay: float = kv_options.KV_DECAY,
+    kv_pool: int = kv_options.KV_POOL,
     kv_chunk: int = typer.Option(
         1,
         "--kv-chunk",
@@ -148,17 +149,20 @@ def evaluate(
         kv_sinks,
         kv_score,
         kv_decay,
+        kv_pool,
         key_grid=kv_key_grid,
         key_tokens=kv_key_tokens,
     )
     if kv is None:
         options.refuse(
             ctx,
-            ("kv_recent", "kv_group", "kv_chunk", "kv_sinks", "kv_score", "kv_decay"),
+            ("kv_recent", "kv_group", "kv_chunk", "kv_sinks", "kv_score", "kv_decay", "kv_pool"),
             "without --kv-budget or --kv-bits 8|4",
         )
     elif not kv.evicts:
-        options.refuse(ctx, ("kv_recent", "kv_chunk", "kv_sinks", "kv_score", "kv_decay"), "without --kv-budget")
+        options.refuse(
+            ctx, ("kv_recent", "kv_chunk", "kv_sinks", "kv_score", "kv_decay", "kv_pool"), "without --kv-budget"
+        )
     if kv is not None and harness:
         raise UserError("--harness runs lm-evaluation-harness's own loop: the compressed KV cache does not apply")
     if tasks:

@@ -169,6 +169,7 @@ def generate(
     kv_sinks: int = kv_options.KV_SINKS,
     kv_score: str = kv_options.KV_SCORE,
     kv_decay: float = kv_options.KV_DECAY,
+    kv_pool: int = kv_options.KV_POOL,
 ) -> None:
     """Generate text from a model and print it with its prefill and decode speed (tokens/s, batch 1).
 
@@ -204,6 +205,7 @@ def generate(
         sinks=kv_sinks,
         score=kv_score,
         decay=kv_decay,
+        pool=kv_pool,
         key_grid=kv_key_grid,
         key_tokens=kv_key_tokens,
     )

@@ -49,6 +49,12 @@ KV_SCORE = typer.Option(
     help="With --kv-budget: rank older tokens by their accumulated attention (sum: the H2O paper), by their mean "
     "attention over the queries that saw them (mean), or by a decayed sum (decay, --kv-decay).",
 )
+KV_POOL = typer.Option(
+    1,
+    "--kv-pool",
+    help="With --kv-budget: rank each held token by the largest score among the N (odd) held tokens centred on "
+    "it, so that a heavy hitter's neighbours are kept with it (1: no pooling, the H2O paper).",
+)
 KV_DECAY = typer.Option(
     0.99,
     "--kv-decay",
