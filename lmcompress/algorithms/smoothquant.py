@@ -110,7 +110,7 @@ def search_golden(loss: Callable[[float], float], grid: Sequence[float] | int = 
     ``(lo, lo + F_{k−1})`` when the left one is not worse, else to ``(lo + F_{k−2}, lo + F_k)``; either way the
     kept probe is a probe of the new bracket, so each step costs one trial, and the search ends at length 2.
     When the loss along the sorted grid strictly decreases and then strictly increases (unimodal), the point
-    left is the grid's minimum, the one :func:`search_grid` finds, after about ``log_φ n`` trials (5 of 11).
+    left is the grid's minimum, the one :func:`search_grid` finds, after about ``log_φ n`` trials (at most 5 of 11).
     Otherwise it is a local minimum; the result is the lowest loss among the points tried (first on ties).
     """
     points = sorted(grid_points(grid))

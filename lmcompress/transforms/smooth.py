@@ -14,7 +14,7 @@ reference the searches compare against. Then
   ``alpha="auto"`` the α of a grid whose smoothed block, run with every linear layer's weights and inputs
   fake-quantized as the scheme runs them (int8 per channel × int8 per token by default; ``actquant``), gives
   the lowest mean squared output error ``mean((Ŷ − Y)²)``, found by Fibonacci (golden-section) search along
-  the grid (``alpha_search="golden"``: 5 trials of 11 points; the grid's minimum when the error is unimodal in
+  the grid (``alpha_search="golden"``: at most 5 trials of 11 points; the grid's minimum when the error is unimodal in
   α) or by trying every point (``"grid"``);
 * **AWQ** (``awq``): for each group in turn, the exponent ``a`` of ``s_j = mean|X_j|^a`` (``algorithms.awq``)
   whose block, with that group's weights replaced by ``Q(W · diag(s)) · diag(s)⁻¹`` (the quantizer the later
