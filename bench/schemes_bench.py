@@ -135,6 +135,8 @@ def main() -> None:
           "tokens of valid.txt", flush=True)  # fmt: skip
     dense_logits = forward(dense, test)
     dense_nll, _ = measure(dense_logits, dense_logits, test)
+    del dense  # only its logits are needed from here on; each row's job loads its own copy (memory: one model)
+    gc.collect()
     work = CACHE / "schemes_bench" / Path(args.model).name
     work.mkdir(parents=True, exist_ok=True)
     wanted = None if args.rows is None else [w.strip() for w in args.rows.split(",")]
@@ -151,7 +153,7 @@ def main() -> None:
             continue
         row: dict = {"name": name, "config": fields}
         if not fields:
-            model, seconds, job, window_nll, agree = dense, 0.0, None, dense_nll, None
+            model, seconds, job, window_nll, agree = None, 0.0, None, dense_nll, None
         else:
             out = work / name.replace(" ", "_").replace("+", "").replace("__", "_")
             start = time.perf_counter()
