@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=1, help="tokens per forward after the prefill (1: H2O's protocol)")
     parser.add_argument("--h2o-variants", default="", help="extra H2O rows, e.g. 'sinks4,mean,mean+sinks4+r0.25'")
     parser.add_argument("--split", default="test", choices=("test", "valid"), help="WikiText-2 file for perplexity")
+    parser.add_argument("--window-offset", type=int, default=0, help="skip this many windows of the text first")
     parser.add_argument("--int4-groups", default="64,32", help="channel groups tried for int4 (64: the whole head)")
     parser.add_argument("--int4-key-grids", default="token,channel", help="int4 key grids: token and/or channel")
     parser.add_argument("--key-tokens", default="32", help="tokens per key scale tried with the channel key grid")
@@ -151,12 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_ppl:
         text = load_text(str(wikitext(args.split)), role="eval").text
         bos = wants_bos(tokenizer)
-        windows = eval_windows(tokenizer, text, args.seqlen, bos=bos)[: args.windows]
+        windows = eval_windows(tokenizer, text, args.seqlen, bos=bos)[args.window_offset :][: args.windows]
         out["windows"] = {
             "count": int(windows.shape[0]),
             "seqlen": args.seqlen,
             "bos": bos,
             "data": f"wikitext2 {args.split}",
+            "offset": args.window_offset,
         }
         full_nll = None
         for label, settings in configs:

@@ -61,7 +61,7 @@ def test_prefill_evicts_to_recent_window_plus_heavy_hitters_per_layer_and_kv_hea
             if hasattr(module, "k_proj"):
                 module.k_proj.weight.mul_(12)
     ids = _ids(24)
-    settings = KVSettings(budget=10)  # default split: 5 recent + 5 heavy hitters
+    settings = KVSettings(budget=10, recent=0.5, score="sum")  # the paper's split: 5 recent + 5 heavy hitters
     cache = KVCache(model.config, settings, 24)
     full = KVCache(model.config, KVSettings(budget=100), 24)
     with attach(model, settings), torch.no_grad():
@@ -84,7 +84,7 @@ def test_prefill_evicts_to_recent_window_plus_heavy_hitters_per_layer_and_kv_hea
 
 def test_each_decode_step_adds_its_weights_over_the_held_tokens_then_evicts_one(model):
     ids = _ids(20, 1)
-    settings = KVSettings(budget=8, recent=0.25)
+    settings = KVSettings(budget=8, recent=0.25, score="sum")
     cache = KVCache(model.config, settings, 20)
     with attach(model, settings), torch.no_grad():
         model(ids[:, :8], cache=cache, use_cache=True)
@@ -103,11 +103,15 @@ def test_each_decode_step_adds_its_weights_over_the_held_tokens_then_evicts_one(
             torch.testing.assert_close(layer.keys[0, h, :7], old_keys[0, h, [i for i in range(8) if i != dropped]])
 
 
-def test_default_budget_split_is_half_heavy_half_recent():
-    assert KVSettings().recent == 0.5 and kv_settings(budget="0.2").recent == 0.5
+def test_default_is_a_quarter_recent_ranked_by_mean_and_the_paper_split_is_an_option():
+    assert (KVSettings().recent, KVSettings().score, KVSettings().sinks) == (0.25, "mean", 0)
+    checked = kv_settings(budget="0.2")
+    assert (checked.recent, checked.score) == (0.25, "mean")
     cfg = build_tiny_model("llama", 320, max_positions=256).config
     cache = KVCache(cfg, KVSettings(budget=0.2), 2048)
-    assert cache.budget == 410 and all(layer.recent == 205 for layer in cache.layers)
+    assert cache.budget == 410 and all(layer.recent == 102 and layer.score == "mean" for layer in cache.layers)
+    paper = KVCache(cfg, KVSettings(budget=0.2, recent=0.5, score="sum"), 2048)  # --kv-recent 0.5 --kv-score sum
+    assert all(layer.recent == 205 and layer.score == "sum" for layer in paper.layers)
 
 
 def test_chunk_one_is_token_by_token_and_differs_from_larger_chunks(model):
@@ -130,12 +134,12 @@ def test_chunk_one_is_token_by_token_and_differs_from_larger_chunks(model):
 def test_cache_memory_per_token_with_eviction(model):
     full = memory_report(model.config, None)
     assert full["bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, 16 channels, float32
-    h2o = memory_report(model.config, KVSettings(budget=0.25, bits=8))
+    h2o = memory_report(model.config, KVSettings(budget=0.25, bits=8, score="sum"))
     held = h2o["bytes_per_token"] + h2o["score_bytes_per_token"]
     assert h2o["bytes_per_token"] == 2 * 2 * 2 * (16 + 4) and h2o["score_bytes_per_token"] == 4 * 2 * 2
     assert h2o["evicted_bytes_per_token"] == pytest.approx(0.25 * held)
     assert "bytes per sequence token once full" in format_memory(h2o)
-    count = memory_report(model.config, KVSettings(budget=64))
+    count = memory_report(model.config, KVSettings(budget=64, score="sum"))
     assert count["max_cache_bytes"] == 64 * (full["bytes_per_token"] + 16) and "at most" in format_memory(count)
 
 
@@ -215,7 +219,7 @@ def test_decayed_score_weights_each_query_by_decay_to_its_age():
 def test_pooled_ranking_is_the_largest_score_of_the_neighbours():
     model = _peaky()
     ids = _ids(24)
-    settings = KVSettings(budget=10, score="mean", pool=3)  # 5 recent + 5 heavy by the pooled mean
+    settings = KVSettings(budget=10, recent=0.5, score="mean", pool=3)  # 5 recent + 5 heavy by the pooled mean
     cache = KVCache(model.config, settings, 24)
     full = KVCache(model.config, KVSettings(budget=100), 24)
     with attach(model, settings), torch.no_grad():
@@ -237,7 +241,7 @@ def test_pooled_ranking_is_the_largest_score_of_the_neighbours():
 def test_mean_score_evicts_by_the_mean_and_keeps_the_sinks():
     model = _peaky()
     ids = _ids(24)
-    settings = KVSettings(budget=10, sinks=2, score="mean")  # 2 sinks, then 4 recent + 4 heavy
+    settings = KVSettings(budget=10, recent=0.5, sinks=2, score="mean")  # 2 sinks, then 4 recent + 4 heavy
     cache = KVCache(model.config, settings, 24)
     full = KVCache(model.config, KVSettings(budget=100), 24)
     with attach(model, settings), torch.no_grad():
@@ -294,7 +298,8 @@ def test_sinks_and_score_options_are_checked(tiny_folder, capsys, tmp_path):
         kv_settings(budget="0.2", score="decay", decay=0.0)
     with pytest.raises(UserError, match="kv-pool"):
         kv_settings(budget="0.2", pool=4)
-    cache = KVCache(build_tiny_model("llama", 320, max_positions=256).config, KVSettings(budget=0.2, sinks=4), 2048)
+    cfg = build_tiny_model("llama", 320, max_positions=256).config
+    cache = KVCache(cfg, KVSettings(budget=0.2, recent=0.5, sinks=4), 2048)
     assert cache.budget == 410 and cache.layers[0].sinks == 4 and cache.layers[0].recent == 203  # half of 406
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 60)

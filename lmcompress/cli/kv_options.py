@@ -11,7 +11,9 @@ KV_BUDGET = typer.Option(
     "generate, of the window in perplexity) or a token count (256); the rest are evicted. Runs eager attention.",
 )
 KV_RECENT = typer.Option(
-    0.5, "--kv-recent", help="With --kv-budget: the fraction of the budget kept for the most recent tokens."
+    0.25,
+    "--kv-recent",
+    help="With --kv-budget: the fraction of the budget kept for the most recent tokens (the H2O paper: 0.5).",
 )
 KV_BITS = typer.Option(
     16,
@@ -44,10 +46,11 @@ KV_SINKS = typer.Option(
     "the budget before its recent / heavy split).",
 )
 KV_SCORE = typer.Option(
-    "sum",
+    "mean",
     "--kv-score",
-    help="With --kv-budget: rank older tokens by their accumulated attention (sum: the H2O paper), by their mean "
-    "attention over the queries that saw them (mean), or by a decayed sum (decay, --kv-decay).",
+    help="With --kv-budget: rank older tokens by their mean attention over the queries that saw them (mean), by "
+    "their accumulated attention (sum: the H2O paper; with --kv-recent 0.5), or by a decayed sum (decay, "
+    "--kv-decay).",
 )
 KV_POOL = typer.Option(
     1,
