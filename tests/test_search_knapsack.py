@@ -63,7 +63,12 @@ def test_the_surrogate_optimum_meets_the_budget_and_predicts_no_worse_than_unifo
     assert max(abs(a - b) for a, b in zip(near, uniform, strict=True)) <= 1
     assert surrogate.predict(best) <= surrogate.predict(near) <= surrogate.predict(uniform)
     found = proposals(surrogate, space, uniform, 3)
-    assert found[0] == near and best in found and uniform not in found and len({tuple(p) for p in found}) == len(found)
+    assert len(found) == 3 and all(space.feasible(x) for x in found)
+    for k, x in enumerate(found):  # k + 1 level switches: 2 (k + 1) one-level moves
+        assert sum(abs(a - b) for a, b in zip(x, uniform, strict=True)) == 2 * (k + 1)
+    predicted = [surrogate.predict(x) for x in [uniform, *found]]
+    assert all(b < a for a, b in itertools.pairwise(predicted))  # each step predicted better
+    assert proposals(surrogate, space, uniform, 0) == []
 
 
 def test_proposals_take_the_place_of_ranked_offspring_and_leave_the_draws_alone():

@@ -12,7 +12,8 @@
    finished generation.
 4. Each generation draws ``pool`` mutants, ranks them by an additive surrogate fitted to every candidate scored
    so far (the sensitivity pass's included; :mod:`lmcompress.search.surrogate`) and scores the best
-   ``offspring`` (a quarter of them drawn unranked); a candidate scored before is answered from memory.
+   ``offspring`` (a quarter of them drawn unranked, and up to ``propose`` of them the surrogate's own greedy
+   descent from the parent); a candidate scored before is answered from memory.
 
 The rest of the search lives beside this loop: level grids (``levels``), the config and report (``config``),
 the work folder's state files (``state``) and keys (``keys``), candidate scoring (``score``), the max-loss

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lmcompress.algorithms.evolution import LevelSpace
+from lmcompress.algorithms.evolution import LevelSpace, additive_descent
 from lmcompress.algorithms.knapsack import knapsack
 from lmcompress.checkpoint.folder import json_text, write_file_atomic
 
@@ -150,22 +150,18 @@ def optimum(surrogate: AdditiveSurrogate, space: LevelSpace, around: Sequence[in
         return None
 
 
-PROPOSAL_RADII = (1, 2, None)  # trust regions (levels from the parent; None: anywhere) of the proposed optima
-
-
 def proposals(surrogate: AdditiveSurrogate, space: LevelSpace, parent: Sequence[int], count: int) -> list[list[int]]:
-    """Up to ``count`` distinct allocations other than ``parent`` to score in a generation: the surrogate's optimum
-    within 1 level of the parent, within 2, anywhere, then further radii (3, 4, …) until ``count`` are found or
-    the radius passes the level range."""
-    found: list[list[int]] = []
-    radii = [*PROPOSAL_RADII, *range(3, space.levels)]
-    for radius in radii:
-        if len(found) >= count:
-            break
-        best = optimum(surrogate, space, parent, radius)
-        if best is not None and best != list(parent) and best not in found:
-            found.append(best)
-    return found
+    """Up to ``count`` allocations to score in a generation: the surrogate's greedy descent from ``parent`` after
+    1, 2, … level switches (:func:`~lmcompress.algorithms.evolution.additive_descent` on its fitted weights: each
+    step the budget-keeping pair of one-level moves it predicts best). Steps as small as a mutant's, because the
+    additive model is trusted only near what was measured: its optimum on the budget (:func:`optimum`) predicts
+    far more than it gives."""
+    if count <= 0:
+        return []
+    surrogate.fit()
+    weights = surrogate.weights
+    delta = [[float(weights[u, k] - weights[u, lv]) for k in range(surrogate.levels)] for u, lv in enumerate(parent)]
+    return additive_descent(space, parent, delta, max_steps=count)
 
 
 class Memo:
