@@ -18,10 +18,11 @@ Perplexity over the first ``--windows`` non-overlapping windows of ``--seqlen`` 
   token's logits see the compressed cache of all tokens before it, the H2O paper's protocol);
 - H2O variants (``--h2o-variants``, each at every budget): ``+``-joined options of the cache, ``sinksN`` (the
   first N tokens never evicted, ``--kv-sinks``), ``mean`` / ``sum`` / ``decayG`` (the ranking score,
-  ``--kv-score``; ``decay0.99``: ``--kv-score decay --kv-decay 0.99``), ``poolK`` (``--kv-pool K``), ``rX``
-  (recent fraction X, ``--kv-recent``); e.g. ``--h2o-variants sinks4,mean,mean+sinks4`` adds the rows
-  ``H2O 20% sinks4`` ... The plain ``H2O`` rows are the H2O paper's (sum, no sinks, half recent) whatever the
-  defaults. ``--split valid`` measures on WikiText-2 valid.txt (where variants are chosen) instead of test.
+  ``--kv-score``; ``decay0.99``: ``--kv-score decay --kv-decay 0.99``), ``poolK`` (``--kv-pool K``), ``vnorm``
+  (``--kv-value-norm``), ``rX`` (recent fraction X, ``--kv-recent``); e.g. ``--h2o-variants
+  sinks4,mean,mean+sinks4`` adds the rows ``H2O 20% sinks4`` ... The plain ``H2O`` rows are the H2O paper's (sum,
+  no sinks, half recent) whatever the defaults. ``--split valid`` measures on WikiText-2 valid.txt (where
+  variants are chosen) instead of test.
 
 Retrieval (``lmcompress.measure.tasks.retrieval``: key–value lists and planted facts at 5 depths, ``--retrieval-
 lengths`` tokens): greedy answers with the full cache and with each compressed cache (the prompt in one forward,
@@ -62,6 +63,8 @@ def _variant(spec: str, budget: float, chunk: int):
     for part in spec.strip().split("+"):
         if part in ("sum", "mean"):
             fields["score"] = part
+        elif part == "vnorm":
+            fields["value_norm"] = True
         elif part.startswith("pool"):
             fields["pool"] = int(part[4:])
         elif part.startswith("decay"):
@@ -72,7 +75,7 @@ def _variant(spec: str, budget: float, chunk: int):
             fields["recent"] = float(part[1:])
         else:
             raise SystemExit(
-                f"--h2o-variants: unknown part {part!r} of {spec!r} (sinksN, mean, sum, decayG, poolK, rX)"
+                f"--h2o-variants: unknown part {part!r} of {spec!r} (sinksN, mean, sum, decayG, poolK, vnorm, rX)"
             )
     return KVSettings(**fields)
 

@@ -57,7 +57,8 @@ class KVSettings:
     ``sinks``: first tokens never evicted (taken from the budget before it is split into recent and heavy);
     ``score``: how older tokens are ranked, ``"sum"`` (accumulated attention, the H2O paper), ``"mean"`` (per query
     that saw the token) or ``"decay"`` (a query ``k`` steps back weighted ``decay^k``); ``pool``: an odd window of
-    held tokens the ranking is max-pooled over (1: none). The defaults (a quarter recent, ``mean``) were chosen on
+    held tokens the ranking is max-pooled over (1: none); ``value_norm``: the score times the L1 norm of the token's
+    value (per KV head). The defaults (a quarter recent, ``mean``) were chosen on
     WikiText-2 valid (docs/kv_cache.md); ``recent=0.5, score="sum"`` is the H2O paper's cache."""
 
     budget: float | int | None = None
@@ -69,6 +70,7 @@ class KVSettings:
     score: str = "mean"
     decay: float = 0.99
     pool: int = 1
+    value_norm: bool = False
     key_grid: str | None = None  # "channel" | "token"; None: channel at 4 bits without eviction, else token
     key_tokens: int | None = None  # tokens per key scale with the channel grid (None: 32)
 
@@ -103,6 +105,7 @@ def kv_settings(
     score: str = "mean",
     decay: float = 0.99,
     pool: int = 1,
+    value_norm: bool = False,
     key_grid: str | None = None,
     key_tokens: int | None = None,
 ) -> KVSettings | None:
@@ -132,7 +135,9 @@ def kv_settings(
     check_key_tokens(key_tokens)
     if value is None and bits == 16:
         return None
-    settings = KVSettings(value, float(recent), int(bits), group, chunk, int(sinks), score, float(decay), pool)
+    settings = KVSettings(
+        value, float(recent), int(bits), group, chunk, int(sinks), score, float(decay), pool, bool(value_norm)
+    )
     return replace(settings, key_grid=grid, key_tokens=key_tokens)
 
 
@@ -176,10 +181,11 @@ class CompressedKVLayer(DynamicLayer):
         score: str = "sum",
         decay: float = 1.0,
         pool: int = 1,
+        value_norm: bool = False,
     ) -> None:
         super().__init__()
         self.budget, self.recent, self.bits, self.group = budget, recent, bits, group
-        self.sinks, self.score, self.decay, self.pool = sinks, score, decay, pool
+        self.sinks, self.score, self.decay, self.pool, self.value_norm = sinks, score, decay, pool, value_norm
         self.seen = 0
         self.scores: torch.Tensor | None = None  # [B, H_kv, stored] accumulated (decayed) attention, evicting only
         self.counts: torch.Tensor | None = None  # [B, H_kv, stored] weights summed into each score (mean only)
@@ -215,8 +221,14 @@ class CompressedKVLayer(DynamicLayer):
     def ranking(self) -> torch.Tensor:
         """What eviction ranks the held tokens by ``[B, H_kv, stored]``: the accumulated attention (``sum``), it
         divided by the number of (query, query head) weights that went into it (``mean``), or the decayed sum;
-        with ``pool`` > 1, each token's is the largest of the ``pool`` held tokens centred on it."""
+        with ``value_norm``, times the L1 norm of the token's (stored) value; with ``pool`` > 1, each token's is
+        the largest of the ``pool`` held tokens centred on it."""
         rank = self.scores / self.counts if self.score == "mean" else self.scores
+        if self.value_norm:
+            values = (
+                self.values if self.bits == 16 else dequantize_kv(*self.qvalues, self.bits, self.group, torch.float32)
+            )
+            rank = rank * values.float().abs().sum(-1)
         if self.pool > 1:
             rank = F.max_pool1d(rank, self.pool, stride=1, padding=self.pool // 2)
         return rank
@@ -368,7 +380,15 @@ class KVCache(DynamicCache):
             self,
             layers=[
                 CompressedKVLayer(
-                    self.budget, recent, settings.bits, self.group, sinks, settings.score, settings.decay, settings.pool
+                    self.budget,
+                    recent,
+                    settings.bits,
+                    self.group,
+                    sinks,
+                    settings.score,
+                    settings.decay,
+                    settings.pool,
+                    settings.value_norm,
                 )
                 for _ in range(layers)
             ],

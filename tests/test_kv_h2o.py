@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmcompress.algorithms.kv import h2o_keep
+from lmcompress.algorithms.kv import dequantize_kv, h2o_keep, quantize_kv
 from lmcompress.errors import UserError
 from lmcompress.kv_cache import KVCache, KVSettings, attach, format_memory, kv_settings, memory_report, window_nll
 from lmcompress.measure.tasks import parse_tasks, planted_qa
@@ -236,6 +236,34 @@ def test_pooled_ranking_is_the_largest_score_of_the_neighbours():
                 torch.testing.assert_close(layer.keys[b, h], ref.keys[b, h, [*heavy, *range(19, 24)]])
                 differs |= heavy != sorted(m[b, h, :19].topk(5).indices.tolist())
     assert differs  # pooling changed some keep-set
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_value_norm_ranks_by_score_times_the_l1_norm_of_the_stored_value(bits):
+    model = _peaky()
+    ids = _ids(24)
+    settings = KVSettings(budget=24, score="mean", value_norm=True, bits=bits)  # nothing evicted
+    cache = KVCache(model.config, settings, 24)
+    exact = KVCache(model.config, KVSettings(budget=24), 24)
+    with attach(model, settings), torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+        model(ids, cache=exact, use_cache=True)
+        attentions = model(ids, use_cache=False, output_attentions=True).attentions
+    seen_by = torch.arange(24, 0, -1, dtype=torch.float32) * 2
+    layers = zip(cache.layers, exact.layers, _direct_scores(attentions, 2), strict=True)
+    for i, (layer, ref, direct) in enumerate(layers):
+        values = ref.values
+        if bits == 8:  # the stored values, on the grid; in layer 0 those of the exact cache, quantized
+            values = dequantize_kv(*layer.qvalues, 8, layer.group, torch.float32)
+            if i == 0:
+                torch.testing.assert_close(
+                    values, dequantize_kv(*quantize_kv(ref.values, 8, layer.group), 8, layer.group, torch.float32)
+                )
+        else:
+            torch.testing.assert_close(layer.scores, direct)
+        mean = layer.scores / seen_by
+        torch.testing.assert_close(layer.ranking(), mean * values.abs().sum(-1))
+        assert not torch.equal(layer.ranking().argsort(-1), mean.argsort(-1))
 
 
 def test_mean_score_evicts_by_the_mean_and_keeps_the_sinks():

@@ -8,7 +8,8 @@ StreamingLLM); ``score="mean"`` — older tokens are ranked by their mean attent
 (the sum divided by that count), so that a token is not favoured merely for having been visible to more queries;
 ``score="decay"`` — by a decayed sum, the weight a token got from the query ``k`` steps back counting ``γ^k``;
 ``pool`` — a token's rank is the largest score among the ``pool`` held tokens centred on it (as SnapKV pools), so
-that the neighbours of a heavy hitter are kept with it.
+that the neighbours of a heavy hitter are kept with it; ``value_norm`` — the score is multiplied by the L1 norm of
+the token's value vector (as VATP, Guo et al. 2024: attention times what the token adds to the output).
 
 The quantized KV cache stores values (and, with the ``token`` key grid, keys) on an asymmetric min–max grid per
 token, per KV head and per group of ``group`` consecutive channels: ``scale = (max − min) / (2^bits − 1)`` and

@@ -100,6 +100,7 @@ def evaluate(
     kv_score: str = kv_options.KV_SCORE,
     kv_decay: float = kv_options.KV_DECAY,
     kv_pool: int = kv_options.KV_POOL,
+    kv_value_norm: bool = kv_options.KV_VALUE_NORM,
     kv_chunk: int = typer.Option(
         1,
         "--kv-chunk",
@@ -150,18 +151,21 @@ def evaluate(
         kv_score,
         kv_decay,
         kv_pool,
+        kv_value_norm,
         key_grid=kv_key_grid,
         key_tokens=kv_key_tokens,
     )
     if kv is None:
         options.refuse(
             ctx,
-            ("kv_recent", "kv_group", "kv_chunk", "kv_sinks", "kv_score", "kv_decay", "kv_pool"),
+            ("kv_recent", "kv_group", "kv_chunk", "kv_sinks", "kv_score", "kv_decay", "kv_pool", "kv_value_norm"),
             "without --kv-budget or --kv-bits 8|4",
         )
     elif not kv.evicts:
         options.refuse(
-            ctx, ("kv_recent", "kv_chunk", "kv_sinks", "kv_score", "kv_decay", "kv_pool"), "without --kv-budget"
+            ctx,
+            ("kv_recent", "kv_chunk", "kv_sinks", "kv_score", "kv_decay", "kv_pool", "kv_value_norm"),
+            "without --kv-budget",
         )
     if kv is not None and harness:
         raise UserError("--harness runs lm-evaluation-harness's own loop: the compressed KV cache does not apply")

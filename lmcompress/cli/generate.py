@@ -170,6 +170,7 @@ def generate(
     kv_score: str = kv_options.KV_SCORE,
     kv_decay: float = kv_options.KV_DECAY,
     kv_pool: int = kv_options.KV_POOL,
+    kv_value_norm: bool = kv_options.KV_VALUE_NORM,
 ) -> None:
     """Generate text from a model and print it with its prefill and decode speed (tokens/s, batch 1).
 
@@ -206,6 +207,7 @@ def generate(
         score=kv_score,
         decay=kv_decay,
         pool=kv_pool,
+        value_norm=kv_value_norm,
         key_grid=kv_key_grid,
         key_tokens=kv_key_tokens,
     )

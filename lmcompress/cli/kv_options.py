@@ -58,6 +58,11 @@ KV_POOL = typer.Option(
     help="With --kv-budget: rank each held token by the largest score among the N (odd) held tokens centred on "
     "it, so that a heavy hitter's neighbours are kept with it (1: no pooling, the H2O paper).",
 )
+KV_VALUE_NORM = typer.Option(
+    False,
+    "--kv-value-norm",
+    help="With --kv-budget: multiply each token's score by the L1 norm of its value vector (VATP).",
+)
 KV_DECAY = typer.Option(
     0.99,
     "--kv-decay",
