@@ -63,7 +63,7 @@ class SearchConfig:
     stage_windows: tuple[int, ...] = (2, 8)  # fitness windows at each selection stage (the last: parent's)
     max_switches: int = 3
     pool: int = 128  # mutants drawn per generation, ranked by the additive surrogate; the best `offspring` scored
-    propose: int = 3  # of the offspring (a quarter at most): the surrogate's optima near the parent (search.surrogate)
+    propose: int = 0  # of the offspring (a quarter at most): the surrogate's descent from the parent (search.surrogate)
     time_limit_s: float | None = None
     fitness: str = "kl"  # kl: divergence to the dense model; ppl: the candidate's own log perplexity
     scheme: str | None = None  # w8a8 / fp8: the fitness runs each candidate as that scheme (search.scheme)
