@@ -27,6 +27,7 @@ stretching the grid of its neighbours. A group is quantized once its ``tokens`` 
 from __future__ import annotations
 
 import math
+from typing import NoReturn
 
 import torch
 
@@ -36,6 +37,16 @@ KV_BITS = (16, 8, 4)  # 16: no quantization
 DEFAULT_INT4_GROUP = 32  # channels per scale at 4 bits unless --kv-group says otherwise
 KEY_GRIDS = ("channel", "token")  # keys per channel over a token group, or per token like the values
 DEFAULT_KEY_TOKENS = 32  # tokens per key scale with the channel grid unless --kv-key-tokens says otherwise
+
+
+def _number(value, kind: type | tuple[type, ...]) -> bool:
+    """``value`` is a ``kind`` number and not a bool (Python counts ``True`` as the int 1)."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _refuse(value, param: str, why: str) -> NoReturn:
+    """Raise the UserError of option ``param`` (``kv_recent`` → ``--kv-recent``) given ``value``."""
+    raise UserError(f"--{param.replace('_', '-')} {value!r}{why}", param=param)
 
 
 def parse_budget(text: str | float | int | None) -> float | int | None:
@@ -78,11 +89,12 @@ def parse_budget(text: str | float | int | None) -> float | int | None:
 
 def check_recent(recent: float) -> float:
     """``--kv-recent``: the fraction in [0, 1] of the budget given to the most recent tokens."""
-    if isinstance(recent, bool) or not isinstance(recent, (int, float)) or not (0 <= recent <= 1):
-        raise UserError(
-            f"--kv-recent {recent!r}: give the fraction of the budget kept for the most recent tokens, in [0, 1] "
-            "(0.5: half recent, half heavy hitters; 1: recent tokens only)",
-            param="kv_recent",
+    if not (_number(recent, (int, float)) and 0 <= recent <= 1):
+        _refuse(
+            recent,
+            "kv_recent",
+            ": give the fraction of the budget kept for the most recent tokens, in [0, 1] (0.5: half recent, half "
+            "heavy hitters; 1: recent tokens only)",
         )
     return float(recent)
 
@@ -92,12 +104,9 @@ H2O_SCORES = ("sum", "mean", "decay")  # sum: the H2O paper's; mean: per query t
 
 def check_sinks(sinks: int) -> int:
     """``--kv-sinks``: how many first tokens of the sequence are never evicted (0: none, the H2O paper)."""
-    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-        raise UserError(
-            f"--kv-sinks {sinks!r}: give how many first tokens are never evicted, an integer >= 0 (4: StreamingLLM's "
-            "attention sinks; 0: none)",
-            param="kv_sinks",
-        )
+    if not (_number(sinks, int) and sinks >= 0):
+        why = ": give how many first tokens are never evicted, an integer >= 0 (4: StreamingLLM's attention sinks; "
+        _refuse(sinks, "kv_sinks", why + "0: none)")
     return sinks
 
 
@@ -115,23 +124,19 @@ def check_score(score: str) -> str:
 
 def check_decay(decay: float) -> float:
     """``--kv-decay``: the factor ``γ`` in (0, 1] of ``--kv-score decay`` (1: the plain sum)."""
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0 < decay <= 1):
-        raise UserError(
-            f"--kv-decay {decay!r}: give the per-query decay factor of --kv-score decay, in (0, 1] (0.99: a query "
-            "69 steps back counts half)",
-            param="kv_decay",
+    if not (_number(decay, (int, float)) and 0 < decay <= 1):
+        why = (
+            ": give the per-query decay factor of --kv-score decay, in (0, 1] (0.99: a query 69 steps back counts half)"
         )
+        _refuse(decay, "kv_decay", why)
     return float(decay)
 
 
 def check_pool(pool: int) -> int:
     """``--kv-pool``: an odd window of held tokens the ranking is max-pooled over (1: none, the H2O paper)."""
-    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
-        raise UserError(
-            f"--kv-pool {pool!r}: give an odd window of neighbouring tokens (1: no pooling; 7: each token ranked by "
-            "the largest score within 3 tokens of it)",
-            param="kv_pool",
-        )
+    if not (_number(pool, int) and pool >= 1 and pool % 2 == 1):
+        why = ": give an odd window of neighbouring tokens (1: no pooling; 7: each token ranked by the largest score "
+        _refuse(pool, "kv_pool", why + "within 3 tokens of it)")
     return pool
 
 
@@ -184,12 +189,9 @@ def check_key_tokens(tokens: int | None) -> int:
     """``--kv-key-tokens``: tokens per key scale with the channel grid, a positive integer (``None`` → 32)."""
     if tokens is None:
         return DEFAULT_KEY_TOKENS
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise UserError(
-            f"--kv-key-tokens {tokens!r} must be a positive token count (the keys of that many consecutive tokens "
-            "share one scale per channel)",
-            param="kv_key_tokens",
-        )
+    if not (_number(tokens, int) and tokens >= 1):
+        why = " must be a positive token count (the keys of that many consecutive tokens share one scale per channel)"
+        _refuse(tokens, "kv_key_tokens", why)
     return tokens
 
 
