@@ -27,6 +27,14 @@ def _ids(length: int, batch: int = 2) -> torch.Tensor:
     return torch.randint(0, 320, (batch, length), generator=torch.Generator().manual_seed(3))
 
 
+def _fill(model, ids, settings, *caches):
+    """Run ``ids`` through ``model`` into each cache under ``settings``; return the full-attention weights."""
+    with attach(model, settings), torch.no_grad():
+        for cache in caches:
+            model(ids, cache=cache, use_cache=True)
+        return model(ids, use_cache=False, output_attentions=True).attentions
+
+
 def _direct_scores(attentions, kv_heads: int) -> list[torch.Tensor]:
     """Per layer ``[B, H_kv, T]``: each key's attention summed over every query and over the query heads
     that read that KV head (query head ``h`` reads KV head ``h // (H_q / H_kv)``), written out head by head."""
@@ -64,10 +72,7 @@ def test_prefill_evicts_to_recent_window_plus_heavy_hitters_per_layer_and_kv_hea
     settings = KVSettings(budget=10, recent=0.5, score="sum")  # the paper's split: 5 recent + 5 heavy hitters
     cache = KVCache(model.config, settings, 24)
     full = KVCache(model.config, KVSettings(budget=100), 24)
-    with attach(model, settings), torch.no_grad():
-        model(ids, cache=cache, use_cache=True)
-        model(ids, cache=full, use_cache=True)
-        attentions = model(ids, use_cache=False, output_attentions=True).attentions
+    attentions = _fill(model, ids, settings, cache, full)
     chosen = set()
     for layer, ref, direct in zip(cache.layers, full.layers, _direct_scores(attentions, 2), strict=True):
         assert layer.budget == 10 and layer.recent == 5
@@ -222,10 +227,7 @@ def test_pooled_ranking_is_the_largest_score_of_the_neighbours():
     settings = KVSettings(budget=10, recent=0.5, score="mean", pool=3)  # 5 recent + 5 heavy by the pooled mean
     cache = KVCache(model.config, settings, 24)
     full = KVCache(model.config, KVSettings(budget=100), 24)
-    with attach(model, settings), torch.no_grad():
-        model(ids, cache=cache, use_cache=True)
-        model(ids, cache=full, use_cache=True)
-        attentions = model(ids, use_cache=False, output_attentions=True).attentions
+    attentions = _fill(model, ids, settings, cache, full)
     mean = [d / (torch.arange(24, 0, -1, dtype=torch.float32) * 2) for d in _direct_scores(attentions, 2)]
     differs = False
     for layer, ref, m in zip(cache.layers, full.layers, mean, strict=True):
@@ -245,10 +247,7 @@ def test_value_norm_ranks_by_score_times_the_l1_norm_of_the_stored_value(bits):
     settings = KVSettings(budget=24, score="mean", value_norm=True, bits=bits)  # nothing evicted
     cache = KVCache(model.config, settings, 24)
     exact = KVCache(model.config, KVSettings(budget=24), 24)
-    with attach(model, settings), torch.no_grad():
-        model(ids, cache=cache, use_cache=True)
-        model(ids, cache=exact, use_cache=True)
-        attentions = model(ids, use_cache=False, output_attentions=True).attentions
+    attentions = _fill(model, ids, settings, cache, exact)
     seen_by = torch.arange(24, 0, -1, dtype=torch.float32) * 2
     layers = zip(cache.layers, exact.layers, _direct_scores(attentions, 2), strict=True)
     for i, (layer, ref, direct) in enumerate(layers):
@@ -272,10 +271,7 @@ def test_mean_score_evicts_by_the_mean_and_keeps_the_sinks():
     settings = KVSettings(budget=10, recent=0.5, sinks=2, score="mean")  # 2 sinks, then 4 recent + 4 heavy
     cache = KVCache(model.config, settings, 24)
     full = KVCache(model.config, KVSettings(budget=100), 24)
-    with attach(model, settings), torch.no_grad():
-        model(ids, cache=cache, use_cache=True)
-        model(ids, cache=full, use_cache=True)
-        attentions = model(ids, use_cache=False, output_attentions=True).attentions
+    attentions = _fill(model, ids, settings, cache, full)
     seen_by = torch.arange(24, 0, -1, dtype=torch.float32) * 2
     for layer, ref, direct in zip(cache.layers, full.layers, _direct_scores(attentions, 2), strict=True):
         assert (layer.budget, layer.sinks, layer.recent) == (10, 2, 4)
