@@ -37,11 +37,15 @@ ROWS: list[tuple[str, dict]] = [  # name → QuantConfig fields (empty: the dens
     ("W8A8 RTN + SmoothQuant auto", {"method": "rtn", "scheme": "w8a8", "smoothquant": "auto"}),
     ("FP8 dynamic + SmoothQuant 0.5", {"method": "rtn", "scheme": "fp8", "dynamic": True, "smoothquant": 0.5}),
     ("FP8 static + SmoothQuant 0.5", {"method": "rtn", "scheme": "fp8", "smoothquant": 0.5}),
+    ("FP8 dynamic + SmoothQuant auto", {"method": "rtn", "scheme": "fp8", "dynamic": True, "smoothquant": "auto"}),
+    ("FP8 static + SmoothQuant auto", {"method": "rtn", "scheme": "fp8", "smoothquant": "auto"}),
     ("GPTQ 4-bit g128", {"method": "gptq", "bits": 4, "group_size": 128}),
     ("AWQ + GPTQ 4-bit g128", {"method": "gptq", "bits": 4, "group_size": 128, "awq": True}),
     ("RTN 4-bit g128", {"method": "rtn", "bits": 4, "group_size": 128}),
     ("AWQ + RTN 4-bit g128", {"method": "rtn", "bits": 4, "group_size": 128, "awq": True}),
     ("W8A8 GPTQ", {"method": "gptq", "scheme": "w8a8"}),
+    ("FP8 dynamic GPTQ", {"method": "gptq", "scheme": "fp8", "dynamic": True}),
+    ("FP8 static GPTQ", {"method": "gptq", "scheme": "fp8"}),
 ]
 
 TARGET_PPL_RATIO = 1.03
@@ -53,7 +57,8 @@ def checks(by: dict[str, dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for name in ("W8A8 RTN", "W8A8 RTN + SmoothQuant 0.5", "W8A8 RTN + SmoothQuant auto", "W8A8 GPTQ",
                  "FP8 static", "FP8 dynamic", "FP8 dynamic + SmoothQuant 0.5",
-                 "FP8 static + SmoothQuant 0.5"):  # fmt: skip
+                 "FP8 static + SmoothQuant 0.5", "FP8 dynamic + SmoothQuant auto",
+                 "FP8 static + SmoothQuant auto", "FP8 dynamic GPTQ", "FP8 static GPTQ"):  # fmt: skip
         if name in by:
             r = by[name]
             out[name] = {

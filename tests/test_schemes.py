@@ -35,6 +35,13 @@ def _layers(model) -> list[aq.ActQuantLinear]:
         (["--scheme", "w8a8", "--method", "gptq"], "int8", torch.int8, False),
         (["--scheme", "fp8"], "fp8", torch.float8_e4m3fn, True),
         (["--scheme", "fp8", "--dynamic"], "fp8", torch.float8_e4m3fn, False),
+        (["--scheme", "fp8", "--method", "gptq"], "fp8", torch.float8_e4m3fn, True),
+        (
+            ["--scheme", "fp8", "--dynamic", "--method", "gptq", "--in-block", "parallel"],
+            "fp8",
+            torch.float8_e4m3fn,
+            False,
+        ),
     ],
 )
 def test_quantize_load_simulates_the_scheme(tiny_folder, tmp_path, calib_file, args, kind, codes, static):
@@ -101,7 +108,6 @@ def test_info_shows_the_scheme(tiny_folder, tmp_path, capsys):
         (["--scheme", "w4a4"], "unknown"),
         (["--scheme", "w8a8", "--bits", "4"], "8-bit grid per output channel"),
         (["--scheme", "w8a8", "--group-size", "128"], "8-bit grid per output channel"),
-        (["--scheme", "fp8", "--method", "gptq"], "floating-point"),
         (["--scheme", "w8a8", "--asym"], "symmetric"),
         (["--scheme", "w8a8", "--include-head"], "head"),
         (["--dynamic"], "fp8"),
@@ -122,8 +128,7 @@ def test_config_api():
     assert not QuantConfig(scheme="fp8", method="rtn", dynamic=True).needs_calibration
     with pytest.raises(UserError, match="8-bit grid per output channel"):
         QuantConfig(scheme="w8a8", bits=4, group_size=-1)
-    with pytest.raises(UserError, match="method rtn"):
-        QuantConfig(scheme="fp8")
+    assert QuantConfig(scheme="fp8").needs_calibration  # GPTQ on the FP8 grid (the API's default method)
 
 
 def test_fp8_on_cpu_is_simulated(tiny_folder, tmp_path):

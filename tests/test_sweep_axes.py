@@ -182,10 +182,10 @@ def test_a_scheme_point_is_what_quantize_then_eval_measures(tmp_path, tiny_folde
     src, out = tiny_folder("llama"), tmp_path / "res"
     config = mixed(calib_path, methods=["rtn", "gptq"], schemes=["none", "w8a8", "fp8"], bits=[8], group_size=-1,
                    smoothquant=[None, 0.5])  # fmt: skip
-    ids = [p.id for p in config.points()]  # gptq with fp8 is left out (FP8 weights are rounded to nearest)
+    ids = [p.id for p in config.points()]  # gptq with fp8: GPTQ on the FP8 grid
     assert ids == ["rtn-8bit-channel", "rtn-w8a8", "rtn-w8a8-sq0.5", "rtn-fp8", "rtn-fp8-sq0.5", "gptq-8bit-channel",
-                   "gptq-w8a8", "gptq-w8a8-sq0.5"]  # fmt: skip
-    assert config.count() == len(ids) + 2
+                   "gptq-w8a8", "gptq-w8a8-sq0.5", "gptq-fp8", "gptq-fp8-sq0.5"]  # fmt: skip
+    assert config.count() == len(ids)
     config = mixed(calib_path, methods=["rtn"], schemes=["none", "w8a8", "fp8"], bits=[8], group_size=-1,
                    smoothquant=[None, 0.5])  # fmt: skip
     run_sweep(src, config, out, progress=False)

@@ -198,11 +198,34 @@ def gptq_quantize(
         mask = None if mask is None else mask[:, perm]
     quantizer = ColumnQuantizer(spec, (rows, cols), W.device, perm=perm, static_from=static_from, importance=importance)
     del static_from
-
-    Hinv, damp = inverse_hessian_cholesky(H, percdamp, layer, overwrite=own)
-    del H
-    WT = W.t().contiguous()  # Wᵀ: column j of W is the contiguous row j
+    WT = W.t().contiguous()  # Wᵀ: column j of W is the contiguous row j, updated in place by the sweep
     del W
+    W, row_loss, damp = sweep_columns(WT, H, quantizer, blocksize=blocksize, percdamp=percdamp, perm=perm, mask=mask,
+                                      layer=layer, overwrite=own)  # fmt: skip
+    return GPTQResult(
+        weight=W, quantized=quantizer.result(), loss=row_loss.sum().item(), damping=damp, row_loss=row_loss
+    )
+
+
+def sweep_columns(
+    WT: torch.Tensor,
+    H: torch.Tensor,
+    quantizer,
+    *,
+    blocksize: int,
+    percdamp: float | str,
+    perm: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    layer: str,
+    overwrite: bool,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """GPTQ's sweep of ``WT`` (``Wᵀ`` [cols, rows], contiguous, updated in place; columns of ``W`` already in
+    processing order ``perm``) with Hessian ``H`` (in the same order): each column rounded by ``quantizer`` (a
+    :class:`ColumnQuantizer`, or any object with its ``group_end`` / ``set_group`` / ``quantize``), its error spread
+    onto the columns not yet rounded. Returns the rounded ``W`` in natural column order, the loss per row and the
+    damping used; ``overwrite`` lets the solve reuse ``H``'s memory."""
+    Hinv, damp = inverse_hessian_cholesky(H, percdamp, layer, overwrite=overwrite)
+    del H
     maskT = None if mask is None else mask.t().contiguous()
     sweep = Sweep(WT, Hinv, blocksize, INNER)
     for b0 in sweep.starts():
@@ -213,10 +236,7 @@ def gptq_quantize(
     del WT
     if perm is not None:
         W = W[:, torch.argsort(perm)]
-    row_loss = sweep.row_loss
-    return GPTQResult(
-        weight=W, quantized=quantizer.result(), loss=row_loss.sum().item(), damping=damp, row_loss=row_loss
-    )
+    return W, sweep.row_loss, damp
 
 
 def _sweep_block(block: Block, quantizer: ColumnQuantizer, maskT: torch.Tensor | None) -> None:

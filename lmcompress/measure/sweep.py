@@ -259,8 +259,6 @@ class SweepConfig:
         for scheme in self.schemes:
             if scheme == WEIGHT_ONLY:
                 out += [Point(method, bits=b, group_size=self.group_size) for b in self.bits]
-            elif scheme == "fp8" and method == "gptq":
-                log.warning("skipping gptq with scheme fp8: FP8 weights are rounded to nearest (use rtn)")
             else:
                 dynamic = True if scheme == "fp8" and self.dynamic else None
                 out += [Point(method, bits=8, group_size=-1, scheme=scheme, dynamic=dynamic, smoothquant=sq)

@@ -2,9 +2,9 @@
 
 * ``w8a8``: weights int8 per output channel, on lmcompress's 8-bit symmetric per-channel grid (``s = max|w| /
   127.5``, by RTN or GPTQ in :mod:`lmcompress.transforms.quantize`); activations int8 per token, dynamic.
-* ``fp8``: weights FP8 E4M3 per output channel, rounded to nearest (:class:`~lmcompress.algorithms.actquant.
-  FP8Weight`); activations FP8 per tensor with one static scale per layer, ``max|x| / 448`` over the calibration
-  windows, or (``dynamic``) per token.
+* ``fp8``: weights FP8 E4M3 per output channel, by round to nearest (:class:`~lmcompress.algorithms.actquant.
+  FP8Weight`) or by GPTQ on the FP8 grid (:mod:`lmcompress.algorithms.gptq_fp8`); activations FP8 per tensor
+  with one static scale per layer, ``max|x| / 448`` over the calibration windows, or (``dynamic``) per token.
 
 The linear layers of the blocks are quantized; the embeddings, norms and output head stay in float, as vLLM's
 schemes keep them. In memory the layers end up holding their dequantized weights (plain ``nn.Linear``); the
@@ -18,8 +18,18 @@ import torch
 from torch import nn
 
 from lmcompress.algorithms.actquant import SCHEMES, ActQuantLinear, ActScheme, FP8Weight, static_fp8_scale
+from lmcompress.algorithms.gptq_fp8 import gptq_fp8
+from lmcompress.algorithms.obs import damping_fraction
 from lmcompress.calibration import distributed
-from lmcompress.calibration.engine import BlockInputs, collect, for_each_block, run_block, walk_blocks
+from lmcompress.calibration.engine import (
+    BlockInputs,
+    collect,
+    collect_input_stats,
+    for_each_block,
+    run_block,
+    shared_inputs,
+    walk_blocks,
+)
 from lmcompress.calibration.offload import active_stream
 from lmcompress.errors import UserError
 from lmcompress.models.families import blocks_path, find_prunable, set_weight_matrix, weight_matrix
@@ -72,13 +82,6 @@ def check_scheme(config) -> None:
             f"scheme {scheme} keeps the output head in float (as vLLM's W8A8 / FP8 schemes do): drop include_head",
             param=("scheme", "include_head"),
         )
-    if scheme == "fp8" and config.method != "rtn":
-        raise UserError(
-            "scheme fp8 rounds weights to nearest (method rtn): GPTQ's column solver works on lmcompress's "
-            "uniform integer grids, and FP8's grid is a floating-point one (its spacing doubles with every "
-            "binade), which it does not implement; give method rtn, or scheme w8a8 for GPTQ",
-            param=("scheme", "method"),
-        )
 
 
 def act_scheme(scheme: str, static_scale: float | None = None) -> ActScheme:
@@ -128,12 +131,15 @@ def fp8_quantize(
     model: nn.Module, config, calib: torch.Tensor | None, *, device: torch.device, progress: bool = True
 ) -> tuple[dict[str, FP8Weight], dict[str, float]]:
     """Quantize the blocks' linear layers to FP8 E4M3 per output channel, in place (each keeps its dequantized
-    weight). Returns ``(weights, input_scales)``: the FP8 codes and scales by parameter name, and (static
-    activations) each layer's input scale by module name.
+    weight), by round to nearest or (``config.method == "gptq"``) by GPTQ on the FP8 grid
+    (:func:`~lmcompress.algorithms.gptq_fp8.gptq_fp8`, the layers that read one input solved together). Returns
+    ``(weights, input_scales)``: the FP8 codes and scales by parameter name, and (static activations) each layer's
+    input scale by module name.
 
-    Static scales are calibrated block after block: each block, its weights already quantized, reads the
-    outputs of the blocks before it run as the scheme runs them (FP8 weights and statically quantized inputs),
-    and each layer's scale is ``max|x| / 448`` over every calibration token it reads.
+    With calibration data the blocks are walked in order: each block reads the outputs of the blocks before it
+    run as the scheme runs them (FP8 weights, inputs quantized statically or per token); GPTQ's Hessians are
+    collected from those inputs in float (``in_block`` as for the integer grids), and each static input scale is
+    ``max|x| / 448`` over every calibration token the layer reads once its block's weights are quantized.
     """
     if active_stream(model) is not None:
         raise UserError(
@@ -145,35 +151,72 @@ def fp8_quantize(
     prefix = blocks_path(model)
     weights: dict[str, FP8Weight] = {}
     input_scales: dict[str, float] = {}
+    gptq = config.method == "gptq"
 
-    def quantize_weights(i: int, layers: dict[str, nn.Module]) -> None:
+    def store(i: int, name: str, module: nn.Module, fp8: FP8Weight) -> None:
+        set_weight_matrix(module, fp8.dequantize().to(weight_matrix(module).device))
+        weights[f"{prefix}.{i}.{name}.weight"] = fp8.to("cpu")
+
+    def round_weights(i: int, layers: dict[str, nn.Module]) -> None:
         for name, module in layers.items():
-            home = weight_matrix(module).device
-            fp8 = FP8Weight.quantize(weight_matrix(module).to(device).float())
-            set_weight_matrix(module, fp8.dequantize().to(home))
-            weights[f"{prefix}.{i}.{name}.weight"] = fp8.to("cpu")
+            store(i, name, module, FP8Weight.quantize(weight_matrix(module).to(device).float()))
 
-    if config.dynamic or calib is None:
-        if not config.dynamic:
-            raise UserError("static FP8 activation scales need calibration data (give calib_data)", param="calib_data")
-        for_each_block(model, lambda i, block: quantize_weights(i, find_prunable(block)), desc="fp8", progress=progress)
+    def solve(i: int, layers: dict[str, nn.Module], group: list[str], stats) -> None:
+        w = torch.cat([weight_matrix(layers[name]).to(device).float() for name in group])
+        mask = (w == 0) if config.keep_zeros else None
+        solved = gptq_fp8(
+            w,
+            stats.hessian,
+            blocksize=config.blocksize,
+            percdamp=damping_fraction(config.percdamp, w.shape[1], stats.tokens),
+            act_order=config.act_order,
+            mask=mask if mask is not None and mask.any() else None,
+            layer=" + ".join(f"{prefix}.{i}.{name}" for name in group),
+            consume_hessian=True,
+        )
+        row = 0
+        for name in group:
+            rows = weight_matrix(layers[name]).shape[0]
+            part = FP8Weight(solved.fp8.codes[row : row + rows], solved.fp8.scale[row : row + rows])
+            store(i, name, layers[name], part)
+            row += rows
+
+    def solve_weights(i: int, block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module]) -> None:
+        """GPTQ per group of layers reading one input; ``in_block`` sequential: each group's Hessian is collected
+        after the groups before it are quantized (one more pass over the windows per group)."""
+        stats = collect_input_stats(block, inputs, list(layers), hessian=config.in_block == "parallel")
+        for group in shared_inputs(layers, stats):
+            own = stats[group[0]] if config.in_block == "parallel" else None
+            solve(i, layers, group, own or collect_input_stats(block, inputs, group, hessian=True)[group[0]])
+
+    if calib is None or (config.dynamic and not gptq):  # round to nearest, scaled per token: no data to read
+        if gptq or not config.dynamic:
+            raise UserError("GPTQ and static FP8 activation scales need calibration data (give calib_data)",
+                            param="calib_data")  # fmt: skip
+        for_each_block(model, lambda i, block: round_weights(i, find_prunable(block)), desc="fp8", progress=progress)
         return weights, input_scales
 
     def visit(i: int, block: nn.Module, inputs: BlockInputs) -> bool:
         layers = find_prunable(block)
-        quantize_weights(i, layers)
-        absmax = collect(block, inputs, list(layers), lambda _n, _m: _AbsMax())
+        if gptq:
+            solve_weights(i, block, inputs, layers)
+        else:
+            round_weights(i, layers)
+        scales: dict[str, float | None] = dict.fromkeys(layers)
+        if not config.dynamic:
+            absmax = collect(block, inputs, list(layers), lambda _n, _m: _AbsMax())
+            scales = {name: static_fp8_scale(absmax[name].value) for name in layers}
+            input_scales.update({f"{prefix}.{i}.{name}": scale for name, scale in scales.items()})
         plain = dict(layers)
         simulated = {}
         for name, module in plain.items():
-            scale = static_fp8_scale(absmax[name].value)
-            input_scales[f"{prefix}.{i}.{name}"] = scale
             w = weights[f"{prefix}.{i}.{name}.weight"].to(weight_matrix(module).device)
-            simulated[name] = ActQuantLinear(w.codes, w.scale, module.bias, ActScheme("fp8", static_scale=scale))
+            simulated[name] = ActQuantLinear(w.codes, w.scale, module.bias, ActScheme("fp8", static_scale=scales[name]))
         _swap(block, layers, simulated)  # the next block reads this one's outputs as the scheme computes them
         run_block(block, inputs, keep="inplace")
         _swap(block, layers, plain)
         return True
 
-    walk_blocks(model, calib, device, visit, desc="fp8 calibration", progress=progress, last_outputs=False)
+    desc = "fp8 gptq" if gptq else "fp8 calibration"
+    walk_blocks(model, calib, device, visit, desc=desc, progress=progress, last_outputs=False)
     return weights, input_scales
