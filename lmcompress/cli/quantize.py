@@ -89,7 +89,8 @@ def quantize(
         None,
         "--scheme",
         help="Weights and activations: w8a8 (int8 weights per channel by --method rtn or gptq, int8 activations per "
-        "token, dynamic) or fp8 (E4M3 weights per channel, rounded to nearest; activations per tensor with static "
+        "token, dynamic) or fp8 (E4M3 weights per channel, rounded to nearest unless --method gptq is given; "
+        "activations per tensor with static "
         "scales calibrated on the calibration windows, or per token with --dynamic). Sets --bits 8 --group-size -1; "
         "`eval` / `generate` simulate the activation quantization, `export --format compressed-tensors` writes "
         "it for vLLM (docs/quantization.md).",
@@ -133,7 +134,7 @@ def quantize(
         check_scheme_grid(scheme, bits if "bits" in given else 8, group_size if "group_size" in given else -1)
         bits, group_size = 8, -1
         if scheme == "fp8" and not options.given(ctx, "method"):
-            method = "rtn"  # FP8 weights are rounded to nearest (GPTQ's solver works on integer grids)
+            method = "rtn"  # FP8 weights are rounded to nearest unless --method gptq asks for GPTQ on the FP8 grid
     if method == "rtn":
         options.refuse(
             ctx,
