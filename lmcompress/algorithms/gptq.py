@@ -173,29 +173,17 @@ def gptq_quantize(
     that read the same input may be stacked row-wise into one call and the result split again.
     ``consume_hessian`` lets the solve overwrite ``hessian`` (a caller done with it saves an ``n × n`` copy).
     """
-    if blocksize <= 0:
-        raise ValueError(f"blocksize must be positive, got {blocksize}")
-    W = weight.detach().clone().float()
-    rows, cols = W.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not fit a weight with {cols} inputs")
     if spec.kquant:
-        check_row(KTYPES[spec.grid], cols, layer)
-    H, dead, own = usable_hessian(hessian, W.device, consume_hessian)
-    W[:, dead] = 0.0
-    if mask is not None:
-        mask = mask.to(W.device)
-        W[mask] = 0.0
-
+        check_row(KTYPES[spec.grid], weight.shape[1], layer)
+    W, H, own, mask = prepare(weight, hessian, mask, blocksize=blocksize, consume_hessian=consume_hessian)
+    rows, cols = W.shape
     perm = None
     static_groups = static_groups or spec.kquant  # a K-quant grid is fixed up front
     static_from = W.clone() if static_groups else None  # static grids: from the weights in natural order
     importance = torch.diag(H).float() if spec.kquant else None
-    if act_order:  # columns by decreasing diag H
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+    if act_order:
+        W, H, mask, perm = in_act_order(W, H, mask)
         own = True
-        mask = None if mask is None else mask[:, perm]
     quantizer = ColumnQuantizer(spec, (rows, cols), W.device, perm=perm, static_from=static_from, importance=importance)
     del static_from
     WT = W.t().contiguous()  # Wᵀ: column j of W is the contiguous row j, updated in place by the sweep
@@ -205,6 +193,35 @@ def gptq_quantize(
     return GPTQResult(
         weight=W, quantized=quantizer.result(), loss=row_loss.sum().item(), damping=damp, row_loss=row_loss
     )
+
+
+def prepare(
+    weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor | None, *, blocksize: int, consume_hessian: bool
+) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None]:
+    """The set-up every GPTQ sweep shares: ``(W, H, own, mask)`` with ``W`` a float32 copy of ``weight`` whose
+    inputs that never fire (``diag H == 0``) and masked weights are zero, ``H`` usable
+    (:func:`~lmcompress.algorithms.obs.usable_hessian`), whether the solve owns ``H``, and ``mask`` on ``W``'s
+    device. Refuses a non-positive ``blocksize`` and a Hessian that does not fit."""
+    if blocksize <= 0:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    W = weight.detach().clone().float()
+    cols = W.shape[1]
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not fit a weight with {cols} inputs")
+    H, dead, own = usable_hessian(hessian, W.device, consume_hessian)
+    W[:, dead] = 0.0
+    if mask is not None:
+        mask = mask.to(W.device)
+        W[mask] = 0.0
+    return W, H, own, mask
+
+
+def in_act_order(
+    W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``W``, ``H`` and ``mask`` with the inputs by decreasing ``diag H`` (act-order), and that permutation."""
+    perm = torch.argsort(torch.diag(H), descending=True)
+    return W[:, perm], H[perm][:, perm], None if mask is None else mask[:, perm], perm
 
 
 def sweep_columns(

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lmcompress.algorithms.actquant import FP8_DTYPE, FP8Weight, dequantize, fp8_codes, quantize_weight_fp8
-from lmcompress.algorithms.gptq import sweep_columns
-from lmcompress.algorithms.obs import usable_hessian
+from lmcompress.algorithms.gptq import in_act_order, prepare, sweep_columns
 
 
 class FP8ColumnQuantizer:
@@ -70,25 +69,12 @@ def gptq_fp8(
     zero while the others absorb their error; ``act_order`` processes inputs by decreasing
     ``diag H`` (the grid does not depend on the order). Rows are independent given ``H``, so layers reading one
     input may be stacked row-wise into one call."""
-    if blocksize <= 0:
-        raise ValueError(f"blocksize must be positive, got {blocksize}")
-    W = weight.detach().clone().float()
-    cols = W.shape[1]
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not fit a weight with {cols} inputs")
-    H, dead, own = usable_hessian(hessian, W.device, consume_hessian)
-    W[:, dead] = 0.0
-    if mask is not None:
-        mask = mask.to(W.device)
-        W[mask] = 0.0
-    perm = None
+    W, H, own, mask = prepare(weight, hessian, mask, blocksize=blocksize, consume_hessian=consume_hessian)
     quantizer = FP8ColumnQuantizer(W)  # the grid from the weights in natural order
+    perm = None
     if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-        own = True
-        quantizer.perm = perm
-        mask = None if mask is None else mask[:, perm]
+        W, H, mask, perm = in_act_order(W, H, mask)
+        quantizer.perm, own = perm, True
     WT = W.t().contiguous()
     del W
     W, row_loss, damp = sweep_columns(WT, H, quantizer, blocksize=blocksize, percdamp=percdamp, perm=perm, mask=mask,
