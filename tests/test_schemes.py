@@ -62,6 +62,9 @@ def test_quantize_load_simulates_the_scheme(tiny_folder, tmp_path, calib_file, a
     assert len(layers) == recipe["quantized_layers"] == 7 * len(get_blocks(model))
     assert all(m.codes.dtype == codes and m.act.kind == kind for m in layers)
     assert all((m.act.static_scale is not None) == static for m in layers)
+    gptq = "gptq" in args
+    assert bool(recipe["layer_loss"]) == gptq and len(recipe["layer_loss"]) in (
+        0, len(layers))  # fmt: skip
     if static:
         down = get_blocks(model)[0].mlp.down_proj
         assert down.act.static_scale == scheme["input_scales"]["model.layers.0.mlp.down_proj"]

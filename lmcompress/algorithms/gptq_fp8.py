@@ -50,6 +50,7 @@ class FP8GPTQResult:
     fp8: FP8Weight
     loss: float  # Σ over columns of ½ Σ (w − q)² / U_jj², as gptq.GPTQResult
     damping: float
+    row_loss: torch.Tensor  # the loss per output row, [out]
 
 
 def gptq_fp8(
@@ -79,4 +80,4 @@ def gptq_fp8(
     del W
     W, row_loss, damp = sweep_columns(WT, H, quantizer, blocksize=blocksize, percdamp=percdamp, perm=perm, mask=mask,
                                       layer=layer, overwrite=own)  # fmt: skip
-    return FP8GPTQResult(weight=W, fp8=quantizer.result(), loss=float(row_loss.sum()), damping=damp)
+    return FP8GPTQResult(W, quantizer.result(), float(row_loss.sum()), damp, row_loss)

@@ -429,11 +429,12 @@ def quantize(
     if config.smooths:
         smoothing = smooth_model(model, config.smooth_config(), calib, device=device, progress=progress)
     if config.scheme == "fp8":  # FP8 weights per channel, static input scales from the calibration windows
-        fp8, input_scales = fp8_quantize(model, config, calib, device=device, progress=progress)
+        layer_loss: dict[str, float] = {}
+        fp8, input_scales = fp8_quantize(model, config, calib, device=device, progress=progress, layer_loss=layer_loss)
         return QuantReport(
             config=config.to_dict(),
             quantized={},
-            layer_loss={},
+            layer_loss=layer_loss,
             weights=sum(w.codes.numel() for w in fp8.values()),
             wall_time_s=time.perf_counter() - start,
             smoothing=None if smoothing is None else smoothing.recipe_fields(),

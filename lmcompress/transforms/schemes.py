@@ -128,13 +128,19 @@ def _swap(block: nn.Module, layers: dict[str, nn.Module], new: dict[str, nn.Modu
 
 @torch.no_grad()
 def fp8_quantize(
-    model: nn.Module, config, calib: torch.Tensor | None, *, device: torch.device, progress: bool = True
+    model: nn.Module,
+    config,
+    calib: torch.Tensor | None,
+    *,
+    device: torch.device,
+    progress: bool = True,
+    layer_loss: dict[str, float] | None = None,
 ) -> tuple[dict[str, FP8Weight], dict[str, float]]:
     """Quantize the blocks' linear layers to FP8 E4M3 per output channel, in place (each keeps its dequantized
     weight), by round to nearest or (``config.method == "gptq"``) by GPTQ on the FP8 grid
     (:func:`~lmcompress.algorithms.gptq_fp8.gptq_fp8`, the layers that read one input solved together). Returns
     ``(weights, input_scales)``: the FP8 codes and scales by parameter name, and (static activations) each layer's
-    input scale by module name.
+    input scale by module name. GPTQ's loss estimate of each layer goes into ``layer_loss`` by module name.
 
     With calibration data the blocks are walked in order: each block reads the outputs of the blocks before it
     run as the scheme runs them (FP8 weights, inputs quantized statically or per token); GPTQ's Hessians are
@@ -176,10 +182,11 @@ def fp8_quantize(
         )
         row = 0
         for name in group:
-            rows = weight_matrix(layers[name]).shape[0]
-            part = FP8Weight(solved.fp8.codes[row : row + rows], solved.fp8.scale[row : row + rows])
-            store(i, name, layers[name], part)
-            row += rows
+            end = row + weight_matrix(layers[name]).shape[0]
+            store(i, name, layers[name], FP8Weight(solved.fp8.codes[row:end], solved.fp8.scale[row:end]))
+            if layer_loss is not None:
+                layer_loss[f"{prefix}.{i}.{name}"] = solved.row_loss[row:end].sum().item()
+            row = end
 
     def solve_weights(i: int, block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module]) -> None:
         """GPTQ per group of layers reading one input; ``in_block`` sequential: each group's Hessian is collected
