@@ -123,8 +123,6 @@ def quantize(
         lmcompress quantize ./llama --method gptq --gguf-mix q4_k_m -o llama-q4km   # export --type q4_k_m
 
         lmcompress quantize ./llama --scheme w8a8 --smoothquant auto --method gptq -o llama-w8a8   # for vLLM
-
-        lmcompress quantize ./llama --scheme fp8 --dynamic --method gptq -o llama-fp8   # FP8 weights by GPTQ
     """
     from lmcompress.jobs import quantize_pretrained
     from lmcompress.transforms.quantize import QuantConfig
