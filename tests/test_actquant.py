@@ -101,7 +101,7 @@ def test_bad_schemes(kwargs, match):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None, reason="compressed-tensors not installed")
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("kind", ["int8", "fp8", "int8_asym"])
 def test_equal_to_compressed_tensors(kind):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -110,13 +110,35 @@ def test_equal_to_compressed_tensors(kind):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 16, generator=gen) * torch.linspace(0.1, 10, 16)
     w = torch.randn(8, 16, generator=gen)
+    symmetric = kind != "int8_asym"
+    kind = kind.removesuffix("_asym")
+    x = x if symmetric else x + 2.0  # tokens leaning to one sign
     typ = QuantizationType.INT if kind == "int8" else QuantizationType.FLOAT
     wargs = QuantizationArgs(num_bits=8, type=typ, strategy=QuantizationStrategy.CHANNEL, symmetric=True)
     scale, zero = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), wargs)
     assert torch.equal(aq.dequantize(*aq.weight_scheme_quantize(w, kind)), fake_quantize(w, scale, zero, wargs))
-    xargs = QuantizationArgs(num_bits=8, type=typ, strategy=QuantizationStrategy.TOKEN, symmetric=True, dynamic=True)
+    xargs = QuantizationArgs(
+        num_bits=8, type=typ, strategy=QuantizationStrategy.TOKEN, symmetric=symmetric, dynamic=True
+    )
     scale, zero = compute_dynamic_scales_and_zp(x, xargs, torch.nn.Linear(16, 8))
-    assert torch.equal(aq.ActScheme(kind).fake_quantize(x), fake_quantize(x, scale, zero, xargs))
+    ours = aq.ActScheme(kind, symmetric=symmetric).fake_quantize(x)
+    assert torch.equal(ours, fake_quantize(x, scale, zero, xargs))
+
+
+def test_asymmetric_int8_by_hand():
+    """Per token: the range widened to hold 0, s = (hi − lo) / 255, z = round(−128 − lo / s); a token of one sign
+    gets a finer step than the symmetric grid's, and its error stays within half a step."""
+    x = torch.tensor([[0.5, 1.0, 2.0, 4.0], [-3.0, -1.0, 1.0, 2.1]])
+    codes, scale, zero = aq.quantize_per_token_int8_asym(x)
+    assert torch.allclose(scale.squeeze(1), torch.tensor([4.0 / 255, 5.1 / 255]))  # row 0: lo = 0, not 0.5
+    assert zero.squeeze(1).tolist() == [-128.0, round(-128 + 3.0 / (5.1 / 255))]
+    assert codes[0].tolist()[-1] == 127 and codes.dtype == torch.int8
+    fake = aq.ActScheme("int8", symmetric=False).fake_quantize(x)
+    assert torch.equal(fake, (codes.float() - zero) * scale)
+    assert float((fake - x).abs().max()) <= float(scale.max()) / 2 + 1e-6
+    sym_step = 4.0 / 127.5
+    assert float(scale[0]) < 0.55 * sym_step  # a one-signed token: about twice the resolution
+    assert torch.equal(aq.ActScheme("int8", symmetric=False).fake_quantize(torch.zeros(1, 4)), torch.zeros(1, 4))
 
 
 def w8a8_error(model, ids, dense) -> float:

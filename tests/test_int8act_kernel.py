@@ -124,3 +124,23 @@ def test_bfloat16_input_keeps_its_dtype():
     y = Int8ActLinear.from_act_quant(sim)(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, sim(x), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("path_", ["int_mm", "float64"])
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_asymmetric_activations_equal_the_simulated_layer(monkeypatch, path_, tokens):
+    """A zero point per token: the integer product with the zero point taken out equals the simulated layer."""
+    if path_ == "float64":
+        monkeypatch.setitem(int8act._STATE, "int_mm", False)
+    gen = torch.Generator().manual_seed(tokens)
+    weight, bias = torch.randn(40, 96, generator=gen), torch.randn(40, generator=gen)
+    sim = aq.ActQuantLinear.from_weight(weight, bias, aq.ActScheme("int8", symmetric=False))
+    layer = Int8ActLinear.from_act_quant(sim)
+    x = torch.randn(tokens, 96, generator=gen) + 3.0  # tokens leaning to one sign: the zero point matters
+    q, s, z = aq.quantize_per_token_int8_asym(x)
+    exact = ((q.double() - z.double()) @ sim.codes.double().t()) * s.double() * sim.weight_scale.double().t() + bias
+    mag = ((q.double() - z.double()).abs() * s.double()) @ (sim.codes.double().abs() * sim.weight_scale.double()).t()
+    y = layer(x)
+    assert float(((y.double() - exact).abs() / mag).max()) < 1e-6
+    assert float(((y - sim(x)).abs() / mag).max()) < 1e-5
+    assert "zero point per token" in repr(layer)

@@ -33,6 +33,7 @@ def _layers(model) -> list[aq.ActQuantLinear]:
     [
         (["--scheme", "w8a8", "--method", "rtn"], "int8", torch.int8, False),
         (["--scheme", "w8a8", "--method", "gptq"], "int8", torch.int8, False),
+        (["--scheme", "w8a8", "--method", "rtn", "--asym-activations"], "int8", torch.int8, False),
         (["--scheme", "fp8"], "fp8", torch.float8_e4m3fn, True),
         (["--scheme", "fp8", "--dynamic"], "fp8", torch.float8_e4m3fn, False),
         (["--scheme", "fp8", "--method", "gptq"], "fp8", torch.float8_e4m3fn, True),
@@ -62,6 +63,8 @@ def test_quantize_load_simulates_the_scheme(tiny_folder, tmp_path, calib_file, a
     assert len(layers) == recipe["quantized_layers"] == 7 * len(get_blocks(model))
     assert all(m.codes.dtype == codes and m.act.kind == kind for m in layers)
     assert all((m.act.static_scale is not None) == static for m in layers)
+    asym = "--asym-activations" in args
+    assert scheme["activations_symmetric"] is not asym and all(m.act.symmetric is not asym for m in layers)
     gptq = "gptq" in args
     assert bool(recipe["layer_loss"]) == gptq and len(recipe["layer_loss"]) in (
         0, len(layers))  # fmt: skip
@@ -116,6 +119,8 @@ def test_info_shows_the_scheme(tiny_folder, tmp_path, capsys):
         (["--scheme", "w8a8", "--asym"], "symmetric"),
         (["--scheme", "w8a8", "--include-head"], "head"),
         (["--dynamic"], "fp8"),
+        (["--asym-activations"], "scheme w8a8"),
+        (["--scheme", "fp8", "--dynamic", "--asym-activations"], "scheme w8a8"),
         (["--scheme", "fp8", "--dynamic", "--nsamples", "4"], "--nsamples"),
     ],
 )
@@ -152,6 +157,7 @@ def test_fp8_on_cpu_is_simulated(tiny_folder, tmp_path):
         ["--scheme", "fp8"],
         ["--scheme", "fp8", "--dynamic"],
         ["--scheme", "fp8", "--dynamic", "--method", "gptq"],
+        ["--scheme", "w8a8", "--method", "rtn", "--asym-activations"],
     ],
 )
 def test_compressed_tensors_export_loads_with_the_same_logits(tiny_folder, tmp_path, calib_file, args):
@@ -172,6 +178,7 @@ def test_compressed_tensors_export_loads_with_the_same_logits(tiny_folder, tmp_p
     assert group["weights"]["strategy"] == "channel" and group["weights"]["num_bits"] == 8
     assert group["input_activations"]["strategy"] == ("tensor" if static else "token")
     assert group["input_activations"]["dynamic"] is (not static)
+    assert group["input_activations"]["symmetric"] is ("--asym-activations" not in args)
     assert group["weights"]["type"] == group["input_activations"]["type"] == ("int" if "w8a8" in args else "float")
     assert json.loads((ct / RECIPE_FILE).read_text())["export"]["codes_changed"] == 0
     model, _ = load(q)

@@ -1,12 +1,17 @@
 """Weight-and-activation quantization (W8A8 int8, FP8 E4M3), simulated as the exported checkpoint computes it.
 
-Every scale is symmetric (no zero point) and follows compressed-tensors' convention, so that the simulated
-model equals the one transformers / vLLM load from a compressed-tensors export:
+Scales follow compressed-tensors' convention, so that the simulated model equals the one transformers / vLLM
+load from a compressed-tensors export. Weights are symmetric (no zero point); int8 activations are symmetric
+by default, or asymmetric per token (a zero point per token, vLLM's "azp" int8 kernels):
 
 * **int8**: ``s = max|x| / 127.5`` over the scaled set (an output row of a weight; one token of an
   activation), code ``q = round(clamp(x / s, −128, 127))`` (round half to even), value ``q·s``. The largest
   magnitude lands on ±127.5, so a positive extreme is clipped to ``127·s`` and a negative one rounds to −128.
   (vLLM's own dynamic per-token kernel divides by 127 instead: ``divisor=127`` reproduces it.)
+* **int8, asymmetric** (activations only): the token's range widened to hold 0, ``lo = min(min x, 0)``,
+  ``hi = max(max x, 0)``; ``s = (hi − lo) / 255``, zero point ``z = round(clamp(−128 − lo / s, −128, 127))``,
+  code ``q = round(clamp(x / s + z, −128, 127))``, value ``(q − z)·s``. A token whose values are all of one sign
+  (after a norm, a few channels of large fixed sign) gets up to twice the resolution of the symmetric grid.
 * **FP8 E4M3** (``torch.float8_e4m3fn``: 4 exponent bits, 3 mantissa bits, no infinities, largest finite
   ±448, smallest normal 2⁻⁶, subnormals down to 2⁻⁹): ``s = max|x| / 448``, value ``fp8(clamp(x / s, ±448))·s``
   with round-to-nearest-even in the cast. The cast is plain PyTorch and runs on any CPU; no FP8 hardware is
@@ -56,6 +61,18 @@ def quantize_per_token_int8(x: torch.Tensor, divisor: float = INT8_DIVISOR) -> t
     """Dynamic symmetric int8 per token (the last dimension is the features): ``(codes int8, scale [..., 1])``."""
     scale = absmax_scale(x, -1, divisor)
     return int8_codes(x, scale), scale
+
+
+def quantize_per_token_int8_asym(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dynamic asymmetric int8 per token (module docstring): ``(codes int8, scale [..., 1], zero [..., 1])``, the
+    zero point integer-valued in float32; the value is ``(codes − zero) · scale``."""
+    x = x.float()
+    lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0.0)
+    hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0.0)
+    scale = torch.clamp((hi - lo) / 255.0, min=_TINY)
+    zero = torch.round(torch.clamp(-128.0 - lo / scale, -128, 127))
+    codes = torch.round(torch.clamp(x / scale + zero, -128, 127)).to(torch.int8)
+    return codes, scale, zero
 
 
 def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,21 +127,28 @@ class ActScheme:
 
     ``kind``: ``"int8"`` (per token, dynamic) or ``"fp8"``; for FP8 ``static_scale`` given means one
     per-tensor scale calibrated beforehand (``max|x| / 448`` over the calibration data), None means per token,
-    dynamic. ``divisor`` is the int8 scale's divisor (see the module docstring).
+    dynamic. ``divisor`` is the symmetric int8 scale's divisor; ``symmetric=False``: int8 per token with a zero
+    point (see the module docstring).
     """
 
     kind: str = "int8"
     static_scale: float | None = None
     divisor: float = INT8_DIVISOR
+    symmetric: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in ("int8", "fp8"):
             raise UserError(f"activation quantization must be int8 or fp8, got {self.kind!r}")
         if self.static_scale is not None and (self.kind != "fp8" or not self.static_scale > 0):
             raise UserError("a static activation scale must be positive and is supported for fp8 only")
+        if not self.symmetric and self.kind != "int8":
+            raise UserError("asymmetric activations (a zero point per token) are supported for int8 only")
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` quantized and dequantized as the deployed kernel sees it (float32)."""
+        if self.kind == "int8" and not self.symmetric:
+            codes, scale, zero = quantize_per_token_int8_asym(x)
+            return (codes.float() - zero) * scale
         if self.kind == "int8":
             return dequantize(*quantize_per_token_int8(x, self.divisor))
         if self.static_scale is None:
@@ -201,6 +225,7 @@ class ActQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         static = "" if self.act.static_scale is None else f", static_scale={self.act.static_scale:.4g}"
+        static += "" if self.act.symmetric else ", asymmetric"
         return f"in={self.in_features}, out={self.out_features}, weight={self.codes.dtype}, act={self.act.kind}{static}"
 
 

@@ -255,11 +255,13 @@ def _count_code_mismatches(modules: dict) -> int:
 
 def _scheme_args(scheme: dict) -> tuple[str, dict, dict]:
     """compressed-tensors' format and the weight / input-activation arguments of a W8A8 or FP8 scheme: weights
-    per output channel; int8 inputs per token, dynamic; FP8 inputs per tensor, static, or per token, dynamic."""
+    per output channel; int8 inputs per token, dynamic (symmetric, or with a zero point per token); FP8 inputs per
+    tensor, static, or per token, dynamic."""
     kind = "int" if scheme["name"] == "w8a8" else "float"
     weights = {"num_bits": 8, "type": kind, "symmetric": True, "strategy": "channel", "dynamic": False}
     static = "static" in scheme["activations"]
-    inputs = {"num_bits": 8, "type": kind, "symmetric": True, "strategy": "tensor" if static else "token"}
+    symmetric = scheme.get("activations_symmetric", True) is not False
+    inputs = {"num_bits": 8, "type": kind, "symmetric": symmetric, "strategy": "tensor" if static else "token"}
     inputs["dynamic"] = not static
     return f"{kind}-quantized", weights, inputs
 

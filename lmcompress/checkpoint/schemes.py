@@ -35,7 +35,7 @@ def recipe_scheme(recipe: dict | None, folder: str | Path = "") -> dict | None:
 def layer_act(scheme: dict, module_name: str) -> ActScheme:
     """How the layer ``module_name`` of a scheme folder quantizes its input."""
     if scheme["name"] == "w8a8":
-        return ActScheme("int8")
+        return ActScheme("int8", symmetric=scheme.get("activations_symmetric", True) is not False)
     scales = scheme.get("input_scales") or {}
     if "static" in scheme.get("activations", "") and module_name not in scales:
         raise UserError(f"the scheme has no static input scale for {module_name}; the folder is damaged")

@@ -98,6 +98,12 @@ def quantize(
     dynamic: bool = typer.Option(
         False, "--dynamic", help="With --scheme fp8: per-token activation scales computed at run time (no calibration)."
     ),
+    asym_activations: bool = typer.Option(
+        False,
+        "--asym-activations",
+        help="With --scheme w8a8: int8 activations with a zero point per token (asymmetric; vLLM's azp kernels). "
+        "Up to twice the resolution for tokens whose values lean to one sign.",
+    ),
     device: str = options.DEVICE,
     dtype: str = options.DTYPE,
     overwrite: bool = options.OVERWRITE,
@@ -172,6 +178,7 @@ def quantize(
         smoothquant=smoothquant,
         awq=awq,
         scheme=scheme,
+        asym_activations=asym_activations,
         dynamic=dynamic,
     )
     report = quantize_pretrained(

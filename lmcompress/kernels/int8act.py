@@ -8,7 +8,10 @@ computes; :class:`Int8ActLinear` computes it with integers. For an input row (to
 
 with the weight's int8 codes ``q_W`` and per-row scales ``s_W`` as stored. The codes and scales of ``x`` are
 those of ``ActScheme("int8").fake_quantize`` (same float32 operations); the sum is an exact int32 (``|q| ≤ 128``,
-``K < 2¹⁷``), so the output differs from the simulated float32 one by float rounding only.
+``K < 2¹⁷``), so the output differs from the simulated float32 one by float rounding only. With asymmetric
+activations (a zero point ``z_x`` per token, ``ActScheme(symmetric=False)``; codes of
+:func:`~lmcompress.algorithms.actquant.quantize_per_token_int8_asym`) the zero point is taken out after the
+product, ``y[n] = (Σ_k q_x[k] · q_W[n, k] − z_x · Σ_k q_W[n, k]) · s_x · s_W[n] + b[n]``, the correction in int64.
 
 What runs it (:func:`int8_path`):
 
@@ -29,7 +32,7 @@ import logging
 import torch
 from torch import nn
 
-from lmcompress.algorithms.actquant import ActQuantLinear, quantize_per_token_int8
+from lmcompress.algorithms.actquant import ActQuantLinear, quantize_per_token_int8, quantize_per_token_int8_asym
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +78,17 @@ class Int8ActLinear(nn.Module):
     """``y = (q_x · q_Wᵀ) · s_x[token] · s_W[row] + b`` with an exact int32 product (module docstring).
 
     ``codes``: int8 ``[out, in]``; ``weight_scale``: ``[out, 1]`` (or ``[out]``); ``divisor``: the activation
-    scale's divisor (``ActScheme.divisor``). Inputs of any leading shape and float dtype; the output has the
-    input's dtype, as :class:`ActQuantLinear`'s does.
+    scale's divisor (``ActScheme.divisor``); ``symmetric=False``: activations with a zero point per token. Inputs
+    of any leading shape and float dtype; the output has the input's dtype, as :class:`ActQuantLinear`'s does.
     """
 
     def __init__(
-        self, codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, divisor: float
+        self,
+        codes: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        divisor: float,
+        symmetric: bool = True,
     ) -> None:
         super().__init__()
         if codes.dtype != torch.int8 or codes.dim() != 2:
@@ -93,16 +101,22 @@ class Int8ActLinear(nn.Module):
         b = None if bias is None else bias.detach().float().reshape(-1).cpu().contiguous()
         self.register_buffer("bias", b)
         self.divisor = float(divisor)
+        self.symmetric = symmetric
+        # Σ_k q_W[n, k] per output row: the zero point's share of the product (asymmetric activations)
+        self.register_buffer("code_sums", None if symmetric else self.codes.long().sum(1))
 
     @classmethod
     def from_act_quant(cls, m: ActQuantLinear) -> Int8ActLinear:
         """The same layer as an int8 :class:`ActQuantLinear` (int8 weight codes, int8 activations)."""
         if m.act.kind != "int8" or m.codes.dtype != torch.int8:
             raise ValueError(f"only int8 weights with int8 activations run as int8, got {m.codes.dtype} / {m.act.kind}")
-        return cls(m.codes, m.weight_scale, m.bias, m.act.divisor)
+        return cls(m.codes, m.weight_scale, m.bias, m.act.divisor, m.act.symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
+        if not self.symmetric:
+            y = self._asymmetric(x2)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         ext = _extension()
         if ext is not None and (x2.shape[0] <= DECODE_ROWS or not _int_mm_works()):
             y = ext.int8_gemv(x2, self.codes, self.weight_scale, self.bias, self.divisor)  # quantize, dot, scale
@@ -123,8 +137,22 @@ class Int8ActLinear(nn.Module):
                     y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def _asymmetric(self, x2: torch.Tensor) -> torch.Tensor:
+        """``[tokens, in]`` → ``[tokens, out]`` with a zero point per token (PyTorch's ops; the fused
+        quantize / rescale of lmcompress's extension are symmetric only)."""
+        q, sx, zx = quantize_per_token_int8_asym(x2)
+        if _int_mm_works():
+            acc = torch._int_mm(q, self.codes.t()).long()
+        else:  # exact: |Σ| < 2⁵³
+            acc = (q.double() @ self.codes.double().t()).long()
+        acc = acc - zx.long() * self.code_sums
+        y = acc.float() * sx * self.weight_scale
+        return y if self.bias is None else y + self.bias
+
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, int8 x int8 -> int32"
+        zero = "" if self.symmetric else ", zero point per token"
+        bias = self.bias is not None
+        return f"in={self.in_features}, out={self.out_features}, bias={bias}, int8 x int8 -> int32{zero}"
 
 
 def swap_act_quant_linears(model: nn.Module) -> dict[str, str]:

@@ -110,6 +110,8 @@ class QuantConfig:
     # token, dynamic) or "fp8" (E4M3 weights per channel, activations per tensor static, or per token if dynamic)
     scheme: str | None = None
     dynamic: bool = False
+    # scheme w8a8: activations asymmetric per token (a zero point per token; vLLM's azp int8 kernels)
+    asym_activations: bool = False
 
     def __post_init__(self) -> None:
         scheme_defaults(self)
@@ -136,7 +138,8 @@ class QuantConfig:
     def smooth_config(self) -> SmoothConfig:
         """The :class:`~lmcompress.transforms.smooth.SmoothConfig` of ``smoothquant`` / ``awq``: AWQ searched
         on this config's weight grid, SmoothQuant on the activation kind of the scheme (int8 unless fp8)."""
-        act = "fp8" if getattr(self, "scheme", None) == "fp8" else "int8"
+        scheme = getattr(self, "scheme", None)
+        act = "fp8" if scheme == "fp8" else "int8_asym" if getattr(self, "asym_activations", False) else "int8"
         return SmoothConfig(
             alpha=self.smoothquant, act=act, awq=self.awq, awq_grid=self.awq_grid, weight_spec=self.spec
         )

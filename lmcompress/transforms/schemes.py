@@ -62,6 +62,12 @@ def check_scheme_grid(scheme: str, bits: int, group_size: int) -> None:
 def check_scheme(config) -> None:
     """UserError for a scheme a :class:`QuantConfig` cannot run, naming the option that conflicts."""
     scheme = config.scheme
+    if config.asym_activations and scheme != "w8a8":
+        raise UserError(
+            "asym_activations applies to scheme w8a8 (int8 activations with a zero point per token): give scheme "
+            "w8a8, or drop asym_activations",
+            param=("asym_activations", "scheme"),
+        )
     if scheme is None:
         if config.dynamic:
             raise UserError(
@@ -84,19 +90,15 @@ def check_scheme(config) -> None:
         )
 
 
-def act_scheme(scheme: str, static_scale: float | None = None) -> ActScheme:
-    """How a layer of ``scheme`` quantizes its input (``static_scale``: an FP8 layer's calibrated scale)."""
-    return ActScheme("int8") if scheme == "w8a8" else ActScheme("fp8", static_scale=static_scale)
-
-
 def scheme_fields(config: dict, input_scales: dict[str, float]) -> dict:
     """The recipe's ``scheme`` entry (nothing without a scheme): name, weight and activation quantization, and
     the static per-tensor input scales by layer (FP8 static)."""
     scheme = config.get("scheme")
     if scheme is None:
         return {}
+    symmetric = not config.get("asym_activations")
     if scheme == "w8a8":
-        activations = "int8 per token, dynamic"
+        activations = "int8 per token, dynamic" + ("" if symmetric else ", asymmetric (zero point per token)")
     else:
         activations = "fp8_e4m3 per token, dynamic" if config.get("dynamic") else "fp8_e4m3 per tensor, static"
     return {
@@ -104,6 +106,7 @@ def scheme_fields(config: dict, input_scales: dict[str, float]) -> dict:
             "name": scheme,
             "weights": WEIGHTS[scheme],
             "activations": activations,
+            "activations_symmetric": symmetric,
             "input_scales": dict(input_scales),
         }
     }

@@ -53,7 +53,7 @@ from lmcompress.models.smoothing import (
 
 log = logging.getLogger(__name__)
 
-ACT_KINDS = ("int8", "fp8")
+ACT_KINDS = ("int8", "int8_asym", "fp8")  # int8_asym: int8 with a zero point per token
 ALPHA_SEARCHES = {"golden": search_golden, "grid": search_grid}
 
 
@@ -79,7 +79,8 @@ class SmoothConfig:
     """What :func:`smooth_model` does. ``alpha``: SmoothQuant's α (a number in [0, 1], ``"auto"`` to search it
     per block on ``alpha_grid`` points, or None: no SmoothQuant); ``alpha_search``: how ``"auto"`` searches the
     grid (``golden``: Fibonacci search, about ``log_φ`` of the points in trials; ``grid``: every point); ``act``:
-    how the search quantizes activations and weights (``int8``: W8A8 int8, ``fp8``: FP8 E4M3 per token). ``awq``:
+    how the search quantizes activations and weights (``int8``: W8A8 int8, ``int8_asym``: with a zero point per
+    token, ``fp8``: FP8 E4M3 per token). ``awq``:
     AWQ with ``awq_grid`` exponents in [0, 1], searched with round to nearest on ``weight_spec``. The searches run
     on the first calibration windows holding ``search_tokens`` tokens (at least one window)."""
 
@@ -248,7 +249,7 @@ def smooth_model(
     prefix = blocks_path(model)
     windows = max(1, min(calib.shape[0], math.ceil(config.search_tokens / calib.shape[1])))
     report.search_windows = windows
-    act = ActScheme(config.act)
+    act = ActScheme("int8", symmetric=False) if config.act == "int8_asym" else ActScheme(config.act)
 
     def visit(i: int, block: nn.Module, inputs: BlockInputs) -> bool:
         groups = block_groups(block, model.config, f"{prefix}.{i}")
