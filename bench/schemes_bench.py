@@ -45,8 +45,10 @@ ROWS: list[tuple[str, dict]] = [  # name → QuantConfig fields (empty: the dens
     ("AWQ + RTN 4-bit g128", {"method": "rtn", "bits": 4, "group_size": 128, "awq": True}),
     ("W8A8 GPTQ", {"method": "gptq", "scheme": "w8a8"}),
     ("W8A8 RTN, asymmetric activations", {"method": "rtn", "scheme": "w8a8", "asym_activations": True}),
-    ("W8A8 RTN + SmoothQuant auto, asymmetric activations",
-     {"method": "rtn", "scheme": "w8a8", "asym_activations": True, "smoothquant": "auto"}),
+    (
+        "W8A8 RTN + SmoothQuant auto, asymmetric activations",
+        {"method": "rtn", "scheme": "w8a8", "asym_activations": True, "smoothquant": "auto"},
+    ),
     ("FP8 dynamic GPTQ", {"method": "gptq", "scheme": "fp8", "dynamic": True}),
     ("FP8 static GPTQ", {"method": "gptq", "scheme": "fp8"}),
 ]
@@ -62,7 +64,8 @@ def checks(by: dict[str, dict]) -> dict[str, dict]:
                  "FP8 static", "FP8 dynamic", "FP8 dynamic + SmoothQuant 0.5",
                  "FP8 static + SmoothQuant 0.5", "FP8 dynamic + SmoothQuant auto",
                  "FP8 static + SmoothQuant auto", "FP8 dynamic GPTQ", "FP8 static GPTQ",
-                 "W8A8 RTN, asymmetric activations", "W8A8 RTN + SmoothQuant auto, asymmetric activations"):  # fmt: skip
+                 "W8A8 RTN, asymmetric activations",
+                 "W8A8 RTN + SmoothQuant auto, asymmetric activations"):  # fmt: skip
         if name in by:
             r = by[name]
             out[name] = {
