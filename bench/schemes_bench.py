@@ -44,9 +44,9 @@ ROWS: list[tuple[str, dict]] = [  # name → QuantConfig fields (empty: the dens
     ("RTN 4-bit g128", {"method": "rtn", "bits": 4, "group_size": 128}),
     ("AWQ + RTN 4-bit g128", {"method": "rtn", "bits": 4, "group_size": 128, "awq": True}),
     ("W8A8 GPTQ", {"method": "gptq", "scheme": "w8a8"}),
-    ("W8A8 RTN, asymmetric activations", {"method": "rtn", "scheme": "w8a8", "asym_activations": True}),
+    ("W8A8 RTN (asymmetric activations)", {"method": "rtn", "scheme": "w8a8", "asym_activations": True}),
     (
-        "W8A8 RTN + SmoothQuant auto, asymmetric activations",
+        "W8A8 RTN + SmoothQuant auto (asymmetric activations)",
         {"method": "rtn", "scheme": "w8a8", "asym_activations": True, "smoothquant": "auto"},
     ),
     ("FP8 dynamic GPTQ", {"method": "gptq", "scheme": "fp8", "dynamic": True}),
@@ -64,8 +64,8 @@ def checks(by: dict[str, dict]) -> dict[str, dict]:
                  "FP8 static", "FP8 dynamic", "FP8 dynamic + SmoothQuant 0.5",
                  "FP8 static + SmoothQuant 0.5", "FP8 dynamic + SmoothQuant auto",
                  "FP8 static + SmoothQuant auto", "FP8 dynamic GPTQ", "FP8 static GPTQ",
-                 "W8A8 RTN, asymmetric activations",
-                 "W8A8 RTN + SmoothQuant auto, asymmetric activations"):  # fmt: skip
+                 "W8A8 RTN (asymmetric activations)",
+                 "W8A8 RTN + SmoothQuant auto (asymmetric activations)"):  # fmt: skip
         if name in by:
             r = by[name]
             out[name] = {
@@ -152,6 +152,9 @@ def main() -> None:
     work = CACHE / "schemes_bench" / Path(args.model).name
     work.mkdir(parents=True, exist_ok=True)
     wanted = None if args.rows is None else [w.strip() for w in args.rows.split(",")]
+    names = [name for name, _ in ROWS]
+    if wanted is not None:  # a name selects its row; otherwise it is a prefix of the rows it selects
+        wanted = [n for w in wanted for n in ([w] if w in names else [n for n in names if n.startswith(w)])]
     job_options = {
         "calib_data": str(wikitext("valid")),
         "nsamples": args.nsamples,
@@ -161,7 +164,7 @@ def main() -> None:
     }
     results, table = [], []
     for name, fields in ROWS:
-        if wanted is not None and not any(name == w or name.startswith(w) for w in wanted):
+        if wanted is not None and name not in wanted:
             continue
         row: dict = {"name": name, "config": fields}
         if not fields:
