@@ -202,14 +202,15 @@ def quantize(
             layout += f", SmoothQuant α={config.smoothquant}"
         layout += ", AWQ" if config.awq else ""
         if config.scheme is not None:
-            layout = f"{config.scheme} scheme: {layout}, activations " + (
-                "int8 per token" if config.scheme == "w8a8" else "fp8 per token" if config.dynamic else "fp8 static"
-            )
+            acts = "int8 per token" if config.scheme == "w8a8" else "fp8 per token" if config.dynamic else "fp8 static"
+            acts += " with a zero point" if config.asym_activations else ""
+            layout = f"{config.scheme} scheme: weights {layout}, activations {acts}"
         if config.include_head:
             head = "per channel" if config.head_group_size == -1 else f"group {config.head_group_size}"
             layout += f"; head {config.head_bits} bits {head}"
         typer.echo(
-            f"quantized {model} with {config.method} to {config.bits} bits ({layout}, "
-            f"{'sym' if config.sym else 'asym'}), {len(report.quantized) + len(report.fp8)} layers, "
+            f"quantized {model} with {config.method} to {config.bits} bits ({layout}"
+            f"{'' if config.scheme else ', sym' if config.sym else ', asym'}), "
+            f"{len(report.quantized) + len(report.fp8)} layers, "
             f"~{report.nominal_bits_per_weight:.2f} bits/weight with grids, in {report.wall_time_s:.1f}s → {output}"
         )
