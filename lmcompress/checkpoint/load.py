@@ -393,7 +393,7 @@ def _install_scheme(model: nn.Module, scheme: dict, quantized: dict, fp8: dict, 
                 report.swapped[name] = how
                 report.dense.pop(f"{name}.weight", None)
         if report.swapped:
-            report.note = f"{scheme['name']}: int8 activations per token, dynamic"
+            report.note = f"{scheme['name']}: {scheme['activations']}"
     setattr(model, REPORT_ATTR, report)
 
 

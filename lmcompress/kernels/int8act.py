@@ -62,16 +62,19 @@ def _extension():
     return ext if ext is not None and hasattr(ext, "int8_gemv") else None
 
 
-def int8_path() -> str:
-    """What runs the int8 × int8 product of :class:`Int8ActLinear` on this machine, in words."""
+def int8_path(symmetric: bool = True) -> str:
+    """What runs the int8 × int8 product of :class:`Int8ActLinear` on this machine (``symmetric``: activations
+    without a zero point), in words."""
     ext = _extension()
     fused = "lmcompress's fused quantize/rescale" if ext is not None else "PyTorch elementwise quantize/rescale"
+    if not symmetric:
+        fused = "PyTorch elementwise quantize/rescale with a zero point per token"
     if _int_mm_works():
         own = f" (up to {DECODE_ROWS} tokens: lmcompress's fused AVX2 int8 gemv)" if ext and DECODE_ROWS > 0 else ""
         return f"torch._int_mm int8 GEMM{own}, {fused}"
-    if ext is not None:
+    if ext is not None and symmetric:
         return f"lmcompress AVX2 int8 kernel (madd_epi16, int32), {fused}"
-    return "int8 codes multiplied in float64 (exact; no int8 kernel here), PyTorch elementwise quantize/rescale"
+    return f"int8 codes multiplied in float64 (exact; no int8 kernel here), {fused}"
 
 
 class Int8ActLinear(nn.Module):
@@ -162,7 +165,7 @@ def swap_act_quant_linears(model: nn.Module) -> dict[str, str]:
     weights or activations) why they stay simulated in float32.
     """
     report: dict[str, str] = {}
-    path = int8_path()
+    paths = {sym: int8_path(sym) for sym in (True, False)}
     for name, module in list(model.named_modules()):
         if not isinstance(module, ActQuantLinear) or not name:
             continue
@@ -176,7 +179,7 @@ def swap_act_quant_linears(model: nn.Module) -> dict[str, str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Int8ActLinear.from_act_quant(module))
-        report[name] = path
+        report[name] = paths[module.act.symmetric]
     return report
 
 
