@@ -129,6 +129,73 @@ def _swap(block: nn.Module, layers: dict[str, nn.Module], new: dict[str, nn.Modu
     layers.update(new)
 
 
+Solved = dict[str, tuple[FP8Weight, float | None]]  # layer name → its FP8 codes and GPTQ's loss estimate (RTN: None)
+
+
+def _gptq_fp8_group(
+    layers: dict[str, nn.Module], group: list[str], stats, config, device: torch.device, prefix: str
+) -> Solved:
+    """GPTQ on the FP8 grid of the layers ``group`` (one input; its statistics ``stats``) stacked row-wise."""
+    w = torch.cat([weight_matrix(layers[name]).to(device).float() for name in group])
+    mask = (w == 0) if config.keep_zeros else None
+    solved = gptq_fp8(
+        w,
+        stats.hessian,
+        blocksize=config.blocksize,
+        percdamp=damping_fraction(config.percdamp, w.shape[1], stats.tokens),
+        act_order=config.act_order,
+        mask=mask if mask is not None and mask.any() else None,
+        layer=" + ".join(f"{prefix}.{name}" for name in group),
+        consume_hessian=True,
+    )
+    out: Solved = {}
+    row = 0
+    for name in group:
+        end = row + weight_matrix(layers[name]).shape[0]
+        codes = FP8Weight(solved.fp8.codes[row:end], solved.fp8.scale[row:end])
+        out[name] = codes, solved.row_loss[row:end].sum().item()
+        row = end
+    return out
+
+
+def _gptq_fp8_block(
+    block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], config, device: torch.device, prefix: str
+) -> Solved:
+    """GPTQ per group of layers reading one input, each group's dequantized weights set in place before the next
+    group's statistics; ``in_block`` sequential: each group's Hessian is collected after the groups before it are
+    quantized (one more pass over the windows per group), parallel: all from the float block."""
+    parallel = config.in_block == "parallel"
+    stats = collect_input_stats(block, inputs, list(layers), hessian=parallel)
+    out: Solved = {}
+    for group in shared_inputs(layers, stats):
+        own = stats[group[0]] if parallel else collect_input_stats(block, inputs, group, hessian=True)[group[0]]
+        for name, (fp8, loss) in _gptq_fp8_group(layers, group, own, config, device, prefix).items():
+            set_weight_matrix(layers[name], fp8.dequantize().to(weight_matrix(layers[name]).device))
+            out[name] = fp8, loss
+    return out
+
+
+def _run_as_scheme(
+    block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], fp8: dict[str, FP8Weight], dynamic: bool
+) -> dict[str, float]:
+    """Replace ``inputs`` by the block's outputs as the scheme computes them (FP8 weights ``fp8``, inputs per token
+    or, unless ``dynamic``, with static scales calibrated here: ``max|x| / 448`` over every token a layer reads).
+    Returns those static scales by layer name (empty when dynamic)."""
+    scales: dict[str, float] = {}
+    if not dynamic:
+        absmax = collect(block, inputs, list(layers), lambda _n, _m: _AbsMax())
+        scales = {name: static_fp8_scale(absmax[name].value) for name in layers}
+    plain = dict(layers)
+    simulated = {}
+    for name, module in plain.items():
+        w = fp8[name].to(weight_matrix(module).device)
+        simulated[name] = ActQuantLinear(w.codes, w.scale, module.bias, ActScheme("fp8", static_scale=scales.get(name)))
+    _swap(block, layers, simulated)  # the next block reads this one's outputs as the scheme computes them
+    run_block(block, inputs, keep="inplace")
+    _swap(block, layers, plain)
+    return scales
+
+
 @torch.no_grad()
 def fp8_quantize(
     model: nn.Module,
@@ -162,69 +229,30 @@ def fp8_quantize(
     input_scales: dict[str, float] = {}
     gptq = config.method == "gptq"
 
-    def store(i: int, name: str, module: nn.Module, fp8: FP8Weight) -> None:
-        set_weight_matrix(module, fp8.dequantize().to(weight_matrix(module).device))
-        weights[f"{prefix}.{i}.{name}.weight"] = fp8.to("cpu")
+    def rounded(layers: dict[str, nn.Module]) -> Solved:
+        return {name: (FP8Weight.quantize(weight_matrix(m).to(device).float()), None) for name, m in layers.items()}
 
-    def round_weights(i: int, layers: dict[str, nn.Module]) -> None:
-        for name, module in layers.items():
-            store(i, name, module, FP8Weight.quantize(weight_matrix(module).to(device).float()))
-
-    def solve(i: int, layers: dict[str, nn.Module], group: list[str], stats) -> None:
-        w = torch.cat([weight_matrix(layers[name]).to(device).float() for name in group])
-        mask = (w == 0) if config.keep_zeros else None
-        solved = gptq_fp8(
-            w,
-            stats.hessian,
-            blocksize=config.blocksize,
-            percdamp=damping_fraction(config.percdamp, w.shape[1], stats.tokens),
-            act_order=config.act_order,
-            mask=mask if mask is not None and mask.any() else None,
-            layer=" + ".join(f"{prefix}.{i}.{name}" for name in group),
-            consume_hessian=True,
-        )
-        row = 0
-        for name in group:
-            end = row + weight_matrix(layers[name]).shape[0]
-            store(i, name, layers[name], FP8Weight(solved.fp8.codes[row:end], solved.fp8.scale[row:end]))
-            if layer_loss is not None:
-                layer_loss[f"{prefix}.{i}.{name}"] = solved.row_loss[row:end].sum().item()
-            row = end
-
-    def solve_weights(i: int, block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module]) -> None:
-        """GPTQ per group of layers reading one input; ``in_block`` sequential: each group's Hessian is collected
-        after the groups before it are quantized (one more pass over the windows per group)."""
-        stats = collect_input_stats(block, inputs, list(layers), hessian=config.in_block == "parallel")
-        for group in shared_inputs(layers, stats):
-            own = stats[group[0]] if config.in_block == "parallel" else None
-            solve(i, layers, group, own or collect_input_stats(block, inputs, group, hessian=True)[group[0]])
+    def store(i: int, layers: dict[str, nn.Module], solved: Solved) -> None:
+        for name, (fp8, loss) in solved.items():
+            set_weight_matrix(layers[name], fp8.dequantize().to(weight_matrix(layers[name]).device))
+            weights[f"{prefix}.{i}.{name}.weight"] = fp8.to("cpu")
+            if loss is not None and layer_loss is not None:
+                layer_loss[f"{prefix}.{i}.{name}"] = loss
 
     if calib is None or (config.dynamic and not gptq):  # round to nearest, scaled per token: no data to read
         if gptq or not config.dynamic:
             raise UserError("GPTQ and static FP8 activation scales need calibration data (give calib_data)",
                             param="calib_data")  # fmt: skip
-        for_each_block(model, lambda i, block: round_weights(i, find_prunable(block)), desc="fp8", progress=progress)
+        for_each_block(model, lambda i, b: store(i, find_prunable(b), rounded(find_prunable(b))), desc="fp8",
+                       progress=progress)  # fmt: skip
         return weights, input_scales
 
     def visit(i: int, block: nn.Module, inputs: BlockInputs) -> bool:
         layers = find_prunable(block)
-        if gptq:
-            solve_weights(i, block, inputs, layers)
-        else:
-            round_weights(i, layers)
-        scales: dict[str, float | None] = dict.fromkeys(layers)
-        if not config.dynamic:
-            absmax = collect(block, inputs, list(layers), lambda _n, _m: _AbsMax())
-            scales = {name: static_fp8_scale(absmax[name].value) for name in layers}
-            input_scales.update({f"{prefix}.{i}.{name}": scale for name, scale in scales.items()})
-        plain = dict(layers)
-        simulated = {}
-        for name, module in plain.items():
-            w = weights[f"{prefix}.{i}.{name}.weight"].to(weight_matrix(module).device)
-            simulated[name] = ActQuantLinear(w.codes, w.scale, module.bias, ActScheme("fp8", static_scale=scales[name]))
-        _swap(block, layers, simulated)  # the next block reads this one's outputs as the scheme computes them
-        run_block(block, inputs, keep="inplace")
-        _swap(block, layers, plain)
+        solved = _gptq_fp8_block(block, inputs, layers, config, device, f"{prefix}.{i}") if gptq else rounded(layers)
+        store(i, layers, solved)
+        scales = _run_as_scheme(block, inputs, layers, {name: fp8 for name, (fp8, _) in solved.items()}, config.dynamic)
+        input_scales.update({f"{prefix}.{i}.{name}": scale for name, scale in scales.items()})
         return True
 
     desc = "fp8 gptq" if gptq else "fp8 calibration"
