@@ -229,12 +229,15 @@ def fp8_quantize(
     input_scales: dict[str, float] = {}
     gptq = config.method == "gptq"
 
-    def rounded(layers: dict[str, nn.Module]) -> Solved:
-        return {name: (FP8Weight.quantize(weight_matrix(m).to(device).float()), None) for name, m in layers.items()}
+    def rounded(layers: dict[str, nn.Module]) -> Solved:  # each layer's dequantized weight set in place
+        out: Solved = {}
+        for name, m in layers.items():
+            out[name] = FP8Weight.quantize(weight_matrix(m).to(device).float()), None
+            set_weight_matrix(m, out[name][0].dequantize().to(weight_matrix(m).device))
+        return out
 
-    def store(i: int, layers: dict[str, nn.Module], solved: Solved) -> None:
+    def store(i: int, solved: Solved) -> None:
         for name, (fp8, loss) in solved.items():
-            set_weight_matrix(layers[name], fp8.dequantize().to(weight_matrix(layers[name]).device))
             weights[f"{prefix}.{i}.{name}.weight"] = fp8.to("cpu")
             if loss is not None and layer_loss is not None:
                 layer_loss[f"{prefix}.{i}.{name}"] = loss
@@ -243,14 +246,14 @@ def fp8_quantize(
         if gptq or not config.dynamic:
             raise UserError("GPTQ and static FP8 activation scales need calibration data (give calib_data)",
                             param="calib_data")  # fmt: skip
-        for_each_block(model, lambda i, b: store(i, find_prunable(b), rounded(find_prunable(b))), desc="fp8",
+        for_each_block(model, lambda i, b: store(i, rounded(find_prunable(b))), desc="fp8",
                        progress=progress)  # fmt: skip
         return weights, input_scales
 
     def visit(i: int, block: nn.Module, inputs: BlockInputs) -> bool:
         layers = find_prunable(block)
         solved = _gptq_fp8_block(block, inputs, layers, config, device, f"{prefix}.{i}") if gptq else rounded(layers)
-        store(i, layers, solved)
+        store(i, solved)
         scales = _run_as_scheme(block, inputs, layers, {name: fp8 for name, (fp8, _) in solved.items()}, config.dynamic)
         input_scales.update({f"{prefix}.{i}.{name}": scale for name, scale in scales.items()})
         return True
