@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default=None, help="comma-separated row names (or unique prefixes) to run only")
     parser.add_argument("--awq-grid", type=int, default=20, help="AWQ exponents tried per group (QuantConfig.awq_grid)")
+    parser.add_argument(
+        "--percdamp", default=None, help="GPTQ rows' dampening (QuantConfig.percdamp, a fraction or auto)"
+    )
     parser.add_argument("--tag", default="", help="suffix of the results file (keeps earlier runs' files)")
     args = parser.parse_args()
 
@@ -172,7 +175,11 @@ def main() -> None:
         else:
             out = work / name.replace(" ", "_").replace("+", "").replace("__", "_")
             start = time.perf_counter()
-            config = QuantConfig(**fields, **({"awq_grid": args.awq_grid} if fields.get("awq") else {}))
+            extra = {"awq_grid": args.awq_grid} if fields.get("awq") else {}
+            if args.percdamp is not None and fields.get("method") == "gptq":
+                extra["percdamp"] = args.percdamp if args.percdamp == "auto" else float(args.percdamp)
+            config = QuantConfig(**fields, **extra)
+            row["config"] = {**fields, **extra}
             report = quantize_pretrained(args.model, config, out, **job_options)
             job = time.perf_counter() - start
             seconds = report.wall_time_s
