@@ -131,6 +131,7 @@ def main() -> None:
     from bench.reference import resolve_model
     from lmcompress import load
     from lmcompress.calibration.data import embedding_rows, eval_windows, wants_bos
+    from lmcompress.job_options import check_percdamp
     from lmcompress.jobs import quantize_pretrained
     from lmcompress.measure.perplexity import perplexity_interval, ratio_interval
     from lmcompress.transforms.quantize import QuantConfig
@@ -177,7 +178,7 @@ def main() -> None:
             start = time.perf_counter()
             extra = {"awq_grid": args.awq_grid} if fields.get("awq") else {}
             if args.percdamp is not None and fields.get("method") == "gptq":
-                extra["percdamp"] = args.percdamp if args.percdamp == "auto" else float(args.percdamp)
+                extra["percdamp"] = check_percdamp(args.percdamp)
             config = QuantConfig(**fields, **extra)
             row["config"] = {**fields, **extra}
             report = quantize_pretrained(args.model, config, out, **job_options)
